@@ -1,0 +1,35 @@
+"""Avro schemas of the jodie-stream topics and the codec that frames them on the wire."""
+
+from schemas.codec import (
+    INTERACTION,
+    MODEL_ANNOUNCEMENT,
+    RECOMMENDATION,
+    Codec,
+    ConfluentFraming,
+    SchemaIdResolver,
+    SingleObjectFraming,
+    load_schema,
+)
+from schemas.exceptions import (
+    DecodeError,
+    EncodeError,
+    JodieError,
+    SchemaError,
+    UnknownSchemaError,
+)
+
+__all__ = [
+    "INTERACTION",
+    "MODEL_ANNOUNCEMENT",
+    "RECOMMENDATION",
+    "Codec",
+    "ConfluentFraming",
+    "DecodeError",
+    "EncodeError",
+    "JodieError",
+    "SchemaError",
+    "SchemaIdResolver",
+    "SingleObjectFraming",
+    "UnknownSchemaError",
+    "load_schema",
+]
