@@ -81,7 +81,9 @@ def parse_row(line_no: int, text: str, n_features: int | None) -> Row:
     """Parse one data line; raise BadRowError naming the line and the reason."""
     parts = text.rstrip("\r\n").split(",")
     if len(parts) < _MIN_FIELDS:
-        raise BadRowError(line_no, f"expected at least {_MIN_FIELDS} fields, got {len(parts)}", text)
+        raise BadRowError(
+            line_no, f"expected at least {_MIN_FIELDS} fields, got {len(parts)}", text
+        )
     user, item, ts_text, label_text = (p.strip() for p in parts[:_MIN_FIELDS])
     if not user:
         raise BadRowError(line_no, "missing user_id", text)

@@ -1,5 +1,278 @@
-"""The `jodie` command line."""
+"""The `jodie` command line: local broker, topics, producing, and (below) the model commands."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Annotated, Any
 
 import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
+from schemas.exceptions import JodieError
+from streams.settings import Settings, get_settings
+
+app = typer.Typer(
+    no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False, help=__doc__
+)
+broker_app = typer.Typer(no_args_is_help=True, help="The local single-node Apache Kafka (KRaft).")
+topics_app = typer.Typer(no_args_is_help=True, help="The topics declared in deploy/topics.toml.")
+app.add_typer(broker_app, name="broker")
+app.add_typer(topics_app, name="topics")
+
+console = Console(stderr=True)
+out = Console()
+
+
+def _fail(exc: JodieError) -> typer.Exit:
+    console.print(f"[red]error:[/red] {exc}")
+    return typer.Exit(code=2)
+
+
+def _broker_config(settings: Settings) -> Any:
+    from deploy.kafka.broker import BrokerConfig
+
+    return BrokerConfig(
+        cache_dir=settings.cache_dir,
+        kafka_version=settings.kafka_version,
+        port=settings.broker_port,
+        controller_port=settings.controller_port,
+        heap=settings.broker_heap,
+        start_timeout_s=settings.broker_start_timeout_s,
+    )
+
+
+@broker_app.command("up")
+def broker_up(
+    foreground: Annotated[
+        bool, typer.Option(help="Run in this process (for Procfile/systemd).")
+    ] = False,
+) -> None:
+    """Fetch Kafka (cached), format storage once, start in the background, wait until ready."""
+    from deploy.kafka import broker
+
+    cfg = _broker_config(get_settings())
+    began = time.monotonic()
+    try:
+        status, started = broker.up(cfg, foreground=foreground)
+    except JodieError as exc:
+        raise _fail(exc) from exc
+    verb = "started" if started else "already running"
+    console.print(
+        f"broker {verb}: pid {status.pid}, {status.bootstrap}, data in {status.home} "
+        f"({time.monotonic() - began:.1f} s)"
+    )
+
+
+@broker_app.command("down")
+def broker_down(
+    purge: Annotated[
+        bool, typer.Option(help="Also delete the broker's data (a clean start).")
+    ] = False,
+) -> None:
+    """Stop the local broker by its pid; nothing is left running."""
+    from deploy.kafka import broker
+
+    cfg = _broker_config(get_settings())
+    was_running = broker.down(cfg, purge=purge)
+    console.print(
+        ("broker stopped" if was_running else "broker was not running")
+        + (", data purged" if purge else "")
+    )
+
+
+@broker_app.command("status")
+def broker_status() -> None:
+    """Say whether the local broker runs and answers metadata requests (exit 1 if not)."""
+    from deploy.kafka import broker
+
+    status = broker.status(_broker_config(get_settings()))
+    out.print(
+        json.dumps(
+            {
+                "running": status.running,
+                "ready": status.ready,
+                "pid": status.pid,
+                "bootstrap": status.bootstrap,
+                "home": str(status.home),
+                "detail": status.detail,
+            }
+        )
+    )
+    if not status.ready:
+        raise typer.Exit(code=1)
+
+
+@topics_app.command("apply")
+def topics_apply() -> None:
+    """Create missing topics; report drift of existing ones (exit 1 on drift)."""
+    from streams.kafka import admin
+    from streams.topics import apply_topics, declared_topics
+
+    settings = get_settings()
+    reports = apply_topics(admin(settings), declared_topics(settings), settings.replication_factor)
+    table = Table("topic", "status", "drift")
+    for r in reports:
+        table.add_row(r.name, r.action, "; ".join(r.drift))
+    out.print(table)
+    if any(r.action == "drift" for r in reports):
+        raise typer.Exit(code=1)
+
+
+@topics_app.command("delete")
+def topics_delete(
+    yes: Annotated[
+        bool, typer.Option("--yes", help="Really delete (all data in them is lost).")
+    ] = False,
+) -> None:
+    """Delete every declared topic (with the current JODIE_TOPIC_PREFIX)."""
+    from streams.kafka import admin
+    from streams.topics import declared_topics, delete_topics
+
+    if not yes:
+        console.print("refusing without --yes")
+        raise typer.Exit(code=1)
+    settings = get_settings()
+    names = [s.name for s in declared_topics(settings)]
+    delete_topics(admin(settings), names)
+    console.print(f"deleted {len(names)} topics")
+
+
+@broker_app.command("wait")
+def broker_wait(
+    timeout: Annotated[float, typer.Option(help="Seconds to wait at most.")] = 120.0,
+) -> None:
+    """Wait until the brokers at JODIE_BOOTSTRAP answer metadata requests (exit 1 on timeout)."""
+    from deploy.kafka.broker import probe
+
+    deadline = time.monotonic() + timeout
+    while not probe(get_settings().bootstrap_servers, timeout_s=1.0):
+        if time.monotonic() > deadline:
+            console.print("broker not ready")
+            raise typer.Exit(code=1)
+        time.sleep(0.5)
+
+
+@topics_app.command("show")
+def topics_show(
+    topic: Annotated[
+        str, typer.Argument(help="Logical topic name, e.g. interactions.")
+    ] = "interactions",
+    sample: Annotated[int, typer.Option(help="Decode and print this many messages.")] = 3,
+    count: Annotated[
+        bool, typer.Option(help="Read the whole topic and count distinct event ids.")
+    ] = False,
+) -> None:
+    """Message counts per partition and a few decoded messages of a topic."""
+    from streams.codecs import make_codec
+    from streams.kafka import committed_reader
+    from streams.peek import decode_all, partition_counts
+
+    settings = get_settings()
+    name = settings.topic(topic)
+    consumer = committed_reader(settings, group_id="jodie-topics-show")
+    try:
+        counts = partition_counts(consumer, name)
+    finally:
+        consumer.close()
+    total = sum(c.messages for c in counts)
+    out.print(
+        f"{name}: {total} offsets in {len(counts)} partitions "
+        + ", ".join(f"p{c.partition}={c.messages}" for c in counts)
+    )
+    schema = {
+        "interactions": "interaction",
+        "interactions.log": "interaction",
+        "recommendations": "recommendation",
+        "models": "model_announcement",
+    }.get(topic)
+    if schema is None:
+        return
+    codec = make_codec(settings, schema, name)
+    for record in decode_all(settings, name, codec, limit=sample):
+        out.print_json(json.dumps(record))
+    if count:
+        ids = [r.get("event_id") for r in decode_all(settings, name, codec)]
+        out.print(json.dumps({"messages": len(ids), "distinct_event_ids": len(set(ids))}))
+
+
+@app.command("produce")
+def produce(
+    path: Annotated[
+        Path | None, typer.Argument(help="JODIE CSV (plain or .gz); default: bundled Wikipedia.")
+    ] = None,
+    rate: Annotated[
+        float | None, typer.Option(help="Events per second (default: as fast as possible).")
+    ] = None,
+    limit: Annotated[int | None, typer.Option(help="Send at most this many events.")] = None,
+    start: Annotated[int, typer.Option(help="Skip this many valid rows first (resume).")] = 0,
+    strict: Annotated[
+        bool, typer.Option(help="Stop at the first bad row instead of reporting it.")
+    ] = False,
+    json_out: Annotated[
+        Path | None, typer.Option("--json", help="Also write the summary here.")
+    ] = None,
+) -> None:
+    """Produce Avro Interactions to `interactions`, keyed by user id, with deterministic ids."""
+    from operators.dataset import bundled_wikipedia
+    from streams.codecs import make_codec
+    from streams.kafka import idempotent_producer
+    from streams.produce import produce_file
+
+    settings = get_settings()
+    source = path or bundled_wikipedia()
+    topic = settings.topic("interactions")
+    codec = make_codec(settings, "interaction", topic)
+    producer = idempotent_producer(settings)
+    columns = (
+        TextColumn("[bold]producing"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("{task.fields[rate]}"),
+    )
+    with Progress(*columns, console=console, transient=False) as progress:
+        task = progress.add_task("produce", total=limit, rate="")
+        began = time.monotonic()
+
+        def on_progress(n: int) -> None:
+            progress.update(
+                task, completed=n, rate=f"{n / max(time.monotonic() - began, 1e-9):,.0f} ev/s"
+            )
+
+        try:
+            summary = produce_file(
+                source,
+                producer,
+                codec,
+                topic,
+                start=start,
+                limit=limit,
+                rate=rate,
+                strict=strict,
+                flush_every=settings.produce_batch,
+                on_progress=on_progress,
+            )
+        except JodieError as exc:
+            raise _fail(exc) from exc
+    for bad in summary.bad_rows[:20]:
+        console.print(f"[yellow]bad row[/yellow] {source}:{bad.line}: {bad.reason_text}")
+    if len(summary.bad_rows) > 20:
+        console.print(f"[yellow]... and {len(summary.bad_rows) - 20} more bad rows[/yellow]")
+    result = {
+        "topic": topic,
+        "events": summary.events,
+        "seconds": round(summary.seconds, 3),
+        "events_per_s": round(summary.events_per_s, 1),
+        "bad_rows": len(summary.bad_rows),
+        "source_tag": summary.source_tag,
+    }
+    out.print(json.dumps(result))
+    if json_out is not None:
+        json_out.write_text(json.dumps(result, indent=2))
+
+
+# --- model commands (train / evaluate / plot) are registered below ---------------------

@@ -1,0 +1,345 @@
+"""Fetch, format, start, probe and stop a local single-node Apache Kafka in KRaft mode."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from string import Template
+from typing import Any
+
+from deploy.exceptions import (
+    BrokerStartError,
+    JarFetchError,
+    PortInUseError,
+    ToolMissingError,
+)
+
+_KAFKA_MAIN = "kafka.Kafka"
+_STORAGE_TOOL = "kafka.tools.StorageTool"
+_READY_MARKER = ".complete"
+# Brokers this process started, so `down` can reap them (a long-lived parent such as a test
+# runner would otherwise keep zombies around).
+_children: dict[int, subprocess.Popen[bytes]] = {}
+
+
+@dataclass(frozen=True)
+class BrokerConfig:
+    """Where and how the local broker runs (built from the JODIE_* settings by the CLI)."""
+
+    cache_dir: Path
+    kafka_version: str
+    port: int
+    controller_port: int
+    heap: str
+    start_timeout_s: float
+
+    @property
+    def home(self) -> Path:
+        return self.cache_dir / f"broker-{self.port}"
+
+    @property
+    def data_dir(self) -> Path:
+        return self.home / "data"
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.home / "logs"
+
+    @property
+    def pid_file(self) -> Path:
+        return self.home / "broker.pid"
+
+    @property
+    def bootstrap(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+
+@dataclass(frozen=True)
+class BrokerStatus:
+    running: bool
+    pid: int | None
+    bootstrap: str
+    home: Path
+    ready: bool
+    detail: str
+
+
+def _resource(name: str) -> Path:
+    return Path(str(resources.files("deploy.kafka").joinpath(name)))
+
+
+def jars_dir(cfg: BrokerConfig) -> Path:
+    """The jar cache for this Kafka version and this exact dependency spec (the pom)."""
+    spec = _resource("pom.xml").read_bytes() + cfg.kafka_version.encode()
+    key = hashlib.sha256(spec).hexdigest()[:12]
+    return cfg.cache_dir / f"kafka-{cfg.kafka_version}-{key}" / "lib"
+
+
+def _require(tool: str) -> str:
+    path = shutil.which(tool)
+    if path is None:
+        raise ToolMissingError(
+            f"`{tool}` not found on PATH; the local broker needs Java 17+ and Maven"
+        )
+    return path
+
+
+def fetch_jars(cfg: BrokerConfig, log: bool = False) -> Path:
+    """Resolve the broker and its runtime dependencies into the cache (once per spec)."""
+    target = jars_dir(cfg)
+    if (target / _READY_MARKER).exists():
+        return target
+    mvn = _require("mvn")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Download into a scratch folder and rename, so an interrupted fetch never looks complete.
+    scratch = Path(tempfile.mkdtemp(prefix="lib-", dir=target.parent))
+    cmd = [
+        mvn,
+        "-B",
+        "-q",
+        "-f",
+        str(_resource("pom.xml")),
+        "dependency:copy-dependencies",
+        f"-Dkafka.version={cfg.kafka_version}",
+        "-DincludeScope=runtime",
+        f"-DoutputDirectory={scratch}",
+    ]
+    proc = subprocess.run(cmd, capture_output=not log, text=True, check=False)
+    if proc.returncode != 0 or not any(scratch.glob("kafka_2.13-*.jar")):
+        shutil.rmtree(scratch, ignore_errors=True)
+        tail = (proc.stderr or proc.stdout or "")[-2000:] if not log else ""
+        raise JarFetchError(f"maven failed (exit {proc.returncode}) fetching Kafka jars\n{tail}")
+    (scratch / _READY_MARKER).write_text(cfg.kafka_version)
+    if target.exists():
+        shutil.rmtree(target)
+    scratch.rename(target)
+    return target
+
+
+def _java() -> str:
+    java = _require("java")
+    out = subprocess.run([java, "-version"], capture_output=True, text=True, check=False)
+    text = out.stderr + out.stdout
+    # `openjdk version "17.0.15"`: Kafka 4.x brokers need 17 or newer.
+    try:
+        major = int(text.split('"')[1].split(".")[0])
+    except (IndexError, ValueError):
+        major = 0
+    if major < 17:
+        raise ToolMissingError(
+            f"Kafka 4.x needs Java 17 or newer; `java -version` says: {text.strip()}"
+        )
+    return java
+
+
+def _port_open(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.settimeout(0.5)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _read_pid(cfg: BrokerConfig) -> int | None:
+    try:
+        pid = int(cfg.pid_file.read_text().strip())
+    except (FileNotFoundError, ValueError):
+        return None
+    return pid if _is_our_broker(pid, cfg) else None
+
+
+def _is_our_broker(pid: int, cfg: BrokerConfig) -> bool:
+    """True when pid is alive and is a Kafka broker started with this broker's home."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        # No /proc (macOS): fall back to "the process exists".
+        try:
+            os.kill(pid, 0)
+        except OSError:
+            return False
+        return True
+    args = [a.decode(errors="replace") for a in cmdline]
+    return _KAFKA_MAIN in args and any(str(cfg.home) in a for a in args)
+
+
+def _write_config(cfg: BrokerConfig) -> Path:
+    template = Template(_resource("server.properties").read_text())
+    text = template.substitute(
+        port=cfg.port, controller_port=cfg.controller_port, data_dir=str(cfg.data_dir)
+    )
+    path = cfg.home / "server.properties"
+    path.write_text(text)
+    return path
+
+
+def _format_storage(cfg: BrokerConfig, java: str, classpath: str, config: Path) -> None:
+    if (cfg.data_dir / "meta.properties").exists():
+        return
+    cluster = (
+        subprocess.run(
+            [java, "-cp", classpath, _STORAGE_TOOL, "random-uuid"],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        .stdout.strip()
+        .splitlines()[-1]
+    )
+    proc = subprocess.run(
+        [java, "-cp", classpath, _STORAGE_TOOL, "format", "-t", cluster, "-c", str(config)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if proc.returncode != 0:
+        raise BrokerStartError(f"formatting KRaft storage failed:\n{proc.stdout}{proc.stderr}")
+
+
+def probe(bootstrap: str, timeout_s: float = 2.0) -> bool:
+    """True when the broker answers a metadata request, not a bare TCP accept."""
+    from confluent_kafka.admin import AdminClient
+
+    config: dict[str, Any] = {
+        "bootstrap.servers": bootstrap,
+        "log_level": 0,
+        "logger": _quiet_logger(),
+    }
+    admin = AdminClient(config)
+    try:
+        admin.list_topics(timeout=timeout_s)
+    except Exception:  # KafkaException on timeout; anything else also means "not ready"
+        return False
+    return True
+
+
+def _quiet_logger() -> object:
+    import logging
+
+    logger = logging.getLogger("jodie.broker.probe")
+    logger.addHandler(logging.NullHandler())
+    logger.propagate = False
+    return logger
+
+
+def status(cfg: BrokerConfig) -> BrokerStatus:
+    pid = _read_pid(cfg)
+    if pid is None:
+        detail = "not running"
+        if _port_open(cfg.port):
+            detail = f"not started by jodie, but port {cfg.port} is in use by another program"
+        return BrokerStatus(False, None, cfg.bootstrap, cfg.home, False, detail)
+    ready = probe(cfg.bootstrap)
+    return BrokerStatus(True, pid, cfg.bootstrap, cfg.home, ready, "ready" if ready else "starting")
+
+
+def up(cfg: BrokerConfig, foreground: bool = False) -> tuple[BrokerStatus, bool]:
+    """Start the broker unless it runs; returns (status, started_now). Waits for metadata.
+
+    ``foreground`` replaces this process with the broker (for process managers such as
+    honcho or systemd, which supervise and stop it themselves).
+    """
+    current = status(cfg)
+    if current.running:
+        if not current.ready and current.pid is not None:
+            pid = current.pid
+            _wait_ready(cfg, lambda: _alive(pid))
+        return status(cfg), False
+    if _port_open(cfg.port) or _port_open(cfg.controller_port):
+        raise PortInUseError(
+            f"port {cfg.port} or {cfg.controller_port} is in use by a program jodie did not start; "
+            "stop it, or pick free ports with JODIE_BROKER_PORT / JODIE_CONTROLLER_PORT"
+        )
+    java = _java()
+    lib = fetch_jars(cfg)
+    classpath = f"{lib}/*"
+    for d in (cfg.home, cfg.data_dir, cfg.logs_dir):
+        d.mkdir(parents=True, exist_ok=True)
+    config = _write_config(cfg)
+    _format_storage(cfg, java, classpath, config)
+    cmd = [
+        java,
+        f"-Xmx{cfg.heap}",
+        f"-Xms{cfg.heap}",
+        "-XX:+UseG1GC",
+        "-XX:MaxGCPauseMillis=20",
+        "-Djava.awt.headless=true",
+        f"-Dlog4j2.configurationFile={_resource('log4j2.yaml')}",
+        f"-Dkafka.logs.dir={cfg.logs_dir}",
+        # Marks the process as ours, so `down` never signals a recycled pid.
+        f"-Djodie.broker.home={cfg.home}",
+        "-cp",
+        classpath,
+        _KAFKA_MAIN,
+        str(config),
+    ]
+    if foreground:
+        cfg.pid_file.write_text(str(os.getpid()))  # exec keeps the pid
+        os.execv(java, cmd)
+    with (cfg.logs_dir / "stdout.log").open("ab") as out:
+        proc = subprocess.Popen(
+            cmd,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+    cfg.pid_file.write_text(str(proc.pid))
+    _children[proc.pid] = proc
+    _wait_ready(cfg, lambda: proc.poll() is None)
+    return status(cfg), True
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except OSError:
+        return False
+    return True
+
+
+def _wait_ready(cfg: BrokerConfig, alive: Callable[[], bool]) -> None:
+    deadline = time.monotonic() + cfg.start_timeout_s
+    while time.monotonic() < deadline:
+        if not alive():
+            raise BrokerStartError(
+                f"the broker exited during start-up; see {cfg.logs_dir / 'server.log'} and "
+                f"{cfg.logs_dir / 'stdout.log'}"
+            )
+        if probe(cfg.bootstrap, timeout_s=1.0):
+            return
+        time.sleep(0.25)
+    raise BrokerStartError(
+        f"the broker did not answer metadata requests within {cfg.start_timeout_s:.0f} s; "
+        f"see {cfg.logs_dir / 'server.log'}"
+    )
+
+
+def down(cfg: BrokerConfig, purge: bool = False, timeout_s: float = 30.0) -> bool:
+    """Stop the broker by its pid (SIGTERM, then SIGKILL); returns whether one was running."""
+    pid = _read_pid(cfg)
+    was_running = pid is not None
+    if pid is not None:
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline and _is_our_broker(pid, cfg):
+            time.sleep(0.2)
+        if _is_our_broker(pid, cfg):
+            os.kill(pid, signal.SIGKILL)
+            while _is_our_broker(pid, cfg):
+                time.sleep(0.1)
+        child = _children.pop(pid, None)
+        if child is not None:
+            child.wait(timeout=timeout_s)
+    cfg.pid_file.unlink(missing_ok=True)
+    if purge:
+        shutil.rmtree(cfg.home, ignore_errors=True)
+    return was_running

@@ -1,0 +1,63 @@
+"""The declarative topic spec (deploy/topics.toml) as typed records."""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass
+from importlib import resources
+from typing import Literal
+
+from deploy.exceptions import TopicSpecError
+
+CleanupPolicy = Literal["delete", "compact", "compact,delete"]
+_POLICIES = ("delete", "compact", "compact,delete")
+
+
+@dataclass(frozen=True)
+class TopicSpec:
+    """One topic as it must exist on the cluster."""
+
+    name: str
+    partitions: int
+    cleanup_policy: CleanupPolicy
+    retention_ms: int
+    doc: str = ""
+
+    def configs(self) -> dict[str, str]:
+        """The topic-level configs this spec pins (compared for drift)."""
+        return {"cleanup.policy": self.cleanup_policy, "retention.ms": str(self.retention_ms)}
+
+
+def load_topic_specs(
+    default_partitions: int, prefix: str = "", text: str | None = None
+) -> list[TopicSpec]:
+    """Read the spec; ``text`` replaces the bundled file (tests)."""
+    if text is None:
+        text = resources.files("deploy").joinpath("topics.toml").read_text()
+    try:
+        entries = tomllib.loads(text).get("topic", [])
+    except tomllib.TOMLDecodeError as exc:
+        raise TopicSpecError(f"topics.toml does not parse: {exc}") from exc
+    specs: list[TopicSpec] = []
+    seen: set[str] = set()
+    for entry in entries:
+        name = entry.get("name")
+        if not name or name in seen:
+            raise TopicSpecError(f"topic entry without a unique name: {entry}")
+        seen.add(name)
+        policy = entry.get("cleanup_policy", "delete")
+        if policy not in _POLICIES:
+            raise TopicSpecError(f"{name}: cleanup_policy must be one of {_POLICIES}")
+        partitions = int(entry.get("partitions", default_partitions))
+        if partitions < 1:
+            raise TopicSpecError(f"{name}: partitions must be >= 1")
+        specs.append(
+            TopicSpec(
+                name=prefix + name,
+                partitions=partitions,
+                cleanup_policy=policy,
+                retention_ms=int(entry.get("retention_ms", -1)),
+                doc=entry.get("doc", ""),
+            )
+        )
+    return specs

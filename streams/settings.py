@@ -1,0 +1,94 @@
+"""One frozen settings object; every field is overridable by a ``JODIE_<FIELD>`` env variable."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def _default_cache() -> Path:
+    return Path.home() / ".cache" / "jodie"
+
+
+class Settings(BaseSettings):
+    """Configuration of the broker, the topics and the workers.
+
+    Each field reads the environment variable named in its description; CLI flags, where a
+    command has them, override it for that run only.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="JODIE_", frozen=True, extra="ignore")
+
+    # --- Kafka connection -------------------------------------------------------------
+    bootstrap: str | None = Field(
+        None,
+        description=(
+            "JODIE_BOOTSTRAP: Kafka brokers to connect to (host:port,...); default: the local "
+            "broker, 127.0.0.1:JODIE_BROKER_PORT."
+        ),
+    )
+    schema_registry_url: str | None = Field(
+        None,
+        description=(
+            "JODIE_SCHEMA_REGISTRY_URL: a Confluent-compatible schema registry; when set, "
+            "messages use Confluent framing (magic byte + registry id) instead of Avro "
+            "single-object encoding. `mock://name` gives an in-process registry (tests)."
+        ),
+    )
+
+    # --- local broker (`jodie broker ...`) ------------------------------------------------
+    cache_dir: Path = Field(
+        default_factory=_default_cache,
+        description="JODIE_CACHE_DIR: where the Kafka jars and the local broker's data live.",
+    )
+    kafka_version: str = Field(
+        "4.4.0", description="JODIE_KAFKA_VERSION: Apache Kafka release fetched from Maven Central."
+    )
+    broker_port: int = Field(9092, description="JODIE_BROKER_PORT: the local broker's client port.")
+    controller_port: int = Field(
+        9093, description="JODIE_CONTROLLER_PORT: the local KRaft controller's port."
+    )
+    broker_heap: str = Field(
+        "768m", description="JODIE_BROKER_HEAP: JVM heap of the local broker (-Xmx and -Xms)."
+    )
+    broker_start_timeout_s: float = Field(
+        90.0, description="JODIE_BROKER_START_TIMEOUT_S: how long `broker up` waits for metadata."
+    )
+
+    # --- topics ---------------------------------------------------------------------------
+    topic_prefix: str = Field(
+        "",
+        description=(
+            "JODIE_TOPIC_PREFIX: prepended to every topic name, so several pipelines (or test "
+            "runs) can share one cluster."
+        ),
+    )
+    partitions: int = Field(
+        4, description="JODIE_PARTITIONS: partitions of the keyed topics (sets worker parallelism)."
+    )
+    replication_factor: int = Field(
+        1, description="JODIE_REPLICATION_FACTOR: replicas per partition (1 for the local broker)."
+    )
+
+    # --- producing ----------------------------------------------------------------------------
+    produce_batch: int = Field(
+        10_000,
+        description="JODIE_PRODUCE_BATCH: events between producer flushes in `jodie produce`.",
+    )
+
+    @property
+    def bootstrap_servers(self) -> str:
+        return self.bootstrap or f"127.0.0.1:{self.broker_port}"
+
+    def topic(self, name: str) -> str:
+        """The full name of a logical topic (``interactions`` → ``<prefix>interactions``)."""
+        return f"{self.topic_prefix}{name}"
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings, read once from the environment."""
+    return Settings()

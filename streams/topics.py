@@ -1,0 +1,93 @@
+"""Create the declared topics on the cluster, idempotently, and report drift from the spec."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from confluent_kafka import KafkaException
+from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic
+
+from deploy.topics import TopicSpec, load_topic_specs
+from streams.settings import Settings
+
+
+@dataclass
+class TopicReport:
+    """What `apply` did or found for one topic."""
+
+    name: str
+    action: str  # created | ok | drift
+    drift: list[str] = field(default_factory=list)
+
+
+def declared_topics(settings: Settings) -> list[TopicSpec]:
+    return load_topic_specs(settings.partitions, settings.topic_prefix)
+
+
+def apply_topics(
+    client: AdminClient, specs: list[TopicSpec], replication: int, timeout_s: float = 30.0
+) -> list[TopicReport]:
+    """Create missing topics; compare existing ones (partitions, configs) with the spec.
+
+    Drift is reported, never "fixed" silently: changing the partition count of a keyed topic
+    moves keys to other partitions and breaks the co-partitioning the workers rely on.
+    """
+    existing = client.list_topics(timeout=timeout_s).topics
+    missing = [s for s in specs if s.name not in existing]
+    reports: dict[str, TopicReport] = {}
+    if missing:
+        futures = client.create_topics(
+            [
+                NewTopic(
+                    s.name,
+                    num_partitions=s.partitions,
+                    replication_factor=replication,
+                    config=s.configs(),
+                )
+                for s in missing
+            ],
+            operation_timeout=timeout_s,
+        )
+        for name, future in futures.items():
+            try:
+                future.result()
+                reports[name] = TopicReport(name, "created")
+            except KafkaException as exc:
+                # Another process created it in between: fall through to the drift check.
+                if "TOPIC_ALREADY_EXISTS" not in str(exc):
+                    raise
+    present = [s for s in specs if s.name not in reports]
+    if present:
+        metadata = client.list_topics(timeout=timeout_s).topics
+        resources = [ConfigResource(ConfigResource.Type.TOPIC, s.name) for s in present]
+        described = client.describe_configs(resources, request_timeout=timeout_s)
+        by_name = {res.name: fut.result() for res, fut in described.items()}
+        for spec in present:
+            drift: list[str] = []
+            actual_partitions = len(metadata[spec.name].partitions)
+            if actual_partitions != spec.partitions:
+                drift.append(f"partitions {actual_partitions} != {spec.partitions}")
+            configs = by_name[spec.name]
+            for key, want in spec.configs().items():
+                have = configs[key].value if key in configs else None
+                if have != want:
+                    drift.append(f"{key} {have} != {want}")
+            reports[spec.name] = TopicReport(spec.name, "drift" if drift else "ok", drift)
+    return [reports[s.name] for s in specs]
+
+
+def delete_topics(client: AdminClient, names: list[str], timeout_s: float = 30.0) -> None:
+    """Delete topics (tests and `--purge` style resets); missing ones are ignored."""
+    existing = client.list_topics(timeout=timeout_s).topics
+    names = [n for n in names if n in existing]
+    if not names:
+        return
+    for future in client.delete_topics(names, operation_timeout=timeout_s).values():
+        future.result()
+    # Deletion completes asynchronously; wait (bounded) so a re-create does not collide.
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if not set(names) & set(client.list_topics(timeout=timeout_s).topics):
+            return
+        time.sleep(0.2)

@@ -1,0 +1,60 @@
+"""Shared fixtures: settings isolated per test, and the real local broker for integration tests."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+
+import pytest
+
+from streams.settings import Settings
+
+
+@pytest.fixture(scope="session")
+def broker() -> Iterator[Settings]:
+    """The real Apache Kafka broker at JODIE_BROKER_PORT.
+
+    `.ci/run` (through deploy/test.sh) starts it before the tests and stops it afterwards.
+    When a developer runs pytest alone, the fixture starts it and stops only what it started.
+    """
+    from deploy.kafka import broker as local
+
+    settings = Settings()
+    cfg = local.BrokerConfig(
+        cache_dir=settings.cache_dir,
+        kafka_version=settings.kafka_version,
+        port=settings.broker_port,
+        controller_port=settings.controller_port,
+        heap=settings.broker_heap,
+        start_timeout_s=settings.broker_start_timeout_s,
+    )
+    started = False
+    if settings.bootstrap is None:
+        _, started = local.up(cfg)
+    yield settings
+    if started:
+        local.down(cfg)
+
+
+@pytest.fixture
+def kafka(broker: Settings, monkeypatch: pytest.MonkeyPatch) -> Iterator[Settings]:
+    """Settings whose topics are unique to this test (a fresh prefix), with the topics created.
+
+    The topics are deleted afterwards so repeated runs do not pile up partitions.
+    """
+    from streams.kafka import admin
+    from streams.topics import apply_topics, declared_topics, delete_topics
+
+    prefix = f"t{uuid.uuid4().hex[:10]}-"
+    monkeypatch.setenv("JODIE_TOPIC_PREFIX", prefix)
+    settings = Settings()
+    client = admin(settings)
+    specs = declared_topics(settings)
+    apply_topics(client, specs, settings.replication_factor)
+    yield settings
+    delete_topics(client, [s.name for s in specs])
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    return f"jodie broker port: {os.environ.get('JODIE_BROKER_PORT', '9092')}"

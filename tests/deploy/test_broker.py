@@ -1,0 +1,64 @@
+"""The local broker's lifecycle on a second, private port pair: up, idempotent up, status, down."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from deploy.exceptions import PortInUseError
+from deploy.kafka import broker as local
+from streams.settings import Settings
+
+pytestmark = pytest.mark.kafka
+
+
+def _config(
+    settings: Settings, cache_dir: Path | None = None, port: int | None = None
+) -> local.BrokerConfig:
+    port = port or settings.broker_port + 100
+    return local.BrokerConfig(
+        cache_dir=cache_dir or settings.cache_dir,
+        kafka_version=settings.kafka_version,
+        port=port,
+        controller_port=port + 1,
+        heap="256m",
+        start_timeout_s=120,
+    )
+
+
+def test_up_is_idempotent_and_down_leaves_nothing(broker: Settings, tmp_path: Path) -> None:
+    cfg = _config(broker)
+    local.down(cfg, purge=True)
+    try:
+        status, started = local.up(cfg)
+        assert started and status.running and status.ready
+        pid = status.pid
+        assert pid is not None
+        assert local.probe(cfg.bootstrap)
+
+        again, started_again = local.up(cfg)
+        assert not started_again and again.pid == pid
+
+        # Someone else's process on the port (here: the same broker, seen from another
+        # cache dir, so not "ours") is reported, never killed or doubled.
+        stranger = _config(broker, cache_dir=tmp_path, port=cfg.port)
+        with pytest.raises(PortInUseError):
+            local.up(stranger)
+        assert local.status(stranger).detail.startswith("not started by jodie")
+    finally:
+        assert local.down(cfg, purge=True)
+    assert not local.status(cfg).running
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+    assert not cfg.home.exists()
+    assert local.down(cfg) is False
+
+
+def test_jar_cache_is_keyed_and_complete(broker: Settings) -> None:
+    lib = local.jars_dir(_config(broker))
+    assert (lib / ".complete").exists()
+    names = {p.name for p in lib.glob("*.jar")}
+    assert f"kafka_2.13-{broker.kafka_version}.jar" in names
+    assert any(n.startswith("log4j-slf4j") for n in names)  # the broker logs

@@ -1,0 +1,41 @@
+"""The declarative topic spec."""
+
+from __future__ import annotations
+
+import pytest
+
+from deploy.exceptions import TopicSpecError
+from deploy.topics import load_topic_specs
+
+
+def test_bundled_spec() -> None:
+    specs = {s.name: s for s in load_topic_specs(default_partitions=6, prefix="p-")}
+    assert set(specs) == {
+        "p-interactions",
+        "p-interactions.dlq",
+        "p-interactions.log",
+        "p-recommendations",
+        "p-item-vectors",
+        "p-models",
+    }
+    # Keyed topics share the default partition count so they stay co-partitioned.
+    assert specs["p-interactions"].partitions == specs["p-interactions.log"].partitions == 6
+    assert specs["p-models"].partitions == 1
+    assert specs["p-interactions.log"].configs() == {
+        "cleanup.policy": "compact",
+        "retention.ms": "-1",
+    }
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('[[topic]]\nname = "a"\ncleanup_policy = "shred"\n', "cleanup_policy"),
+        ('[[topic]]\nname = "a"\n[[topic]]\nname = "a"\n', "unique name"),
+        ('[[topic]]\nname = "a"\npartitions = 0\n', "partitions"),
+        ("[[topic]\n", "does not parse"),
+    ],
+)
+def test_invalid_specs(text: str, message: str) -> None:
+    with pytest.raises(TopicSpecError, match=message):
+        load_topic_specs(4, text=text)

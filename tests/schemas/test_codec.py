@@ -1,0 +1,160 @@
+"""The Avro codec: round trips, framing, schema evolution, bad bytes."""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any
+
+import pytest
+
+from schemas import (
+    INTERACTION,
+    MODEL_ANNOUNCEMENT,
+    RECOMMENDATION,
+    Codec,
+    ConfluentFraming,
+    DecodeError,
+    EncodeError,
+    SingleObjectFraming,
+    UnknownSchemaError,
+    load_schema,
+)
+from schemas.codec import fingerprint64
+
+INTERACTION_RECORD: dict[str, Any] = {
+    "event_id": "abc:2",
+    "user_id": "u1",
+    "item_id": "i9",
+    "timestamp": 36.5,
+    "features": [0.25, -1.5],
+    "state_label": 1,
+}
+
+
+def test_interaction_round_trip_single_object() -> None:
+    codec = Codec(INTERACTION)
+    data = codec.encode(INTERACTION_RECORD)
+    assert data[:2] == b"\xc3\x01"
+    assert data[2:10] == fingerprint64(load_schema(INTERACTION))
+    assert codec.decode(data) == INTERACTION_RECORD
+
+
+def test_optional_fields_default() -> None:
+    codec = Codec(INTERACTION)
+    record = {k: v for k, v in INTERACTION_RECORD.items() if k not in ("features", "state_label")}
+    decoded = codec.decode(codec.encode(record))
+    assert decoded["features"] == []
+    assert decoded["state_label"] is None
+
+
+def test_recommendation_and_announcement_round_trip() -> None:
+    rec = {
+        "user_id": "u1",
+        "event_id": "abc:2",
+        "timestamp": 1.0,
+        "model_version": "v3",
+        "projected_user": [0.5, 0.25],
+        "predicted_item": [1.0, -2.0, 0.0],
+        "candidates": [{"item_id": "i1", "score": -0.5}, {"item_id": "i2", "score": -1.25}],
+        "state_change_probability": 0.125,
+    }
+    assert Codec(RECOMMENDATION).decode(Codec(RECOMMENDATION).encode(rec)) == rec
+    ann = {
+        "name": "jodie",
+        "version": "v3",
+        "uri": "file:///models/v3",
+        "sha256": "ab" * 32,
+        "log_offsets": [{"partition": 0, "offset": 10}, {"partition": 1, "offset": 7}],
+        "metrics": {"valid_mrr": 0.75},
+        "created_at_ms": 1_700_000_000_000,
+    }
+    assert Codec(MODEL_ANNOUNCEMENT).decode(Codec(MODEL_ANNOUNCEMENT).encode(ann)) == ann
+
+
+def test_floats_are_float32_on_the_wire() -> None:
+    codec = Codec(INTERACTION)
+    decoded = codec.decode(codec.encode({**INTERACTION_RECORD, "features": [0.1]}))
+    assert decoded["features"][0] != 0.1
+    assert math.isclose(decoded["features"][0], 0.1, rel_tol=1e-7)
+
+
+def _v2() -> dict[str, Any]:
+    """Interaction with one more optional field, as a later release might add."""
+    schema = copy.deepcopy(load_schema(INTERACTION))
+    schema["fields"].append({"name": "session_id", "type": ["null", "string"], "default": None})
+    return schema
+
+
+def test_v1_writer_read_by_v2_reader() -> None:
+    v1_writer = Codec(INTERACTION)
+    v2_reader = Codec(_v2(), older=[load_schema(INTERACTION)])
+    decoded = v2_reader.decode(v1_writer.encode(INTERACTION_RECORD))
+    assert decoded == {**INTERACTION_RECORD, "session_id": None}
+
+
+def test_v2_writer_read_by_v1_reader_skips_the_new_field() -> None:
+    v2_writer = Codec(_v2())
+    v1_reader = Codec(INTERACTION, older=[_v2()])
+    data = v2_writer.encode({**INTERACTION_RECORD, "session_id": "s-1"})
+    assert v1_reader.decode(data) == INTERACTION_RECORD
+
+
+def test_unknown_fingerprint_is_a_clear_error() -> None:
+    data = Codec(_v2()).encode({**INTERACTION_RECORD, "session_id": None})
+    with pytest.raises(UnknownSchemaError, match="unknown writer schema fingerprint"):
+        Codec(INTERACTION).decode(data)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [b"", b"\x00\x01garbage", b"\xc3\x01short"],
+)
+def test_malformed_bytes(data: bytes) -> None:
+    with pytest.raises(DecodeError):
+        Codec(INTERACTION).decode(data)
+
+
+def test_truncated_body_and_trailing_bytes() -> None:
+    codec = Codec(INTERACTION)
+    data = codec.encode(INTERACTION_RECORD)
+    with pytest.raises(DecodeError):
+        codec.decode(data[:-3])
+    with pytest.raises(DecodeError, match="trailing"):
+        codec.decode(data + b"\x00")
+
+
+def test_encode_rejects_a_record_missing_a_field() -> None:
+    with pytest.raises(EncodeError):
+        Codec(INTERACTION).encode({"event_id": "x", "user_id": "u"})
+
+
+class _FakeRegistry:
+    def __init__(self) -> None:
+        self.by_id: dict[int, dict[str, Any]] = {}
+
+    def register(self, subject: str, schema: dict[str, Any]) -> int:
+        schema_id = 100 + len(self.by_id)
+        self.by_id[schema_id] = schema
+        return schema_id
+
+    def lookup(self, schema_id: int) -> dict[str, Any]:
+        return self.by_id[schema_id]
+
+
+def test_confluent_framing_with_a_registry() -> None:
+    registry = _FakeRegistry()
+    writer = Codec(INTERACTION, ConfluentFraming(registry, "interactions-value"))
+    data = writer.encode(INTERACTION_RECORD)
+    assert data[0] == 0 and int.from_bytes(data[1:5], "big") == 100
+    # A fresh reader knows nothing locally and resolves the id through the registry.
+    reader = Codec(INTERACTION, ConfluentFraming(registry, "interactions-value"))
+    assert reader.decode(data) == INTERACTION_RECORD
+    with pytest.raises(UnknownSchemaError):
+        reader.decode(b"\x00\x00\x00\x00\x07" + data[5:])
+
+
+def test_single_object_framing_reports_marker_errors() -> None:
+    framing = SingleObjectFraming()
+    with pytest.raises(DecodeError, match="C3 01"):
+        framing.split(b"\x00" * 12)

@@ -1,0 +1,33 @@
+"""Settings come from JODIE_* variables."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from streams.settings import Settings
+
+
+def test_env_overrides(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("JODIE_BROKER_PORT", "19999")
+    monkeypatch.setenv("JODIE_PARTITIONS", "8")
+    monkeypatch.setenv("JODIE_TOPIC_PREFIX", "x-")
+    monkeypatch.delenv("JODIE_BOOTSTRAP", raising=False)
+    s = Settings()
+    assert s.partitions == 8
+    assert s.bootstrap_servers == "127.0.0.1:19999"
+    assert s.topic("interactions") == "x-interactions"
+
+
+def test_explicit_bootstrap_wins(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("JODIE_BOOTSTRAP", "kafka-1:9092,kafka-2:9092")
+    assert Settings().bootstrap_servers == "kafka-1:9092,kafka-2:9092"
+
+
+def test_settings_are_frozen_and_typed(monkeypatch: pytest.MonkeyPatch) -> None:
+    s = Settings()
+    with pytest.raises(ValidationError):
+        s.partitions = 3  # type: ignore[misc]
+    monkeypatch.setenv("JODIE_PARTITIONS", "many")
+    with pytest.raises(ValidationError):
+        Settings()
