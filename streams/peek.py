@@ -2,16 +2,25 @@
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from confluent_kafka import Consumer, KafkaError, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
 from schemas.codec import Codec
 from streams.kafka import committed_reader
 from streams.settings import Settings
+
+# librdkafka does not flag these as retriable, but on a partition created a moment ago they
+# clear by themselves.
+_NEW_PARTITION_ERRORS = {
+    KafkaError.NOT_LEADER_FOR_PARTITION,
+    KafkaError.LEADER_NOT_AVAILABLE,
+    KafkaError.UNKNOWN_TOPIC_OR_PART,
+}
 
 
 @dataclass(frozen=True)
@@ -34,9 +43,30 @@ def partition_counts(
         raise RuntimeError(f"topic {topic}: {metadata.error}")
     counts = []
     for p in sorted(metadata.partitions):
-        low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=timeout_s)
+        low, high = _watermarks(consumer, TopicPartition(topic, p), timeout_s)
         counts.append(PartitionCount(p, low, high))
     return counts
+
+
+def _watermarks(consumer: Consumer, tp: TopicPartition, timeout_s: float) -> tuple[int, int]:
+    """Low and high offsets, retrying the transient errors of a just-created partition.
+
+    With KRaft, metadata names a leader a moment before that broker serves the partition,
+    so the first ListOffsets may answer NOT_LEADER_FOR_PARTITION.
+    """
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            low, high = consumer.get_watermark_offsets(tp, timeout=timeout_s)
+            return int(low), int(high)
+        except KafkaException as exc:
+            error = exc.args[0] if exc.args else None
+            transient = isinstance(error, KafkaError) and (
+                error.retriable() or error.code() in _NEW_PARTITION_ERRORS
+            )
+            if not transient or time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
 
 
 def read_all(
@@ -51,6 +81,7 @@ def read_all(
     consumer = committed_reader(settings, group_id=f"jodie-inspect-{uuid.uuid4().hex[:8]}")
     try:
         counts = partition_counts(consumer, topic)
+        ends = {c.partition: c.high for c in counts}
         pending = {c.partition for c in counts if c.high > c.low}
         consumer.assign([TopicPartition(topic, c.partition, c.low) for c in counts])
         seen = 0
@@ -59,16 +90,23 @@ def read_all(
             if msg is None:
                 break
             err = msg.error()
+            p = msg.partition() or 0
             if err is not None:
                 if err.code() == KafkaError._PARTITION_EOF:
-                    pending.discard(msg.partition())
+                    pending.discard(p)
                     continue
                 raise RuntimeError(f"reading {topic}: {err}")
+            offset = msg.offset() or 0
+            if offset >= ends[p] - 1:
+                # The end seen at the start: later writes (a live topic) are not chased.
+                pending.discard(p)
+                if offset >= ends[p]:
+                    continue
             seen += 1
             value = msg.value()
             if value is None:
                 continue
-            yield msg.key(), value, msg.partition() or 0, msg.offset() or 0
+            yield msg.key(), value, p, offset
     finally:
         consumer.close()
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic
@@ -57,12 +58,11 @@ def apply_topics(
                 # Another process created it in between: fall through to the drift check.
                 if "TOPIC_ALREADY_EXISTS" not in str(exc):
                     raise
+    _wait_for_leaders(client, [s.name for s in specs], timeout_s)
     present = [s for s in specs if s.name not in reports]
     if present:
         metadata = client.list_topics(timeout=timeout_s).topics
-        resources = [ConfigResource(ConfigResource.Type.TOPIC, s.name) for s in present]
-        described = client.describe_configs(resources, request_timeout=timeout_s)
-        by_name = {res.name: fut.result() for res, fut in described.items()}
+        by_name = _describe(client, [s.name for s in present], timeout_s)
         for spec in present:
             drift: list[str] = []
             actual_partitions = len(metadata[spec.name].partitions)
@@ -75,6 +75,36 @@ def apply_topics(
                     drift.append(f"{key} {have} != {want}")
             reports[spec.name] = TopicReport(spec.name, "drift" if drift else "ok", drift)
     return [reports[s.name] for s in specs]
+
+
+def _wait_for_leaders(client: AdminClient, names: list[str], timeout_s: float) -> None:
+    """Topic creation returns before every partition has a leader; wait (bounded) for that."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        topics = client.list_topics(timeout=timeout_s).topics
+        ready = all(
+            n in topics
+            and topics[n].partitions
+            and all(p.leader >= 0 for p in topics[n].partitions.values())
+            for n in names
+        )
+        if ready or time.monotonic() > deadline:
+            return
+        time.sleep(0.1)
+
+
+def _describe(client: AdminClient, names: list[str], timeout_s: float) -> dict[str, Any]:
+    """Topic configs by name, retrying while a new topic's metadata is still propagating."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        resources = [ConfigResource(ConfigResource.Type.TOPIC, n) for n in names]
+        described = client.describe_configs(resources, request_timeout=timeout_s)
+        try:
+            return {res.name: fut.result() for res, fut in described.items()}
+        except KafkaException as exc:
+            if "UNKNOWN_TOPIC_OR_PART" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
 
 
 def delete_topics(client: AdminClient, names: list[str], timeout_s: float = 30.0) -> None:
