@@ -21,6 +21,11 @@ Record = dict[str, Any]
 INTERACTION = "interaction"
 RECOMMENDATION = "recommendation"
 MODEL_ANNOUNCEMENT = "model_announcement"
+SEQUENCED_INTERACTION = "sequenced_interaction"
+
+# Named types that one shipped schema uses inside another; inlined at load time so every
+# schema is self-contained (its canonical form and fingerprint cover the nested record).
+_SHARED_TYPES = {"io.jodie.v1.Interaction": INTERACTION}
 
 # Avro spec, "Single object encoding": two marker bytes, then the writer schema's
 # CRC-64-AVRO fingerprint (8 bytes, little-endian), then the binary body.
@@ -38,7 +43,21 @@ def load_schema(name: str) -> Schema:
     except FileNotFoundError as exc:
         raise SchemaError(f"no schema named {name!r} in the schemas package") from exc
     schema: Schema = json.loads(text)
-    return schema
+    return _inline(schema, seen=set())
+
+
+def _inline(node: Any, seen: set[str]) -> Any:
+    if isinstance(node, str) and node in _SHARED_TYPES and node not in seen:
+        seen.add(node)  # Avro allows one definition per name; later uses stay references
+        return _inline(load_schema(_SHARED_TYPES[node]), seen)
+    if isinstance(node, list):
+        return [_inline(n, seen) for n in node]
+    if isinstance(node, dict):
+        return {
+            k: (_inline(v, seen) if k in ("type", "fields", "items", "values") else v)
+            for k, v in node.items()
+        }
+    return node
 
 
 def canonical_form(schema: Schema) -> str:

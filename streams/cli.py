@@ -275,4 +275,25 @@ def produce(
         json_out.write_text(json.dumps(result, indent=2))
 
 
-# --- model commands (train / evaluate / plot) are registered below ---------------------
+@app.command("router")
+def router(
+    until_idle: Annotated[
+        float | None, typer.Option(help="Stop after this many seconds without new events.")
+    ] = None,
+    grace: Annotated[
+        float, typer.Option(help="Seconds a caught-up partition must stay quiet to count as idle.")
+    ] = 0.5,
+    features: Annotated[
+        int | None, typer.Option(help="Feature length to enforce (default: the first event's).")
+    ] = None,
+) -> None:
+    """Validate, deduplicate and order client events into interactions.log (exactly once)."""
+    from streams.router import Router
+
+    def ready() -> None:
+        console.print("router ready", highlight=False)
+
+    stats = Router(get_settings(), n_features=features, grace_s=grace).run(
+        until_idle_s=until_idle, on_ready=ready
+    )
+    out.print(json.dumps(stats.__dict__))

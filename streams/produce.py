@@ -37,8 +37,12 @@ def source_tag(path: str | Path) -> str:
 
 
 def event_id(tag: str, line: int) -> str:
-    """Deterministic id of the event on ``line`` of the source file."""
-    return f"{tag}:{line}"
+    """Deterministic id of the event on ``line`` of the source file.
+
+    The line is zero-padded so ids sort like lines: the canonical order breaks timestamp ties
+    by event id, which then keeps the file's order.
+    """
+    return f"{tag}:{line:010d}"
 
 
 def to_record(row: Row, tag: str) -> dict[str, Any]:

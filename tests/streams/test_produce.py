@@ -16,7 +16,7 @@ from schemas import INTERACTION
 from streams.codecs import make_codec
 from streams.kafka import idempotent_producer
 from streams.peek import partition_counts, read_all
-from streams.produce import produce_file, source_tag
+from streams.produce import event_id, produce_file, source_tag
 from streams.settings import Settings
 
 pytestmark = pytest.mark.kafka
@@ -54,9 +54,10 @@ def test_produce_round_trip_and_rerun(kafka: Settings, tmp_path: Path) -> None:
     got = _read_back(kafka)
     assert len(got) == N_ROWS
     tag = source_tag(path)
-    expected = {f"{tag}:{row.line}": row for row in iter_rows(path)}
+    expected = {event_id(tag, row.line): row for row in iter_rows(path)}
     by_id = {rec["event_id"]: (key, rec) for key, _v, rec in got}
     assert set(by_id) == set(expected)  # none lost, none duplicated (sizes equal above)
+    assert sorted(expected) == [event_id(tag, row.line) for row in iter_rows(path)]
     for eid, (key, rec) in by_id.items():
         row = expected[eid]
         assert key == row.user_id.encode()

@@ -1,0 +1,121 @@
+"""The symmetric exchange: each side applies an event once it holds the other side's pre-state.
+
+An event r = (u, i) is applied twice, once by u's owner (user side) and once by i's owner
+(item side), each needing the other's state *just before r*. Both sides follow the same small
+state machine, kept per entity in its table (so waiting survives a crash):
+
+- an entity is *ready* for r when r's link (``prev_*_seq``) names the entity's last applied
+  event; it then sends its pre-state for r to the other side (once);
+- it applies r when it is ready and the other side's pre-state for r has arrived;
+- events and partner states may arrive in any order and more than once: they wait in the
+  entity's record until their turn, and repeats are ignored.
+
+The globally earliest unapplied event always has both sides ready, so the exchange cannot
+deadlock, and every side applies its events in sequence order: the result equals a sequential
+replay in sequence order, at any partitioning.
+
+The model math is injected (``apply``), so this module knows nothing of JODIE.
+
+>>> add = lambda mine, theirs, event: (mine + theirs, "done")
+>>> box = Inbox(state=0)
+>>> out = box.on_event(Pending(seq=0, prev_seq=-1, partner="i", payload=None), add)
+>>> [type(o).__name__ for o in out]
+['SendPreState']
+>>> out = box.on_partner(PartnerState(seq=0, state=5), add)
+>>> box.state, box.applied_seq, out[-1].output
+(5, 0, 'done')
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
+
+S = TypeVar("S")  # this side's entity state
+P = TypeVar("P")  # the partner's pre-state as sent over the exchange
+
+
+@dataclass(frozen=True)
+class Pending:
+    """An event waiting at one entity: ``prev_seq`` is this entity's previous event."""
+
+    seq: int
+    prev_seq: int
+    partner: str
+    payload: Any
+
+
+@dataclass(frozen=True)
+class PartnerState(Generic[P]):
+    """The other side's state just before event ``seq``."""
+
+    seq: int
+    state: P
+
+
+@dataclass(frozen=True)
+class SendPreState(Generic[S]):
+    """Send this entity's pre-state for event ``seq`` to ``partner``'s owner."""
+
+    seq: int
+    partner: str
+    state: S
+
+
+@dataclass(frozen=True)
+class Applied:
+    """Event ``seq`` was applied; ``output`` is whatever ``apply`` returned beside the state."""
+
+    seq: int
+    output: Any
+
+
+Apply = Callable[[S, P, Pending], tuple[S, Any]]
+
+
+@dataclass
+class Inbox(Generic[S, P]):
+    """Per-entity exchange record: the model state plus what waits for its turn."""
+
+    state: S
+    applied_seq: int = -1
+    sent_seq: int = -1
+    waiting: dict[int, Pending] = field(default_factory=dict)  # keyed by prev_seq
+    partners: dict[int, P] = field(default_factory=dict)  # keyed by seq
+
+    def on_event(self, event: Pending, apply: Apply[S, P]) -> list[SendPreState[S] | Applied]:
+        if event.seq <= self.applied_seq or event.prev_seq in self.waiting:
+            return []  # a repeat
+        self.waiting[event.prev_seq] = event
+        return self._advance(apply)
+
+    def on_partner(
+        self, message: PartnerState[P], apply: Apply[S, P]
+    ) -> list[SendPreState[S] | Applied]:
+        if message.seq <= self.applied_seq:
+            return []  # a repeat of something already applied
+        self.partners[message.seq] = message.state
+        return self._advance(apply)
+
+    @property
+    def idle(self) -> bool:
+        """Nothing waits here: the record holds only the model state."""
+        return not self.waiting and not self.partners
+
+    def _advance(self, apply: Apply[S, P]) -> list[SendPreState[S] | Applied]:
+        out: list[SendPreState[S] | Applied] = []
+        while True:
+            nxt = self.waiting.get(self.applied_seq)
+            if nxt is None:
+                return out
+            if self.sent_seq != nxt.seq:
+                out.append(SendPreState(nxt.seq, nxt.partner, self.state))
+                self.sent_seq = nxt.seq
+            if nxt.seq not in self.partners:
+                return out
+            partner = self.partners.pop(nxt.seq)
+            self.state, output = apply(self.state, partner, nxt)
+            del self.waiting[self.applied_seq]
+            self.applied_seq = nxt.seq
+            out.append(Applied(nxt.seq, output))

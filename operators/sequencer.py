@@ -1,0 +1,261 @@
+"""The sequencer: merges client partitions into one canonical order with explicit per-entity links.
+
+Why: an update of user u at event r needs item i's state just before r, and i lives on another
+partition, maybe another worker. If every event names the previous event of its user and of
+its item (``prev_user_seq``, ``prev_item_seq``), each side knows exactly which event comes next
+for each entity, whatever order the messages arrive in: users and items then form one
+consistent order (the sequence numbers), so no cycle can make two entities wait on each other,
+and any partitioning computes what a sequential replay in sequence order computes.
+
+The order is ``(timestamp, event_id)`` across the client partitions (a k-way merge): events of
+one partition are taken in partition order, and a head is released only when every other
+partition has a later head or is idle (caught up, see the streaming layer's grace period). An
+event that arrives after a later event of the same user or item was sequenced is rejected as
+``time_backwards`` (it goes to the DLQ); a re-sent event id is dropped as a duplicate.
+
+>>> s = Sequencer(partitions=[0, 1], n_features=0)
+>>> s.offer(0, Interaction("e1", "u", "i", 1.0, (), None), offset=0)
+>>> s.offer(1, Interaction("e2", "v", "i", 2.0, (), None), offset=0)
+>>> [(e.seq, e.prev_item_seq) for e in s.drain(idle={0, 1}).sequenced]
+[(0, -1), (1, 0)]
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections import deque
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+RejectReason = Literal[
+    "malformed",
+    "unknown_schema",
+    "missing_id",
+    "bad_timestamp",
+    "bad_features",
+    "feature_length",
+    "bad_label",
+    "time_backwards",
+]
+
+
+@dataclass(frozen=True)
+class Interaction:
+    """A decoded client event (the Avro Interaction record as a value object)."""
+
+    event_id: str
+    user_id: str
+    item_id: str
+    timestamp: float
+    features: tuple[float, ...]
+    state_label: int | None
+
+    @staticmethod
+    def from_record(record: Mapping[str, Any]) -> Interaction:
+        return Interaction(
+            event_id=str(record["event_id"]),
+            user_id=str(record["user_id"]),
+            item_id=str(record["item_id"]),
+            timestamp=float(record["timestamp"]),
+            features=tuple(float(x) for x in record.get("features") or ()),
+            state_label=record.get("state_label"),
+        )
+
+
+@dataclass(frozen=True)
+class SequencedEvent:
+    """An event in the canonical order, linked to its user's and item's previous events."""
+
+    seq: int
+    prev_user_seq: int  # -1 for the user's first event
+    prev_item_seq: int  # -1 for the item's first event
+    prev_user_time: float | None
+    prev_item_time: float | None
+    event: Interaction
+
+
+@dataclass(frozen=True)
+class Rejected:
+    """An event that is not applied, with the reason (DLQ material)."""
+
+    reason: RejectReason
+    detail: str
+    event_id: str | None
+    partition: int
+    offset: int
+
+
+@dataclass
+class DrainResult:
+    sequenced: list[SequencedEvent] = field(default_factory=list)
+    rejected: list[Rejected] = field(default_factory=list)
+    duplicates: int = 0
+
+
+def validate(event: Interaction, n_features: int | None) -> tuple[RejectReason, str] | None:
+    """Why an event cannot be applied, or None when it is valid."""
+    if not event.event_id:
+        return "missing_id", "empty event_id"
+    if not event.user_id:
+        return "missing_id", "empty user_id"
+    if not event.item_id:
+        return "missing_id", "empty item_id"
+    if not math.isfinite(event.timestamp):
+        return "bad_timestamp", f"timestamp {event.timestamp} is not finite"
+    if not all(math.isfinite(x) for x in event.features):
+        return "bad_features", "a feature is NaN or infinite"
+    if n_features is not None and len(event.features) != n_features:
+        return "feature_length", f"expected {n_features} features, got {len(event.features)}"
+    if event.state_label not in (None, 0, 1):
+        return "bad_label", f"state_label {event.state_label} is not 0, 1 or null"
+    return None
+
+
+@dataclass
+class _Head:
+    key: tuple[float, str]
+    partition: int
+    offset: int
+    event: Interaction
+
+    def __lt__(self, other: _Head) -> bool:
+        return (self.key, self.partition) < (other.key, other.partition)
+
+
+class Sequencer:
+    """Merge-orders events from client partitions, validates, links and numbers them.
+
+    State (``next_seq``, each entity's last sequence number and time, the ids seen) is
+    rebuilt from the canonical log with ``restore`` after a restart, so the sequencer keeps
+    no state of its own outside Kafka.
+    """
+
+    def __init__(self, partitions: Iterable[int], n_features: int | None) -> None:
+        self.partitions = sorted(set(partitions))
+        self.n_features = n_features
+        self.next_seq = 0
+        self.last_user: dict[str, tuple[int, float]] = {}
+        self.last_item: dict[str, tuple[int, float]] = {}
+        self.seen: set[str] = set()
+        # Per partition, in partition order: decoded events, and rejections found while
+        # decoding (kept in line so offsets are committed only past what was handled).
+        self._buffers: dict[int, deque[tuple[int, Interaction | Rejected]]] = {
+            p: deque() for p in self.partitions
+        }
+
+    # --- input ---------------------------------------------------------------------------
+    def offer(self, partition: int, event: Interaction, offset: int) -> None:
+        """Queue a decoded event read from ``partition`` at ``offset`` (in partition order)."""
+        self._buffers[partition].append((offset, event))
+
+    def offer_rejected(self, rejected: Rejected) -> None:
+        """Queue an event that failed before decoding (malformed bytes, unknown schema)."""
+        self._buffers[rejected.partition].append((rejected.offset, rejected))
+
+    def buffered(self) -> int:
+        return sum(len(b) for b in self._buffers.values())
+
+    def committable(self, next_offsets: Mapping[int, int]) -> dict[int, int]:
+        """Per partition, the offset to commit: the first one still buffered, else the next."""
+        out = dict(next_offsets)
+        for p, buf in self._buffers.items():
+            if buf:
+                out[p] = buf[0][0]
+        return out
+
+    def restore(self, events: Iterable[SequencedEvent]) -> None:
+        """Rebuild the state from already-sequenced events (any order)."""
+        for e in events:
+            self._record(e)
+
+    # --- output --------------------------------------------------------------------------
+    def drain(self, idle: set[int]) -> DrainResult:
+        """Release every event that is next in the canonical order.
+
+        ``idle``: partitions known to have nothing more right now (caught up past the grace
+        period). A partition with an empty buffer that is not idle holds the merge back,
+        because an earlier event may still arrive on it.
+        """
+        result = DrainResult()
+        heap: list[_Head] = []
+        for p in self.partitions:
+            head = self._head(p, result)
+            if head is not None:
+                heapq.heappush(heap, head)
+        while heap:
+            blocked = any(not self._buffers[p] and p not in idle for p in self.partitions)
+            if blocked:
+                break
+            head = heapq.heappop(heap)
+            self._buffers[head.partition].popleft()
+            self._sequence(head, result)
+            following = self._head(head.partition, result)
+            if following is not None:
+                heapq.heappush(heap, following)
+        return result
+
+    def _head(self, partition: int, result: DrainResult) -> _Head | None:
+        """The partition's next event, after passing on rejections queued before it."""
+        buf = self._buffers[partition]
+        while buf and isinstance(buf[0][1], Rejected):
+            result.rejected.append(buf.popleft()[1])  # type: ignore[arg-type]
+        if not buf:
+            return None
+        offset, event = buf[0]
+        assert isinstance(event, Interaction)
+        return _Head((event.timestamp, event.event_id), partition, offset, event)
+
+    def _sequence(self, head: _Head, result: DrainResult) -> None:
+        event = head.event
+        problem = validate(event, self.n_features)
+        if problem is None and event.event_id in self.seen:
+            result.duplicates += 1
+            return
+        if problem is None:
+            problem = self._time_problem(event)
+        if problem is not None:
+            reason, detail = problem
+            result.rejected.append(
+                Rejected(reason, detail, event.event_id, head.partition, head.offset)
+            )
+            return
+        user = self.last_user.get(event.user_id)
+        item = self.last_item.get(event.item_id)
+        sequenced = SequencedEvent(
+            seq=self.next_seq,
+            prev_user_seq=user[0] if user else -1,
+            prev_item_seq=item[0] if item else -1,
+            prev_user_time=user[1] if user else None,
+            prev_item_time=item[1] if item else None,
+            event=event,
+        )
+        self._record(sequenced)
+        result.sequenced.append(sequenced)
+
+    def _time_problem(self, event: Interaction) -> tuple[RejectReason, str] | None:
+        for kind, last in (
+            ("user", self.last_user.get(event.user_id)),
+            ("item", self.last_item.get(event.item_id)),
+        ):
+            if last is not None and event.timestamp < last[1]:
+                entity = event.user_id if kind == "user" else event.item_id
+                return (
+                    "time_backwards",
+                    f"timestamp {event.timestamp} is before {kind} {entity}'s last event "
+                    f"at {last[1]}",
+                )
+        return None
+
+    def _record(self, e: SequencedEvent) -> None:
+        ev = e.event
+        if self.n_features is None:
+            self.n_features = len(ev.features)  # the first valid event fixes the length
+        if e.seq >= self.next_seq:
+            self.next_seq = e.seq + 1
+        if e.seq > self.last_user.get(ev.user_id, (-1, 0.0))[0]:
+            self.last_user[ev.user_id] = (e.seq, ev.timestamp)
+        if e.seq > self.last_item.get(ev.item_id, (-1, 0.0))[0]:
+            self.last_item[ev.item_id] = (e.seq, ev.timestamp)
+        self.seen.add(ev.event_id)

@@ -1,0 +1,258 @@
+"""The router: client events → validated, deduplicated, canonical order in interactions.log.
+
+One router per pipeline reads every partition of `interactions`, decodes and validates each
+event, merges the partitions into the canonical order (operators.sequencer) and writes:
+
+- `interactions.log`: the sequenced event (Avro SequencedInteraction), keyed by event id;
+- `interactions.dlq`: the original key and bytes of every rejected event, the reason in headers.
+
+Exactly once: each batch of output and the input offsets it consumed are committed in one
+Kafka transaction, and the sequencer's state is rebuilt from interactions.log on start, so a
+router killed at any moment and restarted writes every event once (as read_committed
+consumers see it) with the same sequence numbers. A second router with the same
+transactional id fences the first: there is one active router per pipeline by construction.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Producer, TopicPartition
+
+from operators.sequencer import Interaction, Rejected, SequencedEvent, Sequencer
+from schemas import INTERACTION, SEQUENCED_INTERACTION, DecodeError, SchemaError
+from schemas.codec import Codec
+from streams.codecs import make_codec
+from streams.peek import read_all
+from streams.settings import Settings
+
+_log = logging.getLogger("jodie.router")
+
+
+@dataclass
+class RouterStats:
+    sequenced: int = 0
+    rejected: int = 0
+    duplicates: int = 0
+    transactions: int = 0
+
+
+def to_log_record(e: SequencedEvent) -> dict[str, Any]:
+    ev = e.event
+    return {
+        "seq": e.seq,
+        "prev_user_seq": e.prev_user_seq,
+        "prev_item_seq": e.prev_item_seq,
+        "prev_user_time": e.prev_user_time,
+        "prev_item_time": e.prev_item_time,
+        "interaction": {
+            "event_id": ev.event_id,
+            "user_id": ev.user_id,
+            "item_id": ev.item_id,
+            "timestamp": ev.timestamp,
+            "features": list(ev.features),
+            "state_label": ev.state_label,
+        },
+    }
+
+
+def from_log_record(record: dict[str, Any]) -> SequencedEvent:
+    return SequencedEvent(
+        seq=int(record["seq"]),
+        prev_user_seq=int(record["prev_user_seq"]),
+        prev_item_seq=int(record["prev_item_seq"]),
+        prev_user_time=record["prev_user_time"],
+        prev_item_time=record["prev_item_time"],
+        event=Interaction.from_record(record["interaction"]),
+    )
+
+
+def read_log(settings: Settings, codec: Codec | None = None) -> list[SequencedEvent]:
+    """Every committed event of interactions.log, in canonical (sequence) order."""
+    topic = settings.topic("interactions.log")
+    codec = codec or make_codec(settings, SEQUENCED_INTERACTION, topic)
+    events = [from_log_record(codec.decode(v)) for _k, v, _p, _o in read_all(settings, topic)]
+    events.sort(key=lambda e: e.seq)
+    return events
+
+
+class Router:
+    """The router process; ``run`` loops until stopped or idle for ``until_idle_s``."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        n_features: int | None = None,
+        grace_s: float = 0.5,
+        batch: int = 2000,
+    ) -> None:
+        self.settings = settings
+        self.grace_s = grace_s
+        self.batch = batch
+        self.source = settings.topic("interactions")
+        self.log_topic = settings.topic("interactions.log")
+        self.dlq_topic = settings.topic("interactions.dlq")
+        self.in_codec = make_codec(settings, INTERACTION, self.source)
+        self.out_codec = make_codec(settings, SEQUENCED_INTERACTION, self.log_topic)
+        self.n_features = n_features
+        self.stats = RouterStats()
+
+    def _clients(self) -> tuple[Consumer, Producer]:
+        base = {"bootstrap.servers": self.settings.bootstrap_servers, "logger": _log}
+        consumer = Consumer(
+            {
+                **base,
+                "group.id": f"{self.settings.topic_prefix}jodie-router",
+                "isolation.level": "read_committed",
+                "enable.auto.commit": False,
+                "enable.partition.eof": True,
+                "auto.offset.reset": "earliest",
+                "client.id": f"jodie-router-{uuid.uuid4().hex[:6]}",
+            }
+        )
+        producer = Producer(
+            {
+                **base,
+                "transactional.id": f"{self.settings.topic_prefix}jodie-router",
+                "linger.ms": 5,
+                "compression.type": "lz4",
+            }
+        )
+        return consumer, producer
+
+    def run(
+        self,
+        until_idle_s: float | None = None,
+        max_seconds: float | None = None,
+        on_ready: Callable[[], None] | None = None,
+    ) -> RouterStats:
+        consumer, producer = self._clients()
+        # Fences any older router with the same transactional id and aborts its open
+        # transaction, so what it wrote but did not commit is never seen.
+        producer.init_transactions(30)
+        try:
+            self._loop(consumer, producer, until_idle_s, max_seconds, on_ready)
+        finally:
+            consumer.close()
+        return self.stats
+
+    def _loop(
+        self,
+        consumer: Consumer,
+        producer: Producer,
+        until_idle_s: float | None,
+        max_seconds: float | None,
+        on_ready: Callable[[], None] | None,
+    ) -> None:
+        metadata = consumer.list_topics(self.source, timeout=30).topics[self.source]
+        partitions = sorted(metadata.partitions)
+        sequencer = Sequencer(partitions, self.n_features)
+        sequencer.restore(read_log(self.settings, self.out_codec))
+        committed = consumer.committed(
+            [TopicPartition(self.source, p) for p in partitions], timeout=30
+        )
+        next_offsets: dict[int, int] = {}
+        assignment = []
+        for tp in committed:
+            start = tp.offset if tp.offset >= 0 else OFFSET_BEGINNING
+            next_offsets[tp.partition] = max(tp.offset, 0)
+            assignment.append(TopicPartition(self.source, tp.partition, start))
+        consumer.assign(assignment)
+        if on_ready is not None:
+            on_ready()
+        began = last_progress = time.monotonic()
+        last_message = dict.fromkeys(partitions, began)
+        at_end = dict.fromkeys(partitions, False)
+        # Key and bytes of every message not yet handled, for the DLQ's copy of the original.
+        raw: dict[tuple[int, int], tuple[bytes | None, bytes]] = {}
+        while True:
+            now = time.monotonic()
+            if max_seconds is not None and now - began > max_seconds:
+                return
+            messages = consumer.consume(num_messages=self.batch, timeout=0.1)
+            now = time.monotonic()
+            for msg in messages:
+                err = msg.error()
+                p = msg.partition() or 0
+                if err is not None:
+                    if err.code() == KafkaError._PARTITION_EOF:
+                        at_end[p] = True
+                        continue
+                    raise RuntimeError(f"router consumer: {err}")
+                at_end[p] = False
+                last_message[p] = now
+                offset = msg.offset() or 0
+                next_offsets[p] = offset + 1
+                value = msg.value() or b""
+                raw[(p, offset)] = (msg.key(), value)
+                self._offer(sequencer, p, offset, value)
+            idle = {p for p in partitions if at_end[p] and now - last_message[p] >= self.grace_s}
+            result = sequencer.drain(idle)
+            offsets = sequencer.committable(next_offsets)
+            if result.sequenced or result.rejected or result.duplicates:
+                self._commit(producer, consumer, result.sequenced, result.rejected, offsets, raw)
+                for key in [k for k in raw if k[1] < offsets.get(k[0], 0)]:
+                    del raw[key]
+                self.stats.sequenced += len(result.sequenced)
+                self.stats.rejected += len(result.rejected)
+                self.stats.duplicates += result.duplicates
+                last_progress = now
+            elif messages:
+                last_progress = now
+            if (
+                until_idle_s is not None
+                and sequencer.buffered() == 0
+                and all(at_end.values())
+                and now - last_progress > until_idle_s
+            ):
+                return
+
+    def _offer(self, sequencer: Sequencer, partition: int, offset: int, value: bytes) -> None:
+        try:
+            record = self.in_codec.decode(value)
+            event = Interaction.from_record(record)
+        except SchemaError as exc:
+            sequencer.offer_rejected(Rejected("unknown_schema", str(exc), None, partition, offset))
+            return
+        except (DecodeError, KeyError, TypeError, ValueError) as exc:
+            sequencer.offer_rejected(Rejected("malformed", str(exc), None, partition, offset))
+            return
+        sequencer.offer(partition, event, offset)
+
+    def _commit(
+        self,
+        producer: Producer,
+        consumer: Consumer,
+        sequenced: list[SequencedEvent],
+        rejected: list[Rejected],
+        offsets: dict[int, int],
+        originals: dict[tuple[int, int], tuple[bytes | None, bytes]],
+    ) -> None:
+        producer.begin_transaction()
+        for e in sequenced:
+            producer.produce(
+                self.log_topic,
+                key=e.event.event_id.encode(),
+                value=self.out_codec.encode(to_log_record(e)),
+            )
+        for r in rejected:
+            key, value = originals[(r.partition, r.offset)]
+            producer.produce(
+                self.dlq_topic,
+                key=key,
+                value=value,
+                headers=[
+                    ("reason", r.reason.encode()),
+                    ("detail", r.detail.encode()),
+                    ("source", f"{self.source}/{r.partition}/{r.offset}".encode()),
+                ],
+            )
+        positions = [TopicPartition(self.source, p, o) for p, o in offsets.items()]
+        producer.send_offsets_to_transaction(positions, consumer.consumer_group_metadata(), 30)
+        producer.commit_transaction(30)
+        self.stats.transactions += 1
