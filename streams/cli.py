@@ -297,3 +297,11 @@ def router(
         until_idle_s=until_idle, on_ready=ready
     )
     out.print(json.dumps(stats.__dict__))
+
+
+# Model commands (train / evaluate / plot) live in streams/cli_model.py.
+from streams import cli_model as _cli_model  # noqa: E402
+
+app.command("train")(_cli_model.train)
+app.command("evaluate")(_cli_model.evaluate)
+app.command("plot")(_cli_model.plot)

@@ -1,0 +1,219 @@
+"""`jodie train`, `jodie evaluate` and `jodie plot`: the model commands of the CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import numpy as np
+import typer
+from rich.console import Console
+
+console = Console(stderr=True)
+
+DataOpt = Annotated[
+    Path | None, typer.Option("--data", help="JODIE CSV (plain or .gz); default: bundled Wikipedia")
+]
+
+
+def _data_path(data: Path | None) -> Path:
+    from operators.dataset import bundled_wikipedia
+
+    return data if data is not None else bundled_wikipedia()
+
+
+def _load(path: Path) -> Any:
+    from operators.dataset import load_interactions
+    from operators.exceptions import BadRowError
+
+    errors: list[BadRowError] = []
+    log = load_interactions(path, errors=errors)
+    if errors:
+        console.print(f"[yellow]skipped {len(errors)} bad rows (first: {errors[0]})[/yellow]")
+    return log
+
+
+def train(
+    out: Annotated[Path, typer.Option("--out", help="checkpoint directory to write")],
+    data: DataOpt = None,
+    epochs: Annotated[
+        int, typer.Option(help="training epochs; the best by validation MRR is kept")
+    ] = 10,
+    seed: Annotated[int, typer.Option(help="random seed (runs are deterministic for a seed)")] = 0,
+    scorer: Annotated[
+        str,
+        typer.Option(help="candidate scorer: 'history' (JODIE + learned recency bonus) or 'plain'"),
+    ] = "history",
+    threads: Annotated[int, typer.Option(help="torch intra-op threads")] = 1,
+) -> None:
+    """Train JODIE with t-batches on the first 80% of the events and write a checkpoint."""
+    import torch
+
+    from operators.config import ModelConfig, TrainConfig
+    from operators.pipeline import run_training
+
+    if scorer not in ("history", "plain"):
+        raise typer.BadParameter("--scorer must be 'history' or 'plain'")
+    torch.set_num_threads(threads)
+    path = _data_path(data)
+    log = _load(path)
+    config = TrainConfig(
+        epochs=epochs,
+        seed=seed,
+        threads=threads,
+        model=ModelConfig(scorer=scorer),  # type: ignore[arg-type]
+    )
+    run = run_training(log, config, out_dir=out, data_path=path)
+    res = run.result
+    console.print(
+        f"best epoch {res.best_epoch + 1}/{epochs}: valid MRR (frozen, plain) "
+        f"{res.metrics['valid_mrr_frozen']:.4f}; "
+        f"{np.mean(res.curves['epoch_seconds']):.1f} s/epoch; checkpoint {run.checkpoint}"
+    )
+
+
+def evaluate(
+    checkpoint: Annotated[
+        Path | None,
+        typer.Option("--checkpoint", help="checkpoint directory (optional for --baseline)"),
+    ] = None,
+    data: DataOpt = None,
+    protocol: Annotated[
+        str,
+        typer.Option(help="'frozen' (weights fixed, as the stream) or 'paper' (keeps training)"),
+    ] = "frozen",
+    split: Annotated[str, typer.Option(help="'valid' or 'test'")] = "test",
+    limit: Annotated[
+        int | None, typer.Option(help="score only the first N events of the split")
+    ] = None,
+    json_out: Annotated[
+        Path | None, typer.Option("--json", help="write the metrics as JSON")
+    ] = None,
+    export_states: Annotated[
+        Path | None, typer.Option("--export-states", help="write final embeddings to this .npz")
+    ] = None,
+    baseline: Annotated[
+        str | None, typer.Option(help="evaluate a baseline instead: 'recency' or 'popularity'")
+    ] = None,
+    scorer: Annotated[
+        str | None, typer.Option(help="override the checkpoint's scorer: 'plain' or 'history'")
+    ] = None,
+) -> None:
+    """Rank the true next item for each event of a split; print MRR and Recall@10."""
+    from operators.checkpoint import load_checkpoint
+    from operators.dataset import file_fingerprint
+    from operators.evaluate import evaluate as run_eval
+    from operators.scorer import make_scorer
+
+    if protocol not in ("frozen", "paper"):
+        raise typer.BadParameter("--protocol must be 'paper' or 'frozen'")
+    if split not in ("valid", "test"):
+        raise typer.BadParameter("--split must be 'valid' or 'test'")
+    from operators.config import TrainConfig
+    from operators.train import Split
+
+    path = _data_path(data)
+    if checkpoint is None and baseline is None:
+        raise typer.BadParameter("--checkpoint is required unless --baseline is given")
+    ckpt = load_checkpoint(checkpoint) if checkpoint is not None else None
+    log = _load(path)
+    stored = ckpt.meta.get("split") if ckpt is not None else None
+    if ckpt is not None:
+        fingerprint = ckpt.meta.get("data_fingerprint")
+        if fingerprint and fingerprint != file_fingerprint(path):
+            console.print(
+                "[yellow]warning: the data differs from the checkpoint's training file[/yellow]"
+            )
+    if stored and stored["test"][1] == len(log):
+        bounds = {k: (int(v[0]), int(v[1])) for k, v in stored.items()}
+    else:
+        tc = ckpt.train_config if ckpt is not None else TrainConfig()
+        sp = Split.of(len(log), tc.train_fraction, tc.valid_fraction)
+        bounds = {k: sp.bounds(k) for k in ("train", "valid", "test")}
+    if baseline is not None:
+        from operators.baselines import evaluate_baseline
+
+        if baseline not in ("recency", "popularity"):
+            raise typer.BadParameter("--baseline must be 'recency' or 'popularity'")
+        result = evaluate_baseline(log, bounds, baseline, split, limit)  # type: ignore[arg-type]
+        result.protocol = protocol
+        label = baseline
+    else:
+        import torch
+
+        assert ckpt is not None
+        torch.set_num_threads(1)
+        config = ckpt.config if scorer is None else ckpt.config.with_(scorer=scorer)
+        label = f"jodie+{config.scorer}"
+        result = run_eval(
+            ckpt.model,
+            ckpt.states,
+            log,
+            bounds,
+            protocol,  # type: ignore[arg-type]
+            split,  # type: ignore[arg-type]
+            make_scorer(config, ckpt.scorer_tensors),
+            limit,
+            ckpt.train_config,
+            float(ckpt.meta.get("timespan", 0.0)),
+        )
+        if export_states is not None:
+            _export(export_states, ckpt.states)
+    summary = result.summary()
+    summary["model"] = label
+    _print(summary)
+    if json_out is not None:
+        json_out.write_text(json.dumps(summary, indent=2))
+
+
+def _export(path: Path, states: Any) -> None:
+    np.savez(
+        path,
+        user_ids=np.asarray(states.users.ids, dtype=str),
+        user_embeddings=states.users.emb.numpy().astype(np.float32),
+        item_ids=np.asarray(states.items.ids, dtype=str),
+        item_embeddings=states.items.emb.numpy().astype(np.float32),
+    )
+
+
+def _print(summary: dict[str, Any]) -> None:
+    head = (
+        f"{summary['model']} {summary['protocol']} {summary['split']}: "
+        f"MRR {summary['mrr']:.4f}  Recall@10 {summary['recall_at_10']:.4f}  "
+        f"events {summary['n_events']}"
+    )
+    if "state_change_auc" in summary:
+        head += f"  state-change AUC {summary['state_change_auc']:.4f}"
+    typer.echo(head)
+    for name, row in summary.get("by_category", {}).items():
+        typer.echo(
+            f"  {name:<13} share {row['share']:.3f}  MRR {row['mrr']:.4f}  "
+            f"Recall@10 {row['recall_at_10']:.4f}"
+        )
+
+
+def plot(
+    checkpoint: Annotated[Path, typer.Option("--checkpoint", help="checkpoint directory")],
+    out: Annotated[Path, typer.Option("--out", help="directory for the PNG files")],
+    data: DataOpt = None,
+    users: Annotated[int, typer.Option(help="how many users' trajectories to draw")] = 4,
+) -> None:
+    """Training curves, and a few users' embedding trajectories in 2-D (PCA)."""
+    from operators.checkpoint import load_checkpoint
+    from operators.plots import plot_trajectories
+    from operators.train import save_curves
+
+    ckpt = load_checkpoint(checkpoint)
+    out.mkdir(parents=True, exist_ok=True)
+    curves = ckpt.meta.get("curves") or {}
+    _, curves_png = save_curves(curves, out)
+    log = _load(_data_path(data))
+    traj_png = plot_trajectories(
+        ckpt.model,
+        log,
+        out / "trajectories.png",
+        n_users=users,
+        timespan=float(ckpt.meta.get("timespan", 0.0)),
+    )
+    typer.echo(f"wrote {curves_png} and {traj_png}")

@@ -1,0 +1,89 @@
+"""Checkpoint round trip is bit-exact; tampering and missing files are detected."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from operators.checkpoint import load_checkpoint, save_checkpoint, verify
+from operators.config import TrainConfig
+from operators.events import encode
+from operators.exceptions import CheckpointError
+from operators.model import Jodie
+from operators.state import States
+from operators.train import batched, replay
+
+from .conftest import build_log
+
+
+def _saved(tmp_path: Path, model: Jodie) -> tuple[Path, States]:
+    log = build_log(["a", "b", "a", "c"], ["x", "y", "y", "x"], [0.0, 1.5, 2.25, 7.0])
+    states = States.empty(8, 8, 8, 4)
+    replay(model, states, batched(encode(log, states), model.config, 2.0))
+    scorer = {"scorer.log_alpha": torch.tensor(0.25), "scorer.bonus": torch.arange(4.0)}
+    path = save_checkpoint(
+        tmp_path / "ckpt",
+        model,
+        states,
+        TrainConfig(epochs=3, model=model.config),
+        scorer,
+        {"split": {"train": [0, 4]}, "log_offsets": {"events": 4}, "metrics": {"mrr": 0.5}},
+    )
+    return path, states
+
+
+def test_round_trip_is_bit_exact(tmp_path: Path, tiny_model: Jodie) -> None:
+    path, states = _saved(tmp_path, tiny_model)
+    ck = load_checkpoint(path)
+    assert ck.config == tiny_model.config
+    assert ck.train_config.epochs == 3 and ck.meta["log_offsets"] == {"events": 4}
+    for k, v in tiny_model.state_dict().items():
+        assert torch.equal(ck.model.state_dict()[k], v), k
+    assert torch.equal(ck.scorer_tensors["scorer.bonus"], torch.arange(4.0))
+    for a, b in ((ck.states.users, states.users), (ck.states.items, states.items)):
+        assert a.ids == b.ids
+        assert torch.equal(a.emb, b.emb) and torch.equal(a.static, b.static)
+        np.testing.assert_array_equal(a.last_time, b.last_time)
+        np.testing.assert_array_equal(a.history, b.history)
+        np.testing.assert_array_equal(a.history_counts, b.history_counts)
+        np.testing.assert_array_equal(a.count, b.count)
+    assert set(p.name for p in path.iterdir()) >= {
+        "model.safetensors",
+        "states.safetensors",
+        "checkpoint.json",
+        "user_ids.json",
+        "item_ids.json",
+    }
+
+
+@pytest.mark.parametrize("name", ["model.safetensors", "states.safetensors", "item_ids.json"])
+def test_tampering_is_detected(tmp_path: Path, tiny_model: Jodie, name: str) -> None:
+    path, _ = _saved(tmp_path, tiny_model)
+    data = bytearray((path / name).read_bytes())
+    data[-2] ^= 0x01
+    (path / name).write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="sha256"):
+        load_checkpoint(path)
+
+
+def test_missing_file_and_missing_manifest(tmp_path: Path, tiny_model: Jodie) -> None:
+    path, _ = _saved(tmp_path, tiny_model)
+    (path / "states.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="missing"):
+        verify(path)
+    (path / "checkpoint.json").unlink()
+    with pytest.raises(CheckpointError):
+        load_checkpoint(path)
+
+
+def test_manifest_without_hashes_is_rejected(tmp_path: Path, tiny_model: Jodie) -> None:
+    path, _ = _saved(tmp_path, tiny_model)
+    meta = json.loads((path / "checkpoint.json").read_text())
+    del meta["sha256"]["model.safetensors"]
+    (path / "checkpoint.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError):
+        load_checkpoint(path)
