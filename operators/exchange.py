@@ -8,7 +8,11 @@ state machine, kept per entity in its table (so waiting survives a crash):
   event; it then sends its pre-state for r to the other side (once);
 - it applies r when it is ready and the other side's pre-state for r has arrived;
 - events and partner states may arrive in any order and more than once: they wait in the
-  entity's record until their turn, and repeats are ignored.
+  entity's record until their turn, and repeats are ignored;
+- when both entities' previous events are the same event (the pair interacts again with
+  nothing in between, the common case of repeat consumption), each side already computed the
+  other's post-state when it applied that event, so nothing is sent and nothing awaited: the
+  pair proceeds without a round trip.
 
 The globally earliest unapplied event always has both sides ready, so the exchange cannot
 deadlock, and every side applies its events in sequence order: the result equals a sequential
@@ -16,9 +20,10 @@ replay in sequence order, at any partitioning.
 
 The model math is injected (``apply``), so this module knows nothing of JODIE.
 
->>> add = lambda mine, theirs, event: (mine + theirs, "done")
+>>> add = lambda mine, theirs, event: (mine + theirs, "done", theirs + mine)
 >>> box = Inbox(state=0)
->>> out = box.on_event(Pending(seq=0, prev_seq=-1, partner="i", payload=None), add)
+>>> first = Pending(seq=0, prev_seq=-1, partner="i", payload=None, partner_prev_seq=-1)
+>>> out = box.on_event(first, add)
 >>> [type(o).__name__ for o in out]
 ['SendPreState']
 >>> out = box.on_partner(PartnerState(seq=0, state=5), add)
@@ -38,12 +43,22 @@ P = TypeVar("P")  # the partner's pre-state as sent over the exchange
 
 @dataclass(frozen=True)
 class Pending:
-    """An event waiting at one entity: ``prev_seq`` is this entity's previous event."""
+    """An event waiting at one entity.
+
+    ``prev_seq`` is this entity's previous event, ``partner_prev_seq`` the partner's (-1: none
+    in the log; the partner may still have a checkpoint state).
+    """
 
     seq: int
     prev_seq: int
     partner: str
     payload: Any
+    partner_prev_seq: int = -2  # unknown: never take the shared-previous shortcut
+
+    @property
+    def shares_previous(self) -> bool:
+        """Both entities' previous event is one and the same logged event."""
+        return self.prev_seq >= 0 and self.prev_seq == self.partner_prev_seq
 
 
 @dataclass(frozen=True)
@@ -71,7 +86,8 @@ class Applied:
     output: Any
 
 
-Apply = Callable[[S, P, Pending], tuple[S, Any]]
+# (own state, partner's pre-state, event) → (own post-state, output, partner's post-state)
+Apply = Callable[[S, P, Pending], tuple[S, Any, P]]
 
 
 @dataclass
@@ -83,6 +99,8 @@ class Inbox(Generic[S, P]):
     sent_seq: int = -1
     waiting: dict[int, Pending] = field(default_factory=dict)  # keyed by prev_seq
     partners: dict[int, P] = field(default_factory=dict)  # keyed by seq
+    # The partner's post-state computed when this entity applied ``applied_seq``.
+    derived: P | None = None
 
     def on_event(self, event: Pending, apply: Apply[S, P]) -> list[SendPreState[S] | Applied]:
         if event.seq <= self.applied_seq or event.prev_seq in self.waiting:
@@ -109,13 +127,19 @@ class Inbox(Generic[S, P]):
             nxt = self.waiting.get(self.applied_seq)
             if nxt is None:
                 return out
-            if self.sent_seq != nxt.seq:
-                out.append(SendPreState(nxt.seq, nxt.partner, self.state))
-                self.sent_seq = nxt.seq
-            if nxt.seq not in self.partners:
-                return out
-            partner = self.partners.pop(nxt.seq)
-            self.state, output = apply(self.state, partner, nxt)
+            partner: P | None
+            if nxt.shares_previous and self.derived is not None:
+                # The partner derives our pre-state just as we derive theirs: no message.
+                partner = self.derived
+                self.partners.pop(nxt.seq, None)
+            else:
+                if self.sent_seq != nxt.seq:
+                    out.append(SendPreState(nxt.seq, nxt.partner, self.state))
+                    self.sent_seq = nxt.seq
+                if nxt.seq not in self.partners:
+                    return out
+                partner = self.partners.pop(nxt.seq)
+            self.state, output, self.derived = apply(self.state, partner, nxt)
             del self.waiting[self.applied_seq]
             self.applied_seq = nxt.seq
             out.append(Applied(nxt.seq, output))

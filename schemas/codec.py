@@ -22,10 +22,18 @@ INTERACTION = "interaction"
 RECOMMENDATION = "recommendation"
 MODEL_ANNOUNCEMENT = "model_announcement"
 SEQUENCED_INTERACTION = "sequenced_interaction"
+INBOX_MESSAGE = "inbox_message"
+ENTITY_RECORD = "entity_record"
 
 # Named types that one shipped schema uses inside another; inlined at load time so every
 # schema is self-contained (its canonical form and fingerprint cover the nested record).
-_SHARED_TYPES = {"io.jodie.v1.Interaction": INTERACTION}
+_SHARED_TYPES = {
+    "io.jodie.v1.Interaction": INTERACTION,
+    "io.jodie.v1.InboxEvent": INBOX_MESSAGE,
+    "io.jodie.v1.PartnerPreState": INBOX_MESSAGE,
+}
+# Where a shared named type is defined inside another schema: (schema, field holding it).
+_NESTED = {"io.jodie.v1.InboxEvent": "event", "io.jodie.v1.PartnerPreState": "partner"}
 
 # Avro spec, "Single object encoding": two marker bytes, then the writer schema's
 # CRC-64-AVRO fingerprint (8 bytes, little-endian), then the binary body.
@@ -49,7 +57,11 @@ def load_schema(name: str) -> Schema:
 def _inline(node: Any, seen: set[str]) -> Any:
     if isinstance(node, str) and node in _SHARED_TYPES and node not in seen:
         seen.add(node)  # Avro allows one definition per name; later uses stay references
-        return _inline(load_schema(_SHARED_TYPES[node]), seen)
+        schema = load_schema(_SHARED_TYPES[node])
+        if node in _NESTED:
+            field = next(f for f in schema["fields"] if f["name"] == _NESTED[node])
+            schema = next(t for t in field["type"] if isinstance(t, dict))
+        return _inline(schema, seen)
     if isinstance(node, list):
         return [_inline(n, seen) for n in node]
     if isinstance(node, dict):

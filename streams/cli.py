@@ -299,6 +299,57 @@ def router(
     out.print(json.dumps(stats.__dict__))
 
 
+state_app = typer.Typer(no_args_is_help=True, help="The workers' state, read from Kafka.")
+app.add_typer(state_app, name="state")
+
+
+@app.command("worker")
+def worker(
+    checkpoint: Annotated[Path, typer.Option(help="Checkpoint directory to serve.")],
+    worker_id: Annotated[int, typer.Option("--id", help="Worker number: state dir and port.")] = 0,
+    loglevel: Annotated[str, typer.Option(help="crit|error|warn|info|debug")] = "warn",
+) -> None:
+    """A streaming worker (Faust): user and item agents, tables, recommendations."""
+    from streams.worker import run_worker
+
+    run_worker(get_settings(), worker_id, checkpoint, loglevel=loglevel)
+
+
+@app.command("recommendations")
+def recommendations(
+    follow: Annotated[bool, typer.Option(help="Keep waiting for new ones.")] = False,
+    user: Annotated[str | None, typer.Option(help="Only this user's.")] = None,
+    limit: Annotated[int | None, typer.Option(help="Stop after this many.")] = None,
+    top: Annotated[int, typer.Option(help="Candidates to print per recommendation.")] = 5,
+) -> None:
+    """Print recommendations as a read_committed consumer sees them."""
+    from streams.tail import tail_recommendations
+
+    for rec in tail_recommendations(get_settings(), follow=follow, user=user, limit=limit):
+        items = " ".join(f"{c['item_id']}:{c['score']:.3f}" for c in rec["candidates"][:top])
+        p = rec["state_change_probability"]
+        extra = f" p(change)={p:.3f}" if p is not None else ""
+        out.print(
+            f"user {rec['user_id']} after {rec['event_id']} [{rec['model_version']}]"
+            f" → {items}{extra}",
+            highlight=False,
+        )
+
+
+@state_app.command("export")
+def state_export(
+    out_path: Annotated[Path, typer.Option("--out", help="The .npz file to write.")],
+    checkpoint: Annotated[Path, typer.Option(help="The checkpoint the workers serve.")],
+) -> None:
+    """Current embeddings from the tables' changelogs, in the `evaluate --export-states` layout."""
+    from streams.state_export import export_states
+
+    counts = export_states(get_settings(), checkpoint, out_path)
+    out.print(json.dumps({"out": str(out_path), **counts}))
+
+
+# --- model commands (train / evaluate / plot) are registered below ---------------------
+
 # Model commands (train / evaluate / plot) live in streams/cli_model.py.
 from streams import cli_model as _cli_model  # noqa: E402
 

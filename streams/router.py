@@ -25,10 +25,12 @@ from typing import Any
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Producer, TopicPartition
 
 from operators.sequencer import Interaction, Rejected, SequencedEvent, Sequencer
+from operators.streaming import EventData
 from schemas import INTERACTION, SEQUENCED_INTERACTION, DecodeError, SchemaError
-from schemas.codec import Codec
+from schemas.codec import INBOX_MESSAGE, Codec
 from streams.codecs import make_codec
 from streams.peek import read_all
+from streams.records import inbox_event
 from streams.settings import Settings
 
 _log = logging.getLogger("jodie.router")
@@ -59,6 +61,10 @@ def to_log_record(e: SequencedEvent) -> dict[str, Any]:
             "state_label": ev.state_label,
         },
     }
+
+
+def event_data_of(ev: Interaction) -> EventData:
+    return EventData(ev.event_id, ev.user_id, ev.item_id, ev.timestamp, ev.features)
 
 
 def from_log_record(record: dict[str, Any]) -> SequencedEvent:
@@ -97,6 +103,9 @@ class Router:
         self.source = settings.topic("interactions")
         self.log_topic = settings.topic("interactions.log")
         self.dlq_topic = settings.topic("interactions.dlq")
+        self.user_inbox = settings.topic("user-inbox")
+        self.item_inbox = settings.topic("item-inbox")
+        self.inbox_codec = Codec(INBOX_MESSAGE)
         self.in_codec = make_codec(settings, INTERACTION, self.source)
         self.out_codec = make_codec(settings, SEQUENCED_INTERACTION, self.log_topic)
         self.n_features = n_features
@@ -120,6 +129,9 @@ class Router:
                 **base,
                 "transactional.id": f"{self.settings.topic_prefix}jodie-router",
                 "linger.ms": 5,
+                # Java's partitioner, as the Faust workers use: a key's partition must not
+                # depend on which client wrote it (the tables are co-partitioned by key).
+                "partitioner": "murmur2_random",
                 "compression.type": "lz4",
             }
         )
@@ -235,11 +247,20 @@ class Router:
     ) -> None:
         producer.begin_transaction()
         for e in sequenced:
+            ev = e.event
             producer.produce(
                 self.log_topic,
-                key=e.event.event_id.encode(),
+                key=ev.event_id.encode(),
                 value=self.out_codec.encode(to_log_record(e)),
             )
+            # Each side's owner gets the event with the link to its entity's previous event.
+            data = event_data_of(ev)
+            for topic, entity, prev, partner_prev in (
+                (self.user_inbox, ev.user_id, e.prev_user_seq, e.prev_item_seq),
+                (self.item_inbox, ev.item_id, e.prev_item_seq, e.prev_user_seq),
+            ):
+                body = {"event": inbox_event(e.seq, prev, partner_prev, data), "partner": None}
+                producer.produce(topic, key=entity.encode(), value=self.inbox_codec.encode(body))
         for r in rejected:
             key, value = originals[(r.partition, r.offset)]
             producer.produce(

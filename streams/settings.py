@@ -79,6 +79,32 @@ class Settings(BaseSettings):
         description="JODIE_PRODUCE_BATCH: events between producer flushes in `jodie produce`.",
     )
 
+    # --- workers ------------------------------------------------------------------------------
+    state_dir: Path = Field(
+        default_factory=lambda: _default_cache() / "state",
+        description="JODIE_STATE_DIR: RocksDB tables of the workers (one folder per worker id).",
+    )
+    web_port: int = Field(
+        6066, description="JODIE_WEB_PORT: first worker's HTTP port (/metrics); worker N adds N."
+    )
+    commit_interval_s: float = Field(
+        0.1,
+        description=(
+            "JODIE_COMMIT_INTERVAL_S: how often workers commit their transaction; outputs "
+            "become visible to read_committed consumers at each commit."
+        ),
+    )
+    horizon_s: float | None = Field(
+        None,
+        description=(
+            "JODIE_HORIZON_S: how far ahead recommendations project the user (seconds); "
+            "default: the model's mean gap between a user's events."
+        ),
+    )
+    candidates: int = Field(
+        10, description="JODIE_CANDIDATES: items per recommendation (after re-ranking)."
+    )
+
     @property
     def bootstrap_servers(self) -> str:
         return self.bootstrap or f"127.0.0.1:{self.broker_port}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import random
 from dataclasses import dataclass
 
@@ -12,15 +13,24 @@ from operators.exchange import Applied, Inbox, PartnerState, Pending, SendPreSta
 from operators.sequencer import Interaction, Sequencer
 
 
-def user_update(u: float, i_pre: float, event: Pending) -> tuple[float, float]:
+def _user(u: float, i_pre: float, x: float, seq: int) -> float:
     """A toy non-commutative update: any order mistake changes the result."""
-    new = 0.5 * u + 0.3 * i_pre + 0.1 * event.payload + 0.01 * event.seq
-    return new, new
+    return 0.5 * u + 0.3 * i_pre + 0.1 * x + 0.01 * seq
 
 
-def item_update(i: float, u_pre: float, event: Pending) -> tuple[float, float]:
-    new = 0.7 * i - 0.2 * u_pre + 0.05 * event.payload
-    return new, new
+def _item(i: float, u_pre: float, x: float) -> float:
+    return 0.7 * i - 0.2 * u_pre + 0.05 * x
+
+
+def user_update(u: float, i_pre: float, event: Pending) -> tuple[float, float, float]:
+    # Each side also computes the partner's post-state, as the JODIE sides do.
+    new = _user(u, i_pre, event.payload, event.seq)
+    return new, new, _item(i_pre, u, event.payload)
+
+
+def item_update(i: float, u_pre: float, event: Pending) -> tuple[float, float, float]:
+    new = _item(i, u_pre, event.payload)
+    return new, new, _user(u_pre, i, event.payload, event.seq)
 
 
 @dataclass
@@ -35,8 +45,8 @@ def sequential(events: list[tuple[str, str, float]]) -> tuple[dict[str, float], 
     items: dict[str, float] = {}
     for seq, (u, i, x) in enumerate(events):
         u_pre, i_pre = users.get(u, 0.0), items.get(i, 0.0)
-        users[u] = user_update(u_pre, i_pre, Pending(seq, -1, i, x))[0]
-        items[i] = item_update(i_pre, u_pre, Pending(seq, -1, u, x))[0]
+        users[u] = _user(u_pre, i_pre, x, seq)
+        items[i] = _item(i_pre, u_pre, x)
     return users, items
 
 
@@ -51,13 +61,22 @@ def streamed(
     for e in seq.drain(idle={0}).sequenced:
         x = payload[e.event.event_id]
         pool.append(
-            Message("user", e.event.user_id, Pending(e.seq, e.prev_user_seq, e.event.item_id, x))
+            Message(
+                "user",
+                e.event.user_id,
+                Pending(e.seq, e.prev_user_seq, e.event.item_id, x, e.prev_item_seq),
+            )
         )
         pool.append(
-            Message("item", e.event.item_id, Pending(e.seq, e.prev_item_seq, e.event.user_id, x))
+            Message(
+                "item",
+                e.event.item_id,
+                Pending(e.seq, e.prev_item_seq, e.event.user_id, x, e.prev_user_seq),
+            )
         )
     boxes: dict[str, dict[str, Inbox]] = {"user": {}, "item": {}}
     steps = 0
+    sent = 0
     while pool:
         steps += 1
         assert steps < 100 * len(events) + 100, "the exchange did not converge"
@@ -72,12 +91,16 @@ def streamed(
             out = box.on_partner(msg.body, apply)
         for o in out:
             if isinstance(o, SendPreState):
+                sent += 1
                 other = "item" if msg.side == "user" else "user"
                 pool.append(Message(other, o.partner, PartnerState(o.seq, o.state)))
             else:
                 assert isinstance(o, Applied)
     users = {k: b.state for k, b in boxes["user"].items()}
     items = {k: b.state for k, b in boxes["item"].items()}
+    # A pair repeating with nothing in between exchanges nothing.
+    repeats = sum(1 for a, b in itertools.pairwise(events) if a[:2] == b[:2])
+    assert sent <= 2 * (len(events) - repeats)
     return users, items, boxes["user"], boxes["item"]
 
 
@@ -108,7 +131,9 @@ def test_a_partner_state_before_the_event_waits_in_the_record() -> None:
     box: Inbox[float, float] = Inbox(state=1.0)
     assert box.on_partner(PartnerState(seq=3, state=2.0), user_update) == []
     assert not box.idle
-    out = box.on_event(Pending(seq=3, prev_seq=-1, partner="i", payload=0.0), user_update)
+    out = box.on_event(
+        Pending(seq=3, prev_seq=-1, partner="i", payload=0.0, partner_prev_seq=-1), user_update
+    )
     assert [type(o) for o in out] == [SendPreState, Applied]
     assert out[0].state == 1.0  # the pre-state went out before applying
     assert box.applied_seq == 3 and box.idle
@@ -116,11 +141,27 @@ def test_a_partner_state_before_the_event_waits_in_the_record() -> None:
 
 def test_events_wait_for_their_predecessor() -> None:
     box: Inbox[float, float] = Inbox(state=0.0)
-    later = Pending(seq=7, prev_seq=2, partner="i", payload=1.0)
+    later = Pending(seq=7, prev_seq=2, partner="i", payload=1.0, partner_prev_seq=5)
     assert box.on_event(later, user_update) == []  # event 2 not applied yet: not ready
-    first = Pending(seq=2, prev_seq=-1, partner="j", payload=1.0)
+    first = Pending(seq=2, prev_seq=-1, partner="j", payload=1.0, partner_prev_seq=-1)
     out = box.on_event(first, user_update)
     assert [(type(o).__name__, o.seq) for o in out] == [("SendPreState", 2)]
     out = box.on_partner(PartnerState(2, 0.5), user_update)
     # Applying 2 makes 7 ready: its pre-state (the post-2 state) goes out at once.
     assert [(type(o).__name__, o.seq) for o in out] == [("Applied", 2), ("SendPreState", 7)]
+
+
+def test_a_repeating_pair_skips_the_exchange() -> None:
+    box: Inbox[float, float] = Inbox(state=0.0)
+    box.on_event(
+        Pending(seq=0, prev_seq=-1, partner="i", payload=1.0, partner_prev_seq=-1), user_update
+    )
+    out = box.on_partner(PartnerState(0, 0.5), user_update)
+    assert [type(o) for o in out] == [Applied]
+    # Event 1: the same pair again, nothing in between on either side.
+    out = box.on_event(
+        Pending(seq=1, prev_seq=0, partner="i", payload=2.0, partner_prev_seq=0), user_update
+    )
+    assert [type(o) for o in out] == [Applied]  # no SendPreState, no waiting
+    i_after_0 = _item(0.5, 0.0, 1.0)
+    assert box.state == _user(_user(0.0, 0.5, 1.0, 0), i_after_0, 2.0, 1)

@@ -1,0 +1,115 @@
+"""Conversions between the Avro records on the wire and the operators' value objects."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from operators.exchange import Inbox, Pending
+from operators.streaming import EntityState, EventData
+
+NAN = float("nan")
+
+
+def embedding_bytes(embedding: np.ndarray | None) -> bytes | None:
+    if embedding is None:
+        return None
+    return np.asarray(embedding, dtype="<f4").tobytes()
+
+
+def embedding_array(data: bytes | None) -> np.ndarray | None:
+    if data is None:
+        return None
+    return np.frombuffer(data, dtype="<f4").copy()
+
+
+def _time_out(t: float) -> float | None:
+    return None if math.isnan(t) else t
+
+
+def _time_in(t: float | None) -> float:
+    return NAN if t is None else float(t)
+
+
+def inbox_event(seq: int, prev_seq: int, partner_prev_seq: int, event: EventData) -> dict[str, Any]:
+    return {
+        "seq": seq,
+        "prev_seq": prev_seq,
+        "partner_prev_seq": partner_prev_seq,
+        "event_id": event.event_id,
+        "user_id": event.user_id,
+        "item_id": event.item_id,
+        "timestamp": event.timestamp,
+        "features": list(event.features),
+    }
+
+
+def event_data(record: dict[str, Any]) -> EventData:
+    return EventData(
+        event_id=record["event_id"],
+        user_id=record["user_id"],
+        item_id=record["item_id"],
+        timestamp=float(record["timestamp"]),
+        features=tuple(float(x) for x in record["features"]),
+    )
+
+
+def pending(record: dict[str, Any], side: str) -> Pending:
+    data = event_data(record)
+    partner = data.item_id if side == "user" else data.user_id
+    return Pending(
+        int(record["seq"]), int(record["prev_seq"]), partner, data, int(record["partner_prev_seq"])
+    )
+
+
+def partner_message(seq: int, state: EntityState) -> dict[str, Any]:
+    return {
+        "seq": seq,
+        "embedding": embedding_bytes(state.embedding),
+        "last_time": _time_out(state.last_time),
+    }
+
+
+def partner_state(record: dict[str, Any]) -> EntityState:
+    return EntityState(embedding_array(record["embedding"]), _time_in(record["last_time"]))
+
+
+def inbox_to_record(
+    box: Inbox[EntityState, EntityState], side: str, version: str
+) -> dict[str, Any]:
+    state = box.state
+    return {
+        "embedding": embedding_bytes(state.embedding),
+        "last_time": _time_out(state.last_time),
+        "history": list(state.history),
+        "applied_seq": box.applied_seq,
+        "sent_seq": box.sent_seq,
+        "waiting": [
+            inbox_event(p.seq, p.prev_seq, p.partner_prev_seq, p.payload)
+            for p in box.waiting.values()
+        ],
+        "partners": [partner_message(seq, s) for seq, s in box.partners.items()],
+        "derived": None if box.derived is None else partner_message(box.applied_seq, box.derived),
+        "model_version": version,
+    }
+
+
+def inbox_from_record(record: dict[str, Any], side: str) -> Inbox[EntityState, EntityState]:
+    state = EntityState(
+        embedding_array(record["embedding"]),
+        _time_in(record["last_time"]),
+        tuple(record["history"]),
+    )
+    box: Inbox[EntityState, EntityState] = Inbox(
+        state=state, applied_seq=int(record["applied_seq"]), sent_seq=int(record["sent_seq"])
+    )
+    for w in record["waiting"]:
+        p = pending(w, side)
+        box.waiting[p.prev_seq] = p
+    for m in record["partners"]:
+        box.partners[int(m["seq"])] = partner_state(m)
+    if record["derived"] is not None:
+        box.derived = partner_state(record["derived"])
+    return box
