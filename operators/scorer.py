@@ -153,6 +153,10 @@ class ScorerSamples:
     targets: np.ndarray  # (E,) int64 column of the true item
 
 
+# Samples per autograd pass when fitting the scorer (bounds the fit's memory).
+_FIT_CHUNK = 512
+
+
 def fit_history_scorer(
     samples: ScorerSamples, history_size: int, steps: int = 200
 ) -> HistoryScorer:
@@ -183,15 +187,28 @@ def fit_history_scorer(
         [log_alpha, raw, beta, gamma, delta], lr=0.5, max_iter=steps, line_search_fn="strong_wolfe"
     )
 
+    n_samples = max(int(y.shape[0]), 1)
+
     def closure() -> Tensor:
+        # The mean cross entropy over all samples, with its gradient accumulated chunk by
+        # chunk: the autograd graph of one (E, n) pass would hold gigabytes of intermediates.
         optimizer.zero_grad()
-        padded = torch.cat([bonus(), torch.zeros(1)])  # position -1 reads the 0 at the end
-        logits = (
-            -log_alpha.exp() * d + padded[pos] + beta * ucount + gamma * icount + delta * itrend
-        )
-        loss = nn.functional.cross_entropy(logits.masked_fill(~finite, float("-inf")), y)
-        loss.backward()
-        return loss
+        total = torch.zeros(())
+        for lo in range(0, int(y.shape[0]), _FIT_CHUNK):
+            hi = lo + _FIT_CHUNK
+            padded = torch.cat([bonus(), torch.zeros(1)])  # position -1 reads the 0 at the end
+            logits = (
+                -log_alpha.exp() * d[lo:hi]
+                + padded[pos[lo:hi]]
+                + beta * ucount[lo:hi]
+                + gamma * icount[lo:hi]
+                + delta * itrend[lo:hi]
+            )
+            masked = logits.masked_fill(~finite[lo:hi], float("-inf"))
+            loss = nn.functional.cross_entropy(masked, y[lo:hi], reduction="sum") / n_samples
+            loss.backward()
+            total = total + loss.detach()
+        return total
 
     if samples.targets.size:
         optimizer.step(closure)
