@@ -3,14 +3,46 @@
 from __future__ import annotations
 
 import logging
-from typing import Any
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
 
-from confluent_kafka import Consumer, Producer
+from confluent_kafka import Consumer, KafkaError, KafkaException, Producer
 from confluent_kafka.admin import AdminClient
 
 from streams.settings import Settings
 
 _log = logging.getLogger("jodie.kafka")
+
+# Answers that clear by themselves right after a broker starts or a topic is created
+# (KRaft names a leader or coordinator a moment before it serves), though librdkafka does
+# not flag all of them as retriable.
+_TRANSIENT = {
+    KafkaError.NOT_LEADER_FOR_PARTITION,
+    KafkaError.LEADER_NOT_AVAILABLE,
+    KafkaError.UNKNOWN_TOPIC_OR_PART,
+    KafkaError.NOT_COORDINATOR,
+    KafkaError.COORDINATOR_NOT_AVAILABLE,
+    KafkaError.COORDINATOR_LOAD_IN_PROGRESS,
+}
+
+T = TypeVar("T")
+
+
+def retry_transient(call: Callable[[], T], timeout_s: float = 30.0) -> T:
+    """``call()``, retried (bounded by ``timeout_s``) while Kafka answers a transient error."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return call()
+        except KafkaException as exc:
+            error = exc.args[0] if exc.args else None
+            transient = isinstance(error, KafkaError) and (
+                error.retriable() or error.code() in _TRANSIENT
+            )
+            if not transient or time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
 
 
 def admin(settings: Settings) -> AdminClient:

@@ -2,25 +2,16 @@
 
 from __future__ import annotations
 
-import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
+from confluent_kafka import Consumer, KafkaError, TopicPartition
 
 from schemas.codec import Codec
-from streams.kafka import committed_reader
+from streams.kafka import committed_reader, retry_transient
 from streams.settings import Settings
-
-# librdkafka does not flag these as retriable, but on a partition created a moment ago they
-# clear by themselves.
-_NEW_PARTITION_ERRORS = {
-    KafkaError.NOT_LEADER_FOR_PARTITION,
-    KafkaError.LEADER_NOT_AVAILABLE,
-    KafkaError.UNKNOWN_TOPIC_OR_PART,
-}
 
 
 @dataclass(frozen=True)
@@ -49,24 +40,9 @@ def partition_counts(
 
 
 def _watermarks(consumer: Consumer, tp: TopicPartition, timeout_s: float) -> tuple[int, int]:
-    """Low and high offsets, retrying the transient errors of a just-created partition.
-
-    With KRaft, metadata names a leader a moment before that broker serves the partition,
-    so the first ListOffsets may answer NOT_LEADER_FOR_PARTITION.
-    """
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            low, high = consumer.get_watermark_offsets(tp, timeout=timeout_s)
-            return int(low), int(high)
-        except KafkaException as exc:
-            error = exc.args[0] if exc.args else None
-            transient = isinstance(error, KafkaError) and (
-                error.retriable() or error.code() in _NEW_PARTITION_ERRORS
-            )
-            if not transient or time.monotonic() > deadline:
-                raise
-            time.sleep(0.1)
+    """Low and high offsets (a just-created partition may answer NOT_LEADER for a moment)."""
+    low, high = retry_transient(lambda: consumer.get_watermark_offsets(tp, timeout=timeout_s))
+    return int(low), int(high)
 
 
 def read_all(

@@ -29,6 +29,7 @@ from operators.streaming import EventData
 from schemas import INTERACTION, SEQUENCED_INTERACTION, DecodeError, SchemaError
 from schemas.codec import INBOX_MESSAGE, Codec
 from streams.codecs import make_codec
+from streams.kafka import retry_transient
 from streams.peek import read_all
 from streams.records import inbox_event
 from streams.settings import Settings
@@ -165,8 +166,10 @@ class Router:
         partitions = sorted(metadata.partitions)
         sequencer = Sequencer(partitions, self.n_features)
         sequencer.restore(read_log(self.settings, self.out_codec))
-        committed = consumer.committed(
-            [TopicPartition(self.source, p) for p in partitions], timeout=30
+        committed = retry_transient(
+            lambda: consumer.committed(
+                [TopicPartition(self.source, p) for p in partitions], timeout=30
+            )
         )
         next_offsets: dict[int, int] = {}
         assignment = []
