@@ -333,6 +333,8 @@ def recommendations(
             f"user {rec['user_id']} after {rec['event_id']} [{rec['model_version']}]"
             f" → {items}{extra}",
             highlight=False,
+            markup=False,  # the version is in brackets, which rich would read as a style
+            soft_wrap=True,  # one line per recommendation, whatever the terminal width
         )
 
 
