@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -13,7 +13,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from schemas.exceptions import JodieError
-from streams.settings import Settings, get_settings
+from streams.settings import get_settings
 
 app = typer.Typer(
     no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False, help=__doc__
@@ -32,19 +32,6 @@ def _fail(exc: JodieError) -> typer.Exit:
     return typer.Exit(code=2)
 
 
-def _broker_config(settings: Settings) -> Any:
-    from deploy.kafka.broker import BrokerConfig
-
-    return BrokerConfig(
-        cache_dir=settings.cache_dir,
-        kafka_version=settings.kafka_version,
-        port=settings.broker_port,
-        controller_port=settings.controller_port,
-        heap=settings.broker_heap,
-        start_timeout_s=settings.broker_start_timeout_s,
-    )
-
-
 @broker_app.command("up")
 def broker_up(
     foreground: Annotated[
@@ -54,7 +41,7 @@ def broker_up(
     """Fetch Kafka (cached), format storage once, start in the background, wait until ready."""
     from deploy.kafka import broker
 
-    cfg = _broker_config(get_settings())
+    cfg = get_settings().broker_config()
     began = time.monotonic()
     try:
         status, started = broker.up(cfg, foreground=foreground)
@@ -76,7 +63,7 @@ def broker_down(
     """Stop the local broker by its pid; nothing is left running."""
     from deploy.kafka import broker
 
-    cfg = _broker_config(get_settings())
+    cfg = get_settings().broker_config()
     was_running = broker.down(cfg, purge=purge)
     console.print(
         ("broker stopped" if was_running else "broker was not running")
@@ -89,7 +76,7 @@ def broker_status() -> None:
     """Say whether the local broker runs and answers metadata requests (exit 1 if not)."""
     from deploy.kafka import broker
 
-    status = broker.status(_broker_config(get_settings()))
+    status = broker.status(get_settings().broker_config())
     out.print(
         json.dumps(
             {

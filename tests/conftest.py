@@ -21,14 +21,7 @@ def broker() -> Iterator[Settings]:
     from deploy.kafka import broker as local
 
     settings = Settings()
-    cfg = local.BrokerConfig(
-        cache_dir=settings.cache_dir,
-        kafka_version=settings.kafka_version,
-        port=settings.broker_port,
-        controller_port=settings.controller_port,
-        heap=settings.broker_heap,
-        start_timeout_s=settings.broker_start_timeout_s,
-    )
+    cfg = settings.broker_config()
     started = False
     if settings.bootstrap is None:
         _, started = local.up(cfg)
