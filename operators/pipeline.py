@@ -32,9 +32,7 @@ class RunResult:
     checkpoint: Path | None
 
 
-def fit_scorer(
-    model: Jodie, train_log: InteractionLog, config: TrainConfig, timespan: float
-) -> dict[str, Tensor]:
+def fit_scorer(model: Jodie, train_log: InteractionLog, timespan: float) -> dict[str, Tensor]:
     """Fit the history scorer on the last SCORER_FIT_FRACTION of the training split.
 
     States for the fit come from a replay of the earlier training events; the fit events are
@@ -67,7 +65,7 @@ def run_training(
     scorer_tensors: dict[str, Tensor] = {}
     if result.model.config.scorer == "history":
         scorer_tensors = fit_scorer(
-            result.model, log.slice(0, result.split.train_end), result.config, result.timespan
+            result.model, log.slice(0, result.split.train_end), result.timespan
         )
     valid = log.slice(result.split.train_end, result.split.valid_end)
     with torch.no_grad():

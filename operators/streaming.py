@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from operators.checkpoint import Checkpoint
 from operators.exchange import Apply, Pending
 from operators.model import Jodie, standardise_delta
 from operators.online import gap
@@ -211,3 +212,38 @@ class StreamModel:
             return self.apply_item(state, partner, pending.payload)
 
         return apply
+
+
+class CheckpointStates:
+    """A checkpoint's entity states by id, as the stream starts from them (converted on use)."""
+
+    def __init__(self, ckpt: Checkpoint) -> None:
+        self.users = ckpt.states.users
+        self.items = ckpt.states.items
+        self._user_rows = {u: r for r, u in enumerate(self.users.ids)}
+        self._item_rows = {i: r for r, i in enumerate(self.items.ids)}
+        self._item_ids = self.items.ids
+
+    def user(self, user_id: str) -> EntityState:
+        row = self._user_rows.get(user_id)
+        if row is None or np.isnan(self.users.last_time[row]):
+            return NEW
+        hist = tuple(self._item_ids[h] for h in self.users.history[row].tolist() if h >= 0)
+        return EntityState(
+            self.users.emb[row].numpy().copy(), float(self.users.last_time[row]), hist
+        )
+
+    def item(self, item_id: str) -> EntityState:
+        row = self._item_rows.get(item_id)
+        if row is None or np.isnan(self.items.last_time[row]):
+            return NEW
+        return EntityState(self.items.emb[row].numpy().copy(), float(self.items.last_time[row]))
+
+    def item_vectors(self) -> tuple[list[str], np.ndarray]:
+        """[i, ī] of every item the checkpoint has seen: the candidate index's first contents."""
+        rows = [r for r in range(len(self._item_ids)) if not np.isnan(self.items.last_time[r])]
+        ids = [self._item_ids[r] for r in rows]
+        if not rows:
+            return ids, np.zeros((0, 0), dtype=np.float32)
+        dyn = self.items.emb[rows].numpy()
+        return ids, np.concatenate([dyn, self.items.static[rows].numpy()], axis=1)

@@ -76,9 +76,7 @@ def partner_state(record: dict[str, Any]) -> EntityState:
     return EntityState(embedding_array(record["embedding"]), _time_in(record["last_time"]))
 
 
-def inbox_to_record(
-    box: Inbox[EntityState, EntityState], side: str, version: str
-) -> dict[str, Any]:
+def inbox_to_record(box: Inbox[EntityState, EntityState], version: str) -> dict[str, Any]:
     state = box.state
     return {
         "embedding": embedding_bytes(state.embedding),

@@ -7,12 +7,13 @@ from pathlib import Path
 import numpy as np
 
 from operators.checkpoint import load_checkpoint
+from operators.streaming import CheckpointStates
 from schemas import Codec
 from schemas.codec import ENTITY_RECORD
 from streams.peek import read_all
 from streams.records import embedding_array
 from streams.settings import Settings
-from streams.worker import Baseline, changelog_topic
+from streams.topics import changelog_topic
 
 
 def _latest(settings: Settings, table: str) -> dict[str, bytes | None]:
@@ -30,7 +31,7 @@ def collect(settings: Settings, checkpoint_dir: Path) -> dict[str, np.ndarray]:
     An entity the stream has not touched keeps its checkpoint state, exactly as a worker
     would serve it; entities with no state at all (never seen) are left out.
     """
-    baseline = Baseline(load_checkpoint(checkpoint_dir))
+    baseline = CheckpointStates(load_checkpoint(checkpoint_dir))
     codec = Codec(ENTITY_RECORD)
     out: dict[str, np.ndarray] = {}
     for side, table, known in (

@@ -121,3 +121,13 @@ def delete_topics(client: AdminClient, names: list[str], timeout_s: float = 30.0
         if not set(names) & set(client.list_topics(timeout=timeout_s).topics):
             return
         time.sleep(0.2)
+
+
+def app_id(settings: Settings) -> str:
+    """The workers' Faust app id; it prefixes their internal topics."""
+    return f"{settings.topic_prefix}jodie"
+
+
+def changelog_topic(settings: Settings, table: str) -> str:
+    """Faust's name for a table's changelog (declared in deploy/topics.toml)."""
+    return f"{app_id(settings)}-{table}-changelog"

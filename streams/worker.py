@@ -35,7 +35,7 @@ from confluent_kafka import Consumer, TopicPartition
 from operators.checkpoint import Checkpoint, load_checkpoint
 from operators.exchange import Applied, Inbox, PartnerState, SendPreState
 from operators.retrieval import TieredIndex
-from operators.streaming import NEW, EntityState, StreamModel, UserOutput
+from operators.streaming import CheckpointStates, EntityState, StreamModel, UserOutput
 from schemas import Codec
 from schemas.codec import ENTITY_RECORD, INBOX_MESSAGE, RECOMMENDATION
 from streams.records import (
@@ -46,17 +46,10 @@ from streams.records import (
     pending,
 )
 from streams.settings import Settings
+from streams.topics import app_id
 
 _log = logging.getLogger("jodie.worker")
 NAN = float("nan")
-
-
-def app_id(settings: Settings) -> str:
-    return f"{settings.topic_prefix}jodie"
-
-
-def changelog_topic(settings: Settings, table: str) -> str:
-    return f"{app_id(settings)}-{table}-changelog"
 
 
 def model_version(ckpt: Checkpoint) -> str:
@@ -67,41 +60,6 @@ def model_version(ckpt: Checkpoint) -> str:
     return f"sha-{meta['sha256']['model.safetensors'][:12]}"
 
 
-class Baseline:
-    """Entity states of the checkpoint, by id, converted on first use."""
-
-    def __init__(self, ckpt: Checkpoint) -> None:
-        self.users = ckpt.states.users
-        self.items = ckpt.states.items
-        self._user_rows = {u: r for r, u in enumerate(self.users.ids)}
-        self._item_rows = {i: r for r, i in enumerate(self.items.ids)}
-        self._item_ids = self.items.ids
-
-    def user(self, user_id: str) -> EntityState:
-        row = self._user_rows.get(user_id)
-        if row is None or np.isnan(self.users.last_time[row]):
-            return NEW
-        hist = tuple(self._item_ids[h] for h in self.users.history[row].tolist() if h >= 0)
-        return EntityState(
-            self.users.emb[row].numpy().copy(), float(self.users.last_time[row]), hist
-        )
-
-    def item(self, item_id: str) -> EntityState:
-        row = self._item_rows.get(item_id)
-        if row is None or np.isnan(self.items.last_time[row]):
-            return NEW
-        return EntityState(self.items.emb[row].numpy().copy(), float(self.items.last_time[row]))
-
-    def item_vectors(self) -> tuple[list[str], np.ndarray]:
-        """[i, ī] of every item the checkpoint has seen: the candidate index's first contents."""
-        rows = [r for r in range(len(self._item_ids)) if not np.isnan(self.items.last_time[r])]
-        ids = [self._item_ids[r] for r in rows]
-        if not rows:
-            return ids, np.zeros((0, 0), dtype=np.float32)
-        dyn = self.items.emb[rows].numpy()
-        return ids, np.concatenate([dyn, self.items.static[rows].numpy()], axis=1)
-
-
 @dataclass
 class Serving:
     """What one worker process serves: weights, baseline states, the candidate index."""
@@ -110,7 +68,7 @@ class Serving:
     checkpoint: Checkpoint
     version: str
     stream: StreamModel
-    baseline: Baseline
+    baseline: CheckpointStates
     index: TieredIndex
     candidates: int
     counters: dict[str, int] = field(default_factory=lambda: {"users": 0, "items": 0})
@@ -121,7 +79,7 @@ class Serving:
         ckpt = load_checkpoint(checkpoint_dir)
         cfg = ckpt.config
         dim = cfg.embedding_dim + cfg.item_static_dim
-        baseline = Baseline(ckpt)
+        baseline = CheckpointStates(ckpt)
         index = TieredIndex(dim)
         ids, vectors = baseline.item_vectors()
         if ids:
@@ -230,7 +188,7 @@ def build_app(settings: Settings, worker_id: int, checkpoint_dir: Path) -> faust
         else:
             partner = message["partner"]
             outs = box.on_partner(PartnerState(int(partner["seq"]), partner_state(partner)), apply)
-        table[key] = record_codec.encode(inbox_to_record(box, side, serving.version))
+        table[key] = record_codec.encode(inbox_to_record(box, serving.version))
         other = item_inbox if side == "user" else user_inbox
         for out in outs:
             if isinstance(out, SendPreState):
