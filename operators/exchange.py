@@ -20,7 +20,7 @@ replay in sequence order, at any partitioning.
 
 The model math is injected (``apply``), so this module knows nothing of JODIE.
 
->>> add = lambda mine, theirs, event: (mine + theirs, "done", theirs + mine)
+>>> add = lambda mine, theirs, event, previous: (mine + theirs, "done", theirs + mine)
 >>> box = Inbox(state=0)
 >>> first = Pending(seq=0, prev_seq=-1, partner="i", payload=None, partner_prev_seq=-1)
 >>> out = box.on_event(first, add)
@@ -86,8 +86,10 @@ class Applied:
     output: Any
 
 
-# (own state, partner's pre-state, event) → (own post-state, output, partner's post-state)
-Apply = Callable[[S, P, Pending], tuple[S, Any, P]]
+# (own state, partner's pre-state, event, the previous partner's post-state as this entity
+# computed it at its last applied event, None before any) → (own post-state, output, partner's
+# post-state). The fourth argument lets a user side predict from its last item's state.
+Apply = Callable[[S, P, Pending, P | None], tuple[S, Any, P]]
 
 
 @dataclass
@@ -139,7 +141,7 @@ class Inbox(Generic[S, P]):
                 if nxt.seq not in self.partners:
                     return out
                 partner = self.partners.pop(nxt.seq)
-            self.state, output, self.derived = apply(self.state, partner, nxt)
+            self.state, output, self.derived = apply(self.state, partner, nxt, self.derived)
             del self.waiting[self.applied_seq]
             self.applied_seq = nxt.seq
             out.append(Applied(nxt.seq, output))

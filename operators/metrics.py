@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections import deque
+from dataclasses import dataclass, field
+
 import numpy as np
 from torch import Tensor
 
@@ -45,3 +48,34 @@ def roc_auc(labels: np.ndarray, scores: np.ndarray) -> float:
 
 def summary(ranks: np.ndarray, k: int = 10) -> dict[str, float]:
     return {"mrr": mrr(ranks), f"recall_at_{k}": recall_at_k(ranks, k)}
+
+
+@dataclass
+class RollingRanks:
+    """The live evaluation's running figures: MRR and Recall@10 overall and over a window."""
+
+    window: int = 1000
+    count: int = 0
+    sum_reciprocal: float = 0.0
+    hits_at_10: int = 0
+    recent: deque[int] = field(default_factory=deque)
+
+    def add(self, rank: int) -> None:
+        self.count += 1
+        self.sum_reciprocal += 1.0 / rank
+        self.hits_at_10 += rank <= 10
+        self.recent.append(rank)
+        if len(self.recent) > self.window:
+            self.recent.popleft()
+
+    def summary(self) -> dict[str, float | int]:
+        nan = float("nan")
+        window = np.fromiter(self.recent, dtype=np.int64, count=len(self.recent))
+        return {
+            "events": self.count,
+            "mrr": self.sum_reciprocal / self.count if self.count else nan,
+            "recall_at_10": self.hits_at_10 / self.count if self.count else nan,
+            "window": int(window.size),
+            "window_mrr": mrr(window),
+            "window_recall_at_10": recall_at_k(window, 10),
+        }

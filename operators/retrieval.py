@@ -232,6 +232,25 @@ class _StoreBacked(ItemIndex):
         found = {rows[i] for i in ids if i in rows}  # a set: merged candidate lists repeat ids
         return self._store.exact_topk(q, np.fromiter(found, dtype=np.int64, count=len(found)), k)
 
+    def rank(self, query: np.ndarray, true_id: str, true_vector: np.ndarray) -> int:
+        """1 + the number of other items strictly closer to ``query`` than ``true_vector``.
+
+        The live evaluation's exact rank (ties favour the true item, as in the offline
+        evaluation): one scan of every vector, the true item's own row replaced by the vector
+        the caller knows to be current.
+        """
+        store = self._store
+        q = store.check(query, 1)[0].astype(np.float64)
+        t = store.check(true_vector, 1)[0].astype(np.float64)
+        high = store.high
+        diff = store.data[:high].astype(np.float64) - q[None, :]  # (H, D)
+        dist = np.einsum("ij,ij->i", diff, diff)  # (H,)
+        dist[~np.isfinite(store.sqnorm[:high])] = np.inf  # holes
+        own = store.rows.get(true_id)
+        if own is not None:
+            dist[own] = np.inf
+        return 1 + int(np.count_nonzero(dist < float(((t - q) ** 2).sum())))
+
     def _queries(self, queries: np.ndarray, k: int) -> np.ndarray:
         if k <= 0:
             raise RetrievalError(f"k must be positive, got {k}")

@@ -5,7 +5,10 @@ u(t⁻) and receives i(t⁻) from the item's owner, and vice versa (operators.ex
 the very operators of ``operators.online`` (the frozen evaluation's sequential replay) on the
 same float32 inputs, so a stream reproduces that replay:
 
-- user side: u(t) = update_user(u(t⁻), i(t⁻), Δu, f); it also computes i(t) with the item's
+- user side: first the paper's query before the event, as the frozen evaluation ranks it:
+  j̃⁻ = predict(project(u(t⁻), Δu), ū, p, p̄) with p the user's previous item (its pre-state
+  when it is this event's item, else its state as this side last computed it); then
+  u(t) = update_user(u(t⁻), i(t⁻), Δu, f); it also computes i(t) with the item's
   operator (same inputs as the item side) because the recommendation after the event predicts
   from the user's last item as it is now; then û = project(u(t), horizon) and
   j̃ = predict(û, ū, i(t), ī), plus the state-change probability when the model has the head;
@@ -15,6 +18,7 @@ same float32 inputs, so a stream reproduces that replay:
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from functools import lru_cache
 
@@ -73,6 +77,9 @@ class UserOutput:
     predicted: np.ndarray  # (d + s_item,) j̃
     history: tuple[str, ...]
     state_change_probability: float | None
+    # The query before the event (what the live evaluation ranks the true item against):
+    query: np.ndarray  # (d + s_item,) j̃ from u(t⁻) projected to t
+    true_vector: np.ndarray | None  # (d + s_item,) [i(t⁻), ī]; None for an unseen item
 
 
 @dataclass(frozen=True)
@@ -94,6 +101,7 @@ class StreamModel:
             self._u_init = model.initial_user().detach().reshape(1, -1)  # (1, d)
             self._i_init = model.initial_item().detach().reshape(1, -1)  # (1, d)
         self._no_features = torch.zeros(1, cfg.n_features)
+        self._no_item_static = torch.zeros(1, cfg.item_static_dim)
         self._du = (cfg.delta_user_mean, cfg.delta_user_std)
         self._di = (cfg.delta_item_mean, cfg.delta_item_std)
         # Default horizon: the mean gap between a user's events in the training data, i.e.
@@ -130,10 +138,16 @@ class StreamModel:
     # -- the two sides ---------------------------------------------------------------------
     @torch.inference_mode()
     def apply_user(
-        self, user: EntityState, item_pre: EntityState, event: EventData
+        self,
+        user: EntityState,
+        item_pre: EntityState,
+        event: EventData,
+        last_item: EntityState | None = None,
     ) -> tuple[EntityState, UserOutput, EntityState]:
         """The user's owner applies ``event`` given the item's state just before it.
 
+        ``last_item`` is the state of the user's previous item (``user.history[0]``) used for
+        the query before the event; None when the user has no previous item.
         Returns the user's post-state, the recommendation material and the item's post-state
         (which the item's owner computes identically).
         """
@@ -143,6 +157,19 @@ class StreamModel:
         f = self._features(event)
         du = self._delta(user.last_time, t, self._du)
         di = self._delta(item_pre.last_time, t, self._di)
+        u_static = self._user_static(event.user_id)
+        # The query as OnlineJodie.query makes it (no previous item: initial state, zero ī).
+        if user.history:
+            p_dyn = self._dyn(last_item or NEW, self._i_init)
+            p_static = self._item_static(user.history[0])
+        else:
+            p_dyn, p_static = self._i_init, self._no_item_static
+        query = self.model.predict(self.model.project(u_prev, du), u_static, p_dyn, p_static)
+        true_vector = (
+            None
+            if item_pre.is_new
+            else np.concatenate([i_prev.reshape(-1).numpy(), self.item_static(event.item_id)])
+        )
         u_new = self.model.update_user(u_prev, i_prev, du, f)  # (1, d)
         i_new = self.model.update_item(i_prev, u_prev, di, f)  # (1, d), as the item side computes
         k = self.config.history_size
@@ -152,7 +179,7 @@ class StreamModel:
         )  # (1, 1)
         projected = self.model.project(u_new, horizon)  # (1, d)
         predicted = self.model.predict(
-            projected, self._user_static(event.user_id), i_new, self._item_static(event.item_id)
+            projected, u_static, i_new, self._item_static(event.item_id)
         )  # (1, d + s_item)
         probability = None
         if self.model.state_head is not None:
@@ -166,6 +193,8 @@ class StreamModel:
             predicted=predicted.reshape(-1).numpy().copy(),
             history=history,
             state_change_probability=probability,
+            query=query.reshape(-1).numpy().copy(),
+            true_vector=true_vector,
         )
         item_post = EntityState(i_new.reshape(-1).numpy().copy(), t)
         return new_state, out, item_post
@@ -193,13 +222,33 @@ class StreamModel:
         return replace(item, embedding=emb, last_time=t), ItemOutput(event, vector), user_post
 
     # -- adapters for operators.exchange ----------------------------------------------------
-    def user_apply(self) -> Apply[EntityState, EntityState]:
-        """``Inbox`` apply function of the user side (the pending payload is EventData)."""
+    def user_apply(
+        self, known_item: Callable[[str], EntityState] | None = None
+    ) -> Apply[EntityState, EntityState]:
+        """``Inbox`` apply function of the user side (the pending payload is EventData).
+
+        The previous item's state for the query: the event's own item pre-state when the user
+        repeats it, else the post-state this side computed at the user's previous event, else
+        (first event since the checkpoint) ``known_item`` of it.
+        """
 
         def apply(
-            state: EntityState, partner: EntityState, pending: Pending
+            state: EntityState,
+            partner: EntityState,
+            pending: Pending,
+            previous: EntityState | None,
         ) -> tuple[EntityState, UserOutput, EntityState]:
-            return self.apply_user(state, partner, pending.payload)
+            event: EventData = pending.payload
+            last: EntityState | None = None
+            if state.history:
+                p = state.history[0]
+                if p == event.item_id:
+                    last = partner
+                elif previous is not None:
+                    last = previous
+                elif known_item is not None:
+                    last = known_item(p)
+            return self.apply_user(state, partner, event, last)
 
         return apply
 
@@ -207,7 +256,10 @@ class StreamModel:
         """``Inbox`` apply function of the item side."""
 
         def apply(
-            state: EntityState, partner: EntityState, pending: Pending
+            state: EntityState,
+            partner: EntityState,
+            pending: Pending,
+            previous: EntityState | None,
         ) -> tuple[EntityState, ItemOutput, EntityState]:
             return self.apply_item(state, partner, pending.payload)
 

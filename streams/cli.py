@@ -294,9 +294,9 @@ app.add_typer(state_app, name="state")
 def worker(
     checkpoint: Annotated[Path, typer.Option(help="Checkpoint directory to serve.")],
     worker_id: Annotated[int, typer.Option("--id", help="Worker number: state dir and port.")] = 0,
-    loglevel: Annotated[str, typer.Option(help="crit|error|warn|info|debug")] = "warn",
+    loglevel: Annotated[str, typer.Option(help="critical|error|warning|info|debug")] = "info",
 ) -> None:
-    """A streaming worker (Faust): user and item agents, tables, recommendations."""
+    """A streaming worker: user and item sides, RocksDB tables, recommendations, exactly once."""
     from streams.worker import run_worker
 
     run_worker(get_settings(), worker_id, checkpoint, loglevel=loglevel)

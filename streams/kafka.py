@@ -57,7 +57,7 @@ def idempotent_producer(settings: Settings, **overrides: Any) -> Producer:
         "enable.idempotence": True,
         "acks": "all",
         "linger.ms": 20,
-        # Java's partitioner, as Faust (aiokafka) uses: a key lands on the same partition
+        # Java's partitioner, as the router and workers use: a key lands on the same partition
         # whichever client writes it, which the co-partitioned tables rely on.
         "partitioner": "murmur2_random",
         "batch.size": 1 << 20,

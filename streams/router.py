@@ -130,7 +130,7 @@ class Router:
                 **base,
                 "transactional.id": f"{self.settings.topic_prefix}jodie-router",
                 "linger.ms": 5,
-                # Java's partitioner, as the Faust workers use: a key's partition must not
+                # Java's partitioner, as the workers use: a key's partition must not
                 # depend on which client wrote it (the tables are co-partitioned by key).
                 "partitioner": "murmur2_random",
                 "compression.type": "lz4",

@@ -98,6 +98,26 @@ class Settings(BaseSettings):
             "become visible to read_committed consumers at each commit."
         ),
     )
+    worker_batch: int = Field(
+        2000,
+        description=(
+            "JODIE_WORKER_BATCH: most inbox messages a worker processes in one transaction."
+        ),
+    )
+    worker_session_timeout_ms: int = Field(
+        6000,
+        description=(
+            "JODIE_WORKER_SESSION_TIMEOUT_MS: how long a silent worker keeps its partitions "
+            "before the others take them over."
+        ),
+    )
+    worker_transaction_timeout_ms: int = Field(
+        10000,
+        description=(
+            "JODIE_WORKER_TRANSACTION_TIMEOUT_MS: how long a dead worker's open transaction "
+            "can hold back read_committed readers of what it wrote."
+        ),
+    )
     horizon_s: float | None = Field(
         None,
         description=(

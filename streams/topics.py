@@ -124,10 +124,10 @@ def delete_topics(client: AdminClient, names: list[str], timeout_s: float = 30.0
 
 
 def app_id(settings: Settings) -> str:
-    """The workers' Faust app id; it prefixes their internal topics."""
+    """The workers' application id; it prefixes their group, transactional ids and changelogs."""
     return f"{settings.topic_prefix}jodie"
 
 
 def changelog_topic(settings: Settings, table: str) -> str:
-    """Faust's name for a table's changelog (declared in deploy/topics.toml)."""
+    """A table's changelog topic (declared in deploy/topics.toml)."""
     return f"{app_id(settings)}-{table}-changelog"

@@ -1,41 +1,61 @@
-"""The Faust worker: user and item agents over RocksDB tables, exchanging pre-states exactly.
+"""The streaming worker: user and item sides over changelog-backed tables, exactly once.
 
-Topics (all keyed, JODIE_PARTITIONS partitions, co-partitioned with the tables):
+Topics (keyed, JODIE_PARTITIONS partitions each; table partition p pairs with inbox partition p):
 
-- ``user-inbox`` (key user): events for the user's owner (from the router) and item pre-states
-  (from item owners). The ``users`` agent keeps each user's ``Inbox`` in ``user-state``;
-- ``item-inbox`` (key item): the mirror image, ``items`` agent, ``item-state``;
+- ``user-inbox`` (key user): events for the user's owner (from the router) and items'
+  pre-states (from item owners); the user side keeps each user's ``Inbox`` in ``user-state``;
+- ``item-inbox`` (key item): the mirror image, ``item-state``;
 - ``recommendations`` (key user) after every user update; ``item-vectors`` (key item) after every
   item update, read back by every worker into its candidate index.
 
-Each agent reads its table row, hands the message to ``operators.exchange.Inbox`` with the
-model side from ``operators.streaming``, writes the row and sends what the inbox returned.
-``processing_guarantee="exactly_once"`` commits table changelogs, sends and input offsets in
-Kafka transactions, so a crash at any moment replays to the same tables and outputs.
+Any number of workers share the inbox partitions through one consumer group. Each worker runs
+a consume → process → produce loop with one transactional producer: a batch's outputs (partner
+pre-states to any partition, recommendations, item vectors), its table changes (to the
+changelogs) and its input offsets (``send_offsets_to_transaction`` with the group's metadata,
+so a worker that lost its partitions is fenced) commit in one Kafka transaction or not at all.
+read_committed consumers therefore see every output once, whichever worker crashes when.
+
+We do not use Faust's ``exactly_once`` here: faust-streaming 0.15 keeps one transactional
+producer per *destination* partition, so a worker's sends to other partitions (every message of
+the exchange) commit apart from the input offsets — two workers fail with "No transaction
+producer found" and a killed worker re-emits recommendations. One producer per worker, with
+the consumer group's metadata (KIP-447), is what Kafka supports today.
 
 The checkpoint is the baseline: an entity without a table row starts from its checkpoint
-state (or the model's initial state if the checkpoint never saw it), so a worker needs no
-bulk load before serving.
+state (or the model's initial state if the checkpoint never saw it), so a worker needs no bulk
+load before serving.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
+import signal
+import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-import faust
 import numpy as np
 import torch
-from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
 from operators.checkpoint import Checkpoint, load_checkpoint
 from operators.exchange import Applied, Inbox, PartnerState, SendPreState
+from operators.metrics import RollingRanks
 from operators.retrieval import TieredIndex
-from operators.streaming import CheckpointStates, EntityState, StreamModel, UserOutput
+from operators.streaming import (
+    CheckpointStates,
+    EntityState,
+    ItemOutput,
+    StreamModel,
+    UserOutput,
+)
 from schemas import Codec
 from schemas.codec import ENTITY_RECORD, INBOX_MESSAGE, RECOMMENDATION
 from streams.records import (
@@ -46,10 +66,12 @@ from streams.records import (
     pending,
 )
 from streams.settings import Settings
-from streams.topics import app_id
+from streams.tables import Table
+from streams.topics import app_id, changelog_topic
 
 _log = logging.getLogger("jodie.worker")
-NAN = float("nan")
+
+Box = Inbox[EntityState, EntityState]
 
 
 def model_version(ckpt: Checkpoint) -> str:
@@ -71,7 +93,6 @@ class Serving:
     baseline: CheckpointStates
     index: TieredIndex
     candidates: int
-    counters: dict[str, int] = field(default_factory=lambda: {"users": 0, "items": 0})
 
     @classmethod
     def load(cls, settings: Settings, checkpoint_dir: Path) -> Serving:
@@ -94,20 +115,20 @@ class Serving:
             candidates=settings.candidates,
         )
 
-    def recommendation(self, out: UserOutput) -> dict[str, Any]:
+    def live_rank(self, out: UserOutput) -> int:
+        """The paper's rank of the event's item against the query made before the event."""
+        if out.true_vector is None:
+            return len(self.index) + 1  # unseen: after every known item, as `jodie evaluate`
+        return self.index.rank(out.query, out.event.item_id, out.true_vector)
+
+    def recommendation(self, out: UserOutput, rank: int | None) -> dict[str, Any]:
         """Top candidates for the predicted item: nearest neighbours ∪ history, re-scored."""
         pred = out.predicted
         found, _ = self.index.search(pred[None, :], self.candidates)
         cand = list(
             dict.fromkeys([*found[0].tolist(), *[h for h in out.history if h in self.index]])
         )
-        if cand:
-            vectors = np.stack([self.index.vector(c) for c in cand]).astype(np.float32)
-            scores = -((vectors - pred[None, :]) ** 2).sum(axis=1)
-            order = np.argsort(-scores, kind="stable")[: self.candidates]
-            ranked = [{"item_id": cand[k], "score": float(scores[k])} for k in order]
-        else:
-            ranked = []
+        ids, dist = self.index.rerank(pred, cand, self.candidates)
         return {
             "user_id": out.event.user_id,
             "event_id": out.event.event_id,
@@ -115,168 +136,407 @@ class Serving:
             "model_version": self.version,
             "projected_user": out.projected.tolist(),
             "predicted_item": pred.tolist(),
-            "candidates": ranked,
+            "candidates": [
+                {"item_id": i, "score": -float(d)} for i, d in zip(ids, dist.tolist(), strict=True)
+            ],
             "state_change_probability": out.state_change_probability,
+            "rank": rank,
         }
 
 
-def build_app(settings: Settings, worker_id: int, checkpoint_dir: Path) -> faust.App:
-    """The Faust app of one worker process (its state directory and web port from the id)."""
-    serving = Serving.load(settings, checkpoint_dir)
-    datadir = settings.state_dir / f"worker-{worker_id}"
-    datadir.parent.mkdir(parents=True, exist_ok=True)
-    app = faust.App(
-        app_id(settings),
-        broker=f"kafka://{settings.bootstrap_servers}",
-        store="rocksdb://",
-        processing_guarantee="exactly_once",
-        topic_partitions=settings.partitions,
-        topic_replication_factor=settings.replication_factor,
-        datadir=str(datadir),
-        web_bind="127.0.0.1",
-        web_host="127.0.0.1",
-        web_port=settings.web_port + worker_id,
-        table_standby_replicas=0,
-        broker_commit_interval=settings.commit_interval_s,
-        consumer_auto_offset_reset="earliest",
-        # Every value is Avro (or raw float32) framed by our codecs; Faust passes bytes through.
-        key_serializer="raw",
-        value_serializer="raw",
-    )
-    raw: dict[str, Any] = {
-        "key_type": bytes,
-        "value_type": bytes,
-        "key_serializer": "raw",
-        "value_serializer": "raw",
-    }
-    user_inbox = app.topic(settings.topic("user-inbox"), partitions=settings.partitions, **raw)
-    item_inbox = app.topic(settings.topic("item-inbox"), partitions=settings.partitions, **raw)
-    recommendations = app.topic(settings.topic("recommendations"), **raw)
-    item_vectors = app.topic(settings.topic("item-vectors"), **raw)
-    # Small block caches: the working set is one row per active entity.
-    options = {"block_cache_size": 64 << 20, "block_cache_compressed_size": 16 << 20}
-    tables: dict[str, Any] = {
-        "partitions": settings.partitions,
-        "options": options,
-        "key_type": bytes,
-        "value_type": bytes,
-    }
-    user_state = app.Table("user-state", **tables)
-    item_state = app.Table("item-state", **tables)
+@dataclass
+class WorkerStats:
+    """Counters the worker logs and serves on /metrics."""
 
-    inbox_codec = Codec(INBOX_MESSAGE)
-    record_codec = Codec(ENTITY_RECORD)
-    rec_codec = Codec(RECOMMENDATION)
-    user_apply = serving.stream.user_apply()
-    item_apply = serving.stream.item_apply()
+    started: float = field(default_factory=time.time)
+    user_events: int = 0
+    item_events: int = 0
+    messages: int = 0
+    transactions: int = 0
+    restored: int = 0
+    lag: int = 0
+    ranks: RollingRanks = field(default_factory=RollingRanks)
+    rate: float = 0.0  # user events/s over the last report interval
 
-    def load(table: Any, key: bytes, side: str) -> Inbox[EntityState, EntityState]:
-        stored = table.get(key)
-        if stored is not None:
-            return inbox_from_record(record_codec.decode(stored), side)
-        entity = key.decode()
-        start = serving.baseline.user(entity) if side == "user" else serving.baseline.item(entity)
-        return Inbox(state=start)
+    def snapshot(self, serving: Serving) -> dict[str, Any]:
+        return {
+            "model_version": serving.version,
+            "uptime_s": round(time.time() - self.started, 1),
+            "user_events": self.user_events,
+            "item_events": self.item_events,
+            "messages": self.messages,
+            "transactions": self.transactions,
+            "restored_records": self.restored,
+            "events_per_s": round(self.rate, 1),
+            "lag": self.lag,
+            "items_indexed": len(serving.index),
+            "online": self.ranks.summary(),
+        }
 
-    async def handle(side: str, key: bytes, value: bytes) -> None:
-        table = user_state if side == "user" else item_state
-        apply = user_apply if side == "user" else item_apply
-        box = load(table, key, side)
-        message = inbox_codec.decode(value)
+
+Output = tuple[str, bytes, bytes]  # topic, key, value
+
+
+class Processor:
+    """The worker's logic without Kafka: inbox messages in, outputs and table changes out.
+
+    ``handle`` applies one message to its table row and returns the messages to send; the
+    caller owns transactions. Unit-testable with in-memory tables.
+    """
+
+    def __init__(self, settings: Settings, serving: Serving, stats: WorkerStats) -> None:
+        self.serving = serving
+        self.stats = stats
+        self.user_inbox = settings.topic("user-inbox")
+        self.item_inbox = settings.topic("item-inbox")
+        self.recommendations = settings.topic("recommendations")
+        self.item_vectors = settings.topic("item-vectors")
+        self.inbox_codec = Codec(INBOX_MESSAGE)
+        self.record_codec = Codec(ENTITY_RECORD)
+        self.rec_codec = Codec(RECOMMENDATION)
+        self.user_apply = serving.stream.user_apply(serving.baseline.item)
+        self.item_apply = serving.stream.item_apply()
+
+    # Row codecs for the tables.
+    def decoder(self, side: str) -> Callable[[bytes, bytes], Box]:
+        return lambda _key, raw: inbox_from_record(self.record_codec.decode(raw), side)
+
+    def encode(self, box: Box) -> bytes:
+        return self.record_codec.encode(inbox_to_record(box, self.serving.version))
+
+    def initial(self, side: str) -> Callable[[bytes], Box]:
+        start = self.serving.baseline.user if side == "user" else self.serving.baseline.item
+        return lambda key: Inbox(state=start(key.decode()))
+
+    def handle(self, side: str, box: Box, value: bytes) -> list[Output]:
+        message = self.inbox_codec.decode(value)
+        apply = self.user_apply if side == "user" else self.item_apply
         if message["event"] is not None:
             outs = box.on_event(pending(message["event"], side), apply)
         else:
             partner = message["partner"]
             outs = box.on_partner(PartnerState(int(partner["seq"]), partner_state(partner)), apply)
-        table[key] = record_codec.encode(inbox_to_record(box, serving.version))
-        other = item_inbox if side == "user" else user_inbox
+        sent: list[Output] = []
+        other = self.item_inbox if side == "user" else self.user_inbox
         for out in outs:
             if isinstance(out, SendPreState):
                 body = {"event": None, "partner": partner_message(out.seq, out.state)}
-                await other.send(key=out.partner.encode(), value=inbox_codec.encode(body))
-            elif isinstance(out, Applied) and side == "user":
-                record = serving.recommendation(out.output)
-                await recommendations.send(key=key, value=rec_codec.encode(record))
-                serving.counters["users"] += 1
-            elif isinstance(out, Applied):
-                vector = out.output.vector.astype("<f4").tobytes()
-                await item_vectors.send(key=key, value=vector)
-                serving.index.upsert([key.decode()], out.output.vector[None, :])
-                serving.counters["items"] += 1
+                sent.append((other, out.partner.encode(), self.inbox_codec.encode(body)))
+            elif isinstance(out, Applied) and isinstance(out.output, UserOutput):
+                sent.append(self._user_applied(out.output))
+            elif isinstance(out, Applied) and isinstance(out.output, ItemOutput):
+                sent.append(self._item_applied(out.output))
+        return sent
 
-    @app.agent(user_inbox)
-    async def users(stream: Any) -> None:
-        async for key, value in stream.items():
-            await handle("user", key, value)
+    def _user_applied(self, out: UserOutput) -> Output:
+        rank = self.serving.live_rank(out)
+        self.stats.ranks.add(rank)
+        self.stats.user_events += 1
+        record = self.serving.recommendation(out, rank)
+        return (self.recommendations, out.event.user_id.encode(), self.rec_codec.encode(record))
 
-    @app.agent(item_inbox)
-    async def items(stream: Any) -> None:
-        async for key, value in stream.items():
-            await handle("item", key, value)
-
-    index_feed = _IndexFeed(settings, serving)
-
-    @app.timer(interval=0.2)
-    async def refresh_index() -> None:
-        index_feed.poll()
-
-    @app.page("/metrics")
-    async def metrics(web: Any, request: Any) -> Any:
-        return web.json(
-            {
-                "model_version": serving.version,
-                **serving.counters,
-                "items_indexed": len(serving.index),
-            }
-        )
-
-    app.jodie_serving = serving  # type: ignore[attr-defined]
-    return app
+    def _item_applied(self, out: ItemOutput) -> Output:
+        item = out.event.item_id
+        # This worker's index sees its own items at once; the others' come from item-vectors.
+        self.serving.index.upsert([item], out.vector[None, :])
+        self.stats.item_events += 1
+        return (self.item_vectors, item.encode(), out.vector.astype("<f4").tobytes())
 
 
 class _IndexFeed:
     """Keeps this worker's candidate index current from the compacted item-vectors topic."""
 
     def __init__(self, settings: Settings, serving: Serving) -> None:
-        self.settings = settings
         self.serving = serving
-        self.consumer: Consumer | None = None
+        self.topic = settings.topic("item-vectors")
+        self.consumer = Consumer(
+            {
+                "bootstrap.servers": settings.bootstrap_servers,
+                "group.id": f"jodie-index-{uuid.uuid4().hex[:8]}",
+                "isolation.level": "read_committed",
+                "enable.auto.commit": False,
+                "auto.offset.reset": "earliest",
+                "fetch.wait.max.ms": 10,
+                "logger": _log,
+            }
+        )
+        meta = self.consumer.list_topics(self.topic, timeout=10).topics[self.topic]
+        self.consumer.assign([TopicPartition(self.topic, p, 0) for p in meta.partitions])
 
-    def poll(self) -> None:
-        if self.consumer is None:
-            self.consumer = Consumer(
-                {
-                    "bootstrap.servers": self.settings.bootstrap_servers,
-                    "group.id": f"jodie-index-{uuid.uuid4().hex[:8]}",
-                    "isolation.level": "read_committed",
-                    "enable.auto.commit": False,
-                    "auto.offset.reset": "earliest",
-                    "logger": _log,
-                }
+    def poll(self) -> int:
+        messages = self.consumer.consume(num_messages=5000, timeout=0)
+        latest: dict[str, np.ndarray] = {}
+        for msg in messages:
+            key, value = msg.key(), msg.value()
+            if msg.error() is None and key is not None and value is not None:
+                latest[key.decode()] = np.frombuffer(value, dtype="<f4")  # last one wins
+        if latest:
+            self.serving.index.upsert(list(latest), np.stack(list(latest.values())))
+        return len(latest)
+
+    def close(self) -> None:
+        self.consumer.close()
+
+
+class Worker:
+    """One worker process: consumer group member, transactional producer, tables."""
+
+    def __init__(self, settings: Settings, worker_id: int, checkpoint_dir: Path) -> None:
+        self.settings = settings
+        self.worker_id = worker_id
+        self.serving = Serving.load(settings, checkpoint_dir)
+        self.stats = WorkerStats()
+        self.processor = Processor(settings, self.serving, self.stats)
+        root = settings.state_dir / app_id(settings) / f"worker-{worker_id}"
+        self.tables: dict[str, Table[Box]] = {
+            side: Table(
+                settings,
+                f"{side}-state",
+                changelog_topic(settings, f"{side}-state"),
+                root,
+                self.processor.decoder(side),
+                self.processor.encode,
+                self.processor.initial(side),
             )
-            topic = self.settings.topic("item-vectors")
-            meta = self.consumer.list_topics(topic, timeout=10).topics[topic]
-            self.consumer.assign([TopicPartition(topic, p, 0) for p in meta.partitions])
+            for side in ("user", "item")
+        }
+        self.sides = {
+            self.processor.user_inbox: "user",
+            self.processor.item_inbox: "item",
+        }
+        self._stop = threading.Event()
+        self._changelog_offsets: dict[tuple[str, int], int] = {}
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    # -- Kafka clients --------------------------------------------------------------------------
+    def _clients(self) -> tuple[Consumer, Producer]:
+        s = self.settings
+        base = {"bootstrap.servers": s.bootstrap_servers, "logger": _log}
+        consumer = Consumer(
+            {
+                **base,
+                "group.id": f"{app_id(s)}-workers",
+                "client.id": f"jodie-worker-{self.worker_id}",
+                "isolation.level": "read_committed",
+                "enable.auto.commit": False,
+                "auto.offset.reset": "earliest",
+                # Range assignment hands both inboxes' partition p to one member when the
+                # members subscribe alike; not required for correctness, kept for locality.
+                "partition.assignment.strategy": "range",
+                "session.timeout.ms": s.worker_session_timeout_ms,
+                "heartbeat.interval.ms": max(500, s.worker_session_timeout_ms // 6),
+                "fetch.wait.max.ms": 10,
+            }
+        )
+        producer = Producer(
+            {
+                **base,
+                # One id per worker number: a restarted worker fences its predecessor and
+                # aborts what it left open, at once.
+                "transactional.id": f"{app_id(s)}-worker-{self.worker_id}",
+                # A worker that died without successor still blocks read_committed readers of
+                # the partitions it wrote until its transaction times out: keep that short.
+                "transaction.timeout.ms": s.worker_transaction_timeout_ms,
+                "linger.ms": 2,
+                # The router's (and Java's) partitioner: a key's partition never depends on
+                # which client wrote it.
+                "partitioner": "murmur2_random",
+                "compression.type": "lz4",
+                "queue.buffering.max.messages": 1_000_000,
+            }
+        )
+        return consumer, producer
+
+    def _on_assign(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
         began = time.monotonic()
-        while time.monotonic() - began < 0.05:
-            messages = self.consumer.consume(num_messages=1000, timeout=0)
-            if not messages:
-                return
-            ids, vectors = [], []
-            for msg in messages:
-                if msg.error() is not None or msg.value() is None or msg.key() is None:
+        for tp in partitions:
+            side = self.sides[tp.topic]
+            self.stats.restored += self.tables[side].assign(tp.partition)
+        _log.info(
+            "worker %d assigned %s (restored in %.2f s)",
+            self.worker_id,
+            sorted((tp.topic, tp.partition) for tp in partitions),
+            time.monotonic() - began,
+        )
+
+    def _on_revoke(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        # Called inside poll/consume, never with a transaction open: nothing to flush.
+        for tp in partitions:
+            self.tables[self.sides[tp.topic]].revoke(tp.partition)
+
+    def _delivered(self, err: KafkaError | None, msg: Message) -> None:
+        if err is not None:
+            return  # the transaction's commit fails and the worker stops
+        key = (msg.topic() or "", msg.partition() or 0)
+        offset = msg.offset() or 0
+        if offset > self._changelog_offsets.get(key, -1):
+            self._changelog_offsets[key] = offset
+
+    # -- the loop -----------------------------------------------------------------------------
+    def run(self, max_seconds: float | None = None) -> WorkerStats:
+        consumer, producer = self._clients()
+        producer.init_transactions(60)
+        feed = _IndexFeed(self.settings, self.serving)
+        consumer.subscribe(
+            list(self.sides),
+            on_assign=self._on_assign,
+            on_revoke=self._on_revoke,
+            on_lost=self._on_revoke,
+        )
+        began = last_report = time.monotonic()
+        reported_events = 0
+        try:
+            while not self._stop.is_set():
+                if max_seconds is not None and time.monotonic() - began > max_seconds:
+                    break
+                feed.poll()
+                messages = consumer.consume(
+                    num_messages=self.settings.worker_batch,
+                    timeout=self.settings.commit_interval_s,
+                )
+                if messages:
+                    self._process(consumer, producer, messages)
+                now = time.monotonic()
+                if now - last_report >= 5.0:
+                    self.stats.rate = (self.stats.user_events - reported_events) / (
+                        now - last_report
+                    )
+                    reported_events = self.stats.user_events
+                    last_report = now
+                    self.stats.lag = self._lag(consumer)
+                    _log.info(
+                        "worker %d %s",
+                        self.worker_id,
+                        json.dumps(self.stats.snapshot(self.serving)),
+                    )
+        finally:
+            _log.info(
+                "worker %d stopped %s",
+                self.worker_id,
+                json.dumps(self.stats.snapshot(self.serving)),
+            )
+            feed.close()
+            consumer.close()
+            for table in self.tables.values():
+                table.close()
+        return self.stats
+
+    def _process(self, consumer: Consumer, producer: Producer, messages: list[Message]) -> None:
+        firsts: dict[tuple[str, int], int] = {}
+        for msg in messages:
+            if msg.error() is None:
+                firsts.setdefault((msg.topic() or "", msg.partition() or 0), msg.offset() or 0)
+        try:
+            self._transaction(consumer, producer, messages)
+        except KafkaException as exc:
+            error = exc.args[0] if exc.args else None
+            if not (isinstance(error, KafkaError) and error.txn_requires_abort()):
+                raise  # fatal (e.g. fenced by a newer worker with our id): stop
+            _log.warning(
+                "worker %d: transaction aborted (%s); re-reading the batch", self.worker_id, error
+            )
+            producer.abort_transaction(60)
+            # Rows were changed in memory by the aborted batch: forget them (RocksDB holds only
+            # committed rows) and read the batch again.
+            for table in self.tables.values():
+                table.forget()
+            for (topic, p), offset in firsts.items():
+                # A partition no longer ours: its new owner starts from the committed offset.
+                with contextlib.suppress(KafkaException):
+                    consumer.seek(TopicPartition(topic, p, offset))
+
+    def _transaction(self, consumer: Consumer, producer: Producer, messages: list[Message]) -> None:
+        positions: dict[tuple[str, int], int] = {}
+        producer.begin_transaction()
+        for msg in messages:
+            err = msg.error()
+            if err is not None:
+                if err.code() == KafkaError._PARTITION_EOF:
                     continue
-                ids.append((msg.key() or b"").decode())
-                vectors.append(np.frombuffer(msg.value() or b"", dtype="<f4"))
-            if ids:
-                latest = dict(zip(ids, vectors, strict=True))  # the last vector per item wins
-                self.serving.index.upsert(list(latest), np.stack(list(latest.values())))
+                raise KafkaException(err)
+            topic, p = msg.topic() or "", msg.partition() or 0
+            key, value = msg.key(), msg.value()
+            positions[(topic, p)] = (msg.offset() or 0) + 1
+            if key is None or value is None:
+                continue  # only the router and workers write the inboxes: never happens
+            side = self.sides[topic]
+            table = self.tables[side]
+            box = table.get(p, key)
+            for out_topic, out_key, out_value in self.processor.handle(side, box, value):
+                producer.produce(out_topic, key=out_key, value=out_value)
+            table.touch(p, key)
+            self.stats.messages += 1
+        changed = {side: table.changed() for side, table in self.tables.items()}
+        self._changelog_offsets.clear()
+        for side, records in changed.items():
+            topic = self.tables[side].changelog
+            for p, key, value in records:
+                producer.produce(
+                    topic, key=key, value=value, partition=p, on_delivery=self._delivered
+                )
+        producer.flush(60)  # serves the delivery reports: the changelog offsets reached
+        offsets = [TopicPartition(t, p, o) for (t, p), o in positions.items()]
+        producer.send_offsets_to_transaction(offsets, consumer.consumer_group_metadata(), 60)
+        producer.commit_transaction(60)
+        self.stats.transactions += 1
+        for side, records in changed.items():
+            topic = self.tables[side].changelog
+            reached = {p: o for (t, p), o in self._changelog_offsets.items() if t == topic}
+            self.tables[side].persist(records, reached)
+
+    def _lag(self, consumer: Consumer) -> int:
+        lag = 0
+        try:
+            for tp in consumer.position(consumer.assignment()):
+                _low, high = consumer.get_watermark_offsets(tp, cached=True)
+                if tp.offset >= 0 and high >= 0:
+                    lag += max(0, high - tp.offset)
+        except KafkaException:
+            return -1
+        return lag
+
+
+def _serve_metrics(worker: Worker, port: int) -> ThreadingHTTPServer | None:
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            if self.path.rstrip("/") != "/metrics":
+                self.send_error(404)
+                return
+            body = json.dumps(worker.stats.snapshot(worker.serving)).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            return
+
+    try:
+        server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+    except OSError as exc:
+        _log.warning("metrics page not served on 127.0.0.1:%d: %s", port, exc)
+        return None
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
 
 
 def run_worker(
     settings: Settings, worker_id: int, checkpoint_dir: Path, loglevel: str = "warn"
 ) -> None:
-    """Run one worker until it is stopped (SIGTERM / Ctrl-C)."""
-    app = build_app(settings, worker_id, checkpoint_dir)
-    worker = faust.Worker(app, loglevel=loglevel, quiet=True)
-    worker.execute_from_commandline()
+    """Run one worker until it is stopped (SIGTERM / Ctrl-C); /metrics on web_port + id."""
+    logging.basicConfig(
+        level=getattr(logging, loglevel.upper(), logging.WARNING),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    worker = Worker(settings, worker_id, checkpoint_dir)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: worker.stop())
+    server = _serve_metrics(worker, settings.web_port + worker_id)
+    try:
+        worker.run()
+    finally:
+        if server is not None:
+            server.shutdown()

@@ -22,13 +22,17 @@ def _item(i: float, u_pre: float, x: float) -> float:
     return 0.7 * i - 0.2 * u_pre + 0.05 * x
 
 
-def user_update(u: float, i_pre: float, event: Pending) -> tuple[float, float, float]:
+def user_update(
+    u: float, i_pre: float, event: Pending, _previous: float | None = None
+) -> tuple[float, float, float]:
     # Each side also computes the partner's post-state, as the JODIE sides do.
     new = _user(u, i_pre, event.payload, event.seq)
     return new, new, _item(i_pre, u, event.payload)
 
 
-def item_update(i: float, u_pre: float, event: Pending) -> tuple[float, float, float]:
+def item_update(
+    i: float, u_pre: float, event: Pending, _previous: float | None = None
+) -> tuple[float, float, float]:
     new = _item(i, u_pre, event.payload)
     return new, new, _user(u_pre, i, event.payload, event.seq)
 

@@ -58,6 +58,7 @@ def test_recommendation_and_announcement_round_trip() -> None:
         "predicted_item": [1.0, -2.0, 0.0],
         "candidates": [{"item_id": "i1", "score": -0.5}, {"item_id": "i2", "score": -1.25}],
         "state_change_probability": 0.125,
+        "rank": 3,
     }
     assert Codec(RECOMMENDATION).decode(Codec(RECOMMENDATION).encode(rec)) == rec
     ann = {

@@ -1,0 +1,224 @@
+"""Changelog-backed RocksDB tables of a worker: one store per owned partition.
+
+A table partition (``user-state`` or ``item-state``, partition p) lives in a local RocksDB
+(rocksdict, raw bytes) and in the compacted changelog topic, partition p. The changelog is the
+truth; the local store is a cache of it that never runs ahead:
+
+- rows change in memory while a batch is processed; their records go to the changelog inside
+  the batch's Kafka transaction;
+- only after the transaction committed are they written to RocksDB, in one atomic write batch
+  together with the changelog offset they reached;
+- when the worker gains the partition (start-up or a rebalance), it reads the changelog from
+  that offset to its end (read_committed) into RocksDB before processing anything.
+
+So a worker killed at any moment, or a partition moving to another worker, resumes from
+exactly the committed state; an aborted transaction's rows are never in any store.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Generic, TypeVar
+
+from confluent_kafka import Consumer, KafkaError, TopicPartition
+from rocksdict import Options, Rdict, WriteBatch
+
+from streams.kafka import committed_reader, retry_transient
+from streams.settings import Settings
+
+_log = logging.getLogger("jodie.tables")
+
+# Keys are entity ids (UTF-8); this one cannot collide, ids being valid UTF-8.
+_OFFSET_KEY = b"\xff\xfejodie:changelog-offset"
+
+R = TypeVar("R")  # a decoded row
+
+
+class RestoreError(RuntimeError):
+    """A changelog partition could not be read to its end."""
+
+
+class _Partition(Generic[R]):
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.db = Rdict(str(path), options=Options(raw_mode=True))
+        self.rows: dict[bytes, R] = {}  # decoded rows in use (the hot set)
+        self.dirty: set[bytes] = set()
+
+    @property
+    def offset(self) -> int:
+        """Changelog offset of the last record this store holds (-1: none)."""
+        raw = self.db.get(_OFFSET_KEY)
+        return -1 if raw is None else int(raw)
+
+
+class Table(Generic[R]):
+    """One side's table: the partitions this worker owns, rows decoded on first use.
+
+    ``decode``/``encode`` convert rows to the changelog's bytes; ``initial(key)`` gives the row
+    of an entity the table has never stored (its checkpoint state).
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        name: str,
+        changelog: str,
+        root: Path,
+        decode: Callable[[bytes, bytes], R],
+        encode: Callable[[R], bytes],
+        initial: Callable[[bytes], R],
+    ) -> None:
+        self.settings = settings
+        self.name = name
+        self.changelog = changelog
+        self.root = root
+        self.decode = decode
+        self.encode = encode
+        self.initial = initial
+        self.partitions: dict[int, _Partition[R]] = {}
+        self._reader: Consumer | None = None
+
+    def _path(self, partition: int) -> Path:
+        return self.root / f"{self.name}-{partition}"
+
+    # -- ownership ----------------------------------------------------------------------------
+    def assign(self, partition: int) -> int:
+        """Take ``partition``: bring its store up to the changelog's end; returns records read."""
+        if partition in self.partitions:
+            return 0
+        path = self._path(partition)
+        part: _Partition[R] = _Partition(path)
+        high = self._end(partition)
+        if part.offset >= high:
+            # A store ahead of its changelog belongs to a topic since deleted and re-created.
+            _log.warning(
+                "%s[%d]: local store ahead of the changelog; rebuilding", self.name, partition
+            )
+            part.db.close()
+            Rdict.destroy(str(path))
+            part = _Partition(path)
+        read = self._restore(part, partition, high)
+        self.partitions[partition] = part
+        return read
+
+    def revoke(self, partition: int) -> None:
+        part = self.partitions.pop(partition, None)
+        if part is not None:
+            part.db.close()
+
+    def close(self) -> None:
+        for p in list(self.partitions):
+            self.revoke(p)
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
+
+    def wipe(self, partition: int) -> None:
+        """Delete the local store of a partition not owned (the changelog rebuilds it)."""
+        if partition not in self.partitions:
+            shutil.rmtree(self._path(partition), ignore_errors=True)
+
+    def _reader_client(self) -> Consumer:
+        if self._reader is None:
+            self._reader = committed_reader(
+                self.settings, group_id=f"jodie-restore-{uuid.uuid4().hex[:8]}"
+            )
+        return self._reader
+
+    def _end(self, partition: int) -> int:
+        reader = self._reader_client()
+        tp = TopicPartition(self.changelog, partition)
+        _low, high = retry_transient(lambda: reader.get_watermark_offsets(tp, timeout=10))
+        return int(high)
+
+    def _restore(
+        self, part: _Partition[R], partition: int, high: int, timeout_s: float = 120.0
+    ) -> int:
+        reader = self._reader_client()
+        start = part.offset + 1
+        if start >= high:
+            return 0
+        reader.assign([TopicPartition(self.changelog, partition, start)])
+        read = 0
+        batch = WriteBatch(raw_mode=True)
+        last = part.offset
+        deadline = time.monotonic() + timeout_s
+        try:
+            while True:
+                if time.monotonic() > deadline:
+                    raise RestoreError(
+                        f"{self.changelog}[{partition}]: not at its end after {timeout_s} s"
+                    )
+                msg = reader.poll(1.0)
+                if msg is None:
+                    continue
+                err = msg.error()
+                if err is not None:
+                    if err.code() == KafkaError._PARTITION_EOF:
+                        break  # the last stable offset: every committed record is in
+                    raise RestoreError(f"{self.changelog}[{partition}]: {err}")
+                key, value = msg.key(), msg.value()
+                if key is not None:
+                    if value is None:
+                        batch.delete(key)
+                    else:
+                        batch.put(key, value)
+                last = msg.offset() or 0
+                read += 1
+        finally:
+            reader.unassign()
+        batch.put(_OFFSET_KEY, str(last).encode())
+        part.db.write(batch)
+        _log.info("%s[%d]: restored %d records up to offset %d", self.name, partition, read, last)
+        return read
+
+    # -- rows ---------------------------------------------------------------------------------
+    def get(self, partition: int, key: bytes) -> R:
+        part = self.partitions[partition]
+        row = part.rows.get(key)
+        if row is None:
+            raw = part.db.get(key)
+            row = self.initial(key) if raw is None else self.decode(key, raw)
+            part.rows[key] = row
+        return row
+
+    def forget(self) -> None:
+        """Drop every row in memory (after an aborted batch): they reload from RocksDB."""
+        for part in self.partitions.values():
+            part.rows.clear()
+            part.dirty.clear()
+
+    def touch(self, partition: int, key: bytes) -> None:
+        """Mark a row changed in the open batch (rows are mutated in place)."""
+        self.partitions[partition].dirty.add(key)
+
+    def changed(self) -> list[tuple[int, bytes, bytes]]:
+        """(partition, key, encoded row) of every row changed in the open batch."""
+        return [
+            (p, key, self.encode(part.rows[key]))
+            for p, part in self.partitions.items()
+            for key in part.dirty
+        ]
+
+    def persist(self, records: list[tuple[int, bytes, bytes]], offsets: dict[int, int]) -> None:
+        """After the batch's transaction committed: write its rows and changelog offsets."""
+        by_partition: dict[int, WriteBatch] = {}
+        for p, key, value in records:
+            batch = by_partition.get(p)
+            if batch is None:
+                batch = by_partition[p] = WriteBatch(raw_mode=True)
+            batch.put(key, value)
+        for p, batch in by_partition.items():
+            part = self.partitions.get(p)
+            if part is None:
+                continue
+            if p in offsets:
+                batch.put(_OFFSET_KEY, str(offsets[p]).encode())
+            part.db.write(batch)
+            part.dirty.clear()

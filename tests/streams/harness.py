@@ -1,0 +1,143 @@
+"""What the pipeline tests share: a small checkpoint, the sequential reference, worker processes.
+
+A small checkpoint (random weights, states from replaying the first HISTORY events of the
+bundled Wikipedia file) is served; later events go through produce → router → workers. The
+reference is the sequential replay (`OnlineJodie`, what `jodie evaluate --protocol frozen`
+runs) of the same events from the same checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from operators.checkpoint import load_checkpoint, save_checkpoint
+from operators.config import ModelConfig, TrainConfig
+from operators.dataset import bundled_wikipedia, load_interactions
+from operators.model import Jodie
+from operators.online import OnlineJodie
+from operators.state import States
+from schemas import INTERACTION
+from streams.codecs import make_codec
+from streams.kafka import idempotent_producer
+from streams.produce import produce_file
+from streams.router import Router
+from streams.settings import Settings
+from streams.state_export import collect
+from streams.tail import tail_recommendations
+
+HISTORY = 1500  # events the checkpoint has seen
+STREAM = 400  # events streamed after it
+
+
+def make_checkpoint(out: Path, history: int = HISTORY, version: str = "test-v1") -> Path:
+    log = load_interactions(bundled_wikipedia())
+    torch.manual_seed(0)
+    cfg = ModelConfig(
+        delta_user_mean=20_000.0,
+        delta_user_std=50_000.0,
+        delta_item_mean=3_000.0,
+        delta_item_std=10_000.0,
+    )
+    model = Jodie(cfg)
+    states = States.empty(
+        cfg.embedding_dim, cfg.user_static_dim, cfg.item_static_dim, cfg.history_size
+    )
+    online = OnlineJodie(model, states)
+    for k in range(history):
+        online.observe(log.user_ids[k], log.item_ids[k], float(log.timestamps[k]))
+    save_checkpoint(out, model, online.states, TrainConfig(model=cfg), meta={"version": version})
+    return out
+
+
+def reference(checkpoint: Path, rows: Sequence[int]) -> OnlineJodie:
+    """The sequential replay of the given rows of the bundled file, from the checkpoint."""
+    ckpt = load_checkpoint(checkpoint)
+    online = OnlineJodie(ckpt.model, ckpt.states)
+    log = load_interactions(bundled_wikipedia())
+    for k in rows:
+        online.observe(log.user_ids[k], log.item_ids[k], float(log.timestamps[k]))
+    return online
+
+
+def route(settings: Settings, start: int = HISTORY, limit: int = STREAM) -> None:
+    """Produce rows [start, start + limit) of the bundled file and run the router over them."""
+    topic = settings.topic("interactions")
+    produce_file(
+        bundled_wikipedia(),
+        idempotent_producer(settings),
+        make_codec(settings, INTERACTION, topic),
+        topic,
+        start=start,
+        limit=limit,
+    )
+    stats = Router(settings, grace_s=0.2).run(until_idle_s=1.0, max_seconds=120)
+    assert stats.sequenced == limit
+
+
+def start_worker(
+    settings: Settings, checkpoint: Path, worker_id: int, tmp: Path
+) -> subprocess.Popen[bytes]:
+    env = {
+        **os.environ,
+        "JODIE_TOPIC_PREFIX": settings.topic_prefix,
+        "JODIE_STATE_DIR": str(tmp / "state"),
+        "JODIE_WEB_PORT": str(16066 + 10 * worker_id),
+    }
+    log = (tmp / f"worker-{worker_id}.log").open("ab")
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "streams",
+            "worker",
+            "--checkpoint",
+            str(checkpoint),
+            "--id",
+            str(worker_id),
+        ],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+
+
+def wait_for(settings: Settings, n: int, timeout_s: float) -> list[dict]:
+    """Committed recommendations, polled until there are ``n`` (or the time is up)."""
+    deadline = time.monotonic() + timeout_s
+    recs: list[dict] = []
+    while time.monotonic() < deadline:
+        recs = list(tail_recommendations(settings, idle_timeout_s=2.0))
+        if len(recs) >= n:
+            return recs
+        time.sleep(1.0)
+    return recs
+
+
+def assert_equal_to_reference(settings: Settings, checkpoint: Path, online: OnlineJodie) -> None:
+    """`jodie state export` (read from the changelogs) equals the replay's states, ≤ 1e-4."""
+    got = collect(settings, checkpoint)
+    for side, store in (("user", online.states.users), ("item", online.states.items)):
+        ids = got[f"{side}_ids"].tolist()
+        known = [i for i in store.ids if not np.isnan(store.last_time[store.row(i)])]
+        assert sorted(ids) == sorted(known)
+        want = np.stack([store.emb[store.row(i)].numpy() for i in ids])
+        assert float(np.abs(got[f"{side}_embeddings"] - want).max()) <= 1e-4
