@@ -33,7 +33,7 @@ The model math is injected (``apply``), so this module knows nothing of JODIE.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
@@ -79,6 +79,17 @@ class SendPreState(Generic[S]):
 
 
 @dataclass(frozen=True)
+class Ready(Generic[S, P]):
+    """An event this entity can apply now: its state, the partner's pre-state and the
+    partner's post-state from the entity's previous event (the ``Apply`` arguments)."""
+
+    event: Pending
+    state: S
+    partner: P
+    previous: P | None
+
+
+@dataclass(frozen=True)
 class Applied:
     """Event ``seq`` was applied; ``output`` is whatever ``apply`` returned beside the state."""
 
@@ -104,19 +115,52 @@ class Inbox(Generic[S, P]):
     # The partner's post-state computed when this entity applied ``applied_seq``.
     derived: P | None = None
 
-    def on_event(self, event: Pending, apply: Apply[S, P]) -> list[SendPreState[S] | Applied]:
+    def offer_event(self, event: Pending) -> bool:
+        """Queue an event for its turn; False for a repeat."""
         if event.seq <= self.applied_seq or event.prev_seq in self.waiting:
-            return []  # a repeat
+            return False
         self.waiting[event.prev_seq] = event
-        return self._advance(apply)
+        return True
+
+    def offer_partner(self, message: PartnerState[P]) -> bool:
+        """Keep the partner's pre-state for its event; False for a repeat."""
+        if message.seq <= self.applied_seq:
+            return False
+        self.partners[message.seq] = message.state
+        return True
+
+    def step(self) -> tuple[SendPreState[S] | None, Ready[S, P] | None]:
+        """What is due for the next event: our pre-state to send (once) and, when the
+        partner's pre-state is here too, the event ready to apply (then ``complete`` it)."""
+        nxt = self.waiting.get(self.applied_seq)
+        if nxt is None:
+            return None, None
+        if nxt.shares_previous and self.derived is not None:
+            # The partner derives our pre-state just as we derive theirs: no message.
+            return None, Ready(nxt, self.state, self.derived, self.derived)
+        send = None
+        if self.sent_seq != nxt.seq:
+            send = SendPreState(nxt.seq, nxt.partner, self.state)
+            self.sent_seq = nxt.seq
+        if nxt.seq not in self.partners:
+            return send, None
+        return send, Ready(nxt, self.state, self.partners[nxt.seq], self.derived)
+
+    def complete(self, ready: Ready[S, P], state: S, output: Any, partner_post: P) -> Applied:
+        """Record the result of applying ``ready`` (what ``Apply`` returned for it)."""
+        event = ready.event
+        self.partners.pop(event.seq, None)
+        del self.waiting[event.prev_seq]
+        self.state, self.derived, self.applied_seq = state, partner_post, event.seq
+        return Applied(event.seq, output)
+
+    def on_event(self, event: Pending, apply: Apply[S, P]) -> list[SendPreState[S] | Applied]:
+        return self._advance(apply) if self.offer_event(event) else []
 
     def on_partner(
         self, message: PartnerState[P], apply: Apply[S, P]
     ) -> list[SendPreState[S] | Applied]:
-        if message.seq <= self.applied_seq:
-            return []  # a repeat of something already applied
-        self.partners[message.seq] = message.state
-        return self._advance(apply)
+        return self._advance(apply) if self.offer_partner(message) else []
 
     @property
     def idle(self) -> bool:
@@ -126,22 +170,44 @@ class Inbox(Generic[S, P]):
     def _advance(self, apply: Apply[S, P]) -> list[SendPreState[S] | Applied]:
         out: list[SendPreState[S] | Applied] = []
         while True:
-            nxt = self.waiting.get(self.applied_seq)
-            if nxt is None:
+            send, ready = self.step()
+            if send is not None:
+                out.append(send)
+            if ready is None:
                 return out
-            partner: P | None
-            if nxt.shares_previous and self.derived is not None:
-                # The partner derives our pre-state just as we derive theirs: no message.
-                partner = self.derived
-                self.partners.pop(nxt.seq, None)
-            else:
-                if self.sent_seq != nxt.seq:
-                    out.append(SendPreState(nxt.seq, nxt.partner, self.state))
-                    self.sent_seq = nxt.seq
-                if nxt.seq not in self.partners:
-                    return out
-                partner = self.partners.pop(nxt.seq)
-            self.state, output, self.derived = apply(self.state, partner, nxt, self.derived)
-            del self.waiting[self.applied_seq]
-            self.applied_seq = nxt.seq
-            out.append(Applied(nxt.seq, output))
+            state, output, post = apply(ready.state, ready.partner, ready.event, ready.previous)
+            out.append(self.complete(ready, state, output, post))
+
+
+# Many ready events of distinct entities at once → (own post-state, output, partner post-state)
+# for each, in order: the batched form of ``Apply``.
+ApplyMany = Callable[[list["Ready[S, P]"]], list[tuple[S, Any, P]]]
+
+
+def drive(
+    boxes: Iterable[Inbox[S, P]], apply_many: ApplyMany[S, P]
+) -> list[SendPreState[S] | Applied]:
+    """Advance every inbox as far as it can go, applying ready events in waves.
+
+    Each wave takes the next ready event of every inbox (at most one per entity, so the waves
+    are independent and can be computed as one batch), then the inboxes that applied
+    something are stepped again. The result per inbox is the one ``on_event``/``on_partner``
+    would give; only the model calls are grouped.
+    """
+    out: list[SendPreState[S] | Applied] = []
+    active = list({id(box): box for box in boxes}.values())  # distinct, first-seen order
+    while active:
+        ready: list[tuple[Inbox[S, P], Ready[S, P]]] = []
+        for box in active:
+            send, r = box.step()
+            if send is not None:
+                out.append(send)
+            if r is not None:
+                ready.append((box, r))
+        if not ready:
+            return out
+        results = apply_many([r for _, r in ready])
+        for (box, r), (state, output, post) in zip(ready, results, strict=True):
+            out.append(box.complete(r, state, output, post))
+        active = [box for box, _ in ready]
+    return out

@@ -232,24 +232,29 @@ class _StoreBacked(ItemIndex):
         found = {rows[i] for i in ids if i in rows}  # a set: merged candidate lists repeat ids
         return self._store.exact_topk(q, np.fromiter(found, dtype=np.int64, count=len(found)), k)
 
-    def rank(self, query: np.ndarray, true_id: str, true_vector: np.ndarray) -> int:
-        """1 + the number of other items strictly closer to ``query`` than ``true_vector``.
+    def ranks(
+        self, queries: np.ndarray, true_ids: Sequence[str], true_vectors: np.ndarray
+    ) -> np.ndarray:
+        """Per query, 1 + the number of other items strictly closer than its true vector.
 
         The live evaluation's exact rank (ties favour the true item, as in the offline
-        evaluation): one scan of every vector, the true item's own row replaced by the vector
-        the caller knows to be current.
+        evaluation): one scan of every vector, each true item's own row replaced by the vector
+        the caller knows to be current. (B, D), B ids, (B, D) → (B,) int64.
         """
         store = self._store
-        q = store.check(query, 1)[0].astype(np.float64)
-        t = store.check(true_vector, 1)[0].astype(np.float64)
+        q = store.check(queries)
+        t = store.check(true_vectors, q.shape[0])
         high = store.high
-        diff = store.data[:high].astype(np.float64) - q[None, :]  # (H, D)
-        dist = np.einsum("ij,ij->i", diff, diff)  # (H,)
-        dist[~np.isfinite(store.sqnorm[:high])] = np.inf  # holes
-        own = store.rows.get(true_id)
-        if own is not None:
-            dist[own] = np.inf
-        return 1 + int(np.count_nonzero(dist < float(((t - q) ** 2).sum())))
+        data, sqnorm = store.data[:high], store.sqnorm[:high]  # holes have +inf norms
+        qn = np.einsum("ij,ij->i", q, q)[:, None]  # (B, 1)
+        dist = sqnorm[None, :] - 2.0 * (q @ data.T) + qn  # (B, H) ‖x − q‖², BLAS form
+        diff = t - q
+        true = np.einsum("ij,ij->i", diff, diff)  # (B,)
+        for b, item_id in enumerate(true_ids):
+            own = store.rows.get(item_id)
+            if own is not None:
+                dist[b, own] = np.inf
+        return 1 + np.count_nonzero(dist < true[:, None], axis=1)
 
     def _queries(self, queries: np.ndarray, k: int) -> np.ndarray:
         if k <= 0:

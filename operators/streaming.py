@@ -21,13 +21,14 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from functools import lru_cache
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from operators.checkpoint import Checkpoint
-from operators.exchange import Apply, Pending
+from operators.exchange import Apply, ApplyMany, Pending, Ready
 from operators.model import Jodie, standardise_delta
 from operators.online import gap
 from operators.static import static_embeddings
@@ -121,22 +122,31 @@ class StreamModel:
         """ī of an item; (s_item,)."""
         return self._item_static(item_id).numpy().reshape(-1)
 
+    # -- batched inputs ----------------------------------------------------------------------
+    def _dyns(self, states: list[EntityState], initial: Tensor) -> Tensor:
+        """(B, d): each state's embedding, the learned initial one for a new entity."""
+        rows = [
+            initial.reshape(-1).numpy()
+            if s.embedding is None or s.is_new
+            else np.asarray(s.embedding, dtype=np.float32)
+            for s in states
+        ]
+        return torch.from_numpy(np.stack(rows))
+
     @staticmethod
-    def _delta(last: float, t: float, stats: tuple[float, float]) -> Tensor:
-        return torch.from_numpy(standardise_delta(np.array([[gap(last, t)]]), *stats))  # (1, 1)
+    def _deltas(lasts: list[float], ts: list[float], stats: tuple[float, float]) -> Tensor:
+        gaps = np.array([[gap(last, t)] for last, t in zip(lasts, ts, strict=True)])
+        return torch.from_numpy(standardise_delta(gaps, *stats))  # (B, 1)
 
-    def _dyn(self, state: EntityState, initial: Tensor) -> Tensor:
-        if state.embedding is None or state.is_new:
-            return initial
-        return torch.from_numpy(np.asarray(state.embedding, dtype=np.float32)).reshape(1, -1)
+    def _features_of(self, events: list[EventData]) -> Tensor:
+        if not any(e.features for e in events):
+            return self._no_features.expand(len(events), -1)
+        return torch.tensor([e.features for e in events], dtype=torch.float32)  # (B, F)
 
-    def _features(self, event: EventData) -> Tensor:
-        if not event.features:
-            return self._no_features
-        return torch.tensor([event.features], dtype=torch.float32)  # (1, F)
+    def _statics(self, ids: list[str], of: Callable[[str], Tensor]) -> Tensor:
+        return torch.cat([of(i) for i in ids], dim=0)
 
     # -- the two sides ---------------------------------------------------------------------
-    @torch.inference_mode()
     def apply_user(
         self,
         user: EntityState,
@@ -151,55 +161,67 @@ class StreamModel:
         Returns the user's post-state, the recommendation material and the item's post-state
         (which the item's owner computes identically).
         """
-        t = event.timestamp
-        u_prev = self._dyn(user, self._u_init)
-        i_prev = self._dyn(item_pre, self._i_init)
-        f = self._features(event)
-        du = self._delta(user.last_time, t, self._du)
-        di = self._delta(item_pre.last_time, t, self._di)
-        u_static = self._user_static(event.user_id)
-        # The query as OnlineJodie.query makes it (no previous item: initial state, zero ī).
-        if user.history:
-            p_dyn = self._dyn(last_item or NEW, self._i_init)
-            p_static = self._item_static(user.history[0])
-        else:
-            p_dyn, p_static = self._i_init, self._no_item_static
-        query = self.model.predict(self.model.project(u_prev, du), u_static, p_dyn, p_static)
-        true_vector = (
-            None
-            if item_pre.is_new
-            else np.concatenate([i_prev.reshape(-1).numpy(), self.item_static(event.item_id)])
-        )
-        u_new = self.model.update_user(u_prev, i_prev, du, f)  # (1, d)
-        i_new = self.model.update_item(i_prev, u_prev, di, f)  # (1, d), as the item side computes
-        k = self.config.history_size
-        history = (event.item_id, *[h for h in user.history if h != event.item_id])[:k] if k else ()
-        horizon = torch.from_numpy(
-            standardise_delta(np.array([[self.horizon_s]]), *self._du)
-        )  # (1, 1)
-        projected = self.model.project(u_new, horizon)  # (1, d)
-        predicted = self.model.predict(
-            projected, u_static, i_new, self._item_static(event.item_id)
-        )  # (1, d + s_item)
-        probability = None
-        if self.model.state_head is not None:
-            logits = self.model.state_change_logits(u_new)
-            probability = float(torch.softmax(logits, dim=1)[0, 1])
-        new_state = EntityState(u_new.reshape(-1).numpy().copy(), t, history)
-        out = UserOutput(
-            event=event,
-            user=new_state.embedding,  # type: ignore[arg-type]
-            projected=projected.reshape(-1).numpy().copy(),
-            predicted=predicted.reshape(-1).numpy().copy(),
-            history=history,
-            state_change_probability=probability,
-            query=query.reshape(-1).numpy().copy(),
-            true_vector=true_vector,
-        )
-        item_post = EntityState(i_new.reshape(-1).numpy().copy(), t)
-        return new_state, out, item_post
+        return self.apply_users([user], [item_pre], [event], [last_item])[0]
 
     @torch.inference_mode()
+    def apply_users(
+        self,
+        users: list[EntityState],
+        items_pre: list[EntityState],
+        events: list[EventData],
+        last_items: list[EntityState | None],
+    ) -> list[tuple[EntityState, UserOutput, EntityState]]:
+        """``apply_user`` for events of distinct users at once (one batch of model calls)."""
+        ts = [e.timestamp for e in events]
+        u_prev = self._dyns(users, self._u_init)  # (B, d)
+        i_prev = self._dyns(items_pre, self._i_init)  # (B, d)
+        f = self._features_of(events)
+        du = self._deltas([u.last_time for u in users], ts, self._du)
+        di = self._deltas([i.last_time for i in items_pre], ts, self._di)
+        u_static = self._statics([e.user_id for e in events], self._user_static)
+        # The query as OnlineJodie.query makes it (no previous item: initial state, zero ī).
+        p_dyn = self._dyns([last or NEW for last in last_items], self._i_init)
+        p_static = torch.cat(
+            [self._item_static(u.history[0]) if u.history else self._no_item_static for u in users]
+        )
+        query = self.model.predict(self.model.project(u_prev, du), u_static, p_dyn, p_static)
+        u_new = self.model.update_user(u_prev, i_prev, du, f)  # (B, d)
+        i_new = self.model.update_item(i_prev, u_prev, di, f)  # (B, d), as the item side does
+        horizon = torch.from_numpy(
+            standardise_delta(np.full((len(events), 1), self.horizon_s), *self._du)
+        )  # (B, 1)
+        projected = self.model.project(u_new, horizon)  # (B, d)
+        i_static = self._statics([e.item_id for e in events], self._item_static)
+        predicted = self.model.predict(projected, u_static, i_new, i_static)  # (B, d + s_item)
+        probs = None
+        if self.model.state_head is not None:
+            probs = torch.softmax(self.model.state_change_logits(u_new), dim=1)[:, 1].tolist()
+        k = self.config.history_size
+        i_prev_np, i_static_np = i_prev.numpy(), i_static.numpy()
+        u_np, i_np = u_new.numpy(), i_new.numpy()
+        proj_np, pred_np, query_np = projected.numpy(), predicted.numpy(), query.numpy()
+        out = []
+        for b, (user, item_pre, event) in enumerate(zip(users, items_pre, events, strict=True)):
+            history = (
+                (event.item_id, *[h for h in user.history if h != event.item_id])[:k] if k else ()
+            )
+            new_state = EntityState(u_np[b].copy(), event.timestamp, history)
+            true_vector = (
+                None if item_pre.is_new else np.concatenate([i_prev_np[b], i_static_np[b]])
+            )
+            material = UserOutput(
+                event=event,
+                user=new_state.embedding,  # type: ignore[arg-type]
+                projected=proj_np[b].copy(),
+                predicted=pred_np[b].copy(),
+                history=history,
+                state_change_probability=None if probs is None else float(probs[b]),
+                query=query_np[b].copy(),
+                true_vector=true_vector,
+            )
+            out.append((new_state, material, EntityState(i_np[b].copy(), event.timestamp)))
+        return out
+
     def apply_item(
         self, item: EntityState, user_pre: EntityState, event: EventData
     ) -> tuple[EntityState, ItemOutput, EntityState]:
@@ -208,18 +230,35 @@ class StreamModel:
         Returns the item's post-state, its retrieval vector and the user's post-state
         embedding and time (the user's history is the user owner's business).
         """
-        t = event.timestamp
-        i_prev = self._dyn(item, self._i_init)
-        u_prev = self._dyn(user_pre, self._u_init)
-        f = self._features(event)
-        di = self._delta(item.last_time, t, self._di)
-        du = self._delta(user_pre.last_time, t, self._du)
-        i_new = self.model.update_item(i_prev, u_prev, di, f)  # (1, d)
-        u_new = self.model.update_user(u_prev, i_prev, du, f)  # (1, d), as the user side computes
-        emb = i_new.reshape(-1).numpy().copy()
-        vector = np.concatenate([emb, self.item_static(event.item_id)])
-        user_post = EntityState(u_new.reshape(-1).numpy().copy(), t)
-        return replace(item, embedding=emb, last_time=t), ItemOutput(event, vector), user_post
+        return self.apply_items([item], [user_pre], [event])[0]
+
+    @torch.inference_mode()
+    def apply_items(
+        self, items: list[EntityState], users_pre: list[EntityState], events: list[EventData]
+    ) -> list[tuple[EntityState, ItemOutput, EntityState]]:
+        """``apply_item`` for events of distinct items at once."""
+        ts = [e.timestamp for e in events]
+        i_prev = self._dyns(items, self._i_init)
+        u_prev = self._dyns(users_pre, self._u_init)
+        f = self._features_of(events)
+        di = self._deltas([i.last_time for i in items], ts, self._di)
+        du = self._deltas([u.last_time for u in users_pre], ts, self._du)
+        i_new = self.model.update_item(i_prev, u_prev, di, f).numpy()  # (B, d)
+        u_new = self.model.update_user(u_prev, i_prev, du, f).numpy()  # (B, d), as the user side
+        i_static = self._statics([e.item_id for e in events], self._item_static).numpy()
+        out = []
+        for b, (item, event) in enumerate(zip(items, events, strict=True)):
+            emb = i_new[b].copy()
+            vector = np.concatenate([emb, i_static[b]])
+            user_post = EntityState(u_new[b].copy(), event.timestamp)
+            out.append(
+                (
+                    replace(item, embedding=emb, last_time=event.timestamp),
+                    ItemOutput(event, vector),
+                    user_post,
+                )
+            )
+        return out
 
     # -- adapters for operators.exchange ----------------------------------------------------
     def user_apply(
@@ -239,18 +278,43 @@ class StreamModel:
             previous: EntityState | None,
         ) -> tuple[EntityState, UserOutput, EntityState]:
             event: EventData = pending.payload
-            last: EntityState | None = None
-            if state.history:
-                p = state.history[0]
-                if p == event.item_id:
-                    last = partner
-                elif previous is not None:
-                    last = previous
-                elif known_item is not None:
-                    last = known_item(p)
+            last = _last_item(state, partner, event, previous, known_item)
             return self.apply_user(state, partner, event, last)
 
         return apply
+
+    def user_apply_many(
+        self, known_item: Callable[[str], EntityState] | None = None
+    ) -> ApplyMany[EntityState, EntityState]:
+        """The batched ``user_apply`` for ``operators.exchange.drive``."""
+
+        def many(ready: list[Ready[EntityState, EntityState]]) -> list[tuple[Any, Any, Any]]:
+            events = [r.event.payload for r in ready]
+            lasts = [
+                _last_item(r.state, r.partner, e, r.previous, known_item)
+                for r, e in zip(ready, events, strict=True)
+            ]
+            return list(
+                self.apply_users(
+                    [r.state for r in ready], [r.partner for r in ready], events, lasts
+                )
+            )
+
+        return many
+
+    def item_apply_many(self) -> ApplyMany[EntityState, EntityState]:
+        """The batched ``item_apply`` for ``operators.exchange.drive``."""
+
+        def many(ready: list[Ready[EntityState, EntityState]]) -> list[tuple[Any, Any, Any]]:
+            return list(
+                self.apply_items(
+                    [r.state for r in ready],
+                    [r.partner for r in ready],
+                    [r.event.payload for r in ready],
+                )
+            )
+
+        return many
 
     def item_apply(self) -> Apply[EntityState, EntityState]:
         """``Inbox`` apply function of the item side."""
@@ -264,6 +328,24 @@ class StreamModel:
             return self.apply_item(state, partner, pending.payload)
 
         return apply
+
+
+def _last_item(
+    user: EntityState,
+    item_pre: EntityState,
+    event: EventData,
+    previous: EntityState | None,
+    known_item: Callable[[str], EntityState] | None,
+) -> EntityState | None:
+    """The state of the user's previous item for the query before ``event``."""
+    if not user.history:
+        return None
+    p = user.history[0]
+    if p == event.item_id:
+        return item_pre
+    if previous is not None:
+        return previous
+    return known_item(p) if known_item is not None else None
 
 
 class CheckpointStates:

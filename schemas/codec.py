@@ -189,6 +189,8 @@ class Codec:
                 self.framing.add(schema_version)
         self._header = self.framing.header(self.schema)
         self._writers: dict[str, Any] = {}
+        self._by_object: dict[int, tuple[Schema, Any, bool]] = {}
+        self._canonical = canonical_form(self.schema)
 
     def encode(self, record: Mapping[str, Any]) -> bytes:
         buf = io.BytesIO()
@@ -201,10 +203,12 @@ class Codec:
 
     def decode(self, data: bytes) -> Record:
         writer, body = self.framing.split(data)
-        parsed_writer = self._parsed_writer(writer)
+        parsed_writer, same = self._parsed_writer(writer)
         stream = io.BytesIO(body)
         try:
-            record = fastavro.schemaless_reader(stream, parsed_writer, self._parsed)
+            # Without a reader schema when the writer's is ours: no resolution to do.
+            reader = None if same else self._parsed
+            record = fastavro.schemaless_reader(stream, parsed_writer, reader)
         except Exception as exc:  # truncated or garbage bodies surface as many error types
             raise DecodeError(f"cannot decode {self.schema.get('name')}: {exc!r}") from exc
         if stream.tell() != len(body):
@@ -213,7 +217,12 @@ class Codec:
             raise DecodeError("decoded value is not a record")
         return record
 
-    def _parsed_writer(self, writer: Schema) -> Any:
+    def _parsed_writer(self, writer: Schema) -> tuple[Any, bool]:
+        """The parsed writer schema and whether it is the reader's own (cached per object:
+        framings hand out the same schema object for the same fingerprint)."""
+        hit = self._by_object.get(id(writer))
+        if hit is not None and hit[0] is writer:
+            return hit[1], hit[2]
         key = canonical_form(writer)
         parsed = self._writers.get(key)
         if parsed is None:
@@ -222,4 +231,6 @@ class Codec:
             except Exception as exc:
                 raise SchemaError(f"writer schema does not parse: {exc}") from exc
             self._writers[key] = parsed
-        return parsed
+        same = key == self._canonical
+        self._by_object[id(writer)] = (writer, parsed, same)
+        return parsed, same

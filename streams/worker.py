@@ -46,7 +46,7 @@ import torch
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
 from operators.checkpoint import Checkpoint, load_checkpoint
-from operators.exchange import Applied, Inbox, PartnerState, SendPreState
+from operators.exchange import Applied, Inbox, PartnerState, SendPreState, drive
 from operators.metrics import RollingRanks
 from operators.retrieval import TieredIndex
 from operators.streaming import (
@@ -115,33 +115,55 @@ class Serving:
             candidates=settings.candidates,
         )
 
-    def live_rank(self, out: UserOutput) -> int:
-        """The paper's rank of the event's item against the query made before the event."""
-        if out.true_vector is None:
-            return len(self.index) + 1  # unseen: after every known item, as `jodie evaluate`
-        return self.index.rank(out.query, out.event.item_id, out.true_vector)
+    def live_ranks(self, outs: list[UserOutput]) -> list[int]:
+        """The paper's rank of each event's item against the query made before the event.
 
-    def recommendation(self, out: UserOutput, rank: int | None) -> dict[str, Any]:
-        """Top candidates for the predicted item: nearest neighbours ∪ history, re-scored."""
-        pred = out.predicted
-        found, _ = self.index.search(pred[None, :], self.candidates)
-        cand = list(
-            dict.fromkeys([*found[0].tolist(), *[h for h in out.history if h in self.index]])
-        )
-        ids, dist = self.index.rerank(pred, cand, self.candidates)
-        return {
-            "user_id": out.event.user_id,
-            "event_id": out.event.event_id,
-            "timestamp": out.event.timestamp,
-            "model_version": self.version,
-            "projected_user": out.projected.tolist(),
-            "predicted_item": pred.tolist(),
-            "candidates": [
-                {"item_id": i, "score": -float(d)} for i, d in zip(ids, dist.tolist(), strict=True)
-            ],
-            "state_change_probability": out.state_change_probability,
-            "rank": rank,
-        }
+        An item never seen ranks after every known item, as in `jodie evaluate`."""
+        ranks = [len(self.index) + 1] * len(outs)
+        known = [k for k, o in enumerate(outs) if o.true_vector is not None]
+        if known and len(self.index):
+            got = self.index.ranks(
+                np.stack([outs[k].query for k in known]),
+                [outs[k].event.item_id for k in known],
+                np.stack([outs[k].true_vector for k in known]),  # type: ignore[misc]
+            )
+            for k, r in zip(known, got.tolist(), strict=True):
+                ranks[k] = int(r)
+        elif known:
+            for k in known:
+                ranks[k] = 1
+        return ranks
+
+    def recommendations(self, outs: list[UserOutput], ranks: list[int]) -> list[dict[str, Any]]:
+        """Top candidates for each predicted item: nearest neighbours ∪ the user's history,
+        re-ranked by exact distance."""
+        if not outs:
+            return []
+        preds = np.stack([o.predicted for o in outs])
+        found: Any = [[] for _ in outs]
+        if len(self.index):
+            found, _ = self.index.search(preds, self.candidates)
+        records = []
+        for out, pred, near, rank in zip(outs, preds, found, ranks, strict=True):
+            cand = list(dict.fromkeys([*list(near), *out.history]))
+            ids, dist = self.index.rerank(pred, cand, self.candidates)
+            records.append(
+                {
+                    "user_id": out.event.user_id,
+                    "event_id": out.event.event_id,
+                    "timestamp": out.event.timestamp,
+                    "model_version": self.version,
+                    "projected_user": out.projected.tolist(),
+                    "predicted_item": pred.tolist(),
+                    "candidates": [
+                        {"item_id": i, "score": -float(d)}
+                        for i, d in zip(ids, dist.tolist(), strict=True)
+                    ],
+                    "state_change_probability": out.state_change_probability,
+                    "rank": rank,
+                }
+            )
+        return records
 
 
 @dataclass
@@ -180,8 +202,8 @@ Output = tuple[str, bytes, bytes]  # topic, key, value
 class Processor:
     """The worker's logic without Kafka: inbox messages in, outputs and table changes out.
 
-    ``handle`` applies one message to its table row and returns the messages to send; the
-    caller owns transactions. Unit-testable with in-memory tables.
+    ``process`` applies a batch of messages to their table rows and returns the messages to
+    send; the caller owns rows and transactions. Unit-testable with in-memory tables.
     """
 
     def __init__(self, settings: Settings, serving: Serving, stats: WorkerStats) -> None:
@@ -194,8 +216,8 @@ class Processor:
         self.inbox_codec = Codec(INBOX_MESSAGE)
         self.record_codec = Codec(ENTITY_RECORD)
         self.rec_codec = Codec(RECOMMENDATION)
-        self.user_apply = serving.stream.user_apply(serving.baseline.item)
-        self.item_apply = serving.stream.item_apply()
+        self.user_many = serving.stream.user_apply_many(serving.baseline.item)
+        self.item_many = serving.stream.item_apply_many()
 
     # Row codecs for the tables.
     def decoder(self, side: str) -> Callable[[bytes, bytes], Box]:
@@ -208,39 +230,60 @@ class Processor:
         start = self.serving.baseline.user if side == "user" else self.serving.baseline.item
         return lambda key: Inbox(state=start(key.decode()))
 
-    def handle(self, side: str, box: Box, value: bytes) -> list[Output]:
-        message = self.inbox_codec.decode(value)
-        apply = self.user_apply if side == "user" else self.item_apply
-        if message["event"] is not None:
-            outs = box.on_event(pending(message["event"], side), apply)
-        else:
-            partner = message["partner"]
-            outs = box.on_partner(PartnerState(int(partner["seq"]), partner_state(partner)), apply)
+    def process(self, messages: list[tuple[str, Box, bytes]]) -> list[Output]:
+        """Apply a batch of (side, the row it is for, message bytes); the messages to send.
+
+        Messages are offered to their rows first; then every row advances as far as it can,
+        ready events of distinct entities applied together (operators.exchange.drive), so
+        the model runs in batches while each entity still applies its events in order.
+        """
+        touched: dict[str, list[Box]] = {"user": [], "item": []}
+        for side, box, value in messages:
+            message = self.inbox_codec.decode(value)
+            if message["event"] is not None:
+                box.offer_event(pending(message["event"], side))
+            else:
+                partner = message["partner"]
+                box.offer_partner(PartnerState(int(partner["seq"]), partner_state(partner)))
+            touched[side].append(box)
         sent: list[Output] = []
-        other = self.item_inbox if side == "user" else self.user_inbox
-        for out in outs:
+        item_results = drive(touched["item"], self.item_many)
+        vectors: dict[str, np.ndarray] = {}
+        for out in item_results:
             if isinstance(out, SendPreState):
-                body = {"event": None, "partner": partner_message(out.seq, out.state)}
-                sent.append((other, out.partner.encode(), self.inbox_codec.encode(body)))
-            elif isinstance(out, Applied) and isinstance(out.output, UserOutput):
-                sent.append(self._user_applied(out.output))
-            elif isinstance(out, Applied) and isinstance(out.output, ItemOutput):
-                sent.append(self._item_applied(out.output))
+                sent.append(self._pre_state(self.user_inbox, out))
+            elif isinstance(out, Applied):
+                item_out: ItemOutput = out.output
+                vectors[item_out.event.item_id] = item_out.vector
+                sent.append(
+                    (
+                        self.item_vectors,
+                        item_out.event.item_id.encode(),
+                        item_out.vector.astype("<f4").tobytes(),
+                    )
+                )
+        if vectors:
+            # This worker's index sees its own items at once; the others' come from item-vectors.
+            self.serving.index.upsert(list(vectors), np.stack(list(vectors.values())))
+            self.stats.item_events += sum(isinstance(o, Applied) for o in item_results)
+        user_outs: list[UserOutput] = []
+        for out in drive(touched["user"], self.user_many):
+            if isinstance(out, SendPreState):
+                sent.append(self._pre_state(self.item_inbox, out))
+            elif isinstance(out, Applied):
+                user_outs.append(out.output)
+        ranks = self.serving.live_ranks(user_outs)
+        for record, rank in zip(self.serving.recommendations(user_outs, ranks), ranks, strict=True):
+            self.stats.ranks.add(rank)
+            sent.append(
+                (self.recommendations, record["user_id"].encode(), self.rec_codec.encode(record))
+            )
+        self.stats.user_events += len(user_outs)
         return sent
 
-    def _user_applied(self, out: UserOutput) -> Output:
-        rank = self.serving.live_rank(out)
-        self.stats.ranks.add(rank)
-        self.stats.user_events += 1
-        record = self.serving.recommendation(out, rank)
-        return (self.recommendations, out.event.user_id.encode(), self.rec_codec.encode(record))
-
-    def _item_applied(self, out: ItemOutput) -> Output:
-        item = out.event.item_id
-        # This worker's index sees its own items at once; the others' come from item-vectors.
-        self.serving.index.upsert([item], out.vector[None, :])
-        self.stats.item_events += 1
-        return (self.item_vectors, item.encode(), out.vector.astype("<f4").tobytes())
+    def _pre_state(self, topic: str, out: SendPreState[EntityState]) -> Output:
+        body = {"event": None, "partner": partner_message(out.seq, out.state)}
+        return (topic, out.partner.encode(), self.inbox_codec.encode(body))
 
 
 class _IndexFeed:
@@ -449,6 +492,7 @@ class Worker:
 
     def _transaction(self, consumer: Consumer, producer: Producer, messages: list[Message]) -> None:
         positions: dict[tuple[str, int], int] = {}
+        batch: list[tuple[str, Box, bytes]] = []
         producer.begin_transaction()
         for msg in messages:
             err = msg.error()
@@ -463,11 +507,11 @@ class Worker:
                 continue  # only the router and workers write the inboxes: never happens
             side = self.sides[topic]
             table = self.tables[side]
-            box = table.get(p, key)
-            for out_topic, out_key, out_value in self.processor.handle(side, box, value):
-                producer.produce(out_topic, key=out_key, value=out_value)
+            batch.append((side, table.get(p, key), value))
             table.touch(p, key)
-            self.stats.messages += 1
+        for out_topic, out_key, out_value in self.processor.process(batch):
+            producer.produce(out_topic, key=out_key, value=out_value)
+        self.stats.messages += len(batch)
         changed = {side: table.changed() for side, table in self.tables.items()}
         self._changelog_offsets.clear()
         for side, records in changed.items():

@@ -4,12 +4,22 @@ from __future__ import annotations
 
 import itertools
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from operators.exchange import Applied, Inbox, PartnerState, Pending, SendPreState
+from operators.exchange import (
+    Applied,
+    ApplyMany,
+    Inbox,
+    PartnerState,
+    Pending,
+    Ready,
+    SendPreState,
+    drive,
+)
 from operators.sequencer import Interaction, Sequencer
 
 
@@ -37,6 +47,15 @@ def item_update(
     return new, new, _user(u_pre, i, event.payload, event.seq)
 
 
+def _many(update: Callable[..., tuple[float, float, float]]) -> ApplyMany[float, float]:
+    def many(ready: list[Ready[float, float]]) -> list[tuple[float, float, float]]:
+        # Each entity at most once per wave (on one side an event belongs to one entity).
+        assert len({r.event.seq for r in ready}) == len(ready)
+        return [update(r.state, r.partner, r.event, r.previous) for r in ready]
+
+    return many
+
+
 @dataclass
 class Message:
     side: str  # "user" | "item"
@@ -55,7 +74,10 @@ def sequential(events: list[tuple[str, str, float]]) -> tuple[dict[str, float], 
 
 
 def streamed(
-    events: list[tuple[str, str, float]], rng: random.Random, duplicate_rate: float
+    events: list[tuple[str, str, float]],
+    rng: random.Random,
+    duplicate_rate: float,
+    batched: bool = False,
 ) -> tuple[dict[str, float], dict[str, float], dict[str, Inbox], dict[str, Inbox]]:
     seq = Sequencer(partitions=[0], n_features=0)
     for n, (u, i, _x) in enumerate(events):
@@ -84,22 +106,39 @@ def streamed(
     while pool:
         steps += 1
         assert steps < 100 * len(events) + 100, "the exchange did not converge"
-        msg = pool.pop(rng.randrange(len(pool)))
-        if rng.random() < duplicate_rate:
-            pool.append(msg)  # at-least-once delivery: the same message again later
-        box = boxes[msg.side].setdefault(msg.entity, Inbox(state=0.0))
-        apply = user_update if msg.side == "user" else item_update
-        if isinstance(msg.body, Pending):
-            out = box.on_event(msg.body, apply)
-        else:
-            out = box.on_partner(msg.body, apply)
-        for o in out:
-            if isinstance(o, SendPreState):
-                sent += 1
-                other = "item" if msg.side == "user" else "user"
-                pool.append(Message(other, o.partner, PartnerState(o.seq, o.state)))
+        # One message at a time through on_event/on_partner, or a random batch of messages
+        # offered first and then driven in waves (what a worker does with a poll's batch).
+        size = rng.randint(1, len(pool)) if batched else 1
+        batch = [pool.pop(rng.randrange(len(pool))) for _ in range(size)]
+        touched: dict[str, list[Inbox]] = {"user": [], "item": []}
+        outs: list[tuple[str, list[SendPreState | Applied]]] = []
+        for msg in batch:
+            if rng.random() < duplicate_rate:
+                pool.append(msg)  # at-least-once delivery: the same message again later
+            box = boxes[msg.side].setdefault(msg.entity, Inbox(state=0.0))
+            apply = user_update if msg.side == "user" else item_update
+            if batched:
+                if isinstance(msg.body, Pending):
+                    box.offer_event(msg.body)
+                else:
+                    box.offer_partner(msg.body)
+                touched[msg.side].append(box)
+            elif isinstance(msg.body, Pending):
+                outs.append((msg.side, box.on_event(msg.body, apply)))
             else:
-                assert isinstance(o, Applied)
+                outs.append((msg.side, box.on_partner(msg.body, apply)))
+        if batched:
+            for side, update in (("user", user_update), ("item", item_update)):
+                many = _many(update)
+                outs.append((side, drive(touched[side], many)))
+        for side, out in outs:
+            for o in out:
+                if isinstance(o, SendPreState):
+                    sent += 1
+                    other = "item" if side == "user" else "user"
+                    pool.append(Message(other, o.partner, PartnerState(o.seq, o.state)))
+                else:
+                    assert isinstance(o, Applied)
     users = {k: b.state for k, b in boxes["user"].items()}
     items = {k: b.state for k, b in boxes["item"].items()}
     # A pair repeating with nothing in between exchanges nothing.
@@ -120,11 +159,16 @@ event_lists = st.lists(
 
 
 @settings(max_examples=150, deadline=None)
-@given(events=event_lists, seed=st.integers(0, 2**32 - 1), dup=st.sampled_from([0.0, 0.3]))
+@given(
+    events=event_lists,
+    seed=st.integers(0, 2**32 - 1),
+    dup=st.sampled_from([0.0, 0.3]),
+    batched=st.booleans(),
+)
 def test_any_delivery_order_equals_sequential_replay(
-    events: list[tuple[str, str, float]], seed: int, dup: float
+    events: list[tuple[str, str, float]], seed: int, dup: float, batched: bool
 ) -> None:
-    users, items, user_boxes, item_boxes = streamed(events, random.Random(seed), dup)
+    users, items, user_boxes, item_boxes = streamed(events, random.Random(seed), dup, batched)
     want_users, want_items = sequential(events)
     assert users == want_users  # bit-equal: the same float operations in the same order
     assert items == want_items

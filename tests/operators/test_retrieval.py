@@ -230,3 +230,24 @@ def test_minhash_rehash_is_bounded() -> None:
         cc.observe(f"u{u}", "x")
     assert calls == 1 + (100 - 1) // 5  # once when new, then every 5th audience change
     assert len(cc._audience["x"]) == 8
+
+
+def test_ranks_count_the_items_closer_than_the_true_vector() -> None:
+    rng = np.random.default_rng(11)
+    ix = ExactIndex(16)
+    ids = [f"i{n}" for n in range(300)]
+    vectors = rng.standard_normal((300, 16)).astype(np.float32)
+    ix.upsert(ids, vectors)
+    queries = rng.standard_normal((20, 16)).astype(np.float32)
+    true_ids = [f"i{n}" for n in rng.integers(0, 300, size=20)]
+    # The caller's current vector of the true item replaces the index's (possibly stale) one.
+    current = rng.standard_normal((20, 16)).astype(np.float32)
+    got = ix.ranks(queries, true_ids, current)
+    for b in range(20):
+        d = ((vectors.astype(np.float64) - queries[b]) ** 2).sum(axis=1)
+        d[int(true_ids[b][1:])] = np.inf
+        true = float(((current[b].astype(np.float64) - queries[b]) ** 2).sum())
+        assert got[b] == 1 + int((d < true).sum())
+    # An id the index does not hold is ranked against every item.
+    far = np.full((1, 16), 100.0, dtype=np.float32)
+    assert ix.ranks(queries[:1], ["new"], far)[0] == 301

@@ -145,3 +145,59 @@ def test_recommendation_matches_an_online_query_right_after_the_event() -> None:
     np.testing.assert_allclose(out.projected, q.u_proj.reshape(-1).numpy(), atol=1e-6)
     np.testing.assert_allclose(out.predicted, q.pred.reshape(-1).numpy(), atol=1e-6)
     assert out.state_change_probability is not None and 0.0 < out.state_change_probability < 1.0
+
+
+def test_query_before_the_event_is_the_frozen_evaluation_query() -> None:
+    torch.manual_seed(4)
+    model = Jodie(CFG)
+    online = OnlineJodie(model, States.empty(8, 4, 4, 3))
+    stream = StreamModel(model)
+    events = _events(40, seed=5)
+    for e in events[:-1]:
+        online.observe(e.user_id, e.item_id, e.timestamp, np.array(e.features, dtype=np.float32))
+    users, items = _baseline(online)
+    last = events[-1]
+    user = users.get(last.user_id, NEW)
+    previous = items[user.history[0]] if user.history else None
+    q = online.query(last.user_id, last.timestamp)
+    _u, out, _i = stream.apply_user(user, items.get(last.item_id, NEW), last, previous)
+    np.testing.assert_allclose(out.query, q.pred.reshape(-1).numpy(), atol=1e-6)
+    if last.item_id in items:
+        row = online.states.items.row(last.item_id)
+        assert row is not None
+        want = np.concatenate(
+            [online.states.items.emb[row].numpy(), online.states.items.static[row].numpy()]
+        )
+        np.testing.assert_allclose(out.true_vector, want, atol=1e-6)
+
+
+def test_a_batch_of_users_and_items_equals_one_at_a_time() -> None:
+    torch.manual_seed(6)
+    model = Jodie(CFG)
+    online = OnlineJodie(model, States.empty(8, 4, 4, 3))
+    stream = StreamModel(model)
+    events = _events(80, seed=7)
+    for e in events[:60]:
+        online.observe(e.user_id, e.item_id, e.timestamp, np.array(e.features, dtype=np.float32))
+    users, items = _baseline(online)
+    batch = list({e.user_id: e for e in events[60:]}.values())  # distinct users
+    u_in = [users.get(e.user_id, NEW) for e in batch]
+    i_in = [items.get(e.item_id, NEW) for e in batch]
+    many = stream.apply_users(u_in, i_in, batch, [None] * len(batch))
+    for (state, out, post), u, i, e in zip(many, u_in, i_in, batch, strict=True):
+        s1, o1, p1 = stream.apply_user(u, i, e, None)
+        np.testing.assert_allclose(state.embedding, s1.embedding, atol=1e-6)
+        np.testing.assert_allclose(out.predicted, o1.predicted, atol=1e-6)
+        np.testing.assert_allclose(out.query, o1.query, atol=1e-6)
+        np.testing.assert_allclose(post.embedding, p1.embedding, atol=1e-6)
+        assert state.history == s1.history
+    items_batch = list({e.item_id: e for e in events[60:]}.values())
+    it_in = [items.get(e.item_id, NEW) for e in items_batch]
+    us_in = [users.get(e.user_id, NEW) for e in items_batch]
+    for (state, out, post), i, u, e in zip(
+        stream.apply_items(it_in, us_in, items_batch), it_in, us_in, items_batch, strict=True
+    ):
+        s1, o1, p1 = stream.apply_item(i, u, e)
+        np.testing.assert_allclose(state.embedding, s1.embedding, atol=1e-6)
+        np.testing.assert_allclose(out.vector, o1.vector, atol=1e-6)
+        np.testing.assert_allclose(post.embedding, p1.embedding, atol=1e-6)
