@@ -10,8 +10,13 @@ and any partitioning computes what a sequential replay in sequence order compute
 The order is ``(timestamp, event_id)`` across the client partitions (a k-way merge): events of
 one partition are taken in partition order, and a head is released only when every other
 partition has a later head or is idle (caught up, see the streaming layer's grace period). An
-event that arrives after a later event of the same user or item was sequenced is rejected as
-``time_backwards`` (it goes to the DLQ); a re-sent event id is dropped as a duplicate.
+event that fails ``validate`` (a missing id, a non-finite timestamp or feature, a bad label, a
+feature length other than the one already known) is rejected when it is offered, so it never
+takes part in the merge: a timestamp of ``inf`` would hold back its partition until every other
+one drained, and ``nan`` keys compare inconsistently. An event that arrives after a later event
+of the same user or item was sequenced is rejected as ``time_backwards`` (it goes to the DLQ);
+a re-sent event id is dropped as a duplicate. Rejections stay in line with their partition's
+events, so an offset is committed only past what was handled.
 
 >>> s = Sequencer(partitions=[0, 1], n_features=0)
 >>> s.offer(0, Interaction("e1", "u", "i", 1.0, (), None), offset=0)
@@ -139,19 +144,33 @@ class Sequencer:
         self.last_user: dict[str, tuple[int, float]] = {}
         self.last_item: dict[str, tuple[int, float]] = {}
         self.seen: set[str] = set()
-        # Per partition, in partition order: decoded events, and rejections found while
-        # decoding (kept in line so offsets are committed only past what was handled).
+        # Per partition, in partition order: valid events, and rejections found on arrival
+        # (decoding or validation; kept in line so offsets are committed only past what was
+        # handled).
         self._buffers: dict[int, deque[tuple[int, Interaction | Rejected]]] = {
             p: deque() for p in self.partitions
         }
 
     # --- input ---------------------------------------------------------------------------
     def offer(self, partition: int, event: Interaction, offset: int) -> None:
-        """Queue a decoded event read from ``partition`` at ``offset`` (in partition order)."""
+        """Queue a decoded event read from ``partition`` at ``offset`` (in partition order).
+
+        An event that fails ``validate`` (with the feature length checked only once it is
+        known) is queued as rejected, like ``offer_rejected``: it is passed on when it reaches
+        the head of its partition and never enters the merge. The checks that depend on the
+        order (time going backwards, duplicates, the length fixed by the first event) are
+        made when the event leaves the merge.
+        """
+        problem = validate(event, self.n_features)
+        if problem is not None:
+            reason, detail = problem
+            self.offer_rejected(Rejected(reason, detail, event.event_id, partition, offset))
+            return
         self._buffers[partition].append((offset, event))
 
     def offer_rejected(self, rejected: Rejected) -> None:
-        """Queue an event that failed before decoding (malformed bytes, unknown schema)."""
+        """Queue an event that failed before it could be merged (malformed bytes, unknown
+        schema, or ``validate`` through ``offer``)."""
         self._buffers[rejected.partition].append((rejected.offset, rejected))
 
     def buffered(self) -> int:
@@ -209,6 +228,7 @@ class Sequencer:
 
     def _sequence(self, head: _Head, result: DrainResult) -> None:
         event = head.event
+        # Checked again: the feature length may have been fixed since the event was offered.
         problem = validate(event, self.n_features)
         if problem is None and event.event_id in self.seen:
             result.duplicates += 1
