@@ -118,6 +118,13 @@ class Settings(BaseSettings):
             "can hold back read_committed readers of what it wrote."
         ),
     )
+    cooccurrence: bool = Field(
+        True,
+        description=(
+            "JODIE_COOCCURRENCE: add co-occurrence candidates (MinHash LSH over the log) to "
+            "every recommendation before re-ranking."
+        ),
+    )
     horizon_s: float | None = Field(
         None,
         description=(

@@ -29,6 +29,7 @@ load before serving.
 from __future__ import annotations
 
 import contextlib
+import heapq
 import json
 import logging
 import signal
@@ -48,7 +49,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Produ
 from operators.checkpoint import Checkpoint, load_checkpoint
 from operators.exchange import Applied, Inbox, PartnerState, SendPreState, drive
 from operators.metrics import RollingRanks
-from operators.retrieval import TieredIndex
+from operators.retrieval import CooccurrenceCandidates, TieredIndex
 from operators.streaming import (
     CheckpointStates,
     EntityState,
@@ -57,7 +58,8 @@ from operators.streaming import (
     UserOutput,
 )
 from schemas import Codec
-from schemas.codec import ENTITY_RECORD, INBOX_MESSAGE, RECOMMENDATION
+from schemas.codec import ENTITY_RECORD, INBOX_MESSAGE, RECOMMENDATION, SEQUENCED_INTERACTION
+from streams.codecs import make_codec
 from streams.records import (
     inbox_from_record,
     inbox_to_record,
@@ -93,6 +95,7 @@ class Serving:
     baseline: CheckpointStates
     index: TieredIndex
     candidates: int
+    cooccurrence: CooccurrenceCandidates | None = None
 
     @classmethod
     def load(cls, settings: Settings, checkpoint_dir: Path) -> Serving:
@@ -113,6 +116,7 @@ class Serving:
             baseline=baseline,
             index=index,
             candidates=settings.candidates,
+            cooccurrence=CooccurrenceCandidates() if settings.cooccurrence else None,
         )
 
     def live_ranks(self, outs: list[UserOutput]) -> list[int]:
@@ -135,8 +139,9 @@ class Serving:
         return ranks
 
     def recommendations(self, outs: list[UserOutput], ranks: list[int]) -> list[dict[str, Any]]:
-        """Top candidates for each predicted item: nearest neighbours ∪ the user's history,
-        re-ranked by exact distance."""
+        """Top candidates for each predicted item, re-ranked by exact distance: nearest
+        neighbours ∪ the user's history ∪ items whose audiences resemble those of the user's
+        recent items (co-occurrence, MinHash LSH)."""
         if not outs:
             return []
         preds = np.stack([o.predicted for o in outs])
@@ -145,7 +150,12 @@ class Serving:
             found, _ = self.index.search(preds, self.candidates)
         records = []
         for out, pred, near, rank in zip(outs, preds, found, ranks, strict=True):
-            cand = list(dict.fromkeys([*list(near), *out.history]))
+            similar = (
+                self.cooccurrence.candidates(out.history[:3], limit=2 * self.candidates)
+                if self.cooccurrence is not None
+                else []
+            )
+            cand = list(dict.fromkeys([*list(near), *out.history, *similar]))
             ids, dist = self.index.rerank(pred, cand, self.candidates)
             records.append(
                 {
@@ -216,6 +226,7 @@ class Processor:
         self.inbox_codec = Codec(INBOX_MESSAGE)
         self.record_codec = Codec(ENTITY_RECORD)
         self.rec_codec = Codec(RECOMMENDATION)
+        self.applied_seq = -1  # the latest log position of a user event applied here
         self.user_many = serving.stream.user_apply_many(serving.baseline.item)
         self.item_many = serving.stream.item_apply_many()
 
@@ -272,6 +283,7 @@ class Processor:
                 sent.append(self._pre_state(self.item_inbox, out))
             elif isinstance(out, Applied):
                 user_outs.append(out.output)
+                self.applied_seq = max(self.applied_seq, out.seq)
         ranks = self.serving.live_ranks(user_outs)
         for record, rank in zip(self.serving.recommendations(user_outs, ranks), ranks, strict=True):
             self.stats.ranks.add(rank)
@@ -286,16 +298,25 @@ class Processor:
         return (topic, out.partner.encode(), self.inbox_codec.encode(body))
 
 
-class _IndexFeed:
-    """Keeps this worker's candidate index current from the compacted item-vectors topic."""
+class _Feeds:
+    """What every worker reads besides its inboxes: all item vectors and the whole log.
+
+    - ``item-vectors`` (compacted): keeps the candidate index current with every item's
+      latest [i(t), ī], whoever owns the item;
+    - ``interactions.log``: who touched what, for the co-occurrence candidates. An event is
+      observed only once this worker has applied a user event at least as late in the log
+      (``seq``), so a worker replaying history never recommends from the future.
+    """
 
     def __init__(self, settings: Settings, serving: Serving) -> None:
         self.serving = serving
-        self.topic = settings.topic("item-vectors")
+        self.vectors_topic = settings.topic("item-vectors")
+        self.log_topic = settings.topic("interactions.log")
+        self.log_codec = make_codec(settings, SEQUENCED_INTERACTION, self.log_topic)
         self.consumer = Consumer(
             {
                 "bootstrap.servers": settings.bootstrap_servers,
-                "group.id": f"jodie-index-{uuid.uuid4().hex[:8]}",
+                "group.id": f"jodie-feeds-{uuid.uuid4().hex[:8]}",
                 "isolation.level": "read_committed",
                 "enable.auto.commit": False,
                 "auto.offset.reset": "earliest",
@@ -303,19 +324,37 @@ class _IndexFeed:
                 "logger": _log,
             }
         )
-        meta = self.consumer.list_topics(self.topic, timeout=10).topics[self.topic]
-        self.consumer.assign([TopicPartition(self.topic, p, 0) for p in meta.partitions])
+        topics = [self.vectors_topic]
+        if serving.cooccurrence is not None:
+            topics.append(self.log_topic)
+        assignment = []
+        for topic in topics:
+            meta = self.consumer.list_topics(topic, timeout=10).topics[topic]
+            assignment += [TopicPartition(topic, p, 0) for p in meta.partitions]
+        self.consumer.assign(assignment)
+        self._later: list[tuple[int, str, str]] = []  # (seq, user, item), a heap
 
-    def poll(self) -> int:
+    def poll(self, applied_seq: int) -> None:
         messages = self.consumer.consume(num_messages=5000, timeout=0)
         latest: dict[str, np.ndarray] = {}
         for msg in messages:
             key, value = msg.key(), msg.value()
-            if msg.error() is None and key is not None and value is not None:
+            if msg.error() is not None or value is None:
+                continue
+            if msg.topic() == self.vectors_topic and key is not None:
                 latest[key.decode()] = np.frombuffer(value, dtype="<f4")  # last one wins
+            elif msg.topic() == self.log_topic:
+                record = self.log_codec.decode(value)
+                event = record["interaction"]
+                heapq.heappush(
+                    self._later, (int(record["seq"]), event["user_id"], event["item_id"])
+                )
         if latest:
             self.serving.index.upsert(list(latest), np.stack(list(latest.values())))
-        return len(latest)
+        cooc = self.serving.cooccurrence
+        while cooc is not None and self._later and self._later[0][0] <= applied_seq:
+            _seq, user, item = heapq.heappop(self._later)
+            cooc.observe(user, item)
 
     def close(self) -> None:
         self.consumer.close()
@@ -421,7 +460,7 @@ class Worker:
     def run(self, max_seconds: float | None = None) -> WorkerStats:
         consumer, producer = self._clients()
         producer.init_transactions(60)
-        feed = _IndexFeed(self.settings, self.serving)
+        feed = _Feeds(self.settings, self.serving)
         consumer.subscribe(
             list(self.sides),
             on_assign=self._on_assign,
@@ -434,7 +473,7 @@ class Worker:
             while not self._stop.is_set():
                 if max_seconds is not None and time.monotonic() - began > max_seconds:
                     break
-                feed.poll()
+                feed.poll(self.processor.applied_seq)
                 messages = consumer.consume(
                     num_messages=self.settings.worker_batch,
                     timeout=self.settings.commit_interval_s,
