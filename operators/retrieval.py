@@ -487,6 +487,60 @@ class TieredIndex(_StoreBacked):
             total += ix.ntotal * (ix.code_size + 8 + 32) + ix.nlist * self.dim * 4
         return int(total)
 
+    def recommend(
+        self, queries: np.ndarray, k: int, extra: Sequence[Sequence[str]]
+    ) -> list[tuple[list[str], np.ndarray]]:
+        """Per query, the k nearest of (its nearest-neighbour shortlist ∪ ``extra[b]``), by
+        exact float64 distance: the serving path, batched.
+
+        The shortlist is the 2k best rows by the BLAS form (exact tier) or the IVF overlay's
+        ``rerank_factor · k`` proposals; the union is re-ranked for all queries at once.
+        """
+        q = self._queries(queries, k)
+        store, n = self._store, len(self)
+        if n == 0:
+            return [([], np.empty(0)) for _ in range(q.shape[0])]
+        high = store.high
+        if self._ivf is None:
+            d = store.sqnorm[:high][None, :] - 2.0 * (q @ store.data[:high].T)  # (B, H)
+            m = min(2 * k, high)
+            short = (
+                np.argpartition(d, m - 1, axis=1)[:, :m]
+                if m < high
+                else np.tile(np.arange(high), (q.shape[0], 1))
+            )
+        else:
+            self._ivf.index.nprobe = min(self.nprobe, self._ivf.index.nlist)
+            with _single_thread_if_small(q.shape[0]):
+                _, short = self._ivf.index.search(q, min(k, n) * self.rerank_factor)
+        rows_of = store.rows
+        lists = [
+            np.unique(
+                np.concatenate(
+                    [
+                        short[b][short[b] >= 0],
+                        np.fromiter((rows_of[i] for i in extra[b] if i in rows_of), dtype=np.int64),
+                    ]
+                ).astype(np.int64)
+            )
+            for b in range(q.shape[0])
+        ]
+        width = max(len(r) for r in lists)
+        rows = np.full((q.shape[0], width), -1, dtype=np.int64)
+        for b, r in enumerate(lists):
+            rows[b, : len(r)] = r
+        diff = store.data[np.maximum(rows, 0)].astype(np.float64) - q[:, None, :].astype(
+            np.float64
+        )  # (B, W, D)
+        dist = np.einsum("bwd,bwd->bw", diff, diff)
+        dist[(rows < 0) | ~np.isfinite(store.sqnorm[np.maximum(rows, 0)])] = np.inf
+        order = np.argsort(dist, axis=1, kind="stable")[:, :k]
+        out = []
+        for b in range(q.shape[0]):
+            keep = [int(c) for c in order[b] if np.isfinite(dist[b, c])]
+            out.append(([str(store.row_ids[rows[b, c]]) for c in keep], dist[b, keep]))
+        return out
+
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         q = self._queries(queries, k)
         if self._ivf is None:
@@ -551,7 +605,8 @@ class CooccurrenceCandidates:
     sits in a datasketch ``MinHashLSH``. Re-hashing costs O(audience_size · num_perm), so an
     item is re-hashed only after ``rehash_every`` audience changes (a new item is hashed at once):
     the update cost per event is bounded and amortised, at the price of signatures at most
-    ``rehash_every − 1`` users stale.
+    ``rehash_every − 1`` users stale. An item's neighbour list is likewise re-queried only every
+    ``requery_every`` observed events.
 
     >>> cc = CooccurrenceCandidates(threshold=0.5, rehash_every=1)
     >>> for u in range(20):
@@ -569,8 +624,14 @@ class CooccurrenceCandidates:
         threshold: float = 0.2,
         rehash_every: int = 8,
         seed: int = 1,
+        requery_every: int = 256,
     ) -> None:
         self.audience_size = audience_size
+        # An item's LSH neighbours are re-queried after this many observed events (a datasketch
+        # query is ~100 µs of Python; the neighbourhood drifts slowly).
+        self.requery_every = max(1, requery_every)
+        self._observed = 0
+        self._neighbours: dict[str, tuple[int, list[str]]] = {}
         self.rehash_every = max(1, rehash_every)
         self.num_perm = num_perm
         self.seed = seed
@@ -586,6 +647,7 @@ class CooccurrenceCandidates:
 
     def observe(self, user_id: str, item_id: str) -> None:
         """Record that ``user_id`` interacted with ``item_id`` (O(1), re-hash amortised)."""
+        self._observed += 1
         aud = self._audience.setdefault(item_id, OrderedDict())
         if user_id in aud:
             aud.move_to_end(user_id)  # recency only; the set is unchanged, nothing to re-hash
@@ -614,14 +676,26 @@ class CooccurrenceCandidates:
         self._sketch[item_id] = sketch
 
     def flush(self) -> None:
-        """Re-hash every item with pending audience changes (e.g. before a snapshot)."""
+        """Re-hash every item with pending audience changes (e.g. before a snapshot); the
+        next queries see the result."""
+        self._neighbours.clear()
         for item_id, pending in self._pending.items():
             if pending:
                 self._rehash(item_id)
                 self._pending[item_id] = 0
 
+    def _similar(self, item_id: str) -> list[str]:
+        cached = self._neighbours.get(item_id)
+        if cached is not None and self._observed - cached[0] < self.requery_every:
+            return cached[1]
+        sketch = self._sketch.get(item_id)
+        found = [] if sketch is None else list(self._lsh.query(sketch))
+        self._neighbours[item_id] = (self._observed, found)
+        return found
+
     def remove_item(self, item_id: str) -> None:
         """Forget an item and its audience."""
+        self._neighbours.clear()  # the item may be anyone's neighbour
         self._audience.pop(item_id, None)
         self._pending.pop(item_id, None)
         if self._sketch.pop(item_id, None) is not None:
@@ -635,10 +709,7 @@ class CooccurrenceCandidates:
         """
         hits: dict[str, int] = {}
         for item_id in dict.fromkeys(recent_items):
-            sketch = self._sketch.get(item_id)
-            if sketch is None:
-                continue
-            for other in self._lsh.query(sketch):
+            for other in self._similar(item_id):
                 hits[other] = hits.get(other, 0) + 1
         ranked = sorted(hits, key=lambda i: (-hits[i], i))
         return ranked if limit is None else ranked[:limit]

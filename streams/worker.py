@@ -145,18 +145,20 @@ class Serving:
         if not outs:
             return []
         preds = np.stack([o.predicted for o in outs])
-        found: Any = [[] for _ in outs]
-        if len(self.index):
-            found, _ = self.index.search(preds, self.candidates)
+        extra = [
+            [
+                *out.history,
+                *(
+                    self.cooccurrence.candidates(out.history[:3], limit=2 * self.candidates)
+                    if self.cooccurrence is not None
+                    else []
+                ),
+            ]
+            for out in outs
+        ]
+        ranked = self.index.recommend(preds, self.candidates, extra)
         records = []
-        for out, pred, near, rank in zip(outs, preds, found, ranks, strict=True):
-            similar = (
-                self.cooccurrence.candidates(out.history[:3], limit=2 * self.candidates)
-                if self.cooccurrence is not None
-                else []
-            )
-            cand = list(dict.fromkeys([*list(near), *out.history, *similar]))
-            ids, dist = self.index.rerank(pred, cand, self.candidates)
+        for out, pred, (ids, dist), rank in zip(outs, preds, ranked, ranks, strict=True):
             records.append(
                 {
                     "user_id": out.event.user_id,

@@ -251,3 +251,33 @@ def test_ranks_count_the_items_closer_than_the_true_vector() -> None:
     # An id the index does not hold is ranked against every item.
     far = np.full((1, 16), 100.0, dtype=np.float32)
     assert ix.ranks(queries[:1], ["new"], far)[0] == 301
+
+
+@pytest.mark.parametrize("exact_below", [20_000, 1024])
+def test_recommend_is_the_exact_top_k_of_the_shortlist_and_the_extras(exact_below: int) -> None:
+    rng = np.random.default_rng(12)
+    n, dim, k = 3000, 16, 10
+    ix = TieredIndex(dim, exact_below=exact_below, nprobe=64)
+    ids = [f"i{j}" for j in range(n)]
+    vectors = rng.standard_normal((n, dim)).astype(np.float32)
+    ix.upsert(ids, vectors)
+    assert ix.approximate == (exact_below < n)
+    queries = rng.standard_normal((8, dim)).astype(np.float32)
+    extra = [[f"i{j}" for j in rng.integers(0, n, size=5)] + ["unknown"] for _ in range(8)]
+    got = ix.recommend(queries, k, extra)
+    for b in range(8):
+        d = ((vectors.astype(np.float64) - queries[b]) ** 2).sum(axis=1)
+        best = [f"i{j}" for j in np.argsort(d, kind="stable")[:k]]
+        got_ids, got_d = got[b]
+        assert len(got_ids) == k and np.all(np.diff(got_d) >= 0)
+        # The exact top-k over everything (what a full scan returns): recall 1.0 in the
+        # exact tier, and with 64 of the IVF lists probed on 3,000 items.
+        assert got_ids == best
+        np.testing.assert_allclose(got_d, d[[int(i[1:]) for i in best]])
+    # Extras compete on distance: a far item among them is not recommended...
+    far = np.full((1, dim), 50.0, dtype=np.float32)
+    ix.upsert(["far"], far)
+    assert "far" not in ix.recommend(queries[:1], k, [["far"]])[0][0]
+    # ...and the nearest of all comes first.
+    ix.upsert(["close"], queries[:1])
+    assert ix.recommend(queries[:1], k, [["close"]])[0][0][0] == "close"
