@@ -4,11 +4,20 @@ from __future__ import annotations
 
 import json
 import signal
+import threading
+import time
 from collections import Counter
 from pathlib import Path
 
 import pytest
 
+from operators.dataset import bundled_wikipedia
+from schemas import INTERACTION
+from streams.codecs import make_codec
+from streams.kafka import idempotent_producer, partition_for
+from streams.peek import read_all
+from streams.produce import produce_file
+from streams.router import Router
 from streams.settings import Settings
 from tests.streams.harness import (
     HISTORY,
@@ -34,6 +43,11 @@ def test_one_worker_computes_the_sequential_replay(
     kafka: Settings, checkpoint: Path, tmp_path: Path
 ) -> None:
     route(kafka)
+    # Workers hand pre-states to rows they own in memory; that needs the producer's partitioner.
+    for topic in ("user-inbox", "item-inbox"):
+        placed = [(k, p) for k, _v, p, _o in read_all(kafka, kafka.topic(topic)) if k]
+        assert len(placed) == STREAM
+        assert all(p == partition_for(k, kafka.partitions) for k, p in placed)
     worker = start_worker(kafka, checkpoint, 0, tmp_path)
     try:
         recs = wait_for(kafka, STREAM, timeout_s=240)
@@ -54,13 +68,34 @@ def _processed(log: Path) -> int:
     return int(json.loads(lines[-1].split("stopped ", 1)[1])["messages"]) if lines else 0
 
 
+def _wait_until_both_assigned(tmp: Path, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        owned = []
+        for n in (0, 1):
+            log = tmp / f"worker-{n}.log"
+            lines = (
+                [x for x in log.read_text().splitlines() if " assigned [" in x]
+                if log.exists()
+                else []
+            )
+            owned.append(bool(lines) and "assigned []" not in lines[-1])
+        if all(owned):
+            return
+        time.sleep(0.5)
+    raise AssertionError("the two workers did not both get partitions")
+
+
 def test_two_workers_on_four_partitions_compute_the_sequential_replay(
     kafka: Settings, checkpoint: Path, tmp_path: Path
 ) -> None:
     assert kafka.partitions == 4
-    route(kafka)
     workers = [start_worker(kafka, checkpoint, n, tmp_path) for n in (0, 1)]
     try:
+        # Both members hold partitions before the events come, so the exchange crosses
+        # processes (a lone early worker would take everything in memory).
+        _wait_until_both_assigned(tmp_path, timeout_s=120)
+        route(kafka)
         recs = wait_for(kafka, STREAM, timeout_s=240)
     finally:
         for w in workers:
@@ -79,18 +114,37 @@ def test_a_worker_killed_mid_stream_resumes_exactly(
     kafka: Settings, checkpoint: Path, tmp_path: Path
 ) -> None:
     half = STREAM // 2
-    route(kafka, HISTORY, half)
     workers = [start_worker(kafka, checkpoint, n, tmp_path) for n in (0, 1)]
+    router = threading.Thread(
+        target=Router(kafka, grace_s=0.2).run, kwargs={"until_idle_s": 3.0, "max_seconds": 120}
+    )
     try:
+        _wait_until_both_assigned(tmp_path, timeout_s=120)
+        router.start()
+        # Events arrive live, the second half slowly, so the kill lands while they flow.
+        topic = kafka.topic("interactions")
+        codec = make_codec(kafka, INTERACTION, topic)
+        producer = idempotent_producer(kafka)
+        produce_file(bundled_wikipedia(), producer, codec, topic, start=HISTORY, limit=half)
         assert len(wait_for(kafka, half // 2, timeout_s=240)) >= half // 2
-        route(kafka, HISTORY + half, STREAM - half)
-        workers[1].send_signal(signal.SIGKILL)  # while the second half is in flight
+        feeder = threading.Thread(
+            target=produce_file,
+            args=(bundled_wikipedia(), producer, codec, topic),
+            kwargs={"start": HISTORY + half, "limit": STREAM - half, "rate": 100.0},
+        )
+        feeder.start()
+        time.sleep(1.0)
+        workers[1].send_signal(signal.SIGKILL)
         workers[1].wait(timeout=10)
+        before_restart = len(wait_for(kafka, 0, timeout_s=10))
+        feeder.join(timeout=60)
         workers[1] = start_worker(kafka, checkpoint, 1, tmp_path)
         recs = wait_for(kafka, STREAM, timeout_s=240)
     finally:
         for w in workers:
             stop(w)
+        router.join(timeout=130)
+    assert before_restart < STREAM  # the kill happened mid-stream
     assert len(recs) == STREAM, (tmp_path / "worker-1.log").read_text()[-3000:]
     counts = Counter(r["event_id"] for r in recs)
     assert len(counts) == STREAM and counts.most_common(1)[0][1] == 1
