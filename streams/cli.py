@@ -196,6 +196,10 @@ def produce(
     ] = None,
     limit: Annotated[int | None, typer.Option(help="Send at most this many events.")] = None,
     start: Annotated[int, typer.Option(help="Skip this many valid rows first (resume).")] = 0,
+    after: Annotated[
+        Path | None,
+        typer.Option(help="Start after the events this checkpoint was trained on (sets --start)."),
+    ] = None,
     strict: Annotated[
         bool, typer.Option(help="Stop at the first bad row instead of reporting it.")
     ] = False,
@@ -211,6 +215,9 @@ def produce(
 
     settings = get_settings()
     source = path or bundled_wikipedia()
+    if after is not None:
+        meta = json.loads((after / "checkpoint.json").read_text())
+        start = int(meta["log_offsets"]["events"])
     topic = settings.topic("interactions")
     codec = make_codec(settings, "interaction", topic)
     producer = idempotent_producer(settings)
@@ -308,10 +315,17 @@ def recommendations(
     user: Annotated[str | None, typer.Option(help="Only this user's.")] = None,
     limit: Annotated[int | None, typer.Option(help="Stop after this many.")] = None,
     top: Annotated[int, typer.Option(help="Candidates to print per recommendation.")] = 5,
+    summary: Annotated[
+        bool, typer.Option(help="Print only counts, duplicates and the live MRR / Recall@10.")
+    ] = False,
 ) -> None:
     """Print recommendations as a read_committed consumer sees them."""
-    from streams.tail import tail_recommendations
+    from streams.tail import summarise, tail_recommendations
 
+    if summary:
+        recs = tail_recommendations(get_settings(), user=user, limit=limit)
+        out.print(json.dumps(summarise(recs)))
+        return
     for rec in tail_recommendations(get_settings(), follow=follow, user=user, limit=limit):
         items = " ".join(f"{c['item_id']}:{c['score']:.3f}" for c in rec["candidates"][:top])
         p = rec["state_change_probability"]
@@ -323,6 +337,46 @@ def recommendations(
             markup=False,  # the version is in brackets, which rich would read as a style
             soft_wrap=True,  # one line per recommendation, whatever the terminal width
         )
+
+
+@app.command("metrics")
+def metrics(
+    workers: Annotated[int, typer.Option(help="Worker ids 0..N-1 to ask.")] = 1,
+    as_json: Annotated[bool, typer.Option("--json", help="Print each worker's page.")] = False,
+) -> None:
+    """The running workers' /metrics: events applied, events/s, lag, live MRR / Recall@10."""
+    import urllib.request
+
+    settings = get_settings()
+    pages = []
+    for n in range(workers):
+        url = f"http://127.0.0.1:{settings.web_port + n}/metrics"
+        try:
+            with urllib.request.urlopen(url, timeout=5) as response:
+                pages.append(json.loads(response.read()))
+        except OSError as exc:
+            console.print(f"worker {n}: no answer at {url} ({exc})", highlight=False)
+    if as_json:
+        out.print(json.dumps(pages))
+        return
+    events = sum(p["user_events"] for p in pages)
+    online = [p["online"] for p in pages if p["online"]["events"]]
+    total = sum(o["events"] for o in online)
+    mrr = sum(o["mrr"] * o["events"] for o in online) / total if total else float("nan")
+    r10 = sum(o["recall_at_10"] * o["events"] for o in online) / total if total else float("nan")
+    out.print(
+        json.dumps(
+            {
+                "workers": len(pages),
+                "events": events,
+                "events_per_s": round(sum(p["events_per_s"] for p in pages), 1),
+                "lag": sum(max(0, p["lag"]) for p in pages),
+                "mrr": mrr,
+                "recall_at_10": r10,
+                "model_versions": sorted({p["model_version"] for p in pages}),
+            }
+        )
+    )
 
 
 @state_app.command("export")

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
+from collections import Counter
+from collections.abc import Iterable, Iterator
 from typing import Any
 
+import numpy as np
 from confluent_kafka import KafkaError
 
+from operators.metrics import mrr, recall_at_k
 from schemas import RECOMMENDATION, Codec
 from streams.kafka import committed_reader
 from streams.settings import Settings
@@ -49,3 +52,25 @@ def tail_recommendations(
             yield codec.decode(msg.value() or b"")
     finally:
         consumer.close()
+
+
+def summarise(recs: Iterable[dict[str, Any]]) -> dict[str, Any]:
+    """What a consumer saw: counts, duplicates, versions and the live MRR / Recall@10."""
+    ids: Counter[str] = Counter()
+    versions: Counter[str] = Counter()
+    ranks: list[int] = []
+    for rec in recs:
+        ids[rec["event_id"]] += 1
+        versions[rec["model_version"]] += 1
+        if rec.get("rank") is not None:
+            ranks.append(int(rec["rank"]))
+    r = np.asarray(ranks, dtype=np.int64)
+    return {
+        "recommendations": sum(ids.values()),
+        "distinct_events": len(ids),
+        "duplicates": sum(n - 1 for n in ids.values()),
+        "model_versions": dict(versions),
+        "ranked": int(r.size),
+        "mrr": mrr(r),
+        "recall_at_10": recall_at_k(r, 10),
+    }
