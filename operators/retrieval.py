@@ -490,55 +490,63 @@ class TieredIndex(_StoreBacked):
     def recommend(
         self, queries: np.ndarray, k: int, extra: Sequence[Sequence[str]]
     ) -> list[tuple[list[str], np.ndarray]]:
-        """Per query, the k nearest of (its nearest-neighbour shortlist ∪ ``extra[b]``), by
-        exact float64 distance: the serving path, batched.
+        """Per query, the k nearest of (its nearest-neighbour shortlist ∪ ``extra[b]``):
+        the serving path, batched.
 
-        The shortlist is the 2k best rows by the BLAS form (exact tier) or the IVF overlay's
-        ``rerank_factor · k`` proposals; the union is re-ranked for all queries at once.
+        Exact tier: all distances in one BLAS product (float32 ‖x‖² − 2x·q + ‖q‖², which can
+        swap near-ties within ~1e-5 of each other); the 2k best and the extras compete.
+        IVF tier: the overlay's ``rerank_factor · k`` proposals and the extras, by direct
+        float32 distance. Every query's union is ranked at once.
         """
         q = self._queries(queries, k)
         store, n = self._store, len(self)
+        nq = q.shape[0]
         if n == 0:
-            return [([], np.empty(0)) for _ in range(q.shape[0])]
+            return [([], np.empty(0)) for _ in range(nq)]
         high = store.high
+        rows_of = store.rows
+        extra_rows = [
+            np.fromiter((rows_of[i] for i in extra[b] if i in rows_of), dtype=np.int64)
+            for b in range(nq)
+        ]
+        full: np.ndarray | None = None
         if self._ivf is None:
-            d = store.sqnorm[:high][None, :] - 2.0 * (q @ store.data[:high].T)  # (B, H)
+            # Every distance at BLAS speed (‖x‖² − 2x·q + ‖q‖², holes +inf): the shortlist and
+            # the extras are read off the same matrix, no vector is gathered.
+            full = store.sqnorm[:high][None, :] - 2.0 * (q @ store.data[:high].T)  # (B, H)
+            full += np.einsum("ij,ij->i", q, q)[:, None]
             m = min(2 * k, high)
             short = (
-                np.argpartition(d, m - 1, axis=1)[:, :m]
+                np.argpartition(full, m - 1, axis=1)[:, :m]
                 if m < high
-                else np.tile(np.arange(high), (q.shape[0], 1))
+                else np.tile(np.arange(high), (nq, 1))
             )
         else:
             self._ivf.index.nprobe = min(self.nprobe, self._ivf.index.nlist)
-            with _single_thread_if_small(q.shape[0]):
+            with _single_thread_if_small(nq):
                 _, short = self._ivf.index.search(q, min(k, n) * self.rerank_factor)
-        rows_of = store.rows
         lists = [
-            np.unique(
-                np.concatenate(
-                    [
-                        short[b][short[b] >= 0],
-                        np.fromiter((rows_of[i] for i in extra[b] if i in rows_of), dtype=np.int64),
-                    ]
-                ).astype(np.int64)
-            )
-            for b in range(q.shape[0])
+            np.unique(np.concatenate([short[b][short[b] >= 0], extra_rows[b]])) for b in range(nq)
         ]
         width = max(len(r) for r in lists)
-        rows = np.full((q.shape[0], width), -1, dtype=np.int64)
+        rows = np.full((nq, width), -1, dtype=np.int64)
         for b, r in enumerate(lists):
             rows[b, : len(r)] = r
-        diff = store.data[np.maximum(rows, 0)].astype(np.float64) - q[:, None, :].astype(
-            np.float64
-        )  # (B, W, D)
-        dist = np.einsum("bwd,bwd->bw", diff, diff)
-        dist[(rows < 0) | ~np.isfinite(store.sqnorm[np.maximum(rows, 0)])] = np.inf
+        safe = np.maximum(rows, 0)
+        if full is not None:
+            dist = np.take_along_axis(full, safe, axis=1).astype(np.float64)
+        else:
+            diff = store.data[safe] - q[:, None, :]  # (B, W, D)
+            dist = np.einsum("bwd,bwd->bw", diff, diff).astype(np.float64)
+        dist[(rows < 0) | ~np.isfinite(store.sqnorm[safe])] = np.inf
         order = np.argsort(dist, axis=1, kind="stable")[:, :k]
+        top = np.take_along_axis(dist, order, axis=1)
+        picked = np.take_along_axis(rows, order, axis=1)
+        row_ids = store.row_ids
         out = []
-        for b in range(q.shape[0]):
-            keep = [int(c) for c in order[b] if np.isfinite(dist[b, c])]
-            out.append(([str(store.row_ids[rows[b, c]]) for c in keep], dist[b, keep]))
+        for b in range(nq):
+            finite = np.isfinite(top[b])
+            out.append(([str(row_ids[r]) for r in picked[b][finite].tolist()], top[b][finite]))
         return out
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
