@@ -7,7 +7,7 @@ import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, Producer
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer
 from confluent_kafka.admin import AdminClient
 
 from streams.settings import Settings
@@ -113,3 +113,13 @@ def murmur2(data: bytes) -> int:
 def partition_for(key: bytes, partitions: int) -> int:
     """The partition the Java partitioner (and ``murmur2_random``) gives a non-empty key."""
     return (murmur2(key) & 0x7FFFFFFF) % partitions
+
+
+def take(consumer: Consumer, most: int, timeout_s: float) -> list[Message]:
+    """Up to ``most`` messages: waits at most ``timeout_s`` for the first, then takes only
+    what is already fetched. (``consume(n, timeout)`` alone waits the whole timeout whenever
+    fewer than n messages are there, which adds that timeout to every hop's latency.)"""
+    first = consumer.poll(timeout_s)
+    if first is None:
+        return []
+    return [first, *consumer.consume(num_messages=most - 1, timeout=0)] if most > 1 else [first]

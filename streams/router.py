@@ -29,7 +29,7 @@ from operators.streaming import EventData
 from schemas import INTERACTION, SEQUENCED_INTERACTION, DecodeError, SchemaError
 from schemas.codec import INBOX_MESSAGE, Codec
 from streams.codecs import make_codec
-from streams.kafka import retry_transient
+from streams.kafka import retry_transient, take
 from streams.peek import read_all
 from streams.records import inbox_event
 from streams.settings import Settings
@@ -111,6 +111,7 @@ class Router:
         self.out_codec = make_codec(settings, SEQUENCED_INTERACTION, self.log_topic)
         self.n_features = n_features
         self.stats = RouterStats()
+        self._behind_since: dict[int, float] = {}
 
     def _clients(self) -> tuple[Consumer, Producer]:
         base = {"bootstrap.servers": self.settings.bootstrap_servers, "logger": _log}
@@ -189,7 +190,7 @@ class Router:
             now = time.monotonic()
             if max_seconds is not None and now - began > max_seconds:
                 return
-            messages = consumer.consume(num_messages=self.batch, timeout=0.1)
+            messages = take(consumer, self.batch, 0.1)
             now = time.monotonic()
             for msg in messages:
                 err = msg.error()
@@ -201,12 +202,15 @@ class Router:
                     raise RuntimeError(f"router consumer: {err}")
                 at_end[p] = False
                 last_message[p] = now
+                self._behind_since.pop(p, None)
                 offset = msg.offset() or 0
                 next_offsets[p] = offset + 1
                 value = msg.value() or b""
                 raw[(p, offset)] = (msg.key(), value)
                 self._offer(sequencer, p, offset, value)
             idle = {p for p in partitions if at_end[p] and now - last_message[p] >= self.grace_s}
+            if idle and sequencer.buffered():
+                idle = {p for p in idle if self._drained(consumer, p, next_offsets[p], now)}
             result = sequencer.drain(idle)
             offsets = sequencer.committable(next_offsets)
             if result.sequenced or result.rejected or result.duplicates:
@@ -226,6 +230,26 @@ class Router:
                 and now - last_progress > until_idle_s
             ):
                 return
+
+    def _drained(self, consumer: Consumer, partition: int, position: int, now: float) -> bool:
+        """Whether the broker holds nothing past ``position`` for ``partition``.
+
+        Quiet by our own clock is not enough: a router busy committing for longer than the
+        grace period would take a partition whose next events are already written (but not
+        yet fetched) for idle, and those events would then be rejected as time_backwards.
+        A partition whose end stays ahead of us for 20 grace periods without a message
+        (e.g. an aborted transaction's marker at the end) counts as idle all the same.
+        """
+        _low, high = retry_transient(
+            lambda: consumer.get_watermark_offsets(
+                TopicPartition(self.source, partition), timeout=10, cached=False
+            )
+        )
+        if position >= high:
+            self._behind_since.pop(partition, None)
+            return True
+        since = self._behind_since.setdefault(partition, now)
+        return now - since >= 20 * self.grace_s
 
     def _offer(self, sequencer: Sequencer, partition: int, offset: int, value: bytes) -> None:
         try:

@@ -94,8 +94,8 @@ class Settings(BaseSettings):
     commit_interval_s: float = Field(
         0.1,
         description=(
-            "JODIE_COMMIT_INTERVAL_S: how often workers commit their transaction; outputs "
-            "become visible to read_committed consumers at each commit."
+            "JODIE_COMMIT_INTERVAL_S: longest an idle worker waits for a message before it "
+            "looks at its other duties; it commits one transaction per batch it takes."
         ),
     )
     worker_batch: int = Field(

@@ -60,7 +60,7 @@ from operators.streaming import (
 from schemas import Codec
 from schemas.codec import ENTITY_RECORD, INBOX_MESSAGE, RECOMMENDATION, SEQUENCED_INTERACTION
 from streams.codecs import make_codec
-from streams.kafka import partition_for
+from streams.kafka import partition_for, take
 from streams.records import (
     inbox_from_record,
     inbox_to_record,
@@ -489,19 +489,14 @@ class Worker:
         )
         began = last_report = time.monotonic()
         reported_events = 0
-        busy = False
         try:
             while not self._stop.is_set():
                 if max_seconds is not None and time.monotonic() - began > max_seconds:
                     break
                 feed.poll(self.processor.applied_seq)
-                # Busy: take what is there now (a partner may be waiting for our answer); idle:
-                # wait up to the commit interval for a batch to gather.
-                messages = consumer.consume(
-                    num_messages=self.settings.worker_batch,
-                    timeout=0.005 if busy else self.settings.commit_interval_s,
+                messages = take(
+                    consumer, self.settings.worker_batch, self.settings.commit_interval_s
                 )
-                busy = bool(messages)
                 if messages:
                     self._process(consumer, producer, messages)
                 now = time.monotonic()
