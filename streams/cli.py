@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -291,6 +292,82 @@ def router(
         until_idle_s=until_idle, on_ready=ready
     )
     out.print(json.dumps(stats.__dict__))
+
+
+models_app = typer.Typer(
+    no_args_is_help=True,
+    help="Checkpoints announced on the `models` topic: list, promote, roll back.",
+)
+app.add_typer(models_app, name="models")
+ModelName = Annotated[str, typer.Option("--name", help="Model name (the registry key).")]
+
+
+def _registry(name: str) -> Any:
+    from streams.models import Registry
+
+    return Registry(get_settings(), name)
+
+
+def _registry_call(call: Callable[[], Any]) -> Any:
+    try:
+        return call()
+    except JodieError as exc:
+        raise _fail(exc) from exc
+
+
+@models_app.command("announce")
+def models_announce(
+    checkpoint: Annotated[Path, typer.Argument(help="Checkpoint directory to announce.")],
+    version: Annotated[str | None, typer.Option(help="Version name (default v<N>).")] = None,
+    promote: Annotated[bool, typer.Option(help="Also make it the serving version.")] = False,
+    name: ModelName = "jodie",
+) -> None:
+    """Copy a verified checkpoint into JODIE_MODEL_STORE and announce it on `models`."""
+    registry = _registry(name)
+    record = _registry_call(lambda: registry.announce(checkpoint, version))
+    if promote:
+        record = _registry_call(lambda: registry.promote(record["version"]))
+    out.print(json.dumps(record))
+
+
+@models_app.command("list")
+def models_list(name: ModelName = "jodie") -> None:
+    """Every announced version, oldest first; the serving one is marked."""
+    registry = _registry(name)
+    serving = _registry_call(registry.serving)
+    for r in _registry_call(registry.versions):
+        mark = "*" if serving is not None and serving["version"] == r["version"] else " "
+        mrr = r["metrics"].get("valid_mrr_frozen")
+        out.print(
+            f"{mark} {r['version']}  log_seq {r['log_seq']}  "
+            f"valid MRR {mrr if mrr is None else round(mrr, 4)}  {r['uri']}",
+            highlight=False,
+        )
+
+
+@models_app.command("show")
+def models_show(
+    version: Annotated[str, typer.Argument(help="The version to show.")], name: ModelName = "jodie"
+) -> None:
+    """One version's announcement (JSON)."""
+    registry = _registry(name)
+    out.print(json.dumps(_registry_call(lambda: registry.show(version))))
+
+
+@models_app.command("promote")
+def models_promote(
+    version: Annotated[str, typer.Argument(help="The version to serve.")], name: ModelName = "jodie"
+) -> None:
+    """Make a version the serving one (its checkpoint's digest is checked first)."""
+    registry = _registry(name)
+    out.print(json.dumps(_registry_call(lambda: registry.promote(version))))
+
+
+@models_app.command("rollback")
+def models_rollback(name: ModelName = "jodie") -> None:
+    """Serve again the version that served before the current one."""
+    registry = _registry(name)
+    out.print(json.dumps(_registry_call(registry.rollback)))
 
 
 state_app = typer.Typer(no_args_is_help=True, help="The workers' state, read from Kafka.")

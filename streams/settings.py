@@ -88,6 +88,13 @@ class Settings(BaseSettings):
         default_factory=lambda: _default_cache() / "state",
         description="JODIE_STATE_DIR: RocksDB tables of the workers (one folder per worker id).",
     )
+    model_store: Path = Field(
+        default_factory=lambda: _default_cache() / "models",
+        description=(
+            "JODIE_MODEL_STORE: where announced checkpoints are kept (a local directory; "
+            "announcements carry its file:// URI)."
+        ),
+    )
     web_port: int = Field(
         6066, description="JODIE_WEB_PORT: first worker's HTTP port (/metrics); worker N adds N."
     )
