@@ -69,6 +69,8 @@ def test_recommendation_and_announcement_round_trip() -> None:
         "log_offsets": [{"partition": 0, "offset": 10}, {"partition": 1, "offset": 7}],
         "metrics": {"valid_mrr": 0.75},
         "created_at_ms": 1_700_000_000_000,
+        "log_seq": 1234,
+        "previous_version": "v2",
     }
     assert Codec(MODEL_ANNOUNCEMENT).decode(Codec(MODEL_ANNOUNCEMENT).encode(ann)) == ann
 
