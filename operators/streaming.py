@@ -357,6 +357,21 @@ class CheckpointStates:
         self._user_rows = {u: r for r, u in enumerate(self.users.ids)}
         self._item_rows = {i: r for r, i in enumerate(self.items.ids)}
         self._item_ids = self.items.ids
+        # A checkpoint replayed from interactions.log knows each entity's last event there
+        # (its seq): the stream continues each entity's chain from it, and skips the events
+        # the checkpoint already holds. Trained from a file: -1, the stream starts after it.
+        seqs = getattr(ckpt, "last_seq", None)
+        self._user_seq = None if seqs is None else np.asarray(seqs.users, dtype=np.int64)
+        self._item_seq = None if seqs is None else np.asarray(seqs.items, dtype=np.int64)
+
+    def user_seq(self, user_id: str) -> int:
+        """Seq of the user's last event in the checkpoint's log replay (-1: none known)."""
+        row = self._user_rows.get(user_id)
+        return -1 if row is None or self._user_seq is None else int(self._user_seq[row])
+
+    def item_seq(self, item_id: str) -> int:
+        row = self._item_rows.get(item_id)
+        return -1 if row is None or self._item_seq is None else int(self._item_seq[row])
 
     def user(self, user_id: str) -> EntityState:
         row = self._user_rows.get(user_id)

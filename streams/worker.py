@@ -242,8 +242,9 @@ class Processor:
         return self.record_codec.encode(inbox_to_record(box, self.serving.version))
 
     def initial(self, side: str) -> Callable[[bytes], Box]:
-        start = self.serving.baseline.user if side == "user" else self.serving.baseline.item
-        return lambda key: Inbox(state=start(key.decode()))
+        base = self.serving.baseline
+        start, seq = (base.user, base.user_seq) if side == "user" else (base.item, base.item_seq)
+        return lambda key: Inbox(state=start(key.decode()), applied_seq=seq(key.decode()))
 
     def process(
         self, messages: list[tuple[str, Box, bytes]], local: Local | None = None
