@@ -376,14 +376,33 @@ app.add_typer(state_app, name="state")
 
 @app.command("worker")
 def worker(
-    checkpoint: Annotated[Path, typer.Option(help="Checkpoint directory to serve.")],
+    checkpoint: Annotated[
+        Path | None, typer.Option(help="Checkpoint directory to serve (or --model).")
+    ] = None,
+    model: Annotated[
+        str | None,
+        typer.Option(help="Serve this model's promoted version from the registry (verified)."),
+    ] = None,
     worker_id: Annotated[int, typer.Option("--id", help="Worker number: state dir and port.")] = 0,
     loglevel: Annotated[str, typer.Option(help="critical|error|warning|info|debug")] = "info",
 ) -> None:
     """A streaming worker: user and item sides, RocksDB tables, recommendations, exactly once."""
     from streams.worker import run_worker
 
-    run_worker(get_settings(), worker_id, checkpoint, loglevel=loglevel)
+    settings = get_settings()
+    version = None
+    if (checkpoint is None) == (model is None):
+        raise typer.BadParameter("give exactly one of --checkpoint and --model")
+    if model is not None:
+        from streams.models import verified
+
+        serving = _registry_call(_registry(model).serving)
+        if serving is None:
+            raise _fail(JodieError(f"model {model}: no promoted version on the models topic"))
+        checkpoint = _registry_call(lambda: verified(serving))
+        version = serving["version"]
+    assert checkpoint is not None
+    run_worker(settings, worker_id, checkpoint, loglevel=loglevel, version=version)
 
 
 @app.command("recommendations")

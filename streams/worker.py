@@ -99,7 +99,7 @@ class Serving:
     cooccurrence: CooccurrenceCandidates | None = None
 
     @classmethod
-    def load(cls, settings: Settings, checkpoint_dir: Path) -> Serving:
+    def load(cls, settings: Settings, checkpoint_dir: Path, version: str | None = None) -> Serving:
         torch.set_num_threads(1)  # one event at a time: threads only add synchronisation
         ckpt = load_checkpoint(checkpoint_dir)
         cfg = ckpt.config
@@ -112,7 +112,7 @@ class Serving:
         return cls(
             settings=settings,
             checkpoint=ckpt,
-            version=model_version(ckpt),
+            version=version or model_version(ckpt),
             stream=StreamModel(ckpt.model, settings.horizon_s),
             baseline=baseline,
             index=index,
@@ -380,10 +380,16 @@ class _Feeds:
 class Worker:
     """One worker process: consumer group member, transactional producer, tables."""
 
-    def __init__(self, settings: Settings, worker_id: int, checkpoint_dir: Path) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        worker_id: int,
+        checkpoint_dir: Path,
+        version: str | None = None,
+    ) -> None:
         self.settings = settings
         self.worker_id = worker_id
-        self.serving = Serving.load(settings, checkpoint_dir)
+        self.serving = Serving.load(settings, checkpoint_dir, version)
         self.stats = WorkerStats()
         self.processor = Processor(settings, self.serving, self.stats)
         root = settings.state_dir / app_id(settings) / f"worker-{worker_id}"
@@ -636,14 +642,18 @@ def _serve_metrics(worker: Worker, port: int) -> ThreadingHTTPServer | None:
 
 
 def run_worker(
-    settings: Settings, worker_id: int, checkpoint_dir: Path, loglevel: str = "warn"
+    settings: Settings,
+    worker_id: int,
+    checkpoint_dir: Path,
+    loglevel: str = "warn",
+    version: str | None = None,
 ) -> None:
     """Run one worker until it is stopped (SIGTERM / Ctrl-C); /metrics on web_port + id."""
     logging.basicConfig(
         level=getattr(logging, loglevel.upper(), logging.WARNING),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    worker = Worker(settings, worker_id, checkpoint_dir)
+    worker = Worker(settings, worker_id, checkpoint_dir, version)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: worker.stop())
     server = _serve_metrics(worker, settings.web_port + worker_id)

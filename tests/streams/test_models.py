@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -10,7 +13,7 @@ import pytest
 from operators.exceptions import CheckpointError
 from streams.models import Registry, RegistryError, checkpoint_digest, verified
 from streams.settings import Settings
-from tests.streams.harness import make_checkpoint
+from tests.streams.harness import make_checkpoint, route, stop, wait_for
 
 pytestmark = pytest.mark.kafka
 
@@ -78,3 +81,30 @@ def test_a_tampered_checkpoint_is_refused(
     weights.write_bytes(bytes(data))
     with pytest.raises(CheckpointError):
         Registry(kafka, name="tamper2").announce(copy, store=tmp_path / "store2")
+
+
+def test_a_worker_serves_the_promoted_version(
+    kafka: Settings, checkpoints: tuple[Path, Path], tmp_path: Path
+) -> None:
+    a, _b = checkpoints
+    registry = Registry(kafka)
+    store = tmp_path / "store"
+    registry.announce(a, store=store)
+    registry.promote("v1")
+    events = 60
+    route(kafka, 300, events)  # checkpoint "a" holds the first 300 events
+    env = {
+        **os.environ,
+        "JODIE_TOPIC_PREFIX": kafka.topic_prefix,
+        "JODIE_STATE_DIR": str(tmp_path / "state"),
+        "JODIE_WEB_PORT": "16166",
+    }
+    log = (tmp_path / "worker.log").open("ab")
+    cmd = [sys.executable, "-m", "streams", "worker", "--model", "jodie", "--id", "0"]
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        recs = wait_for(kafka, events, timeout_s=180)
+    finally:
+        stop(proc)
+    assert len(recs) == events, (tmp_path / "worker.log").read_text()[-2000:]
+    assert {r["model_version"] for r in recs} == {"v1"}
