@@ -59,6 +59,7 @@ from operators.streaming import (
 )
 from schemas import Codec
 from schemas.codec import ENTITY_RECORD, INBOX_MESSAGE, RECOMMENDATION, SEQUENCED_INTERACTION
+from schemas.exceptions import JodieError
 from streams.codecs import make_codec
 from streams.kafka import partition_for, take
 from streams.records import (
@@ -75,6 +76,10 @@ from streams.topics import app_id, changelog_topic
 _log = logging.getLogger("jodie.worker")
 
 Box = Inbox[EntityState, EntityState]
+
+
+class ModelMismatchError(JodieError):
+    """A table row was computed by another model version than the one served."""
 
 
 def model_version(ckpt: Checkpoint) -> str:
@@ -236,7 +241,19 @@ class Processor:
 
     # Row codecs for the tables.
     def decoder(self, side: str) -> Callable[[bytes, bytes], Box]:
-        return lambda _key, raw: inbox_from_record(self.record_codec.decode(raw), side)
+        def decode(key: bytes, raw: bytes) -> Box:
+            record = self.record_codec.decode(raw)
+            if record["model_version"] != self.serving.version:
+                # New weights on states computed by other weights would be neither model:
+                # never mix them (switching versions needs a replay, not a restart).
+                raise ModelMismatchError(
+                    f"{side} {key.decode()!r} was computed by model {record['model_version']}; "
+                    f"this worker serves {self.serving.version}. Serve a new version on fresh "
+                    "topics (JODIE_TOPIC_PREFIX) until live switching exists."
+                )
+            return inbox_from_record(record, side)
+
+        return decode
 
     def encode(self, box: Box) -> bytes:
         return self.record_codec.encode(inbox_to_record(box, self.serving.version))

@@ -19,7 +19,7 @@ from streams.kafka import partition_for
 from streams.records import inbox_event
 from streams.router import event_data_of
 from streams.settings import Settings
-from streams.worker import Processor, Serving, WorkerStats
+from streams.worker import ModelMismatchError, Processor, Serving, WorkerStats
 from tests.streams.harness import HISTORY, make_checkpoint, reference
 
 STREAM = 150
@@ -112,3 +112,14 @@ def test_batches_in_any_order_reproduce_the_sequential_replay(
         row = store.row(key.decode())
         assert row is not None and box.idle and box.state.embedding is not None
         np.testing.assert_allclose(box.state.embedding, store.emb[row].numpy(), atol=1e-5)
+
+
+def test_rows_of_another_model_version_are_refused(checkpoint: Path) -> None:
+    settings = Settings(topic_prefix="unit-")
+    serving = Serving.load(settings, checkpoint)
+    proc = Processor(settings, serving, WorkerStats())
+    row = proc.encode(proc.initial("user")(b"u1"))
+    other = Processor(settings, Serving.load(settings, checkpoint, version="v2"), WorkerStats())
+    assert proc.decoder("user")(b"u1", row).applied_seq == -1
+    with pytest.raises(ModelMismatchError, match="computed by model"):
+        other.decoder("user")(b"u1", row)
