@@ -3,7 +3,8 @@
 Layout::
 
     model.safetensors    network weights (+ fitted scorer parameters, ``scorer.*``)
-    states.safetensors   user/item dynamic embeddings, last event times, user histories
+    states.safetensors   user/item dynamic embeddings, last event times, user histories,
+                         and (checkpoints trained from interactions.log) each row's last seq
     user_ids.json        row → user id (safetensors holds tensors only)
     item_ids.json        row → item id
     checkpoint.json      model and train config, data fingerprint, split, metrics,
@@ -22,6 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
@@ -37,6 +40,17 @@ USER_IDS_FILE = "user_ids.json"
 ITEM_IDS_FILE = "item_ids.json"
 META_FILE = "checkpoint.json"
 _SEALED = (MODEL_FILE, STATES_FILE, USER_IDS_FILE, ITEM_IDS_FILE)
+# Keys of the last-seq tensors in STATES_FILE; absent from checkpoints trained from a CSV.
+_LAST_SEQ = ("user.last_seq", "item.last_seq")
+
+
+@dataclass(frozen=True)
+class EntitySeqs:
+    """For every user and item row of a checkpoint's states, the seq (position in
+    interactions.log) of that entity's last event the states include, -1 for none."""
+
+    users: np.ndarray  # (n_users,) int64, aligned with States.users rows
+    items: np.ndarray  # (n_items,) int64, aligned with States.items rows
 
 
 @dataclass
@@ -48,6 +62,9 @@ class Checkpoint:
     train_config: TrainConfig
     scorer_tensors: dict[str, Tensor] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
+    # Set for checkpoints trained from interactions.log: the states are at
+    # meta["log_offsets"]["seq"], and this says which event each row last saw.
+    last_seq: EntitySeqs | None = None
 
     @property
     def config(self) -> ModelConfig:
@@ -69,11 +86,13 @@ def save_checkpoint(
     train_config: TrainConfig,
     scorer_tensors: dict[str, Tensor] | None = None,
     meta: dict[str, Any] | None = None,
+    last_seq: EntitySeqs | None = None,
 ) -> Path:
     """Write a checkpoint directory (created if needed); returns its path.
 
     ``meta`` carries e.g. ``data_fingerprint``, ``split``, ``metrics``, ``log_offsets``,
-    ``timespan``; the config and sha256 entries are added here.
+    ``timespan``; the config and sha256 entries are added here. ``last_seq`` goes into the
+    states file, so the sha256 manifest covers it.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -81,6 +100,15 @@ def save_checkpoint(
     weights.update({k: v.detach().contiguous() for k, v in (scorer_tensors or {}).items()})
     save_file(weights, str(out / MODEL_FILE), metadata={"format": str(FORMAT_VERSION)})
     tensors = {**states.users.tensors("user"), **states.items.tensors("item")}
+    if last_seq is not None:
+        for key, seqs, store in zip(
+            _LAST_SEQ, (last_seq.users, last_seq.items), (states.users, states.items), strict=True
+        ):
+            if seqs.shape != (len(store),):
+                raise CheckpointError(
+                    f"{key}: {seqs.shape[0]} entries for {len(store)} {store.kind} rows"
+                )
+            tensors[key] = torch.from_numpy(np.ascontiguousarray(seqs, dtype=np.int64))
     save_file(
         {k: v.contiguous() for k, v in tensors.items()},
         str(out / STATES_FILE),
@@ -155,6 +183,19 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         )
     except (KeyError, ValueError) as err:
         raise CheckpointError(f"{root}: states are incomplete ({err})") from None
+    last_seq = _last_seq(root, tensors, states)
     train_config = TrainConfig.from_dict(meta.get("train_config", {}))
     meta = {k: v for k, v in meta.items() if k not in ("model_config", "train_config")}
-    return Checkpoint(model, states, train_config, scorer_tensors, meta)
+    return Checkpoint(model, states, train_config, scorer_tensors, meta, last_seq)
+
+
+def _last_seq(root: Path, tensors: dict[str, Tensor], states: States) -> EntitySeqs | None:
+    present = [key in tensors for key in _LAST_SEQ]
+    if not any(present):
+        return None  # trained from a CSV, or written before last seqs existed
+    if not all(present):
+        raise CheckpointError(f"{root}: states hold only one of {', '.join(_LAST_SEQ)}")
+    users, items = (tensors[key].numpy().astype(np.int64, copy=False) for key in _LAST_SEQ)
+    if users.shape != (len(states.users),) or items.shape != (len(states.items),):
+        raise CheckpointError(f"{root}: last seqs do not match the states' rows")
+    return EntitySeqs(users, items)

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import numpy as np
 import typer
 from rich.console import Console
+
+if TYPE_CHECKING:
+    from operators.config import TrainConfig
+    from operators.pipeline import RunResult
 
 console = Console(stderr=True)
 
@@ -37,6 +41,26 @@ def _load(path: Path) -> Any:
 def train(
     out: Annotated[Path, typer.Option("--out", help="checkpoint directory to write")],
     data: DataOpt = None,
+    from_topic: Annotated[
+        bool,
+        typer.Option(
+            "--from-topic",
+            help="train on interactions.log instead of a CSV; the checkpoint's states are "
+            "then at the end of the replayed window, where serving resumes",
+        ),
+    ] = False,
+    from_seq: Annotated[
+        int | None, typer.Option(help="--from-topic: first seq to replay (inclusive)")
+    ] = None,
+    until_seq: Annotated[
+        int | None, typer.Option(help="--from-topic: seq to stop before (exclusive)")
+    ] = None,
+    from_time: Annotated[
+        float | None, typer.Option(help="--from-topic: first event time to replay (inclusive)")
+    ] = None,
+    until_time: Annotated[
+        float | None, typer.Option(help="--from-topic: event time to stop before (exclusive)")
+    ] = None,
     epochs: Annotated[
         int, typer.Option(help="training epochs; the best by validation MRR is kept")
     ] = 10,
@@ -47,7 +71,11 @@ def train(
     ] = "history",
     threads: Annotated[int, typer.Option(help="torch intra-op threads")] = 1,
 ) -> None:
-    """Train JODIE with t-batches on the first 80% of the events and write a checkpoint."""
+    """Train JODIE with t-batches on the first 80% of the events and write a checkpoint.
+
+    With --from-topic the events are the committed interactions.log in canonical order
+    (optionally a window of seqs and/or event times), split 80/10/10 like a CSV.
+    """
     import torch
 
     from operators.config import ModelConfig, TrainConfig
@@ -55,22 +83,71 @@ def train(
 
     if scorer not in ("history", "plain"):
         raise typer.BadParameter("--scorer must be 'history' or 'plain'")
+    window_given = any(v is not None for v in (from_seq, until_seq, from_time, until_time))
+    if from_topic and data is not None:
+        raise typer.BadParameter("--from-topic and --data are mutually exclusive")
+    if window_given and not from_topic:
+        raise typer.BadParameter("--from/--until-seq and --from/--until-time need --from-topic")
     torch.set_num_threads(threads)
-    path = _data_path(data)
-    log = _load(path)
     config = TrainConfig(
         epochs=epochs,
         seed=seed,
         threads=threads,
         model=ModelConfig(scorer=scorer),  # type: ignore[arg-type]
     )
-    run = run_training(log, config, out_dir=out, data_path=path)
+    if from_topic:
+        run = _train_from_topic(out, config, from_seq, until_seq, from_time, until_time)
+    else:
+        path = _data_path(data)
+        run = run_training(_load(path), config, out_dir=out, data_path=path)
     res = run.result
     console.print(
         f"best epoch {res.best_epoch + 1}/{epochs}: valid MRR (frozen, plain) "
         f"{res.metrics['valid_mrr_frozen']:.4f}; "
         f"{np.mean(res.curves['epoch_seconds']):.1f} s/epoch; checkpoint {run.checkpoint}"
     )
+
+
+def _train_from_topic(
+    out: Path,
+    config: TrainConfig,
+    from_seq: int | None,
+    until_seq: int | None,
+    from_time: float | None,
+    until_time: float | None,
+) -> RunResult:
+    from operators.pipeline import run_training
+    from schemas.exceptions import JodieError
+    from streams.replay import Window, replay_log
+    from streams.settings import get_settings
+
+    settings = get_settings()
+    try:
+        window = Window(from_seq, until_seq, from_time, until_time)
+        replayed = replay_log(settings, window, progress=True)
+    except JodieError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(code=2) from exc
+    log, seqs = replayed.log, replayed.seqs
+    if replayed.after_gap:
+        console.print(
+            f"[yellow]{replayed.after_gap} events after a missing seq were left out "
+            "(a transaction committed while reading began); the window ends before it[/yellow]"
+        )
+    # Fewer events leave an empty validation split, which cannot pick an epoch.
+    if len(log) < 10:
+        console.print(f"[red]error:[/red] the window holds {len(log)} events; need at least 10")
+        raise typer.Exit(code=2)
+    console.print(
+        f"replayed {len(log):,} events, seq {int(seqs[0])}..{int(seqs[-1])}, from "
+        f"{replayed.read:,} read in {replayed.seconds:.1f} s ({replayed.events_per_s:,.0f} ev/s)"
+    )
+    source = {
+        "topic": settings.topic("interactions.log"),
+        "window": window.to_dict(),
+        "seqs": [int(seqs[0]), int(seqs[-1]) + 1],
+    }
+    return run_training(log, config, out_dir=out, seqs=seqs, source=source)
 
 
 def evaluate(
@@ -117,6 +194,13 @@ def evaluate(
     if checkpoint is None and baseline is None:
         raise typer.BadParameter("--checkpoint is required unless --baseline is given")
     ckpt = load_checkpoint(checkpoint) if checkpoint is not None else None
+    if ckpt is not None and ckpt.last_seq is not None and baseline is None:
+        # Its states already went through the validation and test events; replaying them
+        # again on top would score a model that has seen them.
+        raise typer.BadParameter(
+            "this checkpoint was trained --from-topic: its states are at the end of the "
+            "replayed window, past the validation and test splits (see its metrics instead)"
+        )
     log = _load(path)
     stored = ckpt.meta.get("split") if ckpt is not None else None
     if ckpt is not None:

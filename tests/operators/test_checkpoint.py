@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import struct
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from operators.checkpoint import load_checkpoint, save_checkpoint, verify
+from operators.checkpoint import EntitySeqs, load_checkpoint, save_checkpoint, verify
 from operators.config import TrainConfig
 from operators.events import encode
 from operators.exceptions import CheckpointError
@@ -19,8 +20,11 @@ from operators.train import batched, replay
 
 from .conftest import build_log
 
+# Seqs of the _saved log's events; users a, b, c and items x, y last appear at these.
+_SEQS = EntitySeqs(np.array([12, 11, 2**40], np.int64), np.array([2**40, 12], np.int64))
 
-def _saved(tmp_path: Path, model: Jodie) -> tuple[Path, States]:
+
+def _saved(tmp_path: Path, model: Jodie, last_seq: EntitySeqs | None = None) -> tuple[Path, States]:
     log = build_log(["a", "b", "a", "c"], ["x", "y", "y", "x"], [0.0, 1.5, 2.25, 7.0])
     states = States.empty(8, 8, 8, 4)
     replay(model, states, batched(encode(log, states), model.config, 2.0))
@@ -32,8 +36,19 @@ def _saved(tmp_path: Path, model: Jodie) -> tuple[Path, States]:
         TrainConfig(epochs=3, model=model.config),
         scorer,
         {"split": {"train": [0, 4]}, "log_offsets": {"events": 4}, "metrics": {"mrr": 0.5}},
+        last_seq,
     )
     return path, states
+
+
+def _flip_in_tensor(path: Path, key: str) -> None:
+    """Flip one bit of ``key``'s data in a safetensors file (8-byte header size, JSON header,
+    then the data at the header's offsets)."""
+    data = bytearray(path.read_bytes())
+    (size,) = struct.unpack("<Q", data[:8])
+    start, _stop = json.loads(data[8 : 8 + size])[key]["data_offsets"]
+    data[8 + size + start] ^= 0x01
+    path.write_bytes(bytes(data))
 
 
 def test_round_trip_is_bit_exact(tmp_path: Path, tiny_model: Jodie) -> None:
@@ -87,3 +102,32 @@ def test_manifest_without_hashes_is_rejected(tmp_path: Path, tiny_model: Jodie) 
     (path / "checkpoint.json").write_text(json.dumps(meta))
     with pytest.raises(CheckpointError):
         load_checkpoint(path)
+
+
+def test_last_seq_round_trip_is_bit_exact(tmp_path: Path, tiny_model: Jodie) -> None:
+    path, states = _saved(tmp_path, tiny_model, _SEQS)
+    ck = load_checkpoint(path)
+    assert ck.last_seq is not None
+    assert ck.last_seq.users.dtype == np.int64 and ck.last_seq.items.dtype == np.int64
+    np.testing.assert_array_equal(ck.last_seq.users, _SEQS.users)
+    np.testing.assert_array_equal(ck.last_seq.items, _SEQS.items)
+    assert len(ck.last_seq.users) == len(states.users) == len(ck.states.users)
+    assert torch.equal(ck.states.users.emb, states.users.emb)
+
+
+def test_checkpoint_without_last_seq_loads_with_none(tmp_path: Path, tiny_model: Jodie) -> None:
+    path, _ = _saved(tmp_path, tiny_model)
+    assert load_checkpoint(path).last_seq is None
+
+
+def test_tampered_last_seq_is_detected(tmp_path: Path, tiny_model: Jodie) -> None:
+    path, _ = _saved(tmp_path, tiny_model, _SEQS)
+    _flip_in_tensor(path / "states.safetensors", "item.last_seq")
+    with pytest.raises(CheckpointError, match="sha256"):
+        load_checkpoint(path)
+
+
+def test_last_seq_must_match_the_rows(tmp_path: Path, tiny_model: Jodie) -> None:
+    short = EntitySeqs(_SEQS.users[:2], _SEQS.items)
+    with pytest.raises(CheckpointError, match="user rows"):
+        _saved(tmp_path, tiny_model, short)
