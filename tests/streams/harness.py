@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from operators.checkpoint import load_checkpoint, save_checkpoint
+from operators.checkpoint import EntitySeqs, load_checkpoint, save_checkpoint
 from operators.config import ModelConfig, TrainConfig
 from operators.dataset import bundled_wikipedia, load_interactions
 from operators.model import Jodie
@@ -38,7 +38,11 @@ HISTORY = 1500  # events the checkpoint has seen
 STREAM = 400  # events streamed after it
 
 
-def make_checkpoint(out: Path, history: int = HISTORY, version: str = "test-v1") -> Path:
+def make_checkpoint(
+    out: Path, history: int = HISTORY, version: str = "test-v1", with_seqs: bool = False
+) -> Path:
+    """``with_seqs``: record each entity's last seq, as a checkpoint replayed from a log that
+    holds the first ``history`` rows (seq = row) does."""
     log = load_interactions(bundled_wikipedia())
     torch.manual_seed(0)
     cfg = ModelConfig(
@@ -54,7 +58,15 @@ def make_checkpoint(out: Path, history: int = HISTORY, version: str = "test-v1")
     online = OnlineJodie(model, states)
     for k in range(history):
         online.observe(log.user_ids[k], log.item_ids[k], float(log.timestamps[k]))
-    save_checkpoint(out, model, online.states, TrainConfig(model=cfg), meta={"version": version})
+    seqs = None
+    if with_seqs:
+        users, items = online.states.users, online.states.items
+        seqs = EntitySeqs(np.full(len(users), -1, np.int64), np.full(len(items), -1, np.int64))
+        for k in range(history):
+            seqs.users[users.row(log.user_ids[k])] = k
+            seqs.items[items.row(log.item_ids[k])] = k
+    meta = {"version": version, "log_offsets": {"events": history, "seq": history}}
+    save_checkpoint(out, model, online.states, TrainConfig(model=cfg), meta=meta, last_seq=seqs)
     return out
 
 

@@ -151,3 +151,22 @@ def test_a_worker_killed_mid_stream_resumes_exactly(
     assert_equal_to_reference(
         kafka, checkpoint, reference(checkpoint, range(HISTORY, HISTORY + STREAM))
     )
+
+
+def test_a_checkpoint_at_a_log_position_skips_what_it_holds(
+    kafka: Settings, tmp_path: Path
+) -> None:
+    """A checkpoint replayed from interactions.log (entities' last seqs recorded) is served
+    on a log that also holds the events before it: those are skipped, the rest applied."""
+    ckpt = make_checkpoint(tmp_path / "at-seq", with_seqs=True)
+    route(kafka, 0, HISTORY + STREAM)  # the whole history, as in a running pipeline
+    worker = start_worker(kafka, ckpt, 0, tmp_path)
+    try:
+        recs = wait_for(kafka, STREAM, timeout_s=240)
+        time.sleep(3.0)  # anything beyond STREAM would be a defect: give it time to show
+        recs = wait_for(kafka, STREAM, timeout_s=30)
+    finally:
+        stop(worker)
+    assert len(recs) == STREAM, (tmp_path / "worker-0.log").read_text()[-3000:]
+    assert Counter(r["event_id"] for r in recs).most_common(1)[0][1] == 1
+    assert_equal_to_reference(kafka, ckpt, reference(ckpt, range(HISTORY, HISTORY + STREAM)))
