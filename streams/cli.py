@@ -370,6 +370,37 @@ def models_rollback(name: ModelName = "jodie") -> None:
     out.print(json.dumps(_registry_call(registry.rollback)))
 
 
+@app.command("trainer")
+def trainer(
+    every_events: Annotated[
+        int, typer.Option(help="Retrain after about this many new events in the log.")
+    ] = 20_000,
+    every_seconds: Annotated[
+        float | None, typer.Option(help="Also retrain this often when anything new arrived.")
+    ] = None,
+    margin: Annotated[
+        float,
+        typer.Option(help="Promote unless validation MRR is worse than the serving one by more."),
+    ] = 0.01,
+    epochs: Annotated[int, typer.Option(help="Training epochs per run.")] = 10,
+    once: Annotated[bool, typer.Option(help="Train once now and exit.")] = False,
+    name: ModelName = "jodie",
+) -> None:
+    """Retrain from interactions.log on a schedule; announce every run, promote the good ones."""
+    import logging
+
+    from operators.config import TrainConfig
+    from streams.trainer import run_trainer, train_once
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    settings, config = get_settings(), TrainConfig(epochs=epochs)
+    if once:
+        run = _registry_call(lambda: train_once(settings, config, name, margin))
+        out.print(json.dumps({"announced": run.record, "promoted": run.promoted}))
+        return
+    run_trainer(settings, config, name, every_events, every_seconds, margin)
+
+
 state_app = typer.Typer(no_args_is_help=True, help="The workers' state, read from Kafka.")
 app.add_typer(state_app, name="state")
 

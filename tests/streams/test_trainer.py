@@ -1,0 +1,66 @@
+"""The trainer process on the real broker: retrain from the log, announce, promote or not."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from operators.checkpoint import load_checkpoint
+from operators.config import ModelConfig, TrainConfig
+from streams.models import Registry, verified
+from streams.settings import Settings
+from streams.trainer import due, log_size, train_once
+from tests.streams.harness import route
+
+pytestmark = pytest.mark.kafka
+
+TINY = TrainConfig(
+    epochs=1,
+    model=ModelConfig(embedding_dim=16, user_static_dim=8, item_static_dim=8, scorer="plain"),
+)
+
+
+def test_retrains_announces_and_promotes_only_what_validates(
+    kafka: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("JODIE_MODEL_STORE", str(tmp_path / "store"))
+    settings = Settings()
+    route(settings, 0, 1500)
+    first = train_once(settings, TINY)
+    registry = Registry(settings)
+    assert first.promoted and first.serving_mrr is None  # nothing served yet
+    assert registry.serving()["version"] == "v1"  # type: ignore[index]
+    assert first.record["log_seq"] == 1500  # the states are at the end of the log
+    ckpt = load_checkpoint(verified(first.record))
+    assert ckpt.last_seq is not None and int(ckpt.last_seq.users.max()) == 1499
+
+    # More events; a second run that would have to beat the serving MRR by 1.0 is announced
+    # but not promoted.
+    route(settings, 1500, 500)
+    second = train_once(settings, TINY, margin=-1.0)
+    assert not second.promoted
+    assert second.serving_mrr == pytest.approx(first.record["metrics"]["valid_mrr_frozen"])
+    assert [r["version"] for r in registry.versions()] == ["v1", "v2"]
+    assert registry.serving()["version"] == "v1"  # type: ignore[index]
+    assert second.record["log_seq"] == 2000
+
+
+def test_the_log_size_counts_at_least_the_events(kafka: Settings) -> None:
+    assert log_size(kafka) == 0
+    route(kafka, 0, 300)
+    assert log_size(kafka) >= 300  # events plus transaction markers
+
+
+@pytest.mark.parametrize(
+    ("grown", "elapsed", "every_seconds", "want"),
+    [
+        (999, 0.0, None, False),
+        (1000, 0.0, None, True),
+        (5, 59.0, 60.0, False),
+        (5, 60.0, 60.0, True),
+        (0, 3600.0, 60.0, False),  # nothing new: no run, however long
+    ],
+)
+def test_due(grown: int, elapsed: float, every_seconds: float | None, want: bool) -> None:
+    assert due(grown, elapsed, 1000, every_seconds) is want
