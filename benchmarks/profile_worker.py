@@ -1,0 +1,82 @@
+"""Where one worker's time goes: cProfile of a worker applying N Wikipedia events.
+
+On fresh topics of the local broker (`jodie broker up` first), produces and routes rows
+[--start, --start + N) of the bundled file, then runs one worker in this process under
+cProfile until it has applied all of them, and prints the wall time, the live MRR and the
+functions by cumulative time.
+
+    python benchmarks/profile_worker.py --checkpoint CKPT --events 10000
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import os
+import pstats
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", type=Path, required=True)
+    parser.add_argument("--start", type=int, default=125_979)
+    parser.add_argument("--events", type=int, default=10_000)
+    parser.add_argument("--top", type=int, default=35)
+    args = parser.parse_args()
+    os.environ["JODIE_TOPIC_PREFIX"] = f"prof{uuid.uuid4().hex[:6]}-"
+    os.environ["JODIE_STATE_DIR"] = tempfile.mkdtemp(prefix="jodie-profile-")
+
+    from operators.dataset import bundled_wikipedia
+    from schemas import INTERACTION
+    from streams.codecs import make_codec
+    from streams.kafka import admin, idempotent_producer
+    from streams.produce import produce_file
+    from streams.router import Router
+    from streams.settings import Settings
+    from streams.topics import apply_topics, declared_topics, delete_topics
+    from streams.worker import Worker
+
+    settings = Settings()
+    client = admin(settings)
+    specs = declared_topics(settings)
+    apply_topics(client, specs, settings.replication_factor)
+    try:
+        topic = settings.topic("interactions")
+        codec = make_codec(settings, INTERACTION, topic)
+        producer = idempotent_producer(settings)
+        produce_file(
+            bundled_wikipedia(), producer, codec, topic, start=args.start, limit=args.events
+        )
+        Router(settings, grace_s=0.2).run(until_idle_s=0.5, max_seconds=300)
+        worker = Worker(settings, 0, args.checkpoint)
+        began = time.monotonic()
+
+        def stop_when_done() -> None:
+            while worker.stats.user_events < args.events and time.monotonic() - began < 600:
+                time.sleep(0.2)
+            worker.stop()
+
+        threading.Thread(target=stop_when_done, daemon=True).start()
+        profile = cProfile.Profile()
+        profile.enable()
+        worker.run()
+        profile.disable()
+        took = time.monotonic() - began
+        online = worker.stats.ranks.summary()
+        print(
+            f"{worker.stats.user_events} events in {took:.1f} s "
+            f"({worker.stats.user_events / took:,.0f} events/s, start-up included), "
+            f"{worker.stats.transactions} transactions, live MRR {online['mrr']:.4f}"
+        )
+        pstats.Stats(profile).sort_stats("cumulative").print_stats(args.top)
+    finally:
+        delete_topics(client, [s.name for s in specs])
+
+
+if __name__ == "__main__":
+    main()
