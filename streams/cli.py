@@ -217,8 +217,22 @@ def produce(
     settings = get_settings()
     source = path or bundled_wikipedia()
     if after is not None:
-        meta = json.loads((after / "checkpoint.json").read_text())
-        start = int(meta["log_offsets"]["events"])
+        from operators.checkpoint import read_meta
+
+        try:
+            offsets = read_meta(after).get("log_offsets", {})
+        except JodieError as exc:
+            raise _fail(exc) from exc
+        if "seq" in offsets:
+            # Replayed from interactions.log: what follows it is already in the log, and its
+            # row count says nothing about a file's rows.
+            raise _fail(
+                JodieError(
+                    f"{after} was trained from interactions.log (up to seq {offsets['seq']}); "
+                    "--after takes a checkpoint trained from a file"
+                )
+            )
+        start = int(offsets["events"])
     topic = settings.topic("interactions")
     codec = make_codec(settings, "interaction", topic)
     producer = idempotent_producer(settings)

@@ -140,3 +140,32 @@ def test_cli_produces_the_whole_bundled_file(kafka: Settings, tmp_path: Path) ->
     # No transactions on this topic, so offsets are messages: all of them, once.
     assert sum(c.messages for c in counts) == 157_474
     assert all(c.messages > 0 for c in counts)
+
+
+def test_after_starts_past_a_file_checkpoint_and_refuses_a_log_one(
+    kafka: Settings, tmp_path: Path
+) -> None:
+    from operators.dataset import bundled_wikipedia
+    from tests.streams.harness import make_checkpoint
+
+    env = {**os.environ, "JODIE_TOPIC_PREFIX": kafka.topic_prefix}
+    run = [sys.executable, "-m", "streams", "produce", "--limit", "5", "--after"]
+    from_file = make_checkpoint(tmp_path / "file", history=40)
+    meta_path = from_file / "checkpoint.json"
+    meta = json.loads(meta_path.read_text())
+    del meta["log_offsets"]["seq"]  # as `jodie train --data` writes it
+    meta_path.write_text(json.dumps(meta))
+    done = subprocess.run([*run, str(from_file)], env=env, capture_output=True, check=False)
+    assert done.returncode == 0, done.stderr.decode()[-2000:]
+    codec = make_codec(kafka, INTERACTION, kafka.topic("interactions"))
+    got = sorted(
+        codec.decode(v)["event_id"]
+        for _k, v, _p, _o in read_all(kafka, kafka.topic("interactions"))
+    )
+    tag = source_tag(bundled_wikipedia())
+    lines = [row.line for row in iter_rows(bundled_wikipedia())][40:45]
+    assert got == [event_id(tag, line) for line in lines]
+
+    from_log = make_checkpoint(tmp_path / "log", history=40, with_seqs=True)
+    refused = subprocess.run([*run, str(from_log)], env=env, capture_output=True, check=False)
+    assert refused.returncode != 0 and b"interactions.log" in refused.stderr
