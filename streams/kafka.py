@@ -7,7 +7,7 @@ import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
 from streams.settings import Settings
@@ -43,6 +43,13 @@ def retry_transient(call: Callable[[], T], timeout_s: float = 30.0) -> T:
             if not transient or time.monotonic() > deadline:
                 raise
             time.sleep(0.2)
+
+
+def watermarks(consumer: Consumer, tp: TopicPartition, timeout_s: float = 10.0) -> tuple[int, int]:
+    """Low and high offsets of a partition, asked of the broker (a just-created partition may
+    answer NOT_LEADER for a moment, hence the retries)."""
+    low, high = retry_transient(lambda: consumer.get_watermark_offsets(tp, timeout=timeout_s))
+    return int(low), int(high)
 
 
 def admin(settings: Settings) -> AdminClient:

@@ -10,7 +10,7 @@ from typing import Any
 from confluent_kafka import Consumer, KafkaError, TopicPartition
 
 from schemas.codec import Codec
-from streams.kafka import committed_reader, retry_transient
+from streams.kafka import committed_reader, watermarks
 from streams.settings import Settings
 
 
@@ -34,15 +34,9 @@ def partition_counts(
         raise RuntimeError(f"topic {topic}: {metadata.error}")
     counts = []
     for p in sorted(metadata.partitions):
-        low, high = _watermarks(consumer, TopicPartition(topic, p), timeout_s)
+        low, high = watermarks(consumer, TopicPartition(topic, p), timeout_s)
         counts.append(PartitionCount(p, low, high))
     return counts
-
-
-def _watermarks(consumer: Consumer, tp: TopicPartition, timeout_s: float) -> tuple[int, int]:
-    """Low and high offsets (a just-created partition may answer NOT_LEADER for a moment)."""
-    low, high = retry_transient(lambda: consumer.get_watermark_offsets(tp, timeout=timeout_s))
-    return int(low), int(high)
 
 
 def read_all(

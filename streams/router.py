@@ -29,7 +29,7 @@ from operators.streaming import EventData
 from schemas import INTERACTION, SEQUENCED_INTERACTION, DecodeError, SchemaError
 from schemas.codec import INBOX_MESSAGE, Codec
 from streams.codecs import make_codec
-from streams.kafka import retry_transient, take
+from streams.kafka import retry_transient, take, watermarks
 from streams.peek import read_all
 from streams.records import inbox_event
 from streams.settings import Settings
@@ -240,11 +240,7 @@ class Router:
         A partition whose end stays ahead of us for 20 grace periods without a message
         (e.g. an aborted transaction's marker at the end) counts as idle all the same.
         """
-        _low, high = retry_transient(
-            lambda: consumer.get_watermark_offsets(
-                TopicPartition(self.source, partition), timeout=10, cached=False
-            )
-        )
+        _low, high = watermarks(consumer, TopicPartition(self.source, partition))
         if position >= high:
             self._behind_since.pop(partition, None)
             return True

@@ -28,7 +28,7 @@ from typing import Generic, TypeVar
 from confluent_kafka import Consumer, KafkaError, TopicPartition
 from rocksdict import Options, Rdict, WriteBatch
 
-from streams.kafka import committed_reader, retry_transient
+from streams.kafka import committed_reader, watermarks
 from streams.settings import Settings
 
 _log = logging.getLogger("jodie.tables")
@@ -133,9 +133,7 @@ class Table(Generic[R]):
 
     def _end(self, partition: int) -> int:
         reader = self._reader_client()
-        tp = TopicPartition(self.changelog, partition)
-        _low, high = retry_transient(lambda: reader.get_watermark_offsets(tp, timeout=10))
-        return int(high)
+        return watermarks(reader, TopicPartition(self.changelog, partition))[1]
 
     def _restore(
         self, part: _Partition[R], partition: int, high: int, timeout_s: float = 120.0

@@ -17,12 +17,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from confluent_kafka import Consumer, TopicPartition
-
 from operators.config import TrainConfig
 from operators.pipeline import run_training
-from streams.kafka import committed_reader, retry_transient
+from streams.kafka import committed_reader
 from streams.models import Registry
+from streams.peek import partition_counts
 from streams.replay import replay_log
 from streams.settings import Settings
 
@@ -41,22 +40,13 @@ class TrainerRun:
 def log_size(settings: Settings) -> int:
     """Offsets in interactions.log (its events, plus one transaction marker per partition and
     router commit): cheap to read, and grows with the events."""
-    topic = settings.topic("interactions.log")
     consumer = committed_reader(settings, group_id="jodie-trainer-probe")
     try:
-        meta = consumer.list_topics(topic, timeout=10).topics[topic]
-        total = 0
-        for p in meta.partitions:
-            low, high = _watermarks(consumer, TopicPartition(topic, p))
-            total += high - low
-        return total
+        return sum(
+            c.messages for c in partition_counts(consumer, settings.topic("interactions.log"))
+        )
     finally:
         consumer.close()
-
-
-def _watermarks(consumer: Consumer, tp: TopicPartition) -> tuple[int, int]:
-    low, high = retry_transient(lambda: consumer.get_watermark_offsets(tp, timeout=10))
-    return int(low), int(high)
 
 
 def train_once(
