@@ -7,10 +7,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from confluent_kafka import Consumer, KafkaError, TopicPartition
+from confluent_kafka import Consumer, KafkaError, Message, TopicPartition
 
 from schemas.codec import Codec
-from streams.kafka import committed_reader, watermarks
+from schemas.exceptions import JodieError
+from streams.kafka import committed_reader, take, watermarks
 from streams.settings import Settings
 
 
@@ -39,6 +40,52 @@ def partition_counts(
     return counts
 
 
+class ReadError(JodieError, RuntimeError):
+    """The broker answered an error while a topic was read back."""
+
+
+class Bounded:
+    """Reads every partition of ``topic`` from its start to the end it had when reading began.
+
+    read_committed, so aborted transactions are never seen, and an end-of-partition event
+    comes at the last stable offset: a transaction still open when reading began is not
+    waited for. Later writes (a live topic) are not chased. ``pending`` holds the
+    partitions not yet at that end; a caller may drop one from it to stop reading that
+    partition early.
+    """
+
+    def __init__(self, consumer: Consumer, topic: str) -> None:
+        self.consumer = consumer
+        self.topic = topic
+        self.counts = partition_counts(consumer, topic)
+        self.ends = {c.partition: c.high for c in self.counts}
+        self.pending = {c.partition for c in self.counts if c.high > c.low}
+        consumer.assign([TopicPartition(topic, c.partition, c.low) for c in self.counts])
+
+    def take(self, most: int, timeout_s: float) -> list[Message] | None:
+        """The next messages within the bound, in partition order; None when nothing came
+        for ``timeout_s``. End-of-partition events are consumed here."""
+        messages = take(self.consumer, most, timeout_s)
+        if not messages:
+            return None
+        kept = []
+        for msg in messages:
+            err = msg.error()
+            p = msg.partition() or 0
+            if err is not None:
+                if err.code() == KafkaError._PARTITION_EOF:
+                    self.pending.discard(p)
+                    continue
+                raise ReadError(f"reading {self.topic}: {err}")
+            offset = msg.offset() or 0
+            if offset >= self.ends[p] - 1:
+                self.pending.discard(p)
+                if offset >= self.ends[p]:
+                    continue
+            kept.append(msg)
+        return kept
+
+
 def read_all(
     settings: Settings, topic: str, limit: int | None = None, idle_timeout_s: float = 5.0
 ) -> Iterator[tuple[bytes | None, bytes, int, int]]:
@@ -50,33 +97,17 @@ def read_all(
     """
     consumer = committed_reader(settings, group_id=f"jodie-inspect-{uuid.uuid4().hex[:8]}")
     try:
-        counts = partition_counts(consumer, topic)
-        ends = {c.partition: c.high for c in counts}
-        pending = {c.partition for c in counts if c.high > c.low}
-        consumer.assign([TopicPartition(topic, c.partition, c.low) for c in counts])
+        bounded = Bounded(consumer, topic)
         seen = 0
-        while pending and (limit is None or seen < limit):
-            msg = consumer.poll(idle_timeout_s)
-            if msg is None:
+        while bounded.pending and (limit is None or seen < limit):
+            messages = bounded.take(1 if limit is not None else 1000, idle_timeout_s)
+            if messages is None:
                 break
-            err = msg.error()
-            p = msg.partition() or 0
-            if err is not None:
-                if err.code() == KafkaError._PARTITION_EOF:
-                    pending.discard(p)
-                    continue
-                raise RuntimeError(f"reading {topic}: {err}")
-            offset = msg.offset() or 0
-            if offset >= ends[p] - 1:
-                # The end seen at the start: later writes (a live topic) are not chased.
-                pending.discard(p)
-                if offset >= ends[p]:
-                    continue
-            seen += 1
-            value = msg.value()
-            if value is None:
-                continue
-            yield msg.key(), value, p, offset
+            for msg in messages:
+                seen += 1
+                value = msg.value()
+                if value is not None:
+                    yield msg.key(), value, msg.partition() or 0, msg.offset() or 0
     finally:
         consumer.close()
 

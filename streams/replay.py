@@ -11,14 +11,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from confluent_kafka import KafkaError, TopicPartition
 
 from operators.dataset import InteractionLog
 from operators.exceptions import DataError
 from schemas import SEQUENCED_INTERACTION
 from streams.codecs import make_codec
-from streams.kafka import committed_reader, take
-from streams.peek import partition_counts
+from streams.kafka import committed_reader
+from streams.peek import Bounded
 from streams.settings import Settings
 
 #: Most messages taken from the consumer's queue at once (one Python call per batch).
@@ -150,38 +149,23 @@ def read_log_columns(
     consumer = committed_reader(settings, group_id=f"jodie-replay-{uuid.uuid4().hex[:8]}")
     cols = LogColumns([], [], [], [], [], [])
     try:
-        counts = partition_counts(consumer, topic)
-        ends = {c.partition: c.high for c in counts}
-        position = {c.partition: c.low for c in counts}
-        total = sum(c.high - c.low for c in counts)
+        bounded = Bounded(consumer, topic)
+        position = {c.partition: c.low for c in bounded.counts}
+        total = sum(c.messages for c in bounded.counts)
         low_sum = sum(position.values())
-        pending = {c.partition for c in counts if c.high > c.low}
-        consumer.assign([TopicPartition(topic, c.partition, c.low) for c in counts])
         decode = codec.decode
         past_until: set[int] = set()
-        while pending:
-            messages = take(consumer, BATCH, idle_timeout_s)
-            if not messages:
+        while bounded.pending:
+            messages = bounded.take(BATCH, idle_timeout_s)
+            if messages is None:
+                pending = sorted(bounded.pending)
                 raise DataError(
                     f"{topic}: nothing arrived for {idle_timeout_s:.0f} s while partitions "
-                    f"{sorted(pending)} were short of their end {[ends[p] for p in pending]}"
+                    f"{pending} were short of their end {[bounded.ends[p] for p in pending]}"
                 )
             records = []
             for msg in messages:
-                err = msg.error()
-                p = msg.partition() or 0
-                if err is not None:
-                    # read_committed: the end is the last stable offset, so a transaction
-                    # still open when reading began is not waited for.
-                    if err.code() == KafkaError._PARTITION_EOF:
-                        pending.discard(p)
-                        continue
-                    raise DataError(f"reading {topic}: {err}")
-                offset = msg.offset() or 0
-                if offset >= ends[p] - 1:
-                    pending.discard(p)  # the end seen at the start: a live log is not chased
-                    if offset >= ends[p]:
-                        continue
+                p, offset = msg.partition() or 0, msg.offset() or 0
                 position[p] = offset + 1
                 value = msg.value()
                 if value is None or p in past_until:  # None: a tombstone (compaction's)
@@ -189,7 +173,7 @@ def read_log_columns(
                 record = decode(value)
                 if until_seq is not None and record["seq"] >= until_seq:
                     past_until.add(p)
-                    pending.discard(p)
+                    bounded.pending.discard(p)
                     continue
                 records.append(record)
             if records:
