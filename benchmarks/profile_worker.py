@@ -17,7 +17,6 @@ import pstats
 import tempfile
 import threading
 import time
-import uuid
 from pathlib import Path
 
 
@@ -28,24 +27,18 @@ def main() -> None:
     parser.add_argument("--events", type=int, default=10_000)
     parser.add_argument("--top", type=int, default=35)
     args = parser.parse_args()
-    os.environ["JODIE_TOPIC_PREFIX"] = f"prof{uuid.uuid4().hex[:6]}-"
     os.environ["JODIE_STATE_DIR"] = tempfile.mkdtemp(prefix="jodie-profile-")
 
     from operators.dataset import bundled_wikipedia
     from schemas import INTERACTION
     from streams.codecs import make_codec
-    from streams.kafka import admin, idempotent_producer
+    from streams.kafka import idempotent_producer
     from streams.produce import produce_file
     from streams.router import Router
-    from streams.settings import Settings
-    from streams.topics import apply_topics, declared_topics, delete_topics
+    from streams.topics import scratch_topics
     from streams.worker import Worker
 
-    settings = Settings()
-    client = admin(settings)
-    specs = declared_topics(settings)
-    apply_topics(client, specs, settings.replication_factor)
-    try:
+    with scratch_topics("prof") as settings:
         topic = settings.topic("interactions")
         codec = make_codec(settings, INTERACTION, topic)
         producer = idempotent_producer(settings)
@@ -74,8 +67,6 @@ def main() -> None:
             f"{worker.stats.transactions} transactions, live MRR {online['mrr']:.4f}"
         )
         pstats.Stats(profile).sort_stats("cumulative").print_stats(args.top)
-    finally:
-        delete_topics(client, [s.name for s in specs])
 
 
 if __name__ == "__main__":

@@ -14,33 +14,25 @@ on the CSV, best of --repeat runs each, and checks both give the same rows.
 from __future__ import annotations
 
 import argparse
-import os
 import time
-import uuid
 
 import numpy as np
 
 from operators.dataset import bundled_wikipedia, load_interactions
 from schemas import INTERACTION
 from streams.codecs import make_codec
-from streams.kafka import admin, idempotent_producer
+from streams.kafka import idempotent_producer
 from streams.produce import produce_file
 from streams.replay import replay_log
 from streams.router import Router
-from streams.settings import Settings
-from streams.topics import apply_topics, declared_topics, delete_topics
+from streams.topics import scratch_topics
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--repeat", type=int, default=3)
 args = parser.parse_args()
 
-# Fresh topics of its own: the settings read the prefix when they are made.
-os.environ["JODIE_TOPIC_PREFIX"] = f"bench{uuid.uuid4().hex[:6]}-"
-settings = Settings()
-client = admin(settings)
-specs = declared_topics(settings)
-apply_topics(client, specs, settings.replication_factor)
-try:
+# Fresh topics of its own, deleted at the end.
+with scratch_topics("bench") as settings:
     path = bundled_wikipedia()
     topic = settings.topic("interactions")
     began = time.monotonic()
@@ -72,5 +64,3 @@ try:
         f"read the CSV            {n / min(csv_s):,.0f} events/s  "
         f"(best of {args.repeat}: {', '.join(f'{s:.2f}' for s in csv_s)} s)"
     )
-finally:
-    delete_topics(client, [s.name for s in specs])

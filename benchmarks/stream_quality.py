@@ -20,7 +20,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from pathlib import Path
 
 import numpy as np
@@ -32,12 +31,11 @@ from operators.metrics import mrr, recall_at_k
 from operators.scorer import PlainScorer
 from schemas import INTERACTION
 from streams.codecs import make_codec
-from streams.kafka import admin, idempotent_producer
+from streams.kafka import idempotent_producer
 from streams.produce import produce_file
 from streams.router import Router
-from streams.settings import Settings
 from streams.tail import tail_recommendations
-from streams.topics import apply_topics, declared_topics, delete_topics
+from streams.topics import scratch_topics
 
 
 def main() -> None:
@@ -55,52 +53,47 @@ def main() -> None:
     stop = len(log) if args.limit is None else min(len(log), start + args.limit)
     n = stop - start
 
-    os.environ["JODIE_TOPIC_PREFIX"] = f"quality{uuid.uuid4().hex[:6]}-"
     os.environ["JODIE_STATE_DIR"] = tempfile.mkdtemp(prefix="jodie-quality-")
-    settings = Settings()
-    client = admin(settings)
-    specs = declared_topics(settings)
-    apply_topics(client, specs, settings.replication_factor)
-    workers: list[subprocess.Popen[bytes]] = []
-    try:
-        topic = settings.topic("interactions")
-        produce_file(
-            bundled_wikipedia(),
-            idempotent_producer(settings),
-            make_codec(settings, INTERACTION, topic),
-            topic,
-            start=start,
-            limit=n,
-        )
-        Router(settings, grace_s=0.2).run(until_idle_s=1.0, max_seconds=args.timeout)
-        began = time.monotonic()
-        for w in range(args.workers):
-            cmd = [sys.executable, "-m", "streams", "worker"]
-            cmd += ["--checkpoint", str(args.checkpoint), "--id", str(w)]
-            workers.append(
-                subprocess.Popen(
-                    cmd,
-                    env={**os.environ, "JODIE_WEB_PORT": str(17066 + w)},
-                    stdout=subprocess.DEVNULL,
-                    stderr=subprocess.DEVNULL,
-                )
+    with scratch_topics("quality") as settings:
+        workers: list[subprocess.Popen[bytes]] = []
+        try:
+            topic = settings.topic("interactions")
+            produce_file(
+                bundled_wikipedia(),
+                idempotent_producer(settings),
+                make_codec(settings, INTERACTION, topic),
+                topic,
+                start=start,
+                limit=n,
             )
-        recs: list[dict] = []
-        while time.monotonic() - began < args.timeout:
-            recs = list(tail_recommendations(settings, idle_timeout_s=2.0))
-            if len(recs) >= n:
-                break
-            time.sleep(2.0)
-        took = time.monotonic() - began
-    finally:
-        for proc in workers:
-            proc.send_signal(signal.SIGTERM)
-        for proc in workers:
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-        delete_topics(client, [s.name for s in specs])
+            Router(settings, grace_s=0.2).run(until_idle_s=1.0, max_seconds=args.timeout)
+            began = time.monotonic()
+            for w in range(args.workers):
+                cmd = [sys.executable, "-m", "streams", "worker"]
+                cmd += ["--checkpoint", str(args.checkpoint), "--id", str(w)]
+                workers.append(
+                    subprocess.Popen(
+                        cmd,
+                        env={**os.environ, "JODIE_WEB_PORT": str(17066 + w)},
+                        stdout=subprocess.DEVNULL,
+                        stderr=subprocess.DEVNULL,
+                    )
+                )
+            recs: list[dict] = []
+            while time.monotonic() - began < args.timeout:
+                recs = list(tail_recommendations(settings, idle_timeout_s=2.0))
+                if len(recs) >= n:
+                    break
+                time.sleep(2.0)
+            took = time.monotonic() - began
+        finally:
+            for proc in workers:
+                proc.send_signal(signal.SIGTERM)
+            for proc in workers:
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
 
     # One per event; in the canonical order, (timestamp, event id) — the file's order, since
     # event ids end in the zero-padded line number.

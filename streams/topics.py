@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -121,6 +125,32 @@ def delete_topics(client: AdminClient, names: list[str], timeout_s: float = 30.0
         if not set(names) & set(client.list_topics(timeout=timeout_s).topics):
             return
         time.sleep(0.2)
+
+
+@contextmanager
+def scratch_topics(stem: str) -> Iterator[Settings]:
+    """Settings of a pipeline of its own: ``JODIE_TOPIC_PREFIX`` set to a fresh
+    ``<stem><random>-`` (in the environment too, for the processes it starts), the declared
+    topics created, and on exit deleted and the previous prefix restored. For tests and
+    benchmarks sharing a broker."""
+    from streams.kafka import admin
+
+    before = os.environ.get("JODIE_TOPIC_PREFIX")
+    os.environ["JODIE_TOPIC_PREFIX"] = f"{stem}{uuid.uuid4().hex[:10]}-"
+    try:
+        settings = Settings()
+        client = admin(settings)
+        specs = declared_topics(settings)
+        apply_topics(client, specs, settings.replication_factor)
+        try:
+            yield settings
+        finally:
+            delete_topics(client, [s.name for s in specs])
+    finally:
+        if before is None:
+            os.environ.pop("JODIE_TOPIC_PREFIX", None)
+        else:
+            os.environ["JODIE_TOPIC_PREFIX"] = before
 
 
 def app_id(settings: Settings) -> str:

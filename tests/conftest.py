@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import uuid
 from collections.abc import Iterator
 
 import pytest
@@ -31,22 +30,15 @@ def broker() -> Iterator[Settings]:
 
 
 @pytest.fixture
-def kafka(broker: Settings, monkeypatch: pytest.MonkeyPatch) -> Iterator[Settings]:
+def kafka(broker: Settings) -> Iterator[Settings]:
     """Settings whose topics are unique to this test (a fresh prefix), with the topics created.
 
     The topics are deleted afterwards so repeated runs do not pile up partitions.
     """
-    from streams.kafka import admin
-    from streams.topics import apply_topics, declared_topics, delete_topics
+    from streams.topics import scratch_topics
 
-    prefix = f"t{uuid.uuid4().hex[:10]}-"
-    monkeypatch.setenv("JODIE_TOPIC_PREFIX", prefix)
-    settings = Settings()
-    client = admin(settings)
-    specs = declared_topics(settings)
-    apply_topics(client, specs, settings.replication_factor)
-    yield settings
-    delete_topics(client, [s.name for s in specs])
+    with scratch_topics("t") as settings:
+        yield settings
 
 
 def pytest_report_header(config: pytest.Config) -> str:
