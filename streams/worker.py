@@ -131,7 +131,7 @@ class Serving:
         An item never seen ranks after every known item, as in `jodie evaluate`."""
         ranks = [len(self.index) + 1] * len(outs)
         known = [k for k, o in enumerate(outs) if o.true_vector is not None]
-        if known and len(self.index):
+        if known:  # an empty index ranks every known item first
             got = self.index.ranks(
                 np.stack([outs[k].query for k in known]),
                 [outs[k].event.item_id for k in known],
@@ -139,9 +139,6 @@ class Serving:
             )
             for k, r in zip(known, got.tolist(), strict=True):
                 ranks[k] = int(r)
-        elif known:
-            for k in known:
-                ranks[k] = 1
         return ranks
 
     def recommendations(self, outs: list[UserOutput], ranks: list[int]) -> list[dict[str, Any]]:
