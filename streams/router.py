@@ -29,7 +29,7 @@ from operators.streaming import EventData
 from schemas import INTERACTION, SEQUENCED_INTERACTION, DecodeError, SchemaError
 from schemas.codec import INBOX_MESSAGE, Codec
 from streams.codecs import make_codec
-from streams.kafka import retry_transient, take, watermarks
+from streams.kafka import committed_reader, retry_transient, take, watermarks
 from streams.peek import read_all
 from streams.records import inbox_event
 from streams.settings import Settings
@@ -149,10 +149,16 @@ class Router:
         # Fences any older router with the same transactional id and aborts its open
         # transaction, so what it wrote but did not commit is never seen.
         producer.init_transactions(30)
+        # End offsets are asked on a connection of their own: on the main consumer's they
+        # queue behind a fetch waiting for data (measured ~430 ms each).
+        self._probe = committed_reader(
+            self.settings, group_id=f"jodie-router-probe-{uuid.uuid4().hex[:8]}"
+        )
         try:
             self._loop(consumer, producer, until_idle_s, max_seconds, on_ready)
         finally:
             consumer.close()
+            self._probe.close()
         return self.stats
 
     def _loop(
@@ -210,7 +216,7 @@ class Router:
                 self._offer(sequencer, p, offset, value)
             idle = {p for p in partitions if at_end[p] and now - last_message[p] >= self.grace_s}
             if idle and sequencer.buffered():
-                idle = {p for p in idle if self._drained(consumer, p, next_offsets[p], now)}
+                idle = {p for p in idle if self._drained(p, next_offsets[p], now)}
             result = sequencer.drain(idle)
             offsets = sequencer.committable(next_offsets)
             if result.sequenced or result.rejected or result.duplicates:
@@ -231,7 +237,7 @@ class Router:
             ):
                 return
 
-    def _drained(self, consumer: Consumer, partition: int, position: int, now: float) -> bool:
+    def _drained(self, partition: int, position: int, now: float) -> bool:
         """Whether the broker holds nothing past ``position`` for ``partition``.
 
         Quiet by our own clock is not enough: a router busy committing for longer than the
@@ -240,7 +246,7 @@ class Router:
         A partition whose end stays ahead of us for 20 grace periods without a message
         (e.g. an aborted transaction's marker at the end) counts as idle all the same.
         """
-        _low, high = watermarks(consumer, TopicPartition(self.source, partition))
+        _low, high = watermarks(self._probe, TopicPartition(self.source, partition))
         if position >= high:
             self._behind_since.pop(partition, None)
             return True
