@@ -295,6 +295,13 @@ def router(
     features: Annotated[
         int | None, typer.Option(help="Feature length to enforce (default: the first event's).")
     ] = None,
+    model: Annotated[
+        str | None,
+        typer.Option(
+            help="Stamp every event with the epoch of this model's promoted version, "
+            "switching JODIE_SWITCH_DELAY_S after each promotion (workers run --model too)."
+        ),
+    ] = None,
 ) -> None:
     """Validate, deduplicate and order client events into interactions.log (exactly once)."""
     from streams.router import Router
@@ -302,7 +309,7 @@ def router(
     def ready() -> None:
         console.print("router ready", highlight=False)
 
-    stats = Router(get_settings(), n_features=features, grace_s=grace).run(
+    stats = Router(get_settings(), n_features=features, grace_s=grace, model=model).run(
         until_idle_s=until_idle, on_ready=ready
     )
     out.print(json.dumps(stats.__dict__))
@@ -426,7 +433,10 @@ def worker(
     ] = None,
     model: Annotated[
         str | None,
-        typer.Option(help="Serve this model's promoted version from the registry (verified)."),
+        typer.Option(
+            help="Serve this model's promoted versions (verified), each from the start of its "
+            "epoch, switching when the router does (run it with the same --model)."
+        ),
     ] = None,
     worker_id: Annotated[int, typer.Option("--id", help="Worker number: state dir and port.")] = 0,
     loglevel: Annotated[str, typer.Option(help="critical|error|warning|info|debug")] = "info",
@@ -434,20 +444,9 @@ def worker(
     """A streaming worker: user and item sides, RocksDB tables, recommendations, exactly once."""
     from streams.worker import run_worker
 
-    settings = get_settings()
-    version = None
     if (checkpoint is None) == (model is None):
         raise typer.BadParameter("give exactly one of --checkpoint and --model")
-    if model is not None:
-        from streams.models import verified
-
-        serving = _registry_call(_registry(model).serving)
-        if serving is None:
-            raise _fail(JodieError(f"model {model}: no promoted version on the models topic"))
-        checkpoint = _registry_call(lambda: verified(serving))
-        version = serving["version"]
-    assert checkpoint is not None
-    run_worker(settings, worker_id, checkpoint, loglevel=loglevel, version=version)
+    run_worker(get_settings(), worker_id, checkpoint, loglevel=loglevel, model=model)
 
 
 @app.command("recommendations")
@@ -523,12 +522,20 @@ def metrics(
 @state_app.command("export")
 def state_export(
     out_path: Annotated[Path, typer.Option("--out", help="The .npz file to write.")],
-    checkpoint: Annotated[Path, typer.Option(help="The checkpoint the workers serve.")],
+    checkpoint: Annotated[
+        Path | None, typer.Option(help="The checkpoint the workers serve (or --model).")
+    ] = None,
+    model: Annotated[
+        str | None,
+        typer.Option(help="Workers run --model NAME: the states of its latest epoch."),
+    ] = None,
 ) -> None:
     """Current embeddings from the tables' changelogs, in the `evaluate --export-states` layout."""
     from streams.state_export import export_states
 
-    counts = export_states(get_settings(), checkpoint, out_path)
+    if (checkpoint is None) == (model is None):
+        raise typer.BadParameter("give exactly one of --checkpoint and --model")
+    counts = _registry_call(lambda: export_states(get_settings(), checkpoint, out_path, model))
     out.print(json.dumps({"out": str(out_path), **counts}))
 
 

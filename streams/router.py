@@ -19,7 +19,7 @@ import logging
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Producer, TopicPartition
@@ -33,6 +33,7 @@ from streams.kafka import committed_reader, retry_transient, take, watermarks
 from streams.peek import read_all
 from streams.records import inbox_event
 from streams.settings import Settings
+from streams.switch import UNSTAMPED, Epoch, ServingWatch, epoch_of
 
 _log = logging.getLogger("jodie.router")
 
@@ -43,6 +44,8 @@ class RouterStats:
     rejected: int = 0
     duplicates: int = 0
     transactions: int = 0
+    switches: list[dict[str, Any]] = field(default_factory=list)
+    refused: list[str] = field(default_factory=list)  # promoted versions that could not start
 
 
 def to_log_record(e: SequencedEvent) -> dict[str, Any]:
@@ -81,11 +84,21 @@ def from_log_record(record: dict[str, Any]) -> SequencedEvent:
 
 def read_log(settings: Settings, codec: Codec | None = None) -> list[SequencedEvent]:
     """Every committed event of interactions.log, in canonical (sequence) order."""
+    return _read_log(settings, codec)[0]
+
+
+def _read_log(settings: Settings, codec: Codec | None = None) -> tuple[list[SequencedEvent], Epoch]:
+    """The log's events in sequence order and the epoch its last event was stamped with."""
     topic = settings.topic("interactions.log")
     codec = codec or make_codec(settings, SEQUENCED_INTERACTION, topic)
-    events = [from_log_record(codec.decode(v)) for _k, v, _p, _o in read_all(settings, topic)]
+    events, last = [], (-1, UNSTAMPED)
+    for _k, value, _p, _o in read_all(settings, topic):
+        record = codec.decode(value)
+        events.append(from_log_record(record))
+        if events[-1].seq > last[0]:
+            last = (events[-1].seq, epoch_of(record))
     events.sort(key=lambda e: e.seq)
-    return events
+    return events, last[1]
 
 
 class Router:
@@ -97,8 +110,16 @@ class Router:
         n_features: int | None = None,
         grace_s: float = 0.5,
         batch: int = 2000,
+        model: str | None = None,
     ) -> None:
+        """``model``: the registry name whose promoted version serves; every event is stamped
+        with its epoch (streams.switch). None: events go unstamped."""
         self.settings = settings
+        self.model = model
+        self.epoch: Epoch = UNSTAMPED
+        # A promotion not yet in force: (its record, when its epoch may start).
+        self._pending: tuple[dict[str, Any], float] | None = None
+        self._watch: ServingWatch | None = None
         self.grace_s = grace_s
         self.batch = batch
         self.source = settings.topic("interactions")
@@ -159,6 +180,8 @@ class Router:
         finally:
             consumer.close()
             self._probe.close()
+            if self._watch is not None:
+                self._watch.close()
         return self.stats
 
     def _loop(
@@ -172,7 +195,15 @@ class Router:
         metadata = consumer.list_topics(self.source, timeout=30).topics[self.source]
         partitions = sorted(metadata.partitions)
         sequencer = Sequencer(partitions, self.n_features)
-        sequencer.restore(read_log(self.settings, self.out_codec))
+        events, self.epoch = _read_log(self.settings, self.out_codec)
+        sequencer.restore(events)
+        if self.model is not None:
+            self._watch = ServingWatch(self.settings, self.model)
+            serving = self._watch.settle()
+            if serving is not None:
+                # A fresh log starts in the promoted version at once; otherwise the workers
+                # get the switch delay to prepare, as for any promotion.
+                self._promoted(serving, at_once=not events)
         committed = retry_transient(
             lambda: consumer.committed(
                 [TopicPartition(self.source, p) for p in partitions], timeout=30
@@ -197,6 +228,10 @@ class Router:
             if max_seconds is not None and now - began > max_seconds:
                 return
             messages = take(consumer, self.batch, 0.1)
+            if self._watch is not None:
+                changed = self._watch.poll()
+                if changed is not None:
+                    self._promoted(changed)
             now = time.monotonic()
             for msg in messages:
                 err = msg.error()
@@ -237,6 +272,36 @@ class Router:
             ):
                 return
 
+    def _promoted(self, record: dict[str, Any], at_once: bool = False) -> None:
+        """A version was promoted: its epoch starts after the switch delay (or never, if
+        another promotion comes first)."""
+        if record["version"] == self.epoch[0]:
+            self._pending = None  # promoted back before the switch: nothing changes
+            return
+        delay = 0.0 if at_once else self.settings.switch_delay_s
+        self._pending = (record, time.monotonic() + delay)
+        _log.info("router: %s promoted; its epoch starts in %.1f s", record["version"], delay)
+
+    def _stamp(self, first_seq: int) -> Epoch:
+        """The epoch for a batch starting at ``first_seq``: a due promotion starts here."""
+        if self._pending is not None and time.monotonic() >= self._pending[1]:
+            record, self._pending = self._pending[0], None
+            if int(record.get("log_seq", -1)) > first_seq:
+                # Its states include events after this one: it cannot take over here (a log
+                # recreated under it). Keep the current epoch, loudly.
+                _log.error(
+                    "router: %s holds states up to seq %d, past the next event %d; not switching",
+                    record["version"],
+                    record["log_seq"],
+                    first_seq,
+                )
+                self.stats.refused.append(str(record["version"]))
+                return self.epoch
+            self.epoch = (str(record["version"]), first_seq)
+            self.stats.switches.append({"version": self.epoch[0], "since": first_seq})
+            _log.info("router: epoch %s starts at seq %d", self.epoch[0], first_seq)
+        return self.epoch
+
     def _drained(self, partition: int, position: int, now: float) -> bool:
         """Whether the broker holds nothing past ``position`` for ``partition``.
 
@@ -275,12 +340,14 @@ class Router:
         originals: dict[tuple[int, int], tuple[bytes | None, bytes]],
     ) -> None:
         producer.begin_transaction()
+        version, since = self._stamp(sequenced[0].seq) if sequenced else self.epoch
+        stamp = {"model_version": version, "model_since": since}
         for e in sequenced:
             ev = e.event
             producer.produce(
                 self.log_topic,
                 key=ev.event_id.encode(),
-                value=self.out_codec.encode(to_log_record(e)),
+                value=self.out_codec.encode({**to_log_record(e), **stamp}),
             )
             # Each side's owner gets the event with the link to its entity's previous event.
             data = event_data_of(ev)
@@ -288,7 +355,11 @@ class Router:
                 (self.user_inbox, ev.user_id, e.prev_user_seq, e.prev_item_seq),
                 (self.item_inbox, ev.item_id, e.prev_item_seq, e.prev_user_seq),
             ):
-                body = {"event": inbox_event(e.seq, prev, partner_prev, data), "partner": None}
+                body = {
+                    "event": inbox_event(e.seq, prev, partner_prev, data),
+                    "partner": None,
+                    **stamp,
+                }
                 producer.produce(topic, key=entity.encode(), value=self.inbox_codec.encode(body))
         for r in rejected:
             key, value = originals[(r.partition, r.offset)]

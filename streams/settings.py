@@ -125,6 +125,14 @@ class Settings(BaseSettings):
             "can hold back read_committed readers of what it wrote."
         ),
     )
+    switch_delay_s: float = Field(
+        10.0,
+        description=(
+            "JODIE_SWITCH_DELAY_S: how long after a promotion the router starts the new "
+            "version's epoch; the workers catch the version's states up meanwhile, while the "
+            "old one serves. Shorter than their catch-up, and events wait for it."
+        ),
+    )
     cooccurrence: bool = Field(
         True,
         description=(

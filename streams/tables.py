@@ -71,7 +71,7 @@ class Table(Generic[R]):
         changelog: str,
         root: Path,
         decode: Callable[[bytes, bytes], R],
-        encode: Callable[[R], bytes],
+        encode: Callable[[bytes, R], bytes],
         initial: Callable[[bytes], R],
     ) -> None:
         self.settings = settings
@@ -199,7 +199,7 @@ class Table(Generic[R]):
     def changed(self) -> list[tuple[int, bytes, bytes]]:
         """(partition, key, encoded row) of every row changed in the open batch."""
         return [
-            (p, key, self.encode(part.rows[key]))
+            (p, key, self.encode(key, part.rows[key]))
             for p, part in self.partitions.items()
             for key in part.dirty
         ]

@@ -22,7 +22,7 @@ from operators.pipeline import run_training
 from streams.kafka import committed_reader
 from streams.models import Registry
 from streams.peek import partition_counts
-from streams.replay import replay_log
+from streams.replay import Window, replay_log
 from streams.settings import Settings
 
 _log = logging.getLogger("jodie.trainer")
@@ -55,15 +55,17 @@ def train_once(
     name: str = "jodie",
     margin: float = 0.01,
     out_dir: Path | None = None,
+    window: Window | None = None,
 ) -> TrainerRun:
-    """One retraining: replay, train, announce, promote unless worse by more than ``margin``."""
-    replayed = replay_log(settings)
+    """One retraining: replay (all of the log, or ``window``), train, announce, promote unless
+    worse by more than ``margin``."""
+    replayed = replay_log(settings, window)
     if len(replayed.log) < 10:
         raise ValueError(f"interactions.log holds {len(replayed.log)} events; need at least 10")
     seqs = replayed.seqs
     source = {
         "topic": settings.topic("interactions.log"),
-        "window": {},
+        "window": window.to_dict() if window is not None else {},
         "seqs": [int(seqs[0]), int(seqs[-1]) + 1],
     }
     with tempfile.TemporaryDirectory(prefix="jodie-trainer-") as tmp:

@@ -39,12 +39,16 @@ STREAM = 400  # events streamed after it
 
 
 def make_checkpoint(
-    out: Path, history: int = HISTORY, version: str = "test-v1", with_seqs: bool = False
+    out: Path,
+    history: int = HISTORY,
+    version: str = "test-v1",
+    with_seqs: bool = False,
+    seed: int = 0,
 ) -> Path:
     """``with_seqs``: record each entity's last seq, as a checkpoint replayed from a log that
-    holds the first ``history`` rows (seq = row) does."""
+    holds the first ``history`` rows (seq = row) does. ``seed`` draws the weights."""
     log = load_interactions(bundled_wikipedia())
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     cfg = ModelConfig(
         delta_user_mean=20_000.0,
         delta_user_std=50_000.0,
@@ -65,7 +69,9 @@ def make_checkpoint(
         for k in range(history):
             seqs.users[users.row(log.user_ids[k])] = k
             seqs.items[items.row(log.item_ids[k])] = k
-    meta = {"version": version, "log_offsets": {"events": history, "seq": history}}
+    # Only a checkpoint replayed from the log is at a log position (seq).
+    offsets = {"events": history, **({"seq": history} if with_seqs else {})}
+    meta = {"version": version, "log_offsets": offsets}
     save_checkpoint(out, model, online.states, TrainConfig(model=cfg), meta=meta, last_seq=seqs)
     return out
 
@@ -80,8 +86,11 @@ def reference(checkpoint: Path, rows: Sequence[int]) -> OnlineJodie:
     return online
 
 
-def route(settings: Settings, start: int = HISTORY, limit: int = STREAM) -> None:
-    """Produce rows [start, start + limit) of the bundled file and run the router over them."""
+def route(
+    settings: Settings, start: int = HISTORY, limit: int = STREAM, model: str | None = None
+) -> None:
+    """Produce rows [start, start + limit) of the bundled file and run the router over them
+    (stamping the epochs of registry model ``model`` when given)."""
     topic = settings.topic("interactions")
     produce_file(
         bundled_wikipedia(),
@@ -91,13 +100,14 @@ def route(settings: Settings, start: int = HISTORY, limit: int = STREAM) -> None
         start=start,
         limit=limit,
     )
-    stats = Router(settings, grace_s=0.2).run(until_idle_s=1.0, max_seconds=120)
+    stats = Router(settings, grace_s=0.2, model=model).run(until_idle_s=1.0, max_seconds=120)
     assert stats.sequenced == limit
 
 
 def start_worker(
-    settings: Settings, checkpoint: Path, worker_id: int, tmp: Path
+    settings: Settings, checkpoint: Path | None, worker_id: int, tmp: Path, model: str = ""
 ) -> subprocess.Popen[bytes]:
+    """A worker process serving ``checkpoint``, or registry model ``model``'s versions."""
     env = {
         **os.environ,
         "JODIE_TOPIC_PREFIX": settings.topic_prefix,
@@ -111,8 +121,7 @@ def start_worker(
             "-m",
             "streams",
             "worker",
-            "--checkpoint",
-            str(checkpoint),
+            *(["--model", model] if checkpoint is None else ["--checkpoint", str(checkpoint)]),
             "--id",
             str(worker_id),
         ],

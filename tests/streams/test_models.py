@@ -92,7 +92,7 @@ def test_a_worker_serves_the_promoted_version(
     registry.announce(a, store=store)
     registry.promote("v1")
     events = 60
-    route(kafka, 300, events)  # checkpoint "a" holds the first 300 events
+    route(kafka, 300, events, model="jodie")  # checkpoint "a" holds the first 300 events
     env = {
         **os.environ,
         "JODIE_TOPIC_PREFIX": kafka.topic_prefix,

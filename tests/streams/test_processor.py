@@ -4,13 +4,17 @@ rows in a plain dict, give the sequential replay and one recommendation per even
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from operators.catchup import CatchUp, LogEvent
+from operators.checkpoint import load_checkpoint
 from operators.dataset import bundled_wikipedia, load_interactions
 from operators.exchange import Inbox
+from operators.online import OnlineJodie
 from operators.sequencer import Interaction, Sequencer
 from operators.streaming import EntityState
 from schemas import Codec
@@ -19,6 +23,7 @@ from streams.kafka import partition_for
 from streams.records import inbox_event
 from streams.router import event_data_of
 from streams.settings import Settings
+from streams.switch import UNSTAMPED, Epoch, epoch_of, row_key, split_row_key
 from streams.worker import ModelMismatchError, Processor, Serving, WorkerStats
 from tests.streams.harness import HISTORY, make_checkpoint, reference
 
@@ -30,8 +35,14 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_checkpoint(tmp_path_factory.mktemp("ckpt") / "v1")
 
 
-def _router_messages(settings: Settings) -> list[tuple[str, bytes, bytes]]:
-    """What the router writes to the two inboxes for rows [HISTORY, HISTORY + STREAM)."""
+Epochs = Callable[[int], Epoch]
+
+
+def _router_messages(
+    settings: Settings, epochs: Epochs = lambda seq: UNSTAMPED
+) -> list[tuple[str, bytes, bytes]]:
+    """What the router writes to the two inboxes for rows [HISTORY, HISTORY + STREAM), each
+    event stamped with ``epochs(seq)``."""
     log = load_interactions(bundled_wikipedia())
     seq = Sequencer(partitions=[0], n_features=0)
     for n, k in enumerate(range(HISTORY, HISTORY + STREAM)):
@@ -48,34 +59,41 @@ def _router_messages(settings: Settings) -> list[tuple[str, bytes, bytes]]:
     out = []
     for e in seq.drain(idle={0}).sequenced:
         data = event_data_of(e.event)
+        version, since = epochs(e.seq)
         for topic, side_key, prev, partner_prev in (
             (settings.topic("user-inbox"), data.user_id, e.prev_user_seq, e.prev_item_seq),
             (settings.topic("item-inbox"), data.item_id, e.prev_item_seq, e.prev_user_seq),
         ):
-            body = {"event": inbox_event(e.seq, prev, partner_prev, data), "partner": None}
+            body = {
+                "event": inbox_event(e.seq, prev, partner_prev, data),
+                "partner": None,
+                "model_version": version,
+                "model_since": since,
+            }
             out.append((topic, side_key.encode(), codec.encode(body)))
     return out
 
 
-@pytest.mark.parametrize(("seed", "owned"), [(0, ()), (1, ()), (2, (0, 2)), (3, (0, 1, 2, 3))])
-def test_batches_in_any_order_reproduce_the_sequential_replay(
-    checkpoint: Path, seed: int, owned: tuple[int, ...]
-) -> None:
-    """``owned``: partitions (of 4) whose rows take pre-states in memory, as a worker owning
-    them does; the others' go round through the inbox topics."""
-    settings = Settings(topic_prefix="unit-")
-    serving = Serving.load(settings, checkpoint)
-    stats = WorkerStats()
-    proc = Processor(settings, serving, stats)
+Rows = dict[tuple[str, bytes], Inbox[EntityState, EntityState]]
+
+
+def _run(
+    settings: Settings,
+    proc: Processor,
+    pool: list[tuple[str, bytes, bytes]],
+    seed: int,
+    owned: tuple[int, ...],
+) -> tuple[Rows, list[dict]]:
+    """Feed the messages to ``proc`` in random batches and orders until the exchange is done;
+    (rows by (side, row key), recommendations)."""
     sides = {settings.topic("user-inbox"): "user", settings.topic("item-inbox"): "item"}
-    rows: dict[tuple[str, bytes], Inbox[EntityState, EntityState]] = {}
-    pool = _router_messages(settings)
+    rows: Rows = {}
     recs: list[dict] = []
     rec_codec = Codec(RECOMMENDATION)
     rng = random.Random(seed)
 
     def local(side: str, key: bytes) -> Inbox[EntityState, EntityState] | None:
-        if partition_for(key, 4) not in owned:
+        if partition_for(split_row_key(key)[0], 4) not in owned:
             return None
         return rows.setdefault((side, key), proc.initial(side)(key))
 
@@ -89,36 +107,99 @@ def test_batches_in_any_order_reproduce_the_sequential_replay(
         work = []
         for topic, key, value in batch:
             side = sides[topic]
-            if (side, key) not in rows:
-                rows[(side, key)] = proc.initial(side)(key)
-            work.append((side, rows[(side, key)], value))
-        for topic, key, value in proc.process(work, local):
+            message = proc.inbox_codec.decode(value)
+            epoch = epoch_of(message)
+            rkey = row_key(key, epoch)
+            if (side, rkey) not in rows:
+                rows[(side, rkey)] = proc.initial(side)(rkey)
+            work.append((side, epoch, rows[(side, rkey)], message))
+        for topic, key, value, _headers in proc.process(work, local):
             if topic in sides:
                 pool.append((topic, key, value))
             elif topic == settings.topic("recommendations"):
                 recs.append(rec_codec.decode(value))
         # Rows survive the table round trip (what the changelog and RocksDB hold).
-        for (side, key), box in list(rows.items()):
-            rows[(side, key)] = proc.decoder(side)(key, proc.encode(box))
+        for (side, rkey), box in list(rows.items()):
+            rows[(side, rkey)] = proc.decoder(side)(rkey, proc.encode(rkey, box))
+    return rows, recs
 
+
+def _assert_rows_equal(rows: Rows, online: OnlineJodie, epoch: Epoch) -> int:
+    """Every row of ``epoch`` equals the replay's state of its entity; how many there are."""
+    n = 0
+    for (side, rkey), box in rows.items():
+        entity, row_epoch = split_row_key(rkey)
+        if row_epoch != epoch:
+            continue
+        store = online.states.users if side == "user" else online.states.items
+        row = store.row(entity.decode())
+        assert row is not None and box.idle and box.state.embedding is not None
+        np.testing.assert_allclose(box.state.embedding, store.emb[row].numpy(), atol=1e-5)
+        n += 1
+    return n
+
+
+@pytest.mark.parametrize(("seed", "owned"), [(0, ()), (1, ()), (2, (0, 2)), (3, (0, 1, 2, 3))])
+def test_batches_in_any_order_reproduce_the_sequential_replay(
+    checkpoint: Path, seed: int, owned: tuple[int, ...]
+) -> None:
+    """``owned``: partitions (of 4) whose rows take pre-states in memory, as a worker owning
+    them does; the others' go round through the inbox topics."""
+    settings = Settings(topic_prefix="unit-")
+    stats = WorkerStats()
+    proc = Processor(settings, Serving.load(settings, checkpoint), stats)
+    rows, recs = _run(settings, proc, _router_messages(settings), seed, owned)
     assert sorted(r["event_id"] for r in recs) == sorted(
         f"e{k:06d}" for k in range(HISTORY, HISTORY + STREAM)
     )
     assert all(r["rank"] >= 1 and len(r["candidates"]) == settings.candidates for r in recs)
     assert stats.user_events == stats.item_events == STREAM
     online = reference(checkpoint, range(HISTORY, HISTORY + STREAM))
-    for (side, key), box in rows.items():
-        store = online.states.users if side == "user" else online.states.items
-        row = store.row(key.decode())
-        assert row is not None and box.idle and box.state.embedding is not None
-        np.testing.assert_allclose(box.state.embedding, store.emb[row].numpy(), atol=1e-5)
+    assert _assert_rows_equal(rows, online, UNSTAMPED) == len(rows)
+
+
+@pytest.mark.parametrize(("seed", "owned"), [(4, ()), (5, (1, 3))])
+def test_a_switch_mid_stream_serves_each_epoch_with_its_own_weights(
+    checkpoint: Path, tmp_path: Path, seed: int, owned: tuple[int, ...]
+) -> None:
+    """Events [0, K) stamped v1, [K, end) stamped v2, shuffled together: v1's rows end as
+    v1's replay of [0, K), v2's rows as v2's replay of everything (its checkpoint caught up
+    over [0, K), then the exchange), and each event has one recommendation, by its epoch."""
+    k = 60
+    v2_dir = make_checkpoint(tmp_path / "v2", version="v2", seed=7)
+    first, second = ("v1", 0), ("v2", k)
+    settings = Settings(topic_prefix="unit-")
+    proc = Processor(settings, None, WorkerStats())
+    proc.add(Serving.of(settings, load_checkpoint(checkpoint), "v1", None, first))
+    catch_up = CatchUp(load_checkpoint(v2_dir))
+    log = load_interactions(bundled_wikipedia())
+    for seq in range(k):
+        row = HISTORY + seq
+        catch_up.offer(
+            LogEvent(
+                seq, str(log.user_ids[row]), str(log.item_ids[row]), float(log.timestamps[row])
+            )
+        )
+    assert catch_up.advance(k) == k
+    proc.add(Serving.of(settings, catch_up.checkpoint(), "v2", None, second))
+
+    pool = _router_messages(settings, lambda seq: first if seq < k else second)
+    rows, recs = _run(settings, proc, pool, seed, owned)
+
+    by_event = {r["event_id"]: r["model_version"] for r in recs}
+    assert len(recs) == len(by_event) == STREAM
+    assert by_event == {f"e{HISTORY + n:06d}": ("v1" if n < k else "v2") for n in range(STREAM)}
+    v1 = reference(checkpoint, range(HISTORY, HISTORY + k))
+    v2 = reference(v2_dir, range(HISTORY, HISTORY + STREAM))
+    assert _assert_rows_equal(rows, v1, first) > 0
+    assert _assert_rows_equal(rows, v2, second) > 0
 
 
 def test_rows_of_another_model_version_are_refused(checkpoint: Path) -> None:
     settings = Settings(topic_prefix="unit-")
     serving = Serving.load(settings, checkpoint)
     proc = Processor(settings, serving, WorkerStats())
-    row = proc.encode(proc.initial("user")(b"u1"))
+    row = proc.encode(b"u1", proc.initial("user")(b"u1"))
     other = Processor(settings, Serving.load(settings, checkpoint, version="v2"), WorkerStats())
     assert proc.decoder("user")(b"u1", row).applied_seq == -1
     with pytest.raises(ModelMismatchError, match="computed by model"):

@@ -1,0 +1,275 @@
+"""Switching model versions in a running pipeline: epochs, the serving record, catching up.
+
+An *epoch* is a model version serving from a log position on: ``(version, since)``. The
+router stamps every event with the epoch that serves it (interactions.log and both inbox
+messages carry ``model_version`` and ``model_since``), so every worker handles an event with
+the same weights, whoever owns which side, and a restarted worker or a new owner of a
+partition cannot disagree. ``("", -1)`` is the unstamped stream of a router run without a
+model name: workers given a checkpoint serve it.
+
+A version starts serving at S with its states at S: its checkpoint's states at O, replayed
+over the log's events in [O, S) with its weights (``operators.catchup``). A worker prepares
+this in the background as soon as it sees the promotion on the ``models`` topic, while the
+events before S are still served by the previous epoch; the router starts the new epoch
+``JODIE_SWITCH_DELAY_S`` after it saw the promotion, leaving the workers that time to be
+ready. Table rows are keyed by epoch, so states computed by different weights never meet.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from confluent_kafka import KafkaError, TopicPartition
+
+from operators.catchup import CatchUp, LogEvent
+from operators.checkpoint import Checkpoint, load_checkpoint
+from operators.exceptions import CheckpointError
+from schemas import MODEL_ANNOUNCEMENT, SEQUENCED_INTERACTION
+from streams.codecs import make_codec
+from streams.kafka import committed_reader, take, watermarks
+from streams.models import Registry, verified
+from streams.settings import Settings
+
+_log = logging.getLogger("jodie.switch")
+
+Epoch = tuple[str, int]  # (model version, seq of the epoch's first event)
+UNSTAMPED: Epoch = ("", -1)
+_SEPARATOR = b"\x00"
+
+
+def epoch_of(record: dict[str, Any]) -> Epoch:
+    """The epoch a log record or inbox message is stamped with."""
+    return str(record.get("model_version") or ""), int(record.get("model_since", -1))
+
+
+def label(epoch: Epoch) -> str:
+    return f"{epoch[0]}@{epoch[1]}" if epoch != UNSTAMPED else "unstamped"
+
+
+def row_key(entity: bytes, epoch: Epoch) -> bytes:
+    """A table row's key: the entity id, then the epoch for stamped events (so one entity has
+    one row per epoch, and rows of the unstamped stream keep the plain id)."""
+    if epoch == UNSTAMPED:
+        return entity
+    return entity + _SEPARATOR + f"{epoch[0]}@{epoch[1]}".encode()
+
+
+def split_row_key(key: bytes) -> tuple[bytes, Epoch]:
+    """Inverse of ``row_key``."""
+    entity, sep, tail = key.rpartition(_SEPARATOR)
+    if not sep:
+        return key, UNSTAMPED
+    version, _at, since = tail.decode().rpartition("@")
+    return entity, (version, int(since))
+
+
+class ServingWatch:
+    """Follows the serving record of one model on the compacted ``models`` topic."""
+
+    def __init__(self, settings: Settings, name: str) -> None:
+        self.name = name
+        self.topic = settings.topic("models")
+        self.codec = make_codec(settings, MODEL_ANNOUNCEMENT, self.topic)
+        self.consumer = committed_reader(
+            settings, group_id=f"jodie-watch-{uuid.uuid4().hex[:8]}", **{"fetch.wait.max.ms": 50}
+        )
+        meta = self.consumer.list_topics(self.topic, timeout=30).topics[self.topic]
+        self.consumer.assign([TopicPartition(self.topic, p, 0) for p in meta.partitions])
+        self.current: dict[str, Any] | None = None
+
+    def poll(self, timeout_s: float = 0.0) -> dict[str, Any] | None:
+        """The serving record if it changed since the last call (None otherwise)."""
+        changed = None
+        for msg in take(self.consumer, 1000, timeout_s):
+            value = msg.value()
+            if msg.error() is not None or value is None:
+                continue
+            if (msg.key() or b"").decode() != self.name:
+                continue
+            record = self.codec.decode(value)
+            if self.current is None or record["version"] != self.current["version"]:
+                changed = record
+            self.current = record
+        return changed
+
+    def settle(self, timeout_s: float = 10.0) -> dict[str, Any] | None:
+        """Read what the topic holds now; the serving record (None if none was promoted)."""
+        ends = {
+            p: watermarks(self.consumer, TopicPartition(self.topic, p))[1]
+            for p in (tp.partition for tp in self.consumer.assignment())
+        }
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            self.poll(0.2)
+            positions = self.consumer.position(self.consumer.assignment())
+            if all(tp.offset >= ends[tp.partition] or ends[tp.partition] == 0 for tp in positions):
+                break
+        return self.current
+
+    def close(self) -> None:
+        self.consumer.close()
+
+
+@dataclass
+class Preparation:
+    """A version's states being brought to its epoch's start, in a thread of its own."""
+
+    settings: Settings
+    announcement: dict[str, Any]
+    target: int | None = None  # the epoch's first seq, when known
+    stop: threading.Event = field(default_factory=threading.Event)
+    done: threading.Event = field(default_factory=threading.Event)
+    since: int | None = None  # the epoch it reached
+    result: Checkpoint | None = None
+    error: BaseException | None = None
+    began: float = field(default_factory=time.time)
+    finished: float | None = None
+    replayed: int = 0
+
+    @property
+    def version(self) -> str:
+        return str(self.announcement["version"])
+
+    def start(self) -> Preparation:
+        threading.Thread(target=self._run, name=f"catch-up-{self.version}", daemon=True).start()
+        return self
+
+    def _run(self) -> None:
+        try:
+            self.result, self.since, self.replayed = catch_up(
+                self.settings, self.announcement, self.target, self.stop
+            )
+        except BaseException as exc:  # reported to whoever waits for it
+            self.error = exc
+        finally:
+            self.finished = time.time()
+            self.done.set()
+
+    def wait(self) -> Checkpoint:
+        self.done.wait()
+        if self.error is not None:
+            raise self.error
+        assert self.result is not None
+        return self.result
+
+
+def load_version(settings: Settings, announcement: dict[str, Any]) -> Checkpoint:
+    """The checkpoint of an announced version, refused unless its digest matches."""
+    ckpt = load_checkpoint(verified(announcement))
+    meta = dict(ckpt.meta)
+    meta["version"] = announcement["version"]
+    ckpt.meta = meta
+    return ckpt
+
+
+def catch_up(
+    settings: Settings,
+    announcement: dict[str, Any],
+    target: int | None = None,
+    stop: threading.Event | None = None,
+    idle_timeout_s: float | None = None,
+) -> tuple[Checkpoint, int, int]:
+    """An announced version's checkpoint advanced to the start of its epoch.
+
+    With ``target`` (the epoch's first seq, known from a stamped event) the log is replayed
+    up to it. Without, the epoch is the version's next one: the epoch in force at the end of
+    the log if it is already this version's, else the first epoch of this version that
+    starts after it — the log is followed until the router starts it. Returns (checkpoint at
+    the epoch start, its seq, events replayed).
+    """
+    version = str(announcement["version"])
+    ckpt = load_version(settings, announcement)
+    cu = CatchUp(ckpt)
+    if target is not None and target < cu.start:
+        raise CheckpointError(
+            f"{version}: its states are at log position {cu.start}, after the start of its "
+            f"epoch at {target}; it cannot serve from there"
+        )
+    topic = settings.topic("interactions.log")
+    codec = make_codec(settings, SEQUENCED_INTERACTION, topic)
+    consumer = committed_reader(settings, group_id=f"jodie-catchup-{uuid.uuid4().hex[:8]}")
+    try:
+        meta = consumer.list_topics(topic, timeout=30).topics[topic]
+        ends = {p: watermarks(consumer, TopicPartition(topic, p))[1] for p in meta.partitions}
+        consumer.assign([TopicPartition(topic, p, 0) for p in meta.partitions])
+        behind = {p for p, end in ends.items() if end > 0}  # partitions short of `ends`
+        last: tuple[int, Epoch] = (-1, UNSTAMPED)  # the latest event in the log at the start
+        starts: list[int] = []  # first seqs of this version's epochs, as read
+        quiet_since = time.monotonic()
+        while True:
+            if stop is not None and stop.is_set():
+                raise CheckpointError(f"{version}: catching up was stopped")
+            for msg in take(consumer, 10_000, 0.2):
+                err = msg.error()
+                p = msg.partition() or 0
+                if err is not None:
+                    if err.code() == KafkaError._PARTITION_EOF:
+                        behind.discard(p)
+                        continue
+                    raise CheckpointError(f"reading {topic}: {err}")
+                if (msg.offset() or 0) >= ends[p] - 1:
+                    behind.discard(p)
+                value = msg.value()
+                if value is None:
+                    continue
+                record = codec.decode(value)
+                seq, epoch = int(record["seq"]), epoch_of(record)
+                if (msg.offset() or 0) < ends[p] and seq > last[0]:
+                    last = (seq, epoch)
+                if epoch == (version, seq):
+                    starts.append(seq)
+                e = record["interaction"]
+                cu.offer(
+                    LogEvent(seq, e["user_id"], e["item_id"], e["timestamp"], tuple(e["features"]))
+                )
+                quiet_since = time.monotonic()
+            goal = target
+            if goal is None and not behind:
+                # The whole log as it was at the start has been read: which epoch is next.
+                if last[1][0] == version:
+                    goal = last[1][1]
+                else:
+                    goal = min((s for s in starts if s > last[1][1]), default=None)
+                if goal is not None and goal < cu.start:
+                    raise CheckpointError(
+                        f"{version}: its states are at log position {cu.start}, after the "
+                        f"start of its epoch at {goal}; it cannot serve from there"
+                    )
+            # Never step over a possible start of this version's epoch before knowing the goal.
+            limit = goal
+            if limit is None:
+                limit = min((s for s in starts if s >= cu.next_seq), default=1 << 62)
+            if cu.advance(limit) == goal:
+                return cu.checkpoint(), goal, cu.applied
+            if idle_timeout_s is not None and time.monotonic() - quiet_since > idle_timeout_s:
+                raise CheckpointError(
+                    f"{version}: the log stopped at seq {cu.next_seq} before its epoch started"
+                )
+    finally:
+        consumer.close()
+
+
+def latest_epoch(settings: Settings) -> Epoch:
+    """The epoch of the last event in interactions.log (UNSTAMPED for an empty log)."""
+    from streams.peek import read_all
+
+    topic = settings.topic("interactions.log")
+    codec = make_codec(settings, SEQUENCED_INTERACTION, topic)
+    last: tuple[int, Epoch] = (-1, UNSTAMPED)
+    for _k, value, _p, _o in read_all(settings, topic):
+        record = codec.decode(value)
+        if int(record["seq"]) > last[0]:
+            last = (int(record["seq"]), epoch_of(record))
+    return last[1]
+
+
+def epoch_checkpoint(settings: Settings, name: str, epoch: Epoch) -> Checkpoint:
+    """The states a stamped epoch started from (what its workers serve untouched entities)."""
+    announcement = Registry(settings, name).show(epoch[0])
+    ckpt, _since, _n = catch_up(settings, announcement, epoch[1], idle_timeout_s=30.0)
+    return ckpt
