@@ -254,6 +254,24 @@ def train(
     config: TrainConfig,
     validate: Callable[[Jodie, States], float] | None = None,
 ) -> TrainResult:
+    """Train JODIE on the first ``train_fraction`` of ``log`` with t-batches (``_train``).
+
+    Denormal floats slow small CPU matmuls several-fold, so they are flushed while training;
+    the flag is process-wide, so it is cleared again afterwards: a trainer running beside
+    other code must not change its floating-point arithmetic.
+    """
+    torch.set_flush_denormal(True)
+    try:
+        return _train(log, config, validate)
+    finally:
+        torch.set_flush_denormal(False)
+
+
+def _train(
+    log: InteractionLog,
+    config: TrainConfig,
+    validate: Callable[[Jodie, States], float] | None = None,
+) -> TrainResult:
     """Train JODIE on the first ``train_fraction`` of ``log`` with t-batches.
 
     Each epoch: reset states, run all spans (every event, including those after the last
@@ -264,8 +282,6 @@ def train(
     from operators.evaluate import frozen_validation_mrr  # evaluate builds on this module
 
     torch.set_num_threads(config.threads)
-    # Denormal floats slow small CPU matmuls several-fold; flushing them changes nothing visible.
-    torch.set_flush_denormal(True)
     seed_everything(config.seed)
     split = Split.of(len(log), config.train_fraction, config.valid_fraction)
     mcfg = config.model
