@@ -7,7 +7,10 @@ its training replay stopped) over every event in [O, S) — the same ``OnlineJod
 frozen evaluation and ``operators.pipeline.advance`` run, so the result is the offline replay.
 
 Events may be offered in any order (a log read partition by partition interleaves them); they
-are applied strictly by seq, and a gap holds everything after it until it is filled.
+are applied strictly by seq, and a gap holds everything after it until it is filled. Long
+runs go through the trainer's no-grad t-batch replay with a single timespan, which keeps the
+sequential semantics (tested equal to ``operators.pipeline.advance``) and runs about ten
+times faster than one event at a time.
 """
 
 from __future__ import annotations
@@ -16,9 +19,16 @@ import heapq
 from dataclasses import dataclass, replace
 
 import numpy as np
+import torch
 
 from operators.checkpoint import Checkpoint, EntitySeqs
+from operators.dataset import InteractionLog
+from operators.events import encode
 from operators.online import OnlineJodie
+from operators.train import batched, replay
+
+#: Runs of at least this many contiguous events are applied in t-batches (see below).
+TBATCH_MIN = 32
 
 
 @dataclass(frozen=True, order=True)
@@ -65,20 +75,47 @@ class CatchUp:
         """Apply queued events in seq order while they are contiguous and before ``until``;
         returns the new position (``until`` once every event before it was applied)."""
         heap = self._heap
-        while heap and self.next_seq < until:
-            if heap[0].seq < self.next_seq:  # a repeat of an applied event
+        run: list[LogEvent] = []
+        position = self.next_seq
+        while heap and position < until:
+            if heap[0].seq < position:  # a repeat of an applied event
                 heapq.heappop(heap)
                 continue
-            if heap[0].seq != self.next_seq:
+            if heap[0].seq != position:
                 break  # a gap: wait for the missing event
-            e = heapq.heappop(heap)
-            feats = np.asarray(e.features, dtype=np.float32) if e.features else None
-            self._online.observe(e.user_id, e.item_id, e.timestamp, feats)
+            run.append(heapq.heappop(heap))
+            position += 1
+        if len(run) >= TBATCH_MIN:
+            self._apply_tbatches(run)
+        else:
+            for e in run:
+                feats = np.asarray(e.features, dtype=np.float32) if e.features else None
+                self._online.observe(e.user_id, e.item_id, e.timestamp, feats)
+        for e in run:
             self._user_seq[e.user_id] = e.seq
             self._item_seq[e.item_id] = e.seq
-            self.next_seq += 1
-            self.applied += 1
+        self.next_seq = position
+        self.applied += len(run)
         return self.next_seq
+
+    def _apply_tbatches(self, run: list[LogEvent]) -> None:
+        """The same events in t-batches (one span): each batch holds distinct users and
+        items and every entity's events keep their order, so the states equal the one-by-one
+        replay (to float rounding, ~1e-7) at a fraction of the model calls."""
+        width = len(run[0].features)
+        log = InteractionLog(
+            user_ids=np.asarray([e.user_id for e in run], dtype=str),
+            item_ids=np.asarray([e.item_id for e in run], dtype=str),
+            timestamps=np.asarray([e.timestamp for e in run], dtype=np.float64),
+            state_labels=np.zeros(len(run), dtype=np.int8),
+            features=np.asarray([e.features for e in run], dtype=np.float32).reshape(
+                len(run), width
+            ),
+            lines=np.asarray([e.seq for e in run], dtype=np.int64),
+        )
+        model = self.ckpt.model
+        with torch.no_grad():
+            replay(model, self.states, batched(encode(log, self.states), model.config, 0.0))
 
     def checkpoint(self) -> Checkpoint:
         """The checkpoint as of the current position: its states and every entity's last seq,

@@ -341,10 +341,21 @@ def models_announce(
     checkpoint: Annotated[Path, typer.Argument(help="Checkpoint directory to announce.")],
     version: Annotated[str | None, typer.Option(help="Version name (default v<N>).")] = None,
     promote: Annotated[bool, typer.Option(help="Also make it the serving version.")] = False,
+    unless_serving: Annotated[
+        bool,
+        typer.Option(
+            help="Do nothing when a version is already promoted (a first deployment's bootstrap)."
+        ),
+    ] = False,
     name: ModelName = "jodie",
 ) -> None:
     """Copy a verified checkpoint into JODIE_MODEL_STORE and announce it on `models`."""
     registry = _registry(name)
+    if unless_serving:
+        serving = _registry_call(registry.serving)
+        if serving is not None:
+            out.print(json.dumps(serving))
+            return
     record = _registry_call(lambda: registry.announce(checkpoint, version))
     if promote:
         record = _registry_call(lambda: registry.promote(record["version"]))

@@ -7,7 +7,9 @@ import random
 from pathlib import Path
 
 import numpy as np
+import pytest
 
+from operators import catchup
 from operators.catchup import CatchUp, LogEvent, log_position
 from operators.checkpoint import load_checkpoint
 from operators.config import TrainConfig
@@ -17,7 +19,11 @@ from .conftest import tiny_config
 from .test_train import planted_stream
 
 
-def test_any_arrival_order_gives_the_offline_replay(tmp_path: Path) -> None:
+@pytest.mark.parametrize("tbatch_min", [1, 10**9], ids=["t-batches", "one-by-one"])
+def test_any_arrival_order_gives_the_offline_replay(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tbatch_min: int
+) -> None:
+    monkeypatch.setattr(catchup, "TBATCH_MIN", tbatch_min)
     log = planted_stream(n_events=400, n_users=8, n_items=6)
     head = 250
     config = TrainConfig(epochs=1, n_spans=20, progress=False, model=tiny_config())
