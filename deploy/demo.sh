@@ -15,6 +15,7 @@ cd "$ROOT"
 # The demo's topics and worker state have their own prefix and folder, reset on every run.
 export JODIE_TOPIC_PREFIX=${JODIE_TOPIC_PREFIX:-demo-}
 export JODIE_STATE_DIR=${JODIE_STATE_DIR:-$ROOT/runs/demo/state}
+export JODIE_MODEL_STORE=${JODIE_MODEL_STORE:-$ROOT/runs/demo/store}
 EPOCHS=${JODIE_DEMO_EPOCHS:-2}
 WORKERS=${JODIE_DEMO_WORKERS:-2}
 MODEL=$ROOT/runs/demo/model
@@ -37,11 +38,14 @@ stop_all() {
   for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
 }
 trap stop_all EXIT
-echo "== router and $WORKERS workers (serving $MODEL; logs in $LOGS)"
-jodie router --grace 0.2 > "$LOGS/router.log" 2>&1 &
+echo "== announce the model on the models topic and promote it"
+jodie models announce "$MODEL" --promote > /dev/null
+jodie models list
+echo "== router and $WORKERS workers (serving the promoted version; logs in $LOGS)"
+jodie router --grace 0.2 --model jodie > "$LOGS/router.log" 2>&1 &
 PIDS+=($!)
 for ((n = 0; n < WORKERS; n++)); do
-  jodie worker --id "$n" --checkpoint "$MODEL" > "$LOGS/worker-$n.log" 2>&1 &
+  jodie worker --id "$n" --model jodie > "$LOGS/worker-$n.log" 2>&1 &
   PIDS+=($!)
 done
 echo "== produce $EVENTS events after the model's first $START"

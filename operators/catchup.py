@@ -114,7 +114,9 @@ class CatchUp:
             lines=np.asarray([e.seq for e in run], dtype=np.int64),
         )
         model = self.ckpt.model
-        with torch.no_grad():
+        # Inference mode as OnlineJodie runs: tensors it creates (a new entity's rows) may
+        # only be updated in place inside it, whichever path comes next.
+        with torch.inference_mode():
             replay(model, self.states, batched(encode(log, self.states), model.config, 0.0))
 
     def checkpoint(self) -> Checkpoint:

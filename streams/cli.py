@@ -524,7 +524,10 @@ def metrics(
                 "lag": sum(max(0, p["lag"]) for p in pages),
                 "mrr": mrr,
                 "recall_at_10": r10,
-                "model_versions": sorted({p["model_version"] for p in pages}),
+                "model_versions": sorted({p["model_version"] for p in pages if p["model_version"]}),
+                "epochs": sorted(
+                    {f"{e['version']}@{e['since']}" for p in pages for e in p["epochs"]}
+                ),
             }
         )
     )
