@@ -38,10 +38,10 @@ from operators.config import TrainConfig
 from operators.dataset import bundled_wikipedia, load_interactions
 from schemas import INTERACTION, RECOMMENDATION, Codec
 from streams.codecs import make_codec
-from streams.kafka import committed_reader, idempotent_producer
+from streams.kafka import committed_reader
 from streams.models import Registry
 from streams.peek import Bounded
-from streams.produce import produce_file
+from streams.produce import produce_rows
 from streams.router import read_log
 from streams.settings import Settings
 from streams.topics import scratch_topics
@@ -76,11 +76,22 @@ def _wait(what: str, done: Any, timeout_s: float, step_s: float = 1.0) -> float:
 
 
 def _metrics(workers: int) -> list[dict[str, Any]]:
+    """Every worker's /metrics page (fewer while some do not answer)."""
     pages = []
     for n in range(workers):
-        with urllib.request.urlopen(f"http://127.0.0.1:{PORT + n}/metrics", timeout=5) as r:
-            pages.append(json.loads(r.read()))
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{PORT + n}/metrics", timeout=5) as r:
+                pages.append(json.loads(r.read()))
+        except OSError:
+            continue
     return pages
+
+
+def _serving(workers: int, version: str) -> bool:
+    pages = _metrics(workers)
+    return len(pages) == workers and all(
+        p["epochs"] and p["epochs"][-1]["version"] == version for p in pages
+    )
 
 
 def _pct(values: list[float]) -> dict[str, float] | None:
@@ -135,13 +146,7 @@ def main() -> None:
         try:
             spawn("router", "router", "--model", "jodie")
             topic = settings.topic("interactions")
-            produce_file(
-                bundled_wikipedia(),
-                idempotent_producer(settings),
-                make_codec(settings, INTERACTION, topic),
-                topic,
-                limit=history,
-            )
+            produce_rows(settings, limit=history)
             _wait("routing the history", lambda: log_size(settings) >= history, 600)
             v1 = train_once(settings, config, margin=1.0)
             report["v1"] = {"log_seq": v1.record["log_seq"]}
@@ -155,6 +160,7 @@ def main() -> None:
                 "--rate",
                 str(args.rate),
             )
+            _wait("the workers serving v1", lambda: _serving(args.workers, "v1"), 600)
             time.sleep(args.settle)
 
             stages = []
@@ -169,10 +175,7 @@ def main() -> None:
                 promoted = time.time()
                 _wait(
                     f"{stage}: the workers serving {version}",
-                    lambda v=version: all(
-                        p["epochs"] and p["epochs"][-1]["version"] == v
-                        for p in _metrics(args.workers)
-                    ),
+                    lambda v=version: _serving(args.workers, v),
                     600,
                 )
                 time.sleep(args.settle)

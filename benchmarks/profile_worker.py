@@ -29,22 +29,13 @@ def main() -> None:
     args = parser.parse_args()
     os.environ["JODIE_STATE_DIR"] = tempfile.mkdtemp(prefix="jodie-profile-")
 
-    from operators.dataset import bundled_wikipedia
-    from schemas import INTERACTION
-    from streams.codecs import make_codec
-    from streams.kafka import idempotent_producer
-    from streams.produce import produce_file
+    from streams.produce import produce_rows
     from streams.router import Router
     from streams.topics import scratch_topics
     from streams.worker import Worker
 
     with scratch_topics("prof") as settings:
-        topic = settings.topic("interactions")
-        codec = make_codec(settings, INTERACTION, topic)
-        producer = idempotent_producer(settings)
-        produce_file(
-            bundled_wikipedia(), producer, codec, topic, start=args.start, limit=args.events
-        )
+        produce_rows(settings, start=args.start, limit=args.events)
         Router(settings, grace_s=0.2).run(until_idle_s=0.5, max_seconds=300)
         worker = Worker(settings, 0, args.checkpoint)
         began = time.monotonic()

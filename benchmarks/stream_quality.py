@@ -29,10 +29,7 @@ from operators.dataset import bundled_wikipedia, load_interactions
 from operators.evaluate import frozen_replay
 from operators.metrics import mrr, recall_at_k
 from operators.scorer import PlainScorer
-from schemas import INTERACTION
-from streams.codecs import make_codec
-from streams.kafka import idempotent_producer
-from streams.produce import produce_file
+from streams.produce import produce_rows
 from streams.router import Router
 from streams.tail import tail_recommendations
 from streams.topics import scratch_topics
@@ -57,15 +54,7 @@ def main() -> None:
     with scratch_topics("quality") as settings:
         workers: list[subprocess.Popen[bytes]] = []
         try:
-            topic = settings.topic("interactions")
-            produce_file(
-                bundled_wikipedia(),
-                idempotent_producer(settings),
-                make_codec(settings, INTERACTION, topic),
-                topic,
-                start=start,
-                limit=n,
-            )
+            produce_rows(settings, start=start, limit=n)
             Router(settings, grace_s=0.2).run(until_idle_s=1.0, max_seconds=args.timeout)
             began = time.monotonic()
             for w in range(args.workers):

@@ -14,6 +14,7 @@ from confluent_kafka import KafkaError, KafkaException, Producer
 from operators.dataset import Row, file_fingerprint, iter_rows
 from operators.exceptions import BadRowError
 from schemas.codec import Codec
+from streams.settings import Settings
 
 # The source tag is a digest of the file's text, so the same file always yields the same
 # event ids (re-runs can be deduplicated downstream) and two different files never collide.
@@ -128,3 +129,24 @@ def produce_file(
     if errors:
         raise KafkaException(errors[0])
     return summary
+
+
+def produce_rows(
+    settings: Settings, start: int = 0, limit: int | None = None, path: str | Path | None = None
+) -> ProduceSummary:
+    """Rows ``start .. start+limit`` of a JODIE CSV (the bundled Wikipedia file by default) to
+    the pipeline's `interactions` topic, with its codec and an idempotent producer."""
+    from operators.dataset import bundled_wikipedia
+    from schemas import INTERACTION
+    from streams.codecs import make_codec
+    from streams.kafka import idempotent_producer
+
+    topic = settings.topic("interactions")
+    return produce_file(
+        path or bundled_wikipedia(),
+        idempotent_producer(settings),
+        make_codec(settings, INTERACTION, topic),
+        topic,
+        start=start,
+        limit=limit,
+    )

@@ -25,10 +25,7 @@ from operators.dataset import bundled_wikipedia, load_interactions
 from operators.model import Jodie
 from operators.online import OnlineJodie
 from operators.state import States
-from schemas import INTERACTION
-from streams.codecs import make_codec
-from streams.kafka import idempotent_producer
-from streams.produce import produce_file
+from streams.produce import produce_rows
 from streams.router import Router
 from streams.settings import Settings
 from streams.state_export import collect
@@ -91,15 +88,7 @@ def route(
 ) -> None:
     """Produce rows [start, start + limit) of the bundled file and run the router over them
     (stamping the epochs of registry model ``model`` when given)."""
-    topic = settings.topic("interactions")
-    produce_file(
-        bundled_wikipedia(),
-        idempotent_producer(settings),
-        make_codec(settings, INTERACTION, topic),
-        topic,
-        start=start,
-        limit=limit,
-    )
+    produce_rows(settings, start=start, limit=limit)
     stats = Router(settings, grace_s=0.2, model=model).run(until_idle_s=1.0, max_seconds=120)
     assert stats.sequenced == limit
 

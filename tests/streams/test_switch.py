@@ -12,9 +12,12 @@ version its epoch names.
 
 from __future__ import annotations
 
+import json
 import signal
 import time
+import urllib.request
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -61,6 +64,22 @@ def _assert_states_are_offline_replay(settings: Settings, version: str, since: i
         assert float(diff) <= 1e-4, (side, float(diff))
 
 
+def _metrics(worker_id: int, timeout_s: float = 10.0) -> dict[str, Any]:
+    """A worker's /metrics page (the harness sets JODIE_WEB_PORT 16066 + 10 N for worker N,
+    which serves on that port + N)."""
+    url = f"http://127.0.0.1:{16066 + 11 * worker_id}/metrics"
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=5) as response:
+                page: dict[str, Any] = json.loads(response.read())
+                return page
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+
+
 def test_versions_switch_and_roll_back_under_the_stream(
     kafka: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -92,11 +111,17 @@ def test_versions_switch_and_roll_back_under_the_stream(
         assert registry.serving()["version"] == "v1"  # type: ignore[index]
         workers[1].send_signal(signal.SIGKILL)  # a worker dies around the switch ...
         workers[1].wait(timeout=30)
-        route(settings, HALF + 2 * STEP, STEP, model="jodie")
+        route(settings, HALF + 2 * STEP, STEP // 2, model="jodie")
         workers[1] = start_worker(settings, None, 1, tmp_path, model="jodie")  # ... and returns
+        _metrics(1, timeout_s=60)
+        time.sleep(8.0)  # it rejoins the group and takes back its partitions
+        route(settings, HALF + 2 * STEP + STEP // 2, STEP - STEP // 2, model="jodie")
         recs = wait_for(settings, 3 * STEP, timeout_s=300)
         assert len(recs) == 3 * STEP, logs[1].read_text()[-3000:]
         _assert_states_are_offline_replay(settings, "v1", HALF + 2 * STEP)
+        # The returned worker prepared the epoch it found stamped, from its start.
+        served = [(e["version"], e["since"]) for e in _metrics(1)["epochs"]]
+        assert ("v1", HALF + 2 * STEP) in served, served
     finally:
         for w in workers:
             stop(w)
