@@ -14,7 +14,7 @@ switch it prints:
   against the steady state (Kafka timestamps of the input event and of its recommendation).
 
     jodie broker up
-    python benchmarks/model_switch.py [--rate 200] [--delay 10] [--epochs 1]
+    python benchmarks/model_switch.py [--rate 60] [--delay 10] [--epochs 1]
 """
 
 from __future__ import annotations
@@ -109,11 +109,11 @@ def _pct(values: list[float]) -> dict[str, float] | None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--history", type=float, default=0.5, help="share routed before v1")
-    parser.add_argument("--rate", type=float, default=200.0, help="events/s while switching")
+    parser.add_argument("--rate", type=float, default=60.0, help="events/s while switching")
     parser.add_argument("--delay", type=float, default=10.0, help="JODIE_SWITCH_DELAY_S")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--epochs", type=int, default=1, help="training epochs per version")
-    parser.add_argument("--settle", type=float, default=30.0, help="seconds between stages")
+    parser.add_argument("--settle", type=float, default=20.0, help="seconds between stages")
     args = parser.parse_args()
 
     n_rows = len(load_interactions(bundled_wikipedia()))

@@ -142,11 +142,7 @@ def _train_from_topic(
         f"replayed {len(log):,} events, seq {int(seqs[0])}..{int(seqs[-1])}, from "
         f"{replayed.read:,} read in {replayed.seconds:.1f} s ({replayed.events_per_s:,.0f} ev/s)"
     )
-    source = {
-        "topic": settings.topic("interactions.log"),
-        "window": window.to_dict(),
-        "seqs": [int(seqs[0]), int(seqs[-1]) + 1],
-    }
+    source = replayed.source(settings.topic("interactions.log"), window)
     return run_training(log, config, out_dir=out, seqs=seqs, source=source)
 
 

@@ -127,6 +127,9 @@ class Registry:
             raise CheckpointError(f"{root}: the copy does not match {checkpoint}")
         meta = read_meta(root)
         offsets = meta.get("log_offsets", {})
+        # Where in each partition of the log a worker catching this version up starts
+        # reading (only a checkpoint replayed from the log has a position there).
+        resume = meta.get("source", {}).get("partition_offsets", {}) if "seq" in offsets else {}
         metrics = {
             k: float(v)
             for k, v in meta.get("metrics", {}).items()
@@ -137,7 +140,9 @@ class Registry:
             "version": version,
             "uri": root.resolve().as_uri(),
             "sha256": digest,
-            "log_offsets": [],
+            "log_offsets": [
+                {"partition": int(p), "offset": int(o)} for p, o in sorted(resume.items())
+            ],
             "metrics": metrics,
             "created_at_ms": int(time.time() * 1000),
             "log_seq": int(offsets.get("seq", -1)),

@@ -7,7 +7,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -77,6 +77,18 @@ class Replay:
     read: int  # events decoded from the topic (the whole log up to its end, not the window)
     after_gap: int  # events read but dropped because an earlier seq was missing
     seconds: float
+    # Per partition of interactions.log, the offset from which every event at or after
+    # ``next_seq`` lies: where serving a checkpoint of this replay resumes reading the log.
+    resume: dict[int, int] = field(default_factory=dict)
+
+    def source(self, topic: str, window: Window | None) -> dict[str, Any]:
+        """What a checkpoint trained on this replay records of it (its ``source``)."""
+        return {
+            "topic": topic,
+            "window": window.to_dict() if window is not None else {},
+            "seqs": [int(self.seqs[0]), self.next_seq] if self.seqs.size else [],
+            "partition_offsets": {str(p): o for p, o in sorted(self.resume.items())},
+        }
 
     @property
     def events_per_s(self) -> float:
@@ -98,6 +110,20 @@ class LogColumns:
     times: list[float]
     labels: list[int]
     features: list[np.ndarray]  # one (B, F) float32 block per batch
+    partitions: list[int] = field(default_factory=list)  # where each event was read
+    offsets: list[int] = field(default_factory=list)
+    reached: dict[int, int] = field(default_factory=dict)  # next offset per partition at the end
+
+    def resume_offsets(self, next_seq: int) -> dict[int, int]:
+        """Per partition, the offset of its first event at or after ``next_seq`` (seqs ascend
+        within a partition, the router writing in seq order), else where reading stopped."""
+        out = dict(self.reached)
+        seqs = np.asarray(self.seqs, dtype=np.int64)
+        later = np.flatnonzero(seqs >= next_seq)
+        for k in later.tolist():
+            p = self.partitions[k]
+            out[p] = min(out.get(p, self.offsets[k]), self.offsets[k])
+        return out
 
     def extend(self, records: list[dict[str, Any]], topic: str) -> None:
         """Append a batch of decoded SequencedInteraction records.
@@ -166,22 +192,28 @@ def read_log_columns(
             records = []
             for msg in messages:
                 p, offset = msg.partition() or 0, msg.offset() or 0
+                if p in past_until:
+                    continue  # already fetched past the window: its position stays put
                 position[p] = offset + 1
                 value = msg.value()
-                if value is None or p in past_until:  # None: a tombstone (compaction's)
+                if value is None:  # a tombstone (compaction's)
                     continue
                 record = decode(value)
                 if until_seq is not None and record["seq"] >= until_seq:
                     past_until.add(p)
                     bounded.pending.discard(p)
+                    position[p] = offset  # resume here: the first event past the window
                     continue
                 records.append(record)
+                cols.partitions.append(p)
+                cols.offsets.append(offset)
             if records:
                 cols.extend(records, topic)
             if on_progress is not None:
                 on_progress(sum(position.values()) - low_sum, total, len(cols.seqs))
         if on_progress is not None:
             on_progress(total, total, len(cols.seqs))  # the commit markers are read too
+        cols.reached = dict(position)
     finally:
         consumer.close()
     return cols
@@ -255,7 +287,8 @@ def replay_log(
         else:
             cols = read_log_columns(settings, idle_timeout_s, until_seq=window.until_seq)
     log, seqs, after_gap = to_log(cols, window, topic)
-    return Replay(log, seqs, len(cols.seqs), after_gap, time.monotonic() - began)
+    resume = cols.resume_offsets(int(seqs[-1]) + 1 if seqs.size else 0)
+    return Replay(log, seqs, len(cols.seqs), after_gap, time.monotonic() - began, resume)
 
 
 def _with_progress(

@@ -196,10 +196,14 @@ def catch_up(
     try:
         meta = consumer.list_topics(topic, timeout=30).topics[topic]
         ends = {p: watermarks(consumer, TopicPartition(topic, p))[1] for p in meta.partitions}
-        consumer.assign([TopicPartition(topic, p, 0) for p in meta.partitions])
-        behind = {p for p, end in ends.items() if end > 0}  # partitions short of `ends`
+        # The events at or after O start at the offsets the training replay recorded; a
+        # checkpoint without them (trained from a file) reads the log from its start.
+        starts = {int(r["partition"]): int(r["offset"]) for r in announcement["log_offsets"]}
+        first = {p: min(starts.get(p, 0), ends[p]) for p in meta.partitions}
+        consumer.assign([TopicPartition(topic, p, first[p]) for p in meta.partitions])
+        behind = {p for p, end in ends.items() if end > first[p]}  # short of `ends`
         last: tuple[int, Epoch] = (-1, UNSTAMPED)  # the latest event in the log at the start
-        starts: list[int] = []  # first seqs of this version's epochs, as read
+        epoch_starts: list[int] = []  # first seqs of this version's epochs, as read
         quiet_since = time.monotonic()
         while True:
             if stop is not None and stop.is_set():
@@ -222,7 +226,7 @@ def catch_up(
                 if (msg.offset() or 0) < ends[p] and seq > last[0]:
                     last = (seq, epoch)
                 if epoch == (version, seq):
-                    starts.append(seq)
+                    epoch_starts.append(seq)
                 e = record["interaction"]
                 cu.offer(
                     LogEvent(seq, e["user_id"], e["item_id"], e["timestamp"], tuple(e["features"]))
@@ -234,7 +238,7 @@ def catch_up(
                 if last[1][0] == version:
                     goal = last[1][1]
                 else:
-                    goal = min((s for s in starts if s > last[1][1]), default=None)
+                    goal = min((s for s in epoch_starts if s > last[1][1]), default=None)
                 if goal is not None and goal < cu.start:
                     raise CheckpointError(
                         f"{version}: its states are at log position {cu.start}, after the "
@@ -243,7 +247,7 @@ def catch_up(
             # Never step over a possible start of this version's epoch before knowing the goal.
             limit = goal
             if limit is None:
-                limit = min((s for s in starts if s >= cu.next_seq), default=1 << 62)
+                limit = min((s for s in epoch_starts if s >= cu.next_seq), default=1 << 62)
             if cu.advance(limit) == goal:
                 return cu.checkpoint(), goal, cu.applied
             if idle_timeout_s is not None and time.monotonic() - quiet_since > idle_timeout_s:

@@ -63,11 +63,7 @@ def train_once(
     if len(replayed.log) < 10:
         raise ValueError(f"interactions.log holds {len(replayed.log)} events; need at least 10")
     seqs = replayed.seqs
-    source = {
-        "topic": settings.topic("interactions.log"),
-        "window": window.to_dict() if window is not None else {},
-        "seqs": [int(seqs[0]), int(seqs[-1]) + 1],
-    }
+    source = replayed.source(settings.topic("interactions.log"), window)
     with tempfile.TemporaryDirectory(prefix="jodie-trainer-") as tmp:
         out = out_dir or Path(tmp) / "checkpoint"
         run = run_training(replayed.log, config, out_dir=out, seqs=seqs, source=source)

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from confluent_kafka import TopicPartition
 from typer.testing import CliRunner
 
 from operators.checkpoint import load_checkpoint
@@ -18,10 +21,10 @@ from operators.exceptions import DataError
 from operators.scorer import PlainScorer
 from operators.state import States
 from operators.train import batched, replay
-from schemas import INTERACTION
+from schemas import INTERACTION, SEQUENCED_INTERACTION
 from streams.cli import app
 from streams.codecs import make_codec
-from streams.kafka import idempotent_producer
+from streams.kafka import committed_reader, idempotent_producer, watermarks
 from streams.produce import produce_file
 from streams.replay import LogColumns, Window, replay_log, to_log
 from streams.router import Router
@@ -85,6 +88,39 @@ def test_replay_equals_the_csv_and_windows_select_rows(kafka: Settings) -> None:
 
     both = replay_log(kafka, Window(from_seq=1000, until_time=t1))
     np.testing.assert_array_equal(both.seqs, rows[rows >= 1000])
+
+    # Reading each partition from the recorded resume offsets gives exactly the later events.
+    assert _seqs_from(kafka, part.resume) == list(range(1200, N))
+    assert _seqs_from(kafka, whole.resume) == []
+    assert part.source("t", None)["partition_offsets"] == {
+        str(p): o for p, o in sorted(part.resume.items())
+    }
+
+
+def _seqs_from(settings: Settings, offsets: dict[int, int]) -> list[int]:
+    """Seqs of interactions.log read from ``offsets`` to each partition's end."""
+    topic = settings.topic("interactions.log")
+    codec = make_codec(settings, SEQUENCED_INTERACTION, topic)
+    consumer = committed_reader(settings, group_id=f"t-{uuid.uuid4().hex[:8]}")
+    ends = {p: watermarks(consumer, TopicPartition(topic, p))[1] for p in offsets}
+    consumer.assign([TopicPartition(topic, p, o) for p, o in offsets.items()])
+    pending = {p for p in offsets if offsets[p] < ends[p]}
+    seqs: list[int] = []
+    deadline = time.monotonic() + 30
+    try:
+        while pending and time.monotonic() < deadline:
+            for msg in consumer.consume(1000, 1.0):
+                p = msg.partition() or 0
+                if msg.error() is not None:
+                    pending.discard(p)  # end of partition
+                    continue
+                if (msg.offset() or 0) >= ends[p] - 1:
+                    pending.discard(p)
+                seqs.append(int(codec.decode(msg.value())["seq"]))
+    finally:
+        consumer.close()
+    assert not pending
+    return sorted(seqs)
 
 
 @pytest.mark.kafka
