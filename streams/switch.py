@@ -192,7 +192,11 @@ def catch_up(
         )
     topic = settings.topic("interactions.log")
     codec = make_codec(settings, SEQUENCED_INTERACTION, topic)
-    consumer = committed_reader(settings, group_id=f"jodie-catchup-{uuid.uuid4().hex[:8]}")
+    # The epoch's first event is what ends the catch-up while the stream waits for it: fetch
+    # it as soon as it is committed rather than after the default 500 ms fetch wait.
+    consumer = committed_reader(
+        settings, group_id=f"jodie-catchup-{uuid.uuid4().hex[:8]}", **{"fetch.wait.max.ms": 10}
+    )
     try:
         meta = consumer.list_topics(topic, timeout=30).topics[topic]
         ends = {p: watermarks(consumer, TopicPartition(topic, p))[1] for p in meta.partitions}
