@@ -66,6 +66,11 @@ class CatchUp:
         self._item_seq: dict[str, int] = {}
         self.applied = 0
 
+    @property
+    def queued(self) -> int:
+        """Events offered and not applied yet."""
+        return len(self._heap)
+
     def offer(self, event: LogEvent) -> None:
         """Queue an event; those before the current position (or the checkpoint) are ignored."""
         if event.seq >= self.next_seq:

@@ -37,6 +37,9 @@ from streams.settings import Settings
 
 _log = logging.getLogger("jodie.switch")
 
+#: Events of the log's backlog read before they are applied (bounds the catch-up's memory).
+BACKLOG_RUN = 100_000
+
 Epoch = tuple[str, int]  # (model version, seq of the epoch's first event)
 UNSTAMPED: Epoch = ("", -1)
 _SEPARATOR = b"\x00"
@@ -236,6 +239,14 @@ def catch_up(
                     LogEvent(seq, e["user_id"], e["item_id"], e["timestamp"], tuple(e["features"]))
                 )
                 quiet_since = time.monotonic()
+            if idle_timeout_s is not None and time.monotonic() - quiet_since > idle_timeout_s:
+                raise CheckpointError(
+                    f"{version}: the log stopped at seq {cu.next_seq} before its epoch started"
+                )
+            if behind and cu.queued < BACKLOG_RUN:
+                # Still reading the backlog: apply it in long runs (t-batches) rather than in
+                # the pieces each fetch brings (which go one event at a time, ~5x slower).
+                continue
             goal = target
             if goal is None and not behind:
                 # The whole log as it was at the start has been read: which epoch is next.
@@ -254,10 +265,6 @@ def catch_up(
                 limit = min((s for s in epoch_starts if s >= cu.next_seq), default=1 << 62)
             if cu.advance(limit) == goal:
                 return cu.checkpoint(), goal, cu.applied
-            if idle_timeout_s is not None and time.monotonic() - quiet_since > idle_timeout_s:
-                raise CheckpointError(
-                    f"{version}: the log stopped at seq {cu.next_seq} before its epoch started"
-                )
     finally:
         consumer.close()
 
