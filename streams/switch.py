@@ -259,10 +259,14 @@ def catch_up(
                         f"{version}: its states are at log position {cu.start}, after the "
                         f"start of its epoch at {goal}; it cannot serve from there"
                     )
-            # Never step over a possible start of this version's epoch before knowing the goal.
+            # Never step over a possible start of this version's epoch before knowing the goal
+            # (once the log at the start is read, only one after its latest epoch can be it).
             limit = goal
             if limit is None:
-                limit = min((s for s in epoch_starts if s >= cu.next_seq), default=1 << 62)
+                floor = last[1][1] if not behind else -1
+                limit = min(
+                    (s for s in epoch_starts if s >= cu.next_seq and s > floor), default=1 << 62
+                )
             if cu.advance(limit) == goal:
                 return cu.checkpoint(), goal, cu.applied
     finally:
