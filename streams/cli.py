@@ -498,6 +498,8 @@ def metrics(
     """The running workers' /metrics: events applied, events/s, lag, live MRR / Recall@10."""
     import urllib.request
 
+    from streams.switch import label
+
     settings = get_settings()
     pages = []
     for n in range(workers):
@@ -526,7 +528,7 @@ def metrics(
                 "recall_at_10": r10,
                 "model_versions": sorted({p["model_version"] for p in pages if p["model_version"]}),
                 "epochs": sorted(
-                    {f"{e['version']}@{e['since']}" for p in pages for e in p["epochs"]}
+                    {label((e["version"], e["since"])) for p in pages for e in p["epochs"]}
                 ),
             }
         )

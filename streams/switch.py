@@ -51,7 +51,14 @@ def epoch_of(record: dict[str, Any]) -> Epoch:
 
 
 def label(epoch: Epoch) -> str:
+    """``version@since``: how an epoch is written in row keys, headers and logs."""
     return f"{epoch[0]}@{epoch[1]}" if epoch != UNSTAMPED else "unstamped"
+
+
+def parse_label(text: str) -> Epoch:
+    """Inverse of ``label`` for a stamped epoch."""
+    version, _at, since = text.rpartition("@")
+    return version, int(since)
 
 
 def row_key(entity: bytes, epoch: Epoch) -> bytes:
@@ -59,7 +66,7 @@ def row_key(entity: bytes, epoch: Epoch) -> bytes:
     one row per epoch, and rows of the unstamped stream keep the plain id)."""
     if epoch == UNSTAMPED:
         return entity
-    return entity + _SEPARATOR + f"{epoch[0]}@{epoch[1]}".encode()
+    return entity + _SEPARATOR + label(epoch).encode()
 
 
 def split_row_key(key: bytes) -> tuple[bytes, Epoch]:
@@ -67,8 +74,7 @@ def split_row_key(key: bytes) -> tuple[bytes, Epoch]:
     entity, sep, tail = key.rpartition(_SEPARATOR)
     if not sep:
         return key, UNSTAMPED
-    version, _at, since = tail.decode().rpartition("@")
-    return entity, (version, int(since))
+    return entity, parse_label(tail.decode())
 
 
 class ServingWatch:
@@ -161,15 +167,6 @@ class Preparation:
         return self.result
 
 
-def load_version(settings: Settings, announcement: dict[str, Any]) -> Checkpoint:
-    """The checkpoint of an announced version, refused unless its digest matches."""
-    ckpt = load_checkpoint(verified(announcement))
-    meta = dict(ckpt.meta)
-    meta["version"] = announcement["version"]
-    ckpt.meta = meta
-    return ckpt
-
-
 def catch_up(
     settings: Settings,
     announcement: dict[str, Any],
@@ -186,7 +183,7 @@ def catch_up(
     the epoch start, its seq, events replayed).
     """
     version = str(announcement["version"])
-    ckpt = load_version(settings, announcement)
+    ckpt = load_checkpoint(verified(announcement))  # refused unless its digest matches
     cu = CatchUp(ckpt)
     if target is not None and target < cu.start:
         raise CheckpointError(

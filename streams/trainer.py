@@ -111,13 +111,7 @@ def run_trainer(
     last_size, last_time = 0, time.monotonic()
     while max_runs is None or len(runs) < max_runs:
         size = log_size(settings)
-        grown = size - last_size
-        due = grown >= every_events or (
-            every_seconds is not None
-            and grown > 0
-            and time.monotonic() - last_time >= every_seconds
-        )
-        if due:
+        if due(size - last_size, time.monotonic() - last_time, every_events, every_seconds):
             runs.append(train_once(settings, config, name, margin))
             last_size, last_time = size, time.monotonic()
             continue

@@ -84,6 +84,7 @@ from streams.switch import (
     ServingWatch,
     epoch_of,
     label,
+    parse_label,
     row_key,
     split_row_key,
 )
@@ -502,8 +503,7 @@ def _epoch_header(headers: Headers | dict[str, str | bytes | None] | None) -> Ep
     pairs = list(headers.items()) if isinstance(headers, dict) else headers or []
     for name, value in pairs:
         if name == EPOCH_HEADER and isinstance(value, bytes):
-            version, _at, since = value.decode().rpartition("@")
-            return version, int(since)
+            return parse_label(value.decode())
     return UNSTAMPED
 
 
