@@ -19,12 +19,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from operators import catchup
-from operators.catchup import CatchUp, LogEvent
-from operators.checkpoint import load_checkpoint
-from operators.config import TrainConfig
 from operators.dataset import bundled_wikipedia, load_interactions
-from operators.pipeline import run_training
+from operators.model.checkpoint import load_checkpoint
+from operators.model.config import TrainConfig
+from operators.protocol import catchup
+from operators.protocol.catchup import CatchUp, LogEvent
+from operators.training.run import run_training
 
 
 def main() -> None:

@@ -34,8 +34,8 @@ from typing import Any
 
 import numpy as np
 
-from operators.config import TrainConfig
 from operators.dataset import bundled_wikipedia, load_interactions
+from operators.model.config import TrainConfig
 from schemas import INTERACTION, RECOMMENDATION, Codec
 from streams.codecs import make_codec
 from streams.kafka import committed_reader

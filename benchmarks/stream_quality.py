@@ -24,11 +24,11 @@ from pathlib import Path
 
 import numpy as np
 
-from operators.checkpoint import load_checkpoint
 from operators.dataset import bundled_wikipedia, load_interactions
-from operators.evaluate import frozen_replay
-from operators.metrics import mrr, recall_at_k
-from operators.scorer import PlainScorer
+from operators.evaluation.metrics import mrr, recall_at_k
+from operators.evaluation.protocols import frozen_replay
+from operators.evaluation.scorer import PlainScorer
+from operators.model.checkpoint import load_checkpoint
 from streams.produce import produce_rows
 from streams.router import Router
 from streams.tail import tail_recommendations

@@ -15,11 +15,11 @@ import time
 
 import torch
 
-from operators.config import TrainConfig
 from operators.dataset import bundled_wikipedia, load_interactions
-from operators.evaluate import frozen_replay
-from operators.scorer import PlainScorer
-from operators.train import train
+from operators.evaluation.protocols import frozen_replay
+from operators.evaluation.scorer import PlainScorer
+from operators.model.config import TrainConfig
+from operators.training.trainer import train
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--epochs", type=int, default=1)

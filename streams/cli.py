@@ -217,7 +217,7 @@ def produce(
     settings = get_settings()
     source = path or bundled_wikipedia()
     if after is not None:
-        from operators.checkpoint import read_meta
+        from operators.model.checkpoint import read_meta
 
         try:
             offsets = read_meta(after).get("log_offsets", {})
@@ -421,7 +421,7 @@ def trainer(
     """Retrain from interactions.log on a schedule; announce every run, promote the good ones."""
     import logging
 
-    from operators.config import TrainConfig
+    from operators.model.config import TrainConfig
     from streams.trainer import run_trainer, train_once
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")

@@ -11,8 +11,8 @@ import typer
 from rich.console import Console
 
 if TYPE_CHECKING:
-    from operators.config import TrainConfig
-    from operators.pipeline import RunResult
+    from operators.model.config import TrainConfig
+    from operators.training.run import RunResult
 
 console = Console(stderr=True)
 
@@ -78,8 +78,8 @@ def train(
     """
     import torch
 
-    from operators.config import ModelConfig, TrainConfig
-    from operators.pipeline import run_training
+    from operators.model.config import ModelConfig, TrainConfig
+    from operators.training.run import run_training
 
     if scorer not in ("history", "plain"):
         raise typer.BadParameter("--scorer must be 'history' or 'plain'")
@@ -116,7 +116,7 @@ def _train_from_topic(
     from_time: float | None,
     until_time: float | None,
 ) -> RunResult:
-    from operators.pipeline import run_training
+    from operators.training.run import run_training
     from schemas.exceptions import JodieError
     from streams.replay import Window, replay_log
     from streams.settings import get_settings
@@ -174,17 +174,17 @@ def evaluate(
     ] = None,
 ) -> None:
     """Rank the true next item for each event of a split; print MRR and Recall@10."""
-    from operators.checkpoint import load_checkpoint
     from operators.dataset import file_fingerprint
-    from operators.evaluate import evaluate as run_eval
-    from operators.scorer import make_scorer
+    from operators.evaluation.protocols import evaluate as run_eval
+    from operators.evaluation.scorer import make_scorer
+    from operators.model.checkpoint import load_checkpoint
 
     if protocol not in ("frozen", "paper"):
         raise typer.BadParameter("--protocol must be 'paper' or 'frozen'")
     if split not in ("valid", "test"):
         raise typer.BadParameter("--split must be 'valid' or 'test'")
-    from operators.config import TrainConfig
-    from operators.train import Split
+    from operators.model.config import TrainConfig
+    from operators.training.trainer import Split
 
     path = _data_path(data)
     if checkpoint is None and baseline is None:
@@ -212,7 +212,7 @@ def evaluate(
         sp = Split.of(len(log), tc.train_fraction, tc.valid_fraction)
         bounds = {k: sp.bounds(k) for k in ("train", "valid", "test")}
     if baseline is not None:
-        from operators.baselines import evaluate_baseline
+        from operators.evaluation.baselines import evaluate_baseline
 
         if baseline not in ("recency", "popularity"):
             raise typer.BadParameter("--baseline must be 'recency' or 'popularity'")
@@ -280,9 +280,9 @@ def plot(
     users: Annotated[int, typer.Option(help="how many users' trajectories to draw")] = 4,
 ) -> None:
     """Training curves, and a few users' embedding trajectories in 2-D (PCA)."""
-    from operators.checkpoint import load_checkpoint
-    from operators.plots import plot_trajectories
-    from operators.train import save_curves
+    from operators.model.checkpoint import load_checkpoint
+    from operators.training.trainer import save_curves
+    from streams.plots import plot_trajectories
 
     ckpt = load_checkpoint(checkpoint)
     out.mkdir(parents=True, exist_ok=True)

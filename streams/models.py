@@ -24,8 +24,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from operators.checkpoint import read_meta, verify
 from operators.exceptions import CheckpointError
+from operators.model.checkpoint import read_meta, verify
 from schemas import MODEL_ANNOUNCEMENT
 from schemas.exceptions import JodieError
 from streams.codecs import make_codec

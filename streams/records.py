@@ -7,8 +7,8 @@ from typing import Any
 
 import numpy as np
 
-from operators.exchange import Inbox, Pending
-from operators.streaming import EntityState, EventData
+from operators.protocol.exchange import Inbox, Pending
+from operators.protocol.sides import EntityState, EventData
 
 NAN = float("nan")
 

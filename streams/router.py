@@ -1,7 +1,7 @@
 """The router: client events → validated, deduplicated, canonical order in interactions.log.
 
 One router per pipeline reads every partition of `interactions`, decodes and validates each
-event, merges the partitions into the canonical order (operators.sequencer) and writes:
+event, merges the partitions into the canonical order (operators.protocol.sequencer) and writes:
 
 - `interactions.log`: the sequenced event (Avro SequencedInteraction), keyed by event id;
 - `interactions.dlq`: the original key and bytes of every rejected event, the reason in headers.
@@ -24,8 +24,8 @@ from typing import Any
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Producer, TopicPartition
 
-from operators.sequencer import Interaction, Rejected, SequencedEvent, Sequencer
-from operators.streaming import EventData
+from operators.protocol.sequencer import Interaction, Rejected, SequencedEvent, Sequencer
+from operators.protocol.sides import EventData
 from schemas import INTERACTION, SEQUENCED_INTERACTION, DecodeError, SchemaError
 from schemas.codec import INBOX_MESSAGE, Codec
 from streams.codecs import make_codec

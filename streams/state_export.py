@@ -7,8 +7,8 @@ from typing import Any
 
 import numpy as np
 
-from operators.checkpoint import load_checkpoint
-from operators.streaming import CheckpointStates
+from operators.model.checkpoint import load_checkpoint
+from operators.protocol.sides import CheckpointStates
 from schemas import Codec
 from schemas.codec import ENTITY_RECORD
 from streams.models import RegistryError

@@ -8,7 +8,7 @@ partition cannot disagree. ``("", -1)`` is the unstamped stream of a router run 
 model name: workers given a checkpoint serve it.
 
 A version starts serving at S with its states at S: its checkpoint's states at O, replayed
-over the log's events in [O, S) with its weights (``operators.catchup``). A worker prepares
+over the log's events in [O, S) with its weights (``operators.protocol.catchup``). A worker prepares
 this in the background as soon as it sees the promotion on the ``models`` topic, while the
 events before S are still served by the previous epoch; the router starts the new epoch
 ``JODIE_SWITCH_DELAY_S`` after it saw the promotion, leaving the workers that time to be
@@ -26,9 +26,9 @@ from typing import Any
 
 from confluent_kafka import KafkaError, TopicPartition
 
-from operators.catchup import CatchUp, LogEvent
-from operators.checkpoint import Checkpoint, load_checkpoint
 from operators.exceptions import CheckpointError
+from operators.model.checkpoint import Checkpoint, load_checkpoint
+from operators.protocol.catchup import CatchUp, LogEvent
 from schemas import MODEL_ANNOUNCEMENT, SEQUENCED_INTERACTION
 from streams.codecs import make_codec
 from streams.kafka import committed_reader, take, watermarks

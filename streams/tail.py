@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 from confluent_kafka import KafkaError
 
-from operators.metrics import mrr, recall_at_k
+from operators.evaluation.metrics import mrr, recall_at_k
 from schemas import RECOMMENDATION, Codec
 from streams.kafka import committed_reader
 from streams.settings import Settings

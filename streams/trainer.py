@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from operators.config import TrainConfig
-from operators.pipeline import run_training
+from operators.model.config import TrainConfig
+from operators.training.run import run_training
 from streams.kafka import committed_reader
 from streams.models import Registry
 from streams.peek import partition_counts

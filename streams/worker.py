@@ -52,17 +52,17 @@ import numpy as np
 import torch
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
-from operators.checkpoint import Checkpoint, load_checkpoint
-from operators.exchange import Applied, ApplyMany, Inbox, PartnerState, SendPreState, drive
-from operators.metrics import RollingRanks
-from operators.retrieval import CooccurrenceCandidates, TieredIndex
-from operators.streaming import (
+from operators.evaluation.metrics import RollingRanks
+from operators.model.checkpoint import Checkpoint, load_checkpoint
+from operators.protocol.exchange import Applied, ApplyMany, Inbox, PartnerState, SendPreState, drive
+from operators.protocol.sides import (
     CheckpointStates,
     EntityState,
     ItemOutput,
     StreamModel,
     UserOutput,
 )
+from operators.retrieval.index import CooccurrenceCandidates, TieredIndex
 from schemas import Codec
 from schemas.codec import ENTITY_RECORD, INBOX_MESSAGE, RECOMMENDATION, SEQUENCED_INTERACTION
 from schemas.exceptions import JodieError
@@ -330,7 +330,7 @@ class Processor:
         to send.
 
         Messages are offered to their rows first; then every row advances as far as it can,
-        ready events of distinct entities applied together (operators.exchange.drive), so
+        ready events of distinct entities applied together (operators.protocol.exchange.drive), so
         the model runs in batches while each entity still applies its events in order.
         ``local(side, row key)`` gives the row of an entity this worker owns (else None): a
         pre-state for it is handed over in memory and applied in the same transaction instead

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from operators.config import ModelConfig
 from operators.dataset import InteractionLog
-from operators.model import Jodie
+from operators.model.config import ModelConfig
+from operators.model.jodie import Jodie
 
 LogFactory = Callable[..., InteractionLog]
 

@@ -19,12 +19,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from operators.checkpoint import EntitySeqs, load_checkpoint, save_checkpoint
-from operators.config import ModelConfig, TrainConfig
 from operators.dataset import bundled_wikipedia, load_interactions
-from operators.model import Jodie
-from operators.online import OnlineJodie
-from operators.state import States
+from operators.model.checkpoint import EntitySeqs, load_checkpoint, save_checkpoint
+from operators.model.config import ModelConfig, TrainConfig
+from operators.model.jodie import Jodie
+from operators.model.online import OnlineJodie
+from operators.model.state import States
 from streams.produce import produce_rows
 from streams.router import Router
 from streams.settings import Settings

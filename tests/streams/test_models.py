@@ -67,7 +67,7 @@ def test_a_tampered_checkpoint_is_refused(
         registry.promote(record["version"])
     # A manifest rewritten to match the changed file does not pass either: the announced
     # digest covers the manifest.
-    from operators.checkpoint import sha256_file
+    from operators.model.checkpoint import sha256_file
 
     meta_path = copy / "checkpoint.json"
     meta = json.loads(meta_path.read_text())

@@ -10,13 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from operators.catchup import CatchUp, LogEvent
-from operators.checkpoint import load_checkpoint
 from operators.dataset import bundled_wikipedia, load_interactions
-from operators.exchange import Inbox
-from operators.online import OnlineJodie
-from operators.sequencer import Interaction, Sequencer
-from operators.streaming import EntityState
+from operators.model.checkpoint import load_checkpoint
+from operators.model.online import OnlineJodie
+from operators.protocol.catchup import CatchUp, LogEvent
+from operators.protocol.exchange import Inbox
+from operators.protocol.sequencer import Interaction, Sequencer
+from operators.protocol.sides import EntityState
 from schemas import Codec
 from schemas.codec import INBOX_MESSAGE, RECOMMENDATION
 from streams.kafka import partition_for

@@ -13,14 +13,14 @@ import torch
 from confluent_kafka import TopicPartition
 from typer.testing import CliRunner
 
-from operators.checkpoint import load_checkpoint
 from operators.dataset import InteractionLog, bundled_wikipedia, load_interactions
-from operators.evaluate import evaluate
-from operators.events import encode
+from operators.evaluation.protocols import evaluate
+from operators.evaluation.scorer import PlainScorer
 from operators.exceptions import DataError
-from operators.scorer import PlainScorer
-from operators.state import States
-from operators.train import batched, replay
+from operators.model.checkpoint import load_checkpoint
+from operators.model.events import encode
+from operators.model.state import States
+from operators.training.trainer import batched, replay
 from schemas import INTERACTION, SEQUENCED_INTERACTION
 from streams.cli import app
 from streams.codecs import make_codec

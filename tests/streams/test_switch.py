@@ -22,10 +22,10 @@ from typing import Any
 import numpy as np
 import pytest
 
-from operators.checkpoint import load_checkpoint
-from operators.config import ModelConfig, TrainConfig
 from operators.dataset import bundled_wikipedia, load_interactions
-from operators.pipeline import advance
+from operators.model.checkpoint import load_checkpoint
+from operators.model.config import ModelConfig, TrainConfig
+from operators.training.run import advance
 from streams.models import Registry, verified
 from streams.replay import Window, replay_log
 from streams.router import read_log

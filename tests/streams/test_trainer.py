@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from operators.checkpoint import load_checkpoint
-from operators.config import ModelConfig, TrainConfig
+from operators.model.checkpoint import load_checkpoint
+from operators.model.config import ModelConfig, TrainConfig
 from streams.models import Registry, verified
 from streams.settings import Settings
 from streams.trainer import due, log_size, train_once

@@ -1,0 +1,1 @@
+"""Evaluation: the paper and frozen protocols, metrics, baselines and the history scorer."""

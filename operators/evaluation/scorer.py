@@ -1,0 +1,219 @@
+"""Candidate scorers: plain JODIE distance, or distance plus learned history and popularity terms.
+
+Plain JODIE ranks items by −‖j̃ − [i, ī]‖². On the Wikipedia data most events repeat one of
+the user's recent items, and the trained projection mostly points at the last item, so the
+order of the other candidates carries little signal. ``HistoryScorer`` adds three learned
+terms computed from bounded state the stream already keeps (the user's last K distinct items
+with their per-user counts, and each item's event count):
+
+    score_j = −α ‖j̃ − [j, j̄]‖² + b_pos(j) + β·log(1 + n_user,j) + γ·log(1 + n_j)
+              + δ·log(1 + m_j(t))
+
+b_pos is a bonus per history position (0 = last item), non-increasing by construction; n_user,j
+is how often the user touched j while it stayed in the history; n_j is j's popularity so far
+and m_j(t) its event count decayed with a one-day time constant (what is being edited now).
+α, b, β, γ, δ are fitted by softmax cross-entropy over all known items on the last part of the
+training split only (``fit_history_scorer``); the JODIE weights are untouched. Variants are
+injected through ``make_scorer``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from operators.model.config import ModelConfig, ScorerName
+from operators.model.jodie import squared_distances
+
+
+@dataclass(frozen=True)
+class UserContext:
+    """The per-user bounded state a scorer may read."""
+
+    history: np.ndarray  # (K,) item rows, most recent first, -1 padded
+    counts: np.ndarray  # (K,) the user's events on each history entry
+
+
+class Scorer(Protocol):
+    """Scores n candidate items for one user query; higher is better."""
+
+    def scores(
+        self,
+        pred: Tensor,
+        item_dyn: Tensor,
+        item_static: Tensor,
+        item_count: np.ndarray,
+        item_trend: np.ndarray,
+        user: UserContext,
+    ) -> Tensor:
+        """pred (d + s,), item_dyn (n, d), item_static (n, s), item_count (n,), item_trend (n,)
+        → (n,)."""
+        ...
+
+    def tensors(self) -> dict[str, Tensor]:
+        """Fitted parameters to store in the checkpoint (may be empty)."""
+        ...
+
+
+class PlainScorer:
+    """JODIE as published: the negative squared L2 distance to [i(t), ī]."""
+
+    def scores(
+        self,
+        pred: Tensor,
+        item_dyn: Tensor,
+        item_static: Tensor,
+        item_count: np.ndarray,
+        item_trend: np.ndarray,
+        user: UserContext,
+    ) -> Tensor:
+        return -squared_distances(pred, item_dyn, item_static)
+
+    def tensors(self) -> dict[str, Tensor]:
+        return {}
+
+
+class HistoryScorer:
+    """Distance scaled by α, plus history-position, per-user-count and popularity terms."""
+
+    def __init__(
+        self, log_alpha: Tensor, bonus: Tensor, beta: Tensor, gamma: Tensor, delta: Tensor
+    ) -> None:
+        self.log_alpha = log_alpha.detach().reshape(())  # α = exp(log α) > 0
+        self.bonus = bonus.detach().reshape(-1)  # (K,) non-increasing in the position
+        self.beta = beta.detach().reshape(())
+        self.gamma = gamma.detach().reshape(())
+        self.delta = delta.detach().reshape(())
+
+    def scores(
+        self,
+        pred: Tensor,
+        item_dyn: Tensor,
+        item_static: Tensor,
+        item_count: np.ndarray,
+        item_trend: np.ndarray,
+        user: UserContext,
+    ) -> Tensor:
+        out = -self.log_alpha.exp() * squared_distances(pred, item_dyn, item_static)
+        out = out + self.gamma * torch.from_numpy(np.log1p(item_count).astype(np.float32))
+        out = out + self.delta * torch.from_numpy(np.log1p(item_trend).astype(np.float32))
+        valid = user.history >= 0
+        if valid.any():
+            rows = torch.from_numpy(user.history[valid])
+            extra = self.bonus[
+                torch.from_numpy(np.flatnonzero(valid))
+            ] + self.beta * torch.from_numpy(np.log1p(user.counts[valid]).astype(np.float32))
+            out = out.index_add(0, rows, extra)
+        return out
+
+    def tensors(self) -> dict[str, Tensor]:
+        return {
+            "scorer.log_alpha": self.log_alpha.clone(),
+            "scorer.bonus": self.bonus.clone(),
+            "scorer.beta": self.beta.clone(),
+            "scorer.gamma": self.gamma.clone(),
+            "scorer.delta": self.delta.clone(),
+        }
+
+
+def make_scorer(config: ModelConfig, tensors: dict[str, Tensor] | None = None) -> Scorer:
+    """The scorer named by ``config.scorer``, with its fitted parameters from ``tensors``.
+
+    A history scorer without fitted parameters (a plain-trained checkpoint) scores like plain.
+    """
+    t = tensors or {}
+    zero = torch.zeros(())
+    factories: dict[ScorerName, Callable[[], Scorer]] = {
+        "plain": PlainScorer,
+        "history": lambda: HistoryScorer(
+            t.get("scorer.log_alpha", zero),
+            t.get("scorer.bonus", torch.zeros(config.history_size)),
+            t.get("scorer.beta", zero),
+            t.get("scorer.gamma", zero),
+            t.get("scorer.delta", zero),
+        ),
+    }
+    return factories[config.scorer]()
+
+
+@dataclass(frozen=True)
+class ScorerSamples:
+    """Features of E sampled events against n candidate items, for fitting."""
+
+    dist2: np.ndarray  # (E, n) float32 squared distance, +inf where the item was unknown
+    positions: np.ndarray  # (E, n) int64 history position, -1 outside the history
+    user_counts: np.ndarray  # (E, n) float32 the user's events on the item (history only)
+    item_counts: np.ndarray  # (E, n) float32 the item's events so far
+    item_trends: np.ndarray  # (E, n) float32 the item's decayed event count at that time
+    targets: np.ndarray  # (E,) int64 column of the true item
+
+
+# Samples per autograd pass when fitting the scorer (bounds the fit's memory).
+_FIT_CHUNK = 512
+
+
+def fit_history_scorer(
+    samples: ScorerSamples, history_size: int, steps: int = 200
+) -> HistoryScorer:
+    """Fit α, b, β, γ by maximising the softmax likelihood of the true item among known items.
+
+    The bonus is parametrised as a reversed cumulative sum of softplus terms, so it is
+    non-negative and never larger for an older position than for a more recent one: a
+    monotone recency prior rather than a free table that could overfit sparse positions.
+    """
+    d = torch.from_numpy(samples.dist2)
+    pos = torch.from_numpy(samples.positions)
+    ucount = torch.from_numpy(np.log1p(samples.user_counts))
+    icount = torch.from_numpy(np.log1p(samples.item_counts))
+    itrend = torch.from_numpy(np.log1p(samples.item_trends))
+    y = torch.from_numpy(samples.targets)
+    finite = torch.isfinite(d)
+    d = torch.where(finite, d, torch.zeros(()))
+    log_alpha = torch.zeros((), requires_grad=True)
+    raw = torch.full((history_size,), -2.0, requires_grad=True)
+    beta = torch.zeros((), requires_grad=True)
+    gamma = torch.zeros((), requires_grad=True)
+    delta = torch.zeros((), requires_grad=True)
+
+    def bonus() -> Tensor:
+        return nn.functional.softplus(raw).flip(0).cumsum(0).flip(0)  # b_k = Σ_{j≥k} softplus
+
+    optimizer = torch.optim.LBFGS(
+        [log_alpha, raw, beta, gamma, delta], lr=0.5, max_iter=steps, line_search_fn="strong_wolfe"
+    )
+
+    n_samples = max(int(y.shape[0]), 1)
+
+    def closure() -> Tensor:
+        # The mean cross entropy over all samples, with its gradient accumulated chunk by
+        # chunk: the autograd graph of one (E, n) pass would hold gigabytes of intermediates.
+        optimizer.zero_grad()
+        total = torch.zeros(())
+        for lo in range(0, int(y.shape[0]), _FIT_CHUNK):
+            hi = lo + _FIT_CHUNK
+            padded = torch.cat([bonus(), torch.zeros(1)])  # position -1 reads the 0 at the end
+            logits = (
+                -log_alpha.exp() * d[lo:hi]
+                + padded[pos[lo:hi]]
+                + beta * ucount[lo:hi]
+                + gamma * icount[lo:hi]
+                + delta * itrend[lo:hi]
+            )
+            masked = logits.masked_fill(~finite[lo:hi], float("-inf"))
+            loss = nn.functional.cross_entropy(masked, y[lo:hi], reduction="sum") / n_samples
+            loss.backward()
+            total = total + loss.detach()
+        return total
+
+    if samples.targets.size:
+        optimizer.step(closure)
+    with torch.no_grad():
+        fitted = HistoryScorer(
+            log_alpha.clone(), bonus().clone(), beta.clone(), gamma.clone(), delta.clone()
+        )
+    return fitted

@@ -1,0 +1,1 @@
+"""The JODIE model: the network, its states, t-batches, the one event kernel, checkpoints."""

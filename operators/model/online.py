@@ -1,0 +1,107 @@
+"""One-event-at-a-time JODIE over a ``States``: the exact sequential semantics the stream follows.
+
+For an event (user u, item i, time t, features f), with every earlier event applied:
+
+1. query: Δu = t − last_time(u) (0 for a first event), standardised with the checkpoint's
+   training statistics; û = project(u(t⁻), Δu); j̃ = predict(û, ū, p(t⁻), p̄) where p is u's
+   previous item (its current state; the learned initial vector and a zero static if none).
+2. update, both from the *pre-event* states: u(t) = update_user(u(t⁻), i(t⁻), Δu, f) and
+   i(t) = update_item(i(t⁻), u(t⁻), Δi, f); then write u(t), i(t), last times = t, and move i
+   to the front of u's bounded history.
+
+Frozen evaluation is exactly this loop, so the stream, which runs the same operators with the
+same float32 inputs, reproduces its states.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from operators.model.jodie import Jodie, standardise_delta
+from operators.model.state import States
+
+
+@dataclass(frozen=True)
+class Query:
+    """What the model predicts for a user at time t, before the user's event is applied."""
+
+    user_row: int
+    u_proj: Tensor  # (1, d) projected user embedding û(t)
+    pred: Tensor  # (1, d + s_item) predicted next-item embedding j̃ = [j̃_dyn, j̃_static]
+    history: np.ndarray  # (K,) item rows, most recent first, -1 padded
+    history_counts: np.ndarray  # (K,) the user's events on each history entry
+
+
+def gap(last_time: float, t: float) -> float:
+    """Seconds since the entity's previous event; 0 for its first one."""
+    return 0.0 if math.isnan(last_time) else t - last_time
+
+
+class OnlineJodie:
+    """Applies events one at a time to ``states`` with fixed weights (no autograd)."""
+
+    def __init__(self, model: Jodie, states: States) -> None:
+        self.model = model
+        self.states = states
+        cfg = model.config
+        with torch.no_grad():
+            self._u_init = model.initial_user().detach().unsqueeze(0)  # (1, d)
+            self._i_init = model.initial_item().detach().unsqueeze(0)  # (1, d)
+        self._no_static = torch.zeros(1, cfg.item_static_dim)
+        self._no_features = torch.zeros(1, cfg.n_features)
+        self._du = (cfg.delta_user_mean, cfg.delta_user_std)
+        self._di = (cfg.delta_item_mean, cfg.delta_item_std)
+
+    def _delta(self, last: float, t: float, stats: tuple[float, float]) -> Tensor:
+        return torch.from_numpy(standardise_delta(np.array([[gap(last, t)]]), *stats))  # (1, 1)
+
+    def _user(self, row: int) -> Tensor:
+        users = self.states.users
+        return self._u_init if math.isnan(users._last_time[row]) else users._emb[row : row + 1]
+
+    def _item(self, row: int) -> Tensor:
+        items = self.states.items
+        if row < 0 or math.isnan(items._last_time[row]):
+            return self._i_init
+        return items._emb[row : row + 1]
+
+    @torch.inference_mode()
+    def query(self, user_id: str, t: float) -> Query:
+        """û and j̃ for ``user_id`` at time ``t`` (adds the user if unseen)."""
+        users, items = self.states.users, self.states.items
+        u = users.add(user_id)
+        du = self._delta(float(users._last_time[u]), t, self._du)
+        history = users._history[u].copy()
+        counts = users._history_counts[u].copy()
+        p = int(history[0]) if history.size else -1
+        p_static = items._static[p : p + 1] if p >= 0 else self._no_static
+        u_proj = self.model.project(self._user(u), du)
+        pred = self.model.predict(u_proj, users._static[u : u + 1], self._item(p), p_static)
+        return Query(u, u_proj, pred, history, counts)
+
+    @torch.inference_mode()
+    def observe(
+        self, user_id: str, item_id: str, t: float, features: np.ndarray | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """Apply one event; returns the new (u(t), i(t)), each (1, d)."""
+        users, items = self.states.users, self.states.items
+        u = users.add(user_id)
+        i = items.add(item_id)
+        f = (
+            torch.from_numpy(np.asarray(features, dtype=np.float32).reshape(1, -1))
+            if features is not None and np.size(features)
+            else self._no_features
+        )
+        du = self._delta(float(users._last_time[u]), t, self._du)
+        di = self._delta(float(items._last_time[i]), t, self._di)
+        u_prev, i_prev = self._user(u), self._item(i)
+        u_new = self.model.update_user(u_prev, i_prev, du, f)
+        i_new = self.model.update_item(i_prev, u_prev, di, f)
+        users.update_one(u, u_new, t, item=i)
+        items.update_one(i, i_new, t)
+        return u_new, i_new

@@ -1,0 +1,1 @@
+"""Candidate retrieval: tiered vector indexes and co-occurrence candidates."""

@@ -1,0 +1,161 @@
+"""End-to-end training run: t-batch training, scorer fitting on the training split, checkpoint."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from operators.dataset import InteractionLog, file_fingerprint
+from operators.evaluation.protocols import frozen_validation_mrr, scorer_samples
+from operators.evaluation.scorer import fit_history_scorer
+from operators.model.config import TrainConfig
+from operators.model.events import encode
+from operators.model.jodie import Jodie
+from operators.model.online import OnlineJodie
+from operators.model.state import States
+from operators.training.trainer import TrainResult, batched, replay, save_curves, train
+
+if TYPE_CHECKING:
+    from operators.model.checkpoint import EntitySeqs
+
+#: Share of the training split, at its end, on which the history scorer is fitted.
+SCORER_FIT_FRACTION = 0.2
+
+
+@dataclass
+class RunResult:
+    """A finished run: the trained result, the fitted scorer parameters, the checkpoint path.
+
+    ``result.states`` are always those at the end of the training split. A run on the log
+    (``seqs`` given) also has ``states``: those saved, advanced over the validation and test
+    events with frozen weights, and ``last_seq`` of their rows.
+    """
+
+    result: TrainResult
+    scorer_tensors: dict[str, Tensor]
+    checkpoint: Path | None
+    states: States | None = None
+    last_seq: EntitySeqs | None = None
+
+
+def advance(model: Jodie, states: States, log: InteractionLog) -> None:
+    """Apply ``log``'s events to ``states`` one at a time with frozen weights.
+
+    The sequential semantics of ``OnlineJodie.observe``, which frozen evaluation and the
+    workers follow, so the result is what serving these events would have left.
+    """
+    online = OnlineJodie(model, states)
+    feats = log.features if log.n_features else None
+    uids, iids, ts = log.user_ids.tolist(), log.item_ids.tolist(), log.timestamps.tolist()
+    for k in range(len(log)):
+        online.observe(uids[k], iids[k], ts[k], feats[k] if feats is not None else None)
+
+
+def last_seqs(states: States, log: InteractionLog, seqs: np.ndarray) -> EntitySeqs:
+    """The seq of each state row's last event in ``log`` (rows aligned, seqs ascending), -1
+    for a row without one."""
+    from operators.model.checkpoint import EntitySeqs
+
+    def per_row(ids: list[str], column: np.ndarray) -> np.ndarray:
+        # Later events overwrite earlier ones in the dict, so each id keeps its largest seq.
+        last = dict(zip(column.tolist(), seqs.tolist(), strict=True))
+        return np.fromiter((last.get(i, -1) for i in ids), dtype=np.int64, count=len(ids))
+
+    return EntitySeqs(
+        per_row(states.users.ids, log.user_ids), per_row(states.items.ids, log.item_ids)
+    )
+
+
+def fit_scorer(model: Jodie, train_log: InteractionLog, timespan: float) -> dict[str, Tensor]:
+    """Fit the history scorer on the last SCORER_FIT_FRACTION of the training split.
+
+    States for the fit come from a replay of the earlier training events; the fit events are
+    then replayed sequentially with frozen weights, exactly as at serving time. Validation
+    and test events are never used.
+    """
+    mcfg = model.config
+    states = States.empty(
+        mcfg.embedding_dim, mcfg.user_static_dim, mcfg.item_static_dim, max(1, mcfg.history_size)
+    )
+    cut = int(len(train_log) * (1.0 - SCORER_FIT_FRACTION))
+    head = train_log.slice(0, cut)
+    replay(model, states, batched(encode(head, states), mcfg, timespan))
+    samples = scorer_samples(model, states, train_log.slice(cut, len(train_log)))
+    scorer = fit_history_scorer(samples, mcfg.history_size)
+    return scorer.tensors()
+
+
+def run_training(
+    log: InteractionLog,
+    config: TrainConfig,
+    out_dir: str | Path | None = None,
+    data_path: str | Path | None = None,
+    *,
+    seqs: np.ndarray | None = None,
+    source: dict[str, Any] | None = None,
+) -> RunResult:
+    """Train, fit the scorer when the config asks for it, and write a checkpoint to ``out_dir``.
+
+    From a CSV (``seqs`` None) the checkpoint holds the states at the end of the training
+    split (``log_offsets.events`` = its length). From interactions.log, ``seqs`` (N,) gives
+    each row's seq, ascending: the best weights are then run over the validation and test
+    events too, so the states are at log position O = last seq + 1, where serving resumes
+    (``log_offsets = {"events": N, "seq": O}``), and every row's last seq is saved. ``source``
+    is recorded in the metadata as given.
+    """
+    from operators.model.checkpoint import save_checkpoint
+
+    if seqs is not None and (seqs.shape != (len(log),) or np.any(np.diff(seqs) <= 0)):
+        raise ValueError(f"seqs must be {len(log)} ascending positions, one per event")
+
+    started = time.perf_counter()
+    result = train(log, config)
+    scorer_tensors: dict[str, Tensor] = {}
+    if result.model.config.scorer == "history":
+        scorer_tensors = fit_scorer(
+            result.model, log.slice(0, result.split.train_end), result.timespan
+        )
+    valid = log.slice(result.split.train_end, result.split.valid_end)
+    with torch.no_grad():
+        result.metrics["valid_mrr_frozen_checkpoint_states"] = frozen_validation_mrr(
+            result.model, result.states.copy(), valid
+        )
+    result.metrics["train_seconds"] = time.perf_counter() - started
+    saved, last_seq = result.states, None
+    offsets: dict[str, int] = {"events": result.split.train_end}
+    if seqs is not None:
+        saved = result.states.copy()
+        advance(result.model, saved, log.slice(result.split.train_end, len(log)))
+        last_seq = last_seqs(saved, log, seqs)
+        offsets = {"events": len(log), "seq": int(seqs[-1]) + 1}
+    path: Path | None = None
+    if out_dir is not None:
+        meta: dict[str, Any] = {
+            "data_fingerprint": file_fingerprint(data_path) if data_path else None,
+            "data_path_name": Path(data_path).name if data_path else None,
+            "split": {
+                "train": [0, result.split.train_end],
+                "valid": [result.split.train_end, result.split.valid_end],
+                "test": [result.split.valid_end, result.split.n],
+            },
+            # The states are those after the first `events` events trained on (from
+            # interactions.log: after all of them, i.e. just before the event at `seq`).
+            "log_offsets": offsets,
+            "timespan": result.timespan,
+            "best_epoch": result.best_epoch,
+            "metrics": result.metrics,
+            "curves": result.curves,
+        }
+        if source is not None:
+            meta["source"] = source
+        path = save_checkpoint(
+            out_dir, result.model, saved, result.config, scorer_tensors, meta, last_seq
+        )
+        save_curves(result.curves, path)
+    return RunResult(result, scorer_tensors, path, saved if seqs is not None else None, last_seq)

@@ -1,0 +1,33 @@
+"""Recency and popularity baselines on a hand-checked log."""
+
+from operators.evaluation.baselines import baseline_ranks, evaluate_baseline
+from tests.operators.conftest import build_log
+
+#          0    1    2    3    4    5    6    7
+USERS = ["a", "b", "b", "c", "a", "a", "a", "c"]
+ITEMS = ["x", "y", "x", "y", "z", "x", "y", "q"]
+
+
+def test_recency_ranks() -> None:
+    log = build_log(USERS, ITEMS, range(8))
+    ranks = baseline_ranks(log, 4, 8, "recency")
+    # event 4: a's past {x}; z is unseen → n_known(x, y) + 1 = 3
+    # event 5: a's past, most recent first: z, x → x ranks 2
+    # event 6: a's past: x, z; y is not in it → 2 + (items more popular than y (2): none) + 1 = 3
+    # event 7: q unseen; known x, y, z → 4
+    assert ranks.tolist() == [3, 2, 3, 4]
+
+
+def test_popularity_ranks() -> None:
+    log = build_log(USERS, ITEMS, range(8))
+    ranks = baseline_ranks(log, 4, 8, "popularity")
+    # before 5: x 2, y 2, z 1 → x rank 1; before 6: x 3, y 2 → y rank 2
+    assert ranks.tolist() == [3, 1, 2, 4]
+
+
+def test_evaluate_baseline_with_limit() -> None:
+    log = build_log(USERS, ITEMS, range(8))
+    result = evaluate_baseline(
+        log, {"train": (0, 4), "valid": (4, 6), "test": (6, 8)}, "recency", "valid", limit=1
+    )
+    assert result.ranks.tolist() == [3] and result.summary()["n_events"] == 1

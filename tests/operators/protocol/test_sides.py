@@ -1,0 +1,203 @@
+"""The stream's split-side JODIE equals the sequential (frozen) replay, at any delivery order."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import torch
+
+from operators.model.config import ModelConfig
+from operators.model.jodie import Jodie
+from operators.model.online import OnlineJodie
+from operators.model.state import States
+from operators.protocol.exchange import Applied, Inbox, PartnerState, Pending, SendPreState
+from operators.protocol.sequencer import Interaction, Sequencer
+from operators.protocol.sides import NEW, EntityState, EventData, StreamModel
+
+CFG = ModelConfig(
+    embedding_dim=8,
+    user_static_dim=4,
+    item_static_dim=4,
+    n_features=2,
+    history_size=3,
+    delta_user_mean=5.0,
+    delta_user_std=3.0,
+    delta_item_mean=2.0,
+    delta_item_std=1.5,
+)
+
+
+def _events(n: int, seed: int) -> list[EventData]:
+    rng = np.random.default_rng(seed)
+    t = 0.0
+    out = []
+    for k in range(n):
+        t += float(rng.exponential(3.0))
+        f = tuple(float(x) for x in rng.normal(size=2).astype(np.float32))
+        out.append(EventData(f"e{k:05d}", f"u{rng.integers(6)}", f"i{rng.integers(5)}", t, f))
+    return out
+
+
+def _baseline(online: OnlineJodie) -> tuple[dict[str, EntityState], dict[str, EntityState]]:
+    """The checkpoint-style states the stream starts from, read out of the sequential store."""
+    users, items = online.states.users, online.states.items
+    item_ids = items.ids
+    u_states = {}
+    for row, uid in enumerate(users.ids):
+        hist = tuple(item_ids[h] for h in users.history[row].tolist() if h >= 0)
+        u_states[uid] = EntityState(
+            users.emb[row].numpy().copy(), float(users.last_time[row]), hist
+        )
+    i_states = {
+        iid: EntityState(items.emb[row].numpy().copy(), float(items.last_time[row]))
+        for row, iid in enumerate(item_ids)
+    }
+    return u_states, i_states
+
+
+def test_stream_sides_reproduce_the_sequential_replay() -> None:
+    torch.manual_seed(0)
+    model = Jodie(CFG)
+    online = OnlineJodie(model, States.empty(8, 4, 4, 3))
+    events = _events(120, seed=1)
+    for e in events[:60]:  # history the "checkpoint" already holds
+        online.observe(e.user_id, e.item_id, e.timestamp, np.array(e.features, dtype=np.float32))
+    users, items = _baseline(online)
+    for e in events[60:]:
+        online.observe(e.user_id, e.item_id, e.timestamp, np.array(e.features, dtype=np.float32))
+
+    stream = StreamModel(model)
+    seq = Sequencer(partitions=[0], n_features=2)
+    by_id = {e.event_id: e for e in events[60:]}
+    for n, e in enumerate(events[60:]):
+        seq.offer(
+            0, Interaction(e.event_id, e.user_id, e.item_id, e.timestamp, e.features, None), n
+        )
+    pool: list[tuple[str, str, object]] = []
+    for s in seq.drain(idle={0}).sequenced:
+        data = by_id[s.event.event_id]
+        pool.append(
+            (
+                "user",
+                data.user_id,
+                Pending(s.seq, s.prev_user_seq, data.item_id, data, s.prev_item_seq),
+            )
+        )
+        pool.append(
+            (
+                "item",
+                data.item_id,
+                Pending(s.seq, s.prev_item_seq, data.user_id, data, s.prev_user_seq),
+            )
+        )
+    boxes: dict[str, dict[str, Inbox]] = {"user": {}, "item": {}}
+    baselines = {"user": users, "item": items}
+    applies = {"user": stream.user_apply(), "item": stream.item_apply()}
+    rng = random.Random(7)
+    sent = 0
+    while pool:
+        side, key, body = pool.pop(rng.randrange(len(pool)))
+        box = boxes[side].setdefault(key, Inbox(state=baselines[side].get(key, NEW)))
+        if isinstance(body, Pending):
+            outs = box.on_event(body, applies[side])
+        else:
+            assert isinstance(body, PartnerState)
+            outs = box.on_partner(body, applies[side])
+        for o in outs:
+            if isinstance(o, SendPreState):
+                sent += 1
+                pool.append(
+                    ("item" if side == "user" else "user", o.partner, PartnerState(o.seq, o.state))
+                )
+            else:
+                assert isinstance(o, Applied)
+
+    assert sent < 2 * 60  # repeating pairs were resolved locally
+    for uid, box in boxes["user"].items():
+        row = online.states.users.row(uid)
+        assert row is not None
+        np.testing.assert_allclose(
+            box.state.embedding, online.states.users.emb[row].numpy(), atol=1e-6
+        )
+        assert box.state.last_time == online.states.users.last_time[row]
+        want = tuple(
+            online.states.items.ids[h] for h in online.states.users.history[row].tolist() if h >= 0
+        )
+        assert box.state.history == want
+    for iid, box in boxes["item"].items():
+        row = online.states.items.row(iid)
+        assert row is not None
+        np.testing.assert_allclose(
+            box.state.embedding, online.states.items.emb[row].numpy(), atol=1e-6
+        )
+
+
+def test_recommendation_matches_an_online_query_right_after_the_event() -> None:
+    torch.manual_seed(3)
+    model = Jodie(CFG)
+    online = OnlineJodie(model, States.empty(8, 4, 4, 3))
+    stream = StreamModel(model, horizon_s=4.0)
+    e = EventData("e0", "u1", "i2", 10.0, (0.5, -1.0))
+    online.observe("u1", "i2", 10.0, np.array(e.features, dtype=np.float32))
+    _user, out, _item = stream.apply_user(NEW, NEW, e)
+    q = online.query("u1", 14.0)  # 4 s later, nothing else happened
+    np.testing.assert_allclose(out.projected, q.u_proj.reshape(-1).numpy(), atol=1e-6)
+    np.testing.assert_allclose(out.predicted, q.pred.reshape(-1).numpy(), atol=1e-6)
+    assert out.state_change_probability is not None and 0.0 < out.state_change_probability < 1.0
+
+
+def test_query_before_the_event_is_the_frozen_evaluation_query() -> None:
+    torch.manual_seed(4)
+    model = Jodie(CFG)
+    online = OnlineJodie(model, States.empty(8, 4, 4, 3))
+    stream = StreamModel(model)
+    events = _events(40, seed=5)
+    for e in events[:-1]:
+        online.observe(e.user_id, e.item_id, e.timestamp, np.array(e.features, dtype=np.float32))
+    users, items = _baseline(online)
+    last = events[-1]
+    user = users.get(last.user_id, NEW)
+    previous = items[user.history[0]] if user.history else None
+    q = online.query(last.user_id, last.timestamp)
+    _u, out, _i = stream.apply_user(user, items.get(last.item_id, NEW), last, previous)
+    np.testing.assert_allclose(out.query, q.pred.reshape(-1).numpy(), atol=1e-6)
+    if last.item_id in items:
+        row = online.states.items.row(last.item_id)
+        assert row is not None
+        want = np.concatenate(
+            [online.states.items.emb[row].numpy(), online.states.items.static[row].numpy()]
+        )
+        np.testing.assert_allclose(out.true_vector, want, atol=1e-6)
+
+
+def test_a_batch_of_users_and_items_equals_one_at_a_time() -> None:
+    torch.manual_seed(6)
+    model = Jodie(CFG)
+    online = OnlineJodie(model, States.empty(8, 4, 4, 3))
+    stream = StreamModel(model)
+    events = _events(80, seed=7)
+    for e in events[:60]:
+        online.observe(e.user_id, e.item_id, e.timestamp, np.array(e.features, dtype=np.float32))
+    users, items = _baseline(online)
+    batch = list({e.user_id: e for e in events[60:]}.values())  # distinct users
+    u_in = [users.get(e.user_id, NEW) for e in batch]
+    i_in = [items.get(e.item_id, NEW) for e in batch]
+    many = stream.apply_users(u_in, i_in, batch, [None] * len(batch))
+    for (state, out, post), u, i, e in zip(many, u_in, i_in, batch, strict=True):
+        s1, o1, p1 = stream.apply_user(u, i, e, None)
+        np.testing.assert_allclose(state.embedding, s1.embedding, atol=1e-6)
+        np.testing.assert_allclose(out.predicted, o1.predicted, atol=1e-6)
+        np.testing.assert_allclose(out.query, o1.query, atol=1e-6)
+        np.testing.assert_allclose(post.embedding, p1.embedding, atol=1e-6)
+        assert state.history == s1.history
+    items_batch = list({e.item_id: e for e in events[60:]}.values())
+    it_in = [items.get(e.item_id, NEW) for e in items_batch]
+    us_in = [users.get(e.user_id, NEW) for e in items_batch]
+    for (state, out, post), i, u, e in zip(
+        stream.apply_items(it_in, us_in, items_batch), it_in, us_in, items_batch, strict=True
+    ):
+        s1, o1, p1 = stream.apply_item(i, u, e)
+        np.testing.assert_allclose(state.embedding, s1.embedding, atol=1e-6)
+        np.testing.assert_allclose(out.vector, o1.vector, atol=1e-6)
+        np.testing.assert_allclose(post.embedding, p1.embedding, atol=1e-6)
