@@ -80,6 +80,8 @@ def train(
 
     from operators.model.config import ModelConfig, TrainConfig
     from operators.training.run import run_training
+    from streams.plots import save_curves
+    from streams.progress import TrainingBar
 
     if scorer not in ("history", "plain"):
         raise typer.BadParameter("--scorer must be 'history' or 'plain'")
@@ -99,8 +101,9 @@ def train(
         run = _train_from_topic(out, config, from_seq, until_seq, from_time, until_time)
     else:
         path = _data_path(data)
-        run = run_training(_load(path), config, out_dir=out, data_path=path)
+        run = run_training(_load(path), config, out_dir=out, data_path=path, progress=TrainingBar())
     res = run.result
+    save_curves(res.curves, out)
     console.print(
         f"best epoch {res.best_epoch + 1}/{epochs}: valid MRR (frozen, plain) "
         f"{res.metrics['valid_mrr_frozen']:.4f}; "
@@ -118,6 +121,7 @@ def _train_from_topic(
 ) -> RunResult:
     from operators.training.run import run_training
     from schemas.exceptions import JodieError
+    from streams.progress import TrainingBar
     from streams.replay import Window, replay_log
     from streams.settings import get_settings
 
@@ -143,7 +147,7 @@ def _train_from_topic(
         f"{replayed.read:,} read in {replayed.seconds:.1f} s ({replayed.events_per_s:,.0f} ev/s)"
     )
     source = replayed.source(settings.topic("interactions.log"), window)
-    return run_training(log, config, out_dir=out, seqs=seqs, source=source)
+    return run_training(log, config, out_dir=out, seqs=seqs, source=source, progress=TrainingBar())
 
 
 def evaluate(
@@ -281,8 +285,7 @@ def plot(
 ) -> None:
     """Training curves, and a few users' embedding trajectories in 2-D (PCA)."""
     from operators.model.checkpoint import load_checkpoint
-    from operators.training.trainer import save_curves
-    from streams.plots import plot_trajectories
+    from streams.plots import plot_trajectories, save_curves
 
     ckpt = load_checkpoint(checkpoint)
     out.mkdir(parents=True, exist_ok=True)

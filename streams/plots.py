@@ -1,7 +1,8 @@
-"""Figures: a few users' embedding trajectories over time in 2-D (PCA), with projections."""
+"""Figures: training curves, and a few users' embedding trajectories in 2-D (PCA)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -11,8 +12,8 @@ from torch import Tensor
 from operators.dataset import InteractionLog
 from operators.model.events import encode
 from operators.model.jodie import Jodie, standardise_delta
+from operators.model.kernel import batched, run_spans
 from operators.model.state import States
-from operators.training.trainer import batched, run_spans
 
 
 def user_trajectories(
@@ -95,3 +96,26 @@ def plot_trajectories(
     fig.savefig(out_png, dpi=100)
     plt.close(fig)
     return out_png
+
+
+def save_curves(curves: dict[str, list[float]], out_dir: Path) -> tuple[Path, Path]:
+    """Write training curves as JSON and PNG into ``out_dir`` (a checkpoint's, or any)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    json_path = out_dir / "curves.json"
+    json_path.write_text(json.dumps(curves, indent=2))
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    epochs = np.arange(1, len(curves.get("loss", [])) + 1)
+    ax1.plot(epochs, curves.get("loss", []), marker="o")
+    ax1.set(xlabel="epoch", ylabel="training loss (sum over t-batches)", title="Training loss")
+    ax2.plot(epochs, curves.get("valid_mrr", []), marker="o", color="tab:green")
+    ax2.set(xlabel="epoch", ylabel="MRR", title="Validation MRR (frozen)")
+    fig.tight_layout()
+    png_path = out_dir / "curves.png"
+    fig.savefig(png_path, dpi=100)
+    plt.close(fig)
+    return json_path, png_path

@@ -22,6 +22,7 @@ from operators.training.run import run_training
 from streams.kafka import committed_reader
 from streams.models import Registry
 from streams.peek import partition_counts
+from streams.plots import save_curves
 from streams.replay import Window, replay_log
 from streams.settings import Settings
 
@@ -67,6 +68,7 @@ def train_once(
     with tempfile.TemporaryDirectory(prefix="jodie-trainer-") as tmp:
         out = out_dir or Path(tmp) / "checkpoint"
         run = run_training(replayed.log, config, out_dir=out, seqs=seqs, source=source)
+        save_curves(run.result.curves, out)
         registry = Registry(settings, name)
         record = registry.announce(out)  # copied into the model store
     new = run.result.metrics[MRR_KEY]

@@ -10,7 +10,6 @@ keeps them fixed and is exactly the sequential replay the deployed stream perfor
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -24,9 +23,9 @@ from operators.evaluation.scorer import PlainScorer, Scorer, ScorerSamples, User
 from operators.model.config import Protocol, TrainConfig
 from operators.model.events import EventTensors, encode
 from operators.model.jodie import Jodie
+from operators.model.kernel import run_spans, sequential_layout, state_class_weight
 from operators.model.online import OnlineJodie
 from operators.model.state import States
-from operators.training.trainer import run_spans, sequential_layout, state_class_weight
 
 EvalSplit = Literal["valid", "test"]
 Category = Literal["repeat_last", "repeat_older", "new_for_user"]
@@ -243,11 +242,6 @@ def breakdown(ranks: np.ndarray, categories: np.ndarray) -> dict[str, dict[str, 
                 "recall_at_10": recall_at_k(ranks[mask], 10),
             }
     return out
-
-
-def copy_model(model: Jodie) -> Jodie:
-    """An independent copy (paper-protocol evaluation changes the weights)."""
-    return copy.deepcopy(model)
 
 
 def scorer_samples(

@@ -1,16 +1,12 @@
-"""One-event-at-a-time JODIE over a ``States``: the exact sequential semantics the stream follows.
+"""One-event-at-a-time JODIE over a ``States``: the sequential semantics the stream follows.
 
-For an event (user u, item i, time t, features f), with every earlier event applied:
-
-1. query: Δu = t − last_time(u) (0 for a first event), standardised with the checkpoint's
-   training statistics; û = project(u(t⁻), Δu); j̃ = predict(û, ū, p(t⁻), p̄) where p is u's
-   previous item (its current state; the learned initial vector and a zero static if none).
-2. update, both from the *pre-event* states: u(t) = update_user(u(t⁻), i(t⁻), Δu, f) and
-   i(t) = update_item(i(t⁻), u(t⁻), Δi, f); then write u(t), i(t), last times = t, and move i
-   to the front of u's bounded history.
-
-Frozen evaluation is exactly this loop, so the stream, which runs the same operators with the
-same float32 inputs, reproduces its states.
+For an event (user u, item i, time t, features f), with every earlier event applied, the
+kernel (``operators.model.kernel``) computes the query j̃ before the event (Δu = t −
+last_time(u), 0 for a first event, standardised with the checkpoint's training statistics)
+and both updates from the pre-event states; then u(t), i(t) and the last times are written
+and i moves to the front of u's bounded history. The frozen evaluation, the scorer's fit and
+the offline replay are this loop; the stream runs the same kernel on the same float32
+inputs, so it reproduces their states.
 """
 
 from __future__ import annotations
@@ -23,6 +19,7 @@ import torch
 from torch import Tensor
 
 from operators.model.jodie import Jodie, standardise_delta
+from operators.model.kernel import query, step
 from operators.model.state import States
 
 
@@ -80,8 +77,8 @@ class OnlineJodie:
         counts = users._history_counts[u].copy()
         p = int(history[0]) if history.size else -1
         p_static = items._static[p : p + 1] if p >= 0 else self._no_static
-        u_proj = self.model.project(self._user(u), du)
-        pred = self.model.predict(u_proj, users._static[u : u + 1], self._item(p), p_static)
+        u_static = users._static[u : u + 1]
+        u_proj, pred = query(self.model, self._user(u), du, u_static, self._item(p), p_static)
         return Query(u, u_proj, pred, history, counts)
 
     @torch.inference_mode()
@@ -99,9 +96,8 @@ class OnlineJodie:
         )
         du = self._delta(float(users._last_time[u]), t, self._du)
         di = self._delta(float(items._last_time[i]), t, self._di)
-        u_prev, i_prev = self._user(u), self._item(i)
-        u_new = self.model.update_user(u_prev, i_prev, du, f)
-        i_new = self.model.update_item(i_prev, u_prev, di, f)
+        out = step(self.model, self._user(u), self._item(i), du, di, f)
+        u_new, i_new = out.user, out.item
         users.update_one(u, u_new, t, item=i)
         items.update_one(i, i_new, t)
         return u_new, i_new

@@ -176,14 +176,6 @@ class EntityStore:
         """(B,) bool: which rows have never interacted."""
         return np.isnan(self._last_time[rows])
 
-    def dynamic(self, rows: np.ndarray, initial: Tensor) -> Tensor:
-        """Current dynamic states of ``rows`` (B,) → (B, d), ``initial`` (d,) for fresh rows."""
-        out = self._emb[rows]
-        fresh = self.fresh(rows)
-        if fresh.any():
-            out[torch.from_numpy(fresh)] = initial.detach()
-        return out
-
     # -- lifecycle ----------------------------------------------------------------------------
     def update(
         self, rows: np.ndarray, emb: Tensor, times: np.ndarray, items: np.ndarray | None = None

@@ -24,8 +24,8 @@ import torch
 from operators.dataset import InteractionLog
 from operators.model.checkpoint import Checkpoint, EntitySeqs
 from operators.model.events import encode
+from operators.model.kernel import batched, replay
 from operators.model.online import OnlineJodie
-from operators.training.trainer import batched, replay
 
 #: Runs of at least this many contiguous events are applied in t-batches (see below).
 TBATCH_MIN = 32

@@ -2,17 +2,16 @@
 
 The streaming workers never see both states of an event in one place: the user's owner holds
 u(t⁻) and receives i(t⁻) from the item's owner, and vice versa (operators.protocol.exchange).
-Both run the very operators of ``operators.model.online`` (the frozen evaluation's sequential
-replay) on the same float32 inputs, so a stream reproduces that replay:
+Both sides call the one event kernel (``operators.model.kernel.step``) on the same float32
+inputs as the offline replay, so a stream reproduces it:
 
-- user side: first the paper's query before the event, as the frozen evaluation ranks it:
-  j̃⁻ = predict(project(u(t⁻), Δu), ū, p, p̄) with p the user's previous item (its pre-state
-  when it is this event's item, else its state as this side last computed it); then
-  u(t) = update_user(u(t⁻), i(t⁻), Δu, f); it also computes i(t) with the item's
-  operator (same inputs as the item side) because the recommendation after the event predicts
-  from the user's last item as it is now; then û = project(u(t), horizon) and
-  j̃ = predict(û, ū, i(t), ī), plus the state-change probability when the model has the head;
-- item side: i(t) = update_item(i(t⁻), u(t⁻), Δi, f) and the item's retrieval vector [i(t), ī].
+- user side: u(t) and, with the same inputs as the item side, i(t), because the
+  recommendation after the event predicts from the user's last item as it is now:
+  û = project(u(t), horizon), j̃ = predict(û, ū, i(t), ī), plus the state-change probability
+  when the model has the head. The per-event query before the event needs the previous
+  item's state *at the event*, which this side does not hold; it hands u(t⁻) and Δu on to the
+  live evaluation (``operators.evaluation.live``), which completes it;
+- item side: i(t) (and u(t), as the user side) and the item's retrieval vector [i(t), ī].
 """
 
 from __future__ import annotations
@@ -29,6 +28,7 @@ from torch import Tensor
 
 from operators.model.checkpoint import Checkpoint
 from operators.model.jodie import Jodie, standardise_delta
+from operators.model.kernel import query, step
 from operators.model.online import gap
 from operators.model.static import static_embeddings
 from operators.protocol.exchange import Apply, ApplyMany, Pending, Ready
@@ -78,9 +78,11 @@ class UserOutput:
     predicted: np.ndarray  # (d + s_item,) j̃
     history: tuple[str, ...]
     state_change_probability: float | None
-    # The query before the event (what the live evaluation ranks the true item against):
-    query: np.ndarray  # (d + s_item,) j̃ from u(t⁻) projected to t
-    true_vector: np.ndarray | None  # (d + s_item,) [i(t⁻), ī]; None for an unseen item
+    # What the query before the event needs besides the item states at the event (see
+    # operators.model.kernel): u(t⁻), the standardised Δu, and the user's previous item.
+    pre_state: np.ndarray  # (d,) float32
+    delta_user: float
+    previous_item: str | None
 
 
 @dataclass(frozen=True)
@@ -148,28 +150,18 @@ class StreamModel:
 
     # -- the two sides ---------------------------------------------------------------------
     def apply_user(
-        self,
-        user: EntityState,
-        item_pre: EntityState,
-        event: EventData,
-        last_item: EntityState | None = None,
+        self, user: EntityState, item_pre: EntityState, event: EventData
     ) -> tuple[EntityState, UserOutput, EntityState]:
         """The user's owner applies ``event`` given the item's state just before it.
 
-        ``last_item`` is the state of the user's previous item (``user.history[0]``) used for
-        the query before the event; None when the user has no previous item.
         Returns the user's post-state, the recommendation material and the item's post-state
         (which the item's owner computes identically).
         """
-        return self.apply_users([user], [item_pre], [event], [last_item])[0]
+        return self.apply_users([user], [item_pre], [event])[0]
 
     @torch.inference_mode()
     def apply_users(
-        self,
-        users: list[EntityState],
-        items_pre: list[EntityState],
-        events: list[EventData],
-        last_items: list[EntityState | None],
+        self, users: list[EntityState], items_pre: list[EntityState], events: list[EventData]
     ) -> list[tuple[EntityState, UserOutput, EntityState]]:
         """``apply_user`` for events of distinct users at once (one batch of model calls)."""
         ts = [e.timestamp for e in events]
@@ -178,37 +170,30 @@ class StreamModel:
         f = self._features_of(events)
         du = self._deltas([u.last_time for u in users], ts, self._du)
         di = self._deltas([i.last_time for i in items_pre], ts, self._di)
-        u_static = self._statics([e.user_id for e in events], self._user_static)
-        # The query as OnlineJodie.query makes it (no previous item: initial state, zero ī).
-        p_dyn = self._dyns([last or NEW for last in last_items], self._i_init)
-        p_static = torch.cat(
-            [self._item_static(u.history[0]) if u.history else self._no_item_static for u in users]
-        )
-        query = self.model.predict(self.model.project(u_prev, du), u_static, p_dyn, p_static)
-        u_new = self.model.update_user(u_prev, i_prev, du, f)  # (B, d)
-        i_new = self.model.update_item(i_prev, u_prev, di, f)  # (B, d), as the item side does
+        # The query before the event needs the previous item's state at the event, which
+        # this side does not hold: the live evaluation completes it (UserOutput.pre_state).
+        out = step(self.model, u_prev, i_prev, du, di, f)
+        u_new, i_new = out.user, out.item  # i_new (B, d): as the item side computes it
         horizon = torch.from_numpy(
             standardise_delta(np.full((len(events), 1), self.horizon_s), *self._du)
         )  # (B, 1)
-        projected = self.model.project(u_new, horizon)  # (B, d)
+        u_static = self._statics([e.user_id for e in events], self._user_static)
         i_static = self._statics([e.item_id for e in events], self._item_static)
-        predicted = self.model.predict(projected, u_static, i_new, i_static)  # (B, d + s_item)
+        # The recommendation after the event: the user projected to the horizon, predicting
+        # from the item just touched (the user's previous item from now on).
+        projected, predicted = query(self.model, u_new, horizon, u_static, i_new, i_static)
         probs = None
         if self.model.state_head is not None:
             probs = torch.softmax(self.model.state_change_logits(u_new), dim=1)[:, 1].tolist()
         k = self.config.history_size
-        i_prev_np, i_static_np = i_prev.numpy(), i_static.numpy()
-        u_np, i_np = u_new.numpy(), i_new.numpy()
-        proj_np, pred_np, query_np = projected.numpy(), predicted.numpy(), query.numpy()
-        out = []
-        for b, (user, item_pre, event) in enumerate(zip(users, items_pre, events, strict=True)):
+        u_np, i_np, pre_np, du_np = u_new.numpy(), i_new.numpy(), u_prev.numpy(), du.numpy()
+        proj_np, pred_np = projected.numpy(), predicted.numpy()
+        results = []
+        for b, (user, event) in enumerate(zip(users, events, strict=True)):
             history = (
                 (event.item_id, *[h for h in user.history if h != event.item_id])[:k] if k else ()
             )
             new_state = EntityState(u_np[b].copy(), event.timestamp, history)
-            true_vector = (
-                None if item_pre.is_new else np.concatenate([i_prev_np[b], i_static_np[b]])
-            )
             material = UserOutput(
                 event=event,
                 user=new_state.embedding,  # type: ignore[arg-type]
@@ -216,11 +201,12 @@ class StreamModel:
                 predicted=pred_np[b].copy(),
                 history=history,
                 state_change_probability=None if probs is None else float(probs[b]),
-                query=query_np[b].copy(),
-                true_vector=true_vector,
+                pre_state=pre_np[b].copy(),
+                delta_user=float(du_np[b, 0]),
+                previous_item=user.history[0] if user.history else None,
             )
-            out.append((new_state, material, EntityState(i_np[b].copy(), event.timestamp)))
-        return out
+            results.append((new_state, material, EntityState(i_np[b].copy(), event.timestamp)))
+        return results
 
     def apply_item(
         self, item: EntityState, user_pre: EntityState, event: EventData
@@ -243,33 +229,26 @@ class StreamModel:
         f = self._features_of(events)
         di = self._deltas([i.last_time for i in items], ts, self._di)
         du = self._deltas([u.last_time for u in users_pre], ts, self._du)
-        i_new = self.model.update_item(i_prev, u_prev, di, f).numpy()  # (B, d)
-        u_new = self.model.update_user(u_prev, i_prev, du, f).numpy()  # (B, d), as the user side
+        out = step(self.model, u_prev, i_prev, du, di, f)
+        i_new, u_new = out.item.numpy(), out.user.numpy()  # u_new (B, d): as the user side
         i_static = self._statics([e.item_id for e in events], self._item_static).numpy()
-        out = []
+        results = []
         for b, (item, event) in enumerate(zip(items, events, strict=True)):
             emb = i_new[b].copy()
             vector = np.concatenate([emb, i_static[b]])
             user_post = EntityState(u_new[b].copy(), event.timestamp)
-            out.append(
+            results.append(
                 (
                     replace(item, embedding=emb, last_time=event.timestamp),
                     ItemOutput(event, vector),
                     user_post,
                 )
             )
-        return out
+        return results
 
     # -- adapters for operators.protocol.exchange --------------------------------------------
-    def user_apply(
-        self, known_item: Callable[[str], EntityState] | None = None
-    ) -> Apply[EntityState, EntityState]:
-        """``Inbox`` apply function of the user side (the pending payload is EventData).
-
-        The previous item's state for the query: the event's own item pre-state when the user
-        repeats it, else the post-state this side computed at the user's previous event, else
-        (first event since the checkpoint) ``known_item`` of it.
-        """
+    def user_apply(self) -> Apply[EntityState, EntityState]:
+        """``Inbox`` apply function of the user side (the pending payload is EventData)."""
 
         def apply(
             state: EntityState,
@@ -277,26 +256,19 @@ class StreamModel:
             pending: Pending,
             previous: EntityState | None,
         ) -> tuple[EntityState, UserOutput, EntityState]:
-            event: EventData = pending.payload
-            last = _last_item(state, partner, event, previous, known_item)
-            return self.apply_user(state, partner, event, last)
+            return self.apply_user(state, partner, pending.payload)
 
         return apply
 
-    def user_apply_many(
-        self, known_item: Callable[[str], EntityState] | None = None
-    ) -> ApplyMany[EntityState, EntityState]:
+    def user_apply_many(self) -> ApplyMany[EntityState, EntityState]:
         """The batched ``user_apply`` for ``operators.protocol.exchange.drive``."""
 
         def many(ready: list[Ready[EntityState, EntityState]]) -> list[tuple[Any, Any, Any]]:
-            events = [r.event.payload for r in ready]
-            lasts = [
-                _last_item(r.state, r.partner, e, r.previous, known_item)
-                for r, e in zip(ready, events, strict=True)
-            ]
             return list(
                 self.apply_users(
-                    [r.state for r in ready], [r.partner for r in ready], events, lasts
+                    [r.state for r in ready],
+                    [r.partner for r in ready],
+                    [r.event.payload for r in ready],
                 )
             )
 
@@ -328,24 +300,6 @@ class StreamModel:
             return self.apply_item(state, partner, pending.payload)
 
         return apply
-
-
-def _last_item(
-    user: EntityState,
-    item_pre: EntityState,
-    event: EventData,
-    previous: EntityState | None,
-    known_item: Callable[[str], EntityState] | None,
-) -> EntityState | None:
-    """The state of the user's previous item for the query before ``event``."""
-    if not user.history:
-        return None
-    p = user.history[0]
-    if p == event.item_id:
-        return item_pre
-    if previous is not None:
-        return previous
-    return known_item(p) if known_item is not None else None
 
 
 class CheckpointStates:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,9 +18,10 @@ from operators.evaluation.scorer import fit_history_scorer
 from operators.model.config import TrainConfig
 from operators.model.events import encode
 from operators.model.jodie import Jodie
+from operators.model.kernel import batched, replay
 from operators.model.online import OnlineJodie
 from operators.model.state import States
-from operators.training.trainer import TrainResult, batched, replay, save_curves, train
+from operators.training.trainer import Progress, TrainResult, train
 
 if TYPE_CHECKING:
     from operators.model.checkpoint import EntitySeqs
@@ -99,6 +101,7 @@ def run_training(
     *,
     seqs: np.ndarray | None = None,
     source: dict[str, Any] | None = None,
+    progress: Progress | None = None,
 ) -> RunResult:
     """Train, fit the scorer when the config asks for it, and write a checkpoint to ``out_dir``.
 
@@ -115,7 +118,7 @@ def run_training(
         raise ValueError(f"seqs must be {len(log)} ascending positions, one per event")
 
     started = time.perf_counter()
-    result = train(log, config)
+    result = train(log, config, progress=progress)
     scorer_tensors: dict[str, Tensor] = {}
     if result.model.config.scorer == "history":
         scorer_tensors = fit_scorer(
@@ -157,5 +160,5 @@ def run_training(
         path = save_checkpoint(
             out_dir, result.model, saved, result.config, scorer_tensors, meta, last_seq
         )
-        save_curves(result.curves, path)
+        (path / "curves.json").write_text(json.dumps(result.curves, indent=2))
     return RunResult(result, scorer_tensors, path, saved if seqs is not None else None, last_seq)

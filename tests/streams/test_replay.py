@@ -19,8 +19,8 @@ from operators.evaluation.scorer import PlainScorer
 from operators.exceptions import DataError
 from operators.model.checkpoint import load_checkpoint
 from operators.model.events import encode
+from operators.model.kernel import batched, replay
 from operators.model.state import States
-from operators.training.trainer import batched, replay
 from schemas import INTERACTION, SEQUENCED_INTERACTION
 from streams.cli import app
 from streams.codecs import make_codec

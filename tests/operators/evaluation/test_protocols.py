@@ -11,9 +11,9 @@ from operators.evaluation.scorer import PlainScorer
 from operators.model.config import TrainConfig
 from operators.model.events import encode
 from operators.model.jodie import Jodie
+from operators.model.kernel import batched, replay
 from operators.model.online import OnlineJodie
 from operators.model.state import States
-from operators.training.trainer import batched, replay
 from tests.operators.conftest import build_log, tiny_config
 
 # 8 training events, 2 valid, 3 test; the test has an unseen user (u9) and an unseen item (z)

@@ -15,8 +15,8 @@ from operators.model.checkpoint import EntitySeqs, load_checkpoint, save_checkpo
 from operators.model.config import TrainConfig
 from operators.model.events import encode
 from operators.model.jodie import Jodie
+from operators.model.kernel import batched, replay
 from operators.model.state import States
-from operators.training.trainer import batched, replay
 from tests.operators.conftest import build_log
 
 # Seqs of the _saved log's events; users a, b, c and items x, y last appear at these.

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from operators.model.kernel import read_states
 from operators.model.state import EntityStore, States, push_history
 
 
@@ -45,7 +46,9 @@ def test_reset_makes_every_row_fresh_and_keeps_ids() -> None:
     assert states.users.history[0].tolist() == [-1, -1, -1]
     assert states.users.ids == ["u"]
     init = torch.tensor([0.6, 0.8])
-    torch.testing.assert_close(states.users.dynamic(np.array([0]), init), init.unsqueeze(0))
+    torch.testing.assert_close(
+        read_states(states.users, np.array([0]), initial=init), init.unsqueeze(0)
+    )
 
 
 def test_update_one_matches_batched_update() -> None:

@@ -10,10 +10,10 @@ from hypothesis import strategies as st
 from operators.dataset import InteractionLog
 from operators.model.events import EventTensors, encode
 from operators.model.jodie import Jodie
+from operators.model.kernel import run_spans
 from operators.model.online import OnlineJodie
 from operators.model.state import States
 from operators.model.tbatch import default_timespan, span_ids, tbatch
-from operators.training.trainer import run_spans
 from tests.operators.conftest import build_log, tiny_config
 
 

@@ -9,6 +9,7 @@ import torch
 
 from operators.model.config import ModelConfig
 from operators.model.jodie import Jodie
+from operators.model.kernel import query
 from operators.model.online import OnlineJodie
 from operators.model.state import States
 from operators.protocol.exchange import Applied, Inbox, PartnerState, Pending, SendPreState
@@ -147,7 +148,10 @@ def test_recommendation_matches_an_online_query_right_after_the_event() -> None:
     assert out.state_change_probability is not None and 0.0 < out.state_change_probability < 1.0
 
 
-def test_query_before_the_event_is_the_frozen_evaluation_query() -> None:
+def test_the_user_side_hands_over_what_completes_the_frozen_query() -> None:
+    """The user side cannot hold its previous item's state at the event (another worker may
+    own and have moved it); it hands u(t⁻) and Δu on, and the frozen query is completed from
+    them with that item's current state (what operators.evaluation.live does)."""
     torch.manual_seed(4)
     model = Jodie(CFG)
     online = OnlineJodie(model, States.empty(8, 4, 4, 3))
@@ -158,17 +162,21 @@ def test_query_before_the_event_is_the_frozen_evaluation_query() -> None:
     users, items = _baseline(online)
     last = events[-1]
     user = users.get(last.user_id, NEW)
-    previous = items[user.history[0]] if user.history else None
     q = online.query(last.user_id, last.timestamp)
-    _u, out, _i = stream.apply_user(user, items.get(last.item_id, NEW), last, previous)
-    np.testing.assert_allclose(out.query, q.pred.reshape(-1).numpy(), atol=1e-6)
-    if last.item_id in items:
-        row = online.states.items.row(last.item_id)
-        assert row is not None
-        want = np.concatenate(
-            [online.states.items.emb[row].numpy(), online.states.items.static[row].numpy()]
-        )
-        np.testing.assert_allclose(out.true_vector, want, atol=1e-6)
+    _u, out, _i = stream.apply_user(user, items.get(last.item_id, NEW), last)
+    assert out.previous_item == (user.history[0] if user.history else None)
+    assert out.previous_item is not None  # this draw exercises a previous item
+    p_row = online.states.items.row(out.previous_item)
+    assert p_row is not None
+    _, pred = query(
+        model,
+        torch.from_numpy(out.pre_state).reshape(1, -1),
+        torch.tensor([[out.delta_user]]),
+        online.states.users.static[online.states.users.row(last.user_id)].reshape(1, -1),
+        online.states.items.emb[p_row].reshape(1, -1),
+        online.states.items.static[p_row].reshape(1, -1),
+    )
+    np.testing.assert_allclose(pred.detach().reshape(-1), q.pred.reshape(-1), atol=1e-6)
 
 
 def test_a_batch_of_users_and_items_equals_one_at_a_time() -> None:
@@ -183,12 +191,13 @@ def test_a_batch_of_users_and_items_equals_one_at_a_time() -> None:
     batch = list({e.user_id: e for e in events[60:]}.values())  # distinct users
     u_in = [users.get(e.user_id, NEW) for e in batch]
     i_in = [items.get(e.item_id, NEW) for e in batch]
-    many = stream.apply_users(u_in, i_in, batch, [None] * len(batch))
+    many = stream.apply_users(u_in, i_in, batch)
     for (state, out, post), u, i, e in zip(many, u_in, i_in, batch, strict=True):
-        s1, o1, p1 = stream.apply_user(u, i, e, None)
+        s1, o1, p1 = stream.apply_user(u, i, e)
         np.testing.assert_allclose(state.embedding, s1.embedding, atol=1e-6)
         np.testing.assert_allclose(out.predicted, o1.predicted, atol=1e-6)
-        np.testing.assert_allclose(out.query, o1.query, atol=1e-6)
+        np.testing.assert_allclose(out.pre_state, o1.pre_state, atol=1e-6)
+        assert out.delta_user == o1.delta_user
         np.testing.assert_allclose(post.embedding, p1.embedding, atol=1e-6)
         assert state.history == s1.history
     items_batch = list({e.item_id: e for e in events[60:]}.values())

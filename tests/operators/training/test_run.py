@@ -25,7 +25,7 @@ def test_run_training_fits_scorer_and_checkpoints(tmp_path: Path) -> None:
     assert run.checkpoint is not None
     meta = json.loads((run.checkpoint / "checkpoint.json").read_text())
     assert meta["log_offsets"] == {"events": 480} and meta["split"]["test"] == [540, 600]
-    assert (run.checkpoint / "curves.png").is_file()
+    assert (run.checkpoint / "curves.json").is_file()
     ck = load_checkpoint(run.checkpoint)
     assert ck.last_seq is None and run.states is None and "source" not in ck.meta
     scorer = make_scorer(ck.config, ck.scorer_tensors)

@@ -1,0 +1,223 @@
+"""Live evaluation: each streamed event's rank, equal to the frozen replay's, from a stream.
+
+The frozen protocol ranks event r's true item against every item known before r, each at
+its state *at r* (after its own latest event before r), and queries with the user's previous
+item at its state at r too (``operators.model.kernel``). A worker holds neither: its own
+items are ahead or behind, the others' arrive through ``item-vectors`` whenever their owner
+commits. ``LiveRanks`` reconstructs "the items at r" exactly, whatever the arrival order:
+
+- every event produces exactly one item vector (its item's [i(t), ī] after it), tagged with
+  the event's seq, so the vectors of a log position are complete once every seq below it
+  has arrived: the **watermark** W is the first seq whose vector is still missing;
+- vectors below W are folded, in seq order, into one array of current item states; each
+  fold remembers the row's previous state (an undo record), kept for ``undo_window`` seqs;
+- the user's owner hands in u(t⁻) and Δu of each event it applies (``Query``); once W > r
+  the query is completed with the previous item's state at r and every item's score is
+  computed against the folded array, the rows folded at r or later being rescored with
+  their state at r from the undo records (rows first seen at r or later do not count).
+
+The rank is therefore a function of the log and the weights alone, not of timing: live
+ranks equal offline ranks (up to float rounding of batched model calls, which can reorder
+near-ties). What is pending lives in memory: a worker that restarts resumes ranking from the
+vectors it restores, and events it cannot reconstruct are counted as ``unranked``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from operators.evaluation.scorer import PlainScorer, UserContext
+from operators.model.jodie import Jodie
+from operators.model.kernel import query
+from operators.model.static import static_embeddings
+
+
+@dataclass(frozen=True)
+class Query:
+    """What the user's owner knows of event ``seq`` when it applies it."""
+
+    seq: int
+    event_id: str
+    user_id: str
+    item_id: str
+    previous_item: str | None  # the user's previous item, None for the user's first event
+    pre_state: np.ndarray  # (d,) u(t⁻), float32
+    delta_user: float  # standardised Δu, float32
+
+
+@dataclass(frozen=True)
+class Ranked:
+    """The event's true item ranked as the frozen protocol ranks it."""
+
+    query: Query
+    rank: int
+    n_items: int  # items known at the event
+
+
+@dataclass
+class _Undo:
+    seq: int
+    row: int
+    previous: np.ndarray | None  # (d,) the row's state before this fold; None: first seen
+
+
+@dataclass
+class LiveRanks:
+    """Ranks of the events one worker applies, from item vectors in any arrival order.
+
+    ``start`` is the log position the item states ``ids`` / ``vectors`` (n, d + s) hold
+    (a checkpoint's O, an epoch's S): vectors of earlier events are ignored.
+    """
+
+    model: Jodie
+    start: int
+    ids: list[str]
+    vectors: np.ndarray
+    undo_window: int = 200_000
+    unranked: int = 0
+    _row: dict[str, int] = field(init=False)
+    _dyn: np.ndarray = field(init=False)  # (cap, d)
+    _static: np.ndarray = field(init=False)  # (cap, s)
+    _n: int = field(init=False)
+    _arrived: dict[int, tuple[str, np.ndarray]] = field(init=False, default_factory=dict)
+    _queries: list[Query] = field(init=False, default_factory=list)
+    _undo: list[_Undo] = field(init=False, default_factory=list)
+
+    def __post_init__(self) -> None:
+        cfg = self.model.config
+        d, s = cfg.embedding_dim, cfg.item_static_dim
+        n = len(self.ids)
+        vectors = self.vectors.reshape(n, d + s) if n else np.zeros((0, d + s), np.float32)
+        cap = max(64, 2 * n)
+        self._dyn = np.zeros((cap, d), dtype=np.float32)
+        self._static = np.zeros((cap, s), dtype=np.float32)
+        self._dyn[:n] = vectors[:, :d]
+        self._static[:n] = vectors[:, d:]
+        self._row = {item: r for r, item in enumerate(self.ids)}
+        self._n = n
+        self.watermark = self.start
+        self._scorer = PlainScorer()
+        with torch.no_grad():
+            self._p_init = self.model.initial_item().detach().numpy().reshape(1, -1)
+
+    # -- inputs ----------------------------------------------------------------------------
+    def item_vector(self, seq: int, item_id: str, vector: np.ndarray) -> None:
+        """Item ``item_id``'s [i(t), ī] after event ``seq`` (repeats are ignored)."""
+        if seq >= self.watermark:
+            self._arrived.setdefault(seq, (item_id, np.asarray(vector, dtype=np.float32)))
+
+    def add(self, q: Query) -> None:
+        """A user event applied here; ranked once the watermark passes it."""
+        if q.seq < self.watermark - self.undo_window or q.seq < self.start:
+            self.unranked += 1
+        else:
+            self._queries.append(q)
+
+    def pending(self) -> int:
+        """Queries waiting for item vectors."""
+        return len(self._queries)
+
+    # -- output ----------------------------------------------------------------------------
+    def ready(self) -> list[Ranked]:
+        """Fold every vector the watermark allows, then rank every query below it."""
+        while (arrived := self._arrived.pop(self.watermark, None)) is not None:
+            self._fold(self.watermark, *arrived)
+            self.watermark += 1
+        horizon = self.watermark - self.undo_window
+        if self._undo and self._undo[0].seq < horizon:
+            self._undo = [u for u in self._undo if u.seq >= horizon]
+        done = [q for q in self._queries if q.seq < self.watermark]
+        if not done:
+            return []
+        self._queries = [q for q in self._queries if q.seq >= self.watermark]
+        return self._rank(sorted(done, key=lambda q: q.seq))
+
+    def _fold(self, seq: int, item_id: str, vector: np.ndarray) -> None:
+        d = self._dyn.shape[1]
+        row = self._row.get(item_id)
+        if row is None:
+            row = self._append(item_id, vector[d:])
+            self._undo.append(_Undo(seq, row, None))
+        else:
+            self._undo.append(_Undo(seq, row, self._dyn[row].copy()))
+        self._dyn[row] = vector[:d]
+
+    def _append(self, item_id: str, static: np.ndarray) -> int:
+        if self._n == self._dyn.shape[0]:
+            self._dyn = np.concatenate([self._dyn, np.zeros_like(self._dyn)])
+            self._static = np.concatenate([self._static, np.zeros_like(self._static)])
+        row = self._n
+        self._row[item_id] = row
+        self._static[row] = static
+        self._n += 1
+        return row
+
+    def _at(self, seq: int) -> tuple[dict[int, np.ndarray | None], int]:
+        """Rows whose state at ``seq`` differs from the folded one: row → state then (None:
+        not yet seen), and how many rows existed at ``seq``."""
+        then: dict[int, np.ndarray | None] = {}
+        for u in reversed(self._undo):  # newest first: the oldest record ≥ seq wins
+            if u.seq < seq:
+                break
+            then[u.row] = u.previous
+        return then, self._n - sum(1 for v in then.values() if v is None)
+
+    def _state_at(self, item: str | None, then: dict[int, np.ndarray | None]) -> np.ndarray | None:
+        """``item``'s state at the event ``then`` describes (None: not seen by then)."""
+        row = None if item is None else self._row.get(item)
+        if row is None:
+            return None
+        return then[row] if row in then else self._dyn[row]
+
+    @torch.inference_mode()
+    def _rank(self, queries: list[Query]) -> list[Ranked]:
+        cfg = self.model.config
+        n = self._n
+        dyn = torch.from_numpy(self._dyn[:n])
+        static = torch.from_numpy(self._static[:n])
+        no_count = np.zeros(n)
+        out = []
+        for q in queries:
+            if q.seq < self.watermark - self.undo_window:
+                self.unranked += 1
+                continue
+            then, n_known = self._at(q.seq)
+            p_dyn = self._state_at(q.previous_item, then)
+            p_static = (
+                np.zeros((1, cfg.item_static_dim), np.float32)
+                if p_dyn is None or q.previous_item is None
+                else self._static[self._row[q.previous_item]].reshape(1, -1)
+            )
+            u_static = static_embeddings("user", [q.user_id], cfg.user_static_dim)
+            _, pred = query(
+                self.model,
+                torch.from_numpy(q.pre_state.reshape(1, -1)),
+                torch.tensor([[q.delta_user]], dtype=torch.float32),
+                torch.from_numpy(u_static),
+                torch.from_numpy(self._p_init if p_dyn is None else p_dyn.reshape(1, -1)),
+                torch.from_numpy(p_static),
+            )
+            scores = self._scorer.scores(pred[0], dyn, static, no_count, no_count, _NO_USER)
+            changed = [r for r in then if r < n]
+            if changed:
+                known = [r for r in changed if then[r] is not None]
+                scores[torch.tensor(changed, dtype=torch.long)] = -torch.inf
+                if known:
+                    old = torch.from_numpy(np.stack([then[r] for r in known]))  # type: ignore[misc]
+                    rows = torch.tensor(known, dtype=torch.long)
+                    scores[rows] = self._scorer.scores(
+                        pred[0], old, static[rows], no_count, no_count, _NO_USER
+                    )
+            true_row = self._row.get(q.item_id)
+            if true_row is None or (true_row in then and then[true_row] is None):
+                rank = n_known + 1  # an item never seen cannot be retrieved
+            else:
+                rank = 1 + int((scores > scores[true_row]).sum())
+            out.append(Ranked(q, rank, n_known))
+        return out
+
+
+_NO_USER = UserContext(np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64))

@@ -1,0 +1,254 @@
+"""The one event kernel: how a batch of events advances (user, item) states with given weights.
+
+Every path that moves states over events goes through ``step``: the t-batch trainer (with
+gradients), its no-grad replay, the paper and frozen evaluation protocols, the catch-up of a
+new model version, the offline replay and both sides of the streaming workers. "The stream
+equals the offline replay" therefore holds because both run this code on the same float32
+inputs, not because two copies agree.
+
+The per-event query (what the model predicts for an event before applying it, and what every
+rank is computed against) is defined once, as the reference implementation does:
+
+    j̃ = predict(project(u(t⁻), Δu), ū, p(t), p̄)
+
+with p the user's previous item and p(t) **that item's current state at the event**: its
+state after its own latest event before this one, which may be another user's event after
+this user last touched it (the learned initial vector and a zero static when the user has
+no previous item). The streaming workers compute it from item states versioned by log
+position (``operators.evaluation.live``), so live ranks equal offline ranks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from operators.model.config import ModelConfig
+from operators.model.events import EncodedEvents, EventTensors
+from operators.model.jodie import Jodie, target_embedding
+from operators.model.state import EntityStore, States
+from operators.model.tbatch import TBatches, span_ids, tbatch
+
+#: Called before a batch's states are updated: (event slice, j̃ (B, d+s) detached, u_new).
+PredictHook = Callable[[slice, Tensor, Tensor], None]
+
+
+@dataclass(frozen=True)
+class Step:
+    """What ``step`` computes for B events from their pre-event states."""
+
+    query: Tensor | None  # (B, d + s_item) j̃ before the event; None when not asked for
+    user: Tensor  # (B, d) u(t)
+    item: Tensor  # (B, d) i(t)
+
+
+def query(
+    model: Jodie, u: Tensor, delta: Tensor, u_static: Tensor, p_dyn: Tensor, p_static: Tensor
+) -> tuple[Tensor, Tensor]:
+    """(û, j̃) with û = project(u, Δ) and j̃ = predict(û, ū, p, p̄): u (B, d), Δ (B, 1),
+    ū (B, s_u), p (B, d), p̄ (B, s_i) → (B, d), (B, d + s_i). The per-event query (u = u(t⁻),
+    Δ = Δu, p = the previous item's current state) and the recommendation after the event
+    (u = u(t), Δ = the horizon, p = the event's item)."""
+    u_proj = model.project(u, delta)
+    return u_proj, model.predict(u_proj, u_static, p_dyn, p_static)
+
+
+def step(
+    model: Jodie,
+    u_prev: Tensor,
+    i_prev: Tensor,
+    delta_u: Tensor,
+    delta_i: Tensor,
+    features: Tensor,
+    previous: tuple[Tensor, Tensor, Tensor] | None = None,
+) -> Step:
+    """Apply B events of distinct users and distinct items to their pre-event states.
+
+    u_prev, i_prev (B, d); Δu, Δi (B, 1) standardised; f (B, F). Both updates read only the
+    pre-event states (the reference's coupled update). ``previous`` = (ū, p(t), p̄) asks for
+    the per-event query as well (see the module doc).
+    """
+    q = None if previous is None else query(model, u_prev, delta_u, *previous)[1]
+    return Step(
+        q,
+        model.update_user(u_prev, i_prev, delta_u, features),
+        model.update_item(i_prev, u_prev, delta_i, features),
+    )
+
+
+def state_class_weight(labels: np.ndarray) -> Tensor | None:
+    """Class weights [1, n_neg/n_pos] for the rare state-change class (as the reference)."""
+    n_pos = int((labels == 1).sum())
+    if n_pos == 0:
+        return None
+    return torch.tensor([1.0, (labels.size - n_pos) / n_pos])
+
+
+class _SpanPool:
+    """This span's new states, kept with their autograd history.
+
+    The store holds plain values; reading an entity updated earlier in the span must come from
+    here instead, so that gradients flow across the span's t-batches (truncated BPTT). Row 0 is
+    the learned initial vector, read by never-seen entities. The pool is small (one span) and is
+    dropped at the span end, which is where the truncation happens.
+    """
+
+    def __init__(self, initial: Tensor, n_rows: int) -> None:
+        self.parts: list[Tensor] = [initial.unsqueeze(0)]  # (1, d)
+        self.size = 1
+        self.latest = np.full(n_rows, -1, dtype=np.int64)
+
+    def gather(self, store: EntityStore, rows: np.ndarray) -> Tensor:
+        """States of ``rows`` (B,), -1 meaning "no entity" (initial vector); (B, d)."""
+        safe = np.maximum(rows, 0)
+        src = self.latest[safe]
+        src[(rows < 0) | store.fresh(safe)] = 0
+        base = store._emb[torch.from_numpy(safe)]  # (B, d) values from before this span
+        use = src >= 0
+        if not use.any():
+            return base
+        if len(self.parts) > 1:
+            self.parts = [torch.cat(self.parts)]
+        picked = self.parts[0][torch.from_numpy(np.maximum(src, 0))]
+        return torch.where(torch.from_numpy(use).unsqueeze(1), picked, base)
+
+    def push(self, rows: np.ndarray, out: Tensor) -> None:
+        self.latest[rows] = self.size + np.arange(rows.shape[0])
+        self.parts.append(out)
+        self.size += rows.shape[0]
+
+
+def read_states(store: EntityStore, rows: np.ndarray, *, initial: Tensor) -> Tensor:
+    """No-grad read of states (B,), -1 or fresh → initial; (B, d)."""
+    safe = np.maximum(rows, 0)
+    out = store._emb[torch.from_numpy(safe)]
+    fresh = (rows < 0) | store.fresh(safe)
+    if fresh.any():
+        out[torch.from_numpy(fresh)] = initial.detach()
+    return out
+
+
+def run_spans(
+    model: Jodie,
+    states: States,
+    ev: EncodedEvents,
+    evt: EventTensors,
+    bounds: np.ndarray,
+    span_bounds: np.ndarray,
+    optimizer: torch.optim.Optimizer | None,
+    state_weight: Tensor | None = None,
+    on_predict: PredictHook | None = None,
+    on_span: Callable[[int, float], None] | None = None,
+) -> float:
+    """Apply batches ``[bounds[b], bounds[b+1])`` of ``ev`` (already in batch order) to ``states``.
+
+    Batches are grouped into spans by ``span_bounds``. With an optimizer, each span's summed
+    batch losses are back-propagated and the optimizer steps at the span end (gradient cut
+    there); without one, this is a no-grad replay. Returns the total loss.
+    """
+    train = optimizer is not None
+    users, items = states.users, states.items
+    total = 0.0
+    with torch.set_grad_enabled(train):
+        for s in range(span_bounds.shape[0] - 1):
+            u_init, i_init = model.initial_user(), model.initial_item()
+            read_u: Callable[[np.ndarray], Tensor]
+            read_i: Callable[[np.ndarray], Tensor]
+            if train:
+                u_pool = _SpanPool(u_init, len(users))
+                i_pool = _SpanPool(i_init, len(items))
+                read_u = partial(u_pool.gather, users)
+                read_i = partial(i_pool.gather, items)
+            else:
+                read_u = partial(read_states, users, initial=u_init)
+                read_i = partial(read_states, items, initial=i_init)
+
+            span_loss: Tensor | None = None
+            for b in range(int(span_bounds[s]), int(span_bounds[s + 1])):
+                sl = slice(int(bounds[b]), int(bounds[b + 1]))
+                u, i, p = ev.user_rows[sl], ev.item_rows[sl], ev.prev_item[sl]
+                du, di, f = evt.delta_user[sl], evt.delta_item[sl], evt.features[sl]
+                u_prev = read_u(u)  # (B, d)
+                i_prev = read_i(i)  # (B, d)
+                previous = None
+                if train or on_predict is not None:
+                    p_static = items._static[torch.from_numpy(np.maximum(p, 0))]
+                    if (p < 0).any():
+                        p_static = p_static * torch.from_numpy(p >= 0).unsqueeze(1)
+                    u_static = users._static[torch.from_numpy(u)]
+                    # read_i(p): the previous item's current state (see the module doc)
+                    previous = (u_static, read_i(p), p_static)
+                out = step(model, u_prev, i_prev, du, di, f, previous)
+                pred, u_new, i_new = out.query, out.user, out.item
+                if on_predict is not None:
+                    assert pred is not None
+                    on_predict(sl, pred.detach(), u_new.detach())
+                if train:
+                    assert pred is not None
+                    i_static = items._static[torch.from_numpy(i)]
+                    logits = (
+                        model.state_change_logits(u_new) if model.state_head is not None else None
+                    )
+                    loss = model.loss(
+                        pred,
+                        target_embedding(i_prev, i_static),
+                        u_new,
+                        u_prev,
+                        i_new,
+                        i_prev,
+                        logits,
+                        evt.labels[sl] if logits is not None else None,
+                        state_weight,
+                    )
+                    span_loss = loss if span_loss is None else span_loss + loss
+                    u_pool.push(u, u_new)
+                    i_pool.push(i, i_new)
+                t = ev.timestamps[sl]
+                users.update(u, u_new, t, items=i)
+                items.update(i, i_new, t)
+            if train and span_loss is not None:
+                assert optimizer is not None
+                optimizer.zero_grad(set_to_none=True)
+                span_loss.backward()
+                optimizer.step()
+                value = float(span_loss.detach())
+                total += value
+                if on_span is not None:
+                    on_span(s, value)
+            states.detach()
+    return total
+
+
+@dataclass(frozen=True)
+class Batched:
+    """Training events reordered batch by batch, with their t-batch layout."""
+
+    ev: EncodedEvents
+    evt: EventTensors
+    tb: TBatches
+
+
+def batched(ev: EncodedEvents, config: ModelConfig, timespan: float) -> Batched:
+    tb = tbatch(ev.user_rows, ev.item_rows, ev.timestamps, timespan)
+    ordered = ev.take(tb.order)
+    return Batched(ordered, EventTensors.of(ordered, config), tb)
+
+
+def replay(model: Jodie, states: States, data: Batched) -> None:
+    """No-grad t-batch replay: the states that ``model``'s weights give after these events."""
+    model.eval()
+    run_spans(model, states, data.ev, data.evt, data.tb.bounds, data.tb.span_bounds, None)
+
+
+def sequential_layout(timestamps: np.ndarray, timespan: float) -> tuple[np.ndarray, np.ndarray]:
+    """One event per batch, spans by the reference rule: (bounds, span_bounds)."""
+    n = timestamps.shape[0]
+    bounds = np.arange(n + 1, dtype=np.int64)
+    spans = span_ids(timestamps, timespan)
+    change = np.flatnonzero(np.r_[True, spans[1:] != spans[:-1]]) if n else np.zeros(0, np.int64)
+    return bounds, np.r_[change, n].astype(np.int64)
