@@ -24,6 +24,7 @@ MODEL_ANNOUNCEMENT = "model_announcement"
 SEQUENCED_INTERACTION = "sequenced_interaction"
 INBOX_MESSAGE = "inbox_message"
 ENTITY_RECORD = "entity_record"
+EVALUATION = "evaluation"
 
 # Named types that one shipped schema uses inside another; inlined at load time so every
 # schema is self-contained (its canonical form and fingerprint cover the nested record).

@@ -18,8 +18,10 @@ commits. ``LiveRanks`` reconstructs "the items at r" exactly, whatever the arriv
 
 The rank is therefore a function of the log and the weights alone, not of timing: live
 ranks equal offline ranks (up to float rounding of batched model calls, which can reorder
-near-ties). What is pending lives in memory: a worker that restarts resumes ranking from the
-vectors it restores, and events it cannot reconstruct are counted as ``unranked``.
+near-ties). What is pending lives in memory, bounded: a worker that restarts resumes ranking
+from the vectors it restores; a seq whose vector never comes (compacted away before a
+restart) is skipped once ``max_ahead`` later vectors wait behind it. Events that cannot be
+reconstructed are counted as ``unranked``, never ranked wrongly.
 """
 
 from __future__ import annotations
@@ -77,6 +79,7 @@ class LiveRanks:
     ids: list[str]
     vectors: np.ndarray
     undo_window: int = 200_000
+    max_ahead: int = 100_000
     unranked: int = 0
     _row: dict[str, int] = field(init=False)
     _dyn: np.ndarray = field(init=False)  # (cap, d)
@@ -111,7 +114,8 @@ class LiveRanks:
 
     def add(self, q: Query) -> None:
         """A user event applied here; ranked once the watermark passes it."""
-        if q.seq < self.watermark - self.undo_window or q.seq < self.start:
+        oldest = self._undo[0].seq if self._undo else self.watermark
+        if q.seq < oldest or q.seq < self.start:
             self.unranked += 1
         else:
             self._queries.append(q)
@@ -123,17 +127,27 @@ class LiveRanks:
     # -- output ----------------------------------------------------------------------------
     def ready(self) -> list[Ranked]:
         """Fold every vector the watermark allows, then rank every query below it."""
-        while (arrived := self._arrived.pop(self.watermark, None)) is not None:
-            self._fold(self.watermark, *arrived)
-            self.watermark += 1
+        while True:
+            while (arrived := self._arrived.pop(self.watermark, None)) is not None:
+                self._fold(self.watermark, *arrived)
+                self.watermark += 1
+            if len(self._arrived) <= self.max_ahead:
+                break
+            # A vector that will not come: skip to the next one that did. States at the seqs
+            # skipped are unknown, so what is pending before it cannot be ranked.
+            gap_end = min(self._arrived)
+            lost = [q for q in self._queries if q.seq < gap_end]
+            self.unranked += len(lost)
+            self._queries = [q for q in self._queries if q.seq >= gap_end]
+            self._undo.clear()
+            self.watermark = gap_end
+        done = sorted((q for q in self._queries if q.seq < self.watermark), key=lambda q: q.seq)
+        self._queries = [q for q in self._queries if q.seq >= self.watermark]
+        ranked = self._rank(done) if done else []
         horizon = self.watermark - self.undo_window
         if self._undo and self._undo[0].seq < horizon:
             self._undo = [u for u in self._undo if u.seq >= horizon]
-        done = [q for q in self._queries if q.seq < self.watermark]
-        if not done:
-            return []
-        self._queries = [q for q in self._queries if q.seq >= self.watermark]
-        return self._rank(sorted(done, key=lambda q: q.seq))
+        return ranked
 
     def _fold(self, seq: int, item_id: str, vector: np.ndarray) -> None:
         d = self._dyn.shape[1]
@@ -181,9 +195,6 @@ class LiveRanks:
         no_count = np.zeros(n)
         out = []
         for q in queries:
-            if q.seq < self.watermark - self.undo_window:
-                self.unranked += 1
-                continue
             then, n_known = self._at(q.seq)
             p_dyn = self._state_at(q.previous_item, then)
             p_static = (

@@ -20,7 +20,7 @@ from schemas import (
     UnknownSchemaError,
     load_schema,
 )
-from schemas.codec import fingerprint64
+from schemas.codec import EVALUATION, fingerprint64
 
 INTERACTION_RECORD: dict[str, Any] = {
     "event_id": "abc:2",
@@ -58,9 +58,18 @@ def test_recommendation_and_announcement_round_trip() -> None:
         "predicted_item": [1.0, -2.0, 0.0],
         "candidates": [{"item_id": "i1", "score": -0.5}, {"item_id": "i2", "score": -1.25}],
         "state_change_probability": 0.125,
-        "rank": 3,
     }
     assert Codec(RECOMMENDATION).decode(Codec(RECOMMENDATION).encode(rec)) == rec
+    ev = {
+        "event_id": "e1",
+        "seq": 41,
+        "user_id": "u1",
+        "item_id": "i2",
+        "model_version": "v3",
+        "rank": 3,
+        "n_items": 1000,
+    }
+    assert Codec(EVALUATION).decode(Codec(EVALUATION).encode(ev)) == ev
     ann = {
         "name": "jodie",
         "version": "v3",

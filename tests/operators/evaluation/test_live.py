@@ -132,3 +132,20 @@ def test_a_new_user_and_an_unseen_item_rank_as_offline() -> None:
         live.item_vector(*v)
     ranked = {r.query.seq: (r.rank, r.n_items) for r in live.ready()}
     assert ranked == {0: (1, 0), 1: (1, 1)}  # unseen: n_known + 1; then the only item
+
+
+def test_a_vector_that_never_comes_is_skipped_and_what_waited_on_it_counted() -> None:
+    model, states, events = _setup(seed=4, n_events=90)
+    queries, vectors = _stream_outputs(model, states.copy(), events)
+    ids, start_vectors = CheckpointStates(_AsCheckpoint(states)).item_vectors()  # type: ignore[arg-type]
+    live = LiveRanks(model, 0, list(ids), start_vectors, max_ahead=10)
+    for q in queries:
+        live.add(q)
+    ranked = []
+    for v in vectors[:5] + vectors[6:]:  # seq 5's vector was compacted away
+        live.item_vector(*v)
+        ranked += live.ready()
+    assert [r.query.seq for r in ranked[:5]] == [0, 1, 2, 3, 4]
+    assert live.unranked == 1  # the query at seq 5 could not be reconstructed
+    assert live.watermark == len(events) and live.pending() == 0
+    assert len(ranked) == len(events) - 1
