@@ -21,7 +21,7 @@ from collections.abc import Callable
 import faiss
 import numpy as np
 
-from operators.retrieval.index import TieredIndex
+from operators.retrieval.tiered import TieredIndex
 
 
 def clustered(n: int, dim: int, n_clusters: int, rng: np.random.Generator) -> np.ndarray:

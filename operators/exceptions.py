@@ -29,9 +29,3 @@ class RetrievalError(JodieError):
     """A retrieval index got unusable input (wrong dimension, NaN/inf, bad k); fix the caller."""
 
     reason = "bad_vector"
-
-
-class UnknownItemError(RetrievalError, KeyError):
-    """The item id is not in the retrieval index; it was never upserted or has been removed."""
-
-    reason = "unknown_item"

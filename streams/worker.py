@@ -62,7 +62,8 @@ from operators.protocol.sides import (
     StreamModel,
     UserOutput,
 )
-from operators.retrieval.index import CooccurrenceCandidates, TieredIndex
+from operators.retrieval.cooccurrence import CooccurrenceCandidates
+from operators.retrieval.tiered import TieredIndex
 from schemas import Codec
 from schemas.codec import ENTITY_RECORD, INBOX_MESSAGE, RECOMMENDATION, SEQUENCED_INTERACTION
 from schemas.exceptions import JodieError

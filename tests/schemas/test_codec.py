@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import math
 from typing import Any
 
@@ -20,7 +21,7 @@ from schemas import (
     UnknownSchemaError,
     load_schema,
 )
-from schemas.codec import EVALUATION, fingerprint64
+from schemas.codec import EVALUATION, canonical_form, fingerprint64
 
 INTERACTION_RECORD: dict[str, Any] = {
     "event_id": "abc:2",
@@ -170,3 +171,36 @@ def test_single_object_framing_reports_marker_errors() -> None:
     framing = SingleObjectFraming()
     with pytest.raises(DecodeError, match="C3 01"):
         framing.split(b"\x00" * 12)
+
+
+# Apache Avro's own test vectors (share/test/data/schema-tests.txt): input, Parsing Canonical
+# Form, CRC-64-AVRO fingerprint as the signed 64-bit integer the Java implementation prints.
+AVRO_SPEC_VECTORS = [
+    ('"null"', '"null"', 7195948357588979594),
+    (
+        '{"type":"fixed","name":"foo","size":15}',
+        '{"name":"foo","type":"fixed","size":15}',
+        1756455273707447556,
+    ),
+    (
+        '{"type":"record","name":"foo","fields":[{"name":"f1","type":"boolean"}]}',
+        '{"name":"foo","type":"record","fields":[{"name":"f1","type":"boolean"}]}',
+        7843277075252814651,
+    ),
+    (
+        '{"type":"record","name":"PigValue","fields":'
+        '[{"name":"value","type":["null","int","long","PigValue"]}]}',
+        '{"name":"PigValue","type":"record","fields":'
+        '[{"name":"value","type":["null","int","long","PigValue"]}]}',
+        -1759257747318642341,
+    ),
+]
+
+
+@pytest.mark.parametrize(("schema", "canonical", "signed"), AVRO_SPEC_VECTORS)
+def test_canonical_form_and_fingerprint_match_the_avro_test_vectors(
+    schema: str, canonical: str, signed: int
+) -> None:
+    assert canonical_form(json.loads(schema)) == canonical
+    # On the wire: the 64-bit fingerprint, little-endian (Avro spec, single-object encoding).
+    assert fingerprint64(json.loads(schema)) == (signed % 2**64).to_bytes(8, "little")

@@ -1,0 +1,241 @@
+"""The tiered item index: exact scans of the vector store while small, an IVF overlay above."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+
+from operators.exceptions import RetrievalError
+from operators.retrieval.ivf import Codec, IVFOverlay, auto_nlist
+from operators.retrieval.store import VectorStore
+
+
+class TieredIndex:
+    """Item id → float32 vector, searchable by L2: exact below ``exact_below`` items, an IVF
+    index (re-ranked exactly) above it. Distances are squared L2.
+
+    The exact float32 vectors always live in one contiguous store (for re-ranking and the exact
+    tier); above the threshold a faiss IVF overlay, kept in sync on every upsert, proposes
+    ``rerank_factor · k`` candidates per query, which are re-ranked by exact distance.
+    The overlay is rebuilt (k-means retrained, ``nlist`` re-sized) when the catalogue has grown
+    or shrunk by ``rebuild_growth`` since the last build, or when moved vectors have unbalanced
+    its lists by ``max_imbalance_growth``; dropped again below ``exact_below // 2`` (hysteresis,
+    so a catalogue hovering at the threshold does not rebuild over and over).
+
+    >>> rng = np.random.default_rng(0)
+    >>> ix = TieredIndex(dim=8, exact_below=1500)
+    >>> x = rng.standard_normal((2000, 8))
+    >>> ix.upsert([f"i{n}" for n in range(2000)], x)
+    >>> ix.approximate
+    True
+    >>> ids, d = ix.search(x[7:8], k=1)
+    >>> ids.tolist(), d.tolist()
+    ([['i7']], [[0.0]])
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        exact_below: int = 20_000,
+        *,
+        nprobe: int = 48,
+        nlist: int | None = None,
+        codec: Codec = "flat",
+        rerank_factor: int | None = None,
+        rebuild_growth: float = 2.0,
+        max_imbalance_growth: float = 1.5,
+        seed: int = 0,
+    ) -> None:
+        # IVF-Flat scan distances are exact up to float32 rounding, so 2·k is margin enough;
+        # 8-bit codes misorder near neighbours more and need a longer shortlist.
+        if rerank_factor is None:
+            rerank_factor = 2 if codec == "flat" else 4
+        if rerank_factor < 1 or rebuild_growth <= 1.0 or nprobe < 1:
+            raise RetrievalError("need rerank_factor >= 1, rebuild_growth > 1, nprobe >= 1")
+        self.dim = dim
+        self.exact_below = exact_below
+        self.nprobe = nprobe
+        self.nlist = nlist
+        self.codec: Codec = codec
+        self.rerank_factor = rerank_factor
+        self.rebuild_growth = rebuild_growth
+        self.max_imbalance_growth = max_imbalance_growth
+        self.seed = seed
+        self.builds = 0  # how many times the IVF overlay was (re)built; for metrics and tests
+        self._store = VectorStore(dim)
+        self._ivf: IVFOverlay | None = None
+
+    def __len__(self) -> int:
+        return len(self._store.rows)
+
+    @property
+    def approximate(self) -> bool:
+        """True while searches go through the IVF overlay."""
+        return self._ivf is not None
+
+    def upsert(self, ids: Sequence[str], vectors: np.ndarray) -> None:
+        """Insert new items or replace the vectors of known ones; ``vectors`` is (len(ids), D)."""
+        rows, v = self._store.upsert(ids, vectors)
+        if self._ivf is not None:
+            self._ivf.upsert(rows, v)
+        self._maintain()
+
+    def remove(self, ids: Iterable[str]) -> int:
+        """Forget these items (unknown ids are ignored); returns how many were removed."""
+        rows = self._store.remove(ids)
+        if self._ivf is not None:
+            self._ivf.remove(rows)
+        if self._store.compact():  # rows renumbered: the overlay's ids are void
+            self._ivf = None
+        self._maintain()
+        return int(rows.size)
+
+    def rebuild(self) -> None:
+        """Retrain and refill the IVF overlay now (e.g. from a background schedule)."""
+        n = len(self)
+        nlist = self.nlist or auto_nlist(n)
+        nlist = max(1, min(nlist, n // 39))  # faiss k-means wants >= 39 points per centroid
+        self._ivf = IVFOverlay(self._store, nlist, min(self.nprobe, nlist), self.codec, self.seed)
+        self.builds += 1
+
+    def _maintain(self) -> None:
+        n = len(self)
+        ivf = self._ivf
+        if ivf is None:
+            if n >= max(self.exact_below, 1024):  # under ~1k items k-means has nothing to learn
+                self.rebuild()
+            return
+        if n < self.exact_below // 2 or n < 512:
+            self._ivf = None
+            return
+        grown = n >= ivf.built_at * self.rebuild_growth or n * self.rebuild_growth <= ivf.built_at
+        # Checking the balance costs O(nlist); do it once per ~n/8 changes.
+        drifted = False
+        if ivf.changes >= max(1024, ivf.built_at // 8):
+            ivf.changes = 0
+            drifted = ivf.imbalance() > ivf.imbalance_at_build * self.max_imbalance_growth
+        if grown or drifted:
+            self.rebuild()
+
+    def _queries(self, queries: np.ndarray, k: int) -> np.ndarray:
+        if k <= 0:
+            raise RetrievalError(f"k must be positive, got {k}")
+        return self._store.check(queries)
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k per query: ids (Q, k') object array of str, float64 distances (Q, k'),
+        k' = min(k, len(self)); rows sorted by (distance, id).
+
+        Re-ranked by the exact distance to the current vectors, ties broken by item id, so equal
+        inputs give equal outputs whatever the insertion history.
+        """
+        q = self._queries(queries, k)
+        if self._ivf is None:
+            return self._store.scan(q, k)
+        kk = min(k, len(self))
+        labels = self._ivf.propose(q, kk * self.rerank_factor, self.nprobe)  # (Q, r·k)
+        out_ids = np.empty((q.shape[0], kk), dtype=object)
+        out_d = np.empty((q.shape[0], kk), dtype=np.float64)
+        for j in range(q.shape[0]):
+            rows = labels[j][labels[j] >= 0]
+            ids, dist = self._store.exact_topk(q[j], rows, kk)
+            if len(ids) < kk:  # the probed cells held fewer than k items: answer exactly
+                sid, sd = self._store.scan(q[j : j + 1], kk)
+                ids, dist = list(sid[0]), sd[0]
+            out_ids[j] = ids
+            out_d[j] = dist
+        return out_ids, out_d
+
+    def search_exact(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Exact top-k whatever the tier: the reference for measuring recall on live data."""
+        return self._store.scan(self._queries(queries, k), k)
+
+    def ranks(
+        self, queries: np.ndarray, true_ids: Sequence[str], true_vectors: np.ndarray
+    ) -> np.ndarray:
+        """Per query, 1 + the number of other items strictly closer than its true vector.
+
+        The live evaluation's exact rank (ties favour the true item, as in the offline
+        evaluation): one scan of every vector, each true item's own row replaced by the vector
+        the caller knows to be current. (B, D), B ids, (B, D) → (B,) int64.
+        """
+        store = self._store
+        q = store.check(queries)
+        t = store.check(true_vectors, q.shape[0])
+        dist = store.sqdist(q)  # (B, H)
+        diff = t - q
+        true = np.einsum("ij,ij->i", diff, diff)  # (B,)
+        for b, item_id in enumerate(true_ids):
+            own = store.rows.get(item_id)
+            if own is not None:
+                dist[b, own] = np.inf
+        return 1 + np.count_nonzero(dist < true[:, None], axis=1)
+
+    def recommend(
+        self, queries: np.ndarray, k: int, extra: Sequence[Sequence[str]]
+    ) -> list[tuple[list[str], np.ndarray]]:
+        """Per query, the k nearest of (its nearest-neighbour shortlist ∪ ``extra[b]``):
+        the serving path, batched.
+
+        Exact tier: all distances in one BLAS product (float32 ‖x‖² − 2x·q + ‖q‖², which can
+        swap near-ties within ~1e-5 of each other); the 2k best and the extras compete.
+        IVF tier: the overlay's ``rerank_factor · k`` proposals and the extras, by direct
+        float32 distance. Every query's union is ranked at once.
+        """
+        q = self._queries(queries, k)
+        store, n = self._store, len(self)
+        nq = q.shape[0]
+        if n == 0:
+            return [([], np.empty(0)) for _ in range(nq)]
+        high = store.high
+        rows_of = store.rows
+        extra_rows = [
+            np.fromiter((rows_of[i] for i in extra[b] if i in rows_of), dtype=np.int64)
+            for b in range(nq)
+        ]
+        full: np.ndarray | None = None
+        if self._ivf is None:
+            # The shortlist and the extras are read off the same matrix, no vector is gathered.
+            full = store.sqdist(q)  # (B, H)
+            m = min(2 * k, high)
+            short = (
+                np.argpartition(full, m - 1, axis=1)[:, :m]
+                if m < high
+                else np.tile(np.arange(high), (nq, 1))
+            )
+        else:
+            short = self._ivf.propose(q, min(k, n) * self.rerank_factor, self.nprobe)
+        lists = [
+            np.unique(np.concatenate([short[b][short[b] >= 0], extra_rows[b]])) for b in range(nq)
+        ]
+        width = max(len(r) for r in lists)
+        rows = np.full((nq, width), -1, dtype=np.int64)
+        for b, r in enumerate(lists):
+            rows[b, : len(r)] = r
+        safe = np.maximum(rows, 0)
+        if full is not None:
+            dist = np.take_along_axis(full, safe, axis=1).astype(np.float64)
+        else:
+            diff = store.data[safe] - q[:, None, :]  # (B, W, D)
+            dist = np.einsum("bwd,bwd->bw", diff, diff).astype(np.float64)
+        dist[(rows < 0) | ~np.isfinite(store.sqnorm[safe])] = np.inf
+        order = np.argsort(dist, axis=1, kind="stable")[:, :k]
+        top = np.take_along_axis(dist, order, axis=1)
+        picked = np.take_along_axis(rows, order, axis=1)
+        row_ids = store.row_ids
+        out = []
+        for b in range(nq):
+            finite = np.isfinite(top[b])
+            out.append(([str(row_ids[r]) for r in picked[b][finite].tolist()], top[b][finite]))
+        return out
+
+    def memory_bytes(self) -> int:
+        """Approximate resident size: the vector store plus the IVF codes, ids and centroids."""
+        st = self._store
+        total = st.data.nbytes + st.sqnorm.nbytes + 100 * len(st.rows)  # ~100 B/id in dict+list
+        if self._ivf is not None:
+            ix = self._ivf.index
+            # code + int64 id per vector, ~32 B per hash-table entry, the centroids
+            total += ix.ntotal * (ix.code_size + 8 + 32) + ix.nlist * self.dim * 4
+        return int(total)
