@@ -1,4 +1,9 @@
-"""Avro codec with writer-schema identity in every message (single-object or Confluent framing)."""
+"""Avro codec with writer-schema identity in every message (single-object or Confluent framing).
+
+The ``avro`` package (Apache Avro's reference implementation) parses and validates schemas and
+computes their Parsing Canonical Form and CRC-64-AVRO fingerprint; fastavro encodes and
+decodes the records, which is the hot path.
+"""
 
 from __future__ import annotations
 
@@ -10,8 +15,9 @@ from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any, Protocol
 
+import avro.errors
+import avro.schema
 import fastavro
-from fastavro.schema import fingerprint, to_parsing_canonical_form
 
 from schemas.exceptions import DecodeError, EncodeError, SchemaError, UnknownSchemaError
 
@@ -51,8 +57,9 @@ def load_schema(name: str) -> Schema:
         text = resources.files("schemas").joinpath(f"{name}.avsc").read_text()
     except FileNotFoundError as exc:
         raise SchemaError(f"no schema named {name!r} in the schemas package") from exc
-    schema: Schema = json.loads(text)
-    return _inline(schema, seen=set())
+    schema: Schema = _inline(json.loads(text), seen=set())
+    _parse(schema)  # a broken .avsc fails here, when loaded, not at its first message
+    return schema
 
 
 def _inline(node: Any, seen: set[str]) -> Any:
@@ -73,14 +80,21 @@ def _inline(node: Any, seen: set[str]) -> Any:
     return node
 
 
+def _parse(schema: Schema) -> avro.schema.Schema:
+    try:
+        return avro.schema.parse(json.dumps(schema))
+    except avro.errors.AvroException as exc:
+        raise SchemaError(f"invalid schema: {exc}") from exc
+
+
 def canonical_form(schema: Schema) -> str:
     """Avro Parsing Canonical Form: what fingerprints and registries compare."""
-    return str(to_parsing_canonical_form(schema))
+    return _parse(schema).canonical_form
 
 
 def fingerprint64(schema: Schema) -> bytes:
     """CRC-64-AVRO fingerprint of the canonical form, as the 8 little-endian bytes on the wire."""
-    return bytes.fromhex(fingerprint(canonical_form(schema), "CRC-64-AVRO"))
+    return _parse(schema).fingerprint("CRC-64-AVRO")
 
 
 class SchemaIdResolver(Protocol):

@@ -17,6 +17,7 @@ from schemas import (
     ConfluentFraming,
     DecodeError,
     EncodeError,
+    SchemaError,
     SingleObjectFraming,
     UnknownSchemaError,
     load_schema,
@@ -204,3 +205,11 @@ def test_canonical_form_and_fingerprint_match_the_avro_test_vectors(
     assert canonical_form(json.loads(schema)) == canonical
     # On the wire: the 64-bit fingerprint, little-endian (Avro spec, single-object encoding).
     assert fingerprint64(json.loads(schema)) == (signed % 2**64).to_bytes(8, "little")
+
+
+def test_an_invalid_schema_is_a_schema_error() -> None:
+    nameless = {"type": "record", "fields": [{"name": "f1", "type": "boolean"}]}
+    with pytest.raises(SchemaError):
+        canonical_form(nameless)
+    with pytest.raises(SchemaError):
+        fingerprint64(nameless)
