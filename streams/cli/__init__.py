@@ -1,0 +1,28 @@
+"""The `jodie` command line: local broker, topics, producing, and (below) the model commands."""
+
+# The docstring above is `jodie --help`'s text. One module per command group; each imports
+# what its commands need inside them, so that `jodie --help` stays fast.
+
+from __future__ import annotations
+
+import typer
+
+from streams.cli import broker, model, models, pipeline, produce, state, topics
+
+app = typer.Typer(
+    no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False, help=__doc__
+)
+# Registered in the order `jodie --help` lists them (commands first, then groups).
+app.add_typer(broker.broker_app, name="broker")
+app.add_typer(topics.topics_app, name="topics")
+app.command("produce")(produce.produce)
+app.command("router")(pipeline.router)
+app.add_typer(models.models_app, name="models")
+app.command("trainer")(pipeline.trainer)
+app.add_typer(state.state_app, name="state")
+app.command("worker")(pipeline.worker)
+app.command("recommendations")(pipeline.recommendations)
+app.command("metrics")(pipeline.metrics)
+app.command("train")(model.train)
+app.command("evaluate")(model.evaluate)
+app.command("plot")(model.plot)

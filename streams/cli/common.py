@@ -1,0 +1,29 @@
+"""What the command groups share: the two consoles, the error exit, the model-name option."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+
+from schemas.exceptions import JodieError
+
+console = Console(stderr=True)  # messages for whoever runs the command
+out = Console()  # the results, on stdout for pipes and scripts
+
+
+def _fail(exc: JodieError) -> typer.Exit:
+    console.print(f"[red]error:[/red] {exc}")
+    return typer.Exit(code=2)
+
+
+ModelName = Annotated[str, typer.Option("--name", help="Model name (the registry key).")]
+
+
+def _registry_call(call: Callable[[], Any]) -> Any:
+    try:
+        return call()
+    except JodieError as exc:
+        raise _fail(exc) from exc

@@ -1,0 +1,168 @@
+"""The pipeline's processes and what they show: router, trainer, worker, recommendations,
+metrics."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from streams.cli.common import ModelName, _registry_call, console, out
+from streams.settings import get_settings
+
+
+def router(
+    until_idle: Annotated[
+        float | None, typer.Option(help="Stop after this many seconds without new events.")
+    ] = None,
+    grace: Annotated[
+        float, typer.Option(help="Seconds a caught-up partition must stay quiet to count as idle.")
+    ] = 0.5,
+    features: Annotated[
+        int | None, typer.Option(help="Feature length to enforce (default: the first event's).")
+    ] = None,
+    model: Annotated[
+        str | None,
+        typer.Option(
+            help="Stamp every event with the epoch of this model's promoted version, "
+            "switching JODIE_SWITCH_DELAY_S after each promotion (workers run --model too)."
+        ),
+    ] = None,
+) -> None:
+    """Validate, deduplicate and order client events into interactions.log (exactly once)."""
+    from streams.router import Router
+
+    def ready() -> None:
+        console.print("router ready", highlight=False)
+
+    stats = Router(get_settings(), n_features=features, grace_s=grace, model=model).run(
+        until_idle_s=until_idle, on_ready=ready
+    )
+    out.print(json.dumps(stats.__dict__))
+
+
+def trainer(
+    every_events: Annotated[
+        int, typer.Option(help="Retrain after about this many new events in the log.")
+    ] = 20_000,
+    every_seconds: Annotated[
+        float | None, typer.Option(help="Also retrain this often when anything new arrived.")
+    ] = None,
+    margin: Annotated[
+        float,
+        typer.Option(help="Promote unless validation MRR is worse than the serving one by more."),
+    ] = 0.01,
+    epochs: Annotated[int, typer.Option(help="Training epochs per run.")] = 10,
+    once: Annotated[bool, typer.Option(help="Train once now and exit.")] = False,
+    name: ModelName = "jodie",
+) -> None:
+    """Retrain from interactions.log on a schedule; announce every run, promote the good ones."""
+    import logging
+
+    from operators.model.config import TrainConfig
+    from streams.trainer import run_trainer, train_once
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    settings, config = get_settings(), TrainConfig(epochs=epochs)
+    if once:
+        run = _registry_call(lambda: train_once(settings, config, name, margin))
+        out.print(json.dumps({"announced": run.record, "promoted": run.promoted}))
+        return
+    run_trainer(settings, config, name, every_events, every_seconds, margin)
+
+
+def worker(
+    checkpoint: Annotated[
+        Path | None, typer.Option(help="Checkpoint directory to serve (or --model).")
+    ] = None,
+    model: Annotated[
+        str | None,
+        typer.Option(
+            help="Serve this model's promoted versions (verified), each from the start of its "
+            "epoch, switching when the router does (run it with the same --model)."
+        ),
+    ] = None,
+    worker_id: Annotated[int, typer.Option("--id", help="Worker number: state dir and port.")] = 0,
+    loglevel: Annotated[str, typer.Option(help="critical|error|warning|info|debug")] = "info",
+) -> None:
+    """A streaming worker: user and item sides, RocksDB tables, recommendations, exactly once."""
+    from streams.worker import run_worker
+
+    if (checkpoint is None) == (model is None):
+        raise typer.BadParameter("give exactly one of --checkpoint and --model")
+    run_worker(get_settings(), worker_id, checkpoint, loglevel=loglevel, model=model)
+
+
+def recommendations(
+    follow: Annotated[bool, typer.Option(help="Keep waiting for new ones.")] = False,
+    user: Annotated[str | None, typer.Option(help="Only this user's.")] = None,
+    limit: Annotated[int | None, typer.Option(help="Stop after this many.")] = None,
+    top: Annotated[int, typer.Option(help="Candidates to print per recommendation.")] = 5,
+    summary: Annotated[
+        bool, typer.Option(help="Print only counts, duplicates and the live MRR / Recall@10.")
+    ] = False,
+) -> None:
+    """Print recommendations as a read_committed consumer sees them."""
+    from streams.tail import summarise, tail_recommendations
+
+    if summary:
+        recs = tail_recommendations(get_settings(), user=user, limit=limit)
+        out.print(json.dumps(summarise(recs)))
+        return
+    for rec in tail_recommendations(get_settings(), follow=follow, user=user, limit=limit):
+        items = " ".join(f"{c['item_id']}:{c['score']:.3f}" for c in rec["candidates"][:top])
+        p = rec["state_change_probability"]
+        extra = f" p(change)={p:.3f}" if p is not None else ""
+        out.print(
+            f"user {rec['user_id']} after {rec['event_id']} [{rec['model_version']}]"
+            f" → {items}{extra}",
+            highlight=False,
+            markup=False,  # the version is in brackets, which rich would read as a style
+            soft_wrap=True,  # one line per recommendation, whatever the terminal width
+        )
+
+
+def metrics(
+    workers: Annotated[int, typer.Option(help="Worker ids 0..N-1 to ask.")] = 1,
+    as_json: Annotated[bool, typer.Option("--json", help="Print each worker's page.")] = False,
+) -> None:
+    """The running workers' /metrics: events applied, events/s, lag, live MRR / Recall@10."""
+    import urllib.request
+
+    from streams.switch import label
+
+    settings = get_settings()
+    pages = []
+    for n in range(workers):
+        url = f"http://127.0.0.1:{settings.web_port + n}/metrics"
+        try:
+            with urllib.request.urlopen(url, timeout=5) as response:
+                pages.append(json.loads(response.read()))
+        except OSError as exc:
+            console.print(f"worker {n}: no answer at {url} ({exc})", highlight=False)
+    if as_json:
+        out.print(json.dumps(pages))
+        return
+    events = sum(p["user_events"] for p in pages)
+    online = [p["online"] for p in pages if p["online"]["events"]]
+    total = sum(o["events"] for o in online)
+    mrr = sum(o["mrr"] * o["events"] for o in online) / total if total else float("nan")
+    r10 = sum(o["recall_at_10"] * o["events"] for o in online) / total if total else float("nan")
+    out.print(
+        json.dumps(
+            {
+                "workers": len(pages),
+                "events": events,
+                "events_per_s": round(sum(p["events_per_s"] for p in pages), 1),
+                "lag": sum(max(0, p["lag"]) for p in pages),
+                "mrr": mrr,
+                "recall_at_10": r10,
+                "model_versions": sorted({p["model_version"] for p in pages if p["model_version"]}),
+                "epochs": sorted(
+                    {label((e["version"], e["since"])) for p in pages for e in p["epochs"]}
+                ),
+            }
+        )
+    )
