@@ -38,9 +38,7 @@ def _offline_ranks(checkpoint: Path) -> dict[int, int]:
     return {int(line): int(r) for line, r in zip(log.lines.tolist(), ranks.tolist(), strict=True)}
 
 
-def test_two_workers_rank_each_event_as_the_frozen_replay(
-    kafka: Settings, tmp_path: Path
-) -> None:
+def test_two_workers_rank_each_event_as_the_frozen_replay(kafka: Settings, tmp_path: Path) -> None:
     checkpoint = make_checkpoint(tmp_path / "ck", history=HISTORY)
     workers = [start_worker(kafka, checkpoint, n, tmp_path) for n in (0, 1)]
     try:
