@@ -69,9 +69,9 @@ from confluent_kafka import (
 from operators.dataset import Row, bundled_wikipedia, iter_rows
 from schemas import INTERACTION, RECOMMENDATION
 from streams.codecs import make_codec
-from streams.kafka import admin, committed_reader, idempotent_producer
 from streams.produce import produce_file, source_tag, to_record
 from streams.router import Router
+from streams.runtime.clients import admin, committed_reader, idempotent_producer
 from streams.settings import Settings
 from streams.topics import app_id, apply_topics, declared_topics, delete_topics
 

@@ -97,7 +97,7 @@ def broker_status() -> None:
 @topics_app.command("apply")
 def topics_apply() -> None:
     """Create missing topics; report drift of existing ones (exit 1 on drift)."""
-    from streams.kafka import admin
+    from streams.runtime.clients import admin
     from streams.topics import apply_topics, declared_topics
 
     settings = get_settings()
@@ -117,7 +117,7 @@ def topics_delete(
     ] = False,
 ) -> None:
     """Delete every declared topic (with the current JODIE_TOPIC_PREFIX)."""
-    from streams.kafka import admin
+    from streams.runtime.clients import admin
     from streams.topics import declared_topics, delete_topics
 
     if not yes:
@@ -137,7 +137,7 @@ def broker_wait(
     from deploy.kafka.broker import probe
 
     deadline = time.monotonic() + timeout
-    while not probe(get_settings().bootstrap_servers, timeout_s=1.0):
+    while not probe(get_settings(), timeout_s=1.0):
         if time.monotonic() > deadline:
             console.print("broker not ready")
             raise typer.Exit(code=1)
@@ -156,8 +156,8 @@ def topics_show(
 ) -> None:
     """Message counts per partition and a few decoded messages of a topic."""
     from streams.codecs import make_codec
-    from streams.kafka import committed_reader
     from streams.peek import decode_all, partition_counts
+    from streams.runtime.clients import committed_reader
 
     settings = get_settings()
     name = settings.topic(topic)
@@ -211,8 +211,8 @@ def produce(
     """Produce Avro Interactions to `interactions`, keyed by user id, with deterministic ids."""
     from operators.dataset import bundled_wikipedia
     from streams.codecs import make_codec
-    from streams.kafka import idempotent_producer
     from streams.produce import produce_file
+    from streams.runtime.clients import idempotent_producer
 
     settings = get_settings()
     source = path or bundled_wikipedia()

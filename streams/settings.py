@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 if TYPE_CHECKING:
@@ -41,6 +41,32 @@ class Settings(BaseSettings):
             "messages use Confluent framing (magic byte + registry id) instead of Avro "
             "single-object encoding. `mock://name` gives an in-process registry (tests)."
         ),
+    )
+
+    # Security: every Kafka client is built by streams.runtime.clients, which sends these.
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
+        "PLAINTEXT",
+        description="JODIE_SECURITY_PROTOCOL: how clients talk to the brokers (TLS and/or SASL).",
+    )
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER"] | None = (
+        Field(None, description="JODIE_SASL_MECHANISM: SASL mechanism, with a SASL_* protocol.")
+    )
+    sasl_username: str | None = Field(None, description="JODIE_SASL_USERNAME: SASL user name.")
+    sasl_password: SecretStr | None = Field(
+        None, description="JODIE_SASL_PASSWORD: SASL password (never printed)."
+    )
+    ssl_ca_location: Path | None = Field(
+        None,
+        description="JODIE_SSL_CA_LOCATION: CA certificate(s) to verify the brokers (PEM file).",
+    )
+    ssl_certificate_location: Path | None = Field(
+        None, description="JODIE_SSL_CERTIFICATE_LOCATION: client certificate (PEM), for mTLS."
+    )
+    ssl_key_location: Path | None = Field(
+        None, description="JODIE_SSL_KEY_LOCATION: the client certificate's private key (PEM)."
+    )
+    ssl_key_password: SecretStr | None = Field(
+        None, description="JODIE_SSL_KEY_PASSWORD: passphrase of that key (never printed)."
     )
 
     # --- local broker (`jodie broker ...`) ------------------------------------------------

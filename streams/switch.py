@@ -31,8 +31,9 @@ from operators.model.checkpoint import Checkpoint, load_checkpoint
 from operators.protocol.catchup import CatchUp, LogEvent
 from schemas import MODEL_ANNOUNCEMENT, SEQUENCED_INTERACTION
 from streams.codecs import make_codec
-from streams.kafka import committed_reader, take, watermarks
 from streams.models import Registry, verified
+from streams.runtime.clients import committed_reader
+from streams.runtime.kafka import take, watermarks
 from streams.settings import Settings
 
 _log = logging.getLogger("jodie.switch")

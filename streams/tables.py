@@ -28,7 +28,8 @@ from typing import Generic, TypeVar
 from confluent_kafka import Consumer, KafkaError, TopicPartition
 from rocksdict import Options, Rdict, WriteBatch
 
-from streams.kafka import committed_reader, watermarks
+from streams.runtime.clients import committed_reader
+from streams.runtime.kafka import watermarks
 from streams.settings import Settings
 
 _log = logging.getLogger("jodie.tables")

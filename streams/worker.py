@@ -67,7 +67,6 @@ from schemas import Codec
 from schemas.codec import ENTITY_RECORD, INBOX_MESSAGE, RECOMMENDATION, SEQUENCED_INTERACTION
 from schemas.exceptions import JodieError
 from streams.codecs import make_codec
-from streams.kafka import partition_for, take
 from streams.models import Registry
 from streams.records import (
     inbox_from_record,
@@ -76,6 +75,8 @@ from streams.records import (
     partner_state,
     pending,
 )
+from streams.runtime import clients
+from streams.runtime.kafka import partition_for, take
 from streams.settings import Settings
 from streams.switch import (
     UNSTAMPED,
@@ -439,16 +440,16 @@ class _Feeds:
         self.vectors_topic = settings.topic("item-vectors")
         self.log_topic = settings.topic("interactions.log")
         self.log_codec = make_codec(settings, SEQUENCED_INTERACTION, self.log_topic)
-        self.consumer = Consumer(
+        self.consumer = clients.consumer(
+            settings,
+            f"jodie-feeds-{uuid.uuid4().hex[:8]}",
             {
-                "bootstrap.servers": settings.bootstrap_servers,
-                "group.id": f"jodie-feeds-{uuid.uuid4().hex[:8]}",
                 "isolation.level": "read_committed",
                 "enable.auto.commit": False,
                 "auto.offset.reset": "earliest",
                 "fetch.wait.max.ms": 10,
                 "logger": _log,
-            }
+            },
         )
         topics = [self.vectors_topic]
         if cooccurrence is not None:
@@ -563,11 +564,10 @@ class Worker:
     # -- Kafka clients --------------------------------------------------------------------------
     def _clients(self) -> tuple[Consumer, Producer]:
         s = self.settings
-        base = {"bootstrap.servers": s.bootstrap_servers, "logger": _log}
-        consumer = Consumer(
+        consumer = clients.consumer(
+            s,
+            f"{app_id(s)}-workers",
             {
-                **base,
-                "group.id": f"{app_id(s)}-workers",
                 "client.id": f"jodie-worker-{self.worker_id}",
                 "isolation.level": "read_committed",
                 "enable.auto.commit": False,
@@ -578,24 +578,22 @@ class Worker:
                 "session.timeout.ms": s.worker_session_timeout_ms,
                 "heartbeat.interval.ms": max(500, s.worker_session_timeout_ms // 6),
                 "fetch.wait.max.ms": 10,
-            }
+                "logger": _log,
+            },
         )
-        producer = Producer(
-            {
-                **base,
-                # One id per worker number: a restarted worker fences its predecessor and
-                # aborts what it left open, at once.
-                "transactional.id": f"{app_id(s)}-worker-{self.worker_id}",
+        producer = clients.transactional_producer(
+            s,
+            # One id per worker number: a restarted worker fences its predecessor and
+            # aborts what it left open, at once.
+            f"{app_id(s)}-worker-{self.worker_id}",
+            logger=_log,
+            **{
                 # A worker that died without successor still blocks read_committed readers of
                 # the partitions it wrote until its transaction times out: keep that short.
                 "transaction.timeout.ms": s.worker_transaction_timeout_ms,
                 "linger.ms": 2,
-                # The router's (and Java's) partitioner: a key's partition never depends on
-                # which client wrote it.
-                "partitioner": "murmur2_random",
-                "compression.type": "lz4",
                 "queue.buffering.max.messages": 1_000_000,
-            }
+            },
         )
         return consumer, producer
 

@@ -48,7 +48,7 @@ def test_pure_layers_import_without_kafka_clients() -> None:
 
 def test_the_blocker_does_block() -> None:
     proc = subprocess.run(
-        [sys.executable, "-c", _BLOCKER, "streams.kafka"],
+        [sys.executable, "-c", _BLOCKER, "streams.runtime.clients"],
         cwd=ROOT,
         capture_output=True,
         text=True,
