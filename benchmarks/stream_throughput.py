@@ -66,6 +66,7 @@ from confluent_kafka import (
     TopicPartition,
 )
 
+from deploy.kafka.broker import BrokerConfig
 from operators.dataset import Row, bundled_wikipedia, iter_rows
 from schemas import INTERACTION, RECOMMENDATION
 from streams.codecs import make_codec
@@ -155,7 +156,7 @@ def cpu_delta(
 
 def broker_pid(settings: Settings) -> int | None:
     try:
-        return int(settings.broker_config().pid_file.read_text().strip())
+        return int(BrokerConfig.from_settings(settings).pid_file.read_text().strip())
     except (OSError, ValueError):
         return None
 

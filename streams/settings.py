@@ -4,13 +4,10 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
-
-if TYPE_CHECKING:
-    from deploy.kafka.broker import BrokerConfig
 
 
 def _default_cache() -> Path:
@@ -180,19 +177,6 @@ class Settings(BaseSettings):
     @property
     def bootstrap_servers(self) -> str:
         return self.bootstrap or f"127.0.0.1:{self.broker_port}"
-
-    def broker_config(self) -> BrokerConfig:
-        """How `jodie broker` runs the local broker, from these settings."""
-        from deploy.kafka.broker import BrokerConfig
-
-        return BrokerConfig(
-            cache_dir=self.cache_dir,
-            kafka_version=self.kafka_version,
-            port=self.broker_port,
-            controller_port=self.controller_port,
-            heap=self.broker_heap,
-            start_timeout_s=self.broker_start_timeout_s,
-        )
 
     def topic(self, name: str) -> str:
         """The full name of a logical topic (``interactions`` → ``<prefix>interactions``)."""

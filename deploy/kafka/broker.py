@@ -26,6 +26,7 @@ from deploy.exceptions import (
 
 if TYPE_CHECKING:
     from streams.runtime.clients import KafkaConnection
+    from streams.settings import Settings
 
 _KAFKA_MAIN = "kafka.Kafka"
 _STORAGE_TOOL = "kafka.tools.StorageTool"
@@ -45,6 +46,18 @@ class BrokerConfig:
     controller_port: int
     heap: str
     start_timeout_s: float
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> BrokerConfig:
+        """How `jodie broker` runs the local broker, from the JODIE_* settings."""
+        return cls(
+            cache_dir=settings.cache_dir,
+            kafka_version=settings.kafka_version,
+            port=settings.broker_port,
+            controller_port=settings.controller_port,
+            heap=settings.broker_heap,
+            start_timeout_s=settings.broker_start_timeout_s,
+        )
 
     @property
     def home(self) -> Path:
