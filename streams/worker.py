@@ -77,6 +77,7 @@ from streams.records import (
 )
 from streams.runtime import clients
 from streams.runtime.kafka import partition_for, take
+from streams.runtime.store import Table
 from streams.settings import Settings
 from streams.switch import (
     UNSTAMPED,
@@ -89,7 +90,6 @@ from streams.switch import (
     row_key,
     split_row_key,
 )
-from streams.tables import Table
 from streams.topics import app_id, changelog_topic
 
 _log = logging.getLogger("jodie.worker")
