@@ -28,13 +28,14 @@ from operators.protocol.sequencer import Interaction, Rejected, SequencedEvent, 
 from operators.protocol.sides import EventData
 from schemas import INTERACTION, SEQUENCED_INTERACTION, DecodeError, SchemaError
 from schemas.codec import INBOX_MESSAGE, Codec
+from streams.app.epochs import UNSTAMPED, Epoch, epoch_of
 from streams.codecs import make_codec
 from streams.peek import read_all
 from streams.records import inbox_event
 from streams.runtime.clients import committed_reader, transactional_producer
 from streams.runtime.kafka import retry_transient, take, watermarks
 from streams.settings import Settings
-from streams.switch import UNSTAMPED, Epoch, ServingWatch, epoch_of
+from streams.switch import ServingWatch
 
 _log = logging.getLogger("jodie.router")
 

@@ -66,6 +66,15 @@ from operators.retrieval.index import CooccurrenceCandidates, TieredIndex
 from schemas import Codec
 from schemas.codec import ENTITY_RECORD, INBOX_MESSAGE, RECOMMENDATION, SEQUENCED_INTERACTION
 from schemas.exceptions import JodieError
+from streams.app.epochs import (
+    UNSTAMPED,
+    Epoch,
+    epoch_of,
+    label,
+    parse_label,
+    row_key,
+    split_row_key,
+)
 from streams.codecs import make_codec
 from streams.models import Registry
 from streams.records import (
@@ -79,17 +88,7 @@ from streams.runtime import clients
 from streams.runtime.kafka import partition_for, take
 from streams.runtime.store import Table
 from streams.settings import Settings
-from streams.switch import (
-    UNSTAMPED,
-    Epoch,
-    Preparation,
-    ServingWatch,
-    epoch_of,
-    label,
-    parse_label,
-    row_key,
-    split_row_key,
-)
+from streams.switch import Preparation, ServingWatch
 from streams.topics import app_id, changelog_topic
 
 _log = logging.getLogger("jodie.worker")
@@ -263,7 +262,7 @@ class Processor:
 
     ``process`` applies a batch of messages to their table rows and returns the messages to
     send; the caller owns rows and transactions. Unit-testable with in-memory tables. Each
-    message belongs to an epoch (streams.switch) and is handled by that epoch's ``Serving``
+    message belongs to an epoch (streams.app.epochs) and is handled by that epoch's ``Serving``
     only, on rows keyed by that epoch.
     """
 
