@@ -1,5 +1,6 @@
 """The layers point one way: operators/ and schemas/ import without Kafka clients or streams/;
-the settings without deploy/."""
+the JODIE application (streams/app) without Kafka clients, RocksDB or the runtime; the runtime
+without anything of JODIE; the settings without deploy/."""
 
 from __future__ import annotations
 
@@ -30,7 +31,8 @@ KAFKA_AND_STREAMS = ("confluent_kafka", "rocksdict", "streams")
 
 def _modules(package: str) -> list[str]:
     found = [package]
-    for info in pkgutil.walk_packages([str(ROOT / package)], prefix=f"{package}."):
+    folder = ROOT.joinpath(*package.split("."))
+    for info in pkgutil.walk_packages([str(folder)], prefix=f"{package}."):
         found.append(info.name)
     return found
 
@@ -62,3 +64,36 @@ def test_the_blocker_does_block() -> None:
 def test_settings_import_without_deploy() -> None:
     proc = _import(("deploy",), ["streams.settings"])
     assert proc.returncode == 0, proc.stderr
+
+
+def test_the_application_imports_without_kafka_or_the_runtime() -> None:
+    modules = _modules("streams.app")
+    assert "streams.app.processor" in modules
+    proc = _import(("confluent_kafka", "rocksdict", "streams.runtime"), modules)
+    assert proc.returncode == 0, proc.stderr
+    assert f"imported {len(modules)}" in proc.stdout
+
+
+_RUNTIME_IMPORTS = """
+import importlib, pkgutil, sys
+import streams.runtime as runtime
+for info in pkgutil.walk_packages(runtime.__path__, prefix="streams.runtime."):
+    importlib.import_module(info.name)
+ours = ("streams", "operators", "schemas", "deploy", "torch", "numpy", "pydantic")
+print(sorted(
+    m for m in sys.modules
+    if m.split(".")[0] in ours and m != "streams" and not m.startswith("streams.runtime")
+))
+"""
+
+
+def test_the_runtime_knows_nothing_of_jodie() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-c", _RUNTIME_IMPORTS],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"
