@@ -188,6 +188,12 @@ class Table(Generic[R]):
         """Mark a row changed in the open batch (rows are mutated in place)."""
         self.partitions[partition].dirty.add(key)
 
+    def put(self, partition: int, key: bytes, row: R) -> None:
+        """Replace a row in the open batch (for rows that are values, not mutable objects)."""
+        part = self.partitions[partition]
+        part.rows[key] = row
+        part.dirty.add(key)
+
     def changed(self) -> list[tuple[int, bytes, bytes]]:
         """(partition, key, encoded row) of every row changed in the open batch."""
         return [
