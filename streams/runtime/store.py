@@ -1,8 +1,8 @@
 """Changelog-backed RocksDB tables: one local store per owned partition.
 
-A table partition p lives in a local RocksDB
-(rocksdict, raw bytes) and in the compacted changelog topic, partition p. The changelog is the
-truth; the local store is a cache of it that never runs ahead:
+A table partition p lives in a local RocksDB (rocksdict, raw bytes) and in the compacted
+changelog topic, partition p. The changelog is the truth; the local store is a cache of it
+that never runs ahead:
 
 - rows change in memory while a batch is processed; their records go to the changelog inside
   the batch's Kafka transaction;
@@ -33,8 +33,8 @@ from streams.runtime.kafka import watermarks
 
 _log = logging.getLogger("jodie.tables")
 
-# Row keys are UTF-8, which never holds these bytes, so this key cannot collide; its exact
-# bytes are what existing stores hold.
+# Where a store keeps its changelog offset. UTF-8 never holds the byte 0xff, so UTF-8 row
+# keys cannot collide with it; the bytes stay as they are because existing stores hold them.
 _OFFSET_KEY = b"\xff\xfejodie:changelog-offset"
 
 R = TypeVar("R")  # a decoded row
