@@ -38,11 +38,11 @@ from operators.dataset import bundled_wikipedia, load_interactions
 from operators.model.config import TrainConfig
 from schemas import INTERACTION, RECOMMENDATION, Codec
 from streams.codecs import make_codec
-from streams.kafka import committed_reader
 from streams.models import Registry
 from streams.peek import Bounded
 from streams.produce import produce_rows
 from streams.router import read_log
+from streams.runtime.clients import committed_reader
 from streams.settings import Settings
 from streams.topics import scratch_topics
 from streams.trainer import log_size, train_once

@@ -55,7 +55,7 @@ def main() -> None:
         print(
             f"{worker.stats.user_events} events in {took:.1f} s "
             f"({worker.stats.user_events / took:,.0f} events/s, start-up included), "
-            f"{worker.stats.transactions} transactions, live MRR {online['mrr']:.4f}"
+            f"{worker.loop.stats.transactions} transactions, live MRR {online['mrr']:.4f}"
         )
         pstats.Stats(profile).sort_stats("cumulative").print_stats(args.top)
 

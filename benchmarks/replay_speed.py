@@ -21,10 +21,10 @@ import numpy as np
 from operators.dataset import bundled_wikipedia, load_interactions
 from schemas import INTERACTION
 from streams.codecs import make_codec
-from streams.kafka import idempotent_producer
 from streams.produce import produce_file
 from streams.replay import replay_log
 from streams.router import Router
+from streams.runtime.clients import idempotent_producer
 from streams.topics import scratch_topics
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

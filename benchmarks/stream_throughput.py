@@ -66,12 +66,13 @@ from confluent_kafka import (
     TopicPartition,
 )
 
+from deploy.kafka.broker import BrokerConfig
 from operators.dataset import Row, bundled_wikipedia, iter_rows
 from schemas import INTERACTION, RECOMMENDATION
 from streams.codecs import make_codec
-from streams.kafka import admin, committed_reader, idempotent_producer
 from streams.produce import produce_file, source_tag, to_record
 from streams.router import Router
+from streams.runtime.clients import admin, committed_reader, idempotent_producer
 from streams.settings import Settings
 from streams.topics import app_id, apply_topics, declared_topics, delete_topics
 
@@ -155,7 +156,7 @@ def cpu_delta(
 
 def broker_pid(settings: Settings) -> int | None:
     try:
-        return int(settings.broker_config().pid_file.read_text().strip())
+        return int(BrokerConfig.from_settings(settings).pid_file.read_text().strip())
     except (OSError, ValueError):
         return None
 

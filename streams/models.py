@@ -29,8 +29,8 @@ from operators.model.checkpoint import read_meta, verify
 from schemas import MODEL_ANNOUNCEMENT
 from schemas.exceptions import JodieError
 from streams.codecs import make_codec
-from streams.kafka import idempotent_producer
 from streams.peek import read_all
+from streams.runtime.clients import idempotent_producer
 from streams.settings import Settings
 
 

@@ -11,7 +11,8 @@ from confluent_kafka import Consumer, KafkaError, Message, TopicPartition
 
 from schemas.codec import Codec
 from schemas.exceptions import JodieError
-from streams.kafka import committed_reader, take, watermarks
+from streams.runtime.clients import committed_reader
+from streams.runtime.kafka import take, watermarks
 from streams.settings import Settings
 
 

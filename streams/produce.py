@@ -139,7 +139,7 @@ def produce_rows(
     from operators.dataset import bundled_wikipedia
     from schemas import INTERACTION
     from streams.codecs import make_codec
-    from streams.kafka import idempotent_producer
+    from streams.runtime.clients import idempotent_producer
 
     topic = settings.topic("interactions")
     return produce_file(

@@ -16,8 +16,8 @@ from operators.dataset import InteractionLog
 from operators.exceptions import DataError
 from schemas import SEQUENCED_INTERACTION
 from streams.codecs import make_codec
-from streams.kafka import committed_reader
 from streams.peek import Bounded
+from streams.runtime.clients import committed_reader
 from streams.settings import Settings
 
 #: Most messages taken from the consumer's queue at once (one Python call per batch).

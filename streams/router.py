@@ -28,12 +28,14 @@ from operators.protocol.sequencer import Interaction, Rejected, SequencedEvent, 
 from operators.protocol.sides import EventData
 from schemas import INTERACTION, SEQUENCED_INTERACTION, DecodeError, SchemaError
 from schemas.codec import INBOX_MESSAGE, Codec
+from streams.app.epochs import UNSTAMPED, Epoch, epoch_of
 from streams.codecs import make_codec
-from streams.kafka import committed_reader, retry_transient, take, watermarks
 from streams.peek import read_all
 from streams.records import inbox_event
+from streams.runtime.clients import committed_reader, transactional_producer
+from streams.runtime.kafka import retry_transient, take, watermarks
 from streams.settings import Settings
-from streams.switch import UNSTAMPED, Epoch, ServingWatch, epoch_of
+from streams.switch import ServingWatch
 
 _log = logging.getLogger("jodie.router")
 
@@ -135,28 +137,15 @@ class Router:
         self._behind_since: dict[int, float] = {}
 
     def _clients(self) -> tuple[Consumer, Producer]:
-        base = {"bootstrap.servers": self.settings.bootstrap_servers, "logger": _log}
-        consumer = Consumer(
-            {
-                **base,
-                "group.id": f"{self.settings.topic_prefix}jodie-router",
-                "isolation.level": "read_committed",
-                "enable.auto.commit": False,
-                "enable.partition.eof": True,
-                "auto.offset.reset": "earliest",
-                "client.id": f"jodie-router-{uuid.uuid4().hex[:6]}",
-            }
+        prefix = self.settings.topic_prefix
+        consumer = committed_reader(
+            self.settings,
+            group_id=f"{prefix}jodie-router",
+            logger=_log,
+            **{"client.id": f"jodie-router-{uuid.uuid4().hex[:6]}"},
         )
-        producer = Producer(
-            {
-                **base,
-                "transactional.id": f"{self.settings.topic_prefix}jodie-router",
-                "linger.ms": 5,
-                # Java's partitioner, as the workers use: a key's partition must not
-                # depend on which client wrote it (the tables are co-partitioned by key).
-                "partitioner": "murmur2_random",
-                "compression.type": "lz4",
-            }
+        producer = transactional_producer(
+            self.settings, f"{prefix}jodie-router", logger=_log, **{"linger.ms": 5}
         )
         return consumer, producer
 

@@ -4,13 +4,10 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
-
-if TYPE_CHECKING:
-    from deploy.kafka.broker import BrokerConfig
 
 
 def _default_cache() -> Path:
@@ -41,6 +38,32 @@ class Settings(BaseSettings):
             "messages use Confluent framing (magic byte + registry id) instead of Avro "
             "single-object encoding. `mock://name` gives an in-process registry (tests)."
         ),
+    )
+
+    # Security: every Kafka client is built by streams.runtime.clients, which sends these.
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
+        "PLAINTEXT",
+        description="JODIE_SECURITY_PROTOCOL: how clients talk to the brokers (TLS and/or SASL).",
+    )
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER"] | None = (
+        Field(None, description="JODIE_SASL_MECHANISM: SASL mechanism, with a SASL_* protocol.")
+    )
+    sasl_username: str | None = Field(None, description="JODIE_SASL_USERNAME: SASL user name.")
+    sasl_password: SecretStr | None = Field(
+        None, description="JODIE_SASL_PASSWORD: SASL password (never printed)."
+    )
+    ssl_ca_location: Path | None = Field(
+        None,
+        description="JODIE_SSL_CA_LOCATION: CA certificate(s) to verify the brokers (PEM file).",
+    )
+    ssl_certificate_location: Path | None = Field(
+        None, description="JODIE_SSL_CERTIFICATE_LOCATION: client certificate (PEM), for mTLS."
+    )
+    ssl_key_location: Path | None = Field(
+        None, description="JODIE_SSL_KEY_LOCATION: the client certificate's private key (PEM)."
+    )
+    ssl_key_password: SecretStr | None = Field(
+        None, description="JODIE_SSL_KEY_PASSWORD: passphrase of that key (never printed)."
     )
 
     # --- local broker (`jodie broker ...`) ------------------------------------------------
@@ -154,19 +177,6 @@ class Settings(BaseSettings):
     @property
     def bootstrap_servers(self) -> str:
         return self.bootstrap or f"127.0.0.1:{self.broker_port}"
-
-    def broker_config(self) -> BrokerConfig:
-        """How `jodie broker` runs the local broker, from these settings."""
-        from deploy.kafka.broker import BrokerConfig
-
-        return BrokerConfig(
-            cache_dir=self.cache_dir,
-            kafka_version=self.kafka_version,
-            port=self.broker_port,
-            controller_port=self.controller_port,
-            heap=self.broker_heap,
-            start_timeout_s=self.broker_start_timeout_s,
-        )
 
     def topic(self, name: str) -> str:
         """The full name of a logical topic (``interactions`` → ``<prefix>interactions``)."""

@@ -11,11 +11,12 @@ from operators.model.checkpoint import load_checkpoint
 from operators.protocol.sides import CheckpointStates
 from schemas import Codec
 from schemas.codec import ENTITY_RECORD
+from streams.app.epochs import UNSTAMPED, Epoch, label, split_row_key
 from streams.models import RegistryError
 from streams.peek import read_all
 from streams.records import embedding_array
 from streams.settings import Settings
-from streams.switch import UNSTAMPED, Epoch, epoch_checkpoint, label, latest_epoch, split_row_key
+from streams.switch import epoch_checkpoint, latest_epoch
 from streams.topics import changelog_topic
 
 

@@ -30,51 +30,17 @@ from operators.exceptions import CheckpointError
 from operators.model.checkpoint import Checkpoint, load_checkpoint
 from operators.protocol.catchup import CatchUp, LogEvent
 from schemas import MODEL_ANNOUNCEMENT, SEQUENCED_INTERACTION
+from streams.app.epochs import UNSTAMPED, Epoch, epoch_of
 from streams.codecs import make_codec
-from streams.kafka import committed_reader, take, watermarks
 from streams.models import Registry, verified
+from streams.runtime.clients import committed_reader
+from streams.runtime.kafka import take, watermarks
 from streams.settings import Settings
 
 _log = logging.getLogger("jodie.switch")
 
 #: Events of the log's backlog read before they are applied (bounds the catch-up's memory).
 BACKLOG_RUN = 100_000
-
-Epoch = tuple[str, int]  # (model version, seq of the epoch's first event)
-UNSTAMPED: Epoch = ("", -1)
-_SEPARATOR = b"\x00"
-
-
-def epoch_of(record: dict[str, Any]) -> Epoch:
-    """The epoch a log record or inbox message is stamped with."""
-    return str(record.get("model_version") or ""), int(record.get("model_since", -1))
-
-
-def label(epoch: Epoch) -> str:
-    """``version@since``: how an epoch is written in row keys, headers and logs."""
-    return f"{epoch[0]}@{epoch[1]}" if epoch != UNSTAMPED else "unstamped"
-
-
-def parse_label(text: str) -> Epoch:
-    """Inverse of ``label`` for a stamped epoch."""
-    version, _at, since = text.rpartition("@")
-    return version, int(since)
-
-
-def row_key(entity: bytes, epoch: Epoch) -> bytes:
-    """A table row's key: the entity id, then the epoch for stamped events (so one entity has
-    one row per epoch, and rows of the unstamped stream keep the plain id)."""
-    if epoch == UNSTAMPED:
-        return entity
-    return entity + _SEPARATOR + label(epoch).encode()
-
-
-def split_row_key(key: bytes) -> tuple[bytes, Epoch]:
-    """Inverse of ``row_key``."""
-    entity, sep, tail = key.rpartition(_SEPARATOR)
-    if not sep:
-        return key, UNSTAMPED
-    return entity, parse_label(tail.decode())
 
 
 class ServingWatch:

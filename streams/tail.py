@@ -12,7 +12,7 @@ from confluent_kafka import KafkaError
 
 from operators.evaluation.metrics import mrr, recall_at_k
 from schemas import RECOMMENDATION, Codec
-from streams.kafka import committed_reader
+from streams.runtime.clients import committed_reader
 from streams.settings import Settings
 
 

@@ -133,7 +133,7 @@ def scratch_topics(stem: str) -> Iterator[Settings]:
     ``<stem><random>-`` (in the environment too, for the processes it starts), the declared
     topics created, and on exit deleted and the previous prefix restored. For tests and
     benchmarks sharing a broker."""
-    from streams.kafka import admin
+    from streams.runtime.clients import admin
 
     before = os.environ.get("JODIE_TOPIC_PREFIX")
     os.environ["JODIE_TOPIC_PREFIX"] = f"{stem}{uuid.uuid4().hex[:10]}-"

@@ -19,11 +19,11 @@ from typing import Any
 
 from operators.model.config import TrainConfig
 from operators.training.run import run_training
-from streams.kafka import committed_reader
 from streams.models import Registry
 from streams.peek import partition_counts
 from streams.plots import save_curves
 from streams.replay import Window, replay_log
+from streams.runtime.clients import committed_reader
 from streams.settings import Settings
 
 _log = logging.getLogger("jodie.trainer")

@@ -20,7 +20,7 @@ def broker() -> Iterator[Settings]:
     from deploy.kafka import broker as local
 
     settings = Settings()
-    cfg = settings.broker_config()
+    cfg = local.BrokerConfig.from_settings(settings)
     started = False
     if settings.bootstrap is None:
         _, started = local.up(cfg)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from string import Template
-from typing import Any
+from typing import TYPE_CHECKING
 
 from deploy.exceptions import (
     BrokerStartError,
@@ -23,6 +23,10 @@ from deploy.exceptions import (
     PortInUseError,
     ToolMissingError,
 )
+
+if TYPE_CHECKING:
+    from streams.runtime.clients import KafkaConnection
+    from streams.settings import Settings
 
 _KAFKA_MAIN = "kafka.Kafka"
 _STORAGE_TOOL = "kafka.tools.StorageTool"
@@ -42,6 +46,18 @@ class BrokerConfig:
     controller_port: int
     heap: str
     start_timeout_s: float
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> BrokerConfig:
+        """How `jodie broker` runs the local broker, from the JODIE_* settings."""
+        return cls(
+            cache_dir=settings.cache_dir,
+            kafka_version=settings.kafka_version,
+            port=settings.broker_port,
+            controller_port=settings.controller_port,
+            heap=settings.broker_heap,
+            start_timeout_s=settings.broker_start_timeout_s,
+        )
 
     @property
     def home(self) -> Path:
@@ -204,18 +220,15 @@ def _format_storage(cfg: BrokerConfig, java: str, classpath: str, config: Path) 
         raise BrokerStartError(f"formatting KRaft storage failed:\n{proc.stdout}{proc.stderr}")
 
 
-def probe(bootstrap: str, timeout_s: float = 2.0) -> bool:
-    """True when the broker answers a metadata request, not a bare TCP accept."""
-    from confluent_kafka.admin import AdminClient
+def probe(target: str | KafkaConnection, timeout_s: float = 2.0) -> bool:
+    """True when the broker answers a metadata request, not a bare TCP accept. ``target``:
+    a local broker's plaintext address, or the settings of a (possibly secured) cluster."""
+    from streams.runtime.clients import Connection, admin
 
-    config: dict[str, Any] = {
-        "bootstrap.servers": bootstrap,
-        "log_level": 0,
-        "logger": _quiet_logger(),
-    }
-    admin = AdminClient(config)
+    conn = Connection(target) if isinstance(target, str) else target
+    client = admin(conn, {"log_level": 0, "logger": _quiet_logger()})
     try:
-        admin.list_topics(timeout=timeout_s)
+        client.list_topics(timeout=timeout_s)
     except Exception:  # KafkaException on timeout; anything else also means "not ready"
         return False
     return True

@@ -24,7 +24,7 @@ def broker_up(
     """Fetch Kafka (cached), format storage once, start in the background, wait until ready."""
     from deploy.kafka import broker
 
-    cfg = get_settings().broker_config()
+    cfg = broker.BrokerConfig.from_settings(get_settings())
     began = time.monotonic()
     try:
         status, started = broker.up(cfg, foreground=foreground)
@@ -46,7 +46,7 @@ def broker_down(
     """Stop the local broker by its pid; nothing is left running."""
     from deploy.kafka import broker
 
-    cfg = get_settings().broker_config()
+    cfg = broker.BrokerConfig.from_settings(get_settings())
     was_running = broker.down(cfg, purge=purge)
     console.print(
         ("broker stopped" if was_running else "broker was not running")
@@ -59,7 +59,7 @@ def broker_status() -> None:
     """Say whether the local broker runs and answers metadata requests (exit 1 if not)."""
     from deploy.kafka import broker
 
-    status = broker.status(get_settings().broker_config())
+    status = broker.status(broker.BrokerConfig.from_settings(get_settings()))
     out.print(
         json.dumps(
             {
@@ -84,7 +84,7 @@ def broker_wait(
     from deploy.kafka.broker import probe
 
     deadline = time.monotonic() + timeout
-    while not probe(get_settings().bootstrap_servers, timeout_s=1.0):
+    while not probe(get_settings(), timeout_s=1.0):
         if time.monotonic() > deadline:
             console.print("broker not ready")
             raise typer.Exit(code=1)

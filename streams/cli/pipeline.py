@@ -131,7 +131,7 @@ def metrics(
     """The running workers' /metrics: events applied, events/s, lag, live MRR / Recall@10."""
     import urllib.request
 
-    from streams.switch import label
+    from streams.app.epochs import label
 
     settings = get_settings()
     pages = []

@@ -38,8 +38,8 @@ def produce(
     """Produce Avro Interactions to `interactions`, keyed by user id, with deterministic ids."""
     from operators.dataset import bundled_wikipedia
     from streams.codecs import make_codec
-    from streams.kafka import idempotent_producer
     from streams.produce import produce_file
+    from streams.runtime.clients import idempotent_producer
 
     settings = get_settings()
     source = path or bundled_wikipedia()

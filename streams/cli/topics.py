@@ -17,7 +17,7 @@ topics_app = typer.Typer(no_args_is_help=True, help="The topics declared in depl
 @topics_app.command("apply")
 def topics_apply() -> None:
     """Create missing topics; report drift of existing ones (exit 1 on drift)."""
-    from streams.kafka import admin
+    from streams.runtime.clients import admin
     from streams.topics import apply_topics, declared_topics
 
     settings = get_settings()
@@ -37,7 +37,7 @@ def topics_delete(
     ] = False,
 ) -> None:
     """Delete every declared topic (with the current JODIE_TOPIC_PREFIX)."""
-    from streams.kafka import admin
+    from streams.runtime.clients import admin
     from streams.topics import declared_topics, delete_topics
 
     if not yes:
@@ -61,8 +61,8 @@ def topics_show(
 ) -> None:
     """Message counts per partition and a few decoded messages of a topic."""
     from streams.codecs import make_codec
-    from streams.kafka import committed_reader
     from streams.peek import decode_all, partition_counts
+    from streams.runtime.clients import committed_reader
 
     settings = get_settings()
     name = settings.topic(topic)

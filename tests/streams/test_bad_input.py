@@ -25,10 +25,10 @@ from confluent_kafka import KafkaError, TopicPartition
 from operators.dataset import Row, bundled_wikipedia, iter_rows
 from schemas import INTERACTION, Codec, load_schema
 from streams.codecs import make_codec
-from streams.kafka import committed_reader, idempotent_producer
 from streams.peek import partition_counts
 from streams.produce import event_id, source_tag, to_record
 from streams.router import Router, read_log
+from streams.runtime.clients import committed_reader, idempotent_producer
 from streams.settings import Settings
 from tests.streams.harness import (
     HISTORY,

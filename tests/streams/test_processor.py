@@ -19,12 +19,13 @@ from operators.protocol.sequencer import Interaction, Sequencer
 from operators.protocol.sides import EntityState
 from schemas import Codec
 from schemas.codec import INBOX_MESSAGE, RECOMMENDATION
-from streams.kafka import partition_for
+from streams.app.epochs import UNSTAMPED, Epoch, epoch_of, row_key, split_row_key
+from streams.app.processor import ModelMismatchError, Processor, WorkerStats
+from streams.app.serving import Serving
 from streams.records import inbox_event
 from streams.router import event_data_of
+from streams.runtime.kafka import partition_for
 from streams.settings import Settings
-from streams.switch import UNSTAMPED, Epoch, epoch_of, row_key, split_row_key
-from streams.worker import ModelMismatchError, Processor, Serving, WorkerStats
 from tests.streams.harness import HISTORY, make_checkpoint, reference
 
 STREAM = 150

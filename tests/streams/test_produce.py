@@ -14,9 +14,9 @@ import pytest
 from operators.dataset import iter_rows
 from schemas import INTERACTION
 from streams.codecs import make_codec
-from streams.kafka import idempotent_producer
 from streams.peek import partition_counts, read_all
 from streams.produce import event_id, produce_file, source_tag
+from streams.runtime.clients import idempotent_producer
 from streams.settings import Settings
 
 pytestmark = pytest.mark.kafka
@@ -130,7 +130,7 @@ def test_cli_produces_the_whole_bundled_file(kafka: Settings, tmp_path: Path) ->
     assert proc.returncode == 0, proc.stderr[-2000:]
     summary = json.loads(out.read_text())
     assert summary["events"] == 157_474 and summary["bad_rows"] == 0
-    from streams.kafka import committed_reader
+    from streams.runtime.clients import committed_reader
 
     consumer = committed_reader(kafka, group_id="test-count")
     try:

@@ -24,10 +24,11 @@ from operators.model.state import States
 from schemas import INTERACTION, SEQUENCED_INTERACTION
 from streams.cli import app
 from streams.codecs import make_codec
-from streams.kafka import committed_reader, idempotent_producer, watermarks
 from streams.produce import produce_file
 from streams.replay import LogColumns, Window, replay_log, to_log
 from streams.router import Router
+from streams.runtime.clients import committed_reader, idempotent_producer
+from streams.runtime.kafka import watermarks
 from streams.settings import Settings, get_settings
 
 N = 3000  # rows of the bundled file streamed through the router

@@ -16,10 +16,10 @@ import pytest
 from operators.dataset import iter_rows
 from schemas import INTERACTION, Codec, load_schema
 from streams.codecs import make_codec
-from streams.kafka import idempotent_producer
 from streams.peek import read_all
 from streams.produce import event_id, produce_file, source_tag
 from streams.router import Router, read_log
+from streams.runtime.clients import idempotent_producer
 from streams.settings import Settings
 
 pytestmark = pytest.mark.kafka
@@ -107,7 +107,7 @@ def test_bad_input_goes_to_the_dlq_and_the_rest_flows(kafka: Settings, tmp_path:
 def _dlq_reasons(settings: Settings) -> list[str]:
     from confluent_kafka import TopicPartition
 
-    from streams.kafka import committed_reader
+    from streams.runtime.clients import committed_reader
 
     consumer = committed_reader(settings, group_id=f"dlq-{os.getpid()}-{time.time_ns()}")
     topic = settings.topic("interactions.dlq")

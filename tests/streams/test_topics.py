@@ -7,7 +7,7 @@ import uuid
 import pytest
 from confluent_kafka.admin import NewTopic
 
-from streams.kafka import admin
+from streams.runtime.clients import admin
 from streams.settings import Settings
 from streams.topics import apply_topics, declared_topics, delete_topics
 

@@ -14,10 +14,11 @@ import pytest
 from operators.dataset import bundled_wikipedia
 from schemas import INTERACTION
 from streams.codecs import make_codec
-from streams.kafka import idempotent_producer, partition_for
 from streams.peek import read_all
 from streams.produce import produce_file
 from streams.router import Router
+from streams.runtime.clients import idempotent_producer
+from streams.runtime.kafka import partition_for
 from streams.settings import Settings
 from tests.streams.harness import (
     HISTORY,

@@ -1,24 +1,23 @@
-"""Changelog-backed RocksDB tables of a worker: one store per owned partition.
+"""Changelog-backed RocksDB tables: one local store per owned partition.
 
-A table partition (``user-state`` or ``item-state``, partition p) lives in a local RocksDB
-(rocksdict, raw bytes) and in the compacted changelog topic, partition p. The changelog is the
-truth; the local store is a cache of it that never runs ahead:
+A table partition p lives in a local RocksDB (rocksdict, raw bytes) and in the compacted
+changelog topic, partition p. The changelog is the truth; the local store is a cache of it
+that never runs ahead:
 
 - rows change in memory while a batch is processed; their records go to the changelog inside
   the batch's Kafka transaction;
 - only after the transaction committed are they written to RocksDB, in one atomic write batch
   together with the changelog offset they reached;
-- when the worker gains the partition (start-up or a rebalance), it reads the changelog from
+- when the instance gains the partition (start-up or a rebalance), it reads the changelog from
   that offset to its end (read_committed) into RocksDB before processing anything.
 
-So a worker killed at any moment, or a partition moving to another worker, resumes from
+So an instance killed at any moment, or a partition moving to another instance, resumes from
 exactly the committed state; an aborted transaction's rows are never in any store.
 """
 
 from __future__ import annotations
 
 import logging
-import shutil
 import time
 import uuid
 from collections.abc import Callable
@@ -28,19 +27,17 @@ from typing import Generic, TypeVar
 from confluent_kafka import Consumer, KafkaError, TopicPartition
 from rocksdict import Options, Rdict, WriteBatch
 
-from streams.kafka import committed_reader, watermarks
-from streams.settings import Settings
+from streams.runtime.clients import KafkaConnection, committed_reader
+from streams.runtime.exceptions import RestoreError
+from streams.runtime.kafka import watermarks
 
 _log = logging.getLogger("jodie.tables")
 
-# Keys are entity ids (UTF-8); this one cannot collide, ids being valid UTF-8.
+# Where a store keeps its changelog offset. UTF-8 never holds the byte 0xff, so UTF-8 row
+# keys cannot collide with it; the bytes stay as they are because existing stores hold them.
 _OFFSET_KEY = b"\xff\xfejodie:changelog-offset"
 
 R = TypeVar("R")  # a decoded row
-
-
-class RestoreError(RuntimeError):
-    """A changelog partition could not be read to its end."""
 
 
 class _Partition(Generic[R]):
@@ -58,15 +55,15 @@ class _Partition(Generic[R]):
 
 
 class Table(Generic[R]):
-    """One side's table: the partitions this worker owns, rows decoded on first use.
+    """A table: the partitions this instance owns, rows decoded on first use.
 
     ``decode``/``encode`` convert rows to the changelog's bytes; ``initial(key)`` gives the row
-    of an entity the table has never stored (its checkpoint state).
+    of a key the table has never stored.
     """
 
     def __init__(
         self,
-        settings: Settings,
+        conn: KafkaConnection,
         name: str,
         changelog: str,
         root: Path,
@@ -74,7 +71,7 @@ class Table(Generic[R]):
         encode: Callable[[bytes, R], bytes],
         initial: Callable[[bytes], R],
     ) -> None:
-        self.settings = settings
+        self.conn = conn
         self.name = name
         self.changelog = changelog
         self.root = root
@@ -119,15 +116,10 @@ class Table(Generic[R]):
             self._reader.close()
             self._reader = None
 
-    def wipe(self, partition: int) -> None:
-        """Delete the local store of a partition not owned (the changelog rebuilds it)."""
-        if partition not in self.partitions:
-            shutil.rmtree(self._path(partition), ignore_errors=True)
-
     def _reader_client(self) -> Consumer:
         if self._reader is None:
             self._reader = committed_reader(
-                self.settings, group_id=f"jodie-restore-{uuid.uuid4().hex[:8]}"
+                self.conn, group_id=f"jodie-restore-{uuid.uuid4().hex[:8]}"
             )
         return self._reader
 
@@ -195,6 +187,12 @@ class Table(Generic[R]):
     def touch(self, partition: int, key: bytes) -> None:
         """Mark a row changed in the open batch (rows are mutated in place)."""
         self.partitions[partition].dirty.add(key)
+
+    def put(self, partition: int, key: bytes, row: R) -> None:
+        """Replace a row in the open batch (for rows that are values, not mutable objects)."""
+        part = self.partitions[partition]
+        part.rows[key] = row
+        part.dirty.add(key)
 
     def changed(self) -> list[tuple[int, bytes, bytes]]:
         """(partition, key, encoded row) of every row changed in the open batch."""

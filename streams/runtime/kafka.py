@@ -1,18 +1,12 @@
-"""confluent-kafka client factories configured from the settings."""
+"""Helpers over confluent-kafka clients: transient retries, watermarks, batches, partitioning."""
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import TypeVar
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
-from confluent_kafka.admin import AdminClient
-
-from streams.settings import Settings
-
-_log = logging.getLogger("jodie.kafka")
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
 # Answers that clear by themselves right after a broker starts or a topic is created
 # (KRaft names a leader or coordinator a moment before it serves), though librdkafka does
@@ -50,44 +44,6 @@ def watermarks(consumer: Consumer, tp: TopicPartition, timeout_s: float = 10.0) 
     answer NOT_LEADER for a moment, hence the retries)."""
     low, high = retry_transient(lambda: consumer.get_watermark_offsets(tp, timeout=timeout_s))
     return int(low), int(high)
-
-
-def admin(settings: Settings) -> AdminClient:
-    config: dict[str, Any] = {"bootstrap.servers": settings.bootstrap_servers, "logger": _log}
-    return AdminClient(config)
-
-
-def idempotent_producer(settings: Settings, **overrides: Any) -> Producer:
-    """A producer that never duplicates or reorders on retries (per partition, per session)."""
-    config: dict[str, Any] = {
-        "bootstrap.servers": settings.bootstrap_servers,
-        "enable.idempotence": True,
-        "acks": "all",
-        "linger.ms": 20,
-        # Java's partitioner, as the router and workers use: a key lands on the same partition
-        # whichever client writes it, which the co-partitioned tables rely on.
-        "partitioner": "murmur2_random",
-        "batch.size": 1 << 20,
-        "compression.type": "lz4",
-        "logger": _log,
-    }
-    config.update(overrides)
-    return Producer(config)
-
-
-def committed_reader(settings: Settings, group_id: str, **overrides: Any) -> Consumer:
-    """A read_committed consumer: sees only messages of committed transactions."""
-    config: dict[str, Any] = {
-        "bootstrap.servers": settings.bootstrap_servers,
-        "group.id": group_id,
-        "isolation.level": "read_committed",
-        "auto.offset.reset": "earliest",
-        "enable.auto.commit": False,
-        "enable.partition.eof": True,
-        "logger": _log,
-    }
-    config.update(overrides)
-    return Consumer(config)
 
 
 def murmur2(data: bytes) -> int:

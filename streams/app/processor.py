@@ -1,0 +1,265 @@
+"""The worker's logic without Kafka: inbox messages in, outputs and table changes out.
+
+Topics (keyed, JODIE_PARTITIONS partitions each; table partition p pairs with inbox partition p):
+
+- ``user-inbox`` (key user): events for the user's owner (from the router) and items'
+  pre-states (from item owners); the user side keeps each user's ``Inbox`` in ``user-state``;
+- ``item-inbox`` (key item): the mirror image, ``item-state``;
+- ``recommendations`` (key user) after every user update; ``item-vectors`` (key item) after every
+  item update, read back by every worker into its candidate index.
+
+The checkpoint is the baseline: an entity without a table row starts from its checkpoint
+state (or the model's initial state if the checkpoint never saw it), so a worker needs no bulk
+load before serving. Rows are keyed by epoch (streams.app.epochs); each epoch is served by its
+own ``Serving``, and recommendations name its version.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+from operators.evaluation.metrics import RollingRanks
+from operators.protocol.exchange import Applied, ApplyMany, Inbox, PartnerState, SendPreState, drive
+from operators.protocol.sides import EntityState, ItemOutput, UserOutput
+from schemas import Codec
+from schemas.codec import ENTITY_RECORD, INBOX_MESSAGE, RECOMMENDATION
+from schemas.exceptions import JodieError
+from streams.app.epochs import UNSTAMPED, Epoch, label, row_key, split_row_key
+from streams.app.serving import Serving
+from streams.records import (
+    inbox_from_record,
+    inbox_to_record,
+    partner_message,
+    partner_state,
+    pending,
+)
+from streams.settings import Settings
+
+Box = Inbox[EntityState, EntityState]
+
+
+class ModelMismatchError(JodieError):
+    """A table row was computed by another model version than the one served."""
+
+
+class LoopCounters(Protocol):
+    """The runtime loop's counters that /metrics shows (streams.runtime.loop.LoopStats)."""
+
+    @property
+    def started(self) -> float: ...
+    @property
+    def transactions(self) -> int: ...
+    @property
+    def restored(self) -> int: ...
+    @property
+    def lag(self) -> int: ...
+
+
+@dataclass
+class WorkerStats:
+    """Counters of the processing the worker logs and serves on /metrics (the loop's own
+    counters come with them, from the runtime)."""
+
+    user_events: int = 0
+    item_events: int = 0
+    messages: int = 0
+    ranks: RollingRanks = field(default_factory=RollingRanks)
+    rate: float = 0.0  # user events/s over the last report interval
+    unstamped: int = 0  # inbox messages of events routed before any version was promoted
+    epochs: list[dict[str, Any]] = field(default_factory=list)  # each epoch served, prepared
+
+    def snapshot(self, serving: Serving | None, loop: LoopCounters) -> dict[str, Any]:
+        return {
+            "model_version": serving.version if serving is not None else None,
+            "epochs": self.epochs,
+            "unstamped_skipped": self.unstamped,
+            "uptime_s": round(time.time() - loop.started, 1),
+            "user_events": self.user_events,
+            "item_events": self.item_events,
+            "messages": self.messages,
+            "transactions": loop.transactions,
+            "restored_records": loop.restored,
+            "events_per_s": round(self.rate, 1),
+            "lag": loop.lag,
+            "items_indexed": len(serving.index) if serving is not None else 0,
+            "online": self.ranks.summary(),
+        }
+
+
+Headers = list[tuple[str, str | bytes | None]]
+Output = tuple[str, bytes, bytes, Headers | None]  # topic, key, value, headers (the runtime's)
+Local = Callable[[str, bytes], "Box | None"]  # (side, row key) → the row, if owned here
+Message_ = tuple[str, Epoch, Box, dict[str, Any]]  # side, epoch, its row, the decoded message
+#: Header of item-vectors records: the epoch whose weights computed the vector.
+EPOCH_HEADER = "jodie-epoch"
+
+
+class Processor:
+    """The worker's logic without Kafka: inbox messages in, outputs and table changes out.
+
+    ``process`` applies a batch of messages to their table rows and returns the messages to
+    send; the caller owns rows and transactions. Unit-testable with in-memory tables. Each
+    message belongs to an epoch (streams.app.epochs) and is handled by that epoch's
+    ``Serving`` only, on rows keyed by that epoch.
+    """
+
+    def __init__(self, settings: Settings, serving: Serving | None, stats: WorkerStats) -> None:
+        self.stats = stats
+        self.user_inbox = settings.topic("user-inbox")
+        self.item_inbox = settings.topic("item-inbox")
+        self.recommendations = settings.topic("recommendations")
+        self.item_vectors = settings.topic("item-vectors")
+        self.inbox_codec = Codec(INBOX_MESSAGE)
+        self.record_codec = Codec(ENTITY_RECORD)
+        self.rec_codec = Codec(RECOMMENDATION)
+        self.applied_seq = -1  # the latest log position of a user event applied here
+        self.servings: dict[Epoch, Serving] = {}
+        self._many: dict[Epoch, tuple[ApplyMany[EntityState, EntityState], ...]] = {}
+        if serving is not None:
+            self.add(serving)
+
+    def add(self, serving: Serving) -> None:
+        """Serve ``serving.epoch`` from now on (its rows start from ``serving.baseline``)."""
+        self.servings[serving.epoch] = serving
+        self._many[serving.epoch] = (
+            serving.stream.user_apply_many(serving.baseline.item),
+            serving.stream.item_apply_many(),
+        )
+
+    @property
+    def serving(self) -> Serving | None:
+        """The latest epoch's serving (what /metrics reports)."""
+        return self.servings[max(self.servings, key=lambda e: e[1])] if self.servings else None
+
+    # Row codecs for the tables.
+    def decoder(self, side: str) -> Callable[[bytes, bytes], Box]:
+        def decode(key: bytes, raw: bytes) -> Box:
+            record = self.record_codec.decode(raw)
+            _entity, epoch = split_row_key(key)
+            serving = self.servings.get(epoch)
+            if serving is None or record["model_version"] != serving.version:
+                # New weights on states computed by other weights would be neither model.
+                raise ModelMismatchError(
+                    f"{side} row {key!r} was computed by model {record['model_version']}; this "
+                    f"worker serves {sorted(s.version for s in self.servings.values())} for "
+                    f"its epoch. Serve a new version by promoting it (jodie models promote)."
+                )
+            return inbox_from_record(record, side)
+
+        return decode
+
+    def encode(self, key: bytes, box: Box) -> bytes:
+        version = self.servings[split_row_key(key)[1]].version
+        return self.record_codec.encode(inbox_to_record(box, version))
+
+    def initial(self, side: str) -> Callable[[bytes], Box]:
+        def start(key: bytes) -> Box:
+            entity, epoch = split_row_key(key)
+            base, name = self.servings[epoch].baseline, entity.decode()
+            if side == "user":
+                return Inbox(state=base.user(name), applied_seq=base.user_seq(name))
+            return Inbox(state=base.item(name), applied_seq=base.item_seq(name))
+
+        return start
+
+    def process(self, messages: list[Message_], local: Local | None = None) -> list[Output]:
+        """Apply a batch of (side, epoch, the row it is for, decoded message); the messages
+        to send.
+
+        Messages are offered to their rows first; then every row advances as far as it can,
+        ready events of distinct entities applied together (operators.protocol.exchange.drive), so
+        the model runs in batches while each entity still applies its events in order.
+        ``local(side, row key)`` gives the row of an entity this worker owns (else None): a
+        pre-state for it is handed over in memory and applied in the same transaction instead
+        of a round trip through Kafka — the committed effect is the same.
+        """
+        by_epoch: dict[Epoch, list[tuple[str, Box, dict[str, Any]]]] = {}
+        for side, epoch, box, message in messages:
+            by_epoch.setdefault(epoch, []).append((side, box, message))
+        sent: list[Output] = []
+        for epoch, batch in sorted(by_epoch.items(), key=lambda kv: kv[0][1]):
+            sent += self._process(self.servings[epoch], batch, local)
+        return sent
+
+    def _process(
+        self,
+        serving: Serving,
+        messages: list[tuple[str, Box, dict[str, Any]]],
+        local: Local | None,
+    ) -> list[Output]:
+        epoch = serving.epoch
+        stamp = {"model_version": epoch[0], "model_since": epoch[1]}
+        headers: Headers | None = (
+            None if epoch == UNSTAMPED else [(EPOCH_HEADER, label(epoch).encode())]
+        )
+        touched: dict[str, list[Box]] = {"user": [], "item": []}
+        for side, box, message in messages:
+            if message["event"] is not None:
+                box.offer_event(pending(message["event"], side))
+            else:
+                partner = message["partner"]
+                box.offer_partner(PartnerState(int(partner["seq"]), partner_state(partner)))
+            touched[side].append(box)
+        sent: list[Output] = []
+        vectors: dict[str, np.ndarray] = {}
+        user_outs: list[UserOutput] = []
+        user_many, item_many = self._many[epoch]
+        many = {"user": user_many, "item": item_many}
+        inbox = {"user": self.user_inbox, "item": self.item_inbox}
+        while touched["user"] or touched["item"]:
+            for side, other in (("item", "user"), ("user", "item")):
+                boxes, touched[side] = touched[side], []
+                for out in drive(boxes, many[side]) if boxes else []:
+                    if isinstance(out, SendPreState):
+                        key = row_key(out.partner.encode(), epoch)
+                        row = local(other, key) if local is not None else None
+                        if row is None:
+                            body = {"event": None, "partner": partner_message(out.seq, out.state)}
+                            value = self.inbox_codec.encode({**body, **stamp})
+                            sent.append((inbox[other], out.partner.encode(), value, None))
+                        elif row.offer_partner(PartnerState(out.seq, out.state)):
+                            touched[other].append(row)
+                    elif isinstance(out, Applied) and side == "item":
+                        item_out: ItemOutput = out.output
+                        vectors[item_out.event.item_id] = item_out.vector
+                        self.stats.item_events += 1
+                        sent.append(
+                            (
+                                self.item_vectors,
+                                item_out.event.item_id.encode(),
+                                item_out.vector.astype("<f4").tobytes(),
+                                headers,
+                            )
+                        )
+                    elif isinstance(out, Applied):
+                        user_outs.append(out.output)
+                        self.applied_seq = max(self.applied_seq, out.seq)
+                if side == "item" and vectors:
+                    # This worker's index sees its own items at once (before its users' next
+                    # ranks); the others' come from item-vectors.
+                    serving.index.upsert(list(vectors), np.stack(list(vectors.values())))
+                    vectors.clear()
+        sent += self._recommend(serving, user_outs)
+        self.stats.user_events += len(user_outs)
+        return sent
+
+    def _recommend(self, serving: Serving, user_outs: list[UserOutput]) -> list[Output]:
+        """Where user-side outputs become recommendation records (ranked live first)."""
+        ranks = serving.live_ranks(user_outs)
+        sent: list[Output] = []
+        for record, rank in zip(serving.recommendations(user_outs, ranks), ranks, strict=True):
+            self.stats.ranks.add(rank)
+            sent.append(
+                (
+                    self.recommendations,
+                    record["user_id"].encode(),
+                    self.rec_codec.encode(record),
+                    None,
+                )
+            )
+        return sent

@@ -1,0 +1,111 @@
+"""What every worker reads besides its inboxes: all item vectors and the whole log."""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import uuid
+
+import numpy as np
+from confluent_kafka import TopicPartition
+
+from operators.retrieval.cooccurrence import CooccurrenceCandidates
+from schemas.codec import SEQUENCED_INTERACTION
+from streams.app.epochs import UNSTAMPED, Epoch, parse_label
+from streams.app.processor import EPOCH_HEADER, Headers, Processor
+from streams.app.serving import Serving
+from streams.codecs import make_codec
+from streams.runtime import clients
+from streams.settings import Settings
+
+_log = logging.getLogger("jodie.worker")
+
+
+class Feeds:
+    """What every worker reads besides its inboxes: all item vectors and the whole log.
+
+    - ``item-vectors`` (compacted): keeps each epoch's candidate index current with every
+      item's latest [i(t), ī] computed with that epoch's weights, whoever owns the item
+      (vectors of an epoch not served here yet are kept until it is);
+    - ``interactions.log``: who touched what, for the co-occurrence candidates. An event is
+      observed only once this worker has applied a user event at least as late in the log
+      (``seq``), so a worker replaying history never recommends from the future.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        processor: Processor,
+        cooccurrence: CooccurrenceCandidates | None,
+    ) -> None:
+        self.processor = processor
+        self.cooccurrence = cooccurrence
+        self.vectors_topic = settings.topic("item-vectors")
+        self.log_topic = settings.topic("interactions.log")
+        self.log_codec = make_codec(settings, SEQUENCED_INTERACTION, self.log_topic)
+        self.consumer = clients.consumer(
+            settings,
+            f"jodie-feeds-{uuid.uuid4().hex[:8]}",
+            {
+                "isolation.level": "read_committed",
+                "enable.auto.commit": False,
+                "auto.offset.reset": "earliest",
+                "fetch.wait.max.ms": 10,
+                "logger": _log,
+            },
+        )
+        topics = [self.vectors_topic]
+        if cooccurrence is not None:
+            topics.append(self.log_topic)
+        assignment = []
+        for topic in topics:
+            meta = self.consumer.list_topics(topic, timeout=10).topics[topic]
+            assignment += [TopicPartition(topic, p, 0) for p in meta.partitions]
+        self.consumer.assign(assignment)
+        self._later: list[tuple[int, str, str]] = []  # (seq, user, item), a heap
+        self.waiting: dict[Epoch, dict[str, np.ndarray]] = {}  # vectors of epochs not served
+
+    def poll(self, applied_seq: int) -> None:
+        messages = self.consumer.consume(num_messages=5000, timeout=0)
+        latest: dict[Epoch, dict[str, np.ndarray]] = {}
+        for msg in messages:
+            key, value = msg.key(), msg.value()
+            if msg.error() is not None or value is None:
+                continue
+            if msg.topic() == self.vectors_topic and key is not None:
+                epoch = _epoch_header(msg.headers())
+                vectors = latest.setdefault(epoch, {})
+                vectors[key.decode()] = np.frombuffer(value, dtype="<f4")  # last one wins
+            elif msg.topic() == self.log_topic:
+                record = self.log_codec.decode(value)
+                event = record["interaction"]
+                heapq.heappush(
+                    self._later, (int(record["seq"]), event["user_id"], event["item_id"])
+                )
+        for epoch, vectors in latest.items():
+            serving = self.processor.servings.get(epoch)
+            if serving is None:
+                self.waiting.setdefault(epoch, {}).update(vectors)
+            else:
+                serving.index.upsert(list(vectors), np.stack(list(vectors.values())))
+        cooc = self.cooccurrence
+        while cooc is not None and self._later and self._later[0][0] <= applied_seq:
+            _seq, user, item = heapq.heappop(self._later)
+            cooc.observe(user, item)
+
+    def adopt(self, serving: Serving) -> None:
+        """Vectors of ``serving``'s epoch read before it was served here go to its index."""
+        vectors = self.waiting.pop(serving.epoch, None)
+        if vectors:
+            serving.index.upsert(list(vectors), np.stack(list(vectors.values())))
+
+    def close(self) -> None:
+        self.consumer.close()
+
+
+def _epoch_header(headers: Headers | dict[str, str | bytes | None] | None) -> Epoch:
+    pairs = list(headers.items()) if isinstance(headers, dict) else headers or []
+    for name, value in pairs:
+        if name == EPOCH_HEADER and isinstance(value, bytes):
+            return parse_label(value.decode())
+    return UNSTAMPED

@@ -1,0 +1,17 @@
+"""Errors of the runtime; each docstring says what the operator should do."""
+
+
+class StreamRuntimeError(Exception):
+    """Root of the runtime's errors; catch this to handle any of them."""
+
+
+class RestoreError(StreamRuntimeError):
+    """A changelog partition could not be read to its end; check the broker, then restart."""
+
+
+class FencedError(StreamRuntimeError):
+    """Another instance took over this transactional id; run each instance with its own id."""
+
+
+class TransactionError(StreamRuntimeError):
+    """A transaction failed for good; restart the instance (it resumes from its last commit)."""

@@ -1,0 +1,222 @@
+"""Exactly once on the runtime alone, as Kafka Streams tests it: a counting application
+(tests/streams/runtime/counter.py) killed with SIGKILL mid-stream (inside a transaction whose
+outputs reached the broker, or at any moment), restarted, and a read_committed verifier that
+finds every input counted once and, per key, exactly the outputs of a run without the crash."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+from confluent_kafka import KafkaError, Message, TopicPartition
+from confluent_kafka.admin import NewTopic
+
+from streams.runtime.clients import Connection, admin, committed_reader, idempotent_producer
+from streams.settings import Settings
+from tests.streams.runtime.counter import topics
+
+pytestmark = pytest.mark.kafka
+
+ROOT = Path(__file__).resolve().parents[3]
+PARTITIONS = 4
+KEYS = 30
+
+Inputs = dict[bytes, list[int]]  # key → offsets of its records (one partition per key)
+
+
+@pytest.fixture
+def conn(broker: Settings) -> Connection:
+    return Connection(broker.bootstrap_servers)
+
+
+@contextmanager
+def _pipeline(conn: Connection) -> Iterator[str]:
+    """A fresh topic prefix with the counter's topics, deleted afterwards."""
+    prefix = f"rt{uuid.uuid4().hex[:8]}-"
+    client = admin(conn)
+    source, sink, changelog = topics(prefix)
+    new = [
+        NewTopic(source, PARTITIONS, 1),
+        NewTopic(sink, PARTITIONS, 1),
+        NewTopic(changelog, PARTITIONS, 1, config={"cleanup.policy": "compact"}),
+    ]
+    for future in client.create_topics(new, operation_timeout=30).values():
+        future.result()
+    try:
+        yield prefix
+    finally:
+        for future in client.delete_topics([t.topic for t in new]).values():
+            future.result()
+
+
+def _produce(conn: Connection, topic: str, start: int, n: int, inputs: Inputs) -> None:
+    producer = idempotent_producer(conn)
+
+    def delivered(err: KafkaError | None, msg: Message) -> None:
+        assert err is None, err
+        inputs.setdefault(msg.key() or b"", []).append(msg.offset() or 0)
+
+    for i in range(start, start + n):
+        producer.produce(topic, key=f"k{i % KEYS:02d}".encode(), value=b"", on_delivery=delivered)
+    assert producer.flush(30) == 0
+
+
+def _read(conn: Connection, topic: str, committed: bool = True) -> list[tuple[bytes, bytes | None]]:
+    """(key, value) of every record, per partition in offset order (read to the end)."""
+    isolation = "read_committed" if committed else "read_uncommitted"
+    reader = committed_reader(
+        conn, f"verify-{uuid.uuid4().hex[:8]}", **{"isolation.level": isolation}
+    )
+    reader.assign([TopicPartition(topic, p, 0) for p in range(PARTITIONS)])
+    out: list[tuple[bytes, bytes | None]] = []
+    ended: set[int] = set()
+    deadline = time.monotonic() + 60
+    try:
+        while len(ended) < PARTITIONS and time.monotonic() < deadline:
+            msg = reader.poll(0.5)
+            if msg is None:
+                continue
+            err = msg.error()
+            if err is not None:
+                assert err.code() == KafkaError._PARTITION_EOF, err
+                ended.add(msg.partition() or 0)
+                continue
+            out.append((msg.key() or b"", msg.value()))
+    finally:
+        reader.close()
+    assert len(ended) == PARTITIONS, f"{topic} not read to its end"
+    return out
+
+
+def _start(conn: Connection, prefix: str, n: int, tmp: Path, state: str) -> subprocess.Popen[bytes]:
+    log = (tmp / f"counter-{n}.log").open("ab")
+    cmd = [
+        *(sys.executable, "-m", "tests.streams.runtime.counter"),
+        *("--bootstrap", conn.bootstrap_servers, "--prefix", prefix, "--id", str(n)),
+        *("--state", str(tmp / state), "--hold", str(tmp / f"hold-{n}"), "--idle", "10"),
+    ]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+
+def _kill(
+    proc: subprocess.Popen[bytes],
+    conn: Connection,
+    sink: str,
+    after: int,
+    tmp: Path,
+    n: int,
+    in_transaction: bool = True,
+) -> int:
+    """SIGKILL once ``after`` outputs are committed: ``in_transaction``, while a transaction
+    holds more (sent to the broker, not committed), else at whatever moment that is; returns
+    the outputs committed then."""
+    hold = tmp / f"hold-{n}"
+    deadline = time.monotonic() + 120
+    while len(_read(conn, sink)) < after:
+        assert proc.poll() is None and time.monotonic() < deadline, _log(tmp, n)
+        time.sleep(0.3)
+    if in_transaction:
+        hold.with_suffix(".ask").touch()
+        while not hold.exists():
+            assert proc.poll() is None and time.monotonic() < deadline, _log(tmp, n)
+            time.sleep(0.01)
+        time.sleep(1.5)  # the held transaction's outputs reach the broker
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=10)
+    hold.with_suffix(".ask").unlink(missing_ok=True)
+    hold.unlink(missing_ok=True)
+    return len(_read(conn, sink))
+
+
+def _log(tmp: Path, n: int) -> str:
+    return (tmp / f"counter-{n}.log").read_text()[-3000:]
+
+
+def _finish(procs: list[subprocess.Popen[bytes]], tmp: Path) -> None:
+    """Each instance stops by itself once idle; a hang is a failure."""
+    for n, proc in enumerate(procs):
+        try:
+            assert proc.wait(timeout=180) == 0, _log(tmp, n)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(timeout=10)
+
+
+def _verify(conn: Connection, prefix: str, inputs: Inputs) -> None:
+    """Committed outputs are exactly a crash-free run's: per key the counts 1..n, each next
+    to the offset of the input it counted; the table holds n."""
+    _source, sink, changelog = topics(prefix)
+    total = sum(len(offsets) for offsets in inputs.values())
+    outputs = _read(conn, sink)
+    assert len(outputs) == total
+    by_key: dict[bytes, list[bytes | None]] = {}
+    for key, value in outputs:
+        by_key.setdefault(key, []).append(value)
+    for key, offsets in inputs.items():
+        want = [f"{count}:{offset}".encode() for count, offset in enumerate(offsets, 1)]
+        assert by_key.pop(key) == want, key
+    assert not by_key
+    table = dict(_read(conn, changelog))
+    assert table == {key: str(len(offsets)).encode() for key, offsets in inputs.items()}
+    # The kills left aborted outputs behind: the verifier saw past them, not around them.
+    assert len(_read(conn, sink, committed=False)) > total
+
+
+def test_a_counter_killed_twice_counts_each_input_once(conn: Connection, tmp_path: Path) -> None:
+    """Killed inside a transaction, restarted on its local store; killed again at any moment,
+    restarted on an empty store (the changelog rebuilds it); inputs keep arriving meanwhile."""
+    inputs: Inputs = {}
+    with _pipeline(conn) as prefix:
+        source, sink, _changelog = topics(prefix)
+        _produce(conn, source, 0, 1000, inputs)
+        proc = _start(conn, prefix, 0, tmp_path, "state")
+        try:
+            first = _kill(proc, conn, sink, 300, tmp_path, 0)
+            _produce(conn, source, 1000, 500, inputs)
+            proc = _start(conn, prefix, 0, tmp_path, "state")
+            second = _kill(proc, conn, sink, first + 400, tmp_path, 0, in_transaction=False)
+            assert 0 < first < second < 1500  # both kills landed mid-stream
+            proc = _start(conn, prefix, 0, tmp_path, "state-fresh")
+            _finish([proc], tmp_path)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        _verify(conn, prefix, inputs)
+
+
+def test_two_counters_one_killed_rebalance_and_count_each_input_once(
+    conn: Connection, tmp_path: Path
+) -> None:
+    """The survivor takes the dead one's partitions (restoring their table from the
+    changelog), then gives some back when it returns."""
+    inputs: Inputs = {}
+    with _pipeline(conn) as prefix:
+        source, sink, _changelog = topics(prefix)
+        procs = [_start(conn, prefix, n, tmp_path, f"state-{n}") for n in (0, 1)]
+        try:
+            deadline = time.monotonic() + 60
+            while not all(
+                "assigned [(" in (tmp_path / f"counter-{n}.log").read_text() for n in (0, 1)
+            ):
+                assert time.monotonic() < deadline, [_log(tmp_path, n) for n in (0, 1)]
+                time.sleep(0.3)
+            _produce(conn, source, 0, 1500, inputs)
+            killed = _kill(procs[1], conn, sink, 300, tmp_path, 1)
+            assert 0 < killed < 1500
+            procs[1] = _start(conn, prefix, 1, tmp_path, "state-1")
+            _finish(procs, tmp_path)
+        finally:
+            for proc in procs:
+                if proc.poll() is None:
+                    proc.kill()
+        _verify(conn, prefix, inputs)
