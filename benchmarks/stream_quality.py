@@ -2,9 +2,10 @@
 
 Streams rows [--start, end) of the bundled Wikipedia file through produce → router → worker(s)
 from a checkpoint whose states end at --start (a model trained on the first 80 % by default),
-reads the `rank` every recommendation carries (the true item's rank against the query made
-before the event, exact ranking over every known item), and replays the same events offline
-with the frozen protocol and the plain JODIE scorer (the ranking the stream serves).
+reads the `rank` of every event from the `evaluations` topic (the true item's rank against the
+query made before the event, every item at its state at the event), and replays the same
+events offline with the frozen protocol and the plain JODIE scorer; prints both, and the
+share of events whose ranks are identical.
 
     jodie broker up
     python benchmarks/stream_quality.py --checkpoint CKPT [--workers 1] [--limit N]
@@ -31,7 +32,7 @@ from operators.evaluation.scorer import PlainScorer
 from operators.model.checkpoint import load_checkpoint
 from streams.produce import produce_rows
 from streams.router import Router
-from streams.tail import tail_recommendations
+from streams.tail import tail_evaluations, tail_recommendations
 from streams.topics import scratch_topics
 
 
@@ -87,8 +88,14 @@ def main() -> None:
     # One per event; in the canonical order, (timestamp, event id) — the file's order, since
     # event ids end in the zero-padded line number.
     by_event = {r["event_id"]: r for r in recs}
-    ordered = sorted(by_event.values(), key=lambda r: (r["timestamp"], r["event_id"]))
-    stream_ranks = np.array([r["rank"] for r in ordered], dtype=np.int64)
+    # Each event's live rank, in log order (the seq the router gave it).
+    deadline = time.monotonic() + 60
+    evaluations: dict[int, int] = {}
+    while len(evaluations) < n and time.monotonic() < deadline:
+        evaluations = {
+            int(e["seq"]): int(e["rank"]) for e in tail_evaluations(settings, idle_timeout_s=2.0)
+        }
+    stream_ranks = np.array([evaluations[s] for s in sorted(evaluations)], dtype=np.int64)
 
     began_offline = time.monotonic()
     ckpt = load_checkpoint(args.checkpoint)

@@ -12,7 +12,7 @@ from confluent_kafka import TopicPartition
 from operators.retrieval.cooccurrence import CooccurrenceCandidates
 from schemas.codec import SEQUENCED_INTERACTION
 from streams.app.epochs import UNSTAMPED, Epoch, parse_label
-from streams.app.processor import EPOCH_HEADER, Headers, Processor
+from streams.app.processor import EPOCH_HEADER, SEQ_HEADER, Headers, Processor
 from streams.app.serving import Serving
 from streams.codecs import make_codec
 from streams.runtime import clients
@@ -25,8 +25,9 @@ class Feeds:
     """What every worker reads besides its inboxes: all item vectors and the whole log.
 
     - ``item-vectors`` (compacted): keeps each epoch's candidate index current with every
-      item's latest [i(t), ī] computed with that epoch's weights, whoever owns the item
-      (vectors of an epoch not served here yet are kept until it is);
+      item's latest [i(t), ī] computed with that epoch's weights, whoever owns the item, and
+      hands each vector with its seq to the epoch's live evaluation (vectors of an epoch not
+      served here yet are kept until it is);
     - ``interactions.log``: who touched what, for the co-occurrence candidates. An event is
       observed only once this worker has applied a user event at least as late in the log
       (``seq``), so a worker replaying history never recommends from the future.
@@ -63,31 +64,32 @@ class Feeds:
             assignment += [TopicPartition(topic, p, 0) for p in meta.partitions]
         self.consumer.assign(assignment)
         self._later: list[tuple[int, str, str]] = []  # (seq, user, item), a heap
-        self.waiting: dict[Epoch, dict[str, np.ndarray]] = {}  # vectors of epochs not served
+        # vectors of epochs not served here yet: (seq, item, vector)
+        self.waiting: dict[Epoch, list[tuple[int, str, np.ndarray]]] = {}
 
     def poll(self, applied_seq: int) -> None:
         messages = self.consumer.consume(num_messages=5000, timeout=0)
-        latest: dict[Epoch, dict[str, np.ndarray]] = {}
+        fresh: dict[Epoch, list[tuple[int, str, np.ndarray]]] = {}
         for msg in messages:
             key, value = msg.key(), msg.value()
             if msg.error() is not None or value is None:
                 continue
             if msg.topic() == self.vectors_topic and key is not None:
-                epoch = _epoch_header(msg.headers())
-                vectors = latest.setdefault(epoch, {})
-                vectors[key.decode()] = np.frombuffer(value, dtype="<f4")  # last one wins
+                epoch, seq = _headers(msg.headers())
+                vector = np.frombuffer(value, dtype="<f4")
+                fresh.setdefault(epoch, []).append((seq, key.decode(), vector))
             elif msg.topic() == self.log_topic:
                 record = self.log_codec.decode(value)
                 event = record["interaction"]
                 heapq.heappush(
                     self._later, (int(record["seq"]), event["user_id"], event["item_id"])
                 )
-        for epoch, vectors in latest.items():
+        for epoch, vectors in fresh.items():
             serving = self.processor.servings.get(epoch)
             if serving is None:
-                self.waiting.setdefault(epoch, {}).update(vectors)
+                self.waiting.setdefault(epoch, []).extend(vectors)
             else:
-                serving.index.upsert(list(vectors), np.stack(list(vectors.values())))
+                _deliver(serving, vectors)
         cooc = self.cooccurrence
         while cooc is not None and self._later and self._later[0][0] <= applied_seq:
             _seq, user, item = heapq.heappop(self._later)
@@ -97,15 +99,31 @@ class Feeds:
         """Vectors of ``serving``'s epoch read before it was served here go to its index."""
         vectors = self.waiting.pop(serving.epoch, None)
         if vectors:
-            serving.index.upsert(list(vectors), np.stack(list(vectors.values())))
+            _deliver(serving, vectors)
 
     def close(self) -> None:
         self.consumer.close()
 
 
-def _epoch_header(headers: Headers | dict[str, str | bytes | None] | None) -> Epoch:
+def _deliver(serving: Serving, vectors: list[tuple[int, str, np.ndarray]]) -> None:
+    """Item vectors in log order to the index (the last per item wins) and, each with its
+    seq, to the live evaluation (vectors without a seq, from before it was recorded, only
+    to the index)."""
+    latest: dict[str, np.ndarray] = {}
+    for seq, item, vector in vectors:
+        latest[item] = vector
+        if seq >= 0:
+            serving.live.item_vector(seq, item, vector)
+    serving.index.upsert(list(latest), np.stack(list(latest.values())))
+
+
+def _headers(headers: Headers | dict[str, str | bytes | None] | None) -> tuple[Epoch, int]:
+    """The epoch and the seq an item-vectors record names (-1: none)."""
     pairs = list(headers.items()) if isinstance(headers, dict) else headers or []
+    epoch, seq = UNSTAMPED, -1
     for name, value in pairs:
         if name == EPOCH_HEADER and isinstance(value, bytes):
-            return parse_label(value.decode())
-    return UNSTAMPED
+            epoch = parse_label(value.decode())
+        elif name == SEQ_HEADER and isinstance(value, bytes):
+            seq = int(value)
+    return epoch, seq

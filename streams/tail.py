@@ -1,4 +1,4 @@
-"""A read_committed tail of the recommendations topic."""
+"""A read_committed tail of the recommendations and evaluations topics."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from confluent_kafka import KafkaError
 
 from operators.evaluation.metrics import mrr, recall_at_k
 from schemas import RECOMMENDATION, Codec
+from schemas.codec import EVALUATION
 from streams.runtime.clients import committed_reader
 from streams.settings import Settings
 
@@ -24,8 +25,31 @@ def tail_recommendations(
     idle_timeout_s: float = 3.0,
 ) -> Iterator[dict[str, Any]]:
     """Decoded recommendations from the start; without ``follow``, stop at the end."""
-    topic = settings.topic("recommendations")
-    codec = Codec(RECOMMENDATION)
+    return _tail(settings, "recommendations", RECOMMENDATION, follow, user, limit, idle_timeout_s)
+
+
+def tail_evaluations(
+    settings: Settings,
+    follow: bool = False,
+    user: str | None = None,
+    limit: int | None = None,
+    idle_timeout_s: float = 3.0,
+) -> Iterator[dict[str, Any]]:
+    """Decoded live evaluations (one per streamed event) from the start."""
+    return _tail(settings, "evaluations", EVALUATION, follow, user, limit, idle_timeout_s)
+
+
+def _tail(
+    settings: Settings,
+    name: str,
+    schema: str,
+    follow: bool,
+    user: str | None,
+    limit: int | None,
+    idle_timeout_s: float,
+) -> Iterator[dict[str, Any]]:
+    topic = settings.topic(name)
+    codec = Codec(schema)
     consumer = committed_reader(settings, group_id=f"jodie-tail-{uuid.uuid4().hex[:8]}")
     consumer.subscribe([topic])
     seen = 0
@@ -54,17 +78,18 @@ def tail_recommendations(
         consumer.close()
 
 
-def summarise(recs: Iterable[dict[str, Any]]) -> dict[str, Any]:
-    """What a consumer saw: counts, duplicates, versions and the live MRR / Recall@10."""
+def summarise(
+    recs: Iterable[dict[str, Any]], evaluations: Iterable[dict[str, Any]]
+) -> dict[str, Any]:
+    """What a consumer saw: counts, duplicates, versions and the live MRR / Recall@10 (from
+    the evaluations, one per event: a repeated one counts once)."""
     ids: Counter[str] = Counter()
     versions: Counter[str] = Counter()
-    ranks: list[int] = []
     for rec in recs:
         ids[rec["event_id"]] += 1
         versions[rec["model_version"]] += 1
-        if rec.get("rank") is not None:
-            ranks.append(int(rec["rank"]))
-    r = np.asarray(ranks, dtype=np.int64)
+    ranks = {e["event_id"]: int(e["rank"]) for e in evaluations}
+    r = np.fromiter(ranks.values(), dtype=np.int64, count=len(ranks))
     return {
         "recommendations": sum(ids.values()),
         "distinct_events": len(ids),

@@ -139,6 +139,9 @@ class Worker(Application[list[Decoded]]):
         if self._feeds is not None:
             self._feeds.poll(self.processor.applied_seq)
 
+    def flush(self) -> Iterable[Output]:
+        return self.processor.flush()
+
     def prepare(self, records: list[Record]) -> list[Decoded]:
         decoded: list[Decoded] = []
         for topic, p, _offset, key, value in records:

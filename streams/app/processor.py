@@ -5,8 +5,12 @@ Topics (keyed, JODIE_PARTITIONS partitions each; table partition p pairs with in
 - ``user-inbox`` (key user): events for the user's owner (from the router) and items'
   pre-states (from item owners); the user side keeps each user's ``Inbox`` in ``user-state``;
 - ``item-inbox`` (key item): the mirror image, ``item-state``;
-- ``recommendations`` (key user) after every user update; ``item-vectors`` (key item) after every
-  item update, read back by every worker into its candidate index.
+- ``recommendations`` (key user) after every user update; ``item-vectors`` (key item, with the
+  event's seq in a header) after every item update, read back by every worker into its
+  candidate index and its live evaluation;
+- ``evaluations`` (key user): each user event's rank, once every item's state at the event is
+  known here (operators.evaluation.live) — in the transaction of a later batch, or of its own
+  when the worker is idle (``flush``).
 
 The checkpoint is the baseline: an entity without a table row starts from its checkpoint
 state (or the model's initial state if the checkpoint never saw it), so a worker needs no bulk
@@ -23,11 +27,12 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from operators.evaluation.live import Query
 from operators.evaluation.metrics import RollingRanks
 from operators.protocol.exchange import Applied, ApplyMany, Inbox, PartnerState, SendPreState, drive
 from operators.protocol.sides import EntityState, ItemOutput, UserOutput
 from schemas import Codec
-from schemas.codec import ENTITY_RECORD, INBOX_MESSAGE, RECOMMENDATION
+from schemas.codec import ENTITY_RECORD, EVALUATION, INBOX_MESSAGE, RECOMMENDATION
 from schemas.exceptions import JodieError
 from streams.app.epochs import UNSTAMPED, Epoch, label, row_key, split_row_key
 from streams.app.serving import Serving
@@ -88,6 +93,15 @@ class WorkerStats:
             "lag": loop.lag,
             "items_indexed": len(serving.index) if serving is not None else 0,
             "online": self.ranks.summary(),
+            "evaluation": (
+                {
+                    "watermark": serving.live.watermark,
+                    "pending": serving.live.pending(),
+                    "unranked": serving.live.unranked,
+                }
+                if serving is not None
+                else {}
+            ),
         }
 
 
@@ -97,6 +111,8 @@ Local = Callable[[str, bytes], "Box | None"]  # (side, row key) → the row, if 
 Message_ = tuple[str, Epoch, Box, dict[str, Any]]  # side, epoch, its row, the decoded message
 #: Header of item-vectors records: the epoch whose weights computed the vector.
 EPOCH_HEADER = "jodie-epoch"
+#: Header of item-vectors records: the seq of the event after which the item has the vector.
+SEQ_HEADER = "jodie-seq"
 
 
 class Processor:
@@ -113,10 +129,12 @@ class Processor:
         self.user_inbox = settings.topic("user-inbox")
         self.item_inbox = settings.topic("item-inbox")
         self.recommendations = settings.topic("recommendations")
+        self.evaluations = settings.topic("evaluations")
         self.item_vectors = settings.topic("item-vectors")
         self.inbox_codec = Codec(INBOX_MESSAGE)
         self.record_codec = Codec(ENTITY_RECORD)
         self.rec_codec = Codec(RECOMMENDATION)
+        self.eval_codec = Codec(EVALUATION)
         self.applied_seq = -1  # the latest log position of a user event applied here
         self.servings: dict[Epoch, Serving] = {}
         self._many: dict[Epoch, tuple[ApplyMany[EntityState, EntityState], ...]] = {}
@@ -127,7 +145,7 @@ class Processor:
         """Serve ``serving.epoch`` from now on (its rows start from ``serving.baseline``)."""
         self.servings[serving.epoch] = serving
         self._many[serving.epoch] = (
-            serving.stream.user_apply_many(serving.baseline.item),
+            serving.stream.user_apply_many(),
             serving.stream.item_apply_many(),
         )
 
@@ -194,9 +212,7 @@ class Processor:
     ) -> list[Output]:
         epoch = serving.epoch
         stamp = {"model_version": epoch[0], "model_since": epoch[1]}
-        headers: Headers | None = (
-            None if epoch == UNSTAMPED else [(EPOCH_HEADER, label(epoch).encode())]
-        )
+        headers: Headers = [] if epoch == UNSTAMPED else [(EPOCH_HEADER, label(epoch).encode())]
         touched: dict[str, list[Box]] = {"user": [], "item": []}
         for side, box, message in messages:
             if message["event"] is not None:
@@ -226,18 +242,22 @@ class Processor:
                             touched[other].append(row)
                     elif isinstance(out, Applied) and side == "item":
                         item_out: ItemOutput = out.output
-                        vectors[item_out.event.item_id] = item_out.vector
+                        item_id = item_out.event.item_id
+                        vectors[item_id] = item_out.vector
+                        serving.live.item_vector(out.seq, item_id, item_out.vector)
                         self.stats.item_events += 1
                         sent.append(
                             (
                                 self.item_vectors,
-                                item_out.event.item_id.encode(),
+                                item_id.encode(),
                                 item_out.vector.astype("<f4").tobytes(),
-                                headers,
+                                [*headers, (SEQ_HEADER, str(out.seq).encode())],
                             )
                         )
                     elif isinstance(out, Applied):
-                        user_outs.append(out.output)
+                        user_out: UserOutput = out.output
+                        user_outs.append(user_out)
+                        serving.live.add(_query(out.seq, user_out))
                         self.applied_seq = max(self.applied_seq, out.seq)
                 if side == "item" and vectors:
                     # This worker's index sees its own items at once (before its users' next
@@ -249,17 +269,43 @@ class Processor:
         return sent
 
     def _recommend(self, serving: Serving, user_outs: list[UserOutput]) -> list[Output]:
-        """Where user-side outputs become recommendation records (ranked live first)."""
-        ranks = serving.live_ranks(user_outs)
+        """Where user-side outputs become recommendation records, with the evaluations that
+        became possible."""
+        sent: list[Output] = [
+            (self.recommendations, record["user_id"].encode(), self.rec_codec.encode(record), None)
+            for record in serving.recommendations(user_outs)
+        ]
+        return sent + self._evaluate(serving)
+
+    def _evaluate(self, serving: Serving) -> list[Output]:
         sent: list[Output] = []
-        for record, rank in zip(serving.recommendations(user_outs, ranks), ranks, strict=True):
-            self.stats.ranks.add(rank)
+        for ranked in serving.live.ready():
+            q = ranked.query
+            self.stats.ranks.add(ranked.rank)
+            record = {
+                "event_id": q.event_id,
+                "seq": q.seq,
+                "user_id": q.user_id,
+                "item_id": q.item_id,
+                "model_version": serving.version,
+                "rank": ranked.rank,
+                "n_items": ranked.n_items,
+            }
             sent.append(
-                (
-                    self.recommendations,
-                    record["user_id"].encode(),
-                    self.rec_codec.encode(record),
-                    None,
-                )
+                (self.evaluations, q.user_id.encode(), self.eval_codec.encode(record), None)
             )
         return sent
+
+    def flush(self) -> list[Output]:
+        """Evaluations that item vectors read since the last batch made possible."""
+        sent: list[Output] = []
+        for epoch in sorted(self.servings, key=lambda e: e[1]):
+            sent += self._evaluate(self.servings[epoch])
+        return sent
+
+
+def _query(seq: int, out: UserOutput) -> Query:
+    e = out.event
+    return Query(
+        seq, e.event_id, e.user_id, e.item_id, out.previous_item, out.pre_state, out.delta_user
+    )

@@ -1,5 +1,5 @@
 """What one worker serves with one model version: weights, baseline states, candidate index,
-and the one place where user-side outputs become recommendation records."""
+the live evaluation, and the one place where user-side outputs become recommendation records."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from operators.evaluation.live import LiveRanks
 from operators.model.checkpoint import Checkpoint, load_checkpoint
 from operators.protocol.sides import CheckpointStates, StreamModel, UserOutput
 from operators.retrieval.cooccurrence import CooccurrenceCandidates
@@ -37,6 +38,7 @@ class Serving:
     baseline: CheckpointStates
     index: TieredIndex
     candidates: int
+    live: LiveRanks
     cooccurrence: CooccurrenceCandidates | None = None
     epoch: Epoch = UNSTAMPED
 
@@ -65,6 +67,11 @@ class Serving:
         ids, vectors = baseline.item_vectors()
         if ids:
             index.upsert(ids, vectors)
+        # The log position the baseline states hold: an epoch's start, a checkpoint's O (one
+        # trained from a file is served on a log that starts after it: position 0).
+        start = (
+            epoch[1] if epoch != UNSTAMPED else int(ckpt.meta.get("log_offsets", {}).get("seq", 0))
+        )
         return cls(
             settings=settings,
             checkpoint=ckpt,
@@ -73,27 +80,12 @@ class Serving:
             baseline=baseline,
             index=index,
             candidates=settings.candidates,
+            live=LiveRanks(ckpt.model, start, ids, vectors),
             cooccurrence=cooccurrence,
             epoch=epoch,
         )
 
-    def live_ranks(self, outs: list[UserOutput]) -> list[int]:
-        """The paper's rank of each event's item against the query made before the event.
-
-        An item never seen ranks after every known item, as in `jodie evaluate`."""
-        ranks = [len(self.index) + 1] * len(outs)
-        known = [k for k, o in enumerate(outs) if o.true_vector is not None]
-        if known:  # an empty index ranks every known item first
-            got = self.index.ranks(
-                np.stack([outs[k].query for k in known]),
-                [outs[k].event.item_id for k in known],
-                np.stack([outs[k].true_vector for k in known]),  # type: ignore[misc]
-            )
-            for k, r in zip(known, got.tolist(), strict=True):
-                ranks[k] = int(r)
-        return ranks
-
-    def recommendations(self, outs: list[UserOutput], ranks: list[int]) -> list[dict[str, Any]]:
+    def recommendations(self, outs: list[UserOutput]) -> list[dict[str, Any]]:
         """Top candidates for each predicted item, re-ranked by exact distance: nearest
         neighbours ∪ the user's history ∪ items whose audiences resemble those of the user's
         recent items (co-occurrence, MinHash LSH)."""
@@ -113,7 +105,7 @@ class Serving:
         ]
         ranked = self.index.recommend(preds, self.candidates, extra)
         records = []
-        for out, pred, (ids, dist), rank in zip(outs, preds, ranked, ranks, strict=True):
+        for out, pred, (ids, dist) in zip(outs, preds, ranked, strict=True):
             records.append(
                 {
                     "user_id": out.event.user_id,
@@ -127,7 +119,6 @@ class Serving:
                         for i, d in zip(ids, dist.tolist(), strict=True)
                     ],
                     "state_change_probability": out.state_change_probability,
-                    "rank": rank,
                 }
             )
         return records

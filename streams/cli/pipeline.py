@@ -105,11 +105,13 @@ def recommendations(
     ] = False,
 ) -> None:
     """Print recommendations as a read_committed consumer sees them."""
-    from streams.tail import summarise, tail_recommendations
+    from streams.tail import summarise, tail_evaluations, tail_recommendations
 
     if summary:
-        recs = tail_recommendations(get_settings(), user=user, limit=limit)
-        out.print(json.dumps(summarise(recs)))
+        settings = get_settings()
+        recs = tail_recommendations(settings, user=user, limit=limit)
+        evaluations = tail_evaluations(settings, user=user, limit=limit)
+        out.print(json.dumps(summarise(recs, evaluations)))
         return
     for rec in tail_recommendations(get_settings(), follow=follow, user=user, limit=limit):
         items = " ".join(f"{c['item_id']}:{c['score']:.3f}" for c in rec["candidates"][:top])

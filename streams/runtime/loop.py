@@ -77,6 +77,12 @@ class Application(ABC, Generic[B]):
     def poll(self) -> None:
         """Each turn of the loop, before it takes the next batch (idle duties)."""
 
+    def flush(self) -> Iterable[Output]:
+        """When a turn brought no input: outputs the application derived from what it read
+        elsewhere (``poll``), committed in a transaction of their own. No input stands behind
+        them, so a crash before that commit loses them rather than repeating them."""
+        return ()
+
     def on_assign(self, partitions: list[tuple[str, int]]) -> None:
         """After the tables of newly assigned (topic, partition)s were restored."""
 
@@ -232,6 +238,8 @@ class TransactionalLoop(Generic[B]):
                 messages = take(consumer, c.batch, c.poll_timeout_s)
                 if messages:
                     self._batch(consumer, producer, messages)
+                else:
+                    self._flush(producer)
                 now = time.monotonic()
                 if now - last_report >= c.report_interval_s:
                     self.stats.lag = _lag(consumer)
@@ -272,6 +280,25 @@ class TransactionalLoop(Generic[B]):
                 # A partition no longer ours: its new owner starts from the committed offset.
                 with contextlib.suppress(KafkaException):
                     consumer.seek(TopicPartition(topic, p, offset))
+
+    def _flush(self, producer: Producer) -> None:
+        outputs = list(self.app.flush())
+        if not outputs:
+            return
+        producer.begin_transaction()
+        for topic, key, value, headers in outputs:
+            producer.produce(topic, key=key, value=value, headers=headers)
+        try:
+            producer.commit_transaction(60)
+        except KafkaException as exc:
+            error = exc.args[0] if exc.args else None
+            if not isinstance(error, KafkaError) or not error.txn_requires_abort():
+                raise
+            self.log.warning("%s: idle outputs dropped (%s)", self.config.name, error)
+            producer.abort_transaction(60)
+            self.stats.aborted += 1
+            return
+        self.stats.transactions += 1
 
     def _transaction(self, consumer: Consumer, producer: Producer, messages: list[Message]) -> None:
         positions: dict[tuple[str, int], int] = {}

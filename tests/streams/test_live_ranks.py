@@ -17,8 +17,9 @@ import pytest
 
 from operators.dataset import bundled_wikipedia, load_interactions
 from operators.evaluation.protocols import frozen_replay
-from operators.evaluation.scorer import PlainScorer
+from operators.evaluation.scorer import PlainScorer, UserContext
 from operators.model.checkpoint import load_checkpoint
+from operators.model.online import OnlineJodie
 from streams.settings import Settings
 from streams.tail import tail_evaluations
 from tests.streams.harness import make_checkpoint, route, start_worker, stop, wait_for
@@ -56,16 +57,40 @@ def test_two_workers_rank_each_event_as_the_frozen_replay(kafka: Settings, tmp_p
     live = {int(e["event_id"].rsplit(":", 1)[1]): int(e["rank"]) for e in evaluations}
     assert set(live) == set(offline)
     differ = {k: (live[k], offline[k]) for k in live if live[k] != offline[k]}
-    # The live query runs the kernel on a batch of events where the offline replay runs it
-    # one event at a time; BLAS may sum a row in another order, so states and scores can
-    # differ in the last float bits (the exactness tests bound states at 1e-4). Only an item
-    # whose distance ties the true item's to those bits can change sides: a rare event, and
-    # then by a position or two. Anything else is a defect.
-    assert len(differ) <= STREAM // 1000, differ
-    assert all(abs(a - b) <= 2 for a, b in differ.values()), differ
-    live_ranks = np.array(list(live.values()))
-    offline_ranks = np.array([offline[k] for k in live])
-    assert abs(np.mean(1 / live_ranks) - np.mean(1 / offline_ranks)) < 1e-3
+    print(f"\nper-event ranks: {STREAM - len(differ)} of {STREAM} identical", differ)
+    assert len(differ) <= STREAM // 1000, differ  # ≥ 99.9 % identical
+    # The rest: the live query runs the kernel on batches of events where the offline replay
+    # runs it one event at a time, and BLAS may sum in another order, so a score can differ
+    # in its last bit (states agree to ~1e-7; the exactness tests bound them at 1e-4). A rank
+    # can only change where another item's score ties the true item's to a few ulps — shown
+    # here from the offline replay's own scores for every event whose rank differs.
+    ties = _near_ties(checkpoint, set(differ))
+    for line, (a, b) in differ.items():
+        assert abs(a - b) <= ties[line], (line, a, b, ties[line])
+
+
+def _near_ties(checkpoint: Path, lines: set[int]) -> dict[int, int]:
+    """For the events at these file lines: how many other items score within 4 float32 ulps
+    of the true item in the frozen replay."""
+    ckpt = load_checkpoint(checkpoint)
+    online = OnlineJodie(ckpt.model.eval(), ckpt.states)
+    log = load_interactions(bundled_wikipedia()).slice(HISTORY, HISTORY + STREAM)
+    out = {}
+    for k in range(len(log)):
+        user, item, t = str(log.user_ids[k]), str(log.item_ids[k]), float(log.timestamps[k])
+        line = int(log.lines[k])
+        if line in lines:
+            q = online.query(user, t)
+            items = online.states.items
+            ctx = UserContext(q.history, q.history_counts)
+            scores = PlainScorer().scores(
+                q.pred[0], items.emb, items.static, items.count, items.count, ctx
+            )
+            true = float(scores[items.row(item)])
+            ulp = abs(float(np.spacing(np.float32(true))))
+            out[line] = int(((scores - true).abs() <= 4 * ulp).sum()) - 1
+        online.observe(user, item, t)
+    return out
 
 
 def _wait_for_evaluations(kafka: Settings, n: int, timeout_s: float) -> list[dict]:
