@@ -19,6 +19,7 @@ def test_bundled_spec() -> None:
         "p-jodie-user-state-changelog",
         "p-jodie-item-state-changelog",
         "p-recommendations",
+        "p-evaluations",
         "p-item-vectors",
         "p-models",
     }
