@@ -1,6 +1,6 @@
 """Errors of the deployment layer (local broker, topics)."""
 
-from schemas.exceptions import JodieError
+from jodie_errors import JodieError
 
 
 class DeployError(JodieError):

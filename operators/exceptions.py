@@ -1,6 +1,6 @@
-"""Errors of the pure operators (data loading, model, checkpoints)."""
+"""Errors of loading interaction data (operators.dataset)."""
 
-from schemas.exceptions import JodieError
+from jodie_errors import JodieError
 
 
 class DataError(JodieError):
@@ -17,15 +17,3 @@ class BadRowError(DataError):
         self.line = line
         self.reason_text = reason
         self.text = text
-
-
-class CheckpointError(JodieError):
-    """A checkpoint is missing, incomplete or fails its sha256 check; retrain or re-copy it."""
-
-    reason = "bad_checkpoint"
-
-
-class RetrievalError(JodieError):
-    """A retrieval index got unusable input (wrong dimension, NaN/inf, bad k); fix the caller."""
-
-    reason = "bad_vector"

@@ -14,7 +14,6 @@ from schemas.codec import (
 from schemas.exceptions import (
     DecodeError,
     EncodeError,
-    JodieError,
     SchemaError,
     UnknownSchemaError,
 )
@@ -28,7 +27,6 @@ __all__ = [
     "ConfluentFraming",
     "DecodeError",
     "EncodeError",
-    "JodieError",
     "SchemaError",
     "SchemaIdResolver",
     "SingleObjectFraming",

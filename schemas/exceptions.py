@@ -1,11 +1,6 @@
-"""The root of every jodie-stream error, and the codec's errors."""
+"""Errors of the codec: schemas, framing, encoding and decoding."""
 
-
-class JodieError(Exception):
-    """Root of all errors raised by jodie-stream; catch this to handle any of them."""
-
-    #: Short machine-readable reason, written to DLQ records next to the original bytes.
-    reason: str = "error"
+from jodie_errors import JodieError
 
 
 class SchemaError(JodieError):

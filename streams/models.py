@@ -24,18 +24,14 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from operators.exceptions import CheckpointError
 from operators.model.checkpoint import read_meta, verify
+from operators.model.exceptions import CheckpointError
 from schemas import MODEL_ANNOUNCEMENT
-from schemas.exceptions import JodieError
 from streams.codecs import make_codec
+from streams.exceptions import RegistryError
 from streams.peek import read_all
 from streams.runtime.clients import idempotent_producer
 from streams.settings import Settings
-
-
-class RegistryError(JodieError):
-    """A registry operation that cannot be done (unknown version, nothing to roll back to)."""
 
 
 def checkpoint_digest(path: str | Path) -> str:

@@ -10,7 +10,7 @@ from typing import Any
 from confluent_kafka import Consumer, KafkaError, Message, TopicPartition
 
 from schemas.codec import Codec
-from schemas.exceptions import JodieError
+from streams.exceptions import ReadError
 from streams.runtime.clients import committed_reader
 from streams.runtime.kafka import take, watermarks
 from streams.settings import Settings
@@ -39,10 +39,6 @@ def partition_counts(
         low, high = watermarks(consumer, TopicPartition(topic, p), timeout_s)
         counts.append(PartitionCount(p, low, high))
     return counts
-
-
-class ReadError(JodieError, RuntimeError):
-    """The broker answered an error while a topic was read back."""
 
 
 class Bounded:

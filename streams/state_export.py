@@ -12,7 +12,7 @@ from operators.protocol.sides import CheckpointStates
 from schemas import Codec
 from schemas.codec import ENTITY_RECORD
 from streams.app.epochs import UNSTAMPED, Epoch, label, split_row_key
-from streams.models import RegistryError
+from streams.exceptions import RegistryError
 from streams.peek import read_all
 from streams.records import embedding_array
 from streams.settings import Settings

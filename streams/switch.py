@@ -26,8 +26,8 @@ from typing import Any
 
 from confluent_kafka import KafkaError, TopicPartition
 
-from operators.exceptions import CheckpointError
 from operators.model.checkpoint import Checkpoint, load_checkpoint
+from operators.model.exceptions import CheckpointError
 from operators.protocol.catchup import CatchUp, LogEvent
 from schemas import MODEL_ANNOUNCEMENT, SEQUENCED_INTERACTION
 from streams.app.epochs import UNSTAMPED, Epoch, epoch_of

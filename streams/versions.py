@@ -9,8 +9,9 @@ import time
 
 from operators.retrieval.cooccurrence import CooccurrenceCandidates
 from streams.app.epochs import UNSTAMPED, Epoch, label
-from streams.app.processor import ModelMismatchError, Processor, WorkerStats
+from streams.app.processor import Processor, WorkerStats
 from streams.app.serving import Serving
+from streams.exceptions import ModelMismatchError
 from streams.feeds import Feeds
 from streams.models import Registry
 from streams.settings import Settings

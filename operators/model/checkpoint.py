@@ -28,8 +28,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from operators.exceptions import CheckpointError
 from operators.model.config import ModelConfig, TrainConfig
+from operators.model.exceptions import CheckpointError
 from operators.model.jodie import Jodie
 from operators.model.state import EntityStore, States
 

@@ -6,7 +6,7 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
-from operators.exceptions import RetrievalError
+from operators.retrieval.exceptions import RetrievalError
 
 # float32 relative rounding; bounds the error of the ‖x‖² − 2x·q + ‖q‖² expansion in ``sqdist``.
 _EPS32 = float(np.finfo(np.float32).eps)

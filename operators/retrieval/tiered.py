@@ -6,7 +6,7 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
-from operators.exceptions import RetrievalError
+from operators.retrieval.exceptions import RetrievalError
 from operators.retrieval.ivf import Codec, IVFOverlay, auto_nlist
 from operators.retrieval.store import VectorStore
 

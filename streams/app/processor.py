@@ -33,9 +33,9 @@ from operators.protocol.exchange import Applied, ApplyMany, Inbox, PartnerState,
 from operators.protocol.sides import EntityState, ItemOutput, UserOutput
 from schemas import Codec
 from schemas.codec import ENTITY_RECORD, EVALUATION, INBOX_MESSAGE, RECOMMENDATION
-from schemas.exceptions import JodieError
 from streams.app.epochs import UNSTAMPED, Epoch, label, row_key, split_row_key
 from streams.app.serving import Serving
+from streams.exceptions import ModelMismatchError
 from streams.records import (
     inbox_from_record,
     inbox_to_record,
@@ -46,10 +46,6 @@ from streams.records import (
 from streams.settings import Settings
 
 Box = Inbox[EntityState, EntityState]
-
-
-class ModelMismatchError(JodieError):
-    """A table row was computed by another model version than the one served."""
 
 
 class LoopCounters(Protocol):

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from schemas.exceptions import JodieError
+from jodie_errors import JodieError
 from streams.cli.common import _fail, console, out
 from streams.settings import get_settings
 

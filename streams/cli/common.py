@@ -8,7 +8,7 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
-from schemas.exceptions import JodieError
+from jodie_errors import JodieError
 
 console = Console(stderr=True)  # messages for whoever runs the command
 out = Console()  # the results, on stdout for pipes and scripts

@@ -119,8 +119,8 @@ def _train_from_topic(
     from_time: float | None,
     until_time: float | None,
 ) -> RunResult:
+    from jodie_errors import JodieError
     from operators.training.run import run_training
-    from schemas.exceptions import JodieError
     from streams.progress import TrainingBar
     from streams.replay import Window, replay_log
     from streams.settings import get_settings

@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from schemas.exceptions import JodieError
+from jodie_errors import JodieError
 from streams.cli.common import _fail, console, out
 from streams.settings import get_settings
 

@@ -1,7 +1,9 @@
 """Errors of the runtime; each docstring says what the operator should do."""
 
+from jodie_errors import JodieError
 
-class StreamRuntimeError(Exception):
+
+class StreamRuntimeError(JodieError):
     """Root of the runtime's errors; catch this to handle any of them."""
 
 

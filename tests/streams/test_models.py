@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from operators.exceptions import CheckpointError
-from streams.models import Registry, RegistryError, checkpoint_digest, verified
+from operators.model.exceptions import CheckpointError
+from streams.exceptions import RegistryError
+from streams.models import Registry, checkpoint_digest, verified
 from streams.settings import Settings
 from tests.streams.harness import make_checkpoint, route, stop, wait_for
 

@@ -22,8 +22,9 @@ from operators.protocol.sides import EntityState
 from schemas import Codec
 from schemas.codec import EVALUATION, INBOX_MESSAGE, RECOMMENDATION
 from streams.app.epochs import UNSTAMPED, Epoch, epoch_of, row_key, split_row_key
-from streams.app.processor import ModelMismatchError, Processor, WorkerStats
+from streams.app.processor import Processor, WorkerStats
 from streams.app.serving import Serving
+from streams.exceptions import ModelMismatchError
 from streams.records import inbox_event
 from streams.router import event_data_of
 from streams.runtime.kafka import partition_for

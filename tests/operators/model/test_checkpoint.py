@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from operators.exceptions import CheckpointError
 from operators.model.checkpoint import EntitySeqs, load_checkpoint, save_checkpoint, verify
 from operators.model.config import TrainConfig
 from operators.model.events import encode
+from operators.model.exceptions import CheckpointError
 from operators.model.jodie import Jodie
 from operators.model.kernel import batched, replay
 from operators.model.state import States

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from operators.exceptions import RetrievalError
+from operators.retrieval.exceptions import RetrievalError
 from operators.retrieval.store import VectorStore
 from tests.operators.retrieval.helpers import brute_force, merge_and_rerank, vector
 

@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 
-from operators.exceptions import RetrievalError
+from operators.retrieval.exceptions import RetrievalError
 from operators.retrieval.tiered import TieredIndex
 from tests.operators.retrieval.helpers import brute_force
 

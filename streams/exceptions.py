@@ -1,0 +1,17 @@
+"""Errors of the pipeline's wiring and of the worker application; each says what to do."""
+
+from jodie_errors import JodieError
+
+
+class RegistryError(JodieError):
+    """A registry operation that cannot be done (unknown version, nothing to roll back to);
+    `jodie models list` shows what the registry holds."""
+
+
+class ReadError(JodieError, RuntimeError):
+    """The broker answered an error while a topic was read back; check the broker, retry."""
+
+
+class ModelMismatchError(JodieError):
+    """A table row was computed by another model version than the one served; serve a new
+    version by promoting it (`jodie models promote`), never by restarting on other weights."""
