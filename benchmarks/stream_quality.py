@@ -4,8 +4,9 @@ Streams rows [--start, end) of the bundled Wikipedia file through produce → ro
 from a checkpoint whose states end at --start (a model trained on the first 80 % by default),
 reads the `rank` of every event from the `evaluations` topic (the true item's rank against the
 query made before the event, every item at its state at the event), and replays the same
-events offline with the frozen protocol and the plain JODIE scorer; prints both, and the
-share of events whose ranks are identical.
+events offline with the frozen protocol and the plain JODIE scorer; prints both on the same
+events (the workers' sample, JODIE_EVALUATE_EVERY) and on all, and the share of events whose
+ranks are identical.
 
     jodie broker up
     python benchmarks/stream_quality.py --checkpoint CKPT [--workers 1] [--limit N]
@@ -76,6 +77,14 @@ def main() -> None:
                     break
                 time.sleep(2.0)
             took = time.monotonic() - began
+            # Each event's live rank, by log position (the seq the router gave it); the last
+            # ones follow the last recommendations by a transaction.
+            evaluations: dict[int, int] = {}
+            while len(evaluations) < n and time.monotonic() - began < args.timeout:
+                evaluations = {
+                    int(e["seq"]): int(e["rank"])
+                    for e in tail_evaluations(settings, idle_timeout_s=2.0)
+                }
         finally:
             for proc in workers:
                 proc.send_signal(signal.SIGTERM)
@@ -85,17 +94,9 @@ def main() -> None:
                 except subprocess.TimeoutExpired:
                     proc.kill()
 
-    # One per event; in the canonical order, (timestamp, event id) — the file's order, since
-    # event ids end in the zero-padded line number.
     by_event = {r["event_id"]: r for r in recs}
-    # Each event's live rank, in log order (the seq the router gave it).
-    deadline = time.monotonic() + 60
-    evaluations: dict[int, int] = {}
-    while len(evaluations) < n and time.monotonic() < deadline:
-        evaluations = {
-            int(e["seq"]): int(e["rank"]) for e in tail_evaluations(settings, idle_timeout_s=2.0)
-        }
-    stream_ranks = np.array([evaluations[s] for s in sorted(evaluations)], dtype=np.int64)
+    seqs = np.array(sorted(evaluations), dtype=np.int64)
+    stream_ranks = np.array([evaluations[s] for s in seqs.tolist()], dtype=np.int64)
 
     began_offline = time.monotonic()
     ckpt = load_checkpoint(args.checkpoint)
@@ -103,6 +104,10 @@ def main() -> None:
         ckpt.model.eval(), ckpt.states, log.slice(start, stop), PlainScorer(), 0
     )
     offline_s = time.monotonic() - began_offline
+    # The workers evaluate the events whose seq is a multiple of JODIE_EVALUATE_EVERY: the
+    # stream's seqs count the events from the start, so seq k is the k-th event offline.
+    offline_all = offline
+    offline = offline_all[seqs[seqs < offline_all.shape[0]]]
     out = {
         "events": n,
         "recommendations": len(recs),
@@ -110,7 +115,12 @@ def main() -> None:
         "workers": args.workers,
         "stream_wall_s": round(took, 1),
         "stream": {"mrr": mrr(stream_ranks), "recall_at_10": recall_at_k(stream_ranks, 10)},
+        "evaluated": int(stream_ranks.shape[0]),
         "frozen": {"mrr": mrr(offline), "recall_at_10": recall_at_k(offline, 10)},
+        "frozen_all_events": {
+            "mrr": mrr(offline_all),
+            "recall_at_10": recall_at_k(offline_all, 10),
+        },
         "frozen_wall_s": round(offline_s, 1),
     }
     out["abs_diff"] = {k: abs(out["stream"][k] - out["frozen"][k]) for k in ("mrr", "recall_at_10")}

@@ -54,14 +54,17 @@ BEGAN=$(date +%s)
 for _ in $(seq 1 900); do
   LINE=$(jodie metrics --workers "$WORKERS" 2>/dev/null || true)
   N=$(python -c "import json,sys; print(json.loads(sys.argv[1] or '{}').get('events', 0))" "$LINE" 2>/dev/null || echo 0)
+  # An event is evaluated once every item's state at it has reached its user's worker: a
+  # little after its recommendation, so wait for the last evaluations too.
+  P=$(python -c "import json,sys; print(json.loads(sys.argv[1] or '{}').get('evaluation_pending', 1))" "$LINE" 2>/dev/null || echo 1)
   echo "   $LINE"
-  [ "$N" -ge "$EVENTS" ] && break
+  [ "$N" -ge "$EVENTS" ] && [ "$P" -eq 0 ] && break
   sleep 5
 done
 echo "   streamed in $(( $(date +%s) - BEGAN )) s"
 echo "== a few live recommendations"
 jodie recommendations --limit 5
-echo "== what a read_committed consumer saw (rank = the paper's live evaluation)"
+echo "== what a read_committed consumer saw (MRR / Recall@10 from the evaluations topic)"
 jodie recommendations --summary
 stop_all
 trap - EXIT

@@ -173,6 +173,15 @@ class Settings(BaseSettings):
     candidates: int = Field(
         10, description="JODIE_CANDIDATES: items per recommendation (after re-ranking)."
     )
+    evaluate_every: int = Field(
+        10,
+        ge=1,
+        description=(
+            "JODIE_EVALUATE_EVERY: the live evaluation ranks the events whose seq is a "
+            "multiple of this (1: every event). Exact ranking scores every known item per "
+            "event, about as costly as applying it; a sample keeps the stream fast."
+        ),
+    )
 
     @property
     def bootstrap_servers(self) -> str:

@@ -31,8 +31,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from operators.evaluation.scorer import PlainScorer, UserContext
-from operators.model.jodie import Jodie
+from operators.model.jodie import Jodie, squared_distances, squared_distances_many
 from operators.model.kernel import query
 from operators.model.static import static_embeddings
 
@@ -78,7 +77,10 @@ class LiveRanks:
     start: int
     ids: list[str]
     vectors: np.ndarray
-    undo_window: int = 200_000
+    # Undo records kept (d floats each): how late a user side may hand in its query. Late
+    # ones are those whose vectors another worker committed first, a transaction or two.
+    undo_window: int = 20_000
+    every: int = 1  # rank the events whose seq is a multiple of this
     max_ahead: int = 100_000
     unranked: int = 0
     _row: dict[str, int] = field(init=False)
@@ -102,9 +104,10 @@ class LiveRanks:
         self._row = {item: r for r, item in enumerate(self.ids)}
         self._n = n
         self.watermark = self.start
-        self._scorer = PlainScorer()
         with torch.no_grad():
             self._p_init = self.model.initial_item().detach().numpy().reshape(1, -1)
+        self._no_static = np.zeros((1, cfg.item_static_dim), np.float32)
+        self._statics: dict[str, torch.Tensor] = {}
 
     # -- inputs ----------------------------------------------------------------------------
     def item_vector(self, seq: int, item_id: str, vector: np.ndarray) -> None:
@@ -113,7 +116,9 @@ class LiveRanks:
             self._arrived.setdefault(seq, (item_id, np.asarray(vector, dtype=np.float32)))
 
     def add(self, q: Query) -> None:
-        """A user event applied here; ranked once the watermark passes it."""
+        """A user event applied here; ranked once the watermark passes it (when sampled)."""
+        if q.seq % self.every:
+            return
         oldest = self._undo[0].seq if self._undo else self.watermark
         if q.seq < oldest or q.seq < self.start:
             self.unranked += 1
@@ -126,24 +131,45 @@ class LiveRanks:
 
     # -- output ----------------------------------------------------------------------------
     def ready(self) -> list[Ranked]:
-        """Fold every vector the watermark allows, then rank every query below it."""
+        """Rank every query whose item states are complete, folding vectors in seq order.
+
+        A query waiting when its seq is reached gets its prediction just before that seq's
+        vector is folded; one that came after (its user side ran late) from the undo records.
+        Scores are then computed for many queries at once against the folded states, the
+        rows folded since each query's seq taken at their state then.
+        """
+        late = sorted((q for q in self._queries if q.seq < self.watermark), key=_by_seq)
+        ranked = self._score([(q, self._predict(q, self._at(q.seq)[0])) for q in late])
+        waiting = sorted((q for q in self._queries if q.seq >= self.watermark), key=_by_seq)
+        todo: list[tuple[Query, torch.Tensor]] = []
+        group = self._group()
+        i = 0
         while True:
-            while (arrived := self._arrived.pop(self.watermark, None)) is not None:
+            while i < len(waiting) and waiting[i].seq == self.watermark:
+                todo.append((waiting[i], self._predict(waiting[i], {})))
+                i += 1
+            if len(todo) >= group:  # score before later folds make the patches grow
+                ranked += self._score(todo)
+                todo = []
+            arrived = self._arrived.pop(self.watermark, None)
+            if arrived is not None:
                 self._fold(self.watermark, *arrived)
                 self.watermark += 1
+                continue
             if len(self._arrived) <= self.max_ahead:
                 break
             # A vector that will not come: skip to the next one that did. States at the seqs
-            # skipped are unknown, so what is pending before it cannot be ranked.
+            # skipped are unknown, so what waits before it cannot be ranked.
+            ranked += self._score(todo)
+            todo = []
             gap_end = min(self._arrived)
-            lost = [q for q in self._queries if q.seq < gap_end]
-            self.unranked += len(lost)
-            self._queries = [q for q in self._queries if q.seq >= gap_end]
+            while i < len(waiting) and waiting[i].seq < gap_end:
+                self.unranked += 1
+                i += 1
             self._undo.clear()
             self.watermark = gap_end
-        done = sorted((q for q in self._queries if q.seq < self.watermark), key=lambda q: q.seq)
-        self._queries = [q for q in self._queries if q.seq >= self.watermark]
-        ranked = self._rank(done) if done else []
+        ranked += self._score(todo)
+        self._queries = waiting[i:]
         horizon = self.watermark - self.undo_window
         if self._undo and self._undo[0].seq < horizon:
             self._undo = [u for u in self._undo if u.seq >= horizon]
@@ -187,48 +213,77 @@ class LiveRanks:
         return then[row] if row in then else self._dyn[row]
 
     @torch.inference_mode()
-    def _rank(self, queries: list[Query]) -> list[Ranked]:
-        cfg = self.model.config
+    def _predict(self, q: Query, then: dict[int, np.ndarray | None]) -> torch.Tensor:
+        """The query's j̃ (d + s,), its previous item taken at its state at the event. One
+        event at a time, as the offline replay computes it."""
+        p_dyn = self._state_at(q.previous_item, then)
+        p_static = (
+            self._no_static
+            if p_dyn is None or q.previous_item is None
+            else self._static[self._row[q.previous_item]].reshape(1, -1)
+        )
+        _, pred = query(
+            self.model,
+            torch.from_numpy(q.pre_state.reshape(1, -1)),
+            torch.tensor([[q.delta_user]], dtype=torch.float32),
+            self._user_static(q.user_id),
+            torch.from_numpy(self._p_init if p_dyn is None else p_dyn.reshape(1, -1)),
+            torch.from_numpy(p_static),
+        )
+        return pred[0]
+
+    @torch.inference_mode()
+    def _score(self, todo: list[tuple[Query, torch.Tensor]]) -> list[Ranked]:
+        """Rank queries (with their j̃) against the folded states, each with the rows folded
+        since its seq at their state then; plain JODIE: rank = 1 + items strictly closer."""
         n = self._n
+        if not todo or n == 0:
+            return [Ranked(q, 1, 0) for q, _ in todo]  # nothing known: every item is new
         dyn = torch.from_numpy(self._dyn[:n])
         static = torch.from_numpy(self._static[:n])
-        no_count = np.zeros(n)
+        group = self._group()
         out = []
-        for q in queries:
-            then, n_known = self._at(q.seq)
-            p_dyn = self._state_at(q.previous_item, then)
-            p_static = (
-                np.zeros((1, cfg.item_static_dim), np.float32)
-                if p_dyn is None or q.previous_item is None
-                else self._static[self._row[q.previous_item]].reshape(1, -1)
-            )
-            u_static = static_embeddings("user", [q.user_id], cfg.user_static_dim)
-            _, pred = query(
-                self.model,
-                torch.from_numpy(q.pre_state.reshape(1, -1)),
-                torch.tensor([[q.delta_user]], dtype=torch.float32),
-                torch.from_numpy(u_static),
-                torch.from_numpy(self._p_init if p_dyn is None else p_dyn.reshape(1, -1)),
-                torch.from_numpy(p_static),
-            )
-            scores = self._scorer.scores(pred[0], dyn, static, no_count, no_count, _NO_USER)
-            changed = [r for r in then if r < n]
-            if changed:
-                known = [r for r in changed if then[r] is not None]
-                scores[torch.tensor(changed, dtype=torch.long)] = -torch.inf
-                if known:
-                    old = torch.from_numpy(np.stack([then[r] for r in known]))  # type: ignore[misc]
-                    rows = torch.tensor(known, dtype=torch.long)
-                    scores[rows] = self._scorer.scores(
-                        pred[0], old, static[rows], no_count, no_count, _NO_USER
-                    )
-            true_row = self._row.get(q.item_id)
-            if true_row is None or (true_row in then and then[true_row] is None):
-                rank = n_known + 1  # an item never seen cannot be retrieved
-            else:
-                rank = 1 + int((scores > scores[true_row]).sum())
-            out.append(Ranked(q, rank, n_known))
+        for start in range(0, len(todo), group):
+            chunk = todo[start : start + group]
+            dist = squared_distances_many(torch.stack([p for _, p in chunk]), dyn, static)
+            for (q, pred), row_dist in zip(chunk, dist, strict=True):
+                then, n_known = self._at(q.seq)
+                if then:
+                    rows = torch.tensor(list(then), dtype=torch.long)
+                    row_dist[rows] = torch.inf  # rows first seen since the event
+                    known = [r for r, v in then.items() if v is not None]
+                    if known:
+                        old = torch.from_numpy(np.stack([then[r] for r in known]))  # type: ignore[misc]
+                        rows = torch.tensor(known, dtype=torch.long)
+                        row_dist[rows] = squared_distances(pred, old, static[rows])
+                true_row = self._row.get(q.item_id)
+                if true_row is None or not bool(torch.isfinite(row_dist[true_row])):
+                    out.append(Ranked(q, n_known + 1, n_known))  # never seen: not retrievable
+                else:
+                    closer = int((row_dist < row_dist[true_row]).sum())
+                    out.append(Ranked(q, 1 + closer, n_known))
         return out
 
+    def _group(self) -> int:
+        """Queries scored in one batched call: as many as ``_SCORE_FLOATS`` allows, ≤ 64."""
+        width = self._dyn.shape[1] + self._static.shape[1]
+        return max(1, min(64, _SCORE_FLOATS // (max(1, self._n) * width)))
 
-_NO_USER = UserContext(np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64))
+    def _user_static(self, user_id: str) -> torch.Tensor:
+        cached = self._statics.get(user_id)
+        if cached is None:
+            if len(self._statics) >= 1 << 16:  # bounded: a static is cheap to recompute
+                self._statics.clear()
+            dim = self.model.config.user_static_dim
+            cached = self._statics[user_id] = torch.from_numpy(
+                static_embeddings("user", [user_id], dim)
+            )
+        return cached
+
+
+def _by_seq(q: Query) -> int:
+    return q.seq
+
+
+#: Floats of one batched distance computation (B × n × (d + s)): 16 MB.
+_SCORE_FLOATS = 4_000_000

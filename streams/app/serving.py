@@ -80,7 +80,7 @@ class Serving:
             baseline=baseline,
             index=index,
             candidates=settings.candidates,
-            live=LiveRanks(ckpt.model, start, ids, vectors),
+            live=LiveRanks(ckpt.model, start, ids, vectors, every=settings.evaluate_every),
             cooccurrence=cooccurrence,
             epoch=epoch,
         )

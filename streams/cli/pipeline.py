@@ -157,6 +157,8 @@ def metrics(
             {
                 "workers": len(pages),
                 "events": events,
+                "evaluated": total,
+                "evaluation_pending": sum(p["evaluation"].get("pending", 0) for p in pages),
                 "events_per_s": round(sum(p["events_per_s"] for p in pages), 1),
                 "lag": sum(max(0, p["lag"]) for p in pages),
                 "mrr": mrr,

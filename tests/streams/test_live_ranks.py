@@ -39,7 +39,10 @@ def _offline_ranks(checkpoint: Path) -> dict[int, int]:
     return {int(line): int(r) for line, r in zip(log.lines.tolist(), ranks.tolist(), strict=True)}
 
 
-def test_two_workers_rank_each_event_as_the_frozen_replay(kafka: Settings, tmp_path: Path) -> None:
+def test_two_workers_rank_each_event_as_the_frozen_replay(
+    kafka: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("JODIE_EVALUATE_EVERY", "1")  # the workers evaluate every event
     checkpoint = make_checkpoint(tmp_path / "ck", history=HISTORY)
     workers = [start_worker(kafka, checkpoint, n, tmp_path) for n in (0, 1)]
     try:

@@ -156,7 +156,7 @@ def test_batches_in_any_order_reproduce_the_sequential_replay(
 ) -> None:
     """``owned``: partitions (of 4) whose rows take pre-states in memory, as a worker owning
     them does; the others' go round through the inbox topics."""
-    settings = Settings(topic_prefix="unit-")
+    settings = Settings(topic_prefix="unit-", evaluate_every=1)
     stats = WorkerStats()
     proc = Processor(settings, Serving.load(settings, checkpoint), stats)
     rows, recs = _run(settings, proc, _router_messages(settings), seed, owned)
@@ -187,7 +187,7 @@ def test_a_switch_mid_stream_serves_each_epoch_with_its_own_weights(
     k = 60
     v2_dir = make_checkpoint(tmp_path / "v2", version="v2", seed=7)
     first, second = ("v1", 0), ("v2", k)
-    settings = Settings(topic_prefix="unit-")
+    settings = Settings(topic_prefix="unit-", evaluate_every=1)
     proc = Processor(settings, None, WorkerStats())
     proc.add(Serving.of(settings, load_checkpoint(checkpoint), "v1", None, first))
     catch_up = CatchUp(load_checkpoint(v2_dir))
@@ -216,7 +216,7 @@ def test_a_switch_mid_stream_serves_each_epoch_with_its_own_weights(
 
 
 def test_rows_of_another_model_version_are_refused(checkpoint: Path) -> None:
-    settings = Settings(topic_prefix="unit-")
+    settings = Settings(topic_prefix="unit-", evaluate_every=1)
     serving = Serving.load(settings, checkpoint)
     proc = Processor(settings, serving, WorkerStats())
     row = proc.encode(b"u1", proc.initial("user")(b"u1"))

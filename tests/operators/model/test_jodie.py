@@ -114,3 +114,15 @@ def test_parameter_count_independent_of_vocabulary() -> None:
     sizes = {name: tuple(p.shape) for name, p in m.named_parameters()}
     # every parameter's shape is set by the embedding/static/feature sizes only
     assert all(max(s) <= 2 * 128 + 128 + 128 for s in sizes.values())
+
+
+def test_many_squared_distances_are_bitwise_the_one_by_one_ones() -> None:
+    """The live evaluation scores many queries at once and must rank exactly as the
+    offline replay, which scores one at a time."""
+    from operators.model.jodie import squared_distances, squared_distances_many
+
+    torch.manual_seed(0)
+    dyn, static, preds = torch.randn(1000, 128), torch.randn(1000, 64), torch.randn(32, 192)
+    many = squared_distances_many(preds, dyn, static)
+    one = torch.stack([squared_distances(p, dyn, static) for p in preds])
+    assert torch.equal(many, one)
