@@ -80,7 +80,9 @@ def main() -> None:
             # Each event's live rank, by log position (the seq the router gave it); the last
             # ones follow the last recommendations by a transaction.
             evaluations: dict[int, int] = {}
-            while len(evaluations) < n and time.monotonic() - began < args.timeout:
+            every = settings.evaluate_every  # the workers' sample: seqs that are multiples
+            expected = (n + every - 1) // every
+            while len(evaluations) < expected and time.monotonic() - began < args.timeout:
                 evaluations = {
                     int(e["seq"]): int(e["rank"])
                     for e in tail_evaluations(settings, idle_timeout_s=2.0)
