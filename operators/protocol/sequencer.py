@@ -125,8 +125,8 @@ class Limits:
     about 30 million years, and keeps every difference of two timestamps finite in float32).
     ``max_clock_skew_s``: how far past the watermark an event may be (see the module doc).
     ``max_feature_abs``: a larger feature saturates the RNN and swamps every other input.
-    ``max_features``: the feature count an event may have while no length is known yet, so
-    that the first event cannot fix an absurd one.
+    ``max_features``: the most features any event may have (or the known length, if larger),
+    so that a huge array is refused unread and the first event cannot fix an absurd length.
     """
 
     max_id_length: int = 256
@@ -174,11 +174,12 @@ def validate(
             "bad_timestamp",
             f"timestamp {event.timestamp} is beyond ±{limits.max_abs_timestamp:g} s",
         )
-    # The count first, so that a huge array is refused without a look at its values.
+    # A huge array is refused by its length alone, before any look at its values; below the
+    # cap, bad values are named before a wrong count (the more specific reason).
     count = len(event.features)
-    if n_features is not None and count != n_features:
-        return "feature_length", f"expected {n_features} features, got {count}"
-    if n_features is None and count > limits.max_features:
+    if count > max(limits.max_features, n_features or 0):
+        if n_features is not None:
+            return "feature_length", f"expected {n_features} features, got {count}"
         return "feature_length", f"{count} features, more than {limits.max_features}"
     bound = limits.max_feature_abs
     # NaN fails every comparison, so this one pass also finds NaN and ±inf.
@@ -186,6 +187,8 @@ def validate(
         if not all(math.isfinite(x) for x in event.features):
             return "bad_features", "a feature is NaN or infinite"
         return "bad_features", f"a feature is beyond ±{bound:g}"
+    if n_features is not None and count != n_features:
+        return "feature_length", f"expected {n_features} features, got {count}"
     if event.state_label not in (None, 0, 1):
         return "bad_label", f"state_label {event.state_label} is not 0, 1 or null"
     return None
