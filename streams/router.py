@@ -6,6 +6,10 @@ event, merges the partitions into the canonical order (operators.protocol.sequen
 - `interactions.log`: the sequenced event (Avro SequencedInteraction), keyed by event id;
 - `interactions.dlq`: the original key and bytes of every rejected event, the reason in headers.
 
+Bad input is data: the bounds an event must keep come from the settings (``limits_of``), and
+with ``--model`` the feature count is the served version's, read from its checkpoint (digest
+checked, as workers do) rather than fixed by whichever event comes first.
+
 Exactly once: each batch of output and the input offsets it consumed are committed in one
 Kafka transaction, and the sequencer's state is rebuilt from interactions.log on start, so a
 router killed at any moment and restarted writes every event once (as read_committed
@@ -18,18 +22,29 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Producer, TopicPartition
 
-from operators.protocol.sequencer import Interaction, Rejected, SequencedEvent, Sequencer
+from operators.model.checkpoint import read_meta
+from operators.model.exceptions import CheckpointError
+from operators.protocol.sequencer import (
+    Interaction,
+    Limits,
+    Rejected,
+    SequencedEvent,
+    Sequencer,
+)
 from operators.protocol.sides import EventData
 from schemas import INTERACTION, SEQUENCED_INTERACTION, DecodeError, SchemaError
 from schemas.codec import INBOX_MESSAGE, Codec
 from streams.app.epochs import UNSTAMPED, Epoch, epoch_of
 from streams.codecs import make_codec
+from streams.exceptions import RegistryError
+from streams.models import verified
 from streams.peek import read_all
 from streams.records import inbox_event
 from streams.runtime.clients import committed_reader, transactional_producer
@@ -44,10 +59,37 @@ _log = logging.getLogger("jodie.router")
 class RouterStats:
     sequenced: int = 0
     rejected: int = 0
+    rejected_by_reason: dict[str, int] = field(default_factory=dict)
     duplicates: int = 0
     transactions: int = 0
     switches: list[dict[str, Any]] = field(default_factory=list)
     refused: list[str] = field(default_factory=list)  # promoted versions that could not start
+
+
+def limits_of(settings: Settings) -> Limits:
+    """The sequencer's bounds on an event, from the settings."""
+    return Limits(
+        max_id_length=settings.max_id_length,
+        max_abs_timestamp=settings.max_abs_timestamp,
+        max_clock_skew_s=settings.max_clock_skew_s,
+        max_feature_abs=settings.max_feature_abs,
+        max_features=settings.max_features,
+    )
+
+
+def model_features(announcement: dict[str, Any]) -> int:
+    """The feature count of an announced version, from its checkpoint's config.
+
+    The checkpoint is digest-checked first, as workers do: a length read from a tampered
+    config would reject the events the served weights expect.
+    """
+    meta = read_meta(verified(announcement))
+    try:
+        return int(meta["model_config"]["n_features"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise CheckpointError(
+            f"{announcement['uri']}: no n_features in its model config ({err})"
+        ) from None
 
 
 def to_log_record(e: SequencedEvent) -> dict[str, Any]:
@@ -133,6 +175,10 @@ class Router:
         self.in_codec = make_codec(settings, INTERACTION, self.source)
         self.out_codec = make_codec(settings, SEQUENCED_INTERACTION, self.log_topic)
         self.n_features = n_features
+        self.limits = limits_of(settings)
+        self._sequencer: Sequencer | None = None
+        # Feature count of each promoted version seen, None where its checkpoint was refused.
+        self._features: dict[str, int | None] = {}
         self.stats = RouterStats()
         self._behind_since: dict[int, float] = {}
 
@@ -183,13 +229,18 @@ class Router:
     ) -> None:
         metadata = consumer.list_topics(self.source, timeout=30).topics[self.source]
         partitions = sorted(metadata.partitions)
-        sequencer = Sequencer(partitions, self.n_features)
+        # The wall clock bounds only the first event of an empty log (sequencer: watermark).
+        sequencer = Sequencer(partitions, self.n_features, self.limits, clock=time.time)
+        self._sequencer = sequencer
         events, self.epoch = _read_log(self.settings, self.out_codec)
         sequencer.restore(events)
         if self.model is not None:
             self._watch = ServingWatch(self.settings, self.model)
             serving = self._watch.settle()
             if serving is not None:
+                # Its length applies from now: it serves at once on a fresh log, and within
+                # the switch delay otherwise (events waiting for it are checked against it).
+                self._enforce_features(serving)
                 # A fresh log starts in the promoted version at once; otherwise the workers
                 # get the switch delay to prepare, as for any promotion.
                 self._promoted(serving, at_once=not events)
@@ -249,6 +300,18 @@ class Router:
                     del raw[key]
                 self.stats.sequenced += len(result.sequenced)
                 self.stats.rejected += len(result.rejected)
+                if result.rejected:
+                    reasons = Counter(r.reason for r in result.rejected)
+                    for reason, n in reasons.items():
+                        by_reason = self.stats.rejected_by_reason
+                        by_reason[reason] = by_reason.get(reason, 0) + n
+                    _log.warning(
+                        "router: %d rejected to %s (%s); %s in all",
+                        len(result.rejected),
+                        self.dlq_topic,
+                        ", ".join(f"{r} {n}" for r, n in sorted(reasons.items())),
+                        self.stats.rejected,
+                    )
                 self.stats.duplicates += result.duplicates
                 last_progress = now
             elif messages:
@@ -287,9 +350,36 @@ class Router:
                 self.stats.refused.append(str(record["version"]))
                 return self.epoch
             self.epoch = (str(record["version"]), first_seq)
+            self._enforce_features(record)
             self.stats.switches.append({"version": self.epoch[0], "since": first_seq})
             _log.info("router: epoch %s starts at seq %d", self.epoch[0], first_seq)
         return self.epoch
+
+    def _enforce_features(self, record: dict[str, Any]) -> None:
+        """Make the sequencer require the feature count of ``record``'s version.
+
+        A checkpoint that cannot be read or fails its digest is left to the workers to refuse
+        (they will not serve it); the router keeps the length it had rather than stop.
+        """
+        version = str(record["version"])
+        if version not in self._features:
+            try:
+                self._features[version] = model_features(record)
+            except (CheckpointError, RegistryError, OSError) as err:
+                _log.error("router: cannot read the feature count of %s: %s", version, err)
+                self._features[version] = None
+        n = self._features[version]
+        if n is None or self._sequencer is None:
+            return
+        if self.n_features is not None and self.n_features != n:
+            _log.warning(
+                "router: --features %d ignored; %s %s takes %d",
+                self.n_features,
+                self.model,
+                version,
+                n,
+            )
+        self._sequencer.n_features = n
 
     def _drained(self, partition: int, position: int, now: float) -> bool:
         """Whether the broker holds nothing past ``position`` for ``partition``.

@@ -106,6 +106,51 @@ class Settings(BaseSettings):
         description="JODIE_PRODUCE_BATCH: events between producer flushes in `jodie produce`.",
     )
 
+    # --- router: what an event may hold (operators.protocol.sequencer.Limits) --------------
+    max_id_length: int = Field(
+        256,
+        ge=1,
+        description=(
+            "JODIE_MAX_ID_LENGTH: most characters in an event, user or item id; a longer one "
+            "goes to the DLQ as bad_id."
+        ),
+    )
+    max_clock_skew_s: float = Field(
+        86_400.0,
+        gt=0,
+        description=(
+            "JODIE_MAX_CLOCK_SKEW_S: how far past the router's event-time watermark (the "
+            "largest timestamp accepted) an event may be; later ones go to the DLQ as "
+            "future_timestamp. The first event is bounded by the wall clock plus this. Must "
+            "exceed the longest quiet period in the stream's event time."
+        ),
+    )
+    max_abs_timestamp: float = Field(
+        1e15,
+        gt=0,
+        description=(
+            "JODIE_MAX_ABS_TIMESTAMP: largest |timestamp| (seconds) accepted at all; beyond it "
+            "an event goes to the DLQ as bad_timestamp."
+        ),
+    )
+    max_feature_abs: float = Field(
+        1e6,
+        gt=0,
+        description=(
+            "JODIE_MAX_FEATURE_ABS: largest |feature| accepted; beyond it (or NaN, inf) an "
+            "event goes to the DLQ as bad_features."
+        ),
+    )
+    max_features: int = Field(
+        4096,
+        ge=0,
+        description=(
+            "JODIE_MAX_FEATURES: most features an event may have (or the served model's "
+            "count, if larger); a longer array is refused unread, and a first event cannot "
+            "fix an absurd length."
+        ),
+    )
+
     # --- workers ------------------------------------------------------------------------------
     state_dir: Path = Field(
         default_factory=lambda: _default_cache() / "state",

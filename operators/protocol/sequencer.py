@@ -10,13 +10,27 @@ and any partitioning computes what a sequential replay in sequence order compute
 The order is ``(timestamp, event_id)`` across the client partitions (a k-way merge): events of
 one partition are taken in partition order, and a head is released only when every other
 partition has a later head or is idle (caught up, see the streaming layer's grace period). An
-event that fails ``validate`` (a missing id, a non-finite timestamp or feature, a bad label, a
-feature length other than the one already known) is rejected when it is offered, so it never
-takes part in the merge: a timestamp of ``inf`` would hold back its partition until every other
-one drained, and ``nan`` keys compare inconsistently. An event that arrives after a later event
-of the same user or item was sequenced is rejected as ``time_backwards`` (it goes to the DLQ);
-a re-sent event id is dropped as a duplicate. Rejections stay in line with their partition's
-events, so an offset is committed only past what was handled.
+event that fails ``validate`` (an empty, over-long or control-character id, a non-finite or
+absurd timestamp, a non-finite or huge feature, a bad label, a feature length other than the
+one already known) or lies too far in the future (see *Watermark*) is rejected when it is
+offered, so it never takes part in the merge: a timestamp of ``inf`` would hold back its
+partition until every other one drained, and ``nan`` keys compare inconsistently. An event
+that arrives after a later event of the same user or item was sequenced is rejected as
+``time_backwards`` (it goes to the DLQ); a re-sent event id is dropped as a duplicate.
+Rejections stay in line with their partition's events, so an offset is committed only past
+what was handled. A rejected event changes no state: it is as if it had never been sent.
+
+Watermark: the largest timestamp of the events accepted so far, i.e. sequenced (restored from
+the log after a restart) or valid and waiting in the merge. An event later than the watermark
+plus ``Limits.max_clock_skew_s`` is rejected as ``future_timestamp``: accepted, it would make
+every later event of its user and item ``time_backwards``, so one message could silence a
+popular item. Events waiting in the merge count because one partition's buffer may run far
+ahead of the others' in event time (a backlog read unevenly); rejected events never count.
+Before the first accepted event there is no watermark: the event is bounded by ``clock() +
+max_clock_skew_s`` when the sequencer has a clock (the router passes the wall clock), and
+only by ``Limits.max_abs_timestamp`` otherwise. The watermark only moves by accepted events,
+so a quiet period in event time longer than the skew makes the events after it rejected:
+the skew must exceed the longest gap between consecutive events the stream may have.
 
 >>> s = Sequencer(partitions=[0, 1], n_features=0)
 >>> s.offer(0, Interaction("e1", "u", "i", 1.0, (), None), offset=0)
@@ -29,8 +43,9 @@ from __future__ import annotations
 
 import heapq
 import math
+import re
 from collections import deque
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -38,7 +53,9 @@ RejectReason = Literal[
     "malformed",
     "unknown_schema",
     "missing_id",
+    "bad_id",
     "bad_timestamp",
+    "future_timestamp",
     "bad_features",
     "feature_length",
     "bad_label",
@@ -99,20 +116,79 @@ class DrainResult:
     duplicates: int = 0
 
 
-def validate(event: Interaction, n_features: int | None) -> tuple[RejectReason, str] | None:
-    """Why an event cannot be applied, or None when it is valid."""
-    if not event.event_id:
-        return "missing_id", "empty event_id"
-    if not event.user_id:
-        return "missing_id", "empty user_id"
-    if not event.item_id:
-        return "missing_id", "empty item_id"
+@dataclass(frozen=True)
+class Limits:
+    """Bounds on what an event may hold (the router takes them from its settings).
+
+    ``max_id_length``: characters per id; ids are also table keys and Kafka keys.
+    ``max_abs_timestamp``: seconds; past it an event is absurd whatever the stream (1e15 s is
+    about 30 million years, and keeps every difference of two timestamps finite in float32).
+    ``max_clock_skew_s``: how far past the watermark an event may be (see the module doc).
+    ``max_feature_abs``: a larger feature saturates the RNN and swamps every other input.
+    ``max_features``: the most features any event may have (or the known length, if larger),
+    so that a huge array is refused unread and the first event cannot fix an absurd length.
+    """
+
+    max_id_length: int = 256
+    max_abs_timestamp: float = 1e15
+    max_clock_skew_s: float = 86_400.0
+    max_feature_abs: float = 1e6
+    max_features: int = 4096
+
+
+# Unicode category Cc (C0, DEL, C1) and lone surrogates (Cs, which UTF-8 cannot encode): a NUL
+# separates the entity from the epoch in table keys, and the others break logs and keys.
+_BAD_ID_CHAR = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+
+
+def _id_problem(field_name: str, value: str, limits: Limits) -> tuple[RejectReason, str] | None:
+    if not value:
+        return "missing_id", f"empty {field_name}"
+    if len(value) > limits.max_id_length:  # checked first: the scan below is then bounded
+        return (
+            "bad_id",
+            f"{field_name} has {len(value)} characters, more than {limits.max_id_length}",
+        )
+    bad = _BAD_ID_CHAR.search(value)
+    if bad is not None:
+        return "bad_id", f"{field_name} holds control character U+{ord(bad.group()):04X}"
+    return None
+
+
+def validate(
+    event: Interaction, n_features: int | None, limits: Limits = Limits()
+) -> tuple[RejectReason, str] | None:
+    """Why an event cannot be applied, or None when it is valid (order-free checks only).
+
+    >>> validate(Interaction("e", "u\\x00", "i", 1.0, (), None), n_features=0)
+    ('bad_id', 'user_id holds control character U+0000')
+    """
+    for field_name in ("event_id", "user_id", "item_id"):
+        problem = _id_problem(field_name, getattr(event, field_name), limits)
+        if problem is not None:
+            return problem
     if not math.isfinite(event.timestamp):
         return "bad_timestamp", f"timestamp {event.timestamp} is not finite"
-    if not all(math.isfinite(x) for x in event.features):
-        return "bad_features", "a feature is NaN or infinite"
-    if n_features is not None and len(event.features) != n_features:
-        return "feature_length", f"expected {n_features} features, got {len(event.features)}"
+    if abs(event.timestamp) > limits.max_abs_timestamp:
+        return (
+            "bad_timestamp",
+            f"timestamp {event.timestamp} is beyond ±{limits.max_abs_timestamp:g} s",
+        )
+    # A huge array is refused by its length alone, before any look at its values; below the
+    # cap, bad values are named before a wrong count (the more specific reason).
+    count = len(event.features)
+    if count > max(limits.max_features, n_features or 0):
+        if n_features is not None:
+            return "feature_length", f"expected {n_features} features, got {count}"
+        return "feature_length", f"{count} features, more than {limits.max_features}"
+    bound = limits.max_feature_abs
+    # NaN fails every comparison, so this one pass also finds NaN and ±inf.
+    if not all(-bound <= x <= bound for x in event.features):
+        if not all(math.isfinite(x) for x in event.features):
+            return "bad_features", "a feature is NaN or infinite"
+        return "bad_features", f"a feature is beyond ±{bound:g}"
+    if n_features is not None and count != n_features:
+        return "feature_length", f"expected {n_features} features, got {count}"
     if event.state_label not in (None, 0, 1):
         return "bad_label", f"state_label {event.state_label} is not 0, 1 or null"
     return None
@@ -137,9 +213,19 @@ class Sequencer:
     no state of its own outside Kafka.
     """
 
-    def __init__(self, partitions: Iterable[int], n_features: int | None) -> None:
+    def __init__(
+        self,
+        partitions: Iterable[int],
+        n_features: int | None,
+        limits: Limits = Limits(),
+        clock: Callable[[], float] | None = None,
+    ) -> None:
+        """``clock``: seconds since the epoch, to bound the first event (module doc)."""
         self.partitions = sorted(set(partitions))
         self.n_features = n_features
+        self.limits = limits
+        self.clock = clock
+        self.watermark: float | None = None  # the largest timestamp accepted (module doc)
         self.next_seq = 0
         self.last_user: dict[str, tuple[int, float]] = {}
         self.last_item: dict[str, tuple[int, float]] = {}
@@ -161,12 +247,36 @@ class Sequencer:
         order (time going backwards, duplicates, the length fixed by the first event) are
         made when the event leaves the merge.
         """
-        problem = validate(event, self.n_features)
+        problem = validate(event, self.n_features, self.limits) or self._future_problem(event)
         if problem is not None:
             reason, detail = problem
             self.offer_rejected(Rejected(reason, detail, event.event_id, partition, offset))
             return
+        self._raise_watermark(event.timestamp)
         self._buffers[partition].append((offset, event))
+
+    def horizon(self) -> float | None:
+        """The latest timestamp an event offered now may have (None: only the absolute bound)."""
+        if self.watermark is not None:
+            return self.watermark + self.limits.max_clock_skew_s
+        if self.clock is not None:
+            return self.clock() + self.limits.max_clock_skew_s
+        return None
+
+    def _future_problem(self, event: Interaction) -> tuple[RejectReason, str] | None:
+        horizon = self.horizon()
+        if horizon is None or event.timestamp <= horizon:
+            return None
+        basis = "the watermark" if self.watermark is not None else "the clock"
+        return (
+            "future_timestamp",
+            f"timestamp {event.timestamp} is past {horizon} ({basis} "
+            f"+ {self.limits.max_clock_skew_s:g} s)",
+        )
+
+    def _raise_watermark(self, timestamp: float) -> None:
+        if self.watermark is None or timestamp > self.watermark:
+            self.watermark = timestamp
 
     def offer_rejected(self, rejected: Rejected) -> None:
         """Queue an event that failed before it could be merged (malformed bytes, unknown
@@ -229,7 +339,7 @@ class Sequencer:
     def _sequence(self, head: _Head, result: DrainResult) -> None:
         event = head.event
         # Checked again: the feature length may have been fixed since the event was offered.
-        problem = validate(event, self.n_features)
+        problem = validate(event, self.n_features, self.limits)
         if problem is None and event.event_id in self.seen:
             result.duplicates += 1
             return
@@ -279,3 +389,4 @@ class Sequencer:
         if e.seq > self.last_item.get(ev.item_id, (-1, 0.0))[0]:
             self.last_item[ev.item_id] = (e.seq, ev.timestamp)
         self.seen.add(ev.event_id)
+        self._raise_watermark(ev.timestamp)

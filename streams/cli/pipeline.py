@@ -21,7 +21,11 @@ def router(
         float, typer.Option(help="Seconds a caught-up partition must stay quiet to count as idle.")
     ] = 0.5,
     features: Annotated[
-        int | None, typer.Option(help="Feature length to enforce (default: the first event's).")
+        int | None,
+        typer.Option(
+            help="Feature length to enforce without --model (default: the first event's); "
+            "with --model, the served version's is enforced instead."
+        ),
     ] = None,
     model: Annotated[
         str | None,

@@ -25,6 +25,7 @@ from confluent_kafka import KafkaError, TopicPartition
 from operators.dataset import Row, bundled_wikipedia, iter_rows
 from schemas import INTERACTION, Codec, load_schema
 from streams.codecs import make_codec
+from streams.models import Registry
 from streams.peek import partition_counts
 from streams.produce import event_id, source_tag, to_record
 from streams.router import Router, read_log
@@ -308,3 +309,156 @@ def test_an_infinite_timestamp_holds_back_nothing(kafka: Settings) -> None:
 
 def test_a_nan_timestamp_holds_back_nothing(kafka: Settings) -> None:
     _one_bad_timestamp(kafka, math.nan)
+
+
+# --- hostile input: ids, timestamps and features that would poison the workers ----------------
+
+HOSTILE_N = 300  # valid rows around the hostile events
+DAY = 86_400.0
+
+
+def _hostile(settings: Settings) -> Stream:
+    """Valid rows of the file with hostile events slipped in between them."""
+    tag = source_tag(bundled_wikipedia())
+    codec = make_codec(settings, INTERACTION, settings.topic("interactions"))
+    rows = _rows(HOSTILE_N)
+
+    def record(name: str, k: int, **fields: Any) -> dict[str, Any]:
+        mid = (rows[k - 1].timestamp + rows[k].timestamp) / 2
+        base = {**to_record(rows[k], tag), "event_id": f"{tag}:hostile-{name}", "timestamp": mid}
+        return {**base, **fields}
+
+    def bad(name: str, reason: str, k: int, detail: str, **fields: Any) -> Bad:
+        value = record(name, k, **fields)
+        return Bad(name, reason, str(value["user_id"]).encode(), codec.encode(value), k, detail)
+
+    # The busiest user and item, dated two days past the stream's last event, just after their
+    # first events: accepted, it would make each of their later events time_backwards.
+    user = Counter(r.user_id for r in rows).most_common(1)[0][0]
+    item = Counter(r.item_id for r in rows).most_common(1)[0][0]
+    after = max(
+        min(k for k, r in enumerate(rows) if r.user_id == user),
+        min(k for k, r in enumerate(rows) if r.item_id == item),
+    )
+    assert any(r.user_id == user for r in rows[after + 1 :])
+    assert any(r.item_id == item for r in rows[after + 1 :])
+    future = rows[-1].timestamp + 2 * DAY
+
+    g = _gaps(rows, 11)
+    hostile = [
+        bad(
+            "nul-event",
+            "bad_id",
+            g[0],
+            "event_id holds control character U+0000",
+            event_id=f"{tag}:hostile\x00v1@0",
+        ),
+        bad(
+            "nul-user",
+            "bad_id",
+            g[1],
+            "user_id holds control character U+0000",
+            user_id=f"{rows[g[1]].user_id}\x00v1@0",
+        ),
+        bad(
+            "nul-item",
+            "bad_id",
+            g[2],
+            "item_id holds control character U+0000",
+            item_id=f"{rows[g[2]].item_id}\x00",
+        ),
+        bad("empty-event", "missing_id", g[3], "empty event_id", event_id=""),
+        bad("long-user", "bad_id", g[4], "user_id has 10000 characters", user_id="u" * 10_000),
+        bad("huge-time", "bad_timestamp", g[5], "is beyond", timestamp=1e300),
+        bad("nan-feature", "bad_features", g[6], "NaN or infinite", features=[math.nan]),
+        bad("inf-feature", "bad_features", g[7], "NaN or infinite", features=[math.inf]),
+        bad("big-feature", "bad_features", g[8], "beyond ±1e+06", features=[1e7]),
+        bad("many-features", "feature_length", g[9], "100000", features=[0.0] * 100_000),
+        bad("escape-id", "bad_id", g[10], "U+001B", item_id="\x1b[31mred"),
+    ]
+    far = {
+        **to_record(rows[after], tag),
+        "event_id": f"{tag}:hostile-future",
+        "user_id": user,
+        "item_id": item,
+        "timestamp": future,
+    }
+    hostile.append(
+        Bad(
+            "future",
+            "future_timestamp",
+            user.encode(),
+            codec.encode(far),
+            after + 1,
+            f"timestamp {future} is past",
+        )
+    )
+    valid = [(r.user_id.encode(), codec.encode(to_record(r, tag))) for r in rows]
+    messages: list[tuple[bytes, bytes]] = []
+    for k in range(HOSTILE_N + 1):
+        messages += [(b.key, b.value) for b in hostile if b.before == k]
+        if k < HOSTILE_N:
+            messages.append(valid[k])
+    assert len({b.value for b in hostile}) == len(hostile)
+    return Stream([event_id(tag, r.line) for r in rows], hostile, messages)
+
+
+def test_hostile_input_goes_to_the_dlq_and_the_valid_rows_flow_through_the_worker(
+    kafka: Settings, checkpoint: Path, tmp_path: Path
+) -> None:
+    stream = _hostile(kafka)
+    _produce(kafka, stream.messages)
+
+    stats = Router(kafka, grace_s=0.2).run(until_idle_s=1.0, max_seconds=120)
+    assert (stats.sequenced, stats.rejected, stats.duplicates) == (HOSTILE_N, len(stream.bad), 0)
+    assert stats.rejected_by_reason == dict(Counter(b.reason for b in stream.bad))
+    # As if never sent: the log is the valid rows in file order, the busiest user's and item's
+    # events after the far-future one included.
+    assert [e.event.event_id for e in read_log(kafka)] == stream.valid_ids
+
+    dlq = _read_dlq(kafka)
+    assert Counter((m.headers.get("reason"), m.key, m.value) for m in dlq) == Counter(
+        (b.reason.encode(), b.key, b.value) for b in stream.bad
+    )
+    for b in stream.bad:
+        (m,) = [m for m in dlq if m.value == b.value]
+        assert b.detail in m.headers["detail"].decode(), (b.name, m.headers["detail"])
+
+    worker = start_worker(kafka, checkpoint, 0, tmp_path)
+    try:
+        wait_for(kafka, HOSTILE_N, timeout_s=240)
+    finally:
+        stop(worker)
+    log = (tmp_path / "worker-0.log").read_text()[-3000:]
+    recs = wait_for(kafka, HOSTILE_N, timeout_s=60)
+    assert Counter(str(r["event_id"]) for r in recs) == Counter(stream.valid_ids), log
+    rows = range(HISTORY, HISTORY + HOSTILE_N)
+    assert_equal_to_reference(kafka, checkpoint, reference(checkpoint, rows))
+
+
+def test_the_served_model_fixes_the_feature_length_not_the_first_event(
+    kafka: Settings, checkpoint: Path, tmp_path: Path
+) -> None:
+    """With --model, an event whose length differs from the served version's (0 here) is
+    rejected even when it comes first; without, it would fix the length and reject the rest."""
+    n = 40
+    registry = Registry(kafka, name="poison")
+    registry.promote(registry.announce(checkpoint, store=tmp_path / "store")["version"])
+    tag = source_tag(bundled_wikipedia())
+    codec = make_codec(kafka, INTERACTION, kafka.topic("interactions"))
+    rows = _rows(n)
+    first = {
+        **to_record(rows[0], tag),
+        "event_id": f"{tag}:hostile-first",
+        "timestamp": rows[0].timestamp - 1.0,
+        "features": [0.5, 0.25],
+    }
+    messages = [(rows[0].user_id.encode(), codec.encode(first))]
+    messages += [(r.user_id.encode(), codec.encode(to_record(r, tag))) for r in rows]
+    _produce(kafka, messages)
+
+    stats = Router(kafka, grace_s=0.2, model="poison").run(until_idle_s=1.0, max_seconds=120)
+    assert (stats.sequenced, stats.rejected_by_reason) == (n, {"feature_length": 1})
+    (m,) = _read_dlq(kafka)
+    assert m.headers["detail"] == b"expected 0 features, got 2"
+    assert [e.event.event_id for e in read_log(kafka)] == [event_id(tag, r.line) for r in rows]

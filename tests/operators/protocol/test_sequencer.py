@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from operators.protocol.sequencer import DrainResult, Interaction, Sequencer, validate
+from operators.protocol.sequencer import DrainResult, Interaction, Limits, Sequencer, validate
 
 
 def ev(eid: str, user: str, item: str, t: float, features: tuple[float, ...] = ()) -> Interaction:
@@ -207,7 +207,7 @@ def schedules(draw: st.DrawFn) -> tuple[int, list[list[Interaction]], list[Any],
             st.sampled_from(["bad", "e0", "e1"]),
             st.sampled_from(["u0", "u1", "u9"]),
             st.sampled_from(["i0", "i9"]),
-            st.sampled_from([math.inf, -math.inf, math.nan]),
+            st.sampled_from([math.inf, -math.inf, math.nan, 1e300, -1e300, 1e9]),
         )
     )
     parts[q].insert(where, bad)
@@ -225,7 +225,8 @@ def _run(
 ) -> list[tuple[DrainResult, dict[int, int], list[int]]]:
     """After each drain: its result, the committable offsets and how many events each
     partition has sent so far; ``skip``: an event not offered."""
-    s = Sequencer(partitions=range(len(parts)), n_features=0)
+    # The clock bounds a far-future bad event even when it comes first (no watermark yet).
+    s = Sequencer(partitions=range(len(parts)), n_features=0, clock=lambda: 10.0)
     sent = [0] * len(parts)
     nxt = dict.fromkeys(range(len(parts)), 0)
     out = []
@@ -245,7 +246,7 @@ def _run(
 
 @settings(max_examples=300, deadline=None)
 @given(schedules())
-def test_a_non_finite_timestamp_never_delays_or_reorders_valid_events(
+def test_a_bad_timestamp_never_delays_or_reorders_valid_events(
     case: tuple[int, list[list[Interaction]], list[Any], Interaction, int],
 ) -> None:
     q, parts, steps, bad, where = case
@@ -267,4 +268,187 @@ def test_a_non_finite_timestamp_never_delays_or_reorders_valid_events(
         # Once offered, the bad event waits only for the events before it on its partition:
         # after a drain it is never what the offset of its partition stops at.
         assert sent[q] <= where or committable[q] != where
-    assert [(r.reason, r.event_id) for r in found] == [("bad_timestamp", bad.event_id)]
+    # 1e9 is finite and below the absolute bound, but a day past the clock and every event.
+    reason = "future_timestamp" if bad.timestamp == 1e9 else "bad_timestamp"
+    assert [(r.reason, r.event_id) for r in found] == [(reason, bad.event_id)]
+
+
+# --- hostile input: ids, timestamps, features (poison is data) ---------------------------------
+
+DAY = 86_400.0
+
+
+@pytest.mark.parametrize("name", ["event_id", "user_id", "item_id"])
+@pytest.mark.parametrize("char", ["\x00", "\n", "\x1b", "\x7f", "\x85"])
+def test_a_control_character_in_any_id_is_a_bad_id(name: str, char: str) -> None:
+    fields = {"event_id": "e", "user_id": "u", "item_id": "i", name: f"a{char}b"}
+    event = Interaction(fields["event_id"], fields["user_id"], fields["item_id"], 1.0, (), None)
+    problem = validate(event, n_features=0)
+    assert problem == ("bad_id", f"{name} holds control character U+{ord(char):04X}")
+
+
+@pytest.mark.parametrize("name", ["event_id", "user_id", "item_id"])
+def test_an_empty_id_is_missing(name: str) -> None:
+    fields = {"event_id": "e", "user_id": "u", "item_id": "i", name: ""}
+    event = Interaction(fields["event_id"], fields["user_id"], fields["item_id"], 1.0, (), None)
+    assert validate(event, n_features=0) == ("missing_id", f"empty {name}")
+
+
+@pytest.mark.parametrize("name", ["event_id", "user_id", "item_id"])
+def test_an_over_long_id_is_a_bad_id(name: str) -> None:
+    fields = {"event_id": "e", "user_id": "u", "item_id": "i", name: "x" * 10_000}
+    event = Interaction(fields["event_id"], fields["user_id"], fields["item_id"], 1.0, (), None)
+    assert validate(event, n_features=0) == (
+        "bad_id",
+        f"{name} has 10000 characters, more than 256",
+    )
+    at_limit = "x" * 256
+    assert validate(ev(at_limit, at_limit, at_limit, 1.0), n_features=0) is None
+    assert validate(event, n_features=0, limits=Limits(max_id_length=10_000)) is None
+
+
+def test_a_lone_surrogate_in_an_id_is_a_bad_id() -> None:
+    # Not encodable as UTF-8, so it could not become a Kafka key or a table key.
+    problem = validate(ev("e", "u\ud800", "i", 1.0), n_features=0)
+    assert problem == ("bad_id", "user_id holds control character U+D800")
+
+
+def test_printable_unicode_ids_are_valid() -> None:
+    assert validate(ev("é-1", "用户 7", "🎵 item", 1.0), n_features=0) is None
+
+
+@pytest.mark.parametrize("t", [1e300, -1e300, 1.5e15, -1.5e15])
+def test_an_absurd_timestamp_is_rejected_outright(t: float) -> None:
+    problem = validate(ev("x", "u", "i", t), n_features=0)
+    assert problem is not None and problem[0] == "bad_timestamp"
+    assert validate(ev("x", "u", "i", 1e15), n_features=0) is None
+
+
+def test_a_far_future_timestamp_is_rejected_and_does_not_poison_the_chains() -> None:
+    s = Sequencer(partitions=[0], n_features=0)
+    s.offer(0, ev("a", "u", "i", 100.0), 0)
+    s.offer(0, ev("future", "u", "i", 100.0 + DAY + 1.0), 1)  # a popular item's next event
+    s.offer(0, ev("edge", "v", "j", 100.0 + DAY), 2)  # exactly at the bound: accepted
+    s.offer(0, ev("b", "u", "i", 200.0), 3)  # same user and item: must still be accepted
+    out = s.drain(idle={0})
+    assert [(r.reason, r.event_id, r.offset) for r in out.rejected] == [
+        ("future_timestamp", "future", 1)
+    ]
+    assert out.rejected[0].detail == (
+        f"timestamp {100.0 + DAY + 1.0} is past {100.0 + DAY} (the watermark + 86400 s)"
+    )
+    # One partition is taken in its own order; "b" links to "a" as if "future" never came.
+    assert [(e.event.event_id, e.prev_user_seq, e.prev_item_seq) for e in out.sequenced] == [
+        ("a", -1, -1),
+        ("edge", -1, -1),
+        ("b", 0, 0),
+    ]
+    assert s.watermark == 100.0 + DAY
+
+
+def test_the_first_event_is_bounded_by_the_clock_when_there_is_one() -> None:
+    s = Sequencer(partitions=[0], n_features=0, clock=lambda: 1_000.0)
+    s.offer(0, ev("far", "u", "i", 1_000.0 + DAY + 1.0), 0)
+    s.offer(0, ev("near", "u", "i", 0.0), 1)  # timestamps from 0, as in the Wikipedia file
+    out = s.drain(idle={0})
+    assert [r.reason for r in out.rejected] == ["future_timestamp"]
+    assert "(the clock + 86400 s)" in out.rejected[0].detail
+    assert [e.event.event_id for e in out.sequenced] == ["near"]
+    # Without a clock only the absolute bound applies to the first event.
+    bare = Sequencer(partitions=[0], n_features=0)
+    bare.offer(0, ev("far", "u", "i", 1e12), 0)
+    assert [e.event.event_id for e in bare.drain(idle={0}).sequenced] == ["far"]
+
+
+def test_the_watermark_counts_events_waiting_in_the_merge() -> None:
+    # Partition 0's backlog is read days ahead of partition 1 (not idle, nothing yet): its
+    # events wait in the merge, and each is within the skew of the one before.
+    s = Sequencer(partitions=[0, 1], n_features=0)
+    for k in range(4):
+        s.offer(0, ev(f"a{k}", "u", "i", k * 0.9 * DAY), k)
+    assert s.drain(idle=set()).sequenced == []
+    s.offer(1, ev("b", "v", "j", 3.5 * DAY), 0)
+    assert s.drain(idle={0, 1}).rejected == []
+
+
+def test_the_watermark_is_restored_from_the_log() -> None:
+    first = Sequencer(partitions=[0], n_features=0)
+    first.offer(0, ev("a", "u", "i", 5 * DAY), 0)
+    done = first.drain(idle={0}).sequenced
+    again = Sequencer(partitions=[0], n_features=0, clock=lambda: 0.0)
+    again.restore(done)
+    assert again.watermark == 5 * DAY
+    again.offer(0, ev("b", "u", "i", 5.5 * DAY), 1)  # past the clock, within the watermark's
+    again.offer(0, ev("c", "u", "i", 7 * DAY), 2)
+    out = again.drain(idle={0})
+    assert [e.event.event_id for e in out.sequenced] == ["b"]
+    assert [r.reason for r in out.rejected] == ["future_timestamp"]
+
+
+@pytest.mark.parametrize(
+    ("features", "detail"),
+    [
+        ((math.nan, 0.0), "a feature is NaN or infinite"),
+        ((0.0, math.inf), "a feature is NaN or infinite"),
+        ((-math.inf, 0.0), "a feature is NaN or infinite"),
+        ((1e6 + 1, 0.0), "a feature is beyond ±1e+06"),
+        ((0.0, -1e300), "a feature is beyond ±1e+06"),
+    ],
+)
+def test_a_non_finite_or_huge_feature_is_rejected(features: tuple[float, ...], detail: str) -> None:
+    assert validate(ev("x", "u", "i", 1.0, features), n_features=2) == ("bad_features", detail)
+    assert validate(ev("x", "u", "i", 1.0, (1e6, -1e6)), n_features=2) is None
+
+
+class _Uniterable(tuple):  # type: ignore[type-arg]
+    """Features whose values must not be looked at (a huge array is refused by its length)."""
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        raise AssertionError("iterated")
+
+
+@pytest.mark.parametrize("n_features", [2, None])
+def test_a_huge_feature_array_is_refused_by_its_length_alone(n_features: int | None) -> None:
+    huge = _Uniterable([0.0] * 100_000)
+    problem = validate(ev("x", "u", "i", 1.0, huge), n_features=n_features)
+    detail = "expected 2 features, got 100000" if n_features else "100000 features, more than 4096"
+    assert problem == ("feature_length", detail)
+
+
+def test_a_huge_first_event_does_not_fix_the_feature_length() -> None:
+    s = Sequencer(partitions=[0], n_features=None)
+    s.offer(0, ev("huge", "u", "i", 1.0, (0.0,) * 100_000), 0)
+    s.offer(0, ev("ok", "u", "i", 2.0, (0.5, 0.5)), 1)
+    out = s.drain(idle={0})
+    assert [r.reason for r in out.rejected] == ["feature_length"]
+    assert [e.event.event_id for e in out.sequenced] == ["ok"] and s.n_features == 2
+
+
+def test_a_rejected_event_changes_no_state() -> None:
+    hostile = [
+        ev("nul", "u\x00", "i", 3.0),
+        ev("long", "u", "i" * 10_000, 3.0),
+        ev("", "u", "i", 3.0),
+        ev("huge-t", "u", "i", 1e300),
+        ev("future", "u", "i", 2.0 + 2 * DAY),
+        ev("nan-f", "u", "i", 3.0, (math.nan,)),
+        ev("big-f", "u", "i", 3.0, (1e7,)),
+        ev("count", "u", "i", 3.0, (0.0, 0.0)),
+    ]
+    s = Sequencer(partitions=[0], n_features=1, clock=lambda: 0.0)
+    s.offer(0, ev("a", "u", "i", 2.0, (0.0,)), 0)
+    s.drain(idle={0})
+
+    def snapshot() -> tuple[Any, ...]:
+        users, items, seen = dict(s.last_user), dict(s.last_item), set(s.seen)
+        return (s.next_seq, users, items, seen, s.watermark, s.n_features)
+
+    before = snapshot()
+    for k, bad in enumerate(hostile, start=1):
+        s.offer(0, bad, k)
+    out = s.drain(idle={0})
+    assert len(out.rejected) == len(hostile) and not out.sequenced
+    assert snapshot() == before
+    s.offer(0, ev("b", "u", "i", 4.0, (1.0,)), len(hostile) + 1)
+    (b,) = s.drain(idle={0}).sequenced
+    assert (b.seq, b.prev_user_seq, b.prev_item_seq, b.prev_user_time) == (1, 0, 0, 2.0)
