@@ -29,22 +29,15 @@ from typing import Any
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Producer, TopicPartition
 
-from operators.model.checkpoint import read_meta
 from operators.model.exceptions import CheckpointError
-from operators.protocol.sequencer import (
-    Interaction,
-    Limits,
-    Rejected,
-    SequencedEvent,
-    Sequencer,
-)
+from operators.protocol.sequencer import Interaction, Rejected, SequencedEvent, Sequencer
 from operators.protocol.sides import EventData
 from schemas import INTERACTION, SEQUENCED_INTERACTION, DecodeError, SchemaError
 from schemas.codec import INBOX_MESSAGE, Codec
 from streams.app.epochs import UNSTAMPED, Epoch, epoch_of
+from streams.bounds import limits_of, model_features
 from streams.codecs import make_codec
 from streams.exceptions import RegistryError
-from streams.models import verified
 from streams.peek import read_all
 from streams.records import inbox_event
 from streams.runtime.clients import committed_reader, transactional_producer
@@ -64,32 +57,6 @@ class RouterStats:
     transactions: int = 0
     switches: list[dict[str, Any]] = field(default_factory=list)
     refused: list[str] = field(default_factory=list)  # promoted versions that could not start
-
-
-def limits_of(settings: Settings) -> Limits:
-    """The sequencer's bounds on an event, from the settings."""
-    return Limits(
-        max_id_length=settings.max_id_length,
-        max_abs_timestamp=settings.max_abs_timestamp,
-        max_clock_skew_s=settings.max_clock_skew_s,
-        max_feature_abs=settings.max_feature_abs,
-        max_features=settings.max_features,
-    )
-
-
-def model_features(announcement: dict[str, Any]) -> int:
-    """The feature count of an announced version, from its checkpoint's config.
-
-    The checkpoint is digest-checked first, as workers do: a length read from a tampered
-    config would reject the events the served weights expect.
-    """
-    meta = read_meta(verified(announcement))
-    try:
-        return int(meta["model_config"]["n_features"])
-    except (KeyError, TypeError, ValueError) as err:
-        raise CheckpointError(
-            f"{announcement['uri']}: no n_features in its model config ({err})"
-        ) from None
 
 
 def to_log_record(e: SequencedEvent) -> dict[str, Any]:
