@@ -78,8 +78,9 @@ def topics_show(
     )
     schema = {
         "interactions": "interaction",
-        "interactions.log": "interaction",
+        "interactions.log": "sequenced_interaction",
         "recommendations": "recommendation",
+        "evaluations": "evaluation",
         "models": "model_announcement",
     }.get(topic)
     if schema is None:
