@@ -26,14 +26,17 @@ reconstructed are counted as ``unranked``, never ranked wrongly.
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass, field
+from functools import partial
+from operator import attrgetter
 
 import numpy as np
 import torch
 
 from operators.model.jodie import Jodie, squared_distances, squared_distances_many
 from operators.model.kernel import query
-from operators.model.static import static_embeddings
+from operators.model.static import static_tensor
 
 
 @dataclass(frozen=True)
@@ -89,7 +92,7 @@ class LiveRanks:
     _n: int = field(init=False)
     _arrived: dict[int, tuple[str, np.ndarray]] = field(init=False, default_factory=dict)
     _queries: list[Query] = field(init=False, default_factory=list)
-    _undo: list[_Undo] = field(init=False, default_factory=list)
+    _undo: deque[_Undo] = field(init=False, default_factory=deque)
 
     def __post_init__(self) -> None:
         cfg = self.model.config
@@ -107,7 +110,7 @@ class LiveRanks:
         with torch.no_grad():
             self._p_init = self.model.initial_item().detach().numpy().reshape(1, -1)
         self._no_static = np.zeros((1, cfg.item_static_dim), np.float32)
-        self._statics: dict[str, torch.Tensor] = {}
+        self._user_static = partial(static_tensor, "user", dim=cfg.user_static_dim)
 
     # -- inputs ----------------------------------------------------------------------------
     def item_vector(self, seq: int, item_id: str, vector: np.ndarray) -> None:
@@ -138,9 +141,11 @@ class LiveRanks:
         Scores are then computed for many queries at once against the folded states, the
         rows folded since each query's seq taken at their state then.
         """
-        late = sorted((q for q in self._queries if q.seq < self.watermark), key=_by_seq)
+        late = sorted((q for q in self._queries if q.seq < self.watermark), key=attrgetter("seq"))
         ranked = self._score([(q, self._predict(q, self._at(q.seq)[0])) for q in late])
-        waiting = sorted((q for q in self._queries if q.seq >= self.watermark), key=_by_seq)
+        waiting = sorted(
+            (q for q in self._queries if q.seq >= self.watermark), key=attrgetter("seq")
+        )
         todo: list[tuple[Query, torch.Tensor]] = []
         group = self._group()
         i = 0
@@ -171,8 +176,8 @@ class LiveRanks:
         ranked += self._score(todo)
         self._queries = waiting[i:]
         horizon = self.watermark - self.undo_window
-        if self._undo and self._undo[0].seq < horizon:
-            self._undo = [u for u in self._undo if u.seq >= horizon]
+        while self._undo and self._undo[0].seq < horizon:
+            self._undo.popleft()
         return ranked
 
     def _fold(self, seq: int, item_id: str, vector: np.ndarray) -> None:
@@ -268,21 +273,6 @@ class LiveRanks:
         """Queries scored in one batched call: as many as ``_SCORE_FLOATS`` allows, ≤ 64."""
         width = self._dyn.shape[1] + self._static.shape[1]
         return max(1, min(64, _SCORE_FLOATS // (max(1, self._n) * width)))
-
-    def _user_static(self, user_id: str) -> torch.Tensor:
-        cached = self._statics.get(user_id)
-        if cached is None:
-            if len(self._statics) >= 1 << 16:  # bounded: a static is cheap to recompute
-                self._statics.clear()
-            dim = self.model.config.user_static_dim
-            cached = self._statics[user_id] = torch.from_numpy(
-                static_embeddings("user", [user_id], dim)
-            )
-        return cached
-
-
-def _by_seq(q: Query) -> int:
-    return q.seq
 
 
 #: Floats of one batched distance computation (B × n × (d + s)): 16 MB.

@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
+from functools import lru_cache
 from typing import Literal
 
 import numpy as np
+import torch
 
 Kind = Literal["user", "item"]
 
@@ -31,3 +33,10 @@ def static_embeddings(kind: Kind, ids: Sequence[str], dim: int) -> np.ndarray:
     bits = np.unpackbits(np.frombuffer(raw, dtype=np.uint8).reshape(len(ids), n_bytes), axis=1)
     signs = bits[:, :dim].astype(np.float32) * 2.0 - 1.0  # (n, dim) in {-1, +1}
     return signs * np.float32(1.0 / np.sqrt(dim))
+
+
+@lru_cache(maxsize=1 << 17)
+def static_tensor(kind: Kind, entity_id: str, dim: int) -> torch.Tensor:
+    """One id's static vector as a (1, dim) tensor, cached: the stream's sides and its live
+    evaluation ask for the same ids again and again (each is a hash)."""
+    return torch.from_numpy(static_embeddings(kind, [entity_id], dim))

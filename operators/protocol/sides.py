@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from functools import lru_cache
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -30,7 +30,7 @@ from operators.model.checkpoint import Checkpoint
 from operators.model.jodie import Jodie, standardise_delta
 from operators.model.kernel import query, step
 from operators.model.online import gap
-from operators.model.static import static_embeddings
+from operators.model.static import static_tensor
 from operators.protocol.exchange import Apply, ApplyMany, Pending, Ready
 
 NAN = float("nan")
@@ -104,25 +104,13 @@ class StreamModel:
             self._u_init = model.initial_user().detach().reshape(1, -1)  # (1, d)
             self._i_init = model.initial_item().detach().reshape(1, -1)  # (1, d)
         self._no_features = torch.zeros(1, cfg.n_features)
-        self._no_item_static = torch.zeros(1, cfg.item_static_dim)
         self._du = (cfg.delta_user_mean, cfg.delta_user_std)
         self._di = (cfg.delta_item_mean, cfg.delta_item_std)
         # Default horizon: the mean gap between a user's events in the training data, i.e.
         # "where will this user be at their next event".
         self.horizon_s = cfg.delta_user_mean if horizon_s is None else horizon_s
-        self._user_static = lru_cache(maxsize=1 << 16)(self._static_user)
-        self._item_static = lru_cache(maxsize=1 << 16)(self._static_item)
-
-    # -- helpers ---------------------------------------------------------------------------
-    def _static_user(self, user_id: str) -> Tensor:
-        return torch.from_numpy(static_embeddings("user", [user_id], self.config.user_static_dim))
-
-    def _static_item(self, item_id: str) -> Tensor:
-        return torch.from_numpy(static_embeddings("item", [item_id], self.config.item_static_dim))
-
-    def item_static(self, item_id: str) -> np.ndarray:
-        """ī of an item; (s_item,)."""
-        return self._item_static(item_id).numpy().reshape(-1)
+        self._user_static = partial(static_tensor, "user", dim=cfg.user_static_dim)
+        self._item_static = partial(static_tensor, "item", dim=cfg.item_static_dim)
 
     # -- batched inputs ----------------------------------------------------------------------
     def _dyns(self, states: list[EntityState], initial: Tensor) -> Tensor:
