@@ -33,7 +33,7 @@ from operators.evaluation.scorer import PlainScorer
 from operators.model.checkpoint import load_checkpoint
 from streams.produce import produce_rows
 from streams.router import Router
-from streams.tail import tail_evaluations, tail_recommendations
+from streams.tail import tail
 from streams.topics import scratch_topics
 
 
@@ -72,7 +72,7 @@ def main() -> None:
                 )
             recs: list[dict] = []
             while time.monotonic() - began < args.timeout:
-                recs = list(tail_recommendations(settings, idle_timeout_s=2.0))
+                recs = list(tail(settings, "recommendations", idle_timeout_s=2.0))
                 if len(recs) >= n:
                     break
                 time.sleep(2.0)
@@ -85,7 +85,7 @@ def main() -> None:
             while len(evaluations) < expected and time.monotonic() - began < args.timeout:
                 evaluations = {
                     int(e["seq"]): int(e["rank"])
-                    for e in tail_evaluations(settings, idle_timeout_s=2.0)
+                    for e in tail(settings, "evaluations", idle_timeout_s=2.0)
                 }
         finally:
             for proc in workers:

@@ -9,8 +9,29 @@ from typing import Any
 from confluent_kafka.schema_registry import Schema as RegistrySchema
 from confluent_kafka.schema_registry import SchemaRegistryClient
 
-from schemas.codec import Codec, ConfluentFraming, Framing, Schema, SingleObjectFraming
+from schemas.codec import (
+    EVALUATION,
+    INTERACTION,
+    MODEL_ANNOUNCEMENT,
+    RECOMMENDATION,
+    SEQUENCED_INTERACTION,
+    Codec,
+    ConfluentFraming,
+    Framing,
+    Schema,
+    SingleObjectFraming,
+)
 from streams.settings import Settings
+
+#: The schema of each Avro topic of the pipeline, by its name without the prefix (the
+#: inboxes and the tables' changelogs are internal and left out).
+TOPIC_SCHEMAS = {
+    "interactions": INTERACTION,
+    "interactions.log": SEQUENCED_INTERACTION,
+    "recommendations": RECOMMENDATION,
+    "evaluations": EVALUATION,
+    "models": MODEL_ANNOUNCEMENT,
+}
 
 
 class RegistryResolver:

@@ -5,51 +5,30 @@ from __future__ import annotations
 import uuid
 from collections import Counter
 from collections.abc import Iterable, Iterator
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from confluent_kafka import KafkaError
 
 from operators.evaluation.metrics import mrr, recall_at_k
-from schemas import RECOMMENDATION, Codec
-from schemas.codec import EVALUATION
+from schemas import Codec
+from streams.codecs import TOPIC_SCHEMAS
 from streams.runtime.clients import committed_reader
 from streams.settings import Settings
 
 
-def tail_recommendations(
+def tail(
     settings: Settings,
+    name: Literal["recommendations", "evaluations"],
     follow: bool = False,
     user: str | None = None,
     limit: int | None = None,
     idle_timeout_s: float = 3.0,
 ) -> Iterator[dict[str, Any]]:
-    """Decoded recommendations from the start; without ``follow``, stop at the end."""
-    return _tail(settings, "recommendations", RECOMMENDATION, follow, user, limit, idle_timeout_s)
-
-
-def tail_evaluations(
-    settings: Settings,
-    follow: bool = False,
-    user: str | None = None,
-    limit: int | None = None,
-    idle_timeout_s: float = 3.0,
-) -> Iterator[dict[str, Any]]:
-    """Decoded live evaluations (one per streamed event) from the start."""
-    return _tail(settings, "evaluations", EVALUATION, follow, user, limit, idle_timeout_s)
-
-
-def _tail(
-    settings: Settings,
-    name: str,
-    schema: str,
-    follow: bool,
-    user: str | None,
-    limit: int | None,
-    idle_timeout_s: float,
-) -> Iterator[dict[str, Any]]:
+    """Decoded records of topic ``name`` from the start, ``user``'s only if given; without
+    ``follow``, stop at the end."""
     topic = settings.topic(name)
-    codec = Codec(schema)
+    codec = Codec(TOPIC_SCHEMAS[name])
     consumer = committed_reader(settings, group_id=f"jodie-tail-{uuid.uuid4().hex[:8]}")
     consumer.subscribe([topic])
     seen = 0

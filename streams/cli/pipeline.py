@@ -109,15 +109,15 @@ def recommendations(
     ] = False,
 ) -> None:
     """Print recommendations as a read_committed consumer sees them."""
-    from streams.tail import summarise, tail_evaluations, tail_recommendations
+    from streams.tail import summarise, tail
 
     if summary:
         settings = get_settings()
-        recs = tail_recommendations(settings, user=user, limit=limit)
-        evaluations = tail_evaluations(settings, user=user, limit=limit)
+        recs = tail(settings, "recommendations", user=user, limit=limit)
+        evaluations = tail(settings, "evaluations", user=user, limit=limit)
         out.print(json.dumps(summarise(recs, evaluations)))
         return
-    for rec in tail_recommendations(get_settings(), follow=follow, user=user, limit=limit):
+    for rec in tail(get_settings(), "recommendations", follow=follow, user=user, limit=limit):
         items = " ".join(f"{c['item_id']}:{c['score']:.3f}" for c in rec["candidates"][:top])
         p = rec["state_change_probability"]
         extra = f" p(change)={p:.3f}" if p is not None else ""

@@ -60,7 +60,7 @@ def topics_show(
     ] = False,
 ) -> None:
     """Message counts per partition and a few decoded messages of a topic."""
-    from streams.codecs import make_codec
+    from streams.codecs import TOPIC_SCHEMAS, make_codec
     from streams.peek import decode_all, partition_counts
     from streams.runtime.clients import committed_reader
 
@@ -76,13 +76,7 @@ def topics_show(
         f"{name}: {total} offsets in {len(counts)} partitions "
         + ", ".join(f"p{c.partition}={c.messages}" for c in counts)
     )
-    schema = {
-        "interactions": "interaction",
-        "interactions.log": "sequenced_interaction",
-        "recommendations": "recommendation",
-        "evaluations": "evaluation",
-        "models": "model_announcement",
-    }.get(topic)
+    schema = TOPIC_SCHEMAS.get(topic)
     if schema is None:
         return
     codec = make_codec(settings, schema, name)

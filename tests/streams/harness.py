@@ -29,7 +29,7 @@ from streams.produce import produce_rows
 from streams.router import Router
 from streams.settings import Settings
 from streams.state_export import collect
-from streams.tail import tail_recommendations
+from streams.tail import tail
 
 HISTORY = 1500  # events the checkpoint has seen
 STREAM = 400  # events streamed after it
@@ -135,7 +135,7 @@ def wait_for(settings: Settings, n: int, timeout_s: float) -> list[dict]:
     deadline = time.monotonic() + timeout_s
     recs: list[dict] = []
     while time.monotonic() < deadline:
-        recs = list(tail_recommendations(settings, idle_timeout_s=2.0))
+        recs = list(tail(settings, "recommendations", idle_timeout_s=2.0))
         if len(recs) >= n:
             return recs
         time.sleep(1.0)

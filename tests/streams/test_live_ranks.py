@@ -21,7 +21,7 @@ from operators.evaluation.scorer import PlainScorer, UserContext
 from operators.model.checkpoint import load_checkpoint
 from operators.model.online import OnlineJodie
 from streams.settings import Settings
-from streams.tail import tail_evaluations
+from streams.tail import tail
 from tests.streams.harness import make_checkpoint, route, start_worker, stop, wait_for
 from tests.streams.test_worker import _wait_until_both_assigned
 
@@ -100,7 +100,7 @@ def _wait_for_evaluations(kafka: Settings, n: int, timeout_s: float) -> list[dic
     deadline = time.monotonic() + timeout_s
     got: list[dict] = []
     while time.monotonic() < deadline:
-        got = list(tail_evaluations(kafka, idle_timeout_s=2.0))
+        got = list(tail(kafka, "evaluations", idle_timeout_s=2.0))
         if len(got) >= n:
             break
         time.sleep(1.0)
