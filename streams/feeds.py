@@ -106,9 +106,9 @@ class Feeds:
 
 
 def _deliver(serving: Serving, vectors: list[tuple[int, str, np.ndarray]]) -> None:
-    """Item vectors in log order to the index (the last per item wins) and, each with its
-    seq, to the live evaluation (vectors without a seq, from before it was recorded, only
-    to the index)."""
+    """Item vectors as read to the index (the last per item wins: an item's vectors share a
+    partition, so they come in order) and, each with its seq, to the live evaluation
+    (vectors without a seq, from before it was recorded, only to the index)."""
     latest: dict[str, np.ndarray] = {}
     for seq, item, vector in vectors:
         latest[item] = vector
