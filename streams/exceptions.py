@@ -3,6 +3,10 @@
 from jodie_errors import JodieError
 
 
+class SettingsError(JodieError):
+    """A JODIE_* variable holds a value its setting does not take; fix or unset it."""
+
+
 class RegistryError(JodieError):
     """A registry operation that cannot be done (unknown version, nothing to roll back to);
     `jodie models list` shows what the registry holds."""

@@ -8,10 +8,24 @@ from __future__ import annotations
 import typer
 
 from streams.cli import broker, model, models, pipeline, produce, state, topics
+from streams.cli.common import _fail
+from streams.exceptions import SettingsError
+from streams.settings import get_settings
 
 app = typer.Typer(
     no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False, help=__doc__
 )
+
+
+@app.callback()
+def _check_settings() -> None:
+    # Every command reads the JODIE_* variables: a bad one is one line, not a traceback.
+    try:
+        get_settings()
+    except SettingsError as exc:
+        raise _fail(exc) from exc
+
+
 # Registered in the order `jodie --help` lists them (commands first, then groups).
 app.add_typer(broker.broker_app, name="broker")
 app.add_typer(topics.topics_app, name="topics")

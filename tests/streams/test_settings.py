@@ -31,3 +31,19 @@ def test_settings_are_frozen_and_typed(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("JODIE_PARTITIONS", "many")
     with pytest.raises(ValidationError):
         Settings()
+
+
+def test_a_bad_variable_is_one_line_naming_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    from typer.testing import CliRunner
+
+    from streams.cli import app
+    from streams.exceptions import SettingsError
+    from streams.settings import get_settings
+
+    monkeypatch.setenv("JODIE_EVALUATE_EVERY", "0")
+    with pytest.raises(SettingsError, match="JODIE_EVALUATE_EVERY='0'"):
+        get_settings()
+    result = CliRunner().invoke(app, ["metrics"])
+    assert result.exit_code == 2
+    assert "Traceback" not in result.output
+    assert "JODIE_EVALUATE_EVERY='0': Input should be greater than or equal to 1" in result.output
