@@ -29,6 +29,7 @@ from typing import Any
 
 from operators.model.checkpoint import load_checkpoint
 from operators.retrieval.cooccurrence import CooccurrenceCandidates
+from schemas import DecodeError, SchemaError
 from streams.app.epochs import Epoch, epoch_of, row_key, split_row_key
 from streams.app.processor import Box, Message_, Output, Processor, WorkerStats
 from streams.app.serving import Serving, model_version
@@ -92,6 +93,7 @@ class Worker(Application[list[Decoded]]):
         }
         self.tables_by_side = {side: self._tables[topic] for topic, side in self.sides.items()}
         self._partitions: dict[str, int] = {}
+        self._rejected: list[Output] = []  # DLQ records of the batch being prepared
         self._reported_events = 0
         self.loop = TransactionalLoop(
             settings,
@@ -144,11 +146,17 @@ class Worker(Application[list[Decoded]]):
 
     def prepare(self, records: list[Record]) -> list[Decoded]:
         decoded: list[Decoded] = []
-        for topic, p, _offset, key, value in records:
-            if key is None or value is None:
-                continue  # only the router and workers write the inboxes: never happens
-            message = self.processor.inbox_codec.decode(value)
-            epoch = epoch_of(message)
+        for topic, p, offset, key, value in records:
+            try:
+                if key is None or value is None:
+                    raise DecodeError("an inbox message without a key or a value")
+                message = self.processor.inbox_codec.decode(value)
+                epoch = epoch_of(message)
+            except (DecodeError, SchemaError, KeyError, TypeError, ValueError) as exc:
+                # Only the router and workers write the inboxes (the ACLs of a secure
+                # cluster say so); whatever else lands there is set aside, not fatal.
+                self._rejected.append(self._unreadable(topic, p, offset, key, value, exc))
+                continue
             # Preparing an epoch may wait for its catch-up: the runtime calls this before the
             # transaction opens, so the wait never counts against the transaction timeout.
             if self.versions.serves(epoch):
@@ -156,14 +164,36 @@ class Worker(Application[list[Decoded]]):
         return decoded
 
     def process(self, batch: list[Decoded]) -> Iterable[Output]:
+        sent: list[Output] = self._rejected
+        self._rejected = []
         work: list[Message_] = []
         for side, p, key, epoch, message in batch:
             table, rkey = self.tables_by_side[side], row_key(key, epoch)
             work.append((side, epoch, table.get(p, rkey), message))
             table.touch(p, rkey)
-        sent = self.processor.process(work, self._local)
+        sent += self.processor.process(work, self._local)
         self.stats.messages += len(work)
         return sent
+
+    def _unreadable(
+        self,
+        topic: str,
+        p: int,
+        offset: int,
+        key: bytes | None,
+        value: bytes | None,
+        exc: Exception,
+    ) -> Output:
+        """The DLQ record of an inbox message this worker cannot read (original bytes)."""
+        kind = "unreadable_inbox"
+        self.stats.quarantined[kind] = self.stats.quarantined.get(kind, 0) + 1
+        _log.warning("worker %d: %s/%d/%d unreadable: %s", self.worker_id, topic, p, offset, exc)
+        headers: list[tuple[str, str | bytes | None]] = [
+            ("reason", kind.encode()),
+            ("detail", str(exc)[:500].encode()),
+            ("source", f"{topic}/{p}/{offset}".encode()),
+        ]
+        return (self.processor.dlq, key or b"", value or b"", headers)
 
     def report(self, interval_s: float) -> None:
         self.stats.rate = (self.stats.user_events - self._reported_events) / interval_s

@@ -16,6 +16,15 @@ state after its own latest event before this one, which may be another user's ev
 this user last touched it (the learned initial vector and a zero static when the user has
 no previous item). The streaming workers compute it from item states versioned by log
 position (``operators.evaluation.live``), so live ranks equal offline ranks.
+
+**Quarantine.** An event whose inputs or update are not finite (a gap or a feature that
+overflows float32, a state that would; ``admitted`` False for inputs the caller already found
+unusable, such as a feature row of the wrong length) changes no embedding: ``step`` returns
+both pre-event states for it and flags it in ``Step.quarantined``. Everything else about the
+event stays as for any event — the entities' clocks move to its time and the item enters the
+user's history, as the log says — so every path that replays the log (each calls ``step``)
+quarantines the same events and keeps the same states. One event can therefore never put a
+NaN into a state that every later event of its user and item would inherit.
 """
 
 from __future__ import annotations
@@ -45,6 +54,8 @@ class Step:
     query: Tensor | None  # (B, d + s_item) j̃ before the event; None when not asked for
     user: Tensor  # (B, d) u(t)
     item: Tensor  # (B, d) i(t)
+    #: (B,) bool, True where the event was quarantined (states kept); None: none was.
+    quarantined: np.ndarray | None = None
 
 
 def query(
@@ -66,19 +77,52 @@ def step(
     delta_i: Tensor,
     features: Tensor,
     previous: tuple[Tensor, Tensor, Tensor] | None = None,
+    admitted: np.ndarray | None = None,
 ) -> Step:
     """Apply B events of distinct users and distinct items to their pre-event states.
 
     u_prev, i_prev (B, d); Δu, Δi (B, 1) standardised; f (B, F). Both updates read only the
     pre-event states (the reference's coupled update). ``previous`` = (ū, p(t), p̄) asks for
-    the per-event query as well (see the module doc).
+    the per-event query as well (see the module doc). ``admitted`` (B,) bool: False
+    quarantines the event whatever its update gives.
     """
     q = None if previous is None else query(model, u_prev, delta_u, *previous)[1]
+    u_new = model.update_user(u_prev, i_prev, delta_u, features)
+    i_new = model.update_item(i_prev, u_prev, delta_i, features)
+    ok = torch.isfinite(u_new).all(dim=1) & torch.isfinite(i_new).all(dim=1)
+    # Saturating layers turn an infinite gap or feature into a finite but meaningless state,
+    # so the inputs are checked as well as the result.
+    ok &= torch.isfinite(torch.cat([delta_u, delta_i, features], dim=1)).all(dim=1)
+    if admitted is not None:
+        ok &= torch.from_numpy(np.asarray(admitted, dtype=bool))
+    if bool(ok.all()):
+        return Step(q, u_new, i_new)
+    keep = ok.unsqueeze(1)
     return Step(
         q,
-        model.update_user(u_prev, i_prev, delta_u, features),
-        model.update_item(i_prev, u_prev, delta_i, features),
+        torch.where(keep, u_new, u_prev),
+        torch.where(keep, i_new, i_prev),
+        (~ok).numpy().copy(),
     )
+
+
+def feature_rows(
+    rows: list[tuple[float, ...]] | list[np.ndarray], width: int
+) -> tuple[Tensor, np.ndarray | None]:
+    """(B, width) float32 features of B events and, when some row cannot be used, the
+    ``admitted`` mask for ``step``. An empty row means "no features" (zeros), as everywhere;
+    a row of another length is replaced by zeros and its event quarantined."""
+    lengths = [len(r) for r in rows]
+    if all(n == width for n in lengths):
+        if width == 0:
+            return torch.zeros(len(rows), 0), None
+        return torch.from_numpy(np.asarray(rows, dtype=np.float32).reshape(len(rows), width)), None
+    out = np.zeros((len(rows), width), dtype=np.float32)
+    good = np.array([n in (0, width) for n in lengths], dtype=bool)
+    for b, row in enumerate(rows):
+        if lengths[b] == width:
+            out[b] = np.asarray(row, dtype=np.float32)
+    return torch.from_numpy(out), None if good.all() else good
 
 
 def state_class_weight(labels: np.ndarray) -> Tensor | None:

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from operators.model.jodie import Jodie, standardise_delta
-from operators.model.kernel import query, step
+from operators.model.kernel import feature_rows, query, step
 from operators.model.state import States
 
 
@@ -51,6 +51,7 @@ class OnlineJodie:
             self._i_init = model.initial_item().detach().unsqueeze(0)  # (1, d)
         self._no_static = torch.zeros(1, cfg.item_static_dim)
         self._no_features = torch.zeros(1, cfg.n_features)
+        self._width = cfg.n_features
         self._du = (cfg.delta_user_mean, cfg.delta_user_std)
         self._di = (cfg.delta_item_mean, cfg.delta_item_std)
 
@@ -85,18 +86,19 @@ class OnlineJodie:
     def observe(
         self, user_id: str, item_id: str, t: float, features: np.ndarray | None = None
     ) -> tuple[Tensor, Tensor]:
-        """Apply one event; returns the new (u(t), i(t)), each (1, d)."""
+        """Apply one event; returns the new (u(t), i(t)), each (1, d). A quarantined event
+        (``operators.model.kernel``) keeps both embeddings; its time and item still count."""
         users, items = self.states.users, self.states.items
         u = users.add(user_id)
         i = items.add(item_id)
-        f = (
-            torch.from_numpy(np.asarray(features, dtype=np.float32).reshape(1, -1))
+        f, admitted = (
+            feature_rows([np.asarray(features, dtype=np.float32).reshape(-1)], self._width)
             if features is not None and np.size(features)
-            else self._no_features
+            else (self._no_features, None)
         )
         du = self._delta(float(users._last_time[u]), t, self._du)
         di = self._delta(float(items._last_time[i]), t, self._di)
-        out = step(self.model, self._user(u), self._item(i), du, di, f)
+        out = step(self.model, self._user(u), self._item(i), du, di, f, admitted=admitted)
         u_new, i_new = out.user, out.item
         users.update_one(u, u_new, t, item=i)
         items.update_one(i, i_new, t)

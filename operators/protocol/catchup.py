@@ -90,7 +90,10 @@ class CatchUp:
                 break  # a gap: wait for the missing event
             run.append(heapq.heappop(heap))
             position += 1
-        if len(run) >= TBATCH_MIN:
+        width = self.ckpt.config.n_features
+        # A feature row the model cannot take quarantines its event (operators.model.kernel);
+        # the t-batch replay needs one rectangular block, so such a run goes one by one.
+        if len(run) >= TBATCH_MIN and all(len(e.features) in (0, width) for e in run):
             self._apply_tbatches(run)
         else:
             for e in run:
@@ -107,15 +110,15 @@ class CatchUp:
         """The same events in t-batches (one span): each batch holds distinct users and
         items and every entity's events keep their order, so the states equal the one-by-one
         replay (to float rounding, ~1e-7) at a fraction of the model calls."""
-        width = len(run[0].features)
+        width = self.ckpt.config.n_features
         log = InteractionLog(
             user_ids=np.asarray([e.user_id for e in run], dtype=str),
             item_ids=np.asarray([e.item_id for e in run], dtype=str),
             timestamps=np.asarray([e.timestamp for e in run], dtype=np.float64),
             state_labels=np.zeros(len(run), dtype=np.int8),
-            features=np.asarray([e.features for e in run], dtype=np.float32).reshape(
-                len(run), width
-            ),
+            features=np.asarray(
+                [e.features or (0.0,) * width for e in run], dtype=np.float32
+            ).reshape(len(run), width),
             lines=np.asarray([e.seq for e in run], dtype=np.int64),
         )
         model = self.ckpt.model

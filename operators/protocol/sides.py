@@ -12,6 +12,13 @@ inputs as the offline replay, so a stream reproduces it:
   item's state *at the event*, which this side does not hold; it hands u(t⁻) and Δu on to the
   live evaluation (``operators.evaluation.live``), which completes it;
 - item side: i(t) (and u(t), as the user side) and the item's retrieval vector [i(t), ī].
+
+Quarantine: both sides compute the same ``step`` on the same inputs, so they quarantine the
+same events (``operators.model.kernel``) and say so in their outputs (``quarantined``, the
+reason). An exception while applying a batch is narrowed to the event that raises it by
+applying the batch's events one at a time; that event is quarantined on the side where it
+raised (its embedding kept, its time and item recorded as for a kernel quarantine), so one
+input never stops a worker.
 """
 
 from __future__ import annotations
@@ -28,7 +35,7 @@ from torch import Tensor
 
 from operators.model.checkpoint import Checkpoint
 from operators.model.jodie import Jodie, standardise_delta
-from operators.model.kernel import query, step
+from operators.model.kernel import feature_rows, query, step
 from operators.model.online import gap
 from operators.model.static import static_tensor
 from operators.protocol.exchange import Apply, ApplyMany, Pending, Ready
@@ -83,6 +90,8 @@ class UserOutput:
     pre_state: np.ndarray  # (d,) float32
     delta_user: float
     previous_item: str | None
+    #: Why the event changed no embedding (operators.model.kernel), None when it applied.
+    quarantined: str | None = None
 
 
 @dataclass(frozen=True)
@@ -91,6 +100,7 @@ class ItemOutput:
 
     event: EventData
     vector: np.ndarray  # (d + s_item,)
+    quarantined: str | None = None  # as UserOutput.quarantined
 
 
 class StreamModel:
@@ -128,10 +138,23 @@ class StreamModel:
         gaps = np.array([[gap(last, t)] for last, t in zip(lasts, ts, strict=True)])
         return torch.from_numpy(standardise_delta(gaps, *stats))  # (B, 1)
 
-    def _features_of(self, events: list[EventData]) -> Tensor:
+    def _features_of(self, events: list[EventData]) -> tuple[Tensor, np.ndarray | None]:
+        """(B, F) features and the ``admitted`` mask of ``step`` (see feature_rows)."""
         if not any(e.features for e in events):
-            return self._no_features.expand(len(events), -1)
-        return torch.tensor([e.features for e in events], dtype=torch.float32)  # (B, F)
+            return self._no_features.expand(len(events), -1), None
+        return feature_rows([e.features for e in events], self.config.n_features)
+
+    @staticmethod
+    def _reasons(n: int, quarantined: np.ndarray | None, admitted: np.ndarray | None) -> list:
+        """Each event's quarantine reason (None: applied)."""
+        if quarantined is None:
+            return [None] * n
+        return [
+            None
+            if not q
+            else ("feature_length" if admitted is not None and not admitted[b] else "non_finite")
+            for b, q in enumerate(quarantined.tolist())
+        ]
 
     def _statics(self, ids: list[str], of: Callable[[str], Tensor]) -> Tensor:
         return torch.cat([of(i) for i in ids], dim=0)
@@ -155,12 +178,13 @@ class StreamModel:
         ts = [e.timestamp for e in events]
         u_prev = self._dyns(users, self._u_init)  # (B, d)
         i_prev = self._dyns(items_pre, self._i_init)  # (B, d)
-        f = self._features_of(events)
+        f, admitted = self._features_of(events)
         du = self._deltas([u.last_time for u in users], ts, self._du)
         di = self._deltas([i.last_time for i in items_pre], ts, self._di)
         # The query before the event needs the previous item's state at the event, which
         # this side does not hold: the live evaluation completes it (UserOutput.pre_state).
-        out = step(self.model, u_prev, i_prev, du, di, f)
+        out = step(self.model, u_prev, i_prev, du, di, f, admitted=admitted)
+        reasons = self._reasons(len(events), out.quarantined, admitted)
         u_new, i_new = out.user, out.item  # i_new (B, d): as the item side computes it
         horizon = torch.from_numpy(
             standardise_delta(np.full((len(events), 1), self.horizon_s), *self._du)
@@ -192,6 +216,7 @@ class StreamModel:
                 pre_state=pre_np[b].copy(),
                 delta_user=float(du_np[b, 0]),
                 previous_item=user.history[0] if user.history else None,
+                quarantined=reasons[b],
             )
             results.append((new_state, material, EntityState(i_np[b].copy(), event.timestamp)))
         return results
@@ -214,10 +239,11 @@ class StreamModel:
         ts = [e.timestamp for e in events]
         i_prev = self._dyns(items, self._i_init)
         u_prev = self._dyns(users_pre, self._u_init)
-        f = self._features_of(events)
+        f, admitted = self._features_of(events)
         di = self._deltas([i.last_time for i in items], ts, self._di)
         du = self._deltas([u.last_time for u in users_pre], ts, self._du)
-        out = step(self.model, u_prev, i_prev, du, di, f)
+        out = step(self.model, u_prev, i_prev, du, di, f, admitted=admitted)
+        reasons = self._reasons(len(events), out.quarantined, admitted)
         i_new, u_new = out.item.numpy(), out.user.numpy()  # u_new (B, d): as the user side
         i_static = self._statics([e.item_id for e in events], self._item_static).numpy()
         results = []
@@ -228,11 +254,55 @@ class StreamModel:
             results.append(
                 (
                     replace(item, embedding=emb, last_time=event.timestamp),
-                    ItemOutput(event, vector),
+                    ItemOutput(event, vector, reasons[b]),
                     user_post,
                 )
             )
         return results
+
+    # -- quarantine by exception -------------------------------------------------------------
+    def _kept(self, state: EntityState, initial: Tensor) -> np.ndarray:
+        if state.embedding is None or state.is_new:
+            return initial.reshape(-1).numpy().copy()
+        return np.asarray(state.embedding, dtype=np.float32).copy()
+
+    def skip_user(
+        self, user: EntityState, item_pre: EntityState, event: EventData, reason: str
+    ) -> tuple[EntityState, UserOutput, EntityState]:
+        """``apply_user`` for an event that cannot be applied: both embeddings kept, the
+        time and the item recorded (what the kernel's quarantine leaves)."""
+        k = self.config.history_size
+        history = (event.item_id, *[h for h in user.history if h != event.item_id])[:k] if k else ()
+        kept = self._kept(user, self._u_init)
+        nothing = np.zeros(0, dtype=np.float32)  # a quarantined event is never served
+        material = UserOutput(
+            event=event,
+            user=kept,
+            projected=nothing,
+            predicted=nothing,
+            history=history,
+            state_change_probability=None,
+            pre_state=kept,
+            delta_user=0.0,
+            previous_item=user.history[0] if user.history else None,
+            quarantined=reason,
+        )
+        item_post = EntityState(self._kept(item_pre, self._i_init), event.timestamp)
+        return EntityState(kept, event.timestamp, history), material, item_post
+
+    def skip_item(
+        self, item: EntityState, user_pre: EntityState, event: EventData, reason: str
+    ) -> tuple[EntityState, ItemOutput, EntityState]:
+        """``apply_item`` for an event that cannot be applied (see ``skip_user``)."""
+        kept = self._kept(item, self._i_init)
+        static = self._item_static(event.item_id).reshape(-1).numpy()
+        vector = np.concatenate([kept, static])
+        user_post = EntityState(self._kept(user_pre, self._u_init), event.timestamp)
+        return (
+            replace(item, embedding=kept, last_time=event.timestamp),
+            ItemOutput(event, vector, reason),
+            user_post,
+        )
 
     # -- adapters for operators.protocol.exchange --------------------------------------------
     def user_apply(self) -> Apply[EntityState, EntityState]:
@@ -260,7 +330,10 @@ class StreamModel:
                 )
             )
 
-        return many
+        def skip(r: Ready[EntityState, EntityState], why: str) -> tuple[Any, Any, Any]:
+            return self.skip_user(r.state, r.partner, r.event.payload, why)
+
+        return guarded(many, skip)
 
     def item_apply_many(self) -> ApplyMany[EntityState, EntityState]:
         """The batched ``item_apply`` for ``operators.protocol.exchange.drive``."""
@@ -274,7 +347,10 @@ class StreamModel:
                 )
             )
 
-        return many
+        def skip(r: Ready[EntityState, EntityState], why: str) -> tuple[Any, Any, Any]:
+            return self.skip_item(r.state, r.partner, r.event.payload, why)
+
+        return guarded(many, skip)
 
     def item_apply(self) -> Apply[EntityState, EntityState]:
         """``Inbox`` apply function of the item side."""
@@ -288,6 +364,31 @@ class StreamModel:
             return self.apply_item(state, partner, pending.payload)
 
         return apply
+
+
+Skip = Callable[[Ready[EntityState, EntityState], str], tuple[Any, Any, Any]]
+
+
+def guarded(
+    many: ApplyMany[EntityState, EntityState], skip: Skip
+) -> ApplyMany[EntityState, EntityState]:
+    """``many`` that never raises: a batch that raises is applied one event at a time, and
+    each event that raises alone is ``skip``ped with the exception as its reason."""
+
+    def run(ready: list[Ready[EntityState, EntityState]]) -> list[tuple[Any, Any, Any]]:
+        try:
+            return many(ready)
+        except Exception:  # any input-borne failure: narrowed below
+            pass
+        results: list[tuple[Any, Any, Any]] = []
+        for r in ready:
+            try:
+                results += many([r])
+            except Exception as exc:  # this event is the poison one
+                results.append(skip(r, f"exception {type(exc).__name__}: {exc}"[:500]))
+        return results
+
+    return run
 
 
 class CheckpointStates:

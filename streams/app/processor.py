@@ -10,7 +10,13 @@ Topics (keyed, JODIE_PARTITIONS partitions each; table partition p pairs with in
   candidate index and its live evaluation;
 - ``evaluations`` (key user): each user event's rank, once every item's state at the event is
   known here (operators.evaluation.live) — in the transaction of a later batch, or of its own
-  when the worker is idle (``flush``).
+  when the worker is idle (``flush``);
+- ``interactions.dlq`` (key user): each event this worker quarantined (its Avro Interaction,
+  as a client would re-send it, the reason in headers). A quarantined event changes no
+  embedding and gets no recommendation (operators.model.kernel); the user's owner records it
+  (both sides quarantine the same events), and a side that quarantines an event because
+  applying it raised records it itself. Recommending is guarded the same way: an event whose
+  recommendation cannot be made keeps its (exact) states and goes to the DLQ instead.
 
 The checkpoint is the baseline: an entity without a table row starts from its checkpoint
 state (or the model's initial state if the checkpoint never saw it), so a worker needs no bulk
@@ -20,6 +26,7 @@ own ``Serving``, and recommendations name its version.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -30,11 +37,12 @@ import numpy as np
 from operators.evaluation.live import Query
 from operators.evaluation.metrics import RollingRanks
 from operators.protocol.exchange import Applied, ApplyMany, Inbox, PartnerState, SendPreState, drive
-from operators.protocol.sides import EntityState, ItemOutput, UserOutput
+from operators.protocol.sides import EntityState, EventData, ItemOutput, UserOutput
 from schemas import Codec
-from schemas.codec import ENTITY_RECORD, EVALUATION, INBOX_MESSAGE, RECOMMENDATION
+from schemas.codec import ENTITY_RECORD, EVALUATION, INBOX_MESSAGE, INTERACTION, RECOMMENDATION
 from streams.app.epochs import UNSTAMPED, Epoch, label, row_key, split_row_key
 from streams.app.serving import Serving
+from streams.codecs import make_codec
 from streams.exceptions import ModelMismatchError
 from streams.records import (
     inbox_from_record,
@@ -46,6 +54,7 @@ from streams.records import (
 from streams.settings import Settings
 
 Box = Inbox[EntityState, EntityState]
+_log = logging.getLogger("jodie.worker")
 
 
 class LoopCounters(Protocol):
@@ -72,6 +81,7 @@ class WorkerStats:
     ranks: RollingRanks = field(default_factory=RollingRanks)
     rate: float = 0.0  # user events/s over the last report interval
     unstamped: int = 0  # inbox messages of events routed before any version was promoted
+    quarantined: dict[str, int] = field(default_factory=dict)  # events, by reason
     epochs: list[dict[str, Any]] = field(default_factory=list)  # each epoch served, prepared
 
     def snapshot(self, serving: Serving | None, loop: LoopCounters) -> dict[str, Any]:
@@ -79,6 +89,7 @@ class WorkerStats:
             "model_version": serving.version if serving is not None else None,
             "epochs": self.epochs,
             "unstamped_skipped": self.unstamped,
+            "quarantined": dict(self.quarantined),
             "uptime_s": round(time.time() - loop.started, 1),
             "user_events": self.user_events,
             "item_events": self.item_events,
@@ -127,6 +138,9 @@ class Processor:
         self.recommendations = settings.topic("recommendations")
         self.evaluations = settings.topic("evaluations")
         self.item_vectors = settings.topic("item-vectors")
+        self.dlq = settings.topic("interactions.dlq")
+        # Quarantined events go to the DLQ framed as clients send them, ready to re-send.
+        self.dlq_codec = make_codec(settings, INTERACTION, settings.topic("interactions"))
         self.inbox_codec = Codec(INBOX_MESSAGE)
         self.record_codec = Codec(ENTITY_RECORD)
         self.rec_codec = Codec(RECOMMENDATION)
@@ -219,7 +233,7 @@ class Processor:
             touched[side].append(box)
         sent: list[Output] = []
         vectors: dict[str, np.ndarray] = {}
-        user_outs: list[UserOutput] = []
+        user_outs: list[tuple[int, UserOutput]] = []  # (seq, output)
         user_many, item_many = self._many[epoch]
         many = {"user": user_many, "item": item_many}
         inbox = {"user": self.user_inbox, "item": self.item_inbox}
@@ -239,6 +253,13 @@ class Processor:
                     elif isinstance(out, Applied) and side == "item":
                         item_out: ItemOutput = out.output
                         item_id = item_out.event.item_id
+                        if item_out.quarantined is not None and _raised(item_out.quarantined):
+                            # The user side applied it: only this side knows.
+                            sent.append(
+                                self.quarantine(
+                                    out.seq, item_out.event, "item", item_out.quarantined
+                                )
+                            )
                         vectors[item_id] = item_out.vector
                         serving.live.item_vector(out.seq, item_id, item_out.vector)
                         self.stats.item_events += 1
@@ -252,9 +273,16 @@ class Processor:
                         )
                     elif isinstance(out, Applied):
                         user_out: UserOutput = out.output
-                        user_outs.append(user_out)
-                        serving.live.add(_query(out.seq, user_out))
                         self.applied_seq = max(self.applied_seq, out.seq)
+                        if user_out.quarantined is not None:
+                            sent.append(
+                                self.quarantine(
+                                    out.seq, user_out.event, "user", user_out.quarantined
+                                )
+                            )
+                            continue
+                        user_outs.append((out.seq, user_out))
+                        serving.live.add(_query(out.seq, user_out))
                 if side == "item" and vectors:
                     # This worker's index sees its own items at once (before its users' next
                     # ranks); the others' come from item-vectors.
@@ -264,14 +292,59 @@ class Processor:
         self.stats.user_events += len(user_outs)
         return sent
 
-    def _recommend(self, serving: Serving, user_outs: list[UserOutput]) -> list[Output]:
+    def _recommend(self, serving: Serving, user_outs: list[tuple[int, UserOutput]]) -> list[Output]:
         """Where user-side outputs become recommendation records, with the evaluations that
         became possible."""
-        sent: list[Output] = [
-            (self.recommendations, record["user_id"].encode(), self.rec_codec.encode(record), None)
-            for record in serving.recommendations(user_outs)
+        return self._recommendations(serving, user_outs) + self._evaluate(serving)
+
+    def _recommendations(
+        self, serving: Serving, user_outs: list[tuple[int, UserOutput]]
+    ) -> list[Output]:
+        """Recommendation records; an output that cannot be made into one goes to the DLQ
+        (found by retrying the batch one output at a time)."""
+        try:
+            outs = [out for _seq, out in user_outs]
+            return [self._recommendation(r) for r in serving.recommendations(outs)]
+        except Exception:  # any input-borne failure: narrowed below
+            pass
+        sent: list[Output] = []
+        for seq, out in user_outs:
+            try:
+                sent += [self._recommendation(r) for r in serving.recommendations([out])]
+            except Exception as exc:  # this output is the poison one
+                why = f"exception {type(exc).__name__} while recommending: {exc}"[:500]
+                sent.append(self.quarantine(seq, out.event, "user", why))
+        return sent
+
+    def _recommendation(self, record: dict[str, Any]) -> Output:
+        return (
+            self.recommendations,
+            record["user_id"].encode(),
+            self.rec_codec.encode(record),
+            None,
+        )
+
+    def quarantine(self, seq: int, event: EventData, side: str, why: str) -> Output:
+        """The DLQ record of a quarantined event, counted by reason."""
+        kind = why.split(" ", 1)[0].rstrip(":")
+        self.stats.quarantined[kind] = self.stats.quarantined.get(kind, 0) + 1
+        _log.warning("quarantined event %s (seq %d, %s side): %s", event.event_id, seq, side, why)
+        value = self.dlq_codec.encode(
+            {
+                "event_id": event.event_id,
+                "user_id": event.user_id,
+                "item_id": event.item_id,
+                "timestamp": event.timestamp,
+                "features": list(event.features),
+                "state_label": None,
+            }
+        )
+        headers: Headers = [
+            ("reason", b"quarantined"),
+            ("detail", why.encode()),
+            ("source", f"interactions.log/seq/{seq}/{side}".encode()),
         ]
-        return sent + self._evaluate(serving)
+        return (self.dlq, event.user_id.encode(), value, headers)
 
     def _evaluate(self, serving: Serving) -> list[Output]:
         sent: list[Output] = []
@@ -298,6 +371,11 @@ class Processor:
         for epoch in sorted(self.servings, key=lambda e: e[1]):
             sent += self._evaluate(self.servings[epoch])
         return sent
+
+
+def _raised(why: str) -> bool:
+    """A quarantine for an exception (side-specific), not the kernel's (both sides)."""
+    return why.startswith("exception")
 
 
 def _query(seq: int, out: UserOutput) -> Query:

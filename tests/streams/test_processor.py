@@ -3,6 +3,7 @@ rows in a plain dict, give the sequential replay and one recommendation per even
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from collections.abc import Callable
 from pathlib import Path
@@ -43,10 +44,13 @@ Epochs = Callable[[int], Epoch]
 
 
 def _router_messages(
-    settings: Settings, epochs: Epochs = lambda seq: UNSTAMPED
+    settings: Settings,
+    epochs: Epochs = lambda seq: UNSTAMPED,
+    features: dict[int, tuple[float, ...]] | None = None,
 ) -> list[tuple[str, bytes, bytes]]:
     """What the router writes to the two inboxes for rows [HISTORY, HISTORY + STREAM), each
-    event stamped with ``epochs(seq)``."""
+    event stamped with ``epochs(seq)``; ``features`` by seq replaces an event's features
+    after the router's checks (what a worker must survive if they were looser)."""
     log = load_interactions(bundled_wikipedia())
     seq = Sequencer(partitions=[0], n_features=0)
     for n, k in enumerate(range(HISTORY, HISTORY + STREAM)):
@@ -63,6 +67,8 @@ def _router_messages(
     out = []
     for e in seq.drain(idle={0}).sequenced:
         data = event_data_of(e.event)
+        if features and e.seq in features:
+            data = dataclasses.replace(data, features=features[e.seq])
         version, since = epochs(e.seq)
         for topic, side_key, prev, partner_prev in (
             (settings.topic("user-inbox"), data.user_id, e.prev_user_seq, e.prev_item_seq),
@@ -80,6 +86,7 @@ def _router_messages(
 
 Rows = dict[tuple[str, bytes], Inbox[EntityState, EntityState]]
 EVALUATIONS: list[dict] = []  # what the last _run emitted to `evaluations`
+DLQ: list[tuple[dict, dict]] = []  # and to `interactions.dlq`: (event, headers)
 
 
 def _run(
@@ -97,6 +104,7 @@ def _run(
     rec_codec = Codec(RECOMMENDATION)
     eval_codec = Codec(EVALUATION)
     EVALUATIONS.clear()
+    DLQ.clear()
     rng = random.Random(seed)
 
     def local(side: str, key: bytes) -> Inbox[EntityState, EntityState] | None:
@@ -120,13 +128,15 @@ def _run(
             if (side, rkey) not in rows:
                 rows[(side, rkey)] = proc.initial(side)(rkey)
             work.append((side, epoch, rows[(side, rkey)], message))
-        for topic, key, value, _headers in proc.process(work, local):
+        for topic, key, value, headers in proc.process(work, local):
             if topic in sides:
                 pool.append((topic, key, value))
             elif topic == settings.topic("recommendations"):
                 recs.append(rec_codec.decode(value))
             elif topic == settings.topic("evaluations"):
                 EVALUATIONS.append(eval_codec.decode(value))
+            elif topic == settings.topic("interactions.dlq"):
+                DLQ.append((proc.dlq_codec.decode(value), dict(headers or [])))
         # Rows survive the table round trip (what the changelog and RocksDB hold).
         for (side, rkey), box in list(rows.items()):
             rows[(side, rkey)] = proc.decoder(side)(rkey, proc.encode(rkey, box))
@@ -224,3 +234,44 @@ def test_rows_of_another_model_version_are_refused(checkpoint: Path) -> None:
     assert proc.decoder("user")(b"u1", row).applied_seq == -1
     with pytest.raises(ModelMismatchError, match="computed by model"):
         other.decoder("user")(b"u1", row)
+
+
+def test_poisoned_events_are_quarantined_and_the_rest_stays_exact(checkpoint: Path) -> None:
+    """Events whose features the model cannot take (they got past a looser router) and one
+    whose recommendation fails: each goes to the DLQ with its reason, gets no
+    recommendation, and every state still equals the sequential replay (which quarantines
+    the same events); nothing raises."""
+    bad = {10: (1.0, 2.0, 3.0), 11: (float("nan"),), 90: (0.5,)}
+    settings = Settings(topic_prefix="unit-", evaluate_every=1)
+    stats = WorkerStats()
+    serving = Serving.load(settings, checkpoint)
+    real = serving.recommendations
+    broken = f"e{HISTORY + 40:06d}"
+
+    def recommendations(outs: list) -> list[dict]:
+        if any(o.event.event_id == broken for o in outs):
+            raise ValueError("index refused the query")
+        return real(outs)
+
+    serving.recommendations = recommendations  # type: ignore[method-assign]
+    proc = Processor(settings, serving, stats)
+    rows, recs = _run(settings, proc, _router_messages(settings, features=bad), 11, (0, 1))
+
+    poisoned = {f"e{HISTORY + s:06d}" for s in bad}
+    every = {f"e{k:06d}" for k in range(HISTORY, HISTORY + STREAM)}
+    assert sorted(r["event_id"] for r in recs) == sorted(every - poisoned - {broken})
+    reasons = {event["event_id"]: headers["detail"].decode() for event, headers in DLQ}
+    assert set(reasons) == poisoned | {broken}
+    assert all(h["reason"] == b"quarantined" for _e, h in DLQ)
+    assert {reasons[e] for e in poisoned} == {"feature_length"}
+    assert reasons[broken].startswith("exception ValueError while recommending")
+    assert stats.quarantined == {"feature_length": 3, "exception": 1}
+    # The replay of the same log quarantines the same events: equal states everywhere.
+    ckpt = load_checkpoint(checkpoint)
+    online = OnlineJodie(ckpt.model, ckpt.states)
+    log = load_interactions(bundled_wikipedia())
+    for s in range(STREAM):
+        k = HISTORY + s
+        feats = np.asarray(bad[s], dtype=np.float32) if s in bad else None
+        online.observe(str(log.user_ids[k]), str(log.item_ids[k]), float(log.timestamps[k]), feats)
+    assert _assert_rows_equal(rows, online, UNSTAMPED) == len(rows)
