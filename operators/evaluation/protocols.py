@@ -20,6 +20,7 @@ from torch import Tensor
 from operators.dataset import InteractionLog
 from operators.evaluation.metrics import mrr, rank_of, recall_at_k, roc_auc
 from operators.evaluation.scorer import PlainScorer, Scorer, ScorerSamples, UserContext
+from operators.evaluation.served import ServedLists
 from operators.model.config import Protocol, TrainConfig
 from operators.model.events import EventTensors, encode
 from operators.model.jodie import Jodie
@@ -81,8 +82,12 @@ def frozen_replay(
     log: InteractionLog,
     scorer: Scorer,
     skip: int = 0,
+    served: ServedLists | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None]:
-    """Sequential replay with fixed weights; ranks of events ``skip:`` and P(state change)."""
+    """Sequential replay with fixed weights; ranks of events ``skip:`` and P(state change).
+
+    ``served`` also records the lists the stream serves after each event and where each
+    scored event's item stood in its user's (``operators.evaluation.served``)."""
     online = OnlineJodie(model, states)
     items = states.items
     n = len(log)
@@ -107,9 +112,15 @@ def frozen_replay(
                         UserContext(q.history, q.history_counts),
                     )
                     ranks[k - skip] = rank_of(s, i_row)
+                if served is not None:
+                    served.before(k - skip, q.user_row, i_row)
             u_new, _ = online.observe(
                 uids[k], iids[k], ts[k], feats[k] if feats is not None else None
             )
+            if served is not None:
+                u_row, i_now = states.users.row(uids[k]), items.row(iids[k])
+                assert u_row is not None and i_now is not None  # observe() added them
+                served.after(model, states, scorer, u_row, i_now, ts[k])
             if probs is not None and k >= skip:
                 probs[k - skip] = float(torch.softmax(model.state_change_logits(u_new), 1)[0, 1])
     return ranks, probs
@@ -180,27 +191,30 @@ def evaluate(
     limit: int | None = None,
     train_config: TrainConfig | None = None,
     timespan: float = 0.0,
+    served: ServedLists | None = None,
 ) -> EvalResult:
     """Evaluate a trained model whose ``states`` hold the end of the training split.
 
     ``states`` and, under ``paper``, the model's weights are changed in place: pass copies to
     keep the originals. For ``test``, the validation events are replayed first, unscored.
-    ``limit`` scores only the first N events of the split.
+    ``limit`` scores only the first N events of the split. ``served`` (frozen only) measures
+    the lists the stream serves as well (``extra["served"]``).
     """
     window, skip = _eval_window(log, split_bounds, split, limit)
     scorer = scorer or PlainScorer()
     if protocol == "frozen":
         model.eval()
-        ranks, probs = frozen_replay(model, states, window, scorer, skip)
+        ranks, probs = frozen_replay(model, states, window, scorer, skip, served)
     else:
         ranks, probs = paper_replay(
             model, states, window, scorer, train_config or TrainConfig(), timespan, skip
         )
     labels = window.state_labels[skip:]
     result = EvalResult(protocol, split, ranks, labels, probs)
-    result.extra["by_category"] = breakdown(
-        ranks, event_categories(log, split_bounds[split][0], split_bounds[split][0] + len(ranks))
-    )
+    categories = event_categories(log, split_bounds[split][0], split_bounds[split][0] + len(ranks))
+    result.extra["by_category"] = breakdown(ranks, categories)
+    if served is not None and protocol == "frozen":
+        result.extra["served"] = served.summary(categories)
     return result
 
 

@@ -1,0 +1,166 @@
+"""What users were served: the position of each event's item in the list its user got before it.
+
+A ranking metric (``operators.evaluation.protocols``) redoes the query at the event, with the
+true time gap, over every item. What a user consumes is different: the list the stream emitted
+right after the user's *previous* event, computed then, for a guessed horizon. This module
+measures that list, offline, during the same frozen replay:
+
+- after each event of user u (states applied), the stream's list: û = project(u(t), h) and
+  j̃ = predict(û, ū, i(t), ī) for each horizon h, scored by the ranker against every known
+  item at that moment, top k;
+- beside it, what a one-line heuristic serves at the same moment: the user's k most recent
+  distinct items, then the most popular other items so far;
+- at u's next event, the position (1..k) of its item in each list kept for u, 0 when absent.
+
+Served Recall@k is the share of events whose item was in the list, served MRR the mean of
+1/position (0 for a miss). Only events whose user already had an event in the replayed window
+count: before that the stream had served that user nothing (``covered`` says how many).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from operators.evaluation.scorer import Scorer, UserContext
+from operators.model.jodie import standardise_delta
+from operators.model.kernel import query
+from operators.model.state import States
+
+#: Horizons (seconds) compared by default: none, a minute, an hour, a day, and the mean gap
+#: between a user's events in training (``None``; what the stream used until now).
+DEFAULT_HORIZONS: tuple[float | None, ...] = (0.0, 60.0, 3600.0, 86400.0, None)
+
+
+@dataclass
+class ServedLists:
+    """Lists served after each event, and where each next item stood in them.
+
+    ``horizons`` in seconds (None: the model's mean user gap); ``k`` the list length.
+    """
+
+    horizons: tuple[float | None, ...] = DEFAULT_HORIZONS
+    k: int = 10
+    #: user row → (H, k) item rows served by the model after the user's latest event
+    _model: dict[int, np.ndarray] = field(default_factory=dict)
+    _heuristic: dict[int, np.ndarray] = field(default_factory=dict)
+    positions: list[np.ndarray] = field(default_factory=list)  # per scored event, (H,) 0..k
+    heuristic: list[int] = field(default_factory=list)  # per scored event, 0..k
+    scored: list[int] = field(default_factory=list)  # index (in the scored events) of each
+
+    def before(self, index: int, user_row: int, item_row: int | None) -> None:
+        """Event ``index`` (of the scored ones) of ``user_row`` on ``item_row`` (None: an
+        item never seen, which no list can hold): record its positions, if it had a list."""
+        lists = self._model.get(user_row)
+        if lists is None:
+            return
+        self.scored.append(index)
+        self.positions.append(np.array([_position(row, item_row) for row in lists]))
+        self.heuristic.append(_position(self._heuristic[user_row], item_row))
+
+    @torch.inference_mode()
+    def after(
+        self,
+        model: Any,
+        states: States,
+        scorer: Scorer,
+        user_row: int,
+        item_row: int,
+        t: float,
+    ) -> None:
+        """The lists served to ``user_row`` right after its event on ``item_row`` at ``t``."""
+        users, items = states.users, states.items
+        cfg = model.config
+        gaps = np.array(
+            [[cfg.delta_user_mean if h is None else h] for h in self.horizons], dtype=np.float64
+        )
+        delta = torch.from_numpy(standardise_delta(gaps, cfg.delta_user_mean, cfg.delta_user_std))
+        h = len(self.horizons)
+        u = users._emb[user_row : user_row + 1].expand(h, -1)
+        u_static = users._static[user_row : user_row + 1].expand(h, -1)
+        i_dyn = items._emb[item_row : item_row + 1].expand(h, -1)
+        i_static = items._static[item_row : item_row + 1].expand(h, -1)
+        _proj, preds = query(model, u, delta, u_static, i_dyn, i_static)
+        context = UserContext(
+            users._history[user_row].copy(), users._history_counts[user_row].copy()
+        )
+        count, trend = items.count, items.trend_at(t)
+        k = min(self.k, len(items))
+        lists = np.empty((h, k), dtype=np.int64)
+        for j in range(h):
+            scores = scorer.scores(preds[j], items.emb, items.static, count, trend, context)
+            lists[j] = _top(scores.numpy(), k)
+        self._model[user_row] = lists
+        self._heuristic[user_row] = _recent_then_popular(context.history, count, k)
+
+    def summary(self, categories: np.ndarray | None = None) -> dict[str, Any]:
+        """Served Recall@k and MRR per horizon and for the heuristic (per category too)."""
+        positions = (
+            np.stack(self.positions) if self.positions else np.zeros((0, len(self.horizons)))
+        )
+        heuristic = np.asarray(self.heuristic, dtype=np.int64)
+        out: dict[str, Any] = {
+            "k": self.k,
+            "covered": int(heuristic.shape[0]),
+            "by_horizon": [
+                {"horizon_s": h, **_metrics(positions[:, j], self.k)}
+                for j, h in enumerate(self.horizons)
+            ],
+            "heuristic": _metrics(heuristic, self.k),
+        }
+        best = max(range(len(self.horizons)), key=lambda j: out["by_horizon"][j]["mrr"])
+        out["best_horizon"] = out["by_horizon"][best]
+        if categories is not None and heuristic.size:
+            cats = categories[np.asarray(self.scored, dtype=np.int64)]
+            out["by_category"] = {
+                str(c): {
+                    "share": float((cats == c).mean()),
+                    "model": _metrics(positions[cats == c, best], self.k),
+                    "heuristic": _metrics(heuristic[cats == c], self.k),
+                }
+                for c in dict.fromkeys(cats.tolist())
+            }
+        return out
+
+
+def _position(served: np.ndarray, item_row: int | None) -> int:
+    if item_row is None:
+        return 0
+    hit = np.flatnonzero(served == item_row)
+    return int(hit[0]) + 1 if hit.size else 0
+
+
+def _top(scores: np.ndarray, k: int) -> np.ndarray:
+    """Rows of the k highest scores, best first (ties: the lower row, as a stable sort)."""
+    part = (
+        np.argpartition(-scores, k - 1)[:k] if k < scores.shape[0] else np.arange(scores.shape[0])
+    )
+    return part[np.lexsort((part, -scores[part]))]
+
+
+def _recent_then_popular(history: np.ndarray, count: np.ndarray, k: int) -> np.ndarray:
+    """The user's most recent distinct items, then the most popular others."""
+    mine = [int(r) for r in history.tolist() if r >= 0][:k]
+    if len(mine) < k:
+        taken = set(mine)
+        for r in np.argsort(-count, kind="stable")[: k + len(mine)].tolist():
+            if r not in taken:
+                mine.append(int(r))
+                if len(mine) == k:
+                    break
+    return np.asarray(mine, dtype=np.int64)
+
+
+def _metrics(positions: np.ndarray, k: int) -> dict[str, float]:
+    if positions.size == 0:
+        return {"recall": 0.0, "mrr": 0.0, "n_events": 0}
+    hit = positions > 0
+    reciprocal = np.where(hit, 1.0 / np.maximum(positions, 1), 0.0)
+    return {
+        "recall": float(hit.mean()),
+        "mrr": float(reciprocal.mean()),
+        "n_events": int(positions.size),
+    }
