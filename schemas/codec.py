@@ -32,6 +32,10 @@ INBOX_MESSAGE = "inbox_message"
 ENTITY_RECORD = "entity_record"
 EVALUATION = "evaluation"
 
+# Earlier shipped versions of a schema, by the file they are kept in: a codec of the schema
+# knows their fingerprints, so records written before a field was added still decode.
+_OLDER_VERSIONS = {MODEL_ANNOUNCEMENT: ("model_announcement.v1",)}
+
 # Named types that one shipped schema uses inside another; inlined at load time so every
 # schema is self-contained (its canonical form and fingerprint cover the nested record).
 _SHARED_TYPES = {
@@ -183,7 +187,8 @@ class Codec:
     """Encodes records with one writer schema and decodes any known writer schema into it.
 
     Decoding resolves the writer's schema into the reader's (this codec's) schema by Avro's
-    rules: fields the reader added need defaults, fields the reader dropped are skipped.
+    rules: fields the reader added need defaults, fields the reader dropped are skipped. A
+    schema given by name also reads the earlier versions of it this package ships.
     """
 
     def __init__(
@@ -200,7 +205,8 @@ class Codec:
         self.framing: Framing = framing if framing is not None else SingleObjectFraming()
         if isinstance(self.framing, SingleObjectFraming):
             self.framing.add(self.schema)
-            for schema_version in older:
+            shipped = _OLDER_VERSIONS.get(schema, ()) if isinstance(schema, str) else ()
+            for schema_version in (*older, *(load_schema(name) for name in shipped)):
                 self.framing.add(schema_version)
         self._header = self.framing.header(self.schema)
         self._writers: dict[str, Any] = {}

@@ -23,13 +23,13 @@ def limits_of(settings: Settings) -> Limits:
     )
 
 
-def model_features(announcement: dict[str, Any]) -> int:
+def model_features(announcement: dict[str, Any], settings: Settings) -> int:
     """The feature count of an announced version, from its checkpoint's config.
 
-    The checkpoint is digest-checked first, as workers do: a length read from a tampered
-    config would reject the events the served weights expect.
+    The announcement is verified first, as workers do: a length read from a tampered config
+    would reject the events the served weights expect.
     """
-    meta = read_meta(verified(announcement))
+    meta = read_meta(verified(announcement, settings))
     try:
         return int(meta["model_config"]["n_features"])
     except (KeyError, TypeError, ValueError) as err:

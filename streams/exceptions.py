@@ -12,6 +12,12 @@ class RegistryError(JodieError):
     `jodie models list` shows what the registry holds."""
 
 
+class UntrustedModelError(RegistryError):
+    """An announcement the registry does not trust: its checkpoint lies outside
+    JODIE_MODEL_STORE and JODIE_MODEL_ALLOW, or its signature is missing or wrong under
+    JODIE_MODEL_SIGNING_KEY; announce the checkpoint again with `jodie models announce`."""
+
+
 class ReadError(JodieError, RuntimeError):
     """The broker answered an error while a topic was read back; check the broker, retry."""
 

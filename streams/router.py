@@ -331,7 +331,7 @@ class Router:
         version = str(record["version"])
         if version not in self._features:
             try:
-                self._features[version] = model_features(record)
+                self._features[version] = model_features(record, self.settings)
             except (CheckpointError, RegistryError, OSError) as err:
                 _log.error("router: cannot read the feature count of %s: %s", version, err)
                 self._features[version] = None

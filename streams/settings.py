@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import os
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, SecretStr, ValidationError
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from streams.exceptions import SettingsError
 
@@ -162,7 +163,24 @@ class Settings(BaseSettings):
         default_factory=lambda: _default_cache() / "models",
         description=(
             "JODIE_MODEL_STORE: where announced checkpoints are kept (a local directory; "
-            "announcements carry its file:// URI)."
+            "announcements carry its file:// URI). Workers, the router and `models promote` "
+            "load only checkpoints inside it (or inside JODIE_MODEL_ALLOW)."
+        ),
+    )
+    model_allow: Annotated[tuple[Path, ...], NoDecode] = Field(
+        (),
+        description=(
+            "JODIE_MODEL_ALLOW: further directories an announced checkpoint may live in, "
+            "separated like PATH (':' on POSIX); empty by default: only JODIE_MODEL_STORE."
+        ),
+    )
+    model_signing_key: SecretStr | None = Field(
+        None,
+        description=(
+            "JODIE_MODEL_SIGNING_KEY: when set, `models announce` signs each version (HMAC-SHA256 "
+            "of its name, version and digest) and workers, the router and `models promote` "
+            "refuse an announcement without a valid signature. Give every process the same key "
+            "(never printed)."
         ),
     )
     web_port: int = Field(
@@ -229,6 +247,23 @@ class Settings(BaseSettings):
             "event, about as costly as applying it; a sample keeps the stream fast."
         ),
     )
+
+    @field_validator("model_allow", mode="before")
+    @classmethod
+    def _split_paths(cls, value: Any) -> Any:
+        # One variable, PATH-like, rather than JSON: what people write for a list of folders.
+        if isinstance(value, str):
+            return tuple(Path(p) for p in value.split(os.pathsep) if p)
+        return value
+
+    @field_validator("model_signing_key", mode="before")
+    @classmethod
+    def _no_empty_key(cls, value: Any) -> Any:
+        # An empty variable is more likely a secret that failed to arrive than a wish to turn
+        # signing off: refusing it keeps every process from silently accepting unsigned models.
+        if value == "":
+            raise ValueError("empty; unset it to turn signing off, or give the shared key")
+        return value
 
     @property
     def bootstrap_servers(self) -> str:

@@ -67,6 +67,11 @@ class ServingWatch:
             if (msg.key() or b"").decode() != self.name:
                 continue
             record = self.codec.decode(value)
+            if record["name"] != self.name:
+                # Another model's record under this key: its signature would hold, but it
+                # is not a version of this model.
+                _log.warning("%s: ignoring a serving record of %r", self.name, record["name"])
+                continue
             if self.current is None or record["version"] != self.current["version"]:
                 changed = record
             self.current = record
@@ -149,7 +154,7 @@ def catch_up(
     the epoch start, its seq, events replayed).
     """
     version = str(announcement["version"])
-    ckpt = load_checkpoint(verified(announcement))  # refused unless its digest matches
+    ckpt = load_checkpoint(verified(announcement, settings))  # refused unless trusted
     cu = CatchUp(ckpt)
     if target is not None and target < cu.start:
         raise CheckpointError(

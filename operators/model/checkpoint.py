@@ -11,7 +11,9 @@ Layout::
                          log offsets, and the sha256 of every file above
 
 Nothing is unpickled: tensors come from safetensors, the rest from JSON. Loading checks every
-sha256 first and raises CheckpointError on any mismatch or missing file.
+sha256 first and raises CheckpointError on any mismatch or missing file. The manifest cannot
+vouch for checkpoint.json itself: ``directory_digest`` covers every file, and is what a
+registry announces and checks.
 """
 
 from __future__ import annotations
@@ -77,6 +79,32 @@ def sha256_file(path: Path) -> str:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def directory_digest(path: str | Path) -> str:
+    """sha256 over the canonical listing of every file of a checkpoint directory.
+
+    The listing is the JSON array ``[[name, sha256 of the file], ...]`` sorted by name, with no
+    spaces. It covers checkpoint.json (config, Δ statistics, metrics, log offsets) as much as
+    the tensors, and is computed from the files alone, trusting no digest written inside.
+    Anything but a regular file (a folder, a symlink) is refused: what is loaded later must be
+    what was hashed here.
+    """
+    root = Path(path)
+    if not root.is_dir():
+        raise CheckpointError(f"{root}: not a directory; give a checkpoint directory")
+    with os.scandir(root) as found:
+        entries = sorted(found, key=lambda e: e.name)
+    listing = []
+    for entry in entries:
+        if not entry.is_file(follow_symlinks=False):
+            raise CheckpointError(
+                f"{root}: {entry.name!r} is not a regular file; a checkpoint directory holds "
+                "only its own files (remove it, or re-save the checkpoint)"
+            )
+        listing.append([entry.name, sha256_file(Path(entry.path))])
+    canonical = json.dumps(listing, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 def save_checkpoint(

@@ -7,6 +7,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from jodie_errors import JodieError
 
@@ -15,7 +16,9 @@ out = Console()  # the results, on stdout for pipes and scripts
 
 
 def _fail(exc: JodieError) -> typer.Exit:
-    console.print(f"[red]error:[/red] {exc}")
+    # Escaped: a message may quote what a user typed, brackets and all. Soft-wrapped: one
+    # line in logs and pipes, however wide the message (a terminal wraps it).
+    console.print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True, highlight=False)
     return typer.Exit(code=2)
 
 

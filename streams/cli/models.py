@@ -20,7 +20,7 @@ models_app = typer.Typer(
 def _registry(name: str) -> Any:
     from streams.models import Registry
 
-    return Registry(get_settings(), name)
+    return _registry_call(lambda: Registry(get_settings(), name))  # a bad name: one line
 
 
 @models_app.command("announce")
@@ -36,7 +36,8 @@ def models_announce(
     ] = False,
     name: ModelName = "jodie",
 ) -> None:
-    """Copy a verified checkpoint into JODIE_MODEL_STORE and announce it on `models`."""
+    """Copy a verified checkpoint into JODIE_MODEL_STORE and announce it on `models` (signed
+    when JODIE_MODEL_SIGNING_KEY is set)."""
     registry = _registry(name)
     if unless_serving:
         serving = _registry_call(registry.serving)
@@ -77,7 +78,7 @@ def models_show(
 def models_promote(
     version: Annotated[str, typer.Argument(help="The version to serve.")], name: ModelName = "jodie"
 ) -> None:
-    """Make a version the serving one (its checkpoint's digest is checked first)."""
+    """Make a version the serving one (its location, signature and digest are checked first)."""
     registry = _registry(name)
     out.print(json.dumps(_registry_call(lambda: registry.promote(version))))
 

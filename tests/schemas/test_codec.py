@@ -82,8 +82,13 @@ def test_recommendation_and_announcement_round_trip() -> None:
         "created_at_ms": 1_700_000_000_000,
         "log_seq": 1234,
         "previous_version": "v2",
+        "signature": "cd" * 32,
     }
     assert Codec(MODEL_ANNOUNCEMENT).decode(Codec(MODEL_ANNOUNCEMENT).encode(ann)) == ann
+    # Written before announcements were signed: still read, as unsigned.
+    old = {k: v for k, v in ann.items() if k != "signature"}
+    data = Codec(load_schema("model_announcement.v1")).encode(old)
+    assert Codec(MODEL_ANNOUNCEMENT).decode(data) == {**old, "signature": None}
 
 
 def test_floats_are_float32_on_the_wire() -> None:

@@ -442,8 +442,9 @@ def test_the_served_model_fixes_the_feature_length_not_the_first_event(
     """With --model, an event whose length differs from the served version's (0 here) is
     rejected even when it comes first; without, it would fix the length and reject the rest."""
     n = 40
+    kafka = kafka.model_copy(update={"model_store": tmp_path / "store"})  # router reads it too
     registry = Registry(kafka, name="poison")
-    registry.promote(registry.announce(checkpoint, store=tmp_path / "store")["version"])
+    registry.promote(registry.announce(checkpoint)["version"])
     tag = source_tag(bundled_wikipedia())
     codec = make_codec(kafka, INTERACTION, kafka.topic("interactions"))
     rows = _rows(n)

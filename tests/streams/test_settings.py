@@ -51,3 +51,19 @@ def test_a_bad_variable_is_one_line_naming_it(monkeypatch: pytest.MonkeyPatch) -
     assert result.exit_code == 2
     assert "Traceback" not in result.output
     assert "JODIE_EVALUATE_EVERY='0': Input should be greater than or equal to 1" in result.output
+
+
+def test_model_allow_is_path_like_and_the_signing_key_secret(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from pathlib import Path
+
+    assert Settings().model_allow == ()
+    monkeypatch.setenv("JODIE_MODEL_ALLOW", "/srv/models::/mnt/ckpt")
+    monkeypatch.setenv("JODIE_MODEL_SIGNING_KEY", "s3cret")
+    s = Settings()
+    assert s.model_allow == (Path("/srv/models"), Path("/mnt/ckpt"))
+    assert s.model_signing_key is not None and "s3cret" not in repr(s)
+    monkeypatch.setenv("JODIE_MODEL_SIGNING_KEY", "")  # a secret that did not arrive
+    with pytest.raises(ValidationError, match="unset it to turn signing off"):
+        Settings()

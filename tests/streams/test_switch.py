@@ -50,7 +50,7 @@ def _assert_states_are_offline_replay(settings: Settings, version: str, since: i
     advanced over every later event of the log with its weights (≤ 1e-4)."""
     epoch, got = collect_epoch(settings, "jodie")
     assert epoch == (version, since)
-    ckpt = load_checkpoint(verified(Registry(settings).show(version)))
+    ckpt = load_checkpoint(verified(Registry(settings).show(version), settings))
     start = int(ckpt.meta["log_offsets"]["seq"])
     later = replay_log(settings, Window(from_seq=start))
     want = ckpt.states.copy()

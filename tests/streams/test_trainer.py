@@ -32,7 +32,7 @@ def test_retrains_announces_and_promotes_only_what_validates(
     assert first.promoted and first.serving_mrr is None  # nothing served yet
     assert registry.serving()["version"] == "v1"  # type: ignore[index]
     assert first.record["log_seq"] == 1500  # the states are at the end of the log
-    ckpt = load_checkpoint(verified(first.record))
+    ckpt = load_checkpoint(verified(first.record, settings))
     assert ckpt.last_seq is not None and int(ckpt.last_seq.users.max()) == 1499
 
     # More events; a second run that would have to beat the serving MRR by 1.0 is announced

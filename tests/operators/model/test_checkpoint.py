@@ -10,7 +10,14 @@ import numpy as np
 import pytest
 import torch
 
-from operators.model.checkpoint import EntitySeqs, load_checkpoint, save_checkpoint, verify
+from operators.model.checkpoint import (
+    EntitySeqs,
+    directory_digest,
+    load_checkpoint,
+    save_checkpoint,
+    sha256_file,
+    verify,
+)
 from operators.model.config import TrainConfig
 from operators.model.events import encode
 from operators.model.exceptions import CheckpointError
@@ -82,6 +89,41 @@ def test_tampering_is_detected(tmp_path: Path, tiny_model: Jodie, name: str) -> 
     (path / name).write_bytes(bytes(data))
     with pytest.raises(CheckpointError, match="sha256"):
         load_checkpoint(path)
+
+
+def test_the_directory_digest_is_of_every_file_listed(tmp_path: Path, tiny_model: Jodie) -> None:
+    import hashlib
+    import shutil
+
+    path, _ = _saved(tmp_path, tiny_model)
+    names = sorted(p.name for p in path.iterdir())
+    listing = json.dumps([[n, sha256_file(path / n)] for n in names], separators=(",", ":"))
+    digest = directory_digest(path)
+    assert digest == hashlib.sha256(listing.encode()).hexdigest()
+    assert directory_digest(shutil.copytree(path, tmp_path / "copy")) == digest
+
+    # checkpoint.json edited (the Δ statistics here): its own manifest still checks out,
+    # the directory digest does not.
+    meta = json.loads((path / "checkpoint.json").read_text())
+    meta["model_config"]["delta_user_mean"] = 1.0
+    (path / "checkpoint.json").write_text(json.dumps(meta))
+    verify(path)
+    assert directory_digest(path) != digest
+    (tmp_path / "copy" / "notes.txt").write_text("an extra file is covered too")
+    assert directory_digest(tmp_path / "copy") != digest
+
+
+def test_the_directory_digest_refuses_what_is_not_a_file(tmp_path: Path, tiny_model: Jodie) -> None:
+    path, _ = _saved(tmp_path, tiny_model)
+    (path / "extra").symlink_to(tmp_path)
+    with pytest.raises(CheckpointError, match="not a regular file"):
+        directory_digest(path)
+    (path / "extra").unlink()
+    (path / "extra").mkdir()
+    with pytest.raises(CheckpointError, match="not a regular file"):
+        directory_digest(path)
+    with pytest.raises(CheckpointError, match="not a directory"):
+        directory_digest(tmp_path / "nowhere")
 
 
 def test_missing_file_and_missing_manifest(tmp_path: Path, tiny_model: Jodie) -> None:
