@@ -176,23 +176,58 @@ def evaluate(
     scorer: Annotated[
         str | None, typer.Option(help="override the checkpoint's scorer: 'plain' or 'history'")
     ] = None,
+    compare: Annotated[
+        bool,
+        typer.Option(
+            "--compare",
+            help="also evaluate plain JODIE and both baselines on the same events; one table",
+        ),
+    ] = False,
+    served: Annotated[
+        bool,
+        typer.Option(
+            "--served/--no-served",
+            help="frozen: also measure the lists the stream serves after each event, and a "
+            "recent-then-popular heuristic's (positions of each next item)",
+        ),
+    ] = True,
+    horizons: Annotated[
+        str,
+        typer.Option(
+            help="served lists: horizons in seconds to compare, 'mean' = the model's mean "
+            "user gap (what the stream uses unless JODIE_HORIZON_S is set)"
+        ),
+    ] = "0,60,3600,86400,mean",
+    k: Annotated[int, typer.Option(help="served lists: their length")] = 10,
 ) -> None:
-    """Rank the true next item for each event of a split; print MRR and Recall@10."""
-    from operators.dataset import file_fingerprint
-    from operators.evaluation.protocols import evaluate as run_eval
-    from operators.evaluation.scorer import make_scorer
+    """Rank the true next item for each event of a split; print MRR and Recall@10.
+
+    Frozen, it also measures what users are served (``--served``): for each event, the
+    position of its item in the list served to its user after their previous event.
+    """
     from operators.model.checkpoint import load_checkpoint
 
     if protocol not in ("frozen", "paper"):
         raise typer.BadParameter("--protocol must be 'paper' or 'frozen'")
     if split not in ("valid", "test"):
         raise typer.BadParameter("--split must be 'valid' or 'test'")
-    from operators.model.config import TrainConfig
-    from operators.training.trainer import Split
-
-    path = _data_path(data)
+    if baseline is not None and baseline not in ("recency", "popularity"):
+        raise typer.BadParameter("--baseline must be 'recency' or 'popularity'")
     if checkpoint is None and baseline is None:
         raise typer.BadParameter("--checkpoint is required unless --baseline is given")
+    if compare and checkpoint is None:
+        raise typer.BadParameter("--compare needs --checkpoint")
+    try:
+        horizon_list = tuple(
+            None if h.strip() == "mean" else float(h) for h in horizons.split(",") if h.strip()
+        )
+    except ValueError:
+        raise typer.BadParameter(
+            f"--horizons: numbers or 'mean', comma-separated: {horizons}"
+        ) from None
+    if not horizon_list or k < 1:
+        raise typer.BadParameter("--horizons needs at least one value and --k at least 1")
+    path = _data_path(data)
     ckpt = load_checkpoint(checkpoint) if checkpoint is not None else None
     if ckpt is not None and ckpt.last_seq is not None and baseline is None:
         # Its states already went through the validation and test events; replaying them
@@ -202,6 +237,43 @@ def evaluate(
             "replayed window, past the validation and test splits (see its metrics instead)"
         )
     log = _load(path)
+    bounds = _bounds(ckpt, log, path)
+    runs: list[dict[str, Any]] = []
+    if baseline is not None:
+        runs.append(_baseline(log, bounds, baseline, split, limit, protocol))
+    else:
+        assert ckpt is not None
+        wanted = ckpt.config.scorer if scorer is None else scorer
+        names = [wanted, *(["plain"] if compare and wanted != "plain" else [])]
+        for n, name in enumerate(names):
+            # The replay changes the states it runs on: each run from a fresh load.
+            run_ckpt = ckpt if n == 0 else load_checkpoint(checkpoint)  # type: ignore[arg-type]
+            lists = None
+            if served and protocol == "frozen" and n == 0:
+                from operators.evaluation.served import ServedLists
+
+                lists = ServedLists(horizon_list, k)
+            runs.append(_model_run(run_ckpt, log, bounds, protocol, split, name, limit, lists))
+            if n == 0 and export_states is not None:
+                _export(export_states, run_ckpt.states)
+        if compare:
+            for kind in ("recency", "popularity"):
+                runs.append(_baseline(log, bounds, kind, split, limit, protocol))
+    for summary in runs:
+        _print(summary)
+    if compare:
+        _print_table(runs)
+    if json_out is not None:
+        out: Any = runs[0] if len(runs) == 1 else {"runs": runs}
+        json_out.write_text(json.dumps(out, indent=2))
+
+
+def _bounds(ckpt: Any, log: Any, path: Path) -> dict[str, tuple[int, int]]:
+    """The checkpoint's own split of this file, or the configured fractions of it."""
+    from operators.dataset import file_fingerprint
+    from operators.model.config import TrainConfig
+    from operators.training.trainer import Split
+
     stored = ckpt.meta.get("split") if ckpt is not None else None
     if ckpt is not None:
         fingerprint = ckpt.meta.get("data_fingerprint")
@@ -210,45 +282,58 @@ def evaluate(
                 "[yellow]warning: the data differs from the checkpoint's training file[/yellow]"
             )
     if stored and stored["test"][1] == len(log):
-        bounds = {k: (int(v[0]), int(v[1])) for k, v in stored.items()}
-    else:
-        tc = ckpt.train_config if ckpt is not None else TrainConfig()
-        sp = Split.of(len(log), tc.train_fraction, tc.valid_fraction)
-        bounds = {k: sp.bounds(k) for k in ("train", "valid", "test")}
-    if baseline is not None:
-        from operators.evaluation.baselines import evaluate_baseline
+        return {key: (int(v[0]), int(v[1])) for key, v in stored.items()}
+    tc = ckpt.train_config if ckpt is not None else TrainConfig()
+    sp = Split.of(len(log), tc.train_fraction, tc.valid_fraction)
+    return {key: sp.bounds(key) for key in ("train", "valid", "test")}
 
-        if baseline not in ("recency", "popularity"):
-            raise typer.BadParameter("--baseline must be 'recency' or 'popularity'")
-        result = evaluate_baseline(log, bounds, baseline, split, limit)  # type: ignore[arg-type]
-        result.protocol = protocol
-        label = baseline
-    else:
-        import torch
 
-        assert ckpt is not None
-        torch.set_num_threads(1)
-        config = ckpt.config if scorer is None else ckpt.config.with_(scorer=scorer)
-        label = f"jodie+{config.scorer}"
-        result = run_eval(
-            ckpt.model,
-            ckpt.states,
-            log,
-            bounds,
-            protocol,  # type: ignore[arg-type]
-            split,  # type: ignore[arg-type]
-            make_scorer(config, ckpt.scorer_tensors),
-            limit,
-            ckpt.train_config,
-            float(ckpt.meta.get("timespan", 0.0)),
-        )
-        if export_states is not None:
-            _export(export_states, ckpt.states)
-    summary = result.summary()
-    summary["model"] = label
-    _print(summary)
-    if json_out is not None:
-        json_out.write_text(json.dumps(summary, indent=2))
+def _baseline(
+    log: Any,
+    bounds: dict[str, tuple[int, int]],
+    kind: str,
+    split: str,
+    limit: int | None,
+    protocol: str,
+) -> dict[str, Any]:
+    from operators.evaluation.baselines import evaluate_baseline
+
+    result = evaluate_baseline(log, bounds, kind, split, limit)  # type: ignore[arg-type]
+    result.protocol = protocol
+    return {**result.summary(), "model": kind}
+
+
+def _model_run(
+    ckpt: Any,
+    log: Any,
+    bounds: dict[str, tuple[int, int]],
+    protocol: str,
+    split: str,
+    scorer: str,
+    limit: int | None,
+    lists: Any,
+) -> dict[str, Any]:
+    import torch
+
+    from operators.evaluation.protocols import evaluate as run_eval
+    from operators.evaluation.scorer import make_scorer
+
+    torch.set_num_threads(1)
+    config = ckpt.config.with_(scorer=scorer)
+    result = run_eval(
+        ckpt.model,
+        ckpt.states,
+        log,
+        bounds,
+        protocol,  # type: ignore[arg-type]
+        split,  # type: ignore[arg-type]
+        make_scorer(config, ckpt.scorer_tensors),
+        limit,
+        ckpt.train_config,
+        float(ckpt.meta.get("timespan", 0.0)),
+        served=lists,
+    )
+    return {**result.summary(), "model": f"jodie+{config.scorer}"}
 
 
 def _export(path: Path, states: Any) -> None:
@@ -275,6 +360,44 @@ def _print(summary: dict[str, Any]) -> None:
             f"  {name:<13} share {row['share']:.3f}  MRR {row['mrr']:.4f}  "
             f"Recall@10 {row['recall_at_10']:.4f}"
         )
+    served = summary.get("served")
+    if served:
+        k = served["k"]
+        typer.echo(
+            f"  served lists (k={k}; the list after the user's previous event, "
+            f"{served['covered']} events with one):"
+        )
+        for row in served["by_horizon"]:
+            h = "mean gap" if row["horizon_s"] is None else f"{row['horizon_s']:g} s"
+            typer.echo(
+                f"    model, horizon {h:<9} served Recall@{k} {row['recall']:.4f}  "
+                f"served MRR {row['mrr']:.4f}"
+            )
+        row = served["heuristic"]
+        typer.echo(
+            f"    recent-then-popular     served Recall@{k} {row['recall']:.4f}  "
+            f"served MRR {row['mrr']:.4f}"
+        )
+
+
+def _print_table(runs: list[dict[str, Any]]) -> None:
+    """MRR / Recall@10 of each run, overall and per category, side by side."""
+    cats = list(dict.fromkeys(c for r in runs for c in r.get("by_category", {})))
+    width = max(len(r["model"]) for r in runs)
+    head = f"{'':<{width}}  {'all':>15}" + "".join(f"  {c:>15}" for c in cats)
+    typer.echo("\nMRR / Recall@10 on the same events")
+    shares = runs[0].get("by_category", {})
+    typer.echo(head)
+    typer.echo(
+        f"{'share':<{width}}  {1.0:>15.3f}"
+        + "".join(f"  {shares.get(c, {}).get('share', 0.0):>15.3f}" for c in cats)
+    )
+    for r in runs:
+        cells = [f"{r['mrr']:.4f} / {r['recall_at_10']:.4f}"]
+        for c in cats:
+            row = r.get("by_category", {}).get(c)
+            cells.append("-" if row is None else f"{row['mrr']:.4f} / {row['recall_at_10']:.4f}")
+        typer.echo(f"{r['model']:<{width}}" + "".join(f"  {cell:>15}" for cell in cells))
 
 
 def plot(
