@@ -4,7 +4,9 @@ One router per pipeline reads every partition of `interactions`, decodes and val
 event, merges the partitions into the canonical order (operators.protocol.sequencer) and writes:
 
 - `interactions.log`: the sequenced event (Avro SequencedInteraction), keyed by event id;
-- `interactions.dlq`: the original key and bytes of every rejected event, the reason in headers.
+- `interactions.dlq`: the original key and bytes of every rejected event, the reason in headers
+  (a re-sent event id included, as ``duplicate``: every message read is either in the log or
+  in the DLQ).
 
 Bad input is data: the bounds an event must keep come from the settings (``limits_of``), and
 with ``--model`` the feature count is the served version's, read from its checkpoint (digest
@@ -53,7 +55,7 @@ class RouterStats:
     sequenced: int = 0
     rejected: int = 0
     rejected_by_reason: dict[str, int] = field(default_factory=dict)
-    duplicates: int = 0
+    duplicates: int = 0  # of the rejected, those re-sending an event id already sequenced
     transactions: int = 0
     switches: list[dict[str, Any]] = field(default_factory=list)
     refused: list[str] = field(default_factory=list)  # promoted versions that could not start
@@ -261,7 +263,7 @@ class Router:
                 idle = {p for p in idle if self._drained(p, next_offsets[p], now)}
             result = sequencer.drain(idle)
             offsets = sequencer.committable(next_offsets)
-            if result.sequenced or result.rejected or result.duplicates:
+            if result.sequenced or result.rejected:
                 self._commit(producer, consumer, result.sequenced, result.rejected, offsets, raw)
                 for key in [k for k in raw if k[1] < offsets.get(k[0], 0)]:
                     del raw[key]

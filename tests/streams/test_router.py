@@ -17,7 +17,7 @@ from operators.dataset import iter_rows
 from schemas import INTERACTION, Codec, load_schema
 from streams.codecs import make_codec
 from streams.peek import read_all
-from streams.produce import event_id, produce_file, source_tag
+from streams.produce import event_id, produce_file, source_tag, to_record
 from streams.router import Router, read_log
 from streams.runtime.clients import idempotent_producer
 from streams.settings import Settings
@@ -88,20 +88,24 @@ def test_bad_input_goes_to_the_dlq_and_the_rest_flows(kafka: Settings, tmp_path:
     for _reason, key, value in bad:
         producer.produce(topic, key=key, value=value)
     producer.flush()
-    # A whole re-run of the file: every event is a duplicate and must not be applied again.
+    # A whole re-run of the file: every event is a duplicate and must not be applied again;
+    # each re-send goes to the DLQ as such.
     produce_file(path, idempotent_producer(kafka), codec, topic)
 
     stats = Router(kafka, grace_s=0.2).run(until_idle_s=2.0, max_seconds=120)
-    assert stats.sequenced == N and stats.duplicates == N and stats.rejected == len(bad)
+    assert stats.sequenced == N and stats.duplicates == N and stats.rejected == len(bad) + N
+    assert stats.rejected_by_reason["duplicate"] == N
     _assert_canonical(kafka, path)
 
     dlq = list(read_all(kafka, kafka.topic("interactions.dlq")))
-    assert len(dlq) == len(bad)
+    assert len(dlq) == len(bad) + N
     got = {value: (key or b"") for key, value, _p, _o in dlq}
     for _reason, key, value in bad:
         assert got[value] == key  # the original bytes and key, untouched
+    resent = {codec.encode(to_record(r, source_tag(path))) for r in iter_rows(path)}
+    assert {value for _k, value, _p, _o in dlq} - {v for _r, _k, v in bad} == resent
     reasons = _dlq_reasons(kafka)
-    assert sorted(reasons) == sorted(r for r, _k, _v in bad)
+    assert sorted(reasons) == sorted([r for r, _k, _v in bad] + ["duplicate"] * N)
 
 
 def _dlq_reasons(settings: Settings) -> list[str]:
