@@ -92,6 +92,30 @@ def read_all(
     so aborted transactions are never seen), after ``limit`` messages, or after
     ``idle_timeout_s`` without any message — never waits forever.
     """
+    for msg in _messages(settings, topic, limit, idle_timeout_s):
+        value = msg.value()
+        if value is not None:
+            yield msg.key(), value, msg.partition() or 0, msg.offset() or 0
+
+
+def read_with_headers(
+    settings: Settings, topic: str, idle_timeout_s: float = 5.0
+) -> Iterator[tuple[bytes | None, bytes, dict[str, bytes]]]:
+    """Yield (key, value, headers) of every message, as ``read_all`` reads them (for the DLQ,
+    whose headers say why each message is there). A missing value reads as empty."""
+    for msg in _messages(settings, topic, None, idle_timeout_s):
+        raw = msg.headers() or []
+        pairs = raw.items() if isinstance(raw, dict) else raw
+        headers = {
+            name: (value.encode() if isinstance(value, str) else value or b"")
+            for name, value in pairs
+        }
+        yield msg.key(), msg.value() or b"", headers
+
+
+def _messages(
+    settings: Settings, topic: str, limit: int | None, idle_timeout_s: float
+) -> Iterator[Message]:
     consumer = committed_reader(settings, group_id=f"jodie-inspect-{uuid.uuid4().hex[:8]}")
     try:
         bounded = Bounded(consumer, topic)
@@ -102,9 +126,7 @@ def read_all(
                 break
             for msg in messages:
                 seen += 1
-                value = msg.value()
-                if value is not None:
-                    yield msg.key(), value, msg.partition() or 0, msg.offset() or 0
+                yield msg
     finally:
         consumer.close()
 

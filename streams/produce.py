@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
@@ -150,3 +150,39 @@ def produce_rows(
         start=start,
         limit=limit,
     )
+
+
+def produce_messages(
+    settings: Settings,
+    messages: Iterable[tuple[bytes | None, bytes | None]],
+    message_max_bytes: int | None = None,
+) -> int:
+    """Send ready-made (key, value) pairs to `interactions` in order, with one idempotent
+    producer (so each partition keeps their order); raise on any delivery failure.
+    ``message_max_bytes``: the producer's limit, when messages may be larger than its
+    default (1,000,000 bytes)."""
+    from streams.runtime.clients import idempotent_producer
+
+    errors: list[KafkaError] = []
+
+    def on_delivery(err: KafkaError | None, _msg: Any) -> None:
+        if err is not None:
+            errors.append(err)
+
+    topic = settings.topic("interactions")
+    overrides = {} if message_max_bytes is None else {"message.max.bytes": message_max_bytes}
+    producer = idempotent_producer(settings, **overrides)
+    sent = 0
+    for key, value in messages:
+        while True:
+            try:
+                producer.produce(topic, key=key, value=value, on_delivery=on_delivery)
+                break
+            except BufferError:
+                producer.poll(0.05)  # local queue full: let librdkafka drain it
+        producer.poll(0)
+        sent += 1
+    producer.flush()
+    if errors:
+        raise KafkaException(errors[0])
+    return sent

@@ -4,7 +4,9 @@ One router per pipeline reads every partition of `interactions`, decodes and val
 event, merges the partitions into the canonical order (operators.protocol.sequencer) and writes:
 
 - `interactions.log`: the sequenced event (Avro SequencedInteraction), keyed by event id;
-- `interactions.dlq`: the original key and bytes of every rejected event, the reason in headers.
+- `interactions.dlq`: the original key and bytes of every rejected event, the reason in headers
+  (a re-sent event id included, as ``duplicate``: every message read is either in the log or
+  in the DLQ).
 
 Bad input is data: the bounds an event must keep come from the settings (``limits_of``), and
 with ``--model`` the feature count is the served version's, read from its checkpoint (digest
@@ -47,13 +49,43 @@ from streams.switch import ServingWatch
 
 _log = logging.getLogger("jodie.router")
 
+# The router's producer refuses a record over its message.max.bytes (librdkafka: 1,000,000
+# bytes by default, key and headers included), and the broker takes up to its own limit
+# (1,048,588 by default) from other clients: a whole copy of such a message could not be
+# sent to the DLQ, and the router would stop at it again at every restart.
+DLQ_COPY_BYTES = 900_000
+DLQ_KEY_BYTES = 1_000  # of a cut copy's key: keys are ids, and ids are short when valid
+# A decoding error may quote the whole offending field (a megabyte of invalid UTF-8).
+DLQ_DETAIL_CHARS = 1_000
+
+
+def dlq_copy(
+    key: bytes | None, value: bytes
+) -> tuple[bytes | None, bytes, list[tuple[str, bytes]]]:
+    """What the DLQ keeps of a rejected message: its key and value, cut to DLQ_COPY_BYTES in
+    all with a ``truncated`` header of their original sizes when they are larger (the
+    ``source`` header still says where the whole message is).
+
+    >>> dlq_copy(b"k", b"v")
+    (b'k', b'v', [])
+    >>> k, v, h = dlq_copy(b"k" * 2_000, b"v" * 1_000_000)
+    >>> len(k), len(k) + len(v), h
+    (1000, 900000, [('truncated', b'key 2000 value 1000000')])
+    """
+    key_size, value_size = len(key or b""), len(value)
+    if key_size + value_size <= DLQ_COPY_BYTES:
+        return key, value, []
+    cut_key = key[:DLQ_KEY_BYTES] if key is not None else None
+    cut_value = value[: DLQ_COPY_BYTES - len(cut_key or b"")]
+    return cut_key, cut_value, [("truncated", f"key {key_size} value {value_size}".encode())]
+
 
 @dataclass
 class RouterStats:
     sequenced: int = 0
     rejected: int = 0
     rejected_by_reason: dict[str, int] = field(default_factory=dict)
-    duplicates: int = 0
+    duplicates: int = 0  # of the rejected, those re-sending an event id already sequenced
     transactions: int = 0
     switches: list[dict[str, Any]] = field(default_factory=list)
     refused: list[str] = field(default_factory=list)  # promoted versions that could not start
@@ -261,7 +293,7 @@ class Router:
                 idle = {p for p in idle if self._drained(p, next_offsets[p], now)}
             result = sequencer.drain(idle)
             offsets = sequencer.committable(next_offsets)
-            if result.sequenced or result.rejected or result.duplicates:
+            if result.sequenced or result.rejected:
                 self._commit(producer, consumer, result.sequenced, result.rejected, offsets, raw)
                 for key in [k for k in raw if k[1] < offsets.get(k[0], 0)]:
                     del raw[key]
@@ -408,15 +440,17 @@ class Router:
                 }
                 producer.produce(topic, key=entity.encode(), value=self.inbox_codec.encode(body))
         for r in rejected:
-            key, value = originals[(r.partition, r.offset)]
+            key, value, cut = dlq_copy(*originals[(r.partition, r.offset)])
+            detail = r.detail[:DLQ_DETAIL_CHARS] + ("…" if len(r.detail) > DLQ_DETAIL_CHARS else "")
             producer.produce(
                 self.dlq_topic,
                 key=key,
                 value=value,
                 headers=[
                     ("reason", r.reason.encode()),
-                    ("detail", r.detail.encode()),
+                    ("detail", detail.encode()),
                     ("source", f"{self.source}/{r.partition}/{r.offset}".encode()),
+                    *cut,
                 ],
             )
         positions = [TopicPartition(self.source, p, o) for p, o in offsets.items()]

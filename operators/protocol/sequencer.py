@@ -16,9 +16,10 @@ one already known) or lies too far in the future (see *Watermark*) is rejected w
 offered, so it never takes part in the merge: a timestamp of ``inf`` would hold back its
 partition until every other one drained, and ``nan`` keys compare inconsistently. An event
 that arrives after a later event of the same user or item was sequenced is rejected as
-``time_backwards`` (it goes to the DLQ); a re-sent event id is dropped as a duplicate.
-Rejections stay in line with their partition's events, so an offset is committed only past
-what was handled. A rejected event changes no state: it is as if it had never been sent.
+``time_backwards``, and a re-sent event id as ``duplicate`` (both go to the DLQ: every refused
+message is accounted for there, none is dropped silently). Rejections stay in line with
+their partition's events, so an offset is committed only past what was handled. A rejected
+event changes no state: it is as if it had never been sent.
 
 Watermark: the largest timestamp of the events accepted so far, i.e. sequenced (restored from
 the log after a restart) or valid and waiting in the merge. An event later than the watermark
@@ -60,6 +61,7 @@ RejectReason = Literal[
     "feature_length",
     "bad_label",
     "time_backwards",
+    "duplicate",
 ]
 
 
@@ -113,7 +115,11 @@ class Rejected:
 class DrainResult:
     sequenced: list[SequencedEvent] = field(default_factory=list)
     rejected: list[Rejected] = field(default_factory=list)
-    duplicates: int = 0
+
+    @property
+    def duplicates(self) -> int:
+        """How many of the rejections are re-sent event ids."""
+        return sum(r.reason == "duplicate" for r in self.rejected)
 
 
 @dataclass(frozen=True)
@@ -341,8 +347,9 @@ class Sequencer:
         # Checked again: the feature length may have been fixed since the event was offered.
         problem = validate(event, self.n_features, self.limits)
         if problem is None and event.event_id in self.seen:
-            result.duplicates += 1
-            return
+            # Before the time check: a re-send is older than what followed its first copy,
+            # and "duplicate" is the reason that tells the producer what happened.
+            problem = "duplicate", f"event_id {event.event_id} was already sequenced"
         if problem is None:
             problem = self._time_problem(event)
         if problem is not None:

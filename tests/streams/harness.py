@@ -142,12 +142,17 @@ def wait_for(settings: Settings, n: int, timeout_s: float) -> list[dict]:
     return recs
 
 
-def assert_equal_to_reference(settings: Settings, checkpoint: Path, online: OnlineJodie) -> None:
-    """`jodie state export` (read from the changelogs) equals the replay's states, ≤ 1e-4."""
+def assert_equal_to_reference(settings: Settings, checkpoint: Path, online: OnlineJodie) -> float:
+    """`jodie state export` (read from the changelogs) equals the replay's states, ≤ 1e-4;
+    returns the largest difference."""
     got = collect(settings, checkpoint)
+    worst = 0.0
     for side, store in (("user", online.states.users), ("item", online.states.items)):
         ids = got[f"{side}_ids"].tolist()
         known = [i for i in store.ids if not np.isnan(store.last_time[store.row(i)])]
         assert sorted(ids) == sorted(known)
         want = np.stack([store.emb[store.row(i)].numpy() for i in ids])
-        assert float(np.abs(got[f"{side}_embeddings"] - want).max()) <= 1e-4
+        diff = float(np.abs(got[f"{side}_embeddings"] - want).max())
+        assert diff <= 1e-4
+        worst = max(worst, diff)
+    return worst

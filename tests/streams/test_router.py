@@ -17,8 +17,8 @@ from operators.dataset import iter_rows
 from schemas import INTERACTION, Codec, load_schema
 from streams.codecs import make_codec
 from streams.peek import read_all
-from streams.produce import event_id, produce_file, source_tag
-from streams.router import Router, read_log
+from streams.produce import event_id, produce_file, source_tag, to_record
+from streams.router import DLQ_COPY_BYTES, DLQ_DETAIL_CHARS, Router, read_log
 from streams.runtime.clients import idempotent_producer
 from streams.settings import Settings
 
@@ -88,20 +88,24 @@ def test_bad_input_goes_to_the_dlq_and_the_rest_flows(kafka: Settings, tmp_path:
     for _reason, key, value in bad:
         producer.produce(topic, key=key, value=value)
     producer.flush()
-    # A whole re-run of the file: every event is a duplicate and must not be applied again.
+    # A whole re-run of the file: every event is a duplicate and must not be applied again;
+    # each re-send goes to the DLQ as such.
     produce_file(path, idempotent_producer(kafka), codec, topic)
 
     stats = Router(kafka, grace_s=0.2).run(until_idle_s=2.0, max_seconds=120)
-    assert stats.sequenced == N and stats.duplicates == N and stats.rejected == len(bad)
+    assert stats.sequenced == N and stats.duplicates == N and stats.rejected == len(bad) + N
+    assert stats.rejected_by_reason["duplicate"] == N
     _assert_canonical(kafka, path)
 
     dlq = list(read_all(kafka, kafka.topic("interactions.dlq")))
-    assert len(dlq) == len(bad)
+    assert len(dlq) == len(bad) + N
     got = {value: (key or b"") for key, value, _p, _o in dlq}
     for _reason, key, value in bad:
         assert got[value] == key  # the original bytes and key, untouched
+    resent = {codec.encode(to_record(r, source_tag(path))) for r in iter_rows(path)}
+    assert {value for _k, value, _p, _o in dlq} - {v for _r, _k, v in bad} == resent
     reasons = _dlq_reasons(kafka)
-    assert sorted(reasons) == sorted(r for r, _k, _v in bad)
+    assert sorted(reasons) == sorted([r for r, _k, _v in bad] + ["duplicate"] * N)
 
 
 def _dlq_reasons(settings: Settings) -> list[str]:
@@ -166,3 +170,55 @@ def test_router_killed_mid_stream_restarts_without_loss_or_repeat(
     second = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, check=False)
     assert second.returncode == 0, second.stderr[-2000:]
     _assert_canonical(kafka, path)  # every event exactly once, same numbering as a clean run
+
+
+def test_a_message_too_large_to_copy_whole_reaches_the_dlq_cut(kafka: Settings) -> None:
+    """The broker takes messages up to about 1 MiB from clients whose limit allows it, more
+    than the router's producer may send: the DLQ gets the start of such a message (and of a
+    decoding error quoting a huge field) instead of the router stopping at it for good."""
+    topic = kafka.topic("interactions")
+    codec = make_codec(kafka, INTERACTION, topic)
+    event = {
+        "event_id": "e" * 1_040_000,  # bad_id, and past the router's producer limit
+        "user_id": "u",
+        "item_id": "i",
+        "timestamp": 1.0,
+        "features": [],
+        "state_label": None,
+    }
+    huge = codec.encode(event)
+    placeholder = "p" * 500_000
+    # Fits whole, but the decoding error quotes every byte of the field (2 MB escaped).
+    bad_utf8 = codec.encode({**event, "event_id": placeholder})
+    bad_utf8 = bad_utf8.replace(placeholder.encode(), b"\xff" * len(placeholder))
+    fine = codec.encode({**event, "event_id": "ok", "timestamp": 2.0})
+    producer = idempotent_producer(kafka, **{"message.max.bytes": 1_048_000})
+    for value in (huge, bad_utf8, fine):
+        producer.produce(topic, key=b"u", value=value)
+    assert producer.flush(30) == 0
+
+    stats = Router(kafka, grace_s=0.2).run(until_idle_s=1.0, max_seconds=120)
+    assert (stats.sequenced, stats.rejected_by_reason) == (1, {"bad_id": 1, "malformed": 1})
+    assert [e.event.event_id for e in read_log(kafka)] == ["ok"]
+    consumer_dlq = list(read_all(kafka, kafka.topic("interactions.dlq")))
+    assert [v for _k, v, _p, _o in consumer_dlq] == [huge[: DLQ_COPY_BYTES - 1], bad_utf8]
+    headers = _dlq_headers(kafka)
+    assert headers[0]["truncated"] == f"key 1 value {len(huge)}".encode()
+    assert "truncated" not in headers[1]
+    assert len(headers[1]["detail"].decode()) <= DLQ_DETAIL_CHARS + 1
+
+
+def _dlq_headers(settings: Settings) -> list[dict[str, bytes]]:
+    from confluent_kafka import TopicPartition
+
+    from streams.runtime.clients import committed_reader
+
+    consumer = committed_reader(settings, group_id=f"dlq-{os.getpid()}-{time.time_ns()}")
+    consumer.assign([TopicPartition(settings.topic("interactions.dlq"), 0, 0)])
+    out: list[dict[str, bytes]] = []
+    try:
+        while (msg := consumer.poll(5.0)) is not None and msg.error() is None:
+            out.append(dict(msg.headers() or []))
+    finally:
+        consumer.close()
+    return out

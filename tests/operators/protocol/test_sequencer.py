@@ -43,12 +43,22 @@ def test_an_empty_partition_that_is_not_idle_holds_the_merge() -> None:
     assert [e.event.event_id for e in s.drain(idle={1}).sequenced] == ["a"]
 
 
-def test_duplicates_are_dropped_and_counted() -> None:
+def test_duplicates_are_rejected_to_the_dlq_and_counted() -> None:
     s = Sequencer(partitions=[0], n_features=0)
     s.offer(0, ev("a", "u", "i", 1.0), 0)
     s.offer(0, ev("a", "u", "i", 1.0), 1)
     out = s.drain(idle={0})
-    assert len(out.sequenced) == 1 and out.duplicates == 1 and not out.rejected
+    assert len(out.sequenced) == 1 and out.duplicates == 1
+    assert [(r.reason, r.event_id, r.offset) for r in out.rejected] == [("duplicate", "a", 1)]
+    assert s.next_seq == 1  # applied once
+
+
+def test_a_duplicate_is_named_so_even_when_it_also_goes_back_in_time() -> None:
+    s = Sequencer(partitions=[0], n_features=0)
+    s.offer(0, ev("a", "u", "i", 1.0), 0)
+    s.offer(0, ev("b", "u", "i", 2.0), 1)
+    s.offer(0, ev("a", "u", "i", 1.0), 2)  # u is at t = 2 by now
+    assert [r.reason for r in s.drain(idle={0}).rejected] == ["duplicate"]
 
 
 def test_late_event_for_an_entity_is_rejected_but_others_flow() -> None:
@@ -93,7 +103,7 @@ def test_restore_continues_the_numbering_and_links() -> None:
     again.offer(0, ev("a", "u", "i", 1.0), 0)  # a re-send after restart: still a duplicate
     again.offer(0, ev("b", "u", "i", 2.0), 1)
     out = again.drain(idle={0})
-    assert out.duplicates == 1
+    assert out.duplicates == 1 and [r.reason for r in out.rejected] == ["duplicate"]
     assert [(e.seq, e.prev_user_seq, e.prev_item_seq) for e in out.sequenced] == [(1, 0, 0)]
 
 
