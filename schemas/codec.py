@@ -34,7 +34,10 @@ EVALUATION = "evaluation"
 
 # Earlier shipped versions of a schema, by the file they are kept in: a codec of the schema
 # knows their fingerprints, so records written before a field was added still decode.
-_OLDER_VERSIONS = {MODEL_ANNOUNCEMENT: ("model_announcement.v1",)}
+_OLDER_VERSIONS = {
+    MODEL_ANNOUNCEMENT: ("model_announcement.v1",),
+    ENTITY_RECORD: ("entity_record.v1",),
+}
 
 # Named types that one shipped schema uses inside another; inlined at load time so every
 # schema is self-contained (its canonical form and fingerprint cover the nested record).

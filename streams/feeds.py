@@ -12,13 +12,15 @@ from confluent_kafka import TopicPartition
 from operators.retrieval.cooccurrence import CooccurrenceCandidates
 from schemas.codec import SEQUENCED_INTERACTION
 from streams.app.epochs import UNSTAMPED, Epoch, parse_label
-from streams.app.processor import EPOCH_HEADER, SEQ_HEADER, Headers, Processor
+from streams.app.processor import EPOCH_HEADER, SEQ_HEADER, STATS_HEADERS, Headers, Processor
 from streams.app.serving import Serving
 from streams.codecs import make_codec
 from streams.runtime import clients
 from streams.settings import Settings
 
 _log = logging.getLogger("jodie.worker")
+Stats = tuple[float, float, float]  # an item's event count, decayed count, time
+Vector = tuple[int, str, np.ndarray, Stats]  # seq, item, [i(t), ī], its stats
 
 
 class Feeds:
@@ -64,20 +66,20 @@ class Feeds:
             assignment += [TopicPartition(topic, p, 0) for p in meta.partitions]
         self.consumer.assign(assignment)
         self._later: list[tuple[int, str, str]] = []  # (seq, user, item), a heap
-        # vectors of epochs not served here yet: (seq, item, vector)
-        self.waiting: dict[Epoch, list[tuple[int, str, np.ndarray]]] = {}
+        # vectors of epochs not served here yet
+        self.waiting: dict[Epoch, list[Vector]] = {}
 
     def poll(self, applied_seq: int) -> None:
         messages = self.consumer.consume(num_messages=5000, timeout=0)
-        fresh: dict[Epoch, list[tuple[int, str, np.ndarray]]] = {}
+        fresh: dict[Epoch, list[Vector]] = {}
         for msg in messages:
             key, value = msg.key(), msg.value()
             if msg.error() is not None or value is None:
                 continue
             if msg.topic() == self.vectors_topic and key is not None:
-                epoch, seq = _headers(msg.headers())
+                epoch, seq, stats = _headers(msg.headers())
                 vector = np.frombuffer(value, dtype="<f4")
-                fresh.setdefault(epoch, []).append((seq, key.decode(), vector))
+                fresh.setdefault(epoch, []).append((seq, key.decode(), vector, stats))
             elif msg.topic() == self.log_topic:
                 record = self.log_codec.decode(value)
                 event = record["interaction"]
@@ -105,25 +107,32 @@ class Feeds:
         self.consumer.close()
 
 
-def _deliver(serving: Serving, vectors: list[tuple[int, str, np.ndarray]]) -> None:
+def _deliver(serving: Serving, vectors: list[Vector]) -> None:
     """Item vectors as read to the index (the last per item wins: an item's vectors share a
     partition, so they come in order) and, each with its seq, to the live evaluation
     (vectors without a seq, from before it was recorded, only to the index)."""
-    latest: dict[str, np.ndarray] = {}
-    for seq, item, vector in vectors:
-        latest[item] = vector
+    latest: dict[str, tuple[np.ndarray, Stats]] = {}
+    for seq, item, vector, stats in vectors:
+        latest[item] = (vector, stats)
         if seq >= 0:
-            serving.live.item_vector(seq, item, vector)
-    serving.index.upsert(list(latest), np.stack(list(latest.values())))
+            serving.live.item_vector(seq, item, vector, stats)
+    serving.upsert(
+        list(latest), np.stack([v for v, _ in latest.values()]), [s for _, s in latest.values()]
+    )
 
 
-def _headers(headers: Headers | dict[str, str | bytes | None] | None) -> tuple[Epoch, int]:
-    """The epoch and the seq an item-vectors record names (-1: none)."""
+def _headers(headers: Headers | dict[str, str | bytes | None] | None) -> tuple[Epoch, int, Stats]:
+    """The epoch, the seq (-1: none) and the item's (count, decayed count, time) an
+    item-vectors record names (count 0 and time NaN when it carries none)."""
     pairs = list(headers.items()) if isinstance(headers, dict) else headers or []
     epoch, seq = UNSTAMPED, -1
+    stats = {name: float("nan") for name in STATS_HEADERS}
     for name, value in pairs:
         if name == EPOCH_HEADER and isinstance(value, bytes):
             epoch = parse_label(value.decode())
         elif name == SEQ_HEADER and isinstance(value, bytes):
             seq = int(value)
-    return epoch, seq
+        elif name in stats and isinstance(value, bytes):
+            stats[name] = float(value)
+    count, trend, time = (stats[name] for name in STATS_HEADERS)
+    return epoch, seq, (0.0 if count != count else count, 0.0 if trend != trend else trend, time)

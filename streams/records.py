@@ -82,6 +82,9 @@ def inbox_to_record(box: Inbox[EntityState, EntityState], version: str) -> dict[
         "embedding": embedding_bytes(state.embedding),
         "last_time": _time_out(state.last_time),
         "history": list(state.history),
+        "history_counts": list(state.history_counts),
+        "count": state.count,
+        "trend": state.trend,
         "applied_seq": box.applied_seq,
         "sent_seq": box.sent_seq,
         "waiting": [
@@ -95,10 +98,16 @@ def inbox_to_record(box: Inbox[EntityState, EntityState], version: str) -> dict[
 
 
 def inbox_from_record(record: dict[str, Any], side: str) -> Inbox[EntityState, EntityState]:
+    history = tuple(record["history"])
+    # Rows written before counts were kept: each entry counts once.
+    counts = tuple(int(c) for c in record.get("history_counts") or ()) or (1,) * len(history)
     state = EntityState(
         embedding_array(record["embedding"]),
         _time_in(record["last_time"]),
-        tuple(record["history"]),
+        history,
+        counts,
+        int(record.get("count") or 0),
+        float(record.get("trend") or 0.0),
     )
     box: Inbox[EntityState, EntityState] = Inbox(
         state=state, applied_seq=int(record["applied_seq"]), sent_seq=int(record["sent_seq"])

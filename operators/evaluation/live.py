@@ -11,10 +11,13 @@ commits. ``LiveRanks`` reconstructs "the items at r" exactly, whatever the arriv
   has arrived: the **watermark** W is the first seq whose vector is still missing;
 - vectors below W are folded, in seq order, into one array of current item states; each
   fold remembers the row's previous state (an undo record), kept for ``undo_window`` seqs;
-- the user's owner hands in u(t⁻) and Δu of each event it applies (``Query``); once W > r
-  the query is completed with the previous item's state at r and every item's score is
-  computed against the folded array, the rows folded at r or later being rescored with
-  their state at r from the undo records (rows first seen at r or later do not count).
+- the user's owner hands in u(t⁻), Δu and the user's history of each event it applies
+  (``Query``); once W > r the query is completed with the previous item's state at r and
+  every item is scored by the ranker (``operators.evaluation.scorer``: the model's default,
+  as ``jodie evaluate`` ranks) against the folded arrays, the rows folded at r or later
+  taken at their state at r from the undo records (rows first seen at r or later do not
+  count). Each vector carries its item's event count and decayed count after the event, so
+  the ranker's popularity terms are folded, and undone, with the vector.
 
 The rank is therefore a function of the log and the weights alone, not of timing: live
 ranks equal offline ranks (up to float rounding of batched model calls, which can reorder
@@ -34,8 +37,11 @@ from operator import attrgetter
 import numpy as np
 import torch
 
-from operators.model.jodie import Jodie, squared_distances, squared_distances_many
+from operators.evaluation.metrics import rank_of
+from operators.evaluation.scorer import PlainScorer, Scorer, UserContext
+from operators.model.jodie import Jodie
 from operators.model.kernel import query
+from operators.model.state import TREND_SECONDS
 from operators.model.static import static_tensor
 
 
@@ -50,6 +56,9 @@ class Query:
     previous_item: str | None  # the user's previous item, None for the user's first event
     pre_state: np.ndarray  # (d,) u(t⁻), float32
     delta_user: float  # standardised Δu, float32
+    timestamp: float = 0.0  # the event's time (the popularity terms decay to it)
+    history: tuple[str, ...] = ()  # the user's history and counts before the event
+    history_counts: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -61,25 +70,32 @@ class Ranked:
     n_items: int  # items known at the event
 
 
+#: An item row's state: its dynamic embedding (d,), event count, decayed count, last time.
+ItemState = tuple[np.ndarray, float, float, float]
+
+
 @dataclass
 class _Undo:
     seq: int
     row: int
-    previous: np.ndarray | None  # (d,) the row's state before this fold; None: first seen
+    previous: ItemState | None  # the row's state before this fold; None: first seen
 
 
 @dataclass
 class LiveRanks:
     """Ranks of the events one worker applies, from item vectors in any arrival order.
 
-    ``start`` is the log position the item states ``ids`` / ``vectors`` (n, d + s) hold
-    (a checkpoint's O, an epoch's S): vectors of earlier events are ignored.
+    ``start`` is the log position the item states ``ids`` / ``vectors`` (n, d + s) and
+    ``stats`` (n, 3: count, decayed count, last time) hold (a checkpoint's O, an epoch's S):
+    vectors of earlier events are ignored. ``scorer`` ranks (plain JODIE by default).
     """
 
     model: Jodie
     start: int
     ids: list[str]
     vectors: np.ndarray
+    stats: np.ndarray | None = None
+    scorer: Scorer = field(default_factory=PlainScorer)
     # Undo records kept (d floats each): how late a user side may hand in its query. Late
     # ones are those whose vectors another worker committed first, a transaction or two.
     undo_window: int = 20_000
@@ -90,7 +106,10 @@ class LiveRanks:
     _dyn: np.ndarray = field(init=False)  # (cap, d)
     _static: np.ndarray = field(init=False)  # (cap, s)
     _n: int = field(init=False)
-    _arrived: dict[int, tuple[str, np.ndarray]] = field(init=False, default_factory=dict)
+    _stat: np.ndarray = field(init=False)  # (cap, 3) float64: count, trend, last time
+    _arrived: dict[int, tuple[str, np.ndarray, tuple[float, float, float]]] = field(
+        init=False, default_factory=dict
+    )
     _queries: list[Query] = field(init=False, default_factory=list)
     _undo: deque[_Undo] = field(init=False, default_factory=deque)
 
@@ -104,6 +123,10 @@ class LiveRanks:
         self._static = np.zeros((cap, s), dtype=np.float32)
         self._dyn[:n] = vectors[:, :d]
         self._static[:n] = vectors[:, d:]
+        self._stat = np.zeros((cap, 3), dtype=np.float64)
+        self._stat[:, 2] = np.nan
+        if self.stats is not None and n:
+            self._stat[:n] = np.asarray(self.stats, dtype=np.float64).reshape(n, 3)
         self._row = {item: r for r, item in enumerate(self.ids)}
         self._n = n
         self.watermark = self.start
@@ -113,10 +136,17 @@ class LiveRanks:
         self._user_static = partial(static_tensor, "user", dim=cfg.user_static_dim)
 
     # -- inputs ----------------------------------------------------------------------------
-    def item_vector(self, seq: int, item_id: str, vector: np.ndarray) -> None:
-        """Item ``item_id``'s [i(t), ī] after event ``seq`` (repeats are ignored)."""
+    def item_vector(
+        self,
+        seq: int,
+        item_id: str,
+        vector: np.ndarray,
+        stats: tuple[float, float, float] = (0.0, 0.0, float("nan")),
+    ) -> None:
+        """Item ``item_id``'s [i(t), ī] after event ``seq`` with its (count, decayed count,
+        time) then (repeats are ignored)."""
         if seq >= self.watermark:
-            self._arrived.setdefault(seq, (item_id, np.asarray(vector, dtype=np.float32)))
+            self._arrived.setdefault(seq, (item_id, np.asarray(vector, dtype=np.float32), stats))
 
     def add(self, q: Query) -> None:
         """A user event applied here; ranked once the watermark passes it (when sampled)."""
@@ -180,45 +210,53 @@ class LiveRanks:
             self._undo.popleft()
         return ranked
 
-    def _fold(self, seq: int, item_id: str, vector: np.ndarray) -> None:
+    def _fold(
+        self, seq: int, item_id: str, vector: np.ndarray, stats: tuple[float, float, float]
+    ) -> None:
         d = self._dyn.shape[1]
         row = self._row.get(item_id)
         if row is None:
             row = self._append(item_id, vector[d:])
             self._undo.append(_Undo(seq, row, None))
         else:
-            self._undo.append(_Undo(seq, row, self._dyn[row].copy()))
+            count, trend, last = self._stat[row].tolist()
+            self._undo.append(_Undo(seq, row, (self._dyn[row].copy(), count, trend, last)))
         self._dyn[row] = vector[:d]
+        self._stat[row] = stats
 
     def _append(self, item_id: str, static: np.ndarray) -> int:
         if self._n == self._dyn.shape[0]:
             self._dyn = np.concatenate([self._dyn, np.zeros_like(self._dyn)])
             self._static = np.concatenate([self._static, np.zeros_like(self._static)])
+            self._stat = np.concatenate([self._stat, np.zeros_like(self._stat)])
         row = self._n
         self._row[item_id] = row
         self._static[row] = static
         self._n += 1
         return row
 
-    def _at(self, seq: int) -> tuple[dict[int, np.ndarray | None], int]:
+    def _at(self, seq: int) -> tuple[dict[int, ItemState | None], int]:
         """Rows whose state at ``seq`` differs from the folded one: row → state then (None:
         not yet seen), and how many rows existed at ``seq``."""
-        then: dict[int, np.ndarray | None] = {}
+        then: dict[int, ItemState | None] = {}
         for u in reversed(self._undo):  # newest first: the oldest record ≥ seq wins
             if u.seq < seq:
                 break
             then[u.row] = u.previous
         return then, self._n - sum(1 for v in then.values() if v is None)
 
-    def _state_at(self, item: str | None, then: dict[int, np.ndarray | None]) -> np.ndarray | None:
-        """``item``'s state at the event ``then`` describes (None: not seen by then)."""
+    def _state_at(self, item: str | None, then: dict[int, ItemState | None]) -> np.ndarray | None:
+        """``item``'s dynamic state at the event ``then`` describes (None: not seen by then)."""
         row = None if item is None else self._row.get(item)
         if row is None:
             return None
-        return then[row] if row in then else self._dyn[row]
+        if row in then:
+            state = then[row]
+            return None if state is None else state[0]
+        return self._dyn[row]
 
     @torch.inference_mode()
-    def _predict(self, q: Query, then: dict[int, np.ndarray | None]) -> torch.Tensor:
+    def _predict(self, q: Query, then: dict[int, ItemState | None]) -> torch.Tensor:
         """The query's j̃ (d + s,), its previous item taken at its state at the event. One
         event at a time, as the offline replay computes it."""
         p_dyn = self._state_at(q.previous_item, then)
@@ -239,35 +277,56 @@ class LiveRanks:
 
     @torch.inference_mode()
     def _score(self, todo: list[tuple[Query, torch.Tensor]]) -> list[Ranked]:
-        """Rank queries (with their j̃) against the folded states, each with the rows folded
-        since its seq at their state then; plain JODIE: rank = 1 + items strictly closer."""
+        """Rank queries (with their j̃) with the ranker against the folded states, each with
+        the rows folded since its seq at their state then: rank = 1 + items scored strictly
+        higher, as ``jodie evaluate`` ranks."""
         n = self._n
         if not todo or n == 0:
             return [Ranked(q, 1, 0) for q, _ in todo]  # nothing known: every item is new
-        dyn = torch.from_numpy(self._dyn[:n])
+        dyn_now = self._dyn[:n]
+        stat_now = self._stat[:n]
         static = torch.from_numpy(self._static[:n])
-        group = self._group()
         out = []
-        for start in range(0, len(todo), group):
-            chunk = todo[start : start + group]
-            dist = squared_distances_many(torch.stack([p for _, p in chunk]), dyn, static)
-            for (q, pred), row_dist in zip(chunk, dist, strict=True):
-                then, n_known = self._at(q.seq)
-                if then:
-                    rows = torch.tensor(list(then), dtype=torch.long)
-                    row_dist[rows] = torch.inf  # rows first seen since the event
-                    known = [r for r, v in then.items() if v is not None]
-                    if known:
-                        old = torch.from_numpy(np.stack([then[r] for r in known]))  # type: ignore[misc]
-                        rows = torch.tensor(known, dtype=torch.long)
-                        row_dist[rows] = squared_distances(pred, old, static[rows])
-                true_row = self._row.get(q.item_id)
-                if true_row is None or not bool(torch.isfinite(row_dist[true_row])):
-                    out.append(Ranked(q, n_known + 1, n_known))  # never seen: not retrievable
-                else:
-                    closer = int((row_dist < row_dist[true_row]).sum())
-                    out.append(Ranked(q, 1 + closer, n_known))
+        for q, pred in todo:
+            then, n_known = self._at(q.seq)
+            dyn, stat = dyn_now, stat_now
+            unseen: list[int] = []
+            if then:
+                dyn, stat = dyn_now.copy(), stat_now.copy()
+                for row, state in then.items():
+                    if state is None:
+                        unseen.append(row)  # first seen since the event
+                    else:
+                        dyn[row] = state[0]
+                        stat[row] = state[1:]
+            age = q.timestamp - stat[:, 2]
+            decay = np.exp(-np.where(np.isnan(age), np.inf, np.maximum(age, 0.0)) / TREND_SECONDS)
+            scores = self.scorer.scores(
+                pred,
+                torch.from_numpy(dyn),
+                static,
+                stat[:, 0],
+                stat[:, 1] * decay,
+                self._context(q),
+            )
+            if unseen:
+                scores[torch.tensor(unseen, dtype=torch.long)] = -torch.inf
+            true_row = self._row.get(q.item_id)
+            if true_row is None or true_row in unseen:
+                out.append(Ranked(q, n_known + 1, n_known))  # never seen: not retrievable
+            else:
+                out.append(Ranked(q, rank_of(scores, true_row), n_known))
         return out
+
+    def _context(self, q: Query) -> UserContext:
+        """The user's history before the event as item rows (-1 padded to the model's K)."""
+        k = self.model.config.history_size
+        rows = np.full(k, -1, dtype=np.int64)
+        counts = np.zeros(k, dtype=np.int64)
+        for j, (item, c) in enumerate(zip(q.history[:k], q.history_counts[:k], strict=False)):
+            rows[j] = self._row.get(item, -1)
+            counts[j] = c
+        return UserContext(rows, counts)
 
     def _group(self) -> int:
         """Queries scored in one batched call: as many as ``_SCORE_FLOATS`` allows, ≤ 64."""

@@ -168,6 +168,11 @@ class EntityStore:
         return self._trend[:n] * decay
 
     @property
+    def trend(self) -> np.ndarray:
+        """(n,) decayed event counts as of each entity's last event (see ``trend_at``)."""
+        return self._trend[: len(self)]
+
+    @property
     def count(self) -> np.ndarray:
         """(n,) number of events of each entity so far (an item's popularity)."""
         return self._count[: len(self)]

@@ -37,6 +37,7 @@ from operators.model.checkpoint import Checkpoint
 from operators.model.jodie import Jodie, standardise_delta
 from operators.model.kernel import feature_rows, query, step
 from operators.model.online import gap
+from operators.model.state import TREND_SECONDS
 from operators.model.static import static_tensor
 from operators.protocol.exchange import Apply, ApplyMany, Pending, Ready
 
@@ -49,12 +50,19 @@ class EntityState:
 
     ``embedding`` is None until the entity's first event (the model's learned initial state
     applies); ``last_time`` is NaN until then. ``history`` (users only): distinct recent item
-    ids, most recent first, at most ``ModelConfig.history_size``.
+    ids, most recent first, at most ``ModelConfig.history_size``, with ``history_counts``, the
+    user's events on each while it stayed there. ``count`` and ``trend`` (items only): events
+    so far, and the same decayed with ``TREND_SECONDS`` as of ``last_time`` — the popularity
+    terms of the ranker (``operators.evaluation.scorer``), kept exactly as the offline
+    ``EntityStore`` keeps them.
     """
 
     embedding: np.ndarray | None  # (d,) float32
     last_time: float = NAN
     history: tuple[str, ...] = ()
+    history_counts: tuple[int, ...] = ()
+    count: int = 0
+    trend: float = 0.0
 
     @property
     def is_new(self) -> bool:
@@ -92,6 +100,9 @@ class UserOutput:
     previous_item: str | None
     #: Why the event changed no embedding (operators.model.kernel), None when it applied.
     quarantined: str | None = None
+    history_counts: tuple[int, ...] = ()  # with ``history``: after the event
+    pre_history: tuple[str, ...] = ()  # the user's history and counts before the event
+    pre_counts: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -101,6 +112,8 @@ class ItemOutput:
     event: EventData
     vector: np.ndarray  # (d + s_item,)
     quarantined: str | None = None  # as UserOutput.quarantined
+    count: int = 0  # the item's events so far, after this one
+    trend: float = 0.0  # its decayed count as of this event
 
 
 class StreamModel:
@@ -202,10 +215,8 @@ class StreamModel:
         proj_np, pred_np = projected.numpy(), predicted.numpy()
         results = []
         for b, (user, event) in enumerate(zip(users, events, strict=True)):
-            history = (
-                (event.item_id, *[h for h in user.history if h != event.item_id])[:k] if k else ()
-            )
-            new_state = EntityState(u_np[b].copy(), event.timestamp, history)
+            history, counts = push_history(user, event.item_id, k)
+            new_state = EntityState(u_np[b].copy(), event.timestamp, history, counts)
             material = UserOutput(
                 event=event,
                 user=new_state.embedding,  # type: ignore[arg-type]
@@ -217,6 +228,9 @@ class StreamModel:
                 delta_user=float(du_np[b, 0]),
                 previous_item=user.history[0] if user.history else None,
                 quarantined=reasons[b],
+                history_counts=counts,
+                pre_history=user.history,
+                pre_counts=user.history_counts,
             )
             results.append((new_state, material, EntityState(i_np[b].copy(), event.timestamp)))
         return results
@@ -251,12 +265,9 @@ class StreamModel:
             emb = i_new[b].copy()
             vector = np.concatenate([emb, i_static[b]])
             user_post = EntityState(u_new[b].copy(), event.timestamp)
+            post = counted(replace(item, embedding=emb), event.timestamp)
             results.append(
-                (
-                    replace(item, embedding=emb, last_time=event.timestamp),
-                    ItemOutput(event, vector, reasons[b]),
-                    user_post,
-                )
+                (post, ItemOutput(event, vector, reasons[b], post.count, post.trend), user_post)
             )
         return results
 
@@ -271,8 +282,7 @@ class StreamModel:
     ) -> tuple[EntityState, UserOutput, EntityState]:
         """``apply_user`` for an event that cannot be applied: both embeddings kept, the
         time and the item recorded (what the kernel's quarantine leaves)."""
-        k = self.config.history_size
-        history = (event.item_id, *[h for h in user.history if h != event.item_id])[:k] if k else ()
+        history, counts = push_history(user, event.item_id, self.config.history_size)
         kept = self._kept(user, self._u_init)
         nothing = np.zeros(0, dtype=np.float32)  # a quarantined event is never served
         material = UserOutput(
@@ -286,9 +296,12 @@ class StreamModel:
             delta_user=0.0,
             previous_item=user.history[0] if user.history else None,
             quarantined=reason,
+            history_counts=counts,
+            pre_history=user.history,
+            pre_counts=user.history_counts,
         )
         item_post = EntityState(self._kept(item_pre, self._i_init), event.timestamp)
-        return EntityState(kept, event.timestamp, history), material, item_post
+        return EntityState(kept, event.timestamp, history, counts), material, item_post
 
     def skip_item(
         self, item: EntityState, user_pre: EntityState, event: EventData, reason: str
@@ -298,11 +311,8 @@ class StreamModel:
         static = self._item_static(event.item_id).reshape(-1).numpy()
         vector = np.concatenate([kept, static])
         user_post = EntityState(self._kept(user_pre, self._u_init), event.timestamp)
-        return (
-            replace(item, embedding=kept, last_time=event.timestamp),
-            ItemOutput(event, vector, reason),
-            user_post,
-        )
+        post = counted(replace(item, embedding=kept), event.timestamp)
+        return post, ItemOutput(event, vector, reason, post.count, post.trend), user_post
 
     # -- adapters for operators.protocol.exchange --------------------------------------------
     def user_apply(self) -> Apply[EntityState, EntityState]:
@@ -366,6 +376,26 @@ class StreamModel:
         return apply
 
 
+def push_history(user: EntityState, item: str, k: int) -> tuple[tuple[str, ...], tuple[int, ...]]:
+    """The user's history and counts after an event on ``item``: it moves to the front with
+    its count + 1 (0 + 1 if new there), the oldest entry falls off beyond ``k`` — what
+    ``operators.model.state.EntityStore.update_one`` does to the offline rows."""
+    if not k:
+        return (), ()
+    counts = user.history_counts or (0,) * len(user.history)
+    before = dict(zip(user.history, counts, strict=True))
+    kept = [(h, c) for h, c in zip(user.history, counts, strict=True) if h != item][: k - 1]
+    return (item, *(h for h, _ in kept)), (before.get(item, 0) + 1, *(c for _, c in kept))
+
+
+def counted(item: EntityState, t: float) -> EntityState:
+    """The item's event count and decayed count (``TREND_SECONDS``) after an event at ``t``,
+    its clock moved to ``t`` (the offline store's rule)."""
+    age = np.inf if math.isnan(item.last_time) else np.float64(t) - np.float64(item.last_time)
+    trend = float(np.float64(item.trend) * np.exp(-age / TREND_SECONDS) + 1.0)  # numpy's exp, as
+    return replace(item, last_time=t, count=item.count + 1, trend=trend)  # the offline store
+
+
 Skip = Callable[[Ready[EntityState, EntityState], str], tuple[Any, Any, Any]]
 
 
@@ -420,16 +450,35 @@ class CheckpointStates:
         row = self._user_rows.get(user_id)
         if row is None or np.isnan(self.users.last_time[row]):
             return NEW
-        hist = tuple(self._item_ids[h] for h in self.users.history[row].tolist() if h >= 0)
+        entries = self.users.history[row].tolist()
+        counts = self.users.history_counts[row].tolist()
+        kept = [(self._item_ids[h], int(c)) for h, c in zip(entries, counts, strict=True) if h >= 0]
         return EntityState(
-            self.users.emb[row].numpy().copy(), float(self.users.last_time[row]), hist
+            self.users.emb[row].numpy().copy(),
+            float(self.users.last_time[row]),
+            tuple(h for h, _ in kept),
+            tuple(c for _, c in kept),
         )
 
     def item(self, item_id: str) -> EntityState:
         row = self._item_rows.get(item_id)
         if row is None or np.isnan(self.items.last_time[row]):
             return NEW
-        return EntityState(self.items.emb[row].numpy().copy(), float(self.items.last_time[row]))
+        return EntityState(
+            self.items.emb[row].numpy().copy(),
+            float(self.items.last_time[row]),
+            count=int(self.items.count[row]),
+            trend=float(self.items.trend[row]),
+        )
+
+    def item_stats(self, ids: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(count, trend, last_time) of these checkpoint items, float64 (n,) each."""
+        rows = [self._item_rows[i] for i in ids]
+        return (
+            self.items.count[rows].astype(np.float64),
+            np.asarray(self.items.trend[rows], dtype=np.float64),
+            np.asarray(self.items.last_time[rows], dtype=np.float64),
+        )
 
     def item_vectors(self) -> tuple[list[str], np.ndarray]:
         """[i, ī] of every item the checkpoint has seen: the candidate index's first contents."""

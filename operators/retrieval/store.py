@@ -28,11 +28,14 @@ class VectorStore:
     ([['c', 'b']], [[0.01, 0.16]])
     """
 
-    def __init__(self, dim: int, capacity: int = 1024) -> None:
+    def __init__(self, dim: int, capacity: int = 1024, n_attrs: int = 0) -> None:
         if dim <= 0:
             raise RetrievalError(f"dimension must be positive, got {dim}")
         self.dim = dim
         self.data = np.zeros((capacity, dim), dtype=np.float32)  # (cap, D)
+        # (cap, A) float64 attributes of each row's item (e.g. a ranker's popularity inputs),
+        # kept with the row through moves and compaction.
+        self.attrs = np.zeros((capacity, n_attrs), dtype=np.float64)
         self.sqnorm = np.full(capacity, np.inf, dtype=np.float32)  # (cap,), inf on holes
         self.row_ids: list[str | None] = []  # row → id, None on holes; len == high-water mark
         self.rows: dict[str, int] = {}
@@ -55,13 +58,20 @@ class VectorStore:
             raise RetrievalError("vectors contain NaN or inf")
         return v
 
-    def upsert(self, ids: Sequence[str], vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Write the vectors; returns (rows (M,), vectors (M, D)) after de-duplicating ids."""
+    def upsert(
+        self, ids: Sequence[str], vectors: np.ndarray, attrs: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Write the vectors (and the rows' attributes, (M, A)); returns (rows (M,), vectors
+        (M, D)) after de-duplicating ids."""
         v = self.check(vectors, len(ids))
         last = {item_id: i for i, item_id in enumerate(ids)}  # a repeated id: its last vector wins
+        if attrs is not None:
+            attrs = np.asarray(attrs, dtype=np.float64).reshape(len(ids), self.attrs.shape[1])
         if len(last) != len(ids):
             ids = list(last)
             v = v[list(last.values())]
+            if attrs is not None:
+                attrs = attrs[list(last.values())]
         rows = np.empty(len(ids), dtype=np.int64)
         for i, item_id in enumerate(ids):
             row = self.rows.get(item_id)
@@ -72,6 +82,8 @@ class VectorStore:
             rows[i] = row
         self.data[rows] = v
         self.sqnorm[rows] = np.einsum("ij,ij->i", v, v)
+        if attrs is not None:
+            self.attrs[rows] = attrs
         return rows, v
 
     def _append(self) -> int:
@@ -82,7 +94,9 @@ class VectorStore:
             data[:row] = self.data
             sqnorm = np.full(cap, np.inf, dtype=np.float32)
             sqnorm[:row] = self.sqnorm
-            self.data, self.sqnorm = data, sqnorm
+            attrs = np.zeros((cap, self.attrs.shape[1]), dtype=np.float64)
+            attrs[:row] = self.attrs
+            self.data, self.sqnorm, self.attrs = data, sqnorm, attrs
         self.row_ids.append(None)
         return row
 
@@ -94,6 +108,7 @@ class VectorStore:
         arr = np.asarray(rows, dtype=np.int64)
         self.data[arr] = 0.0
         self.sqnorm[arr] = np.inf
+        self.attrs[arr] = 0.0
         self.free.extend(rows)
         return arr
 
@@ -106,8 +121,10 @@ class VectorStore:
         n = live.size
         self.data[:n] = self.data[live]
         self.sqnorm[:n] = self.sqnorm[live]
+        self.attrs[:n] = self.attrs[live]
         self.data[n:] = 0.0
         self.sqnorm[n:] = np.inf
+        self.attrs[n:] = 0.0
         self.row_ids = [self.row_ids[r] for r in live.tolist()]
         self.rows = {item_id: r for r, item_id in enumerate(self.row_ids) if item_id is not None}
         self.free = []

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -46,6 +46,7 @@ class TieredIndex:
         rebuild_growth: float = 2.0,
         max_imbalance_growth: float = 1.5,
         seed: int = 0,
+        n_attrs: int = 0,
     ) -> None:
         # IVF-Flat scan distances are exact up to float32 rounding, so 2·k is margin enough;
         # 8-bit codes misorder near neighbours more and need a longer shortlist.
@@ -63,7 +64,7 @@ class TieredIndex:
         self.max_imbalance_growth = max_imbalance_growth
         self.seed = seed
         self.builds = 0  # how many times the IVF overlay was (re)built; for metrics and tests
-        self._store = VectorStore(dim)
+        self._store = VectorStore(dim, n_attrs=n_attrs)
         self._ivf: IVFOverlay | None = None
 
     def __len__(self) -> int:
@@ -74,9 +75,12 @@ class TieredIndex:
         """True while searches go through the IVF overlay."""
         return self._ivf is not None
 
-    def upsert(self, ids: Sequence[str], vectors: np.ndarray) -> None:
-        """Insert new items or replace the vectors of known ones; ``vectors`` is (len(ids), D)."""
-        rows, v = self._store.upsert(ids, vectors)
+    def upsert(
+        self, ids: Sequence[str], vectors: np.ndarray, attrs: np.ndarray | None = None
+    ) -> None:
+        """Insert new items or replace the vectors of known ones; ``vectors`` is (len(ids), D),
+        ``attrs`` (len(ids), n_attrs) their attributes (see ``attributes``)."""
+        rows, v = self._store.upsert(ids, vectors, attrs)
         if self._ivf is not None:
             self._ivf.upsert(rows, v)
         self._maintain()
@@ -172,16 +176,32 @@ class TieredIndex:
                 dist[b, own] = np.inf
         return 1 + np.count_nonzero(dist < true[:, None], axis=1)
 
-    def recommend(
-        self, queries: np.ndarray, k: int, extra: Sequence[Sequence[str]]
-    ) -> list[tuple[list[str], np.ndarray]]:
-        """Per query, the k nearest of (its nearest-neighbour shortlist ∪ ``extra[b]``):
-        the serving path, batched.
+    def attributes(self) -> np.ndarray:
+        """(rows, n_attrs) float64: each row's attributes, aligned with ``recommend``'s
+        ``prior`` (holes hold zeros; they are never returned)."""
+        return self._store.attrs[: self._store.high]
 
-        Exact tier: all distances in one BLAS product (float32 ‖x‖² − 2x·q + ‖q‖², which can
-        swap near-ties within ~1e-5 of each other); the 2k best and the extras compete.
-        IVF tier: the overlay's ``rerank_factor · k`` proposals and the extras, by direct
-        float32 distance. Every query's union is ranked at once.
+    def recommend(
+        self,
+        queries: np.ndarray,
+        k: int,
+        extra: Sequence[Sequence[str]],
+        *,
+        scale: float = 1.0,
+        prior: np.ndarray | None = None,
+        bonus: Sequence[Mapping[str, float]] | None = None,
+    ) -> list[tuple[list[str], np.ndarray]]:
+        """Per query, the k best of (its shortlist ∪ ``extra[b]``) by the key
+        ``scale · ‖x − q‖² − prior − bonus`` (lowest first; plain distance by default): the
+        serving path, batched. Returns each query's ids and keys.
+
+        ``prior``: (rows,) or (B, rows) per-row terms aligned with ``attributes()``; ``bonus``:
+        per query, item → an extra term (e.g. for the user's own items; pass them in ``extra``
+        too). Exact tier: all distances in one BLAS product (float32 ‖x‖² − 2x·q + ‖q‖², which
+        can swap near-ties within ~1e-5 of each other); the 2k best keys and the extras
+        compete, which is the exact top k of the key over every item. IVF tier: the overlay's
+        ``rerank_factor · k`` proposals, the 2k best rows by ``prior`` (a (rows,) prior only)
+        and the extras, by direct float32 distance.
         """
         q = self._queries(queries, k)
         store, n = self._store, len(self)
@@ -195,17 +215,28 @@ class TieredIndex:
             for b in range(nq)
         ]
         full: np.ndarray | None = None
+        keyed = scale != 1.0 or prior is not None
         if self._ivf is None:
             # The shortlist and the extras are read off the same matrix, no vector is gathered.
             full = store.sqdist(q)  # (B, H)
+            shortkey = full
+            if keyed:
+                shortkey = scale * full.astype(np.float64)
+                if prior is not None:
+                    shortkey -= np.broadcast_to(prior, shortkey.shape)
+                shortkey[~np.isfinite(full)] = np.inf
             m = min(2 * k, high)
             short = (
-                np.argpartition(full, m - 1, axis=1)[:, :m]
+                np.argpartition(shortkey, m - 1, axis=1)[:, :m]
                 if m < high
                 else np.tile(np.arange(high), (nq, 1))
             )
         else:
             short = self._ivf.propose(q, min(k, n) * self.rerank_factor, self.nprobe)
+            if prior is not None and prior.ndim == 1 and high:
+                m = min(2 * k, high)
+                top = np.argpartition(-prior, m - 1)[:m] if m < high else np.arange(high)
+                short = np.concatenate([short, np.tile(top, (nq, 1))], axis=1)
         lists = [
             np.unique(np.concatenate([short[b][short[b] >= 0], extra_rows[b]])) for b in range(nq)
         ]
@@ -220,8 +251,21 @@ class TieredIndex:
             diff = store.data[safe] - q[:, None, :]  # (B, W, D)
             dist = np.einsum("bwd,bwd->bw", diff, diff).astype(np.float64)
         dist[(rows < 0) | ~np.isfinite(store.sqnorm[safe])] = np.inf
-        order = np.argsort(dist, axis=1, kind="stable")[:, :k]
-        top = np.take_along_axis(dist, order, axis=1)
+        key: np.ndarray = dist
+        if keyed or bonus is not None:
+            finite = np.isfinite(dist)
+            key = scale * dist
+            if prior is not None:
+                p = prior[safe] if prior.ndim == 1 else np.take_along_axis(prior, safe, axis=1)
+                key -= p
+            if bonus is not None:
+                row_ids_ = store.row_ids
+                for b in range(nq):
+                    if bonus[b]:
+                        key[b] -= [bonus[b].get(row_ids_[r] or "", 0.0) for r in safe[b].tolist()]
+            key[~finite] = np.inf
+        order = np.argsort(key, axis=1, kind="stable")[:, :k]
+        top = np.take_along_axis(key, order, axis=1)
         picked = np.take_along_axis(rows, order, axis=1)
         row_ids = store.row_ids
         out = []

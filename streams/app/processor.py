@@ -120,6 +120,9 @@ Message_ = tuple[str, Epoch, Box, dict[str, Any]]  # side, epoch, its row, the d
 EPOCH_HEADER = "jodie-epoch"
 #: Header of item-vectors records: the seq of the event after which the item has the vector.
 SEQ_HEADER = "jodie-seq"
+#: Headers of item-vectors records: the item's event count, decayed count and time after the
+#: event (the ranker's popularity terms, exact: the decayed count as repr of a float64).
+STATS_HEADERS = ("jodie-count", "jodie-trend", "jodie-time")
 
 
 class Processor:
@@ -233,6 +236,7 @@ class Processor:
             touched[side].append(box)
         sent: list[Output] = []
         vectors: dict[str, np.ndarray] = {}
+        item_stats: dict[str, tuple[float, float, float]] = {}
         user_outs: list[tuple[int, UserOutput]] = []  # (seq, output)
         user_many, item_many = self._many[epoch]
         many = {"user": user_many, "item": item_many}
@@ -261,14 +265,31 @@ class Processor:
                                 )
                             )
                         vectors[item_id] = item_out.vector
-                        serving.live.item_vector(out.seq, item_id, item_out.vector)
+                        stats = (
+                            float(item_out.count),
+                            item_out.trend,
+                            item_out.event.timestamp,
+                        )
+                        item_stats[item_id] = stats
+                        serving.live.item_vector(out.seq, item_id, item_out.vector, stats)
                         self.stats.item_events += 1
                         sent.append(
                             (
                                 self.item_vectors,
                                 item_id.encode(),
                                 item_out.vector.astype("<f4").tobytes(),
-                                [*headers, (SEQ_HEADER, str(out.seq).encode())],
+                                [
+                                    *headers,
+                                    (SEQ_HEADER, str(out.seq).encode()),
+                                    *(
+                                        (name, repr(value).encode())
+                                        for name, value in zip(
+                                            STATS_HEADERS,
+                                            (item_out.count, item_out.trend, stats[2]),
+                                            strict=True,
+                                        )
+                                    ),
+                                ],
                             )
                         )
                     elif isinstance(out, Applied):
@@ -286,7 +307,11 @@ class Processor:
                 if side == "item" and vectors:
                     # This worker's index sees its own items at once (before its users' next
                     # ranks); the others' come from item-vectors.
-                    serving.index.upsert(list(vectors), np.stack(list(vectors.values())))
+                    serving.upsert(
+                        list(vectors),
+                        np.stack(list(vectors.values())),
+                        [item_stats[i] for i in vectors],
+                    )
                     vectors.clear()
         sent += self._recommend(serving, user_outs)
         self.stats.user_events += len(user_outs)
@@ -381,5 +406,14 @@ def _raised(why: str) -> bool:
 def _query(seq: int, out: UserOutput) -> Query:
     e = out.event
     return Query(
-        seq, e.event_id, e.user_id, e.item_id, out.previous_item, out.pre_state, out.delta_user
+        seq,
+        e.event_id,
+        e.user_id,
+        e.item_id,
+        out.previous_item,
+        out.pre_state,
+        out.delta_user,
+        e.timestamp,
+        out.pre_history,
+        out.pre_counts,
     )

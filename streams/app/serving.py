@@ -1,5 +1,14 @@
 """What one worker serves with one model version: weights, baseline states, candidate index,
-the live evaluation, and the one place where user-side outputs become recommendation records."""
+the live evaluation, and the one place where user-side outputs become recommendation records.
+
+Lists are ranked by the model's default ranker, the one ``jodie evaluate`` reports
+(``operators.evaluation.scorer``, fitted parameters from the checkpoint): with the history
+scorer, score = −α‖j̃ − [j, j̄]‖² + b_pos + β·log(1 + n_user,j) + γ·log(1 + n_j) +
+δ·log(1 + m_j(t)). The index keeps each item's event count, decayed count and time beside its
+vector (as its owner computed them after its latest event), so the popularity terms of an
+item are as fresh as its vector; in the exact tier the list is the ranker's exact top k over
+every indexed item.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +20,9 @@ import numpy as np
 import torch
 
 from operators.evaluation.live import LiveRanks
+from operators.evaluation.scorer import HistoryScorer, Scorer, make_scorer
 from operators.model.checkpoint import Checkpoint, load_checkpoint
+from operators.model.state import TREND_SECONDS
 from operators.protocol.sides import CheckpointStates, StreamModel, UserOutput
 from operators.retrieval.cooccurrence import CooccurrenceCandidates
 from operators.retrieval.tiered import TieredIndex
@@ -39,6 +50,7 @@ class Serving:
     index: TieredIndex
     candidates: int
     live: LiveRanks
+    ranker: Scorer
     cooccurrence: CooccurrenceCandidates | None = None
     epoch: Epoch = UNSTAMPED
 
@@ -63,10 +75,12 @@ class Serving:
         cfg = ckpt.config
         dim = cfg.embedding_dim + cfg.item_static_dim
         baseline = CheckpointStates(ckpt)
-        index = TieredIndex(dim)
+        index = TieredIndex(dim, n_attrs=3)  # count, decayed count, time of each item
         ids, vectors = baseline.item_vectors()
+        stats = np.stack(baseline.item_stats(ids), axis=1) if ids else np.zeros((0, 3))
         if ids:
-            index.upsert(ids, vectors)
+            index.upsert(ids, vectors, stats)
+        ranker = make_scorer(cfg, ckpt.scorer_tensors)
         # The log position the baseline states hold: an epoch's start, a checkpoint's O (one
         # trained from a file is served on a log that starts after it: position 0).
         start = (
@@ -80,15 +94,56 @@ class Serving:
             baseline=baseline,
             index=index,
             candidates=settings.candidates,
-            live=LiveRanks(ckpt.model, start, ids, vectors, every=settings.evaluate_every),
+            live=LiveRanks(
+                ckpt.model, start, ids, vectors, stats, ranker, every=settings.evaluate_every
+            ),
+            ranker=ranker,
             cooccurrence=cooccurrence,
             epoch=epoch,
         )
 
+    def upsert(
+        self, ids: list[str], vectors: np.ndarray, stats: list[tuple[float, float, float]]
+    ) -> None:
+        """Items' latest vectors with their (count, decayed count, time) into the index."""
+        self.index.upsert(ids, vectors, np.asarray(stats, dtype=np.float64).reshape(len(ids), 3))
+
+    def _terms(self, outs: list[UserOutput]) -> dict[str, Any]:
+        """The history scorer's terms as the index's key (see ``TieredIndex.recommend``)."""
+        ranker = self.ranker
+        if not isinstance(ranker, HistoryScorer):
+            return {}
+        gamma, delta = float(ranker.gamma), float(ranker.delta)
+        beta, bonus = float(ranker.beta), ranker.bonus.tolist()
+        stats = self.index.attributes()
+        count, trend, last = stats[:, 0], stats[:, 1], stats[:, 2]
+        base = gamma * np.log1p(count)
+
+        def prior_at(t: float | np.ndarray) -> np.ndarray:
+            age = np.asarray(t)[..., None] - last if np.ndim(t) else t - last
+            decay = np.exp(-np.where(np.isnan(age), np.inf, np.maximum(age, 0.0)) / TREND_SECONDS)
+            return base + delta * np.log1p(trend * decay)
+
+        times = np.array([o.event.timestamp for o in outs], dtype=np.float64)
+        # The IVF tier takes one prior for the batch (its latest time) to propose from.
+        prior = prior_at(float(times.max())) if self.index.approximate else prior_at(times)
+        return {
+            "scale": float(ranker.log_alpha.exp()),
+            "prior": prior,
+            "bonus": [
+                {
+                    item: bonus[j] + beta * float(np.log1p(c))
+                    for j, (item, c) in enumerate(zip(o.history, o.history_counts, strict=False))
+                    if j < len(bonus)
+                }
+                for o in outs
+            ],
+        }
+
     def recommendations(self, outs: list[UserOutput]) -> list[dict[str, Any]]:
-        """Top candidates for each predicted item, re-ranked by exact distance: nearest
-        neighbours ∪ the user's history ∪ items whose audiences resemble those of the user's
-        recent items (co-occurrence, MinHash LSH)."""
+        """Top candidates for each predicted item by the ranker: nearest neighbours ∪ the
+        user's history ∪ items whose audiences resemble those of the user's recent items
+        (co-occurrence, MinHash LSH), each candidate's score the ranker's."""
         if not outs:
             return []
         preds = np.stack([o.predicted for o in outs])
@@ -103,7 +158,7 @@ class Serving:
             ]
             for out in outs
         ]
-        ranked = self.index.recommend(preds, self.candidates, extra)
+        ranked = self.index.recommend(preds, self.candidates, extra, **self._terms(outs))
         records = []
         for out, pred, (ids, dist) in zip(outs, preds, ranked, strict=True):
             records.append(

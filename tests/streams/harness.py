@@ -69,8 +69,21 @@ def make_checkpoint(
     # Only a checkpoint replayed from the log is at a log position (seq).
     offsets = {"events": history, **({"seq": history} if with_seqs else {})}
     meta = {"version": version, "log_offsets": offsets}
-    save_checkpoint(out, model, online.states, TrainConfig(model=cfg), meta=meta, last_seq=seqs)
+    save_checkpoint(
+        out, model, online.states, TrainConfig(model=cfg), SCORER, meta=meta, last_seq=seqs
+    )
     return out
+
+
+#: A fitted-looking history scorer (the default ranker), so that the stream's tests exercise
+#: its history, count and popularity terms, not just the distance.
+SCORER = {
+    "scorer.log_alpha": torch.tensor(-0.7),
+    "scorer.bonus": torch.linspace(3.0, 0.2, ModelConfig().history_size),
+    "scorer.beta": torch.tensor(0.4),
+    "scorer.gamma": torch.tensor(0.3),
+    "scorer.delta": torch.tensor(0.5),
+}
 
 
 def reference(checkpoint: Path, rows: Sequence[int]) -> OnlineJodie:

@@ -1,8 +1,9 @@
 """Live ranks equal offline ranks, event by event, with two workers on the real broker.
 
 The workers rank each event's item against every item's state at the event, which they
-reconstruct from seq-tagged item vectors (operators.evaluation.live); the offline figure is
-the frozen protocol (`jodie evaluate --protocol frozen --scorer plain`) over the same events
+reconstruct from seq-tagged item vectors (operators.evaluation.live), with the checkpoint's
+default ranker (the history scorer: distance, history, counts, popularity and trend); the
+offline figure is the frozen protocol (`jodie evaluate --protocol frozen`) over the same events
 from the same checkpoint. Ranks are compared per event, not as means.
 """
 
@@ -17,7 +18,7 @@ import pytest
 
 from operators.dataset import bundled_wikipedia, load_interactions
 from operators.evaluation.protocols import frozen_replay
-from operators.evaluation.scorer import PlainScorer, UserContext
+from operators.evaluation.scorer import UserContext, make_scorer
 from operators.model.checkpoint import load_checkpoint
 from operators.model.online import OnlineJodie
 from streams.settings import Settings
@@ -34,7 +35,8 @@ STREAM = 3000
 def _offline_ranks(checkpoint: Path) -> dict[int, int]:
     ckpt = load_checkpoint(checkpoint)
     log = load_interactions(bundled_wikipedia()).slice(HISTORY, HISTORY + STREAM)
-    ranks, _ = frozen_replay(ckpt.model.eval(), ckpt.states, log, PlainScorer())
+    ranker = make_scorer(ckpt.config, ckpt.scorer_tensors)
+    ranks, _ = frozen_replay(ckpt.model.eval(), ckpt.states, log, ranker)
     # `jodie produce` names each event "<file tag>:<its line in the file>"
     return {int(line): int(r) for line, r in zip(log.lines.tolist(), ranks.tolist(), strict=True)}
 
@@ -77,6 +79,7 @@ def _near_ties(checkpoint: Path, lines: set[int]) -> dict[int, int]:
     of the true item in the frozen replay."""
     ckpt = load_checkpoint(checkpoint)
     online = OnlineJodie(ckpt.model.eval(), ckpt.states)
+    ranker = make_scorer(ckpt.config, ckpt.scorer_tensors)
     log = load_interactions(bundled_wikipedia()).slice(HISTORY, HISTORY + STREAM)
     out = {}
     for k in range(len(log)):
@@ -86,8 +89,8 @@ def _near_ties(checkpoint: Path, lines: set[int]) -> dict[int, int]:
             q = online.query(user, t)
             items = online.states.items
             ctx = UserContext(q.history, q.history_counts)
-            scores = PlainScorer().scores(
-                q.pred[0], items.emb, items.static, items.count, items.count, ctx
+            scores = ranker.scores(
+                q.pred[0], items.emb, items.static, items.count, items.trend_at(t), ctx
             )
             true = float(scores[items.row(item)])
             ulp = abs(float(np.spacing(np.float32(true))))

@@ -13,7 +13,7 @@ import pytest
 
 from operators.dataset import bundled_wikipedia, load_interactions
 from operators.evaluation.protocols import frozen_replay
-from operators.evaluation.scorer import PlainScorer
+from operators.evaluation.scorer import make_scorer
 from operators.model.checkpoint import load_checkpoint
 from operators.model.online import OnlineJodie
 from operators.protocol.catchup import CatchUp, LogEvent
@@ -179,7 +179,8 @@ def test_batches_in_any_order_reproduce_the_sequential_replay(
     assert sorted(e["event_id"] for e in EVALUATIONS) == sorted(r["event_id"] for r in recs)
     ckpt = load_checkpoint(checkpoint)
     log = load_interactions(bundled_wikipedia()).slice(HISTORY, HISTORY + STREAM)
-    offline, _ = frozen_replay(ckpt.model.eval(), ckpt.states, log, PlainScorer())
+    ranker = make_scorer(ckpt.config, ckpt.scorer_tensors)  # the default: history scorer
+    offline, _ = frozen_replay(ckpt.model.eval(), ckpt.states, log, ranker)
     live = {e["seq"]: e["rank"] for e in EVALUATIONS}
     assert [live[s] for s in range(STREAM)] == offline.tolist()
     assert stats.user_events == stats.item_events == STREAM
