@@ -11,6 +11,7 @@ import numpy as np
 from confluent_kafka import KafkaError
 
 from operators.evaluation.metrics import mrr, recall_at_k
+from operators.evaluation.served import ServedTally
 from schemas import Codec
 from streams.codecs import TOPIC_SCHEMAS
 from streams.runtime.clients import committed_reader
@@ -58,15 +59,21 @@ def tail(
 
 
 def summarise(
-    recs: Iterable[dict[str, Any]], evaluations: Iterable[dict[str, Any]]
+    recs: Iterable[dict[str, Any]], evaluations: Iterable[dict[str, Any]], k: int = 10
 ) -> dict[str, Any]:
-    """What a consumer saw: counts, duplicates, versions and the live MRR / Recall@10 (from
-    the evaluations, one per event: a repeated one counts once)."""
+    """What a consumer saw: counts, duplicates, versions, the live MRR / Recall@10 (from
+    the evaluations, one per event: a repeated one counts once), and the served lists: where
+    each event's item stood in the list its user got before it (``served``, next to the
+    recent-then-popular heuristic's; recommendations are keyed by user, so each user's come
+    in order)."""
     ids: Counter[str] = Counter()
     versions: Counter[str] = Counter()
+    served = ServedTally(k, max_users=10_000_000)
     for rec in recs:
         ids[rec["event_id"]] += 1
         versions[rec["model_version"]] += 1
+        if ids[rec["event_id"]] == 1 and rec.get("item_id"):
+            served.event(rec["user_id"], rec["item_id"], [c["item_id"] for c in rec["candidates"]])
     ranks = {e["event_id"]: int(e["rank"]) for e in evaluations}
     r = np.fromiter(ranks.values(), dtype=np.int64, count=len(ranks))
     return {
@@ -77,4 +84,5 @@ def summarise(
         "ranked": int(r.size),
         "mrr": mrr(r),
         "recall_at_10": recall_at_k(r, 10),
+        "served": served.summary(),
     }

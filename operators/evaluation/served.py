@@ -164,3 +164,93 @@ def _metrics(positions: np.ndarray, k: int) -> dict[str, float]:
         "mrr": float(reciprocal.mean()),
         "n_events": int(positions.size),
     }
+
+
+class ServedTally:
+    """Served-list figures from a live stream: each user's events in order, with the list
+    served after each. Kafka-free, so a worker (for /metrics) and a reader of the
+    ``recommendations`` topic (``jodie recommendations --summary``) count alike.
+
+    For each event of a user who was served a list before: the position of its item in that
+    list (0: absent), and in what the recent-then-popular heuristic would have served then —
+    the user's k most recent distinct items, then the most popular others (``popular``, when
+    the caller knows the catalogue's, else the counts of the events seen here, ranked again
+    every ``REFRESH`` events). Per-user
+    state is bounded: the ``max_users`` most recently active users are remembered (a user
+    forgotten, or seen first, is not measured at that event).
+    """
+
+    REFRESH = 100
+
+    def __init__(self, k: int = 10, max_users: int = 100_000) -> None:
+        self.k = k
+        self._top: list[str] = []
+        self._since = self.REFRESH
+        self.max_users = max_users
+        self._users: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {}  # served, recent
+        self._counts: dict[str, int] = {}
+        self.events = 0
+        self.model_hits = 0
+        self.model_rr = 0.0
+        self.heuristic_hits = 0
+        self.heuristic_rr = 0.0
+
+    def event(
+        self,
+        user: str,
+        item: str,
+        served: list[str] | tuple[str, ...],
+        popular: list[str] | None = None,
+    ) -> None:
+        """``user`` touched ``item`` and was then served ``served`` (best first)."""
+        before = self._users.pop(user, None)
+        if before is not None:
+            last_served, recent = before
+            self.events += 1
+            pos = _position_in(last_served[: self.k], item)
+            self.model_hits += pos > 0
+            self.model_rr += 1.0 / pos if pos else 0.0
+            heuristic = list(recent[: self.k])
+            fill = popular if popular is not None else self._popular()
+            for other in fill:
+                if len(heuristic) >= self.k:
+                    break
+                if other not in heuristic:
+                    heuristic.append(other)
+            pos = _position_in(heuristic, item)
+            self.heuristic_hits += pos > 0
+            self.heuristic_rr += 1.0 / pos if pos else 0.0
+            recent = (item, *(r for r in recent if r != item))[: self.k]
+        else:
+            recent = (item,)
+        self._counts[item] = self._counts.get(item, 0) + 1
+        self._since += 1
+        self._users[user] = (tuple(served[: self.k]), recent)  # re-inserted: most recent last
+        if len(self._users) > self.max_users:
+            del self._users[next(iter(self._users))]
+
+    def _popular(self) -> list[str]:
+        if self._since >= self.REFRESH:
+            top = sorted(self._counts.items(), key=lambda kv: (-kv[1], kv[0]))
+            self._top, self._since = [item for item, _ in top[: 2 * self.k]], 0
+        return self._top
+
+    def summary(self) -> dict[str, Any]:
+        n = max(self.events, 1)
+        return {
+            "k": self.k,
+            "events": self.events,
+            "recall": self.model_hits / n if self.events else float("nan"),
+            "mrr": self.model_rr / n if self.events else float("nan"),
+            "heuristic": {
+                "recall": self.heuristic_hits / n if self.events else float("nan"),
+                "mrr": self.heuristic_rr / n if self.events else float("nan"),
+            },
+        }
+
+
+def _position_in(served: list[str] | tuple[str, ...], item: str) -> int:
+    for j, candidate in enumerate(served):
+        if candidate == item:
+            return j + 1
+    return 0

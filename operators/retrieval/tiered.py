@@ -181,6 +181,18 @@ class TieredIndex:
         ``prior`` (holes hold zeros; they are never returned)."""
         return self._store.attrs[: self._store.high]
 
+    def top(self, column: int, k: int) -> list[str]:
+        """Ids of the k items with the highest attribute ``column`` (ties: lower row)."""
+        store = self._store
+        high = store.high
+        if high == 0 or k <= 0:
+            return []
+        values = np.where(np.isfinite(store.sqnorm[:high]), store.attrs[:high, column], -np.inf)
+        m = min(k, high)
+        part = np.argpartition(-values, m - 1)[:m] if m < high else np.arange(high)
+        order = part[np.lexsort((part, -values[part]))]
+        return [str(store.row_ids[r]) for r in order.tolist() if np.isfinite(values[r])]
+
     def recommend(
         self,
         queries: np.ndarray,

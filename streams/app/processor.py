@@ -36,6 +36,7 @@ import numpy as np
 
 from operators.evaluation.live import Query
 from operators.evaluation.metrics import RollingRanks
+from operators.evaluation.served import ServedTally
 from operators.protocol.exchange import Applied, ApplyMany, Inbox, PartnerState, SendPreState, drive
 from operators.protocol.sides import EntityState, EventData, ItemOutput, UserOutput
 from schemas import Codec
@@ -82,6 +83,7 @@ class WorkerStats:
     rate: float = 0.0  # user events/s over the last report interval
     unstamped: int = 0  # inbox messages of events routed before any version was promoted
     quarantined: dict[str, int] = field(default_factory=dict)  # events, by reason
+    served: ServedTally = field(default_factory=ServedTally)  # what users were served
     epochs: list[dict[str, Any]] = field(default_factory=list)  # each epoch served, prepared
 
     def snapshot(self, serving: Serving | None, loop: LoopCounters) -> dict[str, Any]:
@@ -100,6 +102,7 @@ class WorkerStats:
             "lag": loop.lag,
             "items_indexed": len(serving.index) if serving is not None else 0,
             "online": self.ranks.summary(),
+            "served": self.served.summary(),
             "evaluation": (
                 {
                     "watermark": serving.live.watermark,
@@ -328,18 +331,32 @@ class Processor:
         """Recommendation records; an output that cannot be made into one goes to the DLQ
         (found by retrying the batch one output at a time)."""
         try:
-            outs = [out for _seq, out in user_outs]
-            return [self._recommendation(r) for r in serving.recommendations(outs)]
+            records = serving.recommendations([out for _seq, out in user_outs])
         except Exception:  # any input-borne failure: narrowed below
             pass
+        else:
+            self._tally(serving, records)
+            return [self._recommendation(r) for r in records]
         sent: list[Output] = []
         for seq, out in user_outs:
             try:
-                sent += [self._recommendation(r) for r in serving.recommendations([out])]
+                records = serving.recommendations([out])
+                self._tally(serving, records)
+                sent += [self._recommendation(r) for r in records]
             except Exception as exc:  # this output is the poison one
                 why = f"exception {type(exc).__name__} while recommending: {exc}"[:500]
                 sent.append(self.quarantine(seq, out.event, "user", why))
         return sent
+
+    def _tally(self, serving: Serving, records: list[dict[str, Any]]) -> None:
+        """Where each event's item stood in the list its user was served before it."""
+        if not records:
+            return
+        tally = self.stats.served
+        popular = serving.index.top(0, 2 * tally.k)  # by event count, as the heuristic serves
+        for r in records:
+            served = [c["item_id"] for c in r["candidates"]]
+            tally.event(r["user_id"], r["item_id"], served, popular)
 
     def _recommendation(self, record: dict[str, Any]) -> Output:
         return (

@@ -165,6 +165,7 @@ class Serving:
                 {
                     "user_id": out.event.user_id,
                     "event_id": out.event.event_id,
+                    "item_id": out.event.item_id,
                     "timestamp": out.event.timestamp,
                     "model_version": self.version,
                     "projected_user": out.projected.tolist(),

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -167,6 +167,7 @@ def metrics(
                 "lag": sum(max(0, p["lag"]) for p in pages),
                 "mrr": mrr,
                 "recall_at_10": r10,
+                "served": _served(pages),
                 "model_versions": sorted({p["model_version"] for p in pages if p["model_version"]}),
                 "epochs": sorted(
                     {label((e["version"], e["since"])) for p in pages for e in p["epochs"]}
@@ -174,3 +175,25 @@ def metrics(
             }
         )
     )
+
+
+def _served(pages: list[dict[str, Any]]) -> dict[str, Any]:
+    """The workers' served-list figures, weighted by their events (each user is measured by
+    the worker that owns it)."""
+    parts = [p["served"] for p in pages if p.get("served", {}).get("events")]
+    n = sum(s["events"] for s in parts)
+    if not n:
+        return {"events": 0}
+
+    def mean(get: Any) -> float:
+        return sum(get(s) * s["events"] for s in parts) / n
+
+    return {
+        "events": n,
+        "recall": mean(lambda s: s["recall"]),
+        "mrr": mean(lambda s: s["mrr"]),
+        "heuristic": {
+            "recall": mean(lambda s: s["heuristic"]["recall"]),
+            "mrr": mean(lambda s: s["heuristic"]["mrr"]),
+        },
+    }

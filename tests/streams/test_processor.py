@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import random
 from collections.abc import Callable
+from itertools import pairwise
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +31,7 @@ from streams.records import inbox_event
 from streams.router import event_data_of
 from streams.runtime.kafka import partition_for
 from streams.settings import Settings
+from streams.tail import summarise
 from tests.streams.harness import HISTORY, make_checkpoint, reference
 
 STREAM = 150
@@ -186,6 +188,21 @@ def test_batches_in_any_order_reproduce_the_sequential_replay(
     assert stats.user_events == stats.item_events == STREAM
     online = reference(checkpoint, range(HISTORY, HISTORY + STREAM))
     assert _assert_rows_equal(rows, online, UNSTAMPED) == len(rows)
+    # What users were served: every event but each user's first here is measured, and the
+    # reader of the topic counts the same from the records alone.
+    users = {str(r["user_id"]) for r in recs}
+    served = stats.served.summary()
+    assert served["events"] == STREAM - len(users)
+    by_user: dict[str, list[dict]] = {}
+    for r in sorted(recs, key=lambda r: r["event_id"]):  # ids sort like the log
+        by_user.setdefault(r["user_id"], []).append(r)
+    hits = sum(
+        later["item_id"] in [c["item_id"] for c in earlier["candidates"]]
+        for events in by_user.values()
+        for earlier, later in pairwise(events)
+    )
+    assert served["recall"] == hits / served["events"]
+    assert summarise(recs, [])["served"]["recall"] == served["recall"]
 
 
 @pytest.mark.parametrize(("seed", "owned"), [(4, ()), (5, (1, 3))])

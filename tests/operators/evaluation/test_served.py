@@ -7,7 +7,7 @@ import torch
 
 from operators.evaluation.protocols import event_categories, frozen_replay
 from operators.evaluation.scorer import HistoryScorer, PlainScorer, Scorer, UserContext
-from operators.evaluation.served import ServedLists, _recent_then_popular, _top
+from operators.evaluation.served import ServedLists, ServedTally, _recent_then_popular, _top
 from operators.model.jodie import Jodie
 from operators.model.online import OnlineJodie
 from operators.model.state import States
@@ -108,3 +108,28 @@ def test_the_heuristic_serves_recent_items_then_popular_ones() -> None:
 
 def test_top_breaks_ties_by_row() -> None:
     assert _top(np.array([1.0, 3.0, 3.0, 2.0]), 3).tolist() == [1, 2, 3]
+
+
+def test_the_live_tally_measures_the_list_served_before_each_event() -> None:
+    tally = ServedTally(k=3)
+    tally.event("u", "a", ["b", "c", "d"])  # first event: nothing served before
+    tally.event("v", "b", ["a", "b", "c"])
+    tally.event("u", "c", ["a", "c", "e"])  # "c" was 2nd in u's list: hit at 2
+    tally.event("u", "z", ["c", "a", "b"])  # "z" absent from ["a", "c", "e"]: miss
+    tally.event("v", "b", ["b"])  # "b" 2nd in v's list
+    s = tally.summary()
+    assert s["events"] == 3
+    assert s["recall"] == 2 / 3 and s["mrr"] == (1 / 2 + 0 + 1 / 2) / 3
+    # The heuristic served u's recent items first, then the popular ones (a, b by count):
+    # before "c": [a, b, ...] → miss ("c" has no count yet); before "z": [c, a, b] → miss;
+    # v before "b": [b, ...] → hit at 1.
+    assert s["heuristic"]["recall"] == 1 / 3 and s["heuristic"]["mrr"] == 1 / 3
+
+
+def test_the_live_tally_forgets_the_least_recent_users_beyond_its_bound() -> None:
+    tally = ServedTally(k=2, max_users=2)
+    for user in ("u", "v", "w"):
+        tally.event(user, "a", ["a"])
+    tally.event("u", "a", ["a"])  # u was forgotten: not measured
+    tally.event("w", "a", ["a"])
+    assert tally.summary()["events"] == 1
