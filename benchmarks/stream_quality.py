@@ -4,9 +4,11 @@ Streams rows [--start, end) of the bundled Wikipedia file through produce → ro
 from a checkpoint whose states end at --start (a model trained on the first 80 % by default),
 reads the `rank` of every event from the `evaluations` topic (the true item's rank against the
 query made before the event, every item at its state at the event), and replays the same
-events offline with the frozen protocol and the plain JODIE scorer; prints both on the same
-events (the workers' sample, JODIE_EVALUATE_EVERY) and on all, and the share of events whose
-ranks are identical.
+events offline with the frozen protocol and the checkpoint's default ranker (the one the
+workers serve); prints both on the same events (the workers' sample, JODIE_EVALUATE_EVERY) and
+on all, the share of events whose ranks are identical, and what users were served: each
+event's position in the list its user got before it, live (from the recommendations) and
+offline (the same replay), next to the recent-then-popular heuristic's.
 
     jodie broker up
     python benchmarks/stream_quality.py --checkpoint CKPT [--workers 1] [--limit N]
@@ -29,11 +31,12 @@ import numpy as np
 from operators.dataset import bundled_wikipedia, load_interactions
 from operators.evaluation.metrics import mrr, recall_at_k
 from operators.evaluation.protocols import frozen_replay
-from operators.evaluation.scorer import PlainScorer
+from operators.evaluation.scorer import make_scorer
+from operators.evaluation.served import ServedLists
 from operators.model.checkpoint import load_checkpoint
 from streams.produce import produce_rows
 from streams.router import Router
-from streams.tail import tail
+from streams.tail import summarise, tail
 from streams.topics import scratch_topics
 
 
@@ -102,8 +105,10 @@ def main() -> None:
 
     began_offline = time.monotonic()
     ckpt = load_checkpoint(args.checkpoint)
+    lists = ServedLists((None,), k=10)
+    ranker = make_scorer(ckpt.config, ckpt.scorer_tensors)
     offline, _ = frozen_replay(
-        ckpt.model.eval(), ckpt.states, log.slice(start, stop), PlainScorer(), 0
+        ckpt.model.eval(), ckpt.states, log.slice(start, stop), ranker, 0, lists
     )
     offline_s = time.monotonic() - began_offline
     # The workers evaluate the events whose seq is a multiple of JODIE_EVALUATE_EVERY: the
@@ -124,6 +129,10 @@ def main() -> None:
             "recall_at_10": recall_at_k(offline_all, 10),
         },
         "frozen_wall_s": round(offline_s, 1),
+        "served_live": summarise(recs, [])["served"],
+        "served_offline": {
+            k: v for k, v in lists.summary().items() if k in ("covered", "by_horizon", "heuristic")
+        },
     }
     out["abs_diff"] = {k: abs(out["stream"][k] - out["frozen"][k]) for k in ("mrr", "recall_at_10")}
     out["events_equal_rank"] = (

@@ -64,12 +64,14 @@ done
 echo "   streamed in $(( $(date +%s) - BEGAN )) s"
 echo "== a few live recommendations"
 jodie recommendations --limit 5
-echo "== what a read_committed consumer saw (MRR / Recall@10 from the evaluations topic)"
+echo "== what a read_committed consumer saw (MRR / Recall@10 from the evaluations topic;"
+echo "   served: each event's item in the list its user got before it, and the heuristic's)"
 jodie recommendations --summary
 stop_all
 trap - EXIT
-echo "== the same model offline on the same events (frozen weights, plain JODIE ranking)"
-jodie evaluate --checkpoint "$MODEL" --protocol frozen --split valid --scorer plain
-jodie evaluate --checkpoint "$MODEL" --protocol frozen --split test --scorer plain
+echo "== the same model offline on the same events (frozen weights, the default ranker the"
+echo "   workers serve; then the test split next to plain JODIE and the two baselines)"
+jodie evaluate --checkpoint "$MODEL" --protocol frozen --split valid
+jodie evaluate --checkpoint "$MODEL" --protocol frozen --split test --compare
 echo
 echo "The broker is still running. Stop it with: $VENV/bin/jodie broker down"
