@@ -238,6 +238,15 @@ class Settings(BaseSettings):
     candidates: int = Field(
         10, description="JODIE_CANDIDATES: items per recommendation (after re-ranking)."
     )
+    holdout_events: int = Field(
+        5000,
+        ge=1,
+        description=(
+            "JODIE_HOLDOUT_EVENTS: a retrain from the log fits on every event but this many "
+            "of the newest (at most a fifth of the log), and promotes the candidate only if "
+            "it ranks them at least as well as the serving version."
+        ),
+    )
     evaluate_every: int = Field(
         10,
         ge=1,

@@ -120,6 +120,7 @@ def _train_from_topic(
     until_time: float | None,
 ) -> RunResult:
     from jodie_errors import JodieError
+    from operators.training.holdout import holdout_config, holdout_size
     from operators.training.run import run_training
     from streams.progress import TrainingBar
     from streams.replay import Window, replay_log
@@ -147,7 +148,14 @@ def _train_from_topic(
         f"{replayed.read:,} read in {replayed.seconds:.1f} s ({replayed.events_per_s:,.0f} ev/s)"
     )
     source = replayed.source(settings.topic("interactions.log"), window)
-    return run_training(log, config, out_dir=out, seqs=seqs, source=source, progress=TrainingBar())
+    # Fit on everything but the newest JODIE_HOLDOUT_EVENTS, which pick the epoch; the
+    # states then run over them to the end of the window (streams.trainer).
+    fit = holdout_config(config, len(log), settings.holdout_events)
+    console.print(
+        f"fitting on seq {int(seqs[0])}..{int(seqs[int(fit.train_fraction * len(log)) - 1])}, "
+        f"the newest {holdout_size(len(log), settings.holdout_events):,} held out"
+    )
+    return run_training(log, fit, out_dir=out, seqs=seqs, source=source, progress=TrainingBar())
 
 
 def evaluate(

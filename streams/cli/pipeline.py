@@ -56,8 +56,10 @@ def trainer(
     ] = None,
     margin: Annotated[
         float,
-        typer.Option(help="Promote unless validation MRR is worse than the serving one by more."),
-    ] = 0.01,
+        typer.Option(
+            help="Promote when the hold-out MRR is at least the serving version's minus this."
+        ),
+    ] = 0.0,
     epochs: Annotated[int, typer.Option(help="Training epochs per run.")] = 10,
     once: Annotated[bool, typer.Option(help="Train once now and exit.")] = False,
     name: ModelName = "jodie",
@@ -72,7 +74,13 @@ def trainer(
     settings, config = get_settings(), TrainConfig(epochs=epochs)
     if once:
         run = _registry_call(lambda: train_once(settings, config, name, margin))
-        out.print(json.dumps({"announced": run.record, "promoted": run.promoted}))
+        holdout = {
+            "candidate": None if run.candidate is None else vars(run.candidate),
+            "serving": None if run.serving is None else vars(run.serving),
+        }
+        out.print(
+            json.dumps({"announced": run.record, "promoted": run.promoted, "holdout": holdout})
+        )
         return
     run_trainer(settings, config, name, every_events, every_seconds, margin)
 
