@@ -29,10 +29,11 @@ from typing import Any
 
 from operators.model.checkpoint import load_checkpoint
 from operators.retrieval.cooccurrence import CooccurrenceCandidates
-from schemas import DecodeError, SchemaError
+from schemas import INTERACTION, DecodeError, SchemaError
 from streams.app.epochs import Epoch, epoch_of, row_key, split_row_key
 from streams.app.processor import Box, Message_, Output, Processor, WorkerStats
 from streams.app.serving import Serving, model_version
+from streams.codecs import make_codec
 from streams.feeds import Feeds
 from streams.runtime.http import Endpoint, json_route
 from streams.runtime.kafka import partition_for
@@ -72,7 +73,9 @@ class Worker(Application[list[Decoded]]):
             ckpt = load_checkpoint(checkpoint_dir)
             serving = Serving.of(settings, ckpt, version or model_version(ckpt), self.cooccurrence)
         self.stats = WorkerStats()
-        self.processor = Processor(settings, serving, self.stats)
+        # Quarantined events go to the DLQ framed as clients send them, ready to re-send.
+        dlq_codec = make_codec(settings, INTERACTION, settings.topic("interactions"))
+        self.processor = Processor(settings, serving, self.stats, dlq_codec)
         self.versions = Versions(
             settings, worker_id, model, self.processor, self.cooccurrence, self.stats
         )

@@ -43,7 +43,6 @@ from schemas import Codec
 from schemas.codec import ENTITY_RECORD, EVALUATION, INBOX_MESSAGE, INTERACTION, RECOMMENDATION
 from streams.app.epochs import UNSTAMPED, Epoch, label, row_key, split_row_key
 from streams.app.serving import Serving
-from streams.codecs import make_codec
 from streams.exceptions import ModelMismatchError
 from streams.records import (
     inbox_from_record,
@@ -137,7 +136,16 @@ class Processor:
     ``Serving`` only, on rows keyed by that epoch.
     """
 
-    def __init__(self, settings: Settings, serving: Serving | None, stats: WorkerStats) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        serving: Serving | None,
+        stats: WorkerStats,
+        dlq_codec: Codec | None = None,
+    ) -> None:
+        """``dlq_codec``: how quarantined events are framed in the DLQ — as clients frame
+        them (the worker passes the topic's codec, a registry's if configured); plain
+        single-object Avro by default."""
         self.stats = stats
         self.user_inbox = settings.topic("user-inbox")
         self.item_inbox = settings.topic("item-inbox")
@@ -145,8 +153,7 @@ class Processor:
         self.evaluations = settings.topic("evaluations")
         self.item_vectors = settings.topic("item-vectors")
         self.dlq = settings.topic("interactions.dlq")
-        # Quarantined events go to the DLQ framed as clients send them, ready to re-send.
-        self.dlq_codec = make_codec(settings, INTERACTION, settings.topic("interactions"))
+        self.dlq_codec = dlq_codec or Codec(INTERACTION)
         self.inbox_codec = Codec(INBOX_MESSAGE)
         self.record_codec = Codec(ENTITY_RECORD)
         self.rec_codec = Codec(RECOMMENDATION)
