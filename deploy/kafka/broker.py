@@ -222,25 +222,12 @@ def _format_storage(cfg: BrokerConfig, java: str, classpath: str, config: Path) 
 
 def probe(target: str | KafkaConnection, timeout_s: float = 2.0) -> bool:
     """True when the broker answers a metadata request, not a bare TCP accept. ``target``:
-    a local broker's plaintext address, or the settings of a (possibly secured) cluster."""
-    from streams.runtime.clients import Connection, admin
+    a local broker's plaintext address, or the settings of a (possibly secured) cluster.
+    A refused login raises ``AuthenticationError`` rather than reading as "not ready"."""
+    from streams.runtime.clients import Connection, check_login
 
     conn = Connection(target) if isinstance(target, str) else target
-    client = admin(conn, {"log_level": 0, "logger": _quiet_logger()})
-    try:
-        client.list_topics(timeout=timeout_s)
-    except Exception:  # KafkaException on timeout; anything else also means "not ready"
-        return False
-    return True
-
-
-def _quiet_logger() -> object:
-    import logging
-
-    logger = logging.getLogger("jodie.broker.probe")
-    logger.addHandler(logging.NullHandler())
-    logger.propagate = False
-    return logger
+    return check_login(conn, timeout_s)
 
 
 def status(cfg: BrokerConfig) -> BrokerStatus:
