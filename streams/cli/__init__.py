@@ -10,7 +10,7 @@ from typing import Any
 import typer
 import typer.core
 
-from streams.cli import broker, model, models, pipeline, produce, state, topics
+from streams.cli import acls, broker, model, models, pipeline, produce, state, topics
 from streams.cli.common import _fail
 from streams.exceptions import SettingsError
 from streams.runtime.exceptions import AuthenticationError
@@ -47,6 +47,7 @@ def _check_settings() -> None:
 # Registered in the order `jodie --help` lists them (commands first, then groups).
 app.add_typer(broker.broker_app, name="broker")
 app.add_typer(topics.topics_app, name="topics")
+app.add_typer(acls.acls_app, name="acls")
 app.command("produce")(produce.produce)
 app.command("router")(pipeline.router)
 app.add_typer(models.models_app, name="models")
