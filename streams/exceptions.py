@@ -25,3 +25,8 @@ class ReadError(JodieError, RuntimeError):
 class ModelMismatchError(JodieError):
     """A table row was computed by another model version than the one served; serve a new
     version by promoting it (`jodie models promote`), never by restarting on other weights."""
+
+
+class AclError(JodieError):
+    """The cluster refused to create an ACL; run `jodie acls apply` as its super user (on the
+    local secure broker: `source` the admin env file `jodie broker up --secure` prints)."""

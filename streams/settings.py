@@ -87,6 +87,13 @@ class Settings(BaseSettings):
     broker_start_timeout_s: float = Field(
         90.0, description="JODIE_BROKER_START_TIMEOUT_S: how long `broker up` waits for metadata."
     )
+    broker_secure: bool = Field(
+        False,
+        description=(
+            "JODIE_BROKER_SECURE: `jodie broker up` starts the local broker with TLS, SCRAM "
+            "users per role and ACLs (as `--secure` does); off for the local demo."
+        ),
+    )
 
     # --- topics ---------------------------------------------------------------------------
     topic_prefix: str = Field(

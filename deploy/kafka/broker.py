@@ -10,7 +10,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -46,6 +46,9 @@ class BrokerConfig:
     controller_port: int
     heap: str
     start_timeout_s: float
+    # TLS, SCRAM users and ACLs (deploy/kafka/security.py); the default keeps the local demo
+    # plain.
+    secure: bool = False
 
     @classmethod
     def from_settings(cls, settings: Settings) -> BrokerConfig:
@@ -57,6 +60,7 @@ class BrokerConfig:
             controller_port=settings.controller_port,
             heap=settings.broker_heap,
             start_timeout_s=settings.broker_start_timeout_s,
+            secure=settings.broker_secure,
         )
 
     @property
@@ -197,7 +201,9 @@ def _write_config(cfg: BrokerConfig) -> Path:
     return path
 
 
-def _format_storage(cfg: BrokerConfig, java: str, classpath: str, config: Path) -> None:
+def _format_storage(
+    cfg: BrokerConfig, java: str, classpath: str, config: Path, extra: Sequence[str] = ()
+) -> None:
     if (cfg.data_dir / "meta.properties").exists():
         return
     cluster = (
@@ -211,7 +217,7 @@ def _format_storage(cfg: BrokerConfig, java: str, classpath: str, config: Path) 
         .splitlines()[-1]
     )
     proc = subprocess.run(
-        [java, "-cp", classpath, _STORAGE_TOOL, "format", "-t", cluster, "-c", str(config)],
+        [java, "-cp", classpath, _STORAGE_TOOL, "format", "-t", cluster, "-c", str(config), *extra],
         capture_output=True,
         text=True,
         check=False,
@@ -222,25 +228,12 @@ def _format_storage(cfg: BrokerConfig, java: str, classpath: str, config: Path) 
 
 def probe(target: str | KafkaConnection, timeout_s: float = 2.0) -> bool:
     """True when the broker answers a metadata request, not a bare TCP accept. ``target``:
-    a local broker's plaintext address, or the settings of a (possibly secured) cluster."""
-    from streams.runtime.clients import Connection, admin
+    a local broker's plaintext address, or the settings of a (possibly secured) cluster.
+    A refused login raises ``AuthenticationError`` rather than reading as "not ready"."""
+    from streams.runtime.clients import Connection, check_login
 
     conn = Connection(target) if isinstance(target, str) else target
-    client = admin(conn, {"log_level": 0, "logger": _quiet_logger()})
-    try:
-        client.list_topics(timeout=timeout_s)
-    except Exception:  # KafkaException on timeout; anything else also means "not ready"
-        return False
-    return True
-
-
-def _quiet_logger() -> object:
-    import logging
-
-    logger = logging.getLogger("jodie.broker.probe")
-    logger.addHandler(logging.NullHandler())
-    logger.propagate = False
-    return logger
+    return check_login(conn, timeout_s)
 
 
 def status(cfg: BrokerConfig) -> BrokerStatus:
@@ -250,7 +243,7 @@ def status(cfg: BrokerConfig) -> BrokerStatus:
         if _port_open(cfg.port):
             detail = f"not started by jodie, but port {cfg.port} is in use by another program"
         return BrokerStatus(False, None, cfg.bootstrap, cfg.home, False, detail)
-    ready = probe(cfg.bootstrap)
+    ready = probe(_probe_target(cfg))
     return BrokerStatus(True, pid, cfg.bootstrap, cfg.home, ready, "ready" if ready else "starting")
 
 
@@ -277,7 +270,7 @@ def up(cfg: BrokerConfig, foreground: bool = False) -> tuple[BrokerStatus, bool]
     for d in (cfg.home, cfg.data_dir, cfg.logs_dir):
         d.mkdir(parents=True, exist_ok=True)
     config = _write_config(cfg)
-    _format_storage(cfg, java, classpath, config)
+    _format_storage(cfg, java, classpath, config, _secure_setup(cfg, config))
     cmd = [
         java,
         f"-Xmx{cfg.heap}",
@@ -327,7 +320,7 @@ def _wait_ready(cfg: BrokerConfig, alive: Callable[[], bool]) -> None:
                 f"the broker exited during start-up; see {cfg.logs_dir / 'server.log'} and "
                 f"{cfg.logs_dir / 'stdout.log'}"
             )
-        if probe(cfg.bootstrap, timeout_s=1.0):
+        if probe(_probe_target(cfg), timeout_s=1.0):
             return
         time.sleep(0.25)
     raise BrokerStartError(
@@ -356,3 +349,41 @@ def down(cfg: BrokerConfig, purge: bool = False, timeout_s: float = 30.0) -> boo
     if purge:
         shutil.rmtree(cfg.home, ignore_errors=True)
     return was_running
+
+
+# --- security (`jodie broker up --secure`) -------------------------------------------------
+# Kept apart from the rest so the plain broker's code reads as before; the material itself is
+# made in deploy/kafka/security.py, the ACLs per role in streams/acls.py.
+
+
+def _secure_setup(cfg: BrokerConfig, config: Path) -> list[str]:
+    """Prepare ``config`` for the broker's mode; returns the storage format's extra
+    arguments (the SCRAM users of a secure broker)."""
+    from deploy.kafka import security
+
+    security.check_formatted_alike(cfg.home, cfg.data_dir, cfg.secure)
+    files = security.files_of(cfg.home)
+    if not cfg.secure:
+        if not (cfg.data_dir / "meta.properties").exists():
+            # Left by a purged secure broker of the same home: it would make `status` log in.
+            shutil.rmtree(files.root, ignore_errors=True)
+        return []
+    security.ensure_material(cfg.home)
+    text = security.override_properties(
+        config.read_text(),
+        security.broker_properties(files, cfg.port, cfg.controller_port),
+    )
+    # Owner-only: it holds the admin password (the broker's own login).
+    security.write_private(config, text)
+    security.write_env_files(files, cfg.port, cfg.controller_port)
+    return security.format_args(files)
+
+
+def _probe_target(cfg: BrokerConfig) -> str | KafkaConnection:
+    """What `status` and the start-up wait ask for metadata: the plain address, or the admin's
+    login on a secure broker."""
+    from deploy.kafka import security
+
+    if security.is_secure(cfg.home):
+        return security.connection(security.files_of(cfg.home), cfg.port)
+    return cfg.bootstrap

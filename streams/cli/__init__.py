@@ -5,15 +5,33 @@
 
 from __future__ import annotations
 
-import typer
+from typing import Any
 
-from streams.cli import broker, model, models, pipeline, produce, state, topics
+import typer
+import typer.core
+
+from streams.cli import acls, broker, model, models, pipeline, produce, state, topics
 from streams.cli.common import _fail
 from streams.exceptions import SettingsError
+from streams.runtime.exceptions import AuthenticationError
 from streams.settings import get_settings
 
+
+class _Group(typer.core.TyperGroup):
+    def invoke(self, ctx: Any) -> Any:  # ctx: typer's (vendored) click Context
+        # Any command may be the first to log in: a refused login is one line, not a traceback.
+        try:
+            return super().invoke(ctx)
+        except AuthenticationError as exc:
+            raise _fail(exc) from exc
+
+
 app = typer.Typer(
-    no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False, help=__doc__
+    cls=_Group,
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    help=__doc__,
 )
 
 
@@ -29,6 +47,7 @@ def _check_settings() -> None:
 # Registered in the order `jodie --help` lists them (commands first, then groups).
 app.add_typer(broker.broker_app, name="broker")
 app.add_typer(topics.topics_app, name="topics")
+app.add_typer(acls.acls_app, name="acls")
 app.command("produce")(produce.produce)
 app.command("router")(pipeline.router)
 app.add_typer(models.models_app, name="models")

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from jodie_errors import JodieError
 from streams.cli.common import _fail, console, out
 from streams.settings import get_settings
+
+if TYPE_CHECKING:
+    from deploy.kafka import broker
+    from streams.settings import Settings
 
 broker_app = typer.Typer(no_args_is_help=True, help="The local single-node Apache Kafka (KRaft).")
 
@@ -20,20 +25,56 @@ def broker_up(
     foreground: Annotated[
         bool, typer.Option(help="Run in this process (for Procfile/systemd).")
     ] = False,
+    secure: Annotated[
+        bool | None,
+        typer.Option(
+            "--secure/--plain",
+            help="TLS, SCRAM users per role and ACLs (default: JODIE_BROKER_SECURE, off).",
+        ),
+    ] = None,
 ) -> None:
     """Fetch Kafka (cached), format storage once, start in the background, wait until ready."""
     from deploy.kafka import broker
 
-    cfg = broker.BrokerConfig.from_settings(get_settings())
+    settings = get_settings()
+    cfg = broker.BrokerConfig.from_settings(settings)
+    if secure is not None:
+        cfg = dataclasses.replace(cfg, secure=secure)
+    if cfg.secure and foreground:
+        # The ACLs are created once the broker answers, which a foreground start never returns to.
+        raise _fail(JodieError("--secure starts in the background; drop --foreground"))
     began = time.monotonic()
     try:
         status, started = broker.up(cfg, foreground=foreground)
+        verb = "started" if started else "already running"
+        console.print(
+            f"broker {verb}: pid {status.pid}, {status.bootstrap}, data in {status.home} "
+            f"({time.monotonic() - began:.1f} s)"
+        )
+        if cfg.secure:
+            _secure_up(cfg, settings)
     except JodieError as exc:
         raise _fail(exc) from exc
-    verb = "started" if started else "already running"
+
+
+def _secure_up(cfg: broker.BrokerConfig, settings: Settings) -> None:
+    """Grant every role its ACLs (for JODIE_TOPIC_PREFIX) and say how to connect as one."""
+    from deploy.kafka import security
+    from streams.acls import apply_acls
+    from streams.runtime.clients import admin
+
+    files = security.files_of(cfg.home)
+    login = security.connection(files, cfg.port, "admin")
+    grants = apply_acls(admin(login), settings)
+    roles = ", ".join(security.ROLES)
     console.print(
-        f"broker {verb}: pid {status.pid}, {status.bootstrap}, data in {status.home} "
-        f"({time.monotonic() - began:.1f} s)"
+        f"secure: SASL_SSL with {security.MECHANISM}, users {roles}; {len(grants)} ACLs for "
+        f"topic prefix {settings.topic_prefix!r} (`jodie acls show` lists them)\n"
+        f"connect as a role:  source {files.root}/<role>.env   (e.g. "
+        f"{files.env_file('client')})\n"
+        f"create the topics:  (source {files.env_file('admin')} && jodie topics apply)",
+        soft_wrap=True,
+        highlight=False,
     )
 
 

@@ -9,14 +9,18 @@ transactional id, isolation level, ...).
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from confluent_kafka import Consumer, Producer
+from confluent_kafka import Consumer, KafkaError, KafkaException, Producer
 from confluent_kafka.admin import AdminClient
+
+from streams.runtime.exceptions import AuthenticationError
 
 _log = logging.getLogger("jodie.kafka")
 
@@ -88,22 +92,113 @@ def client_config(
             continue
         secret = getattr(value, "get_secret_value", None)
         config[key] = secret() if callable(secret) else str(value)
+    if conn.security_protocol != "PLAINTEXT":
+        # librdkafka retries a refused login forever; a client that is refused later (a
+        # password changed under it) stops at its next poll, flush or consume instead.
+        config["error_cb"] = _raise_on_login_error(conn)
     config.update(specific or {})
     return config
 
 
 def producer(conn: KafkaConnection, specific: Mapping[str, Any] | None = None) -> Producer:
+    _check_login_once(conn)
     return Producer(client_config(conn, specific))
 
 
 def consumer(
     conn: KafkaConnection, group_id: str, specific: Mapping[str, Any] | None = None
 ) -> Consumer:
+    _check_login_once(conn)
     return Consumer(client_config(conn, {"group.id": group_id, **(specific or {})}))
 
 
 def admin(conn: KafkaConnection, specific: Mapping[str, Any] | None = None) -> AdminClient:
+    _check_login_once(conn)
     return AdminClient(client_config(conn, specific))
+
+
+# --- the login -----------------------------------------------------------------------------
+# A wrong password or an untrusted certificate is never transient, but librdkafka retries it
+# forever: a client would wait out each call's timeout and then report only "transport
+# failure". So the first client of each login in a process checks it with a short metadata
+# request, and refusals become one AuthenticationError naming what to fix.
+
+_LOGIN_ERRORS = (KafkaError._AUTHENTICATION, KafkaError._SSL)
+_logins_ok: set[tuple[str, ...]] = set()
+
+
+def _login_key(conn: KafkaConnection) -> tuple[str, ...]:
+    password = conn.sasl_password.get_secret_value() if conn.sasl_password else ""
+    return (
+        conn.bootstrap_servers,
+        conn.security_protocol,
+        str(conn.sasl_mechanism),
+        str(conn.sasl_username),
+        hashlib.sha256(password.encode()).hexdigest(),
+        str(conn.ssl_ca_location),
+        str(conn.ssl_certificate_location),
+    )
+
+
+def _refused(conn: KafkaConnection, error: KafkaError) -> AuthenticationError:
+    # librdkafka: "<broker>: SASL authentication error: <reason> (after 334ms in state ...)".
+    reason = error.str().split(" error: ", 1)[-1].split(" (after ", 1)[0]
+    if error.code() == KafkaError._SSL:
+        what, fix = "TLS with the brokers failed", "check JODIE_SSL_CA_LOCATION"
+    else:
+        what = f"the brokers refused the login of {conn.sasl_username!r}"
+        fix = "check JODIE_SASL_USERNAME and JODIE_SASL_PASSWORD"
+    return AuthenticationError(f"{what} at {conn.bootstrap_servers}: {reason}; {fix}")
+
+
+def _raise_on_login_error(conn: KafkaConnection) -> Any:
+    def on_error(error: KafkaError) -> None:
+        if error.code() in _LOGIN_ERRORS:
+            raise _refused(conn, error)
+
+    return on_error
+
+
+def check_login(conn: KafkaConnection, timeout_s: float = 10.0) -> bool:
+    """Whether the brokers answer a metadata request within ``timeout_s`` (False as soon as
+    none can be reached); raises ``AuthenticationError`` as soon as they refuse the login or
+    the TLS handshake fails."""
+    refusals: list[KafkaError] = []
+    unreachable: list[KafkaError] = []
+
+    def on_error(error: KafkaError) -> None:
+        if error.code() in _LOGIN_ERRORS:
+            refusals.append(error)
+        elif error.code() == KafkaError._ALL_BROKERS_DOWN:
+            unreachable.append(error)
+
+    quiet = logging.getLogger("jodie.kafka.login")
+    quiet.addHandler(logging.NullHandler())
+    quiet.propagate = False  # the refusal is raised, not logged once per retry
+    client = AdminClient(client_config(conn, {"error_cb": on_error, "logger": quiet}))
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            client.list_topics(timeout=min(0.5, timeout_s))
+            return True
+        except KafkaException:
+            pass
+        client.poll(0)  # serves on_error
+        if refusals:  # a refused login also reads as "brokers down": it decides first
+            raise _refused(conn, refusals[0])
+        if unreachable or time.monotonic() >= deadline:
+            return False
+
+
+def _check_login_once(conn: KafkaConnection) -> None:
+    if conn.security_protocol == "PLAINTEXT":
+        return
+    key = _login_key(conn)
+    if key in _logins_ok:
+        return
+    # Unreachable brokers (False) are left to the client's own timeouts, as on PLAINTEXT.
+    if check_login(conn):
+        _logins_ok.add(key)
 
 
 # Java's partitioner: a key lands on the same partition whichever client writes it, which

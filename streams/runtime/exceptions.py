@@ -17,3 +17,8 @@ class FencedError(StreamRuntimeError):
 
 class TransactionError(StreamRuntimeError):
     """A transaction failed for good; restart the instance (it resumes from its last commit)."""
+
+
+class AuthenticationError(StreamRuntimeError):
+    """The brokers refused the login (or the TLS handshake): fix JODIE_SASL_USERNAME /
+    JODIE_SASL_PASSWORD or JODIE_SSL_CA_LOCATION; retrying the same ones cannot succeed."""

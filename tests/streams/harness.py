@@ -13,7 +13,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -107,14 +107,21 @@ def route(
 
 
 def start_worker(
-    settings: Settings, checkpoint: Path | None, worker_id: int, tmp: Path, model: str = ""
+    settings: Settings,
+    checkpoint: Path | None,
+    worker_id: int,
+    tmp: Path,
+    model: str = "",
+    env: Mapping[str, str] | None = None,
 ) -> subprocess.Popen[bytes]:
-    """A worker process serving ``checkpoint``, or registry model ``model``'s versions."""
+    """A worker process serving ``checkpoint``, or registry model ``model``'s versions;
+    ``env``: further JODIE_* variables (a secured broker's login)."""
     env = {
         **os.environ,
         "JODIE_TOPIC_PREFIX": settings.topic_prefix,
         "JODIE_STATE_DIR": str(tmp / "state"),
         "JODIE_WEB_PORT": str(16066 + 10 * worker_id),
+        **(env or {}),
     }
     log = (tmp / f"worker-{worker_id}.log").open("ab")
     return subprocess.Popen(

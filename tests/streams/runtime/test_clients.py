@@ -3,12 +3,13 @@ what is specific to them."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
 from pydantic import SecretStr
 
-from streams.runtime.clients import Connection, client_config, committed_reader
+from streams.runtime.clients import Connection, check_login, client_config, committed_reader
 from streams.settings import Settings
 
 _SECURE = {
@@ -67,3 +68,17 @@ def test_mutual_tls_by_value() -> None:
 def test_the_caller_specific_part_wins() -> None:
     config = client_config(Connection("b:1"), {"client.id": "w-0", "security.protocol": "SSL"})
     assert config["client.id"] == "w-0" and config["security.protocol"] == "SSL"
+
+
+def test_an_unreachable_secured_cluster_is_not_a_refused_login() -> None:
+    # Nothing listens on port 1: "not reachable" at once, left to the client's own timeouts.
+    conn = Connection(
+        "127.0.0.1:1",
+        security_protocol="SASL_SSL",
+        sasl_mechanism="SCRAM-SHA-512",
+        sasl_username="u",
+        sasl_password=SecretStr("p"),
+    )
+    began = time.monotonic()
+    assert check_login(conn, timeout_s=10) is False
+    assert time.monotonic() - began < 5
