@@ -22,7 +22,7 @@ from schemas import (
     UnknownSchemaError,
     load_schema,
 )
-from schemas.codec import EVALUATION, canonical_form, fingerprint64
+from schemas.codec import ENTITY_RECORD, EVALUATION, canonical_form, fingerprint64
 
 INTERACTION_RECORD: dict[str, Any] = {
     "event_id": "abc:2",
@@ -54,6 +54,7 @@ def test_recommendation_and_announcement_round_trip() -> None:
     rec = {
         "user_id": "u1",
         "event_id": "abc:2",
+        "item_id": "i7",
         "timestamp": 1.0,
         "model_version": "v3",
         "projected_user": [0.5, 0.25],
@@ -62,6 +63,10 @@ def test_recommendation_and_announcement_round_trip() -> None:
         "state_change_probability": 0.125,
     }
     assert Codec(RECOMMENDATION).decode(Codec(RECOMMENDATION).encode(rec)) == rec
+    # Written before recommendations named their item: still read, with an empty one.
+    old_rec = {k: v for k, v in rec.items() if k != "item_id"}
+    data = Codec(load_schema("recommendation.v1")).encode(old_rec)
+    assert Codec(RECOMMENDATION).decode(data) == {**old_rec, "item_id": ""}
     ev = {
         "event_id": "e1",
         "seq": 41,
@@ -218,3 +223,20 @@ def test_an_invalid_schema_is_a_schema_error() -> None:
         canonical_form(nameless)
     with pytest.raises(SchemaError):
         fingerprint64(nameless)
+
+
+def test_table_rows_written_before_the_ranker_counts_still_decode() -> None:
+    row = {
+        "embedding": b"\x00" * 8,
+        "last_time": 5.0,
+        "history": ["a", "b"],
+        "applied_seq": 3,
+        "sent_seq": 3,
+        "waiting": [],
+        "partners": [],
+        "derived": None,
+        "model_version": "v1",
+    }
+    data = Codec(load_schema("entity_record.v1")).encode(row)
+    decoded = Codec(ENTITY_RECORD).decode(data)
+    assert decoded == {**row, "history_counts": [], "count": 0, "trend": 0.0}
