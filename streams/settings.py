@@ -183,6 +183,15 @@ class Settings(BaseSettings):
             "(never printed)."
         ),
     )
+    row_cache: int = Field(
+        100_000,
+        ge=1,
+        description=(
+            "JODIE_ROW_CACHE: most decoded rows a worker keeps in memory per table (user-state, "
+            "item-state), besides those changed in the batch in progress; others are read "
+            "again from its RocksDB when next used."
+        ),
+    )
     web_port: int = Field(
         6066, description="JODIE_WEB_PORT: first worker's HTTP port (/metrics); worker N adds N."
     )

@@ -88,6 +88,7 @@ class Worker(Application[list[Decoded]]):
                 self.processor.decoder(side),
                 self.processor.encode,
                 self.processor.initial(side),
+                cache_rows=settings.row_cache,
             )
             for topic, side in self.sides.items()
         }
