@@ -13,7 +13,8 @@ with ``--model`` the feature count is the served version's, read from its checkp
 checked, as workers do) rather than fixed by whichever event comes first.
 
 Exactly once: each batch of output and the input offsets it consumed are committed in one
-Kafka transaction, and the sequencer's state is rebuilt from interactions.log on start, so a
+Kafka transaction, and the sequencer's state is rebuilt from interactions.log on start
+(streamed, one fetch at a time: the router never holds the log), so a
 router killed at any moment and restarted writes every event once (as read_committed
 consumers see it) with the same sequence numbers. A second router with the same
 transactional id fences the first: there is one active router per pipeline by construction.
@@ -25,7 +26,7 @@ import logging
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -126,8 +127,37 @@ def from_log_record(record: dict[str, Any]) -> SequencedEvent:
 
 
 def read_log(settings: Settings, codec: Codec | None = None) -> list[SequencedEvent]:
-    """Every committed event of interactions.log, in canonical (sequence) order."""
+    """Every committed event of interactions.log, in canonical (sequence) order (all in
+    memory: for tests and tools; the router restores by streaming, ``restore_sequencer``)."""
     return _read_log(settings, codec)[0]
+
+
+def restore_sequencer(
+    settings: Settings, sequencer: Sequencer, codec: Codec | None = None
+) -> tuple[int, Epoch]:
+    """Rebuild ``sequencer``'s state from interactions.log, one record at a time; returns the
+    events read and the epoch the last one was stamped with.
+
+    Memory besides the sequencer's own state (its per-entity maps and its window of recent
+    ids) is one fetch of records: the log is never held whole, whatever its length.
+    """
+    topic = settings.topic("interactions.log")
+    codec = codec or make_codec(settings, SEQUENCED_INTERACTION, topic)
+    last: tuple[int, Epoch] = (-1, UNSTAMPED)
+    count = 0
+
+    def events() -> Iterator[SequencedEvent]:
+        nonlocal last, count
+        for _k, value, _p, _o in read_all(settings, topic):
+            record = codec.decode(value)
+            event = from_log_record(record)
+            count += 1
+            if event.seq > last[0]:
+                last = (event.seq, epoch_of(record))
+            yield event
+
+    sequencer.restore(events())
+    return count, last[1]
 
 
 def _read_log(settings: Settings, codec: Codec | None = None) -> tuple[list[SequencedEvent], Epoch]:
@@ -229,10 +259,15 @@ class Router:
         metadata = consumer.list_topics(self.source, timeout=30).topics[self.source]
         partitions = sorted(metadata.partitions)
         # The wall clock bounds only the first event of an empty log (sequencer: watermark).
-        sequencer = Sequencer(partitions, self.n_features, self.limits, clock=time.time)
+        sequencer = Sequencer(
+            partitions,
+            self.n_features,
+            self.limits,
+            clock=time.time,
+            dedup_window=self.settings.dedup_window,
+        )
         self._sequencer = sequencer
-        events, self.epoch = _read_log(self.settings, self.out_codec)
-        sequencer.restore(events)
+        logged, self.epoch = restore_sequencer(self.settings, sequencer, self.out_codec)
         if self.model is not None:
             self._watch = ServingWatch(self.settings, self.model)
             serving = self._watch.settle()
@@ -242,7 +277,7 @@ class Router:
                 self._enforce_features(serving)
                 # A fresh log starts in the promoted version at once; otherwise the workers
                 # get the switch delay to prepare, as for any promotion.
-                self._promoted(serving, at_once=not events)
+                self._promoted(serving, at_once=logged == 0)
         committed = retry_transient(
             lambda: consumer.committed(
                 [TopicPartition(self.source, p) for p in partitions], timeout=30

@@ -154,6 +154,16 @@ class Settings(BaseSettings):
         ),
     )
 
+    dedup_window: int = Field(
+        100_000,
+        ge=1,
+        description=(
+            "JODIE_DEDUP_WINDOW: how many of the latest event ids the router holds for its "
+            "duplicate check (besides each user's and item's latest event); an older re-send "
+            "is time_backwards, or in a rare tie sequenced again (README: Ordering semantics)."
+        ),
+    )
+
     # --- workers ------------------------------------------------------------------------------
     state_dir: Path = Field(
         default_factory=lambda: _default_cache() / "state",
