@@ -247,6 +247,38 @@ class Settings(BaseSettings):
             "every recommendation before re-ranking."
         ),
     )
+    cooccurrence_items: int = Field(
+        10_000,
+        ge=1,
+        description=(
+            "JODIE_COOCCURRENCE_ITEMS: most items whose recent audience the co-occurrence "
+            "model keeps (the most recently touched ones); older ones are forgotten."
+        ),
+    )
+    cooccurrence_cache: int = Field(
+        10_000,
+        ge=1,
+        description=(
+            "JODIE_COOCCURRENCE_CACHE: most items whose LSH neighbours are cached between "
+            "re-queries (least recently used ones are dropped, and queried again when needed)."
+        ),
+    )
+    feed_warmup: int = Field(
+        100_000,
+        ge=0,
+        description=(
+            "JODIE_FEED_WARMUP: how many of interactions.log's latest events a starting "
+            "worker reads into its co-occurrence model (from the end, never from offset 0)."
+        ),
+    )
+    feed_ahead: int = Field(
+        200_000,
+        ge=1,
+        description=(
+            "JODIE_FEED_AHEAD: most log events a worker holds ahead of the events it applied "
+            "(the co-occurrence model never sees the future); past it the log feed pauses."
+        ),
+    )
     horizon_s: float | None = Field(
         None,
         description=(
