@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Generic, TypeVar
 
 from confluent_kafka import Consumer, KafkaError, TopicPartition
-from rocksdict import Options, Rdict, WriteBatch
+from rocksdict import BlockBasedOptions, Cache, Options, Rdict, WriteBatch
 
 from streams.runtime.cache import RowCache
 from streams.runtime.clients import KafkaConnection, committed_reader
@@ -46,11 +46,30 @@ _OFFSET_KEY = b"\xff\xfejodie:changelog-offset"
 
 R = TypeVar("R")  # a decoded row
 
+# RocksDB's own memory, bounded: its defaults (64 MiB memtables, two of them, per store, and a
+# block cache per store) would let a worker's eight partition stores hold about 1 GiB of
+# memtables alone. Rows are a few KiB and written once per batch; small memtables only mean
+# more, smaller flushes. One block cache per table serves all its partitions.
+_WRITE_BUFFER_BYTES = 8 << 20
+_WRITE_BUFFERS = 2
+_BLOCK_CACHE_BYTES = 32 << 20
+
+
+def rocksdb_options(cache: Cache) -> Options:
+    """Raw-bytes RocksDB options with bounded memtables and the given block cache."""
+    options = Options(raw_mode=True)
+    options.set_write_buffer_size(_WRITE_BUFFER_BYTES)
+    options.set_max_write_buffer_number(_WRITE_BUFFERS)
+    table = BlockBasedOptions()
+    table.set_block_cache(cache)
+    options.set_block_based_table_factory(table)
+    return options
+
 
 class _Partition:
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, cache: Cache | None = None) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        self.db = Rdict(str(path), options=Options(raw_mode=True))
+        self.db = Rdict(str(path), options=rocksdb_options(cache or Cache(_BLOCK_CACHE_BYTES)))
 
     @property
     def offset(self) -> int:
@@ -88,6 +107,7 @@ class Table(Generic[R]):
         self.partitions: dict[int, _Partition] = {}
         # (partition, key) → decoded row; the rows changed in the open batch are pinned.
         self.rows: RowCache[tuple[int, bytes], R] = RowCache(cache_rows)
+        self._blocks = Cache(_BLOCK_CACHE_BYTES)  # RocksDB's, shared by the partitions
         self._reader: Consumer | None = None
 
     def _path(self, partition: int) -> Path:
@@ -99,7 +119,7 @@ class Table(Generic[R]):
         if partition in self.partitions:
             return 0
         path = self._path(partition)
-        part = _Partition(path)
+        part = _Partition(path, self._blocks)
         high = self._end(partition)
         if part.offset >= high:
             # A store ahead of its changelog belongs to a topic since deleted and re-created.
@@ -108,7 +128,7 @@ class Table(Generic[R]):
             )
             part.db.close()
             Rdict.destroy(str(path))
-            part = _Partition(path)
+            part = _Partition(path, self._blocks)
         read = self._restore(part, partition, high)
         self.partitions[partition] = part
         return read
