@@ -33,7 +33,13 @@ from typing import Any
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Producer, TopicPartition
 
 from operators.model.exceptions import CheckpointError
-from operators.protocol.sequencer import Interaction, Rejected, SequencedEvent, Sequencer
+from operators.protocol.sequencer import (
+    Interaction,
+    Last,
+    Rejected,
+    SequencedEvent,
+    Sequencer,
+)
 from operators.protocol.sides import EventData
 from schemas import INTERACTION, SEQUENCED_INTERACTION, DecodeError, SchemaError
 from schemas.codec import INBOX_MESSAGE, Codec
@@ -45,8 +51,10 @@ from streams.peek import read_all
 from streams.records import inbox_event
 from streams.runtime.clients import committed_reader, transactional_producer
 from streams.runtime.kafka import retry_transient, take, watermarks
+from streams.runtime.spill import SpillMap
 from streams.settings import Settings
 from streams.switch import ServingWatch
+from streams.topics import app_id
 
 _log = logging.getLogger("jodie.router")
 
@@ -210,6 +218,7 @@ class Router:
         self._features: dict[str, int | None] = {}
         self.stats = RouterStats()
         self._behind_since: dict[int, float] = {}
+        self._maps: list[SpillMap[Last]] = []
 
     def _clients(self) -> tuple[Consumer, Producer]:
         prefix = self.settings.topic_prefix
@@ -244,6 +253,9 @@ class Router:
         finally:
             consumer.close()
             self._probe.close()
+            for spill in self._maps:
+                spill.close()
+            self._maps = []
             if self._watch is not None:
                 self._watch.close()
         return self.stats
@@ -259,12 +271,20 @@ class Router:
         metadata = consumer.list_topics(self.source, timeout=30).topics[self.source]
         partitions = sorted(metadata.partitions)
         # The wall clock bounds only the first event of an empty log (sequencer: watermark).
+        # Each user's and item's latest event, the hot ones in memory and the others in a
+        # scratch RocksDB rebuilt with the rest of the state from the log at every start: the
+        # router's memory does not grow with the number of entities it has seen.
+        root = self.settings.state_dir / app_id(self.settings) / "router"
+        cap = self.settings.router_entities
+        self._maps = [SpillMap[Last](root, "<qdq", cap) for _ in ("users", "items")]
         sequencer = Sequencer(
             partitions,
             self.n_features,
             self.limits,
             clock=time.time,
             dedup_window=self.settings.dedup_window,
+            last_user=self._maps[0],
+            last_item=self._maps[1],
         )
         self._sequencer = sequencer
         logged, self.epoch = restore_sequencer(self.settings, sequencer, self.out_codec)

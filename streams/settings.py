@@ -164,6 +164,16 @@ class Settings(BaseSettings):
         ),
     )
 
+    router_entities: int = Field(
+        100_000,
+        ge=1,
+        description=(
+            "JODIE_ROUTER_ENTITIES: how many users and how many items the router keeps in "
+            "memory with their latest event (the most recently active); the others wait in "
+            "a scratch RocksDB under JODIE_STATE_DIR, rebuilt from the log at each start."
+        ),
+    )
+
     # --- workers ------------------------------------------------------------------------------
     state_dir: Path = Field(
         default_factory=lambda: _default_cache() / "state",

@@ -27,8 +27,9 @@ the per-entity maps hold anyway. A re-send is therefore a ``duplicate`` when its
 among the last ``dedup_window`` events or is still the latest event of its user or of its item.
 An older re-send whose user or item has a later timestamp since is ``time_backwards``; only
 when the latest events of both its user and its item since share its exact timestamp is it
-sequenced a second time (a double count). The per-entity maps themselves grow with the number
-of users and items: every event must be linked to its entity's previous one.
+sequenced a second time (a double count). The per-entity maps hold one entry per user and
+item ever seen (every event must be linked to its entity's previous one): the caller may
+pass maps that keep the cold entries out of memory (the router does).
 
 Watermark: the largest timestamp of the events accepted so far, i.e. sequenced (restored from
 the log after a restart) or valid and waiting in the merge. An event later than the watermark
@@ -57,7 +58,7 @@ import re
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 RejectReason = Literal[
     "malformed",
@@ -244,6 +245,14 @@ class RecentIds:
 Last = tuple[int, float, int]
 
 
+class EntityMap(Protocol):
+    """Where the sequencer keeps each entity's latest event: a dict by default; any map with
+    ``get`` and item assignment (e.g. one that keeps the cold entries on disk)."""
+
+    def get(self, key: str, /) -> Last | None: ...
+    def __setitem__(self, key: str, value: Last, /) -> None: ...
+
+
 def _id_hash(event_id: str) -> int:
     # Python's string hash: 64 bits, cached on the string, and stable within the process,
     # which is all it needs (the state is rebuilt from the log at every start). Two different
@@ -277,17 +286,21 @@ class Sequencer:
         limits: Limits = Limits(),
         clock: Callable[[], float] | None = None,
         dedup_window: int = 100_000,
+        last_user: EntityMap | None = None,
+        last_item: EntityMap | None = None,
     ) -> None:
         """``clock``: seconds since the epoch, to bound the first event; ``dedup_window``:
-        how many of the latest event ids the duplicate check holds (module doc)."""
+        how many of the latest event ids the duplicate check holds (module doc);
+        ``last_user`` / ``last_item``: empty maps to keep the entities' latest events in
+        (default: dicts)."""
         self.partitions = sorted(set(partitions))
         self.n_features = n_features
         self.limits = limits
         self.clock = clock
         self.watermark: float | None = None  # the largest timestamp accepted (module doc)
         self.next_seq = 0
-        self.last_user: dict[str, Last] = {}
-        self.last_item: dict[str, Last] = {}
+        self.last_user: EntityMap = {} if last_user is None else last_user
+        self.last_item: EntityMap = {} if last_item is None else last_item
         self.seen = RecentIds(dedup_window)
         # Per partition, in partition order: valid events, and rejections found on arrival
         # (decoding or validation; kept in line so offsets are committed only past what was
