@@ -1,9 +1,10 @@
-"""What every worker reads besides its inboxes: all item vectors and the whole log."""
+"""What every worker reads besides its inboxes: all item vectors and the log's recent tail."""
 
 from __future__ import annotations
 
 import heapq
 import logging
+import math
 import uuid
 
 import numpy as np
@@ -16,6 +17,7 @@ from streams.app.processor import EPOCH_HEADER, SEQ_HEADER, STATS_HEADERS, Heade
 from streams.app.serving import Serving
 from streams.codecs import make_codec
 from streams.runtime import clients
+from streams.runtime.kafka import watermarks
 from streams.settings import Settings
 
 _log = logging.getLogger("jodie.worker")
@@ -24,15 +26,27 @@ Vector = tuple[int, str, np.ndarray, Stats]  # seq, item, [i(t), ī], its stats
 
 
 class Feeds:
-    """What every worker reads besides its inboxes: all item vectors and the whole log.
+    """What every worker reads besides its inboxes: all item vectors and the log's recent tail.
 
-    - ``item-vectors`` (compacted): keeps each epoch's candidate index current with every
-      item's latest [i(t), ī] computed with that epoch's weights, whoever owns the item, and
-      hands each vector with its seq to the epoch's live evaluation (vectors of an epoch not
-      served here yet are kept until it is);
-    - ``interactions.log``: who touched what, for the co-occurrence candidates. An event is
-      observed only once this worker has applied a user event at least as late in the log
-      (``seq``), so a worker replaying history never recommends from the future.
+    - ``item-vectors`` (compacted), from its start: keeps each epoch's candidate index current
+      with every item's latest [i(t), ī] computed with that epoch's weights, whoever owns the
+      item, and hands each vector with its seq to the epoch's live evaluation (vectors of an
+      epoch not served here yet are kept until it is). The index holds every item, so it is
+      rebuilt whole at each start; compaction keeps about one record per item to read.
+    - ``interactions.log``: who touched what, for the co-occurrence candidates only (nothing
+      else reads the log here: a new version's catch-up reads it itself, streams.switch). The
+      co-occurrence model remembers the last few distinct users of each recently active item,
+      so what it knows is made of the log's recent past: a starting worker reads only the last
+      ``JODIE_FEED_WARMUP`` events (that many over the partitions, from each one's end; the
+      router writes each partition in seq order), never the log from offset 0, and then
+      follows it. No position is stored: a committed one would skip what the in-memory model
+      lost with the process, and the tail rebuilds it in bounded time whatever the log's
+      length. An event is observed only once this worker has applied a user event at least as
+      late in the log (``seq``), so a worker replaying history never recommends from the
+      future; events read ahead of that wait in memory, at most ``JODIE_FEED_AHEAD`` of them:
+      past it (by one poll's messages at most) the log is left until the worker catches up
+      (a worker that owns no user partition stops reading the log, and resumes where it
+      stopped if it gets one), so a slow worker never holds the log's growth.
     """
 
     def __init__(
@@ -46,6 +60,7 @@ class Feeds:
         self.vectors_topic = settings.topic("item-vectors")
         self.log_topic = settings.topic("interactions.log")
         self.log_codec = make_codec(settings, SEQUENCED_INTERACTION, self.log_topic)
+        self.ahead = settings.feed_ahead
         self.consumer = clients.consumer(
             settings,
             f"jodie-feeds-{uuid.uuid4().hex[:8]}",
@@ -57,17 +72,27 @@ class Feeds:
                 "logger": _log,
             },
         )
-        topics = [self.vectors_topic]
+        meta = self.consumer.list_topics(self.vectors_topic, timeout=10).topics[self.vectors_topic]
+        assignment = [TopicPartition(self.vectors_topic, p, 0) for p in meta.partitions]
+        self._log_partitions: list[TopicPartition] = []
         if cooccurrence is not None:
-            topics.append(self.log_topic)
-        assignment = []
-        for topic in topics:
-            meta = self.consumer.list_topics(topic, timeout=10).topics[topic]
-            assignment += [TopicPartition(topic, p, 0) for p in meta.partitions]
-        self.consumer.assign(assignment)
+            meta = self.consumer.list_topics(self.log_topic, timeout=10).topics[self.log_topic]
+            tail = math.ceil(settings.feed_warmup / max(1, len(meta.partitions)))
+            for p in meta.partitions:
+                low, high = watermarks(self.consumer, TopicPartition(self.log_topic, p))
+                start = max(low, high - tail)
+                self._log_partitions.append(TopicPartition(self.log_topic, p, start))
+        self.consumer.assign(assignment + self._log_partitions)
+        # Next log offset to read per partition, to take the log up again where it stopped.
+        self._next = {tp.partition: tp.offset for tp in self._log_partitions}
+        self._paused = False
         self._later: list[tuple[int, str, str]] = []  # (seq, user, item), a heap
         # vectors of epochs not served here yet
         self.waiting: dict[Epoch, list[Vector]] = {}
+
+    def held(self) -> int:
+        """Log events read but not yet observed (waiting for this worker's applied seq)."""
+        return len(self._later)
 
     def poll(self, applied_seq: int) -> None:
         messages = self.consumer.consume(num_messages=5000, timeout=0)
@@ -81,6 +106,7 @@ class Feeds:
                 vector = np.frombuffer(value, dtype="<f4")
                 fresh.setdefault(epoch, []).append((seq, key.decode(), vector, stats))
             elif msg.topic() == self.log_topic:
+                self._next[msg.partition() or 0] = (msg.offset() or 0) + 1
                 record = self.log_codec.decode(value)
                 event = record["interaction"]
                 heapq.heappush(
@@ -96,6 +122,24 @@ class Feeds:
         while cooc is not None and self._later and self._later[0][0] <= applied_seq:
             _seq, user, item = heapq.heappop(self._later)
             cooc.observe(user, item)
+        self._throttle()
+
+    def _throttle(self) -> None:
+        """Stop reading the log while too many of its events wait for this worker's applied
+        seq; take it up again once half of them were observed (hysteresis: no stop and start
+        at every poll). The bound is exceeded by at most one poll's messages (5,000)."""
+        held = len(self._later)
+        if not self._paused and held >= self.ahead:
+            # Unassigned rather than paused: a pause drops what the client had fetched but not
+            # handed over, and a resume does not always fetch it again. The log is assigned
+            # again from the offsets after the last records read, so nothing is skipped.
+            self.consumer.incremental_unassign(self._log_partitions)
+            self._paused = True
+        elif self._paused and held <= self.ahead // 2:
+            self.consumer.incremental_assign(
+                [TopicPartition(self.log_topic, p, o) for p, o in self._next.items()]
+            )
+            self._paused = False
 
     def adopt(self, serving: Serving) -> None:
         """Vectors of ``serving``'s epoch read before it was served here go to its index."""

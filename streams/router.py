@@ -13,7 +13,8 @@ with ``--model`` the feature count is the served version's, read from its checkp
 checked, as workers do) rather than fixed by whichever event comes first.
 
 Exactly once: each batch of output and the input offsets it consumed are committed in one
-Kafka transaction, and the sequencer's state is rebuilt from interactions.log on start, so a
+Kafka transaction, and the sequencer's state is rebuilt from interactions.log on start
+(streamed, one fetch at a time: the router never holds the log), so a
 router killed at any moment and restarted writes every event once (as read_committed
 consumers see it) with the same sequence numbers. A second router with the same
 transactional id fences the first: there is one active router per pipeline by construction.
@@ -25,14 +26,20 @@ import logging
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Producer, TopicPartition
 
 from operators.model.exceptions import CheckpointError
-from operators.protocol.sequencer import Interaction, Rejected, SequencedEvent, Sequencer
+from operators.protocol.sequencer import (
+    Interaction,
+    Last,
+    Rejected,
+    SequencedEvent,
+    Sequencer,
+)
 from operators.protocol.sides import EventData
 from schemas import INTERACTION, SEQUENCED_INTERACTION, DecodeError, SchemaError
 from schemas.codec import INBOX_MESSAGE, Codec
@@ -44,8 +51,10 @@ from streams.peek import read_all
 from streams.records import inbox_event
 from streams.runtime.clients import committed_reader, transactional_producer
 from streams.runtime.kafka import retry_transient, take, watermarks
+from streams.runtime.spill import SpillMap
 from streams.settings import Settings
 from streams.switch import ServingWatch
+from streams.topics import app_id
 
 _log = logging.getLogger("jodie.router")
 
@@ -126,8 +135,37 @@ def from_log_record(record: dict[str, Any]) -> SequencedEvent:
 
 
 def read_log(settings: Settings, codec: Codec | None = None) -> list[SequencedEvent]:
-    """Every committed event of interactions.log, in canonical (sequence) order."""
+    """Every committed event of interactions.log, in canonical (sequence) order (all in
+    memory: for tests and tools; the router restores by streaming, ``restore_sequencer``)."""
     return _read_log(settings, codec)[0]
+
+
+def restore_sequencer(
+    settings: Settings, sequencer: Sequencer, codec: Codec | None = None
+) -> tuple[int, Epoch]:
+    """Rebuild ``sequencer``'s state from interactions.log, one record at a time; returns the
+    events read and the epoch the last one was stamped with.
+
+    Memory besides the sequencer's own state (its per-entity maps and its window of recent
+    ids) is one fetch of records: the log is never held whole, whatever its length.
+    """
+    topic = settings.topic("interactions.log")
+    codec = codec or make_codec(settings, SEQUENCED_INTERACTION, topic)
+    last: tuple[int, Epoch] = (-1, UNSTAMPED)
+    count = 0
+
+    def events() -> Iterator[SequencedEvent]:
+        nonlocal last, count
+        for _k, value, _p, _o in read_all(settings, topic):
+            record = codec.decode(value)
+            event = from_log_record(record)
+            count += 1
+            if event.seq > last[0]:
+                last = (event.seq, epoch_of(record))
+            yield event
+
+    sequencer.restore(events())
+    return count, last[1]
 
 
 def _read_log(settings: Settings, codec: Codec | None = None) -> tuple[list[SequencedEvent], Epoch]:
@@ -180,6 +218,7 @@ class Router:
         self._features: dict[str, int | None] = {}
         self.stats = RouterStats()
         self._behind_since: dict[int, float] = {}
+        self._maps: list[SpillMap[Last]] = []
 
     def _clients(self) -> tuple[Consumer, Producer]:
         prefix = self.settings.topic_prefix
@@ -214,6 +253,9 @@ class Router:
         finally:
             consumer.close()
             self._probe.close()
+            for spill in self._maps:
+                spill.close()
+            self._maps = []
             if self._watch is not None:
                 self._watch.close()
         return self.stats
@@ -229,10 +271,23 @@ class Router:
         metadata = consumer.list_topics(self.source, timeout=30).topics[self.source]
         partitions = sorted(metadata.partitions)
         # The wall clock bounds only the first event of an empty log (sequencer: watermark).
-        sequencer = Sequencer(partitions, self.n_features, self.limits, clock=time.time)
+        # Each user's and item's latest event, the hot ones in memory and the others in a
+        # scratch RocksDB rebuilt with the rest of the state from the log at every start: the
+        # router's memory does not grow with the number of entities it has seen.
+        root = self.settings.state_dir / app_id(self.settings) / "router"
+        cap = self.settings.router_entities
+        self._maps = [SpillMap[Last](root, "<qdq", cap) for _ in ("users", "items")]
+        sequencer = Sequencer(
+            partitions,
+            self.n_features,
+            self.limits,
+            clock=time.time,
+            dedup_window=self.settings.dedup_window,
+            last_user=self._maps[0],
+            last_item=self._maps[1],
+        )
         self._sequencer = sequencer
-        events, self.epoch = _read_log(self.settings, self.out_codec)
-        sequencer.restore(events)
+        logged, self.epoch = restore_sequencer(self.settings, sequencer, self.out_codec)
         if self.model is not None:
             self._watch = ServingWatch(self.settings, self.model)
             serving = self._watch.settle()
@@ -242,7 +297,7 @@ class Router:
                 self._enforce_features(serving)
                 # A fresh log starts in the promoted version at once; otherwise the workers
                 # get the switch delay to prepare, as for any promotion.
-                self._promoted(serving, at_once=not events)
+                self._promoted(serving, at_once=logged == 0)
         committed = retry_transient(
             lambda: consumer.committed(
                 [TopicPartition(self.source, p) for p in partitions], timeout=30

@@ -161,6 +161,26 @@ class Settings(BaseSettings):
         ),
     )
 
+    dedup_window: int = Field(
+        100_000,
+        ge=1,
+        description=(
+            "JODIE_DEDUP_WINDOW: how many of the latest event ids the router holds for its "
+            "duplicate check (besides each user's and item's latest event); an older re-send "
+            "is time_backwards, or in a rare tie sequenced again (README: Ordering semantics)."
+        ),
+    )
+
+    router_entities: int = Field(
+        100_000,
+        ge=1,
+        description=(
+            "JODIE_ROUTER_ENTITIES: how many users and how many items the router keeps in "
+            "memory with their latest event (the most recently active); the others wait in "
+            "a scratch RocksDB under JODIE_STATE_DIR, rebuilt from the log at each start."
+        ),
+    )
+
     # --- workers ------------------------------------------------------------------------------
     state_dir: Path = Field(
         default_factory=lambda: _default_cache() / "state",
@@ -188,6 +208,15 @@ class Settings(BaseSettings):
             "of its name, version and digest) and workers, the router and `models promote` "
             "refuse an announcement without a valid signature. Give every process the same key "
             "(never printed)."
+        ),
+    )
+    row_cache: int = Field(
+        100_000,
+        ge=1,
+        description=(
+            "JODIE_ROW_CACHE: most decoded rows a worker keeps in memory per table (user-state, "
+            "item-state), besides those changed in the batch in progress; others are read "
+            "again from its RocksDB when next used."
         ),
     )
     web_port: int = Field(
@@ -233,6 +262,38 @@ class Settings(BaseSettings):
         description=(
             "JODIE_COOCCURRENCE: add co-occurrence candidates (MinHash LSH over the log) to "
             "every recommendation before re-ranking."
+        ),
+    )
+    cooccurrence_items: int = Field(
+        10_000,
+        ge=1,
+        description=(
+            "JODIE_COOCCURRENCE_ITEMS: most items whose recent audience the co-occurrence "
+            "model keeps (the most recently touched ones); older ones are forgotten."
+        ),
+    )
+    cooccurrence_cache: int = Field(
+        10_000,
+        ge=1,
+        description=(
+            "JODIE_COOCCURRENCE_CACHE: most items whose LSH neighbours are cached between "
+            "re-queries (least recently used ones are dropped, and queried again when needed)."
+        ),
+    )
+    feed_warmup: int = Field(
+        100_000,
+        ge=0,
+        description=(
+            "JODIE_FEED_WARMUP: how many of interactions.log's latest events a starting "
+            "worker reads into its co-occurrence model (from the end, never from offset 0)."
+        ),
+    )
+    feed_ahead: int = Field(
+        200_000,
+        ge=1,
+        description=(
+            "JODIE_FEED_AHEAD: most log events a worker holds ahead of the events it applied "
+            "(the co-occurrence model never sees the future); past it the log feed pauses."
         ),
     )
     horizon_s: float | None = Field(

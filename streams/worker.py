@@ -67,7 +67,13 @@ class Worker(Application[list[Decoded]]):
             raise ValueError("give exactly one of checkpoint_dir and model")
         self.settings = settings
         self.worker_id = worker_id
-        self.cooccurrence = CooccurrenceCandidates() if settings.cooccurrence else None
+        self.cooccurrence = (
+            CooccurrenceCandidates(
+                max_items=settings.cooccurrence_items, neighbour_cache=settings.cooccurrence_cache
+            )
+            if settings.cooccurrence
+            else None
+        )
         serving = None
         if checkpoint_dir is not None:
             ckpt = load_checkpoint(checkpoint_dir)
@@ -91,6 +97,7 @@ class Worker(Application[list[Decoded]]):
                 self.processor.decoder(side),
                 self.processor.encode,
                 self.processor.initial(side),
+                cache_rows=settings.row_cache,
             )
             for topic, side in self.sides.items()
         }

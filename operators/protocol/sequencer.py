@@ -21,6 +21,16 @@ message is accounted for there, none is dropped silently). Rejections stay in li
 their partition's events, so an offset is committed only past what was handled. A rejected
 event changes no state: it is as if it had never been sent.
 
+Duplicates are found in bounded memory: the ids of the last ``dedup_window`` sequenced events
+(``RecentIds``), and the id (a hash of it) of each user's and each item's latest event, which
+the per-entity maps hold anyway. A re-send is therefore a ``duplicate`` when its first copy is
+among the last ``dedup_window`` events or is still the latest event of its user or of its item.
+An older re-send whose user or item has a later timestamp since is ``time_backwards``; only
+when the latest events of both its user and its item since share its exact timestamp is it
+sequenced a second time (a double count). The per-entity maps hold one entry per user and
+item ever seen (every event must be linked to its entity's previous one): the caller may
+pass maps that keep the cold entries out of memory (the router does).
+
 Watermark: the largest timestamp of the events accepted so far, i.e. sequenced (restored from
 the log after a restart) or valid and waiting in the merge. An event later than the watermark
 plus ``Limits.max_clock_skew_s`` is rejected as ``future_timestamp``: accepted, it would make
@@ -45,10 +55,10 @@ from __future__ import annotations
 import heapq
 import math
 import re
-from collections import deque
-from collections.abc import Callable, Iterable, Mapping
+from collections import OrderedDict, deque
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 RejectReason = Literal[
     "malformed",
@@ -200,6 +210,56 @@ def validate(
     return None
 
 
+class RecentIds:
+    """The event ids of the last ``size`` sequenced events, oldest first.
+
+    >>> r = RecentIds(size=2)
+    >>> for e in ("a", "b", "c"):
+    ...     r.add(e)
+    >>> "a" in r, "c" in r, list(r)
+    (False, True, ['b', 'c'])
+    """
+
+    def __init__(self, size: int) -> None:
+        if size < 1:
+            raise ValueError(f"the duplicate window needs room for one id, got {size}")
+        self.size = size
+        self._ids: OrderedDict[str, None] = OrderedDict()
+
+    def add(self, event_id: str) -> None:
+        self._ids[event_id] = None
+        if len(self._ids) > self.size:
+            self._ids.popitem(last=False)
+
+    def __contains__(self, event_id: object) -> bool:
+        return event_id in self._ids
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._ids)
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+
+#: An entity's latest event: its seq, its timestamp and the hash of its id (``_id_hash``).
+Last = tuple[int, float, int]
+
+
+class EntityMap(Protocol):
+    """Where the sequencer keeps each entity's latest event: a dict by default; any map with
+    ``get`` and item assignment (e.g. one that keeps the cold entries on disk)."""
+
+    def get(self, key: str, /) -> Last | None: ...
+    def __setitem__(self, key: str, value: Last, /) -> None: ...
+
+
+def _id_hash(event_id: str) -> int:
+    # Python's string hash: 64 bits, cached on the string, and stable within the process,
+    # which is all it needs (the state is rebuilt from the log at every start). Two different
+    # ids collide with probability ~2⁻⁶⁴, and only a collision with the same timestamp counts.
+    return hash(event_id)
+
+
 @dataclass
 class _Head:
     key: tuple[float, str]
@@ -214,9 +274,9 @@ class _Head:
 class Sequencer:
     """Merge-orders events from client partitions, validates, links and numbers them.
 
-    State (``next_seq``, each entity's last sequence number and time, the ids seen) is
-    rebuilt from the canonical log with ``restore`` after a restart, so the sequencer keeps
-    no state of its own outside Kafka.
+    State (``next_seq``, each entity's latest event, the ids of the last ``dedup_window``
+    events) is rebuilt from the canonical log with ``restore`` after a restart, so the
+    sequencer keeps no state of its own outside Kafka.
     """
 
     def __init__(
@@ -225,17 +285,23 @@ class Sequencer:
         n_features: int | None,
         limits: Limits = Limits(),
         clock: Callable[[], float] | None = None,
+        dedup_window: int = 100_000,
+        last_user: EntityMap | None = None,
+        last_item: EntityMap | None = None,
     ) -> None:
-        """``clock``: seconds since the epoch, to bound the first event (module doc)."""
+        """``clock``: seconds since the epoch, to bound the first event; ``dedup_window``:
+        how many of the latest event ids the duplicate check holds (module doc);
+        ``last_user`` / ``last_item``: empty maps to keep the entities' latest events in
+        (default: dicts)."""
         self.partitions = sorted(set(partitions))
         self.n_features = n_features
         self.limits = limits
         self.clock = clock
         self.watermark: float | None = None  # the largest timestamp accepted (module doc)
         self.next_seq = 0
-        self.last_user: dict[str, tuple[int, float]] = {}
-        self.last_item: dict[str, tuple[int, float]] = {}
-        self.seen: set[str] = set()
+        self.last_user: EntityMap = {} if last_user is None else last_user
+        self.last_item: EntityMap = {} if last_item is None else last_item
+        self.seen = RecentIds(dedup_window)
         # Per partition, in partition order: valid events, and rejections found on arrival
         # (decoding or validation; kept in line so offsets are committed only past what was
         # handled).
@@ -301,9 +367,18 @@ class Sequencer:
         return out
 
     def restore(self, events: Iterable[SequencedEvent]) -> None:
-        """Rebuild the state from already-sequenced events (any order)."""
+        """Rebuild the state from already-sequenced events (any order), streamed: besides the
+        per-entity maps it holds only the ``dedup_window`` latest ids."""
+        latest: list[tuple[int, str]] = []  # (seq, id), a min-heap of the largest seqs
+        size = self.seen.size
         for e in events:
             self._record(e)
+            if len(latest) < size:
+                heapq.heappush(latest, (e.seq, e.event.event_id))
+            elif e.seq > latest[0][0]:
+                heapq.heapreplace(latest, (e.seq, e.event.event_id))
+        for _seq, event_id in sorted(latest):
+            self.seen.add(event_id)
 
     # --- output --------------------------------------------------------------------------
     def drain(self, idle: set[int]) -> DrainResult:
@@ -346,7 +421,7 @@ class Sequencer:
         event = head.event
         # Checked again: the feature length may have been fixed since the event was offered.
         problem = validate(event, self.n_features, self.limits)
-        if problem is None and event.event_id in self.seen:
+        if problem is None and self._resent(event):
             # Before the time check: a re-send is older than what followed its first copy,
             # and "duplicate" is the reason that tells the producer what happened.
             problem = "duplicate", f"event_id {event.event_id} was already sequenced"
@@ -369,7 +444,18 @@ class Sequencer:
             event=event,
         )
         self._record(sequenced)
+        self.seen.add(event.event_id)
         result.sequenced.append(sequenced)
+
+    def _resent(self, event: Interaction) -> bool:
+        """Whether ``event``'s id is among the latest ones, or is its user's or its item's
+        latest event (module doc: what an older re-send meets instead)."""
+        if event.event_id in self.seen:
+            return True
+        mark = (event.timestamp, _id_hash(event.event_id))
+        user = self.last_user.get(event.user_id)
+        item = self.last_item.get(event.item_id)
+        return (user is not None and user[1:] == mark) or (item is not None and item[1:] == mark)
 
     def _time_problem(self, event: Interaction) -> tuple[RejectReason, str] | None:
         for kind, last in (
@@ -391,9 +477,12 @@ class Sequencer:
             self.n_features = len(ev.features)  # the first valid event fixes the length
         if e.seq >= self.next_seq:
             self.next_seq = e.seq + 1
-        if e.seq > self.last_user.get(ev.user_id, (-1, 0.0))[0]:
-            self.last_user[ev.user_id] = (e.seq, ev.timestamp)
-        if e.seq > self.last_item.get(ev.item_id, (-1, 0.0))[0]:
-            self.last_item[ev.item_id] = (e.seq, ev.timestamp)
-        self.seen.add(ev.event_id)
+        last: Last | None = None
+        user = self.last_user.get(ev.user_id)
+        if user is None or e.seq > user[0]:
+            last = (e.seq, ev.timestamp, _id_hash(ev.event_id))
+            self.last_user[ev.user_id] = last
+        item = self.last_item.get(ev.item_id)
+        if item is None or e.seq > item[0]:
+            self.last_item[ev.item_id] = last or (e.seq, ev.timestamp, _id_hash(ev.event_id))
         self._raise_watermark(ev.timestamp)

@@ -10,8 +10,9 @@ from operators.retrieval.exceptions import RetrievalError
 
 # float32 relative rounding; bounds the error of the ‖x‖² − 2x·q + ‖q‖² expansion in ``sqdist``.
 _EPS32 = float(np.finfo(np.float32).eps)
-# Queries × rows of one distance block in ``scan``: caps its scratch memory at 64 MiB.
-_BLOCK_ELEMS = 1 << 24
+# Queries × rows of one distance block (``scan``, ``TieredIndex.ranks`` and ``recommend``):
+# caps their scratch memory at 64 MiB of float32 whatever the batch and the catalogue.
+BLOCK_ELEMS = 1 << 24
 
 
 class VectorStore:
@@ -176,7 +177,7 @@ class VectorStore:
         high = self.high
         sqnorm = self.sqnorm[:high]
         max_norm = float(np.max(sqnorm, where=np.isfinite(sqnorm), initial=0.0))
-        block = max(1, _BLOCK_ELEMS // max(high, 1))
+        block = max(1, BLOCK_ELEMS // max(high, 1))
         for s in range(0, nq, block):
             qb = queries[s : s + block]  # (B, D)
             part = self.sqdist(qb)  # (B, H)

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
 from operators.retrieval.exceptions import RetrievalError
 from operators.retrieval.ivf import Codec, IVFOverlay, auto_nlist
-from operators.retrieval.store import VectorStore
+from operators.retrieval.store import BLOCK_ELEMS, VectorStore
 
 
 class TieredIndex:
@@ -47,7 +47,11 @@ class TieredIndex:
         max_imbalance_growth: float = 1.5,
         seed: int = 0,
         n_attrs: int = 0,
+        block_elems: int = BLOCK_ELEMS,
     ) -> None:
+        """``block_elems``: most floats of one batched distance block (queries × items or
+        queries × candidates × dim); a larger batch is computed a block of queries at a
+        time, so no call allocates batch × all-items."""
         # IVF-Flat scan distances are exact up to float32 rounding, so 2·k is margin enough;
         # 8-bit codes misorder near neighbours more and need a longer shortlist.
         if rerank_factor is None:
@@ -63,6 +67,7 @@ class TieredIndex:
         self.rebuild_growth = rebuild_growth
         self.max_imbalance_growth = max_imbalance_growth
         self.seed = seed
+        self.block_elems = max(1, block_elems)
         self.builds = 0  # how many times the IVF overlay was (re)built; for metrics and tests
         self._store = VectorStore(dim, n_attrs=n_attrs)
         self._ivf: IVFOverlay | None = None
@@ -155,26 +160,37 @@ class TieredIndex:
         """Exact top-k whatever the tier: the reference for measuring recall on live data."""
         return self._store.scan(self._queries(queries, k), k)
 
+    def _blocks(self, nq: int, width: int) -> Iterator[slice]:
+        """Slices of a batch of ``nq`` queries, each needing at most ``block_elems`` floats
+        of ``width`` per query (at least one query per block)."""
+        step = max(1, self.block_elems // max(1, width))
+        for start in range(0, nq, step):
+            yield slice(start, min(nq, start + step))
+
     def ranks(
         self, queries: np.ndarray, true_ids: Sequence[str], true_vectors: np.ndarray
     ) -> np.ndarray:
         """Per query, 1 + the number of other items strictly closer than its true vector.
 
         The live evaluation's exact rank (ties favour the true item, as in the offline
-        evaluation): one scan of every vector, each true item's own row replaced by the vector
-        the caller knows to be current. (B, D), B ids, (B, D) → (B,) int64.
+        evaluation): a scan of every vector, each true item's own row replaced by the vector
+        the caller knows to be current, a block of queries at a time.
+        (B, D), B ids, (B, D) → (B,) int64.
         """
         store = self._store
         q = store.check(queries)
         t = store.check(true_vectors, q.shape[0])
-        dist = store.sqdist(q)  # (B, H)
         diff = t - q
         true = np.einsum("ij,ij->i", diff, diff)  # (B,)
-        for b, item_id in enumerate(true_ids):
-            own = store.rows.get(item_id)
-            if own is not None:
-                dist[b, own] = np.inf
-        return 1 + np.count_nonzero(dist < true[:, None], axis=1)
+        out = np.empty(q.shape[0], dtype=np.int64)
+        for block in self._blocks(q.shape[0], store.high):
+            dist = store.sqdist(q[block])  # (b, H), b·H ≤ block_elems
+            for b, item_id in enumerate(true_ids[block]):
+                own = store.rows.get(item_id)
+                if own is not None:
+                    dist[b, own] = np.inf
+            out[block] = 1 + np.count_nonzero(dist < true[block, None], axis=1)
+        return out
 
     def attributes(self) -> np.ndarray:
         """(rows, n_attrs) float64: each row's attributes, aligned with ``recommend``'s
@@ -213,13 +229,41 @@ class TieredIndex:
         can swap near-ties within ~1e-5 of each other); the 2k best keys and the extras
         compete, which is the exact top k of the key over every item. IVF tier: the overlay's
         ``rerank_factor · k`` proposals, the 2k best rows by ``prior`` (a (rows,) prior only)
-        and the extras, by direct float32 distance.
+        and the extras, by direct float32 distance. Queries go a block at a time
+        (``block_elems``), so no batch × all-items scratch is allocated at once.
         """
         q = self._queries(queries, k)
+        nq = q.shape[0]
+        if len(self) == 0:
+            return [([], np.empty(0)) for _ in range(nq)]
+        if self._ivf is None:
+            width = self._store.high
+        else:
+            longest = max((len(e) for e in extra), default=0)
+            width = (min(k, len(self)) * self.rerank_factor + longest) * self.dim
+        out: list[tuple[list[str], np.ndarray]] = []
+        for block in self._blocks(nq, width):
+            out += self._recommend(
+                q[block],
+                k,
+                extra[block],
+                scale,
+                prior if prior is None or prior.ndim == 1 else prior[block],
+                None if bonus is None else bonus[block],
+            )
+        return out
+
+    def _recommend(
+        self,
+        q: np.ndarray,
+        k: int,
+        extra: Sequence[Sequence[str]],
+        scale: float,
+        prior: np.ndarray | None,
+        bonus: Sequence[Mapping[str, float]] | None,
+    ) -> list[tuple[list[str], np.ndarray]]:
         store, n = self._store, len(self)
         nq = q.shape[0]
-        if n == 0:
-            return [([], np.empty(0)) for _ in range(nq)]
         high = store.high
         rows_of = store.rows
         extra_rows = [

@@ -7,7 +7,7 @@ scorer, score = −α‖j̃ − [j, j̄]‖² + b_pos + β·log(1 + n_user,j) + 
 δ·log(1 + m_j(t)). The index keeps each item's event count, decayed count and time beside its
 vector (as its owner computed them after its latest event), so the popularity terms of an
 item are as fresh as its vector; in the exact tier the list is the ranker's exact top k over
-every indexed item.
+every indexed item (the decayed counts taken at the batch's latest event time).
 """
 
 from __future__ import annotations
@@ -119,14 +119,12 @@ class Serving:
         count, trend, last = stats[:, 0], stats[:, 1], stats[:, 2]
         base = gamma * np.log1p(count)
 
-        def prior_at(t: float | np.ndarray) -> np.ndarray:
-            age = np.asarray(t)[..., None] - last if np.ndim(t) else t - last
-            decay = np.exp(-np.where(np.isnan(age), np.inf, np.maximum(age, 0.0)) / TREND_SECONDS)
-            return base + delta * np.log1p(trend * decay)
-
-        times = np.array([o.event.timestamp for o in outs], dtype=np.float64)
-        # The IVF tier takes one prior for the batch (its latest time) to propose from.
-        prior = prior_at(float(times.max())) if self.index.approximate else prior_at(times)
+        # One prior for the batch, at its latest event time: the decayed counts move by
+        # exp(-gap / one day) within it, and a per-event prior would be batch × all items.
+        now = max(o.event.timestamp for o in outs)
+        age = now - last
+        decay = np.exp(-np.where(np.isnan(age), np.inf, np.maximum(age, 0.0)) / TREND_SECONDS)
+        prior = base + delta * np.log1p(trend * decay)
         return {
             "scale": float(ranker.log_alpha.exp()),
             "prior": prior,

@@ -13,6 +13,12 @@ that never runs ahead:
 
 So an instance killed at any moment, or a partition moving to another instance, resumes from
 exactly the committed state; an aborted transaction's rows are never in any store.
+
+Decoded rows are kept in a size-bounded LRU per table (``cache_rows``, streams.runtime.cache):
+a row changed in the open batch is pinned until its batch is persisted, and any other row is
+a copy of what RocksDB holds, so an evicted row read again on its next use is the committed
+row — memory stays bounded however many keys the table has, and nothing changes in what it
+computes.
 """
 
 from __future__ import annotations
@@ -25,8 +31,9 @@ from pathlib import Path
 from typing import Generic, TypeVar
 
 from confluent_kafka import Consumer, KafkaError, TopicPartition
-from rocksdict import Options, Rdict, WriteBatch
+from rocksdict import BlockBasedOptions, Cache, Options, Rdict, WriteBatch
 
+from streams.runtime.cache import RowCache
 from streams.runtime.clients import KafkaConnection, committed_reader
 from streams.runtime.exceptions import RestoreError
 from streams.runtime.kafka import watermarks
@@ -39,13 +46,30 @@ _OFFSET_KEY = b"\xff\xfejodie:changelog-offset"
 
 R = TypeVar("R")  # a decoded row
 
+# RocksDB's own memory, bounded: its defaults (64 MiB memtables, two of them, per store, and a
+# block cache per store) would let a worker's eight partition stores hold about 1 GiB of
+# memtables alone. Rows are a few KiB and written once per batch; small memtables only mean
+# more, smaller flushes. One block cache per table serves all its partitions.
+_WRITE_BUFFER_BYTES = 8 << 20
+_WRITE_BUFFERS = 2
+_BLOCK_CACHE_BYTES = 32 << 20
 
-class _Partition(Generic[R]):
-    def __init__(self, path: Path) -> None:
+
+def rocksdb_options(cache: Cache) -> Options:
+    """Raw-bytes RocksDB options with bounded memtables and the given block cache."""
+    options = Options(raw_mode=True)
+    options.set_write_buffer_size(_WRITE_BUFFER_BYTES)
+    options.set_max_write_buffer_number(_WRITE_BUFFERS)
+    table = BlockBasedOptions()
+    table.set_block_cache(cache)
+    options.set_block_based_table_factory(table)
+    return options
+
+
+class _Partition:
+    def __init__(self, path: Path, cache: Cache | None = None) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        self.db = Rdict(str(path), options=Options(raw_mode=True))
-        self.rows: dict[bytes, R] = {}  # decoded rows in use (the hot set)
-        self.dirty: set[bytes] = set()
+        self.db = Rdict(str(path), options=rocksdb_options(cache or Cache(_BLOCK_CACHE_BYTES)))
 
     @property
     def offset(self) -> int:
@@ -58,7 +82,8 @@ class Table(Generic[R]):
     """A table: the partitions this instance owns, rows decoded on first use.
 
     ``decode``/``encode`` convert rows to the changelog's bytes; ``initial(key)`` gives the row
-    of a key the table has never stored.
+    of a key the table has never stored. At most ``cache_rows`` decoded rows stay in memory
+    (over all partitions), plus those changed in the open batch.
     """
 
     def __init__(
@@ -70,6 +95,7 @@ class Table(Generic[R]):
         decode: Callable[[bytes, bytes], R],
         encode: Callable[[bytes, R], bytes],
         initial: Callable[[bytes], R],
+        cache_rows: int = 100_000,
     ) -> None:
         self.conn = conn
         self.name = name
@@ -78,7 +104,10 @@ class Table(Generic[R]):
         self.decode = decode
         self.encode = encode
         self.initial = initial
-        self.partitions: dict[int, _Partition[R]] = {}
+        self.partitions: dict[int, _Partition] = {}
+        # (partition, key) → decoded row; the rows changed in the open batch are pinned.
+        self.rows: RowCache[tuple[int, bytes], R] = RowCache(cache_rows)
+        self._blocks = Cache(_BLOCK_CACHE_BYTES)  # RocksDB's, shared by the partitions
         self._reader: Consumer | None = None
 
     def _path(self, partition: int) -> Path:
@@ -90,7 +119,7 @@ class Table(Generic[R]):
         if partition in self.partitions:
             return 0
         path = self._path(partition)
-        part: _Partition[R] = _Partition(path)
+        part = _Partition(path, self._blocks)
         high = self._end(partition)
         if part.offset >= high:
             # A store ahead of its changelog belongs to a topic since deleted and re-created.
@@ -99,7 +128,7 @@ class Table(Generic[R]):
             )
             part.db.close()
             Rdict.destroy(str(path))
-            part = _Partition(path)
+            part = _Partition(path, self._blocks)
         read = self._restore(part, partition, high)
         self.partitions[partition] = part
         return read
@@ -107,6 +136,7 @@ class Table(Generic[R]):
     def revoke(self, partition: int) -> None:
         part = self.partitions.pop(partition, None)
         if part is not None:
+            self.rows.drop(lambda pk: pk[0] == partition)
             part.db.close()
 
     def close(self) -> None:
@@ -128,7 +158,7 @@ class Table(Generic[R]):
         return watermarks(reader, TopicPartition(self.changelog, partition))[1]
 
     def _restore(
-        self, part: _Partition[R], partition: int, high: int, timeout_s: float = 120.0
+        self, part: _Partition, partition: int, high: int, timeout_s: float = 120.0
     ) -> int:
         reader = self._reader_client()
         start = part.offset + 1
@@ -170,40 +200,40 @@ class Table(Generic[R]):
 
     # -- rows ---------------------------------------------------------------------------------
     def get(self, partition: int, key: bytes) -> R:
-        part = self.partitions[partition]
-        row = part.rows.get(key)
+        row = self.rows.get((partition, key))
         if row is None:
-            raw = part.db.get(key)
+            # Not cached (never used, or evicted): RocksDB holds its committed state, because
+            # a changed row stays pinned in the cache until ``persist`` wrote it there.
+            raw = self.partitions[partition].db.get(key)
             row = self.initial(key) if raw is None else self.decode(key, raw)
-            part.rows[key] = row
+            self.rows.put((partition, key), row)
         return row
 
     def forget(self) -> None:
         """Drop every row in memory (after an aborted batch): they reload from RocksDB."""
-        for part in self.partitions.values():
-            part.rows.clear()
-            part.dirty.clear()
+        self.rows.clear()
 
     def touch(self, partition: int, key: bytes) -> None:
-        """Mark a row changed in the open batch (rows are mutated in place)."""
-        self.partitions[partition].dirty.add(key)
+        """Mark a row changed in the open batch (rows are mutated in place); it stays in
+        memory until the batch is persisted."""
+        self.rows.pin((partition, key))
 
     def put(self, partition: int, key: bytes, row: R) -> None:
         """Replace a row in the open batch (for rows that are values, not mutable objects)."""
-        part = self.partitions[partition]
-        part.rows[key] = row
-        part.dirty.add(key)
+        self.rows.pin((partition, key))
+        self.rows.put((partition, key), row)
 
     def changed(self) -> list[tuple[int, bytes, bytes]]:
         """(partition, key, encoded row) of every row changed in the open batch."""
         return [
-            (p, key, self.encode(key, part.rows[key]))
-            for p, part in self.partitions.items()
-            for key in part.dirty
+            (p, key, self.encode(key, self.rows[(p, key)]))
+            for p, key in self.rows.pinned
+            if (p, key) in self.rows  # touched but never read: nothing changed
         ]
 
     def persist(self, records: list[tuple[int, bytes, bytes]], offsets: dict[int, int]) -> None:
-        """After the batch's transaction committed: write its rows and changelog offsets."""
+        """After the batch's transaction committed: write its rows and changelog offsets; the
+        rows may then be evicted (RocksDB has them)."""
         by_partition: dict[int, WriteBatch] = {}
         for p, key, value in records:
             batch = by_partition.get(p)
@@ -217,4 +247,4 @@ class Table(Generic[R]):
             if p in offsets:
                 batch.put(_OFFSET_KEY, str(offsets[p]).encode())
             part.db.write(batch)
-            part.dirty.clear()
+        self.rows.unpin_all()

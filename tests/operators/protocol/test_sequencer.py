@@ -462,3 +462,64 @@ def test_a_rejected_event_changes_no_state() -> None:
     s.offer(0, ev("b", "u", "i", 4.0, (1.0,)), len(hostile) + 1)
     (b,) = s.drain(idle={0}).sequenced
     assert (b.seq, b.prev_user_seq, b.prev_item_seq, b.prev_user_time) == (1, 0, 0, 2.0)
+
+
+# --- the bounded duplicate check ---------------------------------------------------------------
+
+
+def sequence(s: Sequencer, events: list[Interaction]) -> DrainResult:
+    for k, e in enumerate(events):
+        s.offer(0, e, k)
+    return s.drain(idle={0})
+
+
+def test_the_window_holds_only_the_latest_ids() -> None:
+    s = Sequencer(partitions=[0], n_features=0, dedup_window=3)
+    sequence(s, [ev(f"e{k}", f"u{k}", f"i{k}", float(k)) for k in range(10)])
+    assert list(s.seen) == ["e7", "e8", "e9"]
+
+
+def test_an_old_resend_of_an_entitys_latest_event_is_still_a_duplicate() -> None:
+    s = Sequencer(partitions=[0], n_features=0, dedup_window=2)
+    sequence(s, [ev("a", "u", "i", 1.0)] + [ev(f"e{k}", f"v{k}", f"j{k}", 2.0) for k in range(5)])
+    assert "a" not in s.seen  # out of the window, but still u's (and i's) latest event
+    out = sequence(s, [ev("a", "u", "i", 1.0)])
+    assert [r.reason for r in out.rejected] == ["duplicate"] and s.next_seq == 6
+
+
+def test_an_old_resend_behind_a_later_event_is_time_backwards() -> None:
+    s = Sequencer(partitions=[0], n_features=0, dedup_window=1)
+    sequence(s, [ev("a", "u", "i", 1.0), ev("b", "u", "j", 2.0), ev("c", "v", "i", 2.0)])
+    out = sequence(s, [ev("a", "u", "i", 1.0)])
+    assert [r.reason for r in out.rejected] == ["time_backwards"] and s.next_seq == 3
+
+
+def test_an_old_resend_tied_in_time_on_both_sides_is_sequenced_again() -> None:
+    # The documented cost of a bounded window: its user's and its item's latest events since
+    # have its very timestamp, so neither check can tell it from a new event.
+    s = Sequencer(partitions=[0], n_features=0, dedup_window=1)
+    sequence(s, [ev("a", "u", "i", 1.0), ev("b", "u", "j", 1.0), ev("c", "v", "i", 1.0)])
+    out = sequence(s, [ev("a", "u", "i", 1.0)])
+    assert not out.rejected and [e.seq for e in out.sequenced] == [3]
+
+
+def test_a_distinct_event_like_the_latest_one_is_not_a_duplicate() -> None:
+    s = Sequencer(partitions=[0], n_features=0, dedup_window=1)
+    sequence(s, [ev("a", "u", "i", 1.0), ev("x", "v", "j", 1.0)])
+    out = sequence(s, [ev("a2", "u", "i", 1.0)])  # same user, item and time, another id
+    assert not out.rejected and len(out.sequenced) == 1
+
+
+def test_restore_keeps_the_latest_ids_whatever_the_order() -> None:
+    source = Sequencer(partitions=[0], n_features=0)
+    done = sequence(source, [ev(f"e{k}", f"u{k % 7}", f"i{k % 5}", float(k)) for k in range(50)])
+    shuffled = sorted(done.sequenced, key=lambda e: (e.seq % 4, -e.seq))  # as partitions come
+    again = Sequencer(partitions=[0], n_features=0, dedup_window=10)
+    again.restore(shuffled)
+    assert list(again.seen) == [f"e{k}" for k in range(40, 50)]
+    assert (again.next_seq, again.last_user, again.last_item, again.watermark) == (
+        source.next_seq,
+        source.last_user,
+        source.last_item,
+        source.watermark,
+    )

@@ -95,3 +95,29 @@ def test_recommend_is_the_exact_top_k_of_the_shortlist_and_the_extras(exact_belo
     # ...and the nearest of all comes first.
     ix.upsert(["close"], queries[:1])
     assert ix.recommend(queries[:1], k, [["close"]])[0][0][0] == "close"
+
+
+@pytest.mark.parametrize("exact_below", [20_000, 1024])
+def test_blocks_of_queries_give_what_one_block_gives(exact_below: int) -> None:
+    # A block as small as a few queries (or one) against one block holding the whole batch:
+    # the same ranks and the same recommendations, with no batch × all-items scratch.
+    rng = np.random.default_rng(5)
+    ids = [f"i{n}" for n in range(3000)]
+    vectors = rng.standard_normal((3000, 16)).astype(np.float32)
+    queries = rng.standard_normal((50, 16)).astype(np.float32)
+    true_ids = [f"i{n}" for n in rng.integers(0, 3000, size=50)]
+    current = rng.standard_normal((50, 16)).astype(np.float32)
+    extra = [[f"i{n}" for n in rng.integers(0, 3000, size=5)] for _ in range(50)]
+    got = {}
+    for block_elems in (1 << 30, 3 * 3000, 1):
+        ix = TieredIndex(16, exact_below=exact_below, block_elems=block_elems)
+        ix.upsert(ids, vectors)
+        assert ix.approximate == (exact_below < 3000)
+        got[block_elems] = (ix.ranks(queries, true_ids, current), ix.recommend(queries, 10, extra))
+    whole_ranks, whole_recs = got[1 << 30]
+    for block_elems in (3 * 3000, 1):
+        ranks, recs = got[block_elems]
+        np.testing.assert_array_equal(ranks, whole_ranks)
+        for (a_ids, a_d), (b_ids, b_d) in zip(recs, whole_recs, strict=True):
+            assert a_ids == b_ids
+            np.testing.assert_allclose(a_d, b_d, rtol=1e-6)

@@ -1,0 +1,343 @@
+"""Soak: RSS of the broker, the router and the workers under a steady open-world stream.
+
+A producer thread sends --rate events/s for --minutes to `interactions` (fresh topics, a
+unique JODIE_TOPIC_PREFIX, deleted at the end), through a router and --workers workers started
+as `jodie` processes (python -m streams), on the local broker (`jodie broker up` first). The
+stream is open-world: a share --fresh of the events come from users never seen before (ids
+from a counter), the others from one of the last 50,000 users; items are drawn from
+--items ids, each of them once in a shuffled first pass and then half uniformly, half from a
+hot thousand. Timestamps are the wall clock. Every 10 s the resident set size (VmRSS, Linux
+/proc) of every process is written to OUT/rss.csv; at the end OUT/rss.png plots it, and the
+summary gives the events sent, the distinct users and items, each process's RSS at 10, 20 and
+30 minutes (for a shorter run: at a third, two thirds and the end) and its growth over the
+last two thirds — the last 20 minutes of a 30-minute run. The memory bounds (JODIE_ROW_CACHE,
+JODIE_ROUTER_ENTITIES, JODIE_DEDUP_WINDOW, JODIE_COOCCURRENCE_*, JODIE_FEED_*) are the
+settings in force, printed.
+
+Without --checkpoint the workers serve a model of random weights and no states (what is
+measured is memory, not quality); JODIE_EVALUATE_EVERY defaults to 100 here, since every
+evaluated event is ranked against all --items items.
+
+    jodie broker up
+    python benchmarks/soak.py --minutes 30 --rate 650 --workers 2 --out soak-30
+    python benchmarks/soak.py --minutes 3 --rate 200 --workers 1 --out soak-3   # a quick check
+    jodie broker down
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+from deploy.kafka.broker import BrokerConfig
+from operators.model.checkpoint import save_checkpoint
+from operators.model.config import ModelConfig, TrainConfig
+from operators.model.jodie import Jodie
+from operators.model.state import States
+from schemas import INTERACTION
+from streams.codecs import make_codec
+from streams.runtime.clients import idempotent_producer
+from streams.settings import Settings
+from streams.topics import scratch_topics
+
+SAMPLE_S = 10.0
+RECENT_USERS = 50_000
+HOT_ITEMS = 1_000
+
+
+def rss_mb(pid: int) -> float | None:
+    """Resident set size of a live process in MiB (Linux /proc), None when gone."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def random_checkpoint(out: Path) -> Path:
+    """Random weights, no states: every entity starts from the model's initial state."""
+    cfg = ModelConfig(
+        delta_user_mean=60.0, delta_user_std=120.0, delta_item_mean=10.0, delta_item_std=30.0
+    )
+    states = States.empty(
+        cfg.embedding_dim, cfg.user_static_dim, cfg.item_static_dim, cfg.history_size
+    )
+    meta = {"version": "soak-random", "log_offsets": {"events": 0}}
+    save_checkpoint(out, Jodie(cfg), states, TrainConfig(model=cfg), meta=meta)
+    return out
+
+
+class Stream:
+    """The open-world producer: a thread sending at a steady rate, counting what it sent."""
+
+    def __init__(self, settings: Settings, rate: float, fresh: float, items: int, seed: int):
+        self.settings, self.rate, self.fresh, self.items = settings, rate, fresh, items
+        self.rng = random.Random(seed)
+        self.first_pass = list(range(items))
+        self.rng.shuffle(self.first_pass)
+        self.sent = 0
+        self.users: set[int] = set()  # user numbers sent (ints: the counting costs little)
+        self.items_seen: set[int] = set()
+        self.recent: deque[int] = deque(maxlen=RECENT_USERS)
+        self.next_user = 0
+        self.error: BaseException | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="soak-producer", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=60)
+
+    def _event(self) -> tuple[int, int]:
+        if not self.recent or self.rng.random() < self.fresh:
+            user = self.next_user
+            self.next_user += 1
+            self.recent.append(user)
+        else:
+            user = self.recent[self.rng.randrange(len(self.recent))]
+        n = self.sent
+        if n < self.items:
+            item = self.first_pass[n]
+        elif self.rng.random() < 0.5:
+            item = self.rng.randrange(self.items)
+        else:
+            item = self.rng.randrange(min(HOT_ITEMS, self.items))
+        return user, item
+
+    def _run(self) -> None:
+        try:
+            topic = self.settings.topic("interactions")
+            codec = make_codec(self.settings, INTERACTION, topic)
+            producer = idempotent_producer(self.settings)
+            began = time.monotonic()
+            while not self._stop.is_set():
+                due = int((time.monotonic() - began) * self.rate)
+                while self.sent < due:
+                    user, item = self._event()
+                    record: dict[str, Any] = {
+                        "event_id": f"soak:{self.sent}",
+                        "user_id": f"u{user}",
+                        "item_id": f"i{item}",
+                        "timestamp": time.time(),
+                        "features": [],
+                        "state_label": None,
+                    }
+                    producer.produce(topic, key=f"u{user}", value=codec.encode(record))
+                    self.users.add(user)
+                    self.items_seen.add(item)
+                    self.sent += 1
+                producer.poll(0)
+                time.sleep(0.02)
+            producer.flush(30)
+        except BaseException as exc:  # reported by the main thread
+            self.error = exc
+
+
+def spawn(name: str, args: list[str], env: dict[str, str], logs: Path) -> subprocess.Popen[bytes]:
+    with (logs / f"{name}.log").open("wb") as fh:
+        return subprocess.Popen(
+            [sys.executable, "-m", "streams", *args],
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+        )
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=30)
+
+
+def metrics(port: int) -> dict[str, Any]:
+    """A worker's /metrics page (empty when it does not answer)."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+            found: dict[str, Any] = json.loads(resp.read())
+            return found
+    except (OSError, ValueError):
+        return {}
+
+
+def at(rows: list[dict[str, Any]], name: str, t_s: float) -> float | None:
+    """The process's RSS at the sample nearest to ``t_s``."""
+    found = [r for r in rows if r.get(name) is not None]
+    if not found:
+        return None
+    return float(min(found, key=lambda r: abs(r["t_s"] - t_s))[name])
+
+
+def plot(rows: list[dict[str, Any]], names: list[str], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 5))
+    for name in names:
+        pts = [(r["t_s"] / 60, r[name]) for r in rows if r.get(name) is not None]
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], label=name)
+    ax.set_xlabel("minutes")
+    ax.set_ylabel("RSS (MiB)")
+    ax.set_title(title)
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--minutes", type=float, default=30.0)
+    parser.add_argument("--rate", type=float, default=650.0, help="events/s")
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--out", type=Path, default=Path("soak-out"))
+    parser.add_argument("--checkpoint", type=Path, default=None)
+    parser.add_argument("--fresh", type=float, default=0.9, help="share of never-seen users")
+    parser.add_argument("--items", type=int, default=100_000)
+    parser.add_argument("--seed", type=int, default=7)
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix="jodie-soak-"))
+    os.environ.setdefault("JODIE_EVALUATE_EVERY", "100")
+    os.environ["JODIE_STATE_DIR"] = str(tmp / "state")
+    os.environ["JODIE_WEB_PORT"] = str(26066 + random.randrange(1000))
+    checkpoint = args.checkpoint or random_checkpoint(tmp / "checkpoint")
+    with scratch_topics("soak") as settings:
+        env = dict(os.environ)
+        bounds = {
+            k: getattr(settings, k)
+            for k in (
+                "row_cache",
+                "router_entities",
+                "dedup_window",
+                "cooccurrence_items",
+                "cooccurrence_cache",
+                "feed_warmup",
+                "feed_ahead",
+                "evaluate_every",
+            )
+        }
+        print(f"soak: {args.minutes} min at {args.rate} ev/s, {args.workers} worker(s), {bounds}")
+        broker_pid = int(BrokerConfig.from_settings(settings).pid_file.read_text().strip())
+        pids = {"broker": broker_pid}
+        procs = {"router": spawn("router", ["router", "--grace", "0.2"], env, args.out)}
+        for w in range(args.workers):
+            procs[f"worker-{w}"] = spawn(
+                f"worker-{w}",
+                ["worker", "--checkpoint", str(checkpoint), "--id", str(w)],
+                env,
+                args.out,
+            )
+        pids.update({name: p.pid for name, p in procs.items()})
+        names = list(pids)
+        stream = Stream(settings, args.rate, args.fresh, args.items, args.seed)
+        rows: list[dict[str, Any]] = []
+        began = time.monotonic()
+        end = began + args.minutes * 60
+        stream.start()
+        try:
+            while True:
+                now = time.monotonic()
+                row: dict[str, Any] = {"t_s": round(now - began, 1), "sent": stream.sent}
+                row.update({name: rss_mb(pid) for name, pid in pids.items()})
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+                for name, proc in procs.items():
+                    if proc.poll() is not None:
+                        raise RuntimeError(f"{name} exited with {proc.returncode}")
+                if stream.error is not None:
+                    raise RuntimeError(f"producer failed: {stream.error}")
+                if now >= end:
+                    break
+                time.sleep(max(0.0, min(SAMPLE_S - (time.monotonic() - now), end - now)))
+            # Whether the pipeline kept up: the workers' counts and lag at the end.
+            served = {
+                f"worker-{w}": {
+                    k: metrics(settings.web_port + w).get(k)
+                    for k in ("user_events", "lag", "events_per_s", "items_indexed")
+                }
+                for w in range(args.workers)
+            }
+        finally:
+            stream.stop()
+            for proc in procs.values():
+                stop(proc)
+        with (args.out / "rss.csv").open("w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=["t_s", "sent", *names])
+            writer.writeheader()
+            writer.writerows(rows)
+    shutil.rmtree(tmp, ignore_errors=True)  # the workers' and router's stores, the checkpoint
+    duration = rows[-1]["t_s"]
+    marks = (
+        [10 * 60, 20 * 60, 30 * 60]
+        if duration >= 30 * 60 - SAMPLE_S
+        else [
+            duration / 3,
+            2 * duration / 3,
+            duration,
+        ]
+    )
+    title = (
+        f"{duration / 60:.1f} min at {args.rate:g} ev/s: {stream.sent:,} events, "
+        f"{len(stream.users):,} users, {len(stream.items_seen):,} items"
+    )
+    plot(rows, names, args.out / "rss.png", title)
+    summary: dict[str, Any] = {
+        "duration_s": duration,
+        "rate_asked": args.rate,
+        "rate_sent": round(stream.sent / duration, 1) if duration else 0.0,
+        "events": stream.sent,
+        "distinct_users": len(stream.users),
+        "distinct_items": len(stream.items_seen),
+        "workers": args.workers,
+        "served": served,
+        "bounds": bounds,
+        "rss_mib_at_s": {},
+        "growth_last_two_thirds": {},
+    }
+    print(f"\n{title}; at the end {json.dumps(served)}")
+    print(f"{'process':<10}" + "".join(f"{f'at {m / 60:.1f} min':>14}" for m in marks) + "  growth")
+    for name in names:
+        values = [at(rows, name, m) for m in marks]
+        first, last = values[0], values[-1]
+        growth = (last - first) / first if first and last is not None else None
+        summary["rss_mib_at_s"][name] = {
+            str(round(m)): v for m, v in zip(marks, values, strict=True)
+        }
+        summary["growth_last_two_thirds"][name] = growth
+        cells = "".join(f"{v:>10.0f} MiB" if v is not None else f"{'-':>14}" for v in values)
+        print(f"{name:<10}{cells}  {growth:+.1%}" if growth is not None else f"{name:<10}{cells}")
+    (args.out / "summary.json").write_text(json.dumps(summary, indent=2))
+    print(f"\n{args.out / 'rss.csv'}, {args.out / 'rss.png'}, {args.out / 'summary.json'}")
+
+
+if __name__ == "__main__":
+    main()

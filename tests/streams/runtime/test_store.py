@@ -1,0 +1,103 @@
+"""The table's bounded rows over RocksDB: eviction, pinned rows, re-reads equal what was written.
+
+No broker: a partition's local store is opened directly, as ``Table.assign`` does once the
+changelog is read; these tests only use the rows' path (get, touch, changed, persist).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from streams.runtime.store import Table, _Partition
+from streams.settings import Settings
+
+
+def table(root: Path, cache_rows: int, partitions: int = 2) -> Table[dict[str, Any]]:
+    t: Table[dict[str, Any]] = Table(
+        Settings(),
+        "rows",
+        "rows-changelog",
+        root,
+        decode=lambda _key, raw: json.loads(raw),
+        encode=lambda _key, row: json.dumps(row).encode(),
+        initial=lambda key: {"key": key.decode(), "n": 0},
+        cache_rows=cache_rows,
+    )
+    for p in range(partitions):
+        t.partitions[p] = _Partition(root / f"rows-{p}")
+    return t
+
+
+def commit(t: Table[dict[str, Any]]) -> None:
+    """What the loop does after the batch's transaction committed."""
+    t.persist(t.changed(), {})
+
+
+def bump(t: Table[dict[str, Any]], p: int, key: bytes) -> None:
+    row = t.get(p, key)
+    t.touch(p, key)
+    row["n"] += 1
+
+
+def test_rows_are_evicted_beyond_the_bound(tmp_path: Path) -> None:
+    t = table(tmp_path, cache_rows=10)
+    for k in range(100):
+        t.get(k % 2, f"u{k}".encode())
+    assert len(t.rows) == 10 and t.rows.evictions == 90
+    t.close()
+
+
+def test_rows_changed_in_the_open_batch_stay_until_persisted(tmp_path: Path) -> None:
+    t = table(tmp_path, cache_rows=4)
+    keys = [f"u{k}".encode() for k in range(20)]
+    for k in keys:  # one batch touching five times the bound
+        bump(t, 0, k)
+    assert len(t.rows) == 20  # all pinned: nothing changed may be lost before the commit
+    changed = t.changed()
+    assert sorted(k for _p, k, _v in changed) == sorted(keys)
+    t.persist(changed, {})
+    assert len(t.rows) == 4
+    t.close()
+
+
+def test_an_evicted_row_reads_back_as_committed(tmp_path: Path) -> None:
+    t = table(tmp_path, cache_rows=3)
+    for _ in range(3):  # three batches, each changing every row once
+        for k in range(10):
+            bump(t, k % 2, f"u{k}".encode())
+        commit(t)
+    for k in range(10):  # most were evicted and come back from RocksDB
+        assert t.get(k % 2, f"u{k}".encode()) == {"key": f"u{k}", "n": 3}
+    assert t.get(0, b"never") == {"key": "never", "n": 0}
+    # The same rows with an unbounded cache: equal, row by row.
+    reference = table(tmp_path / "ref", cache_rows=1_000)
+    for _ in range(3):
+        for k in range(10):
+            bump(reference, k % 2, f"u{k}".encode())
+        commit(reference)
+    for k in range(10):
+        key = f"u{k}".encode()
+        assert t.get(k % 2, key) == reference.get(k % 2, key)
+    t.close()
+    reference.close()
+
+
+def test_an_aborted_batch_is_forgotten(tmp_path: Path) -> None:
+    t = table(tmp_path, cache_rows=2)
+    bump(t, 0, b"a")
+    commit(t)
+    bump(t, 0, b"a")  # never committed
+    t.forget()
+    assert t.get(0, b"a")["n"] == 1 and not t.rows.pinned
+    t.close()
+
+
+def test_a_revoked_partition_leaves_the_cache(tmp_path: Path) -> None:
+    t = table(tmp_path, cache_rows=10)
+    t.get(0, b"a")
+    t.get(1, b"b")
+    t.revoke(0)
+    assert list(t.rows) == [(1, b"b")]
+    t.close()

@@ -1,0 +1,73 @@
+"""The workers' feeds: the log's tail (never offset 0) into co-occurrence, bounded read-ahead."""
+
+from __future__ import annotations
+
+import time
+
+from operators.protocol.sequencer import Interaction, SequencedEvent
+from operators.retrieval.cooccurrence import CooccurrenceCandidates
+from schemas.codec import SEQUENCED_INTERACTION
+from streams.app.processor import Processor, WorkerStats
+from streams.codecs import make_codec
+from streams.feeds import Feeds
+from streams.router import to_log_record
+from streams.runtime.clients import idempotent_producer
+from streams.settings import Settings
+
+
+def write_log(settings: Settings, n: int) -> None:
+    topic = settings.topic("interactions.log")
+    codec = make_codec(settings, SEQUENCED_INTERACTION, topic)
+    producer = idempotent_producer(settings)
+    for seq in range(n):
+        event = Interaction(f"e{seq}", f"u{seq}", f"i{seq}", float(seq), (), None)
+        record = to_log_record(SequencedEvent(seq, -1, -1, None, None, event))
+        producer.produce(topic, key=f"e{seq}".encode(), value=codec.encode(record))
+    producer.flush(30)
+
+
+def observed(cooc: CooccurrenceCandidates) -> set[int]:
+    return {int(item[1:]) for item in cooc._audience}
+
+
+def poll_until(feeds: Feeds, applied_seq: int, done: object, timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not done() and time.monotonic() < deadline:  # type: ignore[operator]
+        feeds.poll(applied_seq)
+        time.sleep(0.05)
+
+
+def test_a_starting_worker_reads_only_the_logs_tail(kafka: Settings) -> None:
+    write_log(kafka, 400)
+    settings = kafka.model_copy(update={"feed_warmup": 100})
+    cooc = CooccurrenceCandidates()
+    feeds = Feeds(settings, Processor(settings, None, WorkerStats()), cooc)
+    try:
+        poll_until(feeds, 10_000, lambda: len(observed(cooc)) >= 100)
+        time.sleep(0.5)
+        feeds.poll(10_000)
+        seen = observed(cooc)
+        # The last 100 over the partitions, from each one's end: nothing from the log's start.
+        assert len(seen) == 100 and min(seen) >= 400 - 100 * kafka.partitions
+    finally:
+        feeds.close()
+
+
+def test_events_ahead_of_the_applied_seq_are_held_up_to_a_bound(kafka: Settings) -> None:
+    n = 9_000  # more than the bound and one poll's messages (5,000)
+    write_log(kafka, n)
+    # A warm-up past the log: all of it (partitions hold unequal shares of the last n).
+    settings = kafka.model_copy(update={"feed_warmup": 10 * n, "feed_ahead": 50})
+    cooc = CooccurrenceCandidates(max_items=n)
+    feeds = Feeds(settings, Processor(settings, None, WorkerStats()), cooc)
+    try:
+        poll_until(feeds, -1, lambda: feeds.held() >= 50)
+        for _ in range(20):  # stopped: no more is read while nothing is applied
+            feeds.poll(-1)
+            time.sleep(0.05)
+        assert 50 <= feeds.held() <= 50 + 5_000 and not observed(cooc)
+        # The worker catches up: everything is observed in the end, nothing skipped.
+        poll_until(feeds, n, lambda: len(observed(cooc)) == n, timeout_s=60)
+        assert observed(cooc) == set(range(n)) and feeds.held() == 0
+    finally:
+        feeds.close()
