@@ -287,36 +287,51 @@ class LiveRanks:
         stat_now = self._stat[:n]
         static = torch.from_numpy(self._static[:n])
         out = []
+        dyn_t = torch.from_numpy(dyn_now)
         for q, pred in todo:
             then, n_known = self._at(q.seq)
-            dyn, stat = dyn_now, stat_now
-            unseen: list[int] = []
-            if then:
-                dyn, stat = dyn_now.copy(), stat_now.copy()
-                for row, state in then.items():
-                    if state is None:
-                        unseen.append(row)  # first seen since the event
-                    else:
-                        dyn[row] = state[0]
-                        stat[row] = state[1:]
-            age = q.timestamp - stat[:, 2]
-            decay = np.exp(-np.where(np.isnan(age), np.inf, np.maximum(age, 0.0)) / TREND_SECONDS)
+            context = self._context(q)
             scores = self.scorer.scores(
-                pred,
-                torch.from_numpy(dyn),
-                static,
-                stat[:, 0],
-                stat[:, 1] * decay,
-                self._context(q),
+                pred, dyn_t, static, stat_now[:, 0], self._trend_at(stat_now, q), context
             )
+            unseen = [row for row, state in then.items() if state is None]
+            patched = [row for row, state in then.items() if state is not None]
+            if patched:
+                # Rows folded since the event, scored at their state then. The ranker's terms
+                # are per row (elementwise, row-wise sums), so scoring them apart gives the
+                # values a full array patched with them would.
+                rows = np.asarray(patched, dtype=np.int64)
+                states = [then[r] for r in patched]
+                sub_stat = np.array([st[1:] for st in states], dtype=np.float64)  # type: ignore[index]
+                local = {int(r): j for j, r in enumerate(patched)}
+                sub_ctx = UserContext(
+                    np.array([local.get(int(r), -1) for r in context.history], dtype=np.int64),
+                    context.counts,
+                )
+                scores[torch.from_numpy(rows)] = self.scorer.scores(
+                    pred,
+                    torch.from_numpy(np.stack([st[0] for st in states])),  # type: ignore[index]
+                    static[torch.from_numpy(rows)],
+                    sub_stat[:, 0],
+                    self._trend_at(sub_stat, q),
+                    sub_ctx,
+                )
             if unseen:
                 scores[torch.tensor(unseen, dtype=torch.long)] = -torch.inf
             true_row = self._row.get(q.item_id)
-            if true_row is None or true_row in unseen:
+            if true_row is None or (true_row in then and then[true_row] is None):
                 out.append(Ranked(q, n_known + 1, n_known))  # never seen: not retrievable
             else:
                 out.append(Ranked(q, rank_of(scores, true_row), n_known))
         return out
+
+    @staticmethod
+    def _trend_at(stat: np.ndarray, q: Query) -> np.ndarray:
+        """Decayed counts of rows ``stat`` (n, 3) brought to the event's time (the offline
+        ``EntityStore.trend_at`` arithmetic)."""
+        age = q.timestamp - stat[:, 2]
+        decay = np.exp(-np.where(np.isnan(age), np.inf, np.maximum(age, 0.0)) / TREND_SECONDS)
+        return stat[:, 1] * decay
 
     def _context(self, q: Query) -> UserContext:
         """The user's history before the event as item rows (-1 padded to the model's K)."""
