@@ -1,10 +1,10 @@
-"""`jodie broker`: the local single-node Apache Kafka (up, down, status, wait)."""
+"""`jodie broker`: the local Apache Kafka, one node or a cluster (up, down, status, wait)."""
 
 from __future__ import annotations
 
 import json
 import time
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -12,7 +12,10 @@ from jodie_errors import JodieError
 from streams.cli.common import _fail, console, out
 from streams.settings import get_settings
 
-broker_app = typer.Typer(no_args_is_help=True, help="The local single-node Apache Kafka (KRaft).")
+if TYPE_CHECKING:
+    from deploy.kafka import broker as broker_module
+
+broker_app = typer.Typer(no_args_is_help=True, help="The local Apache Kafka (KRaft).")
 
 
 @broker_app.command("up")
@@ -20,11 +23,27 @@ def broker_up(
     foreground: Annotated[
         bool, typer.Option(help="Run in this process (for Procfile/systemd).")
     ] = False,
+    nodes: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            max=9,
+            help="Nodes (default JODIE_BROKER_NODES): 3 is a cluster with replication 3 and "
+            "min.insync.replicas 2; starts whichever of its nodes do not run.",
+        ),
+    ] = None,
 ) -> None:
     """Fetch Kafka (cached), format storage once, start in the background, wait until ready."""
     from deploy.kafka import broker
 
-    cfg = broker.BrokerConfig.from_settings(get_settings())
+    settings = get_settings()
+    cfg = broker.BrokerConfig.from_settings(settings)
+    count = nodes or settings.broker_nodes
+    if count > 1:
+        if foreground:
+            raise typer.BadParameter("--foreground runs one node; a cluster runs in the background")
+        _cluster_up(cfg, count)
+        return
     began = time.monotonic()
     try:
         status, started = broker.up(cfg, foreground=foreground)
@@ -37,17 +56,34 @@ def broker_up(
     )
 
 
+def _cluster_up(cfg: broker_module.BrokerConfig, count: int) -> None:
+    from deploy.kafka import cluster
+
+    began = time.monotonic()
+    node_cfgs = cluster.node_configs(cfg, count)
+    try:
+        statuses = cluster.up(node_cfgs)
+    except JodieError as exc:
+        raise _fail(exc) from exc
+    for n, status in enumerate(statuses):
+        console.print(f"node {n}: pid {status.pid}, {status.bootstrap}, data in {status.home}")
+    console.print(
+        f"cluster of {count} nodes ready ({time.monotonic() - began:.1f} s); clients: "
+        f"JODIE_BROKER_NODES={count} (bootstrap {cluster.bootstrap(node_cfgs)})"
+    )
+
+
 @broker_app.command("down")
 def broker_down(
     purge: Annotated[
         bool, typer.Option(help="Also delete the broker's data (a clean start).")
     ] = False,
 ) -> None:
-    """Stop the local broker by its pid; nothing is left running."""
-    from deploy.kafka import broker
+    """Stop the local broker (every node of a cluster) by its pid; nothing is left running."""
+    from deploy.kafka import broker, cluster
 
-    cfg = broker.BrokerConfig.from_settings(get_settings())
-    was_running = broker.down(cfg, purge=purge)
+    nodes = cluster.known_nodes(broker.BrokerConfig.from_settings(get_settings()))
+    was_running = cluster.down(nodes, purge=purge)
     console.print(
         ("broker stopped" if was_running else "broker was not running")
         + (", data purged" if purge else "")
@@ -56,23 +92,29 @@ def broker_down(
 
 @broker_app.command("status")
 def broker_status() -> None:
-    """Say whether the local broker runs and answers metadata requests (exit 1 if not)."""
-    from deploy.kafka import broker
+    """Say whether the local broker (each node of a cluster) runs and answers metadata
+    requests (exit 1 if any does not)."""
+    from deploy.kafka import broker, cluster
 
-    status = broker.status(broker.BrokerConfig.from_settings(get_settings()))
-    out.print(
-        json.dumps(
-            {
-                "running": status.running,
-                "ready": status.ready,
-                "pid": status.pid,
-                "bootstrap": status.bootstrap,
-                "home": str(status.home),
-                "detail": status.detail,
-            }
-        )
-    )
-    if not status.ready:
+    nodes = cluster.known_nodes(broker.BrokerConfig.from_settings(get_settings()))
+    statuses = [broker.status(n) for n in nodes]
+    shown = [
+        {
+            "running": status.running,
+            "ready": status.ready,
+            "pid": status.pid,
+            "bootstrap": status.bootstrap,
+            "home": str(status.home),
+            "detail": status.detail,
+        }
+        for status in statuses
+    ]
+    ready = all(s.ready for s in statuses)
+    if len(shown) == 1:
+        out.print(json.dumps(shown[0]))
+    else:
+        out.print(json.dumps({"ready": ready, "nodes": shown}, indent=1))
+    if not ready:
         raise typer.Exit(code=1)
 
 
