@@ -233,6 +233,16 @@ class Settings(BaseSettings):
             "can hold back read_committed readers of what it wrote."
         ),
     )
+    recovery_timeout_s: float = Field(
+        120.0,
+        gt=0,
+        description=(
+            "JODIE_RECOVERY_TIMEOUT_S: how long the router and the workers keep retrying one "
+            "step of their recovery from a broker failure (a transactional call, a new "
+            "producer getting ready, the router rebuilding from interactions.log without "
+            "committing) before they stop with an error for a supervisor to restart them."
+        ),
+    )
     switch_delay_s: float = Field(
         10.0,
         description=(
