@@ -514,7 +514,6 @@ class Router:
                 ],
             )
         positions = [TopicPartition(self.source, p, o) for p, o in offsets.items()]
-        metadata = consumer.consumer_group_metadata()
-        tx.send_offsets(lambda: producer.send_offsets_to_transaction(positions, metadata, 10))
+        tx.send_offsets(positions, consumer.consumer_group_metadata())
         tx.commit()
         self.stats.transactions += 1

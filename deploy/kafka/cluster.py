@@ -247,10 +247,11 @@ def coordinator(nodes: list[broker.BrokerConfig], conn: KafkaConnection, group: 
     """Node id of ``group``'s coordinator (-1 when the group is not known yet)."""
     from streams.runtime.clients import admin
 
-    futures = admin(conn).describe_consumer_groups([group], request_timeout=10)
+    client = admin(conn)  # held until the answer: a released client never completes it
+    futures = client.describe_consumer_groups([group], request_timeout=10)
     try:
-        return int(futures[group].result().coordinator.id)
-    except Exception:  # KafkaException: no such group yet, or the cluster is settling
+        return int(futures[group].result(timeout=15).coordinator.id)
+    except Exception:  # KafkaException, TimeoutError: no such group yet, or still settling
         return -1
 
 

@@ -18,6 +18,8 @@ TRANSIENT = {
     KafkaError.NOT_COORDINATOR,
     KafkaError.COORDINATOR_NOT_AVAILABLE,
     KafkaError.COORDINATOR_LOAD_IN_PROGRESS,
+    # librdkafka's own "not in my metadata (yet)": a partition whose leader just moved.
+    KafkaError._UNKNOWN_PARTITION,
 }
 
 T = TypeVar("T")

@@ -44,7 +44,7 @@ from confluent_kafka import (
 )
 
 from streams.runtime import clients
-from streams.runtime.exceptions import TransactionError
+from streams.runtime.exceptions import RestoreError, TransactionError
 from streams.runtime.kafka import retry_transient, take
 from streams.runtime.store import Table
 from streams.runtime.transactions import Transactions
@@ -313,7 +313,20 @@ class TransactionalLoop(Generic[B]):
     def _resume_from_commits(self, consumer: Consumer) -> None:
         """After a new producer settled the old one's last transaction (committed or aborted,
         we cannot tell which): the tables catch up with their changelogs and the positions
-        move to the group's committed offsets, as on a restart."""
+        move to the group's committed offsets, as on a restart. Retried while the cluster
+        settles (a partition without a leader yet), for at most the recovery timeout."""
+        deadline = time.monotonic() + self.config.recovery_timeout_s
+        while True:
+            try:
+                self._resume_once(consumer)
+                return
+            except (KafkaException, RestoreError) as exc:
+                if time.monotonic() > deadline:
+                    raise TransactionError(f"{self.config.name}: cannot resume: {exc}") from exc
+                self.log.warning("%s: resuming: %s; retrying", self.config.name, exc)
+                time.sleep(1.0)
+
+    def _resume_once(self, consumer: Consumer) -> None:
         assignment = consumer.assignment()
         tables = self.app.tables
         for tp in assignment:
@@ -391,8 +404,7 @@ class TransactionalLoop(Generic[B]):
                 )
         producer.flush(60)  # serves the delivery reports: the changelog offsets reached
         offsets = [TopicPartition(t, p, o) for (t, p), o in positions.items()]
-        metadata = consumer.consumer_group_metadata()
-        tx.send_offsets(lambda: producer.send_offsets_to_transaction(offsets, metadata, 10))
+        tx.send_offsets(offsets, consumer.consumer_group_metadata())
         tx.commit()
         self.stats.transactions += 1
         for table, rows in changed:

@@ -36,7 +36,7 @@ from collections.abc import Callable
 from functools import partial
 from typing import Literal, TypeVar
 
-from confluent_kafka import KafkaError, KafkaException, Producer
+from confluent_kafka import KafkaError, KafkaException, Producer, TopicPartition
 
 from streams.runtime.exceptions import FencedError, TransactionError
 from streams.runtime.kafka import TRANSIENT
@@ -45,9 +45,9 @@ T = TypeVar("T")
 
 _FENCED = (KafkaError._FENCED, KafkaError.PRODUCER_FENCED)
 #: Seconds one transactional call may block before it is retried (and the wait is logged).
-CALL_TIMEOUT_S = 10.0
+CALL_TIMEOUT_S = 5.0
 #: How long past its own timeout a call may go on before it is taken for hung.
-WATCHDOG_GRACE_S = 5.0
+WATCHDOG_GRACE_S = 3.0
 
 
 def error_of(exc: KafkaException) -> KafkaError | None:
@@ -135,10 +135,13 @@ class Transactions:
                 time.sleep(backoff)
                 backoff = min(2 * backoff, 2.0)
 
-    def send_offsets(self, fn: Callable[[], None]) -> None:
-        """``send_offsets_to_transaction``: any failure replaces the producer (see above)."""
+    def send_offsets(self, offsets: list[TopicPartition], group: object) -> None:
+        """``send_offsets_to_transaction`` (``group``: the consumer's group metadata); any
+        failure replaces the producer (see above)."""
+        producer = self.producer
+        send = partial(producer.send_offsets_to_transaction, offsets, group, CALL_TIMEOUT_S)
         try:
-            self.call(fn, "send offsets", retry=False)
+            self.call(send, "send offsets", retry=False)
         except KafkaException as exc:
             error = error_of(exc)
             if error is not None and (error.txn_requires_abort() or error.fatal()):
