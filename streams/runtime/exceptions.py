@@ -17,3 +17,10 @@ class FencedError(StreamRuntimeError):
 
 class TransactionError(StreamRuntimeError):
     """A transaction failed for good; restart the instance (it resumes from its last commit)."""
+
+
+class InputGapError(StreamRuntimeError):
+    """Input this group never processed is gone (retention deleted it, or the group's committed
+    offsets expired while its tables kept state), so its state cannot be made exact by
+    resuming; rebuild it from the source of truth (for JODIE: a version replayed from
+    interactions.log, see the README), or raise the input topics' retention."""

@@ -17,6 +17,12 @@ with the same transactional id, and the instance rewinds to what is committed â€
 restored from their changelogs, the positions from the group's committed offsets â€” exactly
 as a restarted instance would. Each step is bounded by ``LoopConfig.recovery_timeout_s``.
 
+An instance away longer than its inputs' retention would resume past records it never
+processed, and one whose group's committed offsets expired would re-apply retained records on
+top of its restored tables: either way the tables would silently diverge. On every assignment
+the loop compares the committed offsets with the partitions' first offsets (and, where none
+is committed, the table's changelog with emptiness) and stops with ``InputGapError`` instead.
+
 The application (``Application``) knows nothing of Kafka beyond topic names: it reads
 ``Record``s and returns ``Output``s, and keeps its state in the ``Table``s it declares, each
 co-partitioned with one input topic (table partition p goes with input partition p).
@@ -44,8 +50,8 @@ from confluent_kafka import (
 )
 
 from streams.runtime import clients
-from streams.runtime.exceptions import RestoreError, TransactionError
-from streams.runtime.kafka import retry_transient, take
+from streams.runtime.exceptions import InputGapError, RestoreError, TransactionError
+from streams.runtime.kafka import retry_transient, take, watermarks
 from streams.runtime.store import Table
 from streams.runtime.transactions import Transactions
 
@@ -164,6 +170,7 @@ class TransactionalLoop(Generic[B]):
         self.stats = LoopStats()
         self._stop = threading.Event()
         self._changelog_offsets: dict[tuple[str, int], int] = {}
+        self._gap: InputGapError | None = None  # found in a rebalance callback, raised after
 
     def stop(self) -> None:
         self._stop.set()
@@ -208,9 +215,12 @@ class TransactionalLoop(Generic[B]):
 
         return consumer, Transactions(producer, c.name, self.log, c.recovery_timeout_s)
 
-    def _on_assign(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
+    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         began = time.monotonic()
         tables = self.app.tables
+        self._gap = self._gap or self._input_gap(consumer, partitions)
+        if self._gap is not None:
+            return  # nothing restored or processed: the loop stops with the error
         for tp in partitions:
             table = tables.get(tp.topic)
             if table is not None:
@@ -222,6 +232,33 @@ class TransactionalLoop(Generic[B]):
             time.monotonic() - began,
         )
         self.app.on_assign([(tp.topic, tp.partition) for tp in partitions])
+
+    def _input_gap(
+        self, consumer: Consumer, partitions: list[TopicPartition]
+    ) -> InputGapError | None:
+        """What of ``partitions``' input was lost unprocessed, if anything (see above)."""
+        committed = retry_transient(
+            lambda: consumer.committed(partitions, timeout=10), self.config.recovery_timeout_s
+        )
+        tables = self.app.tables
+        for tp in committed:
+            low, _high = watermarks(consumer, TopicPartition(tp.topic, tp.partition))
+            if tp.offset >= 0 and tp.offset < low:
+                return InputGapError(
+                    f"{tp.topic}[{tp.partition}]: committed offset {tp.offset} but the first "
+                    f"record left is at {low}: {low - tp.offset} records were deleted "
+                    f"(retention) before this group processed them. {_GAP_ADVICE}"
+                )
+            table = tables.get(tp.topic)
+            if tp.offset < 0 and table is not None:
+                clow, chigh = watermarks(consumer, TopicPartition(table.changelog, tp.partition))
+                if chigh > clow:
+                    return InputGapError(
+                        f"{tp.topic}[{tp.partition}]: no committed offset, yet "
+                        f"{table.changelog}[{tp.partition}] holds state: the group's offsets "
+                        f"expired (offsets.retention.minutes) while it was away. {_GAP_ADVICE}"
+                    )
+        return None
 
     def _on_revoke(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
         # Called inside poll/consume, never with a transaction open: nothing to flush.
@@ -260,6 +297,8 @@ class TransactionalLoop(Generic[B]):
                     break
                 self.app.poll()
                 messages = take(consumer, c.batch, c.poll_timeout_s)
+                if self._gap is not None:
+                    raise self._gap
                 if messages:
                     self._batch(consumer, tx, messages)
                 else:
@@ -412,6 +451,12 @@ class TransactionalLoop(Generic[B]):
                 p: o for (t, p), o in self._changelog_offsets.items() if t == table.changelog
             }
             table.persist(rows, reached)
+
+
+_GAP_ADVICE = (
+    "Resuming would make the tables diverge silently, so this instance stops: rebuild the "
+    "state from the source of truth, or keep the inputs longer than any outage"
+)
 
 
 def _lag(consumer: Consumer) -> int:
