@@ -3,8 +3,9 @@
 A local broker of its own (--port; with --nodes 3 a three-node cluster, see `jodie broker up
 --nodes`), the router and one worker as processes (as an operator runs them), --events rows of
 the bundled Wikipedia file after the checkpoint's produced at --rate events/s. --kill-at
-seconds in, one broker is killed with SIGKILL (with --nodes 3: node --victim), kept down
---down seconds and started again as `jodie broker up` does. A read_committed consumer follows
+seconds in, one broker is killed with SIGKILL (with --nodes 3: node --victim, by default the
+workers' group coordinator), kept down --down seconds and started again as `jodie broker up`
+does. A read_committed consumer follows
 `recommendations` throughout. Prints:
 
 - restart: how long the restarted broker took to answer metadata requests;
@@ -15,7 +16,7 @@ seconds in, one broker is killed with SIGKILL (with --nodes 3: node --victim), k
   both are 0.
 
     python benchmarks/broker_failure.py --checkpoint CKPT [--nodes 1|3] [--events 6000]
-        [--rate 300] [--kill-at 8] [--down 3] [--victim N]
+        [--rate 300] [--kill-at 8] [--down 3] [--victim N] [--grace S]
 
 CKPT: any checkpoint whose states end at a row of the bundled file, e.g. the tests' small one
 (tests/streams/harness.py `make_checkpoint`).
@@ -122,6 +123,13 @@ def main() -> None:
     parser.add_argument("--victim", type=int, default=None, help="node to kill (--nodes 3)")
     parser.add_argument("--port", type=int, default=59092, help="client port of (first) node")
     parser.add_argument("--timeout", type=float, default=600.0)
+    parser.add_argument(
+        "--grace",
+        type=float,
+        default=None,
+        help="router's --grace; default 0.2 on one node, 8 on a cluster, where it must "
+        "outlast a leader failover (else delayed events are rejected as time_backwards)",
+    )
     args = parser.parse_args()
 
     scratch = Path(tempfile.mkdtemp(prefix="jodie-broker-failure-"))
@@ -149,7 +157,8 @@ def main() -> None:
             follower = Follower(topics)
             follow = threading.Thread(target=follower.run, daemon=True)
             follow.start()
-            procs.append(_start(["router", "--grace", "0.2"], scratch / "router.log"))
+            grace = args.grace if args.grace is not None else (0.2 if args.nodes == 1 else 8.0)
+            procs.append(_start(["router", "--grace", str(grace)], scratch / "router.log"))
             procs.append(
                 _start(
                     ["worker", "--checkpoint", str(args.checkpoint), "--id", "0"],
