@@ -800,7 +800,7 @@ class Bench:
         specs = declared_topics(self.settings)
         failed = True
         try:
-            apply_topics(client, specs, self.settings.replication_factor)
+            apply_topics(client, specs, self.settings.replication)
             if self.args.mode == "throughput":
                 self.throughput()
             else:

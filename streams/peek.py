@@ -84,15 +84,21 @@ class Bounded:
 
 
 def read_all(
-    settings: Settings, topic: str, limit: int | None = None, idle_timeout_s: float = 5.0
+    settings: Settings,
+    topic: str,
+    limit: int | None = None,
+    idle_timeout_s: float = 5.0,
+    complete: bool = False,
 ) -> Iterator[tuple[bytes | None, bytes, int, int]]:
     """Yield (key, value, partition, offset) from the start of every partition to its end.
 
     Stops when every partition reached the end it had when reading began (read_committed,
     so aborted transactions are never seen), after ``limit`` messages, or after
-    ``idle_timeout_s`` without any message — never waits forever.
+    ``idle_timeout_s`` without any message — never waits forever. ``complete``: stopping
+    for the idle timeout before the end (a broker slow to answer) is a ``ReadError``, for
+    readers that rebuild state from the whole topic.
     """
-    for msg in _messages(settings, topic, limit, idle_timeout_s):
+    for msg in _messages(settings, topic, limit, idle_timeout_s, complete):
         value = msg.value()
         if value is not None:
             yield msg.key(), value, msg.partition() or 0, msg.offset() or 0
@@ -114,7 +120,11 @@ def read_with_headers(
 
 
 def _messages(
-    settings: Settings, topic: str, limit: int | None, idle_timeout_s: float
+    settings: Settings,
+    topic: str,
+    limit: int | None,
+    idle_timeout_s: float,
+    complete: bool = False,
 ) -> Iterator[Message]:
     consumer = committed_reader(settings, group_id=f"jodie-inspect-{uuid.uuid4().hex[:8]}")
     try:
@@ -123,6 +133,11 @@ def _messages(
         while bounded.pending and (limit is None or seen < limit):
             messages = bounded.take(1 if limit is not None else 1000, idle_timeout_s)
             if messages is None:
+                if complete:
+                    raise ReadError(
+                        f"reading {topic}: partitions {sorted(bounded.pending)} not at their "
+                        f"end after {idle_timeout_s} s without a message"
+                    )
                 break
             for msg in messages:
                 seen += 1

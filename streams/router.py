@@ -18,6 +18,13 @@ Kafka transaction, and the sequencer's state is rebuilt from interactions.log on
 router killed at any moment and restarted writes every event once (as read_committed
 consumers see it) with the same sequence numbers. A second router with the same
 transactional id fences the first: there is one active router per pipeline by construction.
+
+A broker failure does not stop it: transactional calls that may be repeated are, with
+backoff (a coordinator still loading its log after a restart answers "load in progress" for
+seconds); a transaction that cannot commit makes the router start over in-process exactly as
+a restarted one would — new clients, whose ``init_transactions`` settles the old transaction,
+the sequencer rebuilt from the log, the committed input offsets — for as long as
+``JODIE_RECOVERY_TIMEOUT_S`` passes with a commit.
 """
 
 from __future__ import annotations
@@ -30,7 +37,14 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Producer, TopicPartition
+from confluent_kafka import (
+    OFFSET_BEGINNING,
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Producer,
+    TopicPartition,
+)
 
 from operators.model.exceptions import CheckpointError
 from operators.protocol.sequencer import (
@@ -46,12 +60,14 @@ from schemas.codec import INBOX_MESSAGE, Codec
 from streams.app.epochs import UNSTAMPED, Epoch, epoch_of
 from streams.bounds import limits_of, model_features
 from streams.codecs import make_codec
-from streams.exceptions import RegistryError
+from streams.exceptions import ReadError, RegistryError
 from streams.peek import read_all
 from streams.records import inbox_event
 from streams.runtime.clients import committed_reader, transactional_producer
+from streams.runtime.exceptions import TransactionError
 from streams.runtime.kafka import retry_transient, take, watermarks
 from streams.runtime.spill import SpillMap
+from streams.runtime.transactions import Transactions
 from streams.settings import Settings
 from streams.switch import ServingWatch
 from streams.topics import app_id
@@ -96,6 +112,7 @@ class RouterStats:
     rejected_by_reason: dict[str, int] = field(default_factory=dict)
     duplicates: int = 0  # of the rejected, those re-sending an event id already sequenced
     transactions: int = 0
+    restarts: int = 0  # times it started over in-process after a broker failure
     switches: list[dict[str, Any]] = field(default_factory=list)
     refused: list[str] = field(default_factory=list)  # promoted versions that could not start
 
@@ -173,7 +190,9 @@ def _read_log(settings: Settings, codec: Codec | None = None) -> tuple[list[Sequ
     topic = settings.topic("interactions.log")
     codec = codec or make_codec(settings, SEQUENCED_INTERACTION, topic)
     events, last = [], (-1, UNSTAMPED)
-    for _k, value, _p, _o in read_all(settings, topic):
+    # All of it or an error: a sequencer restored from part of the log would number anew
+    # events that already have seqs.
+    for _k, value, _p, _o in read_all(settings, topic, complete=True):
         record = codec.decode(value)
         events.append(from_log_record(record))
         if events[-1].seq > last[0]:
@@ -220,7 +239,7 @@ class Router:
         self._behind_since: dict[int, float] = {}
         self._maps: list[SpillMap[Last]] = []
 
-    def _clients(self) -> tuple[Consumer, Producer]:
+    def _clients(self) -> tuple[Consumer, Transactions]:
         prefix = self.settings.topic_prefix
         consumer = committed_reader(
             self.settings,
@@ -228,10 +247,13 @@ class Router:
             logger=_log,
             **{"client.id": f"jodie-router-{uuid.uuid4().hex[:6]}"},
         )
-        producer = transactional_producer(
-            self.settings, f"{prefix}jodie-router", logger=_log, **{"linger.ms": 5}
-        )
-        return consumer, producer
+
+        def producer() -> Producer:
+            return transactional_producer(
+                self.settings, f"{prefix}jodie-router", logger=_log, **{"linger.ms": 5}
+            )
+
+        return consumer, Transactions(producer, "router", _log, self.settings.recovery_timeout_s)
 
     def run(
         self,
@@ -239,17 +261,50 @@ class Router:
         max_seconds: float | None = None,
         on_ready: Callable[[], None] | None = None,
     ) -> RouterStats:
-        consumer, producer = self._clients()
+        began = time.monotonic()
+        failing_since: float | None = None
+        backoff = 0.5
+        while True:
+            committed = self.stats.transactions
+            spent = time.monotonic() - began
+            left = None if max_seconds is None else max(0.0, max_seconds - spent)
+            try:
+                self._run_once(until_idle_s, left, on_ready)
+                return self.stats
+            except (KafkaException, ReadError) as exc:
+                # A broker failed under a transaction (or a call outlived its retries): start
+                # over as a restarted router would. Stop only once starting over has kept
+                # failing, without a single commit, for the recovery timeout.
+                now = time.monotonic()
+                if failing_since is None or self.stats.transactions != committed:
+                    failing_since, backoff = now, 0.5
+                elif now - failing_since > self.settings.recovery_timeout_s:
+                    raise TransactionError(f"router: no commit since the failure: {exc}") from exc
+                _log.warning("router: %s; starting over from interactions.log", exc)
+                self.stats.restarts += 1
+                on_ready = None
+                time.sleep(backoff)
+                backoff = min(2 * backoff, 5.0)
+
+    def _run_once(
+        self,
+        until_idle_s: float | None,
+        max_seconds: float | None,
+        on_ready: Callable[[], None] | None,
+    ) -> None:
+        consumer, tx = self._clients()
         # Fences any older router with the same transactional id and aborts its open
         # transaction, so what it wrote but did not commit is never seen.
-        producer.init_transactions(30)
+        tx.start()
         # End offsets are asked on a connection of their own: on the main consumer's they
         # queue behind a fetch waiting for data (measured ~430 ms each).
         self._probe = committed_reader(
             self.settings, group_id=f"jodie-router-probe-{uuid.uuid4().hex[:8]}"
         )
+        self._pending = None
+        self._behind_since = {}
         try:
-            self._loop(consumer, producer, until_idle_s, max_seconds, on_ready)
+            self._loop(consumer, tx, until_idle_s, max_seconds, on_ready)
         finally:
             consumer.close()
             self._probe.close()
@@ -258,12 +313,12 @@ class Router:
             self._maps = []
             if self._watch is not None:
                 self._watch.close()
-        return self.stats
+                self._watch = None
 
     def _loop(
         self,
         consumer: Consumer,
-        producer: Producer,
+        tx: Transactions,
         until_idle_s: float | None,
         max_seconds: float | None,
         on_ready: Callable[[], None] | None,
@@ -334,7 +389,11 @@ class Router:
                     if err.code() == KafkaError._PARTITION_EOF:
                         at_end[p] = True
                         continue
-                    raise RuntimeError(f"router consumer: {err}")
+                    if err.fatal():
+                        raise RuntimeError(f"router consumer: {err}")
+                    # The broker is away or a partition moves: librdkafka reconnects itself.
+                    _log.warning("router: consumer: %s", err)
+                    continue
                 at_end[p] = False
                 last_message[p] = now
                 self._behind_since.pop(p, None)
@@ -349,7 +408,7 @@ class Router:
             result = sequencer.drain(idle)
             offsets = sequencer.committable(next_offsets)
             if result.sequenced or result.rejected:
-                self._commit(producer, consumer, result.sequenced, result.rejected, offsets, raw)
+                self._commit(tx, consumer, result.sequenced, result.rejected, offsets, raw)
                 for key in [k for k in raw if k[1] < offsets.get(k[0], 0)]:
                     del raw[key]
                 self.stats.sequenced += len(result.sequenced)
@@ -465,13 +524,14 @@ class Router:
 
     def _commit(
         self,
-        producer: Producer,
+        tx: Transactions,
         consumer: Consumer,
         sequenced: list[SequencedEvent],
         rejected: list[Rejected],
         offsets: dict[int, int],
         originals: dict[tuple[int, int], tuple[bytes | None, bytes]],
     ) -> None:
+        producer = tx.producer
         producer.begin_transaction()
         version, since = self._stamp(sequenced[0].seq) if sequenced else self.epoch
         stamp = {"model_version": version, "model_since": since}
@@ -509,6 +569,6 @@ class Router:
                 ],
             )
         positions = [TopicPartition(self.source, p, o) for p, o in offsets.items()]
-        producer.send_offsets_to_transaction(positions, consumer.consumer_group_metadata(), 30)
-        producer.commit_transaction(30)
+        tx.send_offsets(positions, consumer.consumer_group_metadata())
+        tx.commit()
         self.stats.transactions += 1

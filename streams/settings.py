@@ -12,6 +12,10 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from streams.exceptions import SettingsError
 
+#: Node n of a local cluster (`jodie broker up --nodes N`) listens on the configured client and
+#: controller ports plus n times this, so each node's pair stays next to its number.
+NODE_PORT_STEP = 10
+
 
 def _default_cache() -> Path:
     return Path.home() / ".cache" / "jodie"
@@ -81,6 +85,17 @@ class Settings(BaseSettings):
     controller_port: int = Field(
         9093, description="JODIE_CONTROLLER_PORT: the local KRaft controller's port."
     )
+    broker_nodes: int = Field(
+        1,
+        ge=1,
+        le=9,
+        description=(
+            "JODIE_BROKER_NODES: nodes of the local Kafka (`jodie broker up --nodes` overrides "
+            "it for that command): 1, or a cluster of combined broker+controller nodes, node n "
+            "on JODIE_BROKER_PORT + 10n and JODIE_CONTROLLER_PORT + 10n. Clients then "
+            "bootstrap from every node, so one node down does not keep a process from starting."
+        ),
+    )
     broker_heap: str = Field(
         "768m", description="JODIE_BROKER_HEAP: JVM heap of the local broker (-Xmx and -Xms)."
     )
@@ -106,8 +121,13 @@ class Settings(BaseSettings):
     partitions: int = Field(
         4, description="JODIE_PARTITIONS: partitions of the keyed topics (sets worker parallelism)."
     )
-    replication_factor: int = Field(
-        1, description="JODIE_REPLICATION_FACTOR: replicas per partition (1 for the local broker)."
+    replication_factor: int | None = Field(
+        None,
+        ge=1,
+        description=(
+            "JODIE_REPLICATION_FACTOR: replicas per partition of the topics `jodie topics apply` "
+            "creates; default: JODIE_BROKER_NODES, at most 3 (1 for the single local broker)."
+        ),
     )
 
     # --- producing ----------------------------------------------------------------------------
@@ -249,6 +269,16 @@ class Settings(BaseSettings):
             "can hold back read_committed readers of what it wrote."
         ),
     )
+    recovery_timeout_s: float = Field(
+        120.0,
+        gt=0,
+        description=(
+            "JODIE_RECOVERY_TIMEOUT_S: how long the router and the workers keep retrying one "
+            "step of their recovery from a broker failure (a transactional call, a new "
+            "producer getting ready, the router rebuilding from interactions.log without "
+            "committing) before they stop with an error for a supervisor to restart them."
+        ),
+    )
     switch_delay_s: float = Field(
         10.0,
         description=(
@@ -344,7 +374,27 @@ class Settings(BaseSettings):
 
     @property
     def bootstrap_servers(self) -> str:
-        return self.bootstrap or f"127.0.0.1:{self.broker_port}"
+        if self.bootstrap:
+            return self.bootstrap
+        return ",".join(f"127.0.0.1:{port}" for port, _controller in self.local_node_ports())
+
+    def local_node_ports(self) -> list[tuple[int, int]]:
+        """(client port, controller port) of each node of the local Kafka."""
+        return [
+            (self.broker_port + NODE_PORT_STEP * n, self.controller_port + NODE_PORT_STEP * n)
+            for n in range(self.broker_nodes)
+        ]
+
+    @property
+    def replication(self) -> int:
+        """Replicas per partition of the declared topics."""
+        return self.replication_factor or min(3, self.broker_nodes)
+
+    @property
+    def min_insync_replicas(self) -> int:
+        """Replicas an acks=all write must reach: 2 from three replicas on (a write survives
+        the loss of any one node, and one node down stops nothing), else 1."""
+        return 2 if self.replication >= 3 else 1
 
     def topic(self, name: str) -> str:
         """The full name of a logical topic (``interactions`` → ``<prefix>interactions``)."""

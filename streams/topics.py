@@ -31,9 +31,14 @@ def declared_topics(settings: Settings) -> list[TopicSpec]:
 
 
 def apply_topics(
-    client: AdminClient, specs: list[TopicSpec], replication: int, timeout_s: float = 30.0
+    client: AdminClient,
+    specs: list[TopicSpec],
+    replication: int,
+    timeout_s: float = 30.0,
+    min_insync: int = 1,
 ) -> list[TopicReport]:
-    """Create missing topics; compare existing ones (partitions, configs) with the spec.
+    """Create missing topics with ``replication`` replicas (acks=all writes needing
+    ``min_insync`` of them); compare existing ones (partitions, replicas, configs) with the spec.
 
     Drift is reported, never "fixed" silently: changing the partition count of a keyed topic
     moves keys to other partitions and breaks the co-partitioning the workers rely on.
@@ -41,6 +46,8 @@ def apply_topics(
     existing = client.list_topics(timeout=timeout_s).topics
     missing = [s for s in specs if s.name not in existing]
     reports: dict[str, TopicReport] = {}
+    # Set on the topic, not left to the brokers' default, so the guarantee travels with it.
+    durability = {"min.insync.replicas": str(min_insync)} if replication > 1 else {}
     if missing:
         futures = client.create_topics(
             [
@@ -48,7 +55,7 @@ def apply_topics(
                     s.name,
                     num_partitions=s.partitions,
                     replication_factor=replication,
-                    config=s.configs(),
+                    config={**s.configs(), **durability},
                 )
                 for s in missing
             ],
@@ -72,6 +79,9 @@ def apply_topics(
             actual_partitions = len(metadata[spec.name].partitions)
             if actual_partitions != spec.partitions:
                 drift.append(f"partitions {actual_partitions} != {spec.partitions}")
+            replicas = {len(p.replicas) for p in metadata[spec.name].partitions.values()}
+            if replicas != {replication}:
+                drift.append(f"replicas {','.join(map(str, sorted(replicas)))} != {replication}")
             configs = by_name[spec.name]
             for key, want in spec.configs().items():
                 have = configs[key].value if key in configs else None
@@ -141,7 +151,7 @@ def scratch_topics(stem: str) -> Iterator[Settings]:
         settings = Settings()
         client = admin(settings)
         specs = declared_topics(settings)
-        apply_topics(client, specs, settings.replication_factor)
+        apply_topics(client, specs, settings.replication, min_insync=settings.min_insync_replicas)
         try:
             yield settings
         finally:

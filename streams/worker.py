@@ -116,6 +116,7 @@ class Worker(Application[list[Decoded]]):
                 poll_timeout_s=settings.commit_interval_s,
                 session_timeout_ms=settings.worker_session_timeout_ms,
                 transaction_timeout_ms=settings.worker_transaction_timeout_ms,
+                recovery_timeout_s=settings.recovery_timeout_s,
             ),
             self,
             _log,

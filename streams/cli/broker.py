@@ -1,4 +1,4 @@
-"""`jodie broker`: the local single-node Apache Kafka (up, down, status, wait)."""
+"""`jodie broker`: the local Apache Kafka, one node or a cluster (up, down, status, wait)."""
 
 from __future__ import annotations
 
@@ -15,9 +15,10 @@ from streams.settings import get_settings
 
 if TYPE_CHECKING:
     from deploy.kafka import broker
+    from deploy.kafka import broker as broker_module
     from streams.settings import Settings
 
-broker_app = typer.Typer(no_args_is_help=True, help="The local single-node Apache Kafka (KRaft).")
+broker_app = typer.Typer(no_args_is_help=True, help="The local Apache Kafka (KRaft).")
 
 
 @broker_app.command("up")
@@ -32,6 +33,15 @@ def broker_up(
             help="TLS, SCRAM users per role and ACLs (default: JODIE_BROKER_SECURE, off).",
         ),
     ] = None,
+    nodes: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            max=9,
+            help="Nodes (default JODIE_BROKER_NODES): 3 is a cluster with replication 3 and "
+            "min.insync.replicas 2; starts whichever of its nodes do not run.",
+        ),
+    ] = None,
 ) -> None:
     """Fetch Kafka (cached), format storage once, start in the background, wait until ready."""
     from deploy.kafka import broker
@@ -43,6 +53,15 @@ def broker_up(
     if cfg.secure and foreground:
         # The ACLs are created once the broker answers, which a foreground start never returns to.
         raise _fail(JodieError("--secure starts in the background; drop --foreground"))
+    count = nodes or settings.broker_nodes
+    if count > 1:
+        if foreground:
+            raise typer.BadParameter("--foreground runs one node; a cluster runs in the background")
+        if cfg.secure:
+            # Each node would need its own certificate and the ACLs once for the cluster.
+            raise _fail(JodieError("--secure runs one node; drop --nodes"))
+        _cluster_up(cfg, count)
+        return
     began = time.monotonic()
     try:
         status, started = broker.up(cfg, foreground=foreground)
@@ -78,17 +97,34 @@ def _secure_up(cfg: broker.BrokerConfig, settings: Settings) -> None:
     )
 
 
+def _cluster_up(cfg: broker_module.BrokerConfig, count: int) -> None:
+    from deploy.kafka import cluster
+
+    began = time.monotonic()
+    node_cfgs = cluster.node_configs(cfg, count)
+    try:
+        statuses = cluster.up(node_cfgs)
+    except JodieError as exc:
+        raise _fail(exc) from exc
+    for n, status in enumerate(statuses):
+        console.print(f"node {n}: pid {status.pid}, {status.bootstrap}, data in {status.home}")
+    console.print(
+        f"cluster of {count} nodes ready ({time.monotonic() - began:.1f} s); clients: "
+        f"JODIE_BROKER_NODES={count} (bootstrap {cluster.bootstrap(node_cfgs)})"
+    )
+
+
 @broker_app.command("down")
 def broker_down(
     purge: Annotated[
         bool, typer.Option(help="Also delete the broker's data (a clean start).")
     ] = False,
 ) -> None:
-    """Stop the local broker by its pid; nothing is left running."""
-    from deploy.kafka import broker
+    """Stop the local broker (every node of a cluster) by its pid; nothing is left running."""
+    from deploy.kafka import broker, cluster
 
-    cfg = broker.BrokerConfig.from_settings(get_settings())
-    was_running = broker.down(cfg, purge=purge)
+    nodes = cluster.known_nodes(broker.BrokerConfig.from_settings(get_settings()))
+    was_running = cluster.down(nodes, purge=purge)
     console.print(
         ("broker stopped" if was_running else "broker was not running")
         + (", data purged" if purge else "")
@@ -97,23 +133,29 @@ def broker_down(
 
 @broker_app.command("status")
 def broker_status() -> None:
-    """Say whether the local broker runs and answers metadata requests (exit 1 if not)."""
-    from deploy.kafka import broker
+    """Say whether the local broker (each node of a cluster) runs and answers metadata
+    requests (exit 1 if any does not)."""
+    from deploy.kafka import broker, cluster
 
-    status = broker.status(broker.BrokerConfig.from_settings(get_settings()))
-    out.print(
-        json.dumps(
-            {
-                "running": status.running,
-                "ready": status.ready,
-                "pid": status.pid,
-                "bootstrap": status.bootstrap,
-                "home": str(status.home),
-                "detail": status.detail,
-            }
-        )
-    )
-    if not status.ready:
+    nodes = cluster.known_nodes(broker.BrokerConfig.from_settings(get_settings()))
+    statuses = [broker.status(n) for n in nodes]
+    shown = [
+        {
+            "running": status.running,
+            "ready": status.ready,
+            "pid": status.pid,
+            "bootstrap": status.bootstrap,
+            "home": str(status.home),
+            "detail": status.detail,
+        }
+        for status in statuses
+    ]
+    ready = all(s.ready for s in statuses)
+    if len(shown) == 1:
+        out.print(json.dumps(shown[0]))
+    else:
+        out.print(json.dumps({"ready": ready, "nodes": shown}, indent=1))
+    if not ready:
         raise typer.Exit(code=1)
 
 

@@ -9,7 +9,7 @@ from typing import Annotated, Any
 
 import typer
 
-from streams.cli.common import ModelName, _registry_call, console, out
+from streams.cli.common import ModelName, _fail, _registry_call, console, out
 from streams.settings import get_settings
 
 
@@ -100,11 +100,15 @@ def worker(
     loglevel: Annotated[str, typer.Option(help="critical|error|warning|info|debug")] = "info",
 ) -> None:
     """A streaming worker: user and item sides, RocksDB tables, recommendations, exactly once."""
+    from jodie_errors import JodieError
     from streams.worker import run_worker
 
     if (checkpoint is None) == (model is None):
         raise typer.BadParameter("give exactly one of --checkpoint and --model")
-    run_worker(get_settings(), worker_id, checkpoint, loglevel=loglevel, model=model)
+    try:
+        run_worker(get_settings(), worker_id, checkpoint, loglevel=loglevel, model=model)
+    except JodieError as exc:
+        raise _fail(exc) from exc
 
 
 def recommendations(

@@ -21,7 +21,12 @@ def topics_apply() -> None:
     from streams.topics import apply_topics, declared_topics
 
     settings = get_settings()
-    reports = apply_topics(admin(settings), declared_topics(settings), settings.replication_factor)
+    reports = apply_topics(
+        admin(settings),
+        declared_topics(settings),
+        settings.replication,
+        min_insync=settings.min_insync_replicas,
+    )
     table = Table("topic", "status", "drift")
     for r in reports:
         table.add_row(r.name, r.action, "; ".join(r.drift))

@@ -22,3 +22,10 @@ class TransactionError(StreamRuntimeError):
 class AuthenticationError(StreamRuntimeError):
     """The brokers refused the login (or the TLS handshake): fix JODIE_SASL_USERNAME /
     JODIE_SASL_PASSWORD or JODIE_SSL_CA_LOCATION; retrying the same ones cannot succeed."""
+
+
+class InputGapError(StreamRuntimeError):
+    """Input this group never processed is gone (retention deleted it, or the group's committed
+    offsets expired while its tables kept state), so its state cannot be made exact by
+    resuming; rebuild it from the source of truth (for JODIE: a version replayed from
+    interactions.log, see the README), or raise the input topics' retention."""

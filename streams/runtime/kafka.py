@@ -11,13 +11,15 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Topic
 # Answers that clear by themselves right after a broker starts or a topic is created
 # (KRaft names a leader or coordinator a moment before it serves), though librdkafka does
 # not flag all of them as retriable.
-_TRANSIENT = {
+TRANSIENT = {
     KafkaError.NOT_LEADER_FOR_PARTITION,
     KafkaError.LEADER_NOT_AVAILABLE,
     KafkaError.UNKNOWN_TOPIC_OR_PART,
     KafkaError.NOT_COORDINATOR,
     KafkaError.COORDINATOR_NOT_AVAILABLE,
     KafkaError.COORDINATOR_LOAD_IN_PROGRESS,
+    # librdkafka's own "not in my metadata (yet)": a partition whose leader just moved.
+    KafkaError._UNKNOWN_PARTITION,
 }
 
 T = TypeVar("T")
@@ -32,7 +34,7 @@ def retry_transient(call: Callable[[], T], timeout_s: float = 30.0) -> T:
         except KafkaException as exc:
             error = exc.args[0] if exc.args else None
             transient = isinstance(error, KafkaError) and (
-                error.retriable() or error.code() in _TRANSIENT
+                error.retriable() or error.code() in TRANSIENT
             )
             if not transient or time.monotonic() > deadline:
                 raise

@@ -9,6 +9,20 @@ the commit (streams.runtime.store); a partition gained in a rebalance has its ta
 from the changelog before any of its records is processed. A read_committed consumer of the
 outputs therefore sees each input's effects once, whichever instance crashes when.
 
+A broker that dies and comes back (or a partition leader or coordinator that moves) ends a
+transaction without ending the instance (streams.runtime.transactions): calls that may be
+made again are, with backoff; an abortable transaction is aborted and its batch read again
+from its first offsets; a producer that librdkafka declares unusable is replaced by a new one
+with the same transactional id, and the instance rewinds to what is committed — the tables
+restored from their changelogs, the positions from the group's committed offsets — exactly
+as a restarted instance would. Each step is bounded by ``LoopConfig.recovery_timeout_s``.
+
+An instance away longer than its inputs' retention would resume past records it never
+processed, and one whose group's committed offsets expired would re-apply retained records on
+top of its restored tables: either way the tables would silently diverge. On every assignment
+the loop compares the committed offsets with the partitions' first offsets (and, where none
+is committed, the table's changelog with emptiness) and stops with ``InputGapError`` instead.
+
 The application (``Application``) knows nothing of Kafka beyond topic names: it reads
 ``Record``s and returns ``Output``s, and keeps its state in the ``Table``s it declares, each
 co-partitioned with one input topic (table partition p goes with input partition p).
@@ -25,12 +39,21 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, NamedTuple, TypeVar
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
+from confluent_kafka import (
+    OFFSET_BEGINNING,
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Message,
+    Producer,
+    TopicPartition,
+)
 
 from streams.runtime import clients
-from streams.runtime.exceptions import FencedError, TransactionError
-from streams.runtime.kafka import take
+from streams.runtime.exceptions import InputGapError, RestoreError, TransactionError
+from streams.runtime.kafka import retry_transient, take, watermarks
 from streams.runtime.store import Table
+from streams.runtime.transactions import Transactions
 
 Headers = list[tuple[str, str | bytes | None]]
 #: What an application sends: (topic, key, value, headers); the key picks the partition.
@@ -112,6 +135,9 @@ class LoopConfig:
     #: How long a dead instance's open transaction can hold back read_committed readers.
     transaction_timeout_ms: int = 10000
     report_interval_s: float = 5.0
+    #: Longest one recovery step may take (a transactional call and its retries, a new
+    #: producer getting ready) after a broker failure, before the instance gives up.
+    recovery_timeout_s: float = 120.0
     consumer: Mapping[str, Any] = field(default_factory=dict)  # extra consumer properties
     producer: Mapping[str, Any] = field(default_factory=dict)  # extra producer properties
 
@@ -122,6 +148,7 @@ class LoopStats:
     records: int = 0  # input records consumed
     transactions: int = 0  # committed
     aborted: int = 0
+    replaced: int = 0  # producers replaced after a fatal error (a broker failure)
     restored: int = 0  # changelog records read into the tables
     lag: int = 0  # records behind the ends of the assigned partitions (-1: unknown)
 
@@ -143,6 +170,7 @@ class TransactionalLoop(Generic[B]):
         self.stats = LoopStats()
         self._stop = threading.Event()
         self._changelog_offsets: dict[tuple[str, int], int] = {}
+        self._gap: InputGapError | None = None  # found in a rebalance callback, raised after
 
     def stop(self) -> None:
         self._stop.set()
@@ -150,7 +178,7 @@ class TransactionalLoop(Generic[B]):
     def _tables(self) -> list[Table[Any]]:
         return list({id(t): t for t in self.app.tables.values()}.values())
 
-    def _clients(self) -> tuple[Consumer, Producer]:
+    def _clients(self) -> tuple[Consumer, Transactions]:
         c = self.config
         consumer = clients.consumer(
             self.conn,
@@ -171,22 +199,28 @@ class TransactionalLoop(Generic[B]):
                 **c.consumer,
             },
         )
-        producer = clients.transactional_producer(
-            self.conn,
-            c.transactional_id,
-            logger=self.log,
-            **{
-                "transaction.timeout.ms": c.transaction_timeout_ms,
-                "linger.ms": 2,
-                "queue.buffering.max.messages": 1_000_000,
-                **c.producer,
-            },
-        )
-        return consumer, producer
 
-    def _on_assign(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        def producer() -> Producer:
+            return clients.transactional_producer(
+                self.conn,
+                c.transactional_id,
+                logger=self.log,
+                **{
+                    "transaction.timeout.ms": c.transaction_timeout_ms,
+                    "linger.ms": 2,
+                    "queue.buffering.max.messages": 1_000_000,
+                    **c.producer,
+                },
+            )
+
+        return consumer, Transactions(producer, c.name, self.log, c.recovery_timeout_s)
+
+    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         began = time.monotonic()
         tables = self.app.tables
+        self._gap = self._gap or self._input_gap(consumer, partitions)
+        if self._gap is not None:
+            return  # nothing restored or processed: the loop stops with the error
         for tp in partitions:
             table = tables.get(tp.topic)
             if table is not None:
@@ -198,6 +232,33 @@ class TransactionalLoop(Generic[B]):
             time.monotonic() - began,
         )
         self.app.on_assign([(tp.topic, tp.partition) for tp in partitions])
+
+    def _input_gap(
+        self, consumer: Consumer, partitions: list[TopicPartition]
+    ) -> InputGapError | None:
+        """What of ``partitions``' input was lost unprocessed, if anything (see above)."""
+        committed = retry_transient(
+            lambda: consumer.committed(partitions, timeout=10), self.config.recovery_timeout_s
+        )
+        tables = self.app.tables
+        for tp in committed:
+            low, _high = watermarks(consumer, TopicPartition(tp.topic, tp.partition))
+            if tp.offset >= 0 and tp.offset < low:
+                return InputGapError(
+                    f"{tp.topic}[{tp.partition}]: committed offset {tp.offset} but the first "
+                    f"record left is at {low}: {low - tp.offset} records were deleted "
+                    f"(retention) before this group processed them. {_GAP_ADVICE}"
+                )
+            table = tables.get(tp.topic)
+            if tp.offset < 0 and table is not None:
+                clow, chigh = watermarks(consumer, TopicPartition(table.changelog, tp.partition))
+                if chigh > clow:
+                    return InputGapError(
+                        f"{tp.topic}[{tp.partition}]: no committed offset, yet "
+                        f"{table.changelog}[{tp.partition}] holds state: the group's offsets "
+                        f"expired (offsets.retention.minutes) while it was away. {_GAP_ADVICE}"
+                    )
+        return None
 
     def _on_revoke(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
         # Called inside poll/consume, never with a transaction open: nothing to flush.
@@ -217,13 +278,13 @@ class TransactionalLoop(Generic[B]):
             self._changelog_offsets[key] = offset
 
     def run(self, max_seconds: float | None = None) -> LoopStats:
-        consumer, producer = self._clients()
+        consumer, tx = self._clients()
         inputs = list(self.app.inputs)
         partitions = {}
         for topic in inputs:
             meta = consumer.list_topics(topic, timeout=30).topics[topic]
             partitions[topic] = len(meta.partitions)
-        producer.init_transactions(60)
+        tx.start()
         self.app.start(partitions)
         consumer.subscribe(
             inputs, on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_revoke
@@ -236,10 +297,12 @@ class TransactionalLoop(Generic[B]):
                     break
                 self.app.poll()
                 messages = take(consumer, c.batch, c.poll_timeout_s)
+                if self._gap is not None:
+                    raise self._gap
                 if messages:
-                    self._batch(consumer, producer, messages)
+                    self._batch(consumer, tx, messages)
                 else:
-                    self._flush(producer)
+                    self._flush(consumer, tx)
                 now = time.monotonic()
                 if now - last_report >= c.report_interval_s:
                     self.stats.lag = _lag(consumer)
@@ -252,70 +315,121 @@ class TransactionalLoop(Generic[B]):
                 table.close()
         return self.stats
 
-    def _batch(self, consumer: Consumer, producer: Producer, messages: list[Message]) -> None:
+    def _batch(self, consumer: Consumer, tx: Transactions, messages: list[Message]) -> None:
         firsts: dict[tuple[str, int], int] = {}
         for msg in messages:
             if msg.error() is None:
                 firsts.setdefault((msg.topic() or "", msg.partition() or 0), msg.offset() or 0)
         try:
-            self._transaction(consumer, producer, messages)
+            self._transaction(consumer, tx, messages)
         except KafkaException as exc:
-            error = exc.args[0] if exc.args else None
-            if not isinstance(error, KafkaError):
-                raise
-            if not error.txn_requires_abort():
-                if error.code() in (KafkaError._FENCED, KafkaError.PRODUCER_FENCED):
-                    raise FencedError(f"{self.config.transactional_id}: {error}") from exc
-                raise TransactionError(f"{self.config.name}: {error}") from exc
-            self.log.warning(
-                "%s: transaction aborted (%s); re-reading the batch", self.config.name, error
-            )
-            producer.abort_transaction(60)
+            self._rewind(consumer, tx, exc, firsts)
+
+    def _rewind(
+        self,
+        consumer: Consumer,
+        tx: Transactions,
+        exc: KafkaException,
+        firsts: dict[tuple[str, int], int],
+    ) -> None:
+        """The batch's transaction failed: undo it, and read again from what is committed."""
+        how = tx.recover(exc)
+        # Rows were changed in memory by the failed batch: forget them (RocksDB holds only
+        # committed rows).
+        for table in self._tables():
+            table.forget()
+        if how == "aborted":
             self.stats.aborted += 1
-            # Rows were changed in memory by the aborted batch: forget them (RocksDB holds only
-            # committed rows) and read the batch again.
-            for table in self._tables():
-                table.forget()
+            self.log.warning("%s: re-reading the batch", self.config.name)
             for (topic, p), offset in firsts.items():
                 # A partition no longer ours: its new owner starts from the committed offset.
                 with contextlib.suppress(KafkaException):
                     consumer.seek(TopicPartition(topic, p, offset))
+            return
+        self.stats.replaced += 1
+        self._resume_from_commits(consumer)
 
-    def _flush(self, producer: Producer) -> None:
+    def _resume_from_commits(self, consumer: Consumer) -> None:
+        """After a new producer settled the old one's last transaction (committed or aborted,
+        we cannot tell which): the tables catch up with their changelogs and the positions
+        move to the group's committed offsets, as on a restart. Retried while the cluster
+        settles (a partition without a leader yet), for at most the recovery timeout."""
+        deadline = time.monotonic() + self.config.recovery_timeout_s
+        while True:
+            try:
+                self._resume_once(consumer)
+                return
+            except (KafkaException, RestoreError) as exc:
+                if time.monotonic() > deadline:
+                    raise TransactionError(f"{self.config.name}: cannot resume: {exc}") from exc
+                self.log.warning("%s: resuming: %s; retrying", self.config.name, exc)
+                time.sleep(1.0)
+
+    def _resume_once(self, consumer: Consumer) -> None:
+        assignment = consumer.assignment()
+        tables = self.app.tables
+        for tp in assignment:
+            table = tables.get(tp.topic)
+            if table is not None:
+                table.revoke(tp.partition)
+                self.stats.restored += table.assign(tp.partition)
+        committed = retry_transient(
+            lambda: consumer.committed(assignment, timeout=10), self.config.recovery_timeout_s
+        )
+        for tp in committed:
+            offset = tp.offset if tp.offset >= 0 else OFFSET_BEGINNING
+            with contextlib.suppress(KafkaException):  # revoked meanwhile: not ours to move
+                consumer.seek(TopicPartition(tp.topic, tp.partition, offset))
+        self.log.warning(
+            "%s: resumed from the committed offsets %s",
+            self.config.name,
+            sorted((tp.topic, tp.partition, tp.offset) for tp in committed),
+        )
+
+    def _flush(self, consumer: Consumer, tx: Transactions) -> None:
         outputs = list(self.app.flush())
         if not outputs:
             return
-        producer.begin_transaction()
-        for topic, key, value, headers in outputs:
-            producer.produce(topic, key=key, value=value, headers=headers)
         try:
-            producer.commit_transaction(60)
+            tx.producer.begin_transaction()
+            for topic, key, value, headers in outputs:
+                tx.producer.produce(topic, key=key, value=value, headers=headers)
+            tx.commit()
         except KafkaException as exc:
-            error = exc.args[0] if exc.args else None
-            if not isinstance(error, KafkaError) or not error.txn_requires_abort():
-                raise
-            self.log.warning("%s: idle outputs dropped (%s)", self.config.name, error)
-            producer.abort_transaction(60)
-            self.stats.aborted += 1
+            # No input stands behind these outputs: they are dropped, never repeated.
+            self.log.warning("%s: idle outputs dropped (%s)", self.config.name, exc)
+            if tx.recover(exc) == "replaced":
+                self.stats.replaced += 1
+                for table in self._tables():
+                    table.forget()
+                self._resume_from_commits(consumer)
+            else:
+                self.stats.aborted += 1
             return
         self.stats.transactions += 1
 
-    def _transaction(self, consumer: Consumer, producer: Producer, messages: list[Message]) -> None:
+    def _transaction(self, consumer: Consumer, tx: Transactions, messages: list[Message]) -> None:
         positions: dict[tuple[str, int], int] = {}
         records: list[Record] = []
         for msg in messages:
             err = msg.error()
             if err is not None:
-                if err.code() == KafkaError._PARTITION_EOF:
-                    continue
-                raise KafkaException(err)
+                if err.fatal():
+                    raise TransactionError(f"{self.config.name}: consumer: {err}")
+                # The broker is away or a partition moves: librdkafka reconnects by itself.
+                if err.code() != KafkaError._PARTITION_EOF:
+                    self.log.warning("%s: consumer: %s", self.config.name, err)
+                continue
             topic, p, offset = msg.topic() or "", msg.partition() or 0, msg.offset() or 0
             positions[(topic, p)] = offset + 1
             records.append(Record(topic, p, offset, msg.key(), msg.value()))
+        if not records:
+            return
         self.stats.records += len(records)
         # The application may wait here (e.g. for state it prepares): before the transaction
         # opens, so the wait never counts against the transaction timeout.
         batch = self.app.prepare(records)
+        producer = tx.producer
         producer.begin_transaction()
         for topic, key, value, headers in self.app.process(batch):
             producer.produce(topic, key=key, value=value, headers=headers)
@@ -329,14 +443,20 @@ class TransactionalLoop(Generic[B]):
                 )
         producer.flush(60)  # serves the delivery reports: the changelog offsets reached
         offsets = [TopicPartition(t, p, o) for (t, p), o in positions.items()]
-        producer.send_offsets_to_transaction(offsets, consumer.consumer_group_metadata(), 60)
-        producer.commit_transaction(60)
+        tx.send_offsets(offsets, consumer.consumer_group_metadata())
+        tx.commit()
         self.stats.transactions += 1
         for table, rows in changed:
             reached = {
                 p: o for (t, p), o in self._changelog_offsets.items() if t == table.changelog
             }
             table.persist(rows, reached)
+
+
+_GAP_ADVICE = (
+    "Resuming would make the tables diverge silently, so this instance stops: rebuild the "
+    "state from the source of truth, or keep the inputs longer than any outage"
+)
 
 
 def _lag(consumer: Consumer) -> int:

@@ -220,3 +220,42 @@ def test_two_counters_one_killed_rebalance_and_count_each_input_once(
                 if proc.poll() is None:
                     proc.kill()
         _verify(conn, prefix, inputs)
+
+
+def test_input_lost_unprocessed_stops_the_instance_instead_of_skipping_it(
+    conn: Connection, tmp_path: Path
+) -> None:
+    """An instance away longer than its input's retention (simulated with delete_records):
+    it must not resume past records it never processed, nor, once its group's committed
+    offsets expired (simulated by deleting the group), re-count what is retained on top of its
+    table. Both times it stops with InputGapError, having committed nothing."""
+    inputs: Inputs = {}
+    with _pipeline(conn) as prefix:
+        source, sink, _changelog = topics(prefix)
+        _produce(conn, source, 0, 200, inputs)
+        _finish([_start(conn, prefix, 0, tmp_path, "state")], tmp_path)
+        assert len(_read(conn, sink)) == 200
+        _produce(conn, source, 200, 100, inputs)  # while it is away
+        client = admin(conn)
+        reader = committed_reader(conn, f"ends-{uuid.uuid4().hex[:8]}")
+        ends = [
+            TopicPartition(source, p, reader.get_watermark_offsets(TopicPartition(source, p))[1])
+            for p in range(PARTITIONS)
+        ]
+        reader.close()
+        for future in client.delete_records(ends).values():
+            future.result()
+
+        for n, (cause, expected) in enumerate(
+            [("retention", "records were deleted"), ("expired offsets", "offsets expired")], 1
+        ):
+            if cause == "expired offsets":
+                client.delete_consumer_groups([f"{prefix}counter"])[f"{prefix}counter"].result()
+            proc = _start(conn, prefix, n, tmp_path, "state")
+            try:
+                assert proc.wait(timeout=120) != 0, _log(tmp_path, n)
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+            assert "InputGapError" in _log(tmp_path, n) and expected in _log(tmp_path, n), cause
+        assert len(_read(conn, sink)) == 200  # nothing more was counted
