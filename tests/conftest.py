@@ -109,7 +109,7 @@ def secure_topics(secure_broker: SecureBroker) -> Iterator[str]:
     settings = secure_broker.settings("admin", prefix)
     client = admin(settings)
     specs = declared_topics(settings)
-    apply_topics(client, specs, settings.replication_factor)
+    apply_topics(client, specs, settings.replication)
     apply_acls(client, settings)
     try:
         yield prefix

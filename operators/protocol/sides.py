@@ -103,6 +103,9 @@ class UserOutput:
     history_counts: tuple[int, ...] = ()  # with ``history``: after the event
     pre_history: tuple[str, ...] = ()  # the user's history and counts before the event
     pre_counts: tuple[int, ...] = ()
+    #: (d + s_item,) [i(t), ī] of the event's item just after it: the list served now ranks
+    #: that item at this state, whatever the index holds for it yet.
+    item_vector: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -213,6 +216,7 @@ class StreamModel:
         k = self.config.history_size
         u_np, i_np, pre_np, du_np = u_new.numpy(), i_new.numpy(), u_prev.numpy(), du.numpy()
         proj_np, pred_np = projected.numpy(), predicted.numpy()
+        item_vectors = np.concatenate([i_np, i_static.numpy()], axis=1)
         results = []
         for b, (user, event) in enumerate(zip(users, events, strict=True)):
             history, counts = push_history(user, event.item_id, k)
@@ -231,6 +235,7 @@ class StreamModel:
                 history_counts=counts,
                 pre_history=user.history,
                 pre_counts=user.history_counts,
+                item_vector=item_vectors[b].copy(),
             )
             results.append((new_state, material, EntityState(i_np[b].copy(), event.timestamp)))
         return results

@@ -218,6 +218,7 @@ class TieredIndex:
         scale: float = 1.0,
         prior: np.ndarray | None = None,
         bonus: Sequence[Mapping[str, float]] | None = None,
+        fresh: Sequence[tuple[str, np.ndarray] | None] | None = None,
     ) -> list[tuple[list[str], np.ndarray]]:
         """Per query, the k best of (its shortlist ∪ ``extra[b]``) by the key
         ``scale · ‖x − q‖² − prior − bonus`` (lowest first; plain distance by default): the
@@ -230,7 +231,10 @@ class TieredIndex:
         compete, which is the exact top k of the key over every item. IVF tier: the overlay's
         ``rerank_factor · k`` proposals, the 2k best rows by ``prior`` (a (rows,) prior only)
         and the extras, by direct float32 distance. Queries go a block at a time
-        (``block_elems``), so no batch × all-items scratch is allocated at once.
+        (``block_elems``), so no batch × all-items scratch is allocated at once. ``fresh``: per
+        query, an (item, vector) whose distance is taken from that vector instead of the
+        index's (a state newer than the one indexed; the item must be indexed and in
+        ``extra``).
         """
         q = self._queries(queries, k)
         nq = q.shape[0]
@@ -250,6 +254,7 @@ class TieredIndex:
                 scale,
                 prior if prior is None or prior.ndim == 1 else prior[block],
                 None if bonus is None else bonus[block],
+                None if fresh is None else fresh[block],
             )
         return out
 
@@ -261,6 +266,7 @@ class TieredIndex:
         scale: float,
         prior: np.ndarray | None,
         bonus: Sequence[Mapping[str, float]] | None,
+        fresh: Sequence[tuple[str, np.ndarray] | None] | None = None,
     ) -> list[tuple[list[str], np.ndarray]]:
         store, n = self._store, len(self)
         nq = q.shape[0]
@@ -307,6 +313,11 @@ class TieredIndex:
             diff = store.data[safe] - q[:, None, :]  # (B, W, D)
             dist = np.einsum("bwd,bwd->bw", diff, diff).astype(np.float64)
         dist[(rows < 0) | ~np.isfinite(store.sqnorm[safe])] = np.inf
+        for b, override in enumerate(fresh or ()):
+            row = None if override is None else rows_of.get(override[0])
+            if override is not None and row is not None:
+                diff = np.asarray(override[1], dtype=np.float32) - q[b]
+                dist[b, rows[b] == row] = float(np.dot(diff, diff))
         key: np.ndarray = dist
         if keyed or bonus is not None:
             finite = np.isfinite(dist)

@@ -156,7 +156,12 @@ class Serving:
             ]
             for out in outs
         ]
-        ranked = self.index.recommend(preds, self.candidates, extra, **self._terms(outs))
+        # The item just touched at its state after the event (the index may hold an older one,
+        # from before its owner's vector arrived): the most likely next item, ranked right.
+        fresh = [None if o.item_vector is None else (o.event.item_id, o.item_vector) for o in outs]
+        ranked = self.index.recommend(
+            preds, self.candidates, extra, fresh=fresh, **self._terms(outs)
+        )
         records = []
         for out, pred, (ids, dist) in zip(outs, preds, ranked, strict=True):
             records.append(

@@ -218,13 +218,24 @@ class TransactionalLoop(Generic[B]):
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         began = time.monotonic()
         tables = self.app.tables
-        self._gap = self._gap or self._input_gap(consumer, partitions)
+        fresh: set[tuple[str, int]] = set()  # partitions without a committed offset
+        self._gap = self._gap or self._input_gap(consumer, partitions, fresh)
         if self._gap is not None:
             return  # nothing restored or processed: the loop stops with the error
         for tp in partitions:
             table = tables.get(tp.topic)
             if table is not None:
                 self.stats.restored += table.assign(tp.partition)
+                if (tp.topic, tp.partition) in fresh and table.holds_state(tp.partition):
+                    # Committed state without committed input offsets. (A changelog holding
+                    # only records of aborted or open transactions leaves the store empty:
+                    # that is a first batch in flight, not a gap.)
+                    self._gap = InputGapError(
+                        f"{tp.topic}[{tp.partition}]: no committed offset, yet "
+                        f"{table.changelog}[{tp.partition}] holds state: the group's offsets "
+                        f"expired (offsets.retention.minutes) while it was away. {_GAP_ADVICE}"
+                    )
+                    return
         self.log.info(
             "%s assigned %s (restored in %.2f s)",
             self.config.name,
@@ -234,9 +245,10 @@ class TransactionalLoop(Generic[B]):
         self.app.on_assign([(tp.topic, tp.partition) for tp in partitions])
 
     def _input_gap(
-        self, consumer: Consumer, partitions: list[TopicPartition]
+        self, consumer: Consumer, partitions: list[TopicPartition], fresh: set[tuple[str, int]]
     ) -> InputGapError | None:
-        """What of ``partitions``' input was lost unprocessed, if anything (see above)."""
+        """What of ``partitions``' input was lost unprocessed, if anything (see above); adds
+        to ``fresh`` the partitions without a committed offset (checked once restored)."""
         committed = retry_transient(
             lambda: consumer.committed(partitions, timeout=10), self.config.recovery_timeout_s
         )
@@ -249,15 +261,8 @@ class TransactionalLoop(Generic[B]):
                     f"record left is at {low}: {low - tp.offset} records were deleted "
                     f"(retention) before this group processed them. {_GAP_ADVICE}"
                 )
-            table = tables.get(tp.topic)
-            if tp.offset < 0 and table is not None:
-                clow, chigh = watermarks(consumer, TopicPartition(table.changelog, tp.partition))
-                if chigh > clow:
-                    return InputGapError(
-                        f"{tp.topic}[{tp.partition}]: no committed offset, yet "
-                        f"{table.changelog}[{tp.partition}] holds state: the group's offsets "
-                        f"expired (offsets.retention.minutes) while it was away. {_GAP_ADVICE}"
-                    )
+            if tp.offset < 0 and tables.get(tp.topic) is not None:
+                fresh.add((tp.topic, tp.partition))
         return None
 
     def _on_revoke(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:

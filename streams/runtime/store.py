@@ -133,6 +133,12 @@ class Table(Generic[R]):
         self.partitions[partition] = part
         return read
 
+    def holds_state(self, partition: int) -> bool:
+        """Whether the assigned ``partition`` holds committed rows (its store has applied a
+        changelog record; records of aborted or open transactions are never applied)."""
+        part = self.partitions.get(partition)
+        return part is not None and part.offset >= 0
+
     def revoke(self, partition: int) -> None:
         part = self.partitions.pop(partition, None)
         if part is not None:

@@ -121,3 +121,16 @@ def test_blocks_of_queries_give_what_one_block_gives(exact_below: int) -> None:
         for (a_ids, a_d), (b_ids, b_d) in zip(recs, whole_recs, strict=True):
             assert a_ids == b_ids
             np.testing.assert_allclose(a_d, b_d, rtol=1e-6)
+
+
+def test_a_fresh_vector_ranks_its_item_for_that_query_only() -> None:
+    """The serving path ranks the item a user just touched at its state after the event,
+    which the index may not hold yet; other queries keep the indexed vector."""
+    ix = TieredIndex(dim=2)
+    ix.upsert(["a", "b", "c"], np.array([[5.0, 5.0], [1.0, 0.0], [2.0, 0.0]]))
+    queries = np.zeros((2, 2))
+    extra = [["a"], ["a"]]
+    fresh = [("a", np.array([0.5, 0.0])), None]
+    got = ix.recommend(queries, 2, extra, fresh=fresh)
+    assert got[0][0] == ["a", "b"] and got[0][1].tolist() == [0.25, 1.0]
+    assert got[1][0] == ["b", "c"]  # "a" at its indexed vector is far
