@@ -116,6 +116,11 @@ class Worker(Application[list[Decoded]]):
                 poll_timeout_s=settings.commit_interval_s,
                 session_timeout_ms=settings.worker_session_timeout_ms,
                 transaction_timeout_ms=settings.worker_transaction_timeout_ms,
+                # A row changes without input from its own inbox partition when a pre-state is
+                # handed over in memory, so state without committed offsets is normal here;
+                # and re-read inbox messages are ignored (each row's applied_seq), so offsets
+                # that expired cost a re-read, not a double count.
+                expired_offsets_are_gaps=False,
                 recovery_timeout_s=settings.recovery_timeout_s,
             ),
             self,

@@ -138,6 +138,11 @@ class LoopConfig:
     #: Longest one recovery step may take (a transactional call and its retries, a new
     #: producer getting ready) after a broker failure, before the instance gives up.
     recovery_timeout_s: float = 120.0
+    #: Stop when a partition has no committed offset but its table holds state (the group's
+    #: offsets expired): right for an application that would count its input twice. One that
+    #: ignores repeats, and whose rows may change without input from their own partition,
+    #: turns it off.
+    expired_offsets_are_gaps: bool = True
     consumer: Mapping[str, Any] = field(default_factory=dict)  # extra consumer properties
     producer: Mapping[str, Any] = field(default_factory=dict)  # extra producer properties
 
@@ -261,7 +266,11 @@ class TransactionalLoop(Generic[B]):
                     f"record left is at {low}: {low - tp.offset} records were deleted "
                     f"(retention) before this group processed them. {_GAP_ADVICE}"
                 )
-            if tp.offset < 0 and tables.get(tp.topic) is not None:
+            if (
+                tp.offset < 0
+                and tables.get(tp.topic) is not None
+                and self.config.expired_offsets_are_gaps
+            ):
                 fresh.add((tp.topic, tp.partition))
         return None
 
