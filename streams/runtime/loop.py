@@ -377,6 +377,8 @@ class TransactionalLoop(Generic[B]):
                 if time.monotonic() > deadline:
                     raise TransactionError(f"{self.config.name}: cannot resume: {exc}") from exc
                 self.log.warning("%s: resuming: %s; retrying", self.config.name, exc)
+                for table in self._tables():
+                    table.reset_reader()
                 time.sleep(1.0)
 
     def _resume_once(self, consumer: Consumer) -> None:

@@ -152,6 +152,13 @@ class Table(Generic[R]):
             self._reader.close()
             self._reader = None
 
+    def reset_reader(self) -> None:
+        """Drop the restore reader: after a broker failure its metadata can stay stale
+        ("Unknown partition") however long it is retried; a new one asks afresh."""
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
+
     def _reader_client(self) -> Consumer:
         if self._reader is None:
             self._reader = committed_reader(
