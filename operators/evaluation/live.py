@@ -41,7 +41,7 @@ from operators.evaluation.metrics import rank_of
 from operators.evaluation.scorer import PlainScorer, Scorer, UserContext
 from operators.model.jodie import Jodie
 from operators.model.kernel import query
-from operators.model.state import TREND_SECONDS
+from operators.model.state import trend_at
 from operators.model.static import static_tensor
 
 
@@ -329,9 +329,7 @@ class LiveRanks:
     def _trend_at(stat: np.ndarray, q: Query) -> np.ndarray:
         """Decayed counts of rows ``stat`` (n, 3) brought to the event's time (the offline
         ``EntityStore.trend_at`` arithmetic)."""
-        age = q.timestamp - stat[:, 2]
-        decay = np.exp(-np.where(np.isnan(age), np.inf, np.maximum(age, 0.0)) / TREND_SECONDS)
-        return stat[:, 1] * decay
+        return trend_at(stat[:, 1], stat[:, 2], q.timestamp)
 
     def _context(self, q: Query) -> UserContext:
         """The user's history before the event as item rows (-1 padded to the model's K)."""

@@ -18,6 +18,15 @@ Kind = Literal["user", "item"]
 TREND_SECONDS = 86400.0
 
 
+def trend_at(trend: np.ndarray, last_time: np.ndarray, t: float) -> np.ndarray:
+    """Decayed event counts ``trend`` (as of each entity's ``last_time``, NaN: never)
+    brought forward to time ``t``: the one definition the offline store, the live evaluation
+    and the served ranker share."""
+    age = t - last_time
+    decay = np.exp(-np.where(np.isnan(age), np.inf, np.maximum(age, 0.0)) / TREND_SECONDS)
+    return trend * decay
+
+
 def push_history(
     history: np.ndarray, counts: np.ndarray, items: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -163,9 +172,7 @@ class EntityStore:
     def trend_at(self, t: float, n: int | None = None) -> np.ndarray:
         """(n,) decayed event counts of rows [0, n) brought forward to time ``t``."""
         n = len(self) if n is None else n
-        age = t - self._last_time[:n]
-        decay = np.exp(-np.where(np.isnan(age), np.inf, np.maximum(age, 0.0)) / TREND_SECONDS)
-        return self._trend[:n] * decay
+        return trend_at(self._trend[:n], self._last_time[:n], t)
 
     @property
     def trend(self) -> np.ndarray:

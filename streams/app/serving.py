@@ -22,7 +22,7 @@ import torch
 from operators.evaluation.live import LiveRanks
 from operators.evaluation.scorer import HistoryScorer, Scorer, make_scorer
 from operators.model.checkpoint import Checkpoint, load_checkpoint
-from operators.model.state import TREND_SECONDS
+from operators.model.state import trend_at
 from operators.protocol.sides import CheckpointStates, StreamModel, UserOutput
 from operators.retrieval.cooccurrence import CooccurrenceCandidates
 from operators.retrieval.tiered import TieredIndex
@@ -122,9 +122,7 @@ class Serving:
         # One prior for the batch, at its latest event time: the decayed counts move by
         # exp(-gap / one day) within it, and a per-event prior would be batch × all items.
         now = max(o.event.timestamp for o in outs)
-        age = now - last
-        decay = np.exp(-np.where(np.isnan(age), np.inf, np.maximum(age, 0.0)) / TREND_SECONDS)
-        prior = base + delta * np.log1p(trend * decay)
+        prior = base + delta * np.log1p(trend_at(trend, last, now))
         return {
             "scale": float(ranker.log_alpha.exp()),
             "prior": prior,
