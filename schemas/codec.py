@@ -37,7 +37,7 @@ EVALUATION = "evaluation"
 _OLDER_VERSIONS = {
     MODEL_ANNOUNCEMENT: ("model_announcement.v1",),
     ENTITY_RECORD: ("entity_record.v1",),
-    RECOMMENDATION: ("recommendation.v1",),
+    RECOMMENDATION: ("recommendation.v1", "recommendation.v2"),
 }
 
 # Named types that one shipped schema uses inside another; inlined at load time so every

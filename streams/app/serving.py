@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from threadpoolctl import threadpool_limits
 
 from operators.evaluation.live import LiveRanks
 from operators.evaluation.scorer import HistoryScorer, Scorer, make_scorer
@@ -71,7 +72,10 @@ class Serving:
     ) -> Serving:
         """Serve ``ckpt``'s weights from its states; the co-occurrence model is shared by
         every epoch a worker serves (it is made of the log, not of weights)."""
-        torch.set_num_threads(1)  # one event at a time: threads only add synchronisation
+        # Small batches, one at a time: BLAS and torch threads only add synchronisation (and
+        # spin against the broker and the other workers for the same cores).
+        torch.set_num_threads(1)
+        threadpool_limits(1)
         cfg = ckpt.config
         dim = cfg.embedding_dim + cfg.item_static_dim
         baseline = CheckpointStates(ckpt)
@@ -169,8 +173,8 @@ class Serving:
                     "item_id": out.event.item_id,
                     "timestamp": out.event.timestamp,
                     "model_version": self.version,
-                    "projected_user": out.projected.tolist(),
-                    "predicted_item": pred.tolist(),
+                    "projected_user_f32": out.projected.astype("<f4").tobytes(),
+                    "predicted_item_f32": pred.astype("<f4").tobytes(),
                     "candidates": [
                         {"item_id": i, "score": -float(d)}
                         for i, d in zip(ids, dist.tolist(), strict=True)
