@@ -326,10 +326,13 @@ class TieredIndex:
                 p = prior[safe] if prior.ndim == 1 else np.take_along_axis(prior, safe, axis=1)
                 key -= p
             if bonus is not None:
-                row_ids_ = store.row_ids
+                # A bonus names a few items (the user's history): find their rows, not every
+                # candidate's id.
                 for b in range(nq):
-                    if bonus[b]:
-                        key[b] -= [bonus[b].get(row_ids_[r] or "", 0.0) for r in safe[b].tolist()]
+                    for item, value in bonus[b].items():
+                        row = rows_of.get(item)
+                        if row is not None:
+                            key[b, rows[b] == row] -= value
             key[~finite] = np.inf
         order = np.argsort(key, axis=1, kind="stable")[:, :k]
         top = np.take_along_axis(key, order, axis=1)
