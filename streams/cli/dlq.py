@@ -47,7 +47,7 @@ def dlq_show(
         ev = letter.event
         what = (
             f"event {ev['event_id']} user {ev['user_id']} item {ev['item_id']} "
-            f"time {ev['timestamp']:g}"
+            f"time {ev['timestamp']}"
             if ev is not None
             else f"not an event ({len(letter.value)} bytes)"
         )
