@@ -42,10 +42,12 @@ _FIXES: dict[type[JodieError], str] = {
 }
 
 
-def _fail(exc: JodieError | str) -> typer.Exit:
+def _fail(exc: BaseException | str) -> typer.Exit:
+    """Print ``exc`` as the one-line error (see ``user_error``); the exit to raise."""
+    message = exc if isinstance(exc, str) else user_error(exc) or str(exc)
     # One line whatever the message holds (a detail quoted from a broker may span several);
     # escaped: it may quote what a user typed, brackets and all.
-    line = " ".join(part.strip() for part in str(exc).splitlines() if part.strip())
+    line = " ".join(part.strip() for part in message.splitlines() if part.strip())
     console.print(f"[red]error:[/red] {escape(line)}", highlight=False)
     return typer.Exit(code=2)
 

@@ -4,6 +4,7 @@ apart)."""
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import subprocess
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.streams.cli.conftest import Jodie, Pipeline
+from tests.streams.cli.conftest import STREAMED, Jodie, Pipeline
 
 pytestmark = pytest.mark.kafka
 
@@ -79,5 +80,8 @@ def test_the_readme_commands_work_with_what_the_demo_prints(
 
     (serving,) = outputs["models list"]
     assert serving.startswith("* v1  trained from a file  valid MRR ")
+    # One JSON line, however long: never wrapped at a console width when not a terminal.
+    (summary,) = outputs["recommendations --summary"]
+    assert len(summary) > 80 and json.loads(summary)["recommendations"] == STREAMED
     user = outputs["recommendations --user"]
     assert 1 <= len(user) <= 3 and all(line.startswith("user 1087  after ") for line in user)

@@ -49,6 +49,7 @@ MISTAKES = [
     (["topics", "show", "--sample", "-1"], "'--sample'"),
     (["recommendations", "--limit", "0"], "'--limit'"),
     (["worker"], "give exactly one of --checkpoint and --model"),
+    (["worker", "--checkpoint", "{empty}"], "not a checkpoint directory; give a directory"),
     (["state", "export", "--out", "{tmp}/s.npz"], "give exactly one of --checkpoint"),
     (["dlq", "show", "--reason", "duplicat"], "'duplicat' is not one of"),
     (["dlq", "replay", "--from", "{tmp}/fixed.jsonl"], "'--from': file '{tmp}/fixed.jsonl'"),
@@ -105,6 +106,13 @@ def test_mistakes_about_what_a_topic_holds(kafka: Settings, jodie: Jodie, tmp_pa
     assert_one_line(
         jodie(["recommendations", "--user", "nobody"], env),
         "no recommendation for user 'nobody'",
+    )
+    assert_one_line(
+        jodie(["models", "show", "v9"], env), "no version v9", "`jodie models list` shows"
+    )
+    assert_one_line(
+        jodie(["state", "export", "--model", "jodie", "--out", str(tmp_path / "s.npz")], env),
+        "no event stamped with a model version; for workers serving a checkpoint",
     )
     fixed = tmp_path / "fixed.jsonl"
     fixed.write_text('{"event": {"event_id": "e1", "user_id": "1"}}\n')
