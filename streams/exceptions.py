@@ -30,3 +30,18 @@ class ModelMismatchError(JodieError):
 class AclError(JodieError):
     """The cluster refused to create an ACL; run `jodie acls apply` as its super user (on the
     local secure broker: `source` the admin env file `jodie broker up --secure` prints)."""
+
+
+class BrokerUnavailableError(JodieError):
+    """No broker answers at JODIE_BOOTSTRAP: start the local one (`jodie broker up`, with the
+    same JODIE_BROKER_PORT) or point JODIE_BOOTSTRAP at a running cluster."""
+
+
+class TopicMissingError(ReadError):
+    """A topic the command needs does not exist: create the declared topics (`jodie topics
+    apply`), or set JODIE_TOPIC_PREFIX to the prefix the pipeline runs with."""
+
+
+class DlqFileError(JodieError):
+    """A file of events to re-send does not hold what `jodie dlq show --json` prints (one JSON
+    object per line, each with an `event`); fix the line it names."""

@@ -14,6 +14,7 @@ from operators.evaluation.metrics import mrr, recall_at_k
 from operators.evaluation.served import ServedTally
 from schemas import Codec
 from streams.codecs import TOPIC_SCHEMAS
+from streams.exceptions import ReadError, TopicMissingError
 from streams.runtime.clients import committed_reader
 from streams.settings import Settings
 
@@ -48,7 +49,12 @@ def tail(
                     if not follow and len(at_end) == len(consumer.assignment()):
                         return
                     continue
-                raise RuntimeError(f"reading {topic}: {err}")
+                if err.code() == KafkaError.UNKNOWN_TOPIC_OR_PART:
+                    raise TopicMissingError(
+                        f"topic {topic} does not exist; create the pipeline's topics with "
+                        "`jodie topics apply`, or set JODIE_TOPIC_PREFIX to the pipeline's"
+                    )
+                raise ReadError(f"reading {topic}: {err}")
             at_end.discard(msg.partition() or 0)
             if user is not None and (msg.key() or b"").decode() != user:
                 continue

@@ -4,26 +4,32 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import numpy as np
 import typer
-from rich.console import Console
+
+from streams.cli.common import console
 
 if TYPE_CHECKING:
     from operators.model.config import TrainConfig
     from operators.training.run import RunResult
 
-console = Console(stderr=True)
-
 DataOpt = Annotated[
     Path | None, typer.Option("--data", help="JODIE CSV (plain or .gz); default: bundled Wikipedia")
 ]
+CheckpointOpt = Annotated[
+    Path, typer.Option("--checkpoint", exists=True, file_okay=False, help="checkpoint directory")
+]
+ScorerName = Literal["history", "plain"]
 
 
 def _data_path(data: Path | None) -> Path:
     from operators.dataset import bundled_wikipedia
 
+    # Checked here, not by the option: a wrong combination of options is the first thing to say.
+    if data is not None and not data.is_file():
+        raise typer.BadParameter(f"file '{data}' does not exist", param_hint="'--data'")
     return data if data is not None else bundled_wikipedia()
 
 
@@ -62,14 +68,14 @@ def train(
         float | None, typer.Option(help="--from-topic: event time to stop before (exclusive)")
     ] = None,
     epochs: Annotated[
-        int, typer.Option(help="training epochs; the best by validation MRR is kept")
+        int, typer.Option(min=1, help="training epochs; the best by validation MRR is kept")
     ] = 10,
     seed: Annotated[int, typer.Option(help="random seed (runs are deterministic for a seed)")] = 0,
     scorer: Annotated[
-        str,
+        ScorerName,
         typer.Option(help="candidate scorer: 'history' (JODIE + learned recency bonus) or 'plain'"),
     ] = "history",
-    threads: Annotated[int, typer.Option(help="torch intra-op threads")] = 1,
+    threads: Annotated[int, typer.Option(min=1, help="torch intra-op threads")] = 1,
 ) -> None:
     """Train JODIE with t-batches on the first 80% of the events and write a checkpoint.
 
@@ -83,8 +89,6 @@ def train(
     from streams.plots import save_curves
     from streams.progress import TrainingBar
 
-    if scorer not in ("history", "plain"):
-        raise typer.BadParameter("--scorer must be 'history' or 'plain'")
     window_given = any(v is not None for v in (from_seq, until_seq, from_time, until_time))
     if from_topic and data is not None:
         raise typer.BadParameter("--from-topic and --data are mutually exclusive")
@@ -95,7 +99,7 @@ def train(
         epochs=epochs,
         seed=seed,
         threads=threads,
-        model=ModelConfig(scorer=scorer),  # type: ignore[arg-type]
+        model=ModelConfig(scorer=scorer),
     )
     if from_topic:
         run = _train_from_topic(out, config, from_seq, until_seq, from_time, until_time)
@@ -119,7 +123,6 @@ def _train_from_topic(
     from_time: float | None,
     until_time: float | None,
 ) -> RunResult:
-    from jodie_errors import JodieError
     from operators.training.holdout import holdout_config, holdout_size
     from operators.training.run import run_training
     from streams.progress import TrainingBar
@@ -127,12 +130,8 @@ def _train_from_topic(
     from streams.settings import get_settings
 
     settings = get_settings()
-    try:
-        window = Window(from_seq, until_seq, from_time, until_time)
-        replayed = replay_log(settings, window, progress=True)
-    except JodieError as exc:
-        console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(code=2) from exc
+    window = Window(from_seq, until_seq, from_time, until_time)
+    replayed = replay_log(settings, window, progress=True)
     log, seqs = replayed.log, replayed.seqs
     if replayed.after_gap:
         console.print(
@@ -161,16 +160,21 @@ def _train_from_topic(
 def evaluate(
     checkpoint: Annotated[
         Path | None,
-        typer.Option("--checkpoint", help="checkpoint directory (optional for --baseline)"),
+        typer.Option(
+            "--checkpoint",
+            exists=True,
+            file_okay=False,
+            help="checkpoint directory (optional for --baseline)",
+        ),
     ] = None,
     data: DataOpt = None,
     protocol: Annotated[
-        str,
+        Literal["frozen", "paper"],
         typer.Option(help="'frozen' (weights fixed, as the stream) or 'paper' (keeps training)"),
     ] = "frozen",
-    split: Annotated[str, typer.Option(help="'valid' or 'test'")] = "test",
+    split: Annotated[Literal["valid", "test"], typer.Option(help="'valid' or 'test'")] = "test",
     limit: Annotated[
-        int | None, typer.Option(help="score only the first N events of the split")
+        int | None, typer.Option(min=1, help="score only the first N events of the split")
     ] = None,
     json_out: Annotated[
         Path | None, typer.Option("--json", help="write the metrics as JSON")
@@ -179,10 +183,12 @@ def evaluate(
         Path | None, typer.Option("--export-states", help="write final embeddings to this .npz")
     ] = None,
     baseline: Annotated[
-        str | None, typer.Option(help="evaluate a baseline instead: 'recency' or 'popularity'")
+        Literal["recency", "popularity"] | None,
+        typer.Option(help="evaluate a baseline instead: 'recency' or 'popularity'"),
     ] = None,
     scorer: Annotated[
-        str | None, typer.Option(help="override the checkpoint's scorer: 'plain' or 'history'")
+        ScorerName | None,
+        typer.Option(help="override the checkpoint's scorer: 'plain' or 'history'"),
     ] = None,
     compare: Annotated[
         bool,
@@ -215,12 +221,6 @@ def evaluate(
     """
     from operators.model.checkpoint import load_checkpoint
 
-    if protocol not in ("frozen", "paper"):
-        raise typer.BadParameter("--protocol must be 'paper' or 'frozen'")
-    if split not in ("valid", "test"):
-        raise typer.BadParameter("--split must be 'valid' or 'test'")
-    if baseline is not None and baseline not in ("recency", "popularity"):
-        raise typer.BadParameter("--baseline must be 'recency' or 'popularity'")
     if checkpoint is None and baseline is None:
         raise typer.BadParameter("--checkpoint is required unless --baseline is given")
     if compare and checkpoint is None:
@@ -409,10 +409,10 @@ def _print_table(runs: list[dict[str, Any]]) -> None:
 
 
 def plot(
-    checkpoint: Annotated[Path, typer.Option("--checkpoint", help="checkpoint directory")],
+    checkpoint: CheckpointOpt,
     out: Annotated[Path, typer.Option("--out", help="directory for the PNG files")],
     data: DataOpt = None,
-    users: Annotated[int, typer.Option(help="how many users' trajectories to draw")] = 4,
+    users: Annotated[int, typer.Option(min=1, help="how many users' trajectories to draw")] = 4,
 ) -> None:
     """Training curves, and a few users' embedding trajectories in 2-D (PCA)."""
     from operators.model.checkpoint import load_checkpoint

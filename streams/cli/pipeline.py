@@ -9,7 +9,7 @@ from typing import Annotated, Any
 
 import typer
 
-from streams.cli.common import ModelName, _fail, _registry_call, console, out
+from streams.cli.common import ModelName, _fail, _registry_call, console, need_topics, out
 from streams.settings import get_settings
 
 
@@ -60,7 +60,7 @@ def trainer(
             help="Promote when the hold-out MRR is at least the serving version's minus this."
         ),
     ] = 0.0,
-    epochs: Annotated[int, typer.Option(help="Training epochs per run.")] = 10,
+    epochs: Annotated[int, typer.Option(min=1, help="Training epochs per run.")] = 10,
     once: Annotated[bool, typer.Option(help="Train once now and exit.")] = False,
     name: ModelName = "jodie",
 ) -> None:
@@ -114,31 +114,52 @@ def worker(
 def recommendations(
     follow: Annotated[bool, typer.Option(help="Keep waiting for new ones.")] = False,
     user: Annotated[str | None, typer.Option(help="Only this user's.")] = None,
-    limit: Annotated[int | None, typer.Option(help="Stop after this many.")] = None,
-    top: Annotated[int, typer.Option(help="Candidates to print per recommendation.")] = 5,
+    limit: Annotated[int | None, typer.Option(min=1, help="Stop after this many.")] = None,
+    top: Annotated[int, typer.Option(min=1, help="Candidates to print per recommendation.")] = 5,
     summary: Annotated[
         bool, typer.Option(help="Print only counts, duplicates and the live MRR / Recall@10.")
     ] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print each recommendation whole, one JSON a line.")
+    ] = False,
 ) -> None:
-    """Print recommendations as a read_committed consumer sees them."""
+    """Print recommendations as a read_committed consumer sees them: after each event, the
+    items ranked best first, each with its score (the served ranker's: higher is better,
+    comparable within one list)."""
     from streams.tail import summarise, tail
 
+    need_topics("recommendations", *(["evaluations"] if summary else []))
     if summary:
         settings = get_settings()
         recs = tail(settings, "recommendations", user=user, limit=limit)
         evaluations = tail(settings, "evaluations", user=user, limit=limit)
         out.print(json.dumps(summarise(recs, evaluations)))
         return
+    shown = 0
     for rec in tail(get_settings(), "recommendations", follow=follow, user=user, limit=limit):
-        items = " ".join(f"{c['item_id']}:{c['score']:.3f}" for c in rec["candidates"][:top])
+        shown += 1
+        if as_json:
+            out.print(json.dumps(rec))
+            continue
+        if shown == 1:
+            console.print(
+                "after each event of a user: the model version, then items best first as "
+                "ITEM (score); the score is the served ranker's, higher is better, comparable "
+                "within one list",
+                highlight=False,
+            )
+        items = "  ".join(f"{c['item_id']} ({c['score']:.3f})" for c in rec["candidates"][:top])
         p = rec["state_change_probability"]
-        extra = f" p(change)={p:.3f}" if p is not None else ""
+        extra = f"  p(state change) {p:.3f}" if p is not None else ""
         out.print(
-            f"user {rec['user_id']} after {rec['event_id']} [{rec['model_version']}]"
-            f" → {items}{extra}",
-            highlight=False,
-            markup=False,  # the version is in brackets, which rich would read as a style
-            soft_wrap=True,  # one line per recommendation, whatever the terminal width
+            f"user {rec['user_id']}  after {rec['event_id']}  model {rec['model_version']}"
+            f"  →  {items}{extra}"
+        )
+    if user is not None and not shown:
+        raise typer.BadParameter(
+            f"no recommendation for user {user!r} in {get_settings().topic('recommendations')} "
+            "(user ids as in the first column of the CSV)",
+            param_hint="--user",
         )
 
 

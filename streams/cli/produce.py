@@ -10,23 +10,34 @@ from typing import Annotated
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from jodie_errors import JodieError
-from streams.cli.common import _fail, console, out
+from streams.cli.common import console, need_topics, out
 from streams.settings import get_settings
 
 
 def produce(
     path: Annotated[
-        Path | None, typer.Argument(help="JODIE CSV (plain or .gz); default: bundled Wikipedia.")
+        Path | None,
+        typer.Argument(
+            exists=True,
+            dir_okay=False,
+            help="JODIE CSV (plain or .gz); default: bundled Wikipedia.",
+        ),
     ] = None,
     rate: Annotated[
-        float | None, typer.Option(help="Events per second (default: as fast as possible).")
+        float | None,
+        typer.Option(min=0.001, help="Events per second (default: as fast as possible)."),
     ] = None,
-    limit: Annotated[int | None, typer.Option(help="Send at most this many events.")] = None,
-    start: Annotated[int, typer.Option(help="Skip this many valid rows first (resume).")] = 0,
+    limit: Annotated[int | None, typer.Option(min=0, help="Send at most this many events.")] = None,
+    start: Annotated[
+        int, typer.Option(min=0, help="Skip this many valid rows first (resume).")
+    ] = 0,
     after: Annotated[
         Path | None,
-        typer.Option(help="Start after the events this checkpoint was trained on (sets --start)."),
+        typer.Option(
+            exists=True,
+            file_okay=False,
+            help="Start after the events this checkpoint was trained on (sets --start).",
+        ),
     ] = None,
     strict: Annotated[
         bool, typer.Option(help="Stop at the first bad row instead of reporting it.")
@@ -46,20 +57,17 @@ def produce(
     if after is not None:
         from operators.model.checkpoint import read_meta
 
-        try:
-            offsets = read_meta(after).get("log_offsets", {})
-        except JodieError as exc:
-            raise _fail(exc) from exc
+        offsets = read_meta(after).get("log_offsets", {})
         if "seq" in offsets:
             # Replayed from interactions.log: what follows it is already in the log, and its
             # row count says nothing about a file's rows.
-            raise _fail(
-                JodieError(
-                    f"{after} was trained from interactions.log (up to seq {offsets['seq']}); "
-                    "--after takes a checkpoint trained from a file"
-                )
+            raise typer.BadParameter(
+                f"{after} was trained from interactions.log (up to seq {offsets['seq']}); "
+                "--after takes a checkpoint trained from a file",
+                param_hint="--after",
             )
         start = int(offsets["events"])
+    need_topics("interactions")
     topic = settings.topic("interactions")
     codec = make_codec(settings, "interaction", topic)
     producer = idempotent_producer(settings)
@@ -79,21 +87,18 @@ def produce(
                 task, completed=n, rate=f"{n / max(time.monotonic() - began, 1e-9):,.0f} ev/s"
             )
 
-        try:
-            summary = produce_file(
-                source,
-                producer,
-                codec,
-                topic,
-                start=start,
-                limit=limit,
-                rate=rate,
-                strict=strict,
-                flush_every=settings.produce_batch,
-                on_progress=on_progress,
-            )
-        except JodieError as exc:
-            raise _fail(exc) from exc
+        summary = produce_file(
+            source,
+            producer,
+            codec,
+            topic,
+            start=start,
+            limit=limit,
+            rate=rate,
+            strict=strict,
+            flush_every=settings.produce_batch,
+            on_progress=on_progress,
+        )
     for bad in summary.bad_rows[:20]:
         console.print(f"[yellow]bad row[/yellow] {source}:{bad.line}: {bad.reason_text}")
     if len(summary.bad_rows) > 20:
