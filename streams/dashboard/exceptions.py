@@ -1,0 +1,8 @@
+"""Errors of the dashboard; each says what to do."""
+
+from jodie_errors import JodieError
+
+
+class DashboardError(JodieError):
+    """The dashboard cannot start: the pipeline's topics are missing (run `jodie topics
+    apply` with the pipeline's JODIE_TOPIC_PREFIX) or its port is taken (pass `--port`)."""
