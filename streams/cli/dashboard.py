@@ -13,16 +13,20 @@ from streams.settings import get_settings
 
 
 def dashboard(
-    port: Annotated[int, typer.Option(help="Port on 127.0.0.1 (0: any free one).")] = 8066,
+    port: Annotated[
+        int, typer.Option(min=0, max=65535, help="Port on 127.0.0.1 (0: any free one).")
+    ] = 8066,
     workers: Annotated[
         int,
-        typer.Option(help="Also show the metrics pages of workers 0..N-1 (JODIE_WEB_PORT + n)."),
+        typer.Option(
+            min=0, help="Also show the metrics pages of workers 0..N-1 (JODIE_WEB_PORT + n)."
+        ),
     ] = 0,
     backfill: Annotated[
-        int, typer.Option(help="Messages of each topic read from before the start.")
+        int, typer.Option(min=0, help="Messages of each topic read from before the start.")
     ] = 100_000,
     users: Annotated[
-        int, typer.Option(help="Users whose view is kept (most recently active).")
+        int, typer.Option(min=1, help="Users whose view is kept (most recently active).")
     ] = 2000,
 ) -> None:
     """Serve a live dashboard of the pipeline: throughput, lag, live MRR / Recall@10 against the

@@ -85,7 +85,13 @@ class Reader:
         self.settings, self.board, self.lock = settings, board, lock
         self.topics = {settings.topic(name): name for name in TOPICS}
         client = admin(settings)
-        present = client.list_topics(timeout=15).topics
+        try:
+            present = client.list_topics(timeout=10).topics
+        except KafkaException as exc:
+            raise DashboardError(
+                f"no broker answers at {settings.bootstrap_servers} ({exc.args[0].str()}): start "
+                "it with `jodie broker up`, or point JODIE_BOOTSTRAP at the pipeline's brokers"
+            ) from exc
         missing = sorted(t for t in self.topics if t not in present)
         if missing:
             raise DashboardError(

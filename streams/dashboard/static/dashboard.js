@@ -224,12 +224,20 @@ function trajectoryChart(el, traj) {
     const shade = n > 1 ? 0.25 + (0.75 * i) / (n - 1) : 1;
     parts.push(`<circle cx="${sx(p.x)}" cy="${sy(p.y)}" r="3" fill="${COLORS.model}" fill-opacity="${
       shade.toFixed(2)}"><title>${esc(`${i + 1}/${n} · item ${p.item_id} · t=${p.timestamp}`)}</title></circle>`);
+    if (n <= 24) {  // the order of the events, where it stays readable
+      parts.push(`<text x="${sx(p.x) + 5}" y="${sy(p.y) - 4}" font-size="9" fill="${COLORS.axis}">${i + 1}</text>`);
+    }
   });
   const first = pts[0], lastP = pts[n - 1];
+  const label = (p, text, color, dy) => {  // on the side of the point with room for it
+    const right = sx(p.x) < m.l + w * 0.6;
+    return `<text x="${sx(p.x) + (right ? 9 : -9)}" y="${sy(p.y) + dy}" font-size="11" font-weight="600"
+      text-anchor="${right ? "start" : "end"}" fill="${color}">${esc(text)}</text>`;
+  };
   parts.push(`<circle cx="${sx(first.x)}" cy="${sy(first.y)}" r="6" fill="#fff" stroke="${COLORS.model}" stroke-width="2"/>`,
-    `<text x="${sx(first.x) + 8}" y="${sy(first.y) - 6}" font-size="11" fill="${COLORS.axis}">first</text>`,
+    label(first, "first", COLORS.axis, -8),
     `<circle cx="${sx(lastP.x)}" cy="${sy(lastP.y)}" r="6" fill="${COLORS.dlq}"/>`,
-    `<text x="${sx(lastP.x) + 8}" y="${sy(lastP.y) + 14}" font-size="11" fill="${COLORS.dlq}">latest (item ${esc(lastP.item_id)})</text>`);
+    label(lastP, `latest (item ${lastP.item_id})`, COLORS.dlq, 16));
   const ex = traj.plane ? traj.plane.explained : [0, 0];
   parts.push(`<text x="${m.l + w / 2}" y="${height - 8}" text-anchor="middle" font-size="11" fill="${COLORS.axis}">PC 1 (${(100 * ex[0]).toFixed(0)} % of variance)</text>`,
     `<text transform="translate(12 ${m.t + h / 2}) rotate(-90)" text-anchor="middle" font-size="11" fill="${COLORS.axis}">PC 2 (${(100 * ex[1]).toFixed(0)} %)</text>`);

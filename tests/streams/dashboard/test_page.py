@@ -201,8 +201,13 @@ def test_the_page_follows_a_running_pipeline(
         assert _path(browser, "chart-mrr") and _path(browser, "chart-lag")
 
         # A user search shows that user's latest list, as the topic holds it.
+        # The most active user who moves between items: a trajectory with turns.
         log = load_interactions(bundled_wikipedia()).slice(HISTORY, HISTORY + EVENTS)
-        user = Counter(log.user_ids.tolist()).most_common(1)[0][0]
+        events = Counter(log.user_ids.tolist())
+        items: dict[str, set[str]] = {}
+        for u, i in zip(log.user_ids.tolist(), log.item_ids.tolist(), strict=True):
+            items.setdefault(u, set()).add(i)
+        user = max((u for u in events if len(items[u]) >= 3), key=lambda u: events[u])
         latest = list(tail(settings, "recommendations", user=user))[-1]
         want = [c["item_id"] for c in latest["candidates"]]
         search = browser.find_element(By.ID, "user-search")
@@ -215,9 +220,12 @@ def test_the_page_follows_a_running_pipeline(
         assert shown == want
         assert len(browser.find_elements(By.CSS_SELECTOR, "#user-trajectory circle")) >= 3
 
+        # The whole page in one shot: a window as tall as the page plus the browser's frame.
         browser.execute_script("window.scrollTo(0, 0)")
-        height = browser.execute_script("return document.documentElement.scrollHeight")
-        browser.set_window_size(1440, int(height) + 20)
+        height = browser.execute_script(
+            "return document.documentElement.scrollHeight + window.outerHeight - window.innerHeight"
+        )
+        browser.set_window_size(1440, int(height))
         drawn = _updates(browser)
         until("a redraw at the new size", lambda: _updates(browser) > drawn + 1, 30)
         SCREENSHOT.parent.mkdir(exist_ok=True)
