@@ -178,7 +178,8 @@ function renderOverview(o) {
   $("dlq-recent").querySelector("tbody").innerHTML = o.dlq.recent.slice(0, 6).map((d) =>
     `<tr><td>${clock(d.t)}</td><td>${esc(d.reason)}</td><td>${esc(d.detail)}</td></tr>`).join("");
   $("workers").innerHTML = o.workers.length ? "<h3>Workers</h3>" + o.workers.map((w, i) => w.answered
-    ? `<div>worker ${i}: ${count(w.events)} events · ${fmt(w.events_per_s, 1)}/s · lag ${count(w.lag)} · ${esc(w.model_version)}</div>`
+    ? `<div>worker ${i}: ${count(w.events)} events · ${fmt(w.events_per_s, 1)}/s · lag ${count(w.lag)}${
+      w.model_version ? ` · ${esc(w.model_version)}` : ""}${w.mrr !== null ? ` · MRR ${fmt(w.mrr)}` : ""}</div>`
     : `<div class="muted">worker ${i}: no answer on port ${w.port}</div>`).join("") : "";
 
   $("active-users").innerHTML = o.active_users.map((u) =>
