@@ -10,7 +10,18 @@ from typing import Any
 import typer
 import typer.core
 
-from streams.cli import acls, broker, dlq, model, models, pipeline, produce, state, topics
+from streams.cli import (
+    acls,
+    broker,
+    dashboard,
+    dlq,
+    model,
+    models,
+    pipeline,
+    produce,
+    state,
+    topics,
+)
 from streams.cli.common import _fail, user_error
 from streams.exceptions import SettingsError
 from streams.settings import get_settings
@@ -63,6 +74,7 @@ app.command("worker")(pipeline.worker)
 app.command("recommendations")(pipeline.recommendations)
 app.command("metrics")(pipeline.metrics)
 app.add_typer(dlq.dlq_app, name="dlq")
+app.command("dashboard")(dashboard.dashboard)
 app.command("train")(model.train)
 app.command("evaluate")(model.evaluate)
 app.command("plot")(model.plot)
