@@ -30,3 +30,8 @@ class ModelMismatchError(JodieError):
 class AclError(JodieError):
     """The cluster refused to create an ACL; run `jodie acls apply` as its super user (on the
     local secure broker: `source` the admin env file `jodie broker up --secure` prints)."""
+
+
+class DeliveryError(JodieError):
+    """Events could not be delivered to `interactions` (the producer already retried them);
+    check that the topic exists (`jodie topics create`) and that the brokers answer."""

@@ -129,7 +129,9 @@ def recommendations(
         evaluations = tail(settings, "evaluations", user=user, limit=limit)
         out.print(json.dumps(summarise(recs, evaluations)))
         return
-    for rec in tail(get_settings(), "recommendations", follow=follow, user=user, limit=limit):
+    from streams.client import Client
+
+    for rec in Client().recommendations(user, follow, from_beginning=True, limit=limit):
         items = " ".join(f"{c['item_id']}:{c['score']:.3f}" for c in rec["candidates"][:top])
         p = rec["state_change_probability"]
         extra = f" p(change)={p:.3f}" if p is not None else ""

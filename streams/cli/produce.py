@@ -37,9 +37,7 @@ def produce(
 ) -> None:
     """Produce Avro Interactions to `interactions`, keyed by user id, with deterministic ids."""
     from operators.dataset import bundled_wikipedia
-    from streams.codecs import make_codec
-    from streams.produce import produce_file
-    from streams.runtime.clients import idempotent_producer
+    from streams.client import Client
 
     settings = get_settings()
     source = path or bundled_wikipedia()
@@ -60,9 +58,7 @@ def produce(
                 )
             )
         start = int(offsets["events"])
-    topic = settings.topic("interactions")
-    codec = make_codec(settings, "interaction", topic)
-    producer = idempotent_producer(settings)
+    client = Client(settings)
     columns = (
         TextColumn("[bold]producing"),
         BarColumn(),
@@ -80,17 +76,8 @@ def produce(
             )
 
         try:
-            summary = produce_file(
-                source,
-                producer,
-                codec,
-                topic,
-                start=start,
-                limit=limit,
-                rate=rate,
-                strict=strict,
-                flush_every=settings.produce_batch,
-                on_progress=on_progress,
+            summary = client.send_file(
+                source, start=start, limit=limit, rate=rate, strict=strict, on_progress=on_progress
             )
         except JodieError as exc:
             raise _fail(exc) from exc
@@ -99,7 +86,7 @@ def produce(
     if len(summary.bad_rows) > 20:
         console.print(f"[yellow]... and {len(summary.bad_rows) - 20} more bad rows[/yellow]")
     result = {
-        "topic": topic,
+        "topic": client.topic,
         "events": summary.events,
         "seconds": round(summary.seconds, 3),
         "events_per_s": round(summary.events_per_s, 1),
