@@ -45,3 +45,8 @@ class TopicMissingError(ReadError):
 class DlqFileError(JodieError):
     """A file of events to re-send does not hold what `jodie dlq show --json` prints (one JSON
     object per line, each with an `event`); fix the line it names."""
+
+
+class DeliveryError(JodieError):
+    """Events could not be delivered to `interactions` (the producer already retried them);
+    check that the topic exists (`jodie topics create`) and that the brokers answer."""

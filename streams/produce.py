@@ -57,6 +57,39 @@ def to_record(row: Row, tag: str) -> dict[str, Any]:
     }
 
 
+class Sender:
+    """Sends (key, value) pairs to one topic through one producer, in order, and keeps the
+    first delivery failure for ``flush`` to raise: an idempotent producer already retried it,
+    so it is real (e.g. the topic does not exist)."""
+
+    def __init__(self, producer: Producer, topic: str) -> None:
+        self.producer = producer
+        self.topic = topic
+        self.errors: list[KafkaError] = []
+
+    def _delivered(self, err: KafkaError | None, _msg: Any) -> None:
+        if err is not None:
+            self.errors.append(err)
+
+    def send(self, key: bytes | None, value: bytes | None) -> None:
+        while True:
+            try:
+                self.producer.produce(self.topic, value=value, key=key, on_delivery=self._delivered)
+                break
+            except BufferError:
+                # Local queue full: let librdkafka drain it, then retry this message.
+                self.producer.poll(0.05)
+        self.producer.poll(0)
+
+    def flush(self, timeout_s: float = -1) -> int:
+        """Wait until every message sent is delivered (``timeout_s`` < 0: however long it
+        takes); raise the first delivery failure. Returns how many are still on their way."""
+        remaining = self.producer.flush(timeout_s)
+        if self.errors:
+            raise KafkaException(self.errors[0])
+        return int(remaining)
+
+
 class _Pacer:
     """Holds the send rate at ``rate`` events/s on average (no pacing when rate is None)."""
 
@@ -92,42 +125,27 @@ def produce_file(
     so a failure here is real (e.g. the topic does not exist).
     """
     summary = ProduceSummary(source_tag=source_tag(path))
-    errors: list[KafkaError] = []
-
-    def on_delivery(err: KafkaError | None, _msg: Any) -> None:
-        if err is not None:
-            errors.append(err)
-
+    sender = Sender(producer, topic)
     rows: Iterator[Row] = iter_rows(path, errors=summary.bad_rows, strict=strict)
     stop = None if limit is None else start + limit
     pacer = _Pacer(rate)
     began = time.monotonic()
     for row in islice(rows, start, stop):
-        value = codec.encode(to_record(row, summary.source_tag))
-        while True:
-            try:
-                producer.produce(
-                    topic, value=value, key=row.user_id.encode(), on_delivery=on_delivery
-                )
-                break
-            except BufferError:
-                # Local queue full: let librdkafka drain it, then retry this event.
-                producer.poll(0.05)
+        sender.send(row.user_id.encode(), codec.encode(to_record(row, summary.source_tag)))
         summary.events += 1
-        producer.poll(0)
         if summary.events % flush_every == 0:
             producer.flush()
         if on_progress is not None and summary.events % progress_every == 0:
             on_progress(summary.events)
         pacer.wait(summary.events)
-        if errors:
+        if sender.errors:
             break
-    producer.flush()
-    summary.seconds = time.monotonic() - began
-    if on_progress is not None:
-        on_progress(summary.events)
-    if errors:
-        raise KafkaException(errors[0])
+    try:
+        sender.flush()
+    finally:
+        summary.seconds = time.monotonic() - began
+        if on_progress is not None:
+            on_progress(summary.events)
     return summary
 
 
@@ -163,26 +181,11 @@ def produce_messages(
     default (1,000,000 bytes)."""
     from streams.runtime.clients import idempotent_producer
 
-    errors: list[KafkaError] = []
-
-    def on_delivery(err: KafkaError | None, _msg: Any) -> None:
-        if err is not None:
-            errors.append(err)
-
-    topic = settings.topic("interactions")
     overrides = {} if message_max_bytes is None else {"message.max.bytes": message_max_bytes}
-    producer = idempotent_producer(settings, **overrides)
+    sender = Sender(idempotent_producer(settings, **overrides), settings.topic("interactions"))
     sent = 0
     for key, value in messages:
-        while True:
-            try:
-                producer.produce(topic, key=key, value=value, on_delivery=on_delivery)
-                break
-            except BufferError:
-                producer.poll(0.05)  # local queue full: let librdkafka drain it
-        producer.poll(0)
+        sender.send(key, value)
         sent += 1
-    producer.flush()
-    if errors:
-        raise KafkaException(errors[0])
+    sender.flush()
     return sent

@@ -31,6 +31,7 @@ from operators.model.checkpoint import load_checkpoint
 from operators.retrieval.cooccurrence import CooccurrenceCandidates
 from schemas import INTERACTION, DecodeError, SchemaError
 from streams.app.epochs import Epoch, epoch_of, row_key, split_row_key
+from streams.app.metrics import WorkerCollector
 from streams.app.processor import Box, Message_, Output, Processor, WorkerStats
 from streams.app.serving import Serving, model_version
 from streams.codecs import make_codec
@@ -38,6 +39,7 @@ from streams.feeds import Feeds
 from streams.runtime.http import Endpoint, json_route
 from streams.runtime.kafka import partition_for
 from streams.runtime.loop import Application, LoopConfig, Record, TransactionalLoop
+from streams.runtime.metrics import LoopMetrics, Metrics
 from streams.runtime.store import Table
 from streams.settings import Settings
 from streams.topics import app_id, changelog_topic
@@ -126,6 +128,10 @@ class Worker(Application[list[Decoded]]):
             self,
             _log,
         )
+        # Prometheus families of this worker alone (its own registry: /metrics).
+        self.metrics = Metrics()
+        self.loop_metrics = LoopMetrics(self.loop.stats, self.metrics.registry, "jodie")
+        self.metrics.register(WorkerCollector(self.stats, lambda: self.processor.serving))
 
     def run(self, max_seconds: float | None = None) -> WorkerStats:
         self.loop.run(max_seconds)
@@ -135,7 +141,7 @@ class Worker(Application[list[Decoded]]):
         self.loop.stop()
 
     def snapshot(self) -> dict[str, Any]:
-        """What /metrics serves and the worker logs."""
+        """What /metrics.json serves and the worker logs."""
         return self.stats.snapshot(self.processor.serving, self.loop.stats)
 
     # -- the application ----------------------------------------------------------------------
@@ -162,7 +168,7 @@ class Worker(Application[list[Decoded]]):
 
     def prepare(self, records: list[Record]) -> list[Decoded]:
         decoded: list[Decoded] = []
-        for topic, p, offset, key, value in records:
+        for topic, p, offset, key, value, _stamp in records:
             try:
                 if key is None or value is None:
                     raise DecodeError("an inbox message without a key or a value")
@@ -211,6 +217,9 @@ class Worker(Application[list[Decoded]]):
         ]
         return (self.processor.dlq, key or b"", value or b"", headers)
 
+    def committed(self, records: list[Record], seconds: float) -> None:
+        self.loop_metrics.observe(records, seconds)
+
     def report(self, interval_s: float) -> None:
         self.stats.rate = (self.stats.user_events - self._reported_events) / interval_s
         self._reported_events = self.stats.user_events
@@ -241,7 +250,8 @@ def run_worker(
     version: str | None = None,
     model: str | None = None,
 ) -> None:
-    """Run one worker until it is stopped (SIGTERM / Ctrl-C); /metrics on web_port + id."""
+    """Run one worker until it is stopped (SIGTERM / Ctrl-C); on port web_port + id, /metrics
+    (Prometheus text format) and /metrics.json (the snapshot)."""
     logging.basicConfig(
         level=getattr(logging, loglevel.upper(), logging.WARNING),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -250,7 +260,8 @@ def run_worker(
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: worker.stop())
     http = Endpoint()
-    http.route("/metrics", json_route(worker.snapshot))
+    http.route("/metrics", worker.metrics.exposition)
+    http.route("/metrics.json", json_route(worker.snapshot))
     http.serve(settings.web_port + worker_id)
     try:
         worker.run()

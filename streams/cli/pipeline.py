@@ -135,11 +135,17 @@ def recommendations(
         evaluations = tail(settings, "evaluations", user=user, limit=limit)
         out.print(json.dumps(summarise(recs, evaluations)))
         return
+    from schemas import recommendation_vectors
+    from streams.client import Client
+
     shown = 0
-    for rec in tail(get_settings(), "recommendations", follow=follow, user=user, limit=limit):
+    for rec in Client().recommendations(user, follow, from_beginning=True, limit=limit):
         shown += 1
         if as_json:
-            out.print(json.dumps(rec))
+            projected, predicted = recommendation_vectors(rec)
+            plain = {k: v for k, v in rec.items() if not k.endswith("_f32")}
+            plain.update(projected_user=projected.tolist(), predicted_item=predicted.tolist())
+            out.print(json.dumps(plain))
             continue
         if shown == 1:
             console.print(
@@ -167,53 +173,71 @@ def metrics(
     workers: Annotated[int, typer.Option(help="Worker ids 0..N-1 to ask.")] = 1,
     as_json: Annotated[bool, typer.Option("--json", help="Print each worker's page.")] = False,
 ) -> None:
-    """The running workers' /metrics: events applied, events/s, lag, live MRR / Recall@10."""
+    """The running workers' /metrics.json: events applied, events/s, lag, live MRR / Recall@10
+    (null until measured). Prometheus scrapes /metrics on the same ports."""
     import urllib.request
 
+    from jodie_errors import JodieError
     from streams.app.epochs import label
 
     settings = get_settings()
-    pages = []
+    pages, silent = [], []
     for n in range(workers):
-        url = f"http://127.0.0.1:{settings.web_port + n}/metrics"
+        url = f"http://127.0.0.1:{settings.web_port + n}/metrics.json"
         try:
             with urllib.request.urlopen(url, timeout=5) as response:
                 pages.append(json.loads(response.read()))
         except OSError as exc:
-            console.print(f"worker {n}: no answer at {url} ({exc})", highlight=False)
+            silent.append(f"worker {n}: no answer at {url} ({exc})")
+    if not pages:
+        first, last = settings.web_port, settings.web_port + workers - 1
+        ports = f"port {first}" if workers == 1 else f"ports {first}-{last}"
+        raise _fail(
+            JodieError(
+                f"no worker answers on 127.0.0.1 {ports} (/metrics.json); start one with "
+                "`jodie worker --model NAME` (worker N serves on JODIE_WEB_PORT + N)"
+            )
+        )
+    for line in silent:  # some answered: say which did not, then report the others
+        console.print(line, highlight=False, soft_wrap=True)
     if as_json:
-        out.print(json.dumps(pages))
+        _print_json(pages)
         return
     events = sum(p["user_events"] for p in pages)
     online = [p["online"] for p in pages if p["online"]["events"]]
     total = sum(o["events"] for o in online)
-    mrr = sum(o["mrr"] * o["events"] for o in online) / total if total else float("nan")
-    r10 = sum(o["recall_at_10"] * o["events"] for o in online) / total if total else float("nan")
-    out.print(
-        json.dumps(
-            {
-                "workers": len(pages),
-                "events": events,
-                "evaluated": total,
-                "evaluation_pending": sum(p["evaluation"].get("pending", 0) for p in pages),
-                "events_per_s": round(sum(p["events_per_s"] for p in pages), 1),
-                "lag": sum(max(0, p["lag"]) for p in pages),
-                "mrr": mrr,
-                "recall_at_10": r10,
-                "served": _served(pages),
-                "model_versions": sorted({p["model_version"] for p in pages if p["model_version"]}),
-                "epochs": sorted(
-                    {label((e["version"], e["since"])) for p in pages for e in p["epochs"]}
-                ),
-            }
-        )
+    mrr = sum(o["mrr"] * o["events"] for o in online) / total if total else None
+    r10 = sum(o["recall_at_10"] * o["events"] for o in online) / total if total else None
+    _print_json(
+        {
+            "workers": len(pages),
+            "events": events,
+            "evaluated": total,
+            "evaluation_pending": sum(p["evaluation"].get("pending", 0) for p in pages),
+            "events_per_s": round(sum(p["events_per_s"] for p in pages), 1),
+            "lag": sum(max(0, p["lag"]) for p in pages),
+            "mrr": mrr,
+            "recall_at_10": r10,
+            "served": _served(pages),
+            "model_versions": sorted({p["model_version"] for p in pages if p["model_version"]}),
+            "epochs": sorted(
+                {label((e["version"], e["since"])) for p in pages for e in p["epochs"]}
+            ),
+        }
     )
+
+
+def _print_json(value: Any) -> None:
+    # Strict JSON (null for what is not measured yet) on one line, never wrapped.
+    from streams.runtime.http import dumps
+
+    out.print(dumps(value), soft_wrap=True, highlight=False, markup=False)
 
 
 def _served(pages: list[dict[str, Any]]) -> dict[str, Any]:
     """The workers' served-list figures, weighted by their events (each user is measured by
     the worker that owns it)."""
-    parts = [p["served"] for p in pages if p.get("served", {}).get("events")]
+    parts = [p["served"] for p in pages if (p.get("served") or {}).get("events")]
     n = sum(s["events"] for s in parts)
     if not n:
         return {"events": 0}

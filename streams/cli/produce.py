@@ -48,9 +48,7 @@ def produce(
 ) -> None:
     """Produce Avro Interactions to `interactions`, keyed by user id, with deterministic ids."""
     from operators.dataset import bundled_wikipedia
-    from streams.codecs import make_codec
-    from streams.produce import produce_file
-    from streams.runtime.clients import idempotent_producer
+    from streams.client import Client
 
     settings = get_settings()
     source = path or bundled_wikipedia()
@@ -68,9 +66,7 @@ def produce(
             )
         start = int(offsets["events"])
     need_topics("interactions")
-    topic = settings.topic("interactions")
-    codec = make_codec(settings, "interaction", topic)
-    producer = idempotent_producer(settings)
+    client = Client(settings)
     columns = (
         TextColumn("[bold]producing"),
         BarColumn(),
@@ -87,24 +83,16 @@ def produce(
                 task, completed=n, rate=f"{n / max(time.monotonic() - began, 1e-9):,.0f} ev/s"
             )
 
-        summary = produce_file(
-            source,
-            producer,
-            codec,
-            topic,
-            start=start,
-            limit=limit,
-            rate=rate,
-            strict=strict,
-            flush_every=settings.produce_batch,
-            on_progress=on_progress,
+        # A JodieError (an undeliverable batch) is one line, as for every command.
+        summary = client.send_file(
+            source, start=start, limit=limit, rate=rate, strict=strict, on_progress=on_progress
         )
     for bad in summary.bad_rows[:20]:
         console.print(f"[yellow]bad row[/yellow] {source}:{bad.line}: {bad.reason_text}")
     if len(summary.bad_rows) > 20:
         console.print(f"[yellow]... and {len(summary.bad_rows) - 20} more bad rows[/yellow]")
     result = {
-        "topic": topic,
+        "topic": client.topic,
         "events": summary.events,
         "seconds": round(summary.seconds, 3),
         "events_per_s": round(summary.events_per_s, 1),

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -19,9 +20,26 @@ _log = logging.getLogger("jodie.http")
 Handler = Callable[[], tuple[bytes, str]]
 
 
+def finite(value: Any) -> Any:
+    """``value`` with every NaN or infinite float replaced by None: JSON has no NaN, and a
+    figure not measured yet reads as null to any JSON parser."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, Mapping):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [finite(v) for v in value]
+    return value
+
+
+def dumps(value: Any) -> str:
+    """``value`` as strict JSON (non-finite floats as null)."""
+    return json.dumps(finite(value), allow_nan=False)
+
+
 def json_route(snapshot: Callable[[], Any]) -> Handler:
-    """A handler that serves ``snapshot()`` as JSON."""
-    return lambda: (json.dumps(snapshot()).encode(), "application/json")
+    """A handler that serves ``snapshot()`` as strict JSON (non-finite floats as null)."""
+    return lambda: (dumps(snapshot()).encode(), "application/json")
 
 
 class Endpoint:

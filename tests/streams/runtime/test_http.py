@@ -35,3 +35,24 @@ def test_a_taken_port_is_reported_not_raised() -> None:
         assert not Endpoint().serve(first.port or 0)
     finally:
         first.close()
+
+
+def test_json_routes_serve_what_is_not_measured_as_null() -> None:
+    page = {"mrr": float("nan"), "nested": [{"r10": float("inf")}, 0.5], "n": 3}
+    http = Endpoint()
+    http.route("/metrics.json", json_route(lambda: page))
+    assert http.serve(0)
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{http.port}/metrics.json") as reply:
+            text = reply.read().decode()
+    finally:
+        http.close()
+
+    def refuse(constant: str) -> None:
+        raise AssertionError(f"{constant} is not JSON")
+
+    assert json.loads(text, parse_constant=refuse) == {
+        "mrr": None,
+        "nested": [{"r10": None}, 0.5],
+        "n": 3,
+    }
