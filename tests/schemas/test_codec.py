@@ -77,7 +77,7 @@ def test_recommendation_and_announcement_round_trip() -> None:
     }
     data = Codec(load_schema("recommendation.v2")).encode(v2_rec)
     decoded = Codec(RECOMMENDATION).decode(data)
-    # (the defaults of the packed fields: empty; fastavro gives a bytes default as "")
+    # (the packed fields default to null)
     assert {k: v for k, v in decoded.items() if not k.endswith("_f32")} == v2_rec
     assert not decoded["projected_user_f32"] and not decoded["predicted_item_f32"]
     assert [v.tolist() for v in recommendation_vectors(decoded)] == [[0.5, 0.25], [1, -2, 0]]
