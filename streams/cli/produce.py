@@ -34,6 +34,14 @@ def produce(
     json_out: Annotated[
         Path | None, typer.Option("--json", help="Also write the summary here.")
     ] = None,
+    loop: Annotated[
+        bool,
+        typer.Option(
+            help="Send the rows again and again until stopped, each pass as new events (fresh "
+            "ids, timestamps moved past the previous pass): a stream that never ends, for a "
+            "demo deployment."
+        ),
+    ] = False,
 ) -> None:
     """Produce Avro Interactions to `interactions`, keyed by user id, with deterministic ids."""
     from operators.dataset import bundled_wikipedia
@@ -71,7 +79,7 @@ def produce(
         TextColumn("{task.fields[rate]}"),
     )
     with Progress(*columns, console=console, transient=False) as progress:
-        task = progress.add_task("produce", total=limit, rate="")
+        task = progress.add_task("produce", total=None if loop else limit, rate="")
         began = time.monotonic()
 
         def on_progress(n: int) -> None:
@@ -91,6 +99,7 @@ def produce(
                 strict=strict,
                 flush_every=settings.produce_batch,
                 on_progress=on_progress,
+                laps=None if loop else 1,
             )
         except JodieError as exc:
             raise _fail(exc) from exc
@@ -105,6 +114,7 @@ def produce(
         "events_per_s": round(summary.events_per_s, 1),
         "bad_rows": len(summary.bad_rows),
         "source_tag": summary.source_tag,
+        "laps": summary.laps,
     }
     out.print(json.dumps(result))
     if json_out is not None:
