@@ -90,7 +90,7 @@ def curves_figure(
             f"{mrr[best]:.3f}",
             (best + 1, mrr[best]),
             textcoords="offset points",
-            xytext=(0, 7),
+            xytext=(0, -15),  # below: the recency line often lies just above
             ha="center",
             fontsize="small",
             color="tab:green",
