@@ -201,11 +201,14 @@ class Client:
         rate: float | None = None,
         strict: bool = False,
         on_progress: Callable[[int], None] | None = None,
+        laps: int | None = 1,
     ) -> ProduceSummary:
         """Send the rows of a JODIE CSV (plain or .gz; the bundled Wikipedia file by
         default): valid rows ``start .. start+limit``, at ``rate`` events/s if given, with
         ids derived from the file so a re-run is deduplicated. Bad rows are reported in the
-        summary (``strict``: raise at the first). Delivered when it returns."""
+        summary (``strict``: raise at the first). ``laps``: passes over the rows, each
+        after the first as new events later in time (None: until stopped; see
+        ``streams.produce.produce_file``). Delivered when it returns."""
         from operators.dataset import bundled_wikipedia
 
         try:
@@ -220,6 +223,7 @@ class Client:
                 strict=strict,
                 flush_every=self.settings.produce_batch,
                 on_progress=on_progress,
+                laps=laps,
             )
         except KafkaException as exc:
             raise DeliveryError(f"sending to {self.topic}: {exc.args[0]}") from exc

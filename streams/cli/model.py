@@ -413,21 +413,57 @@ def plot(
     out: Annotated[Path, typer.Option("--out", help="directory for the PNG files")],
     data: DataOpt = None,
     users: Annotated[int, typer.Option(min=1, help="how many users' trajectories to draw")] = 4,
+    events: Annotated[
+        int, typer.Option(min=1, help="trajectories: events after the training split to follow")
+    ] = 5000,
+    limit: Annotated[
+        int | None, typer.Option(min=1, help="categories: score only the first N test events")
+    ] = None,
 ) -> None:
-    """Training curves, and a few users' embedding trajectories in 2-D (PCA)."""
-    from operators.model.checkpoint import load_checkpoint
-    from streams.plots import plot_trajectories, save_curves
+    """curves.png (training curves against the baselines), categories.png (test MRR per kind
+    of event, the model against the baselines) and trajectories.png (users' u(t), 2-D)."""
+    import torch
 
+    from operators.evaluation.baselines import evaluate_baseline
+    from operators.model.checkpoint import load_checkpoint
+    from streams.plots import plot_trajectories, save_categories, save_curves
+
+    torch.set_num_threads(1)  # small per-event batches: more threads only contend
     ckpt = load_checkpoint(checkpoint)
     out.mkdir(parents=True, exist_ok=True)
     curves = ckpt.meta.get("curves") or {}
-    _, curves_png = save_curves(curves, out)
-    log = _load(_data_path(data))
+    if ckpt.last_seq is not None:
+        _, curves_png = save_curves(curves, out)
+        console.print(
+            "[yellow]trained --from-topic: its states are past any file's splits, so only "
+            "the curves are drawn (no baselines, categories or trajectories)[/yellow]"
+        )
+        typer.echo(f"wrote {curves_png}")
+        return
+    path = _data_path(data)
+    log = _load(path)
+    bounds = _bounds(ckpt, log, path)
+    baselines = {
+        kind: evaluate_baseline(log, bounds, kind, "valid").summary()["mrr"]
+        for kind in ("recency", "popularity")
+    }
+    _, curves_png = save_curves(curves, out, baselines)
+    start = bounds["train"][1]
     traj_png = plot_trajectories(
         ckpt.model,
-        log,
+        ckpt.states,
+        log.slice(start, min(len(log), start + events)),
         out / "trajectories.png",
         n_users=users,
         timespan=float(ckpt.meta.get("timespan", 0.0)),
     )
-    typer.echo(f"wrote {curves_png} and {traj_png}")
+    console.print("scoring the test split (model and baselines) for categories.png ...")
+    runs = [
+        _model_run(ckpt, log, bounds, "frozen", "test", ckpt.config.scorer, limit, None),
+        *(
+            _baseline(log, bounds, kind, "test", limit, "frozen")
+            for kind in ("recency", "popularity")
+        ),
+    ]
+    cats_png = save_categories(runs, out / "categories.png")
+    typer.echo(f"wrote {curves_png}, {cats_png} and {traj_png}")

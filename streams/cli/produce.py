@@ -45,6 +45,14 @@ def produce(
     json_out: Annotated[
         Path | None, typer.Option("--json", help="Also write the summary here.")
     ] = None,
+    loop: Annotated[
+        bool,
+        typer.Option(
+            help="Send the rows again and again until stopped, each pass as new events (fresh "
+            "ids, timestamps moved past the previous pass): a stream that never ends, for a "
+            "demo deployment."
+        ),
+    ] = False,
 ) -> None:
     """Produce Avro Interactions to `interactions`, keyed by user id, with deterministic ids."""
     from operators.dataset import bundled_wikipedia
@@ -75,7 +83,7 @@ def produce(
         TextColumn("{task.fields[rate]}"),
     )
     with Progress(*columns, console=console, transient=False) as progress:
-        task = progress.add_task("produce", total=limit, rate="")
+        task = progress.add_task("produce", total=None if loop else limit, rate="")
         began = time.monotonic()
 
         def on_progress(n: int) -> None:
@@ -85,7 +93,13 @@ def produce(
 
         # A JodieError (an undeliverable batch) is one line, as for every command.
         summary = client.send_file(
-            source, start=start, limit=limit, rate=rate, strict=strict, on_progress=on_progress
+            source,
+            start=start,
+            limit=limit,
+            rate=rate,
+            strict=strict,
+            on_progress=on_progress,
+            laps=None if loop else 1,
         )
     for bad in summary.bad_rows[:20]:
         console.print(f"[yellow]bad row[/yellow] {source}:{bad.line}: {bad.reason_text}")
@@ -98,6 +112,7 @@ def produce(
         "events_per_s": round(summary.events_per_s, 1),
         "bad_rows": len(summary.bad_rows),
         "source_tag": summary.source_tag,
+        "laps": summary.laps,
     }
     out.print(json.dumps(result))
     if json_out is not None:
