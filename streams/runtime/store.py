@@ -222,6 +222,16 @@ class Table(Generic[R]):
             self.rows.put((partition, key), row)
         return row
 
+    def peek(self, partition: int, key: bytes) -> R:
+        """The row as ``get`` gives it, without making it recently used or caching it (for
+        readers beside the processing: a query must not evict the rows being worked on).
+        The caller must not change it."""
+        row = self.rows.peek((partition, key))
+        if row is not None:
+            return row
+        raw = self.partitions[partition].db.get(key)
+        return self.initial(key) if raw is None else self.decode(key, raw)
+
     def forget(self) -> None:
         """Drop every row in memory (after an aborted batch): they reload from RocksDB."""
         self.rows.clear()
