@@ -276,6 +276,28 @@ class StreamModel:
             )
         return results
 
+    @torch.inference_mode()
+    def predict_at(
+        self,
+        user_id: str,
+        user: EntityState,
+        previous: tuple[str, np.ndarray] | None,
+        t: float,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(û, j̃) of a user at time ``t``, between events: u projected by Δ = t − its last
+        event, predicting from its previous item ``(id, i)`` as that item is now (None: the
+        model's initial item, no static part) — ``OnlineJodie.query`` from one side's
+        state. (d,), (d + s_item,)."""
+        u = self._dyns([user], self._u_init)  # (1, d)
+        du = self._deltas([user.last_time], [t], self._du)  # (1, 1)
+        if previous is None:
+            p_dyn, p_static = self._i_init, torch.zeros(1, self.config.item_static_dim)
+        else:
+            p_dyn = torch.from_numpy(np.asarray(previous[1], dtype=np.float32).reshape(1, -1))
+            p_static = self._item_static(previous[0])
+        projected, predicted = query(self.model, u, du, self._user_static(user_id), p_dyn, p_static)
+        return projected[0].numpy().copy(), predicted[0].numpy().copy()
+
     # -- quarantine by exception -------------------------------------------------------------
     def _kept(self, state: EntityState, initial: Tensor) -> np.ndarray:
         if state.embedding is None or state.is_new:
