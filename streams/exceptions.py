@@ -30,3 +30,22 @@ class ModelMismatchError(JodieError):
 class AclError(JodieError):
     """The cluster refused to create an ACL; run `jodie acls apply` as its super user (on the
     local secure broker: `source` the admin env file `jodie broker up --secure` prints)."""
+
+
+class QueryError(JodieError):
+    """An interactive query (`jodie recommend`, streams.query) without an answer; the message
+    says why."""
+
+
+class NoWorkerError(QueryError):
+    """No worker answered at the addresses asked: start the workers (`jodie worker --id N`),
+    or point JODIE_WEB_PORT (and --workers) at the running ones."""
+
+
+class UnknownEntityError(QueryError):
+    """No event of this user or item has been applied yet, so the pipeline holds no state of
+    it; ask with cold start (`jodie recommend USER --cold-start`) for the items popular now."""
+
+
+class BadQueryError(QueryError):
+    """The workers refused the query's parameters; the message names the one to fix."""

@@ -10,7 +10,7 @@ from typing import Any
 import typer
 import typer.core
 
-from streams.cli import acls, broker, model, models, pipeline, produce, state, topics
+from streams.cli import acls, broker, model, models, pipeline, produce, query, state, topics
 from streams.cli.common import _fail
 from streams.exceptions import SettingsError
 from streams.runtime.exceptions import AuthenticationError
@@ -55,6 +55,7 @@ app.command("trainer")(pipeline.trainer)
 app.add_typer(state.state_app, name="state")
 app.command("worker")(pipeline.worker)
 app.command("recommendations")(pipeline.recommendations)
+app.command("recommend")(query.recommend)
 app.command("metrics")(pipeline.metrics)
 app.command("train")(model.train)
 app.command("evaluate")(model.evaluate)
