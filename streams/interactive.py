@@ -12,10 +12,14 @@ request that reaches a worker which does not own the key (a rebalance moved it s
 421, and the asker looks the owner up afresh, once; while no member owns the partition (a
 rebalance in progress) the answer is 503 with ``Retry-After``.
 
-Consistency: the owner reads under the loop's state lock, so an answer is computed from
-committed state only — the user's row as of the last committed batch (``log_seq``: the seq
-of its last applied event in interactions.log; ``pending_events``: events of it received but
-waiting for their partner's state) and the candidate index as it stands between batches.
+Consistency and concurrency: queries run on the HTTP threads while the loop processes, and
+never wait for a batch. The user's (or item's) row is read as last committed (``Table.
+committed``: the table's RocksDB, written only after each transaction commits), so an answer
+never sees a batch half applied: ``log_seq`` is the seq in interactions.log of the last event
+of that user applied and committed, ``pending_events`` the events of it received but waiting
+for their partner's state. The candidate index is read under the serving's lock, which the
+loop holds only while it writes item vectors into it; the index holds the latest item states
+this worker knows, which may run a batch ahead of the user's committed row.
 
 Time: a JODIE answer depends on when it is asked, since the user's embedding is projected
 over the time since its last event. Answers project to the owner's *stream time* — the
@@ -33,30 +37,49 @@ the ranker's popularity terms favour at that time (the same for everyone).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol
 
 import numpy as np
 
 from operators.model.state import TREND_SECONDS, trend_at
 from streams.app.epochs import UNSTAMPED, label, row_key
+from streams.app.processor import Box, Processor
 from streams.app.serving import Ranked, Serving
 from streams.query import MAX_K
 from streams.runtime.directory import Directory, DirectoryError
 from streams.runtime.http import Endpoint, HttpError, Request, Response, fetch, json_response
-
-if TYPE_CHECKING:
-    from streams.worker import Worker
+from streams.runtime.loop import TransactionalLoop
+from streams.runtime.store import Table
+from streams.settings import Settings
 
 #: How long a forwarded query may take at its owner.
 FORWARD_TIMEOUT_S = 5.0
 _RETRY = {"Retry-After": "1"}
 
 
+class Owner(Protocol):
+    """What the queries read of a worker (streams.worker.Worker)."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def settings(self) -> Settings: ...
+    @property
+    def sides(self) -> Mapping[str, str]: ...  # inbox topic → side
+    @property
+    def tables_by_side(self) -> Mapping[str, Table[Box]]: ...
+    @property
+    def processor(self) -> Processor: ...
+    @property
+    def loop(self) -> TransactionalLoop[Any]: ...
+    def partition_of(self, side: str, entity: str) -> int | None: ...
+
+
 class Queries:
     """The query routes of one worker."""
 
-    def __init__(self, worker: Worker, directory: Directory | None = None) -> None:
+    def __init__(self, worker: Owner, directory: Directory | None = None) -> None:
         self.worker = worker
         self.name = worker.name
         self.directory = directory or Directory(worker.settings, worker.loop.config.group_id)
@@ -71,12 +94,14 @@ class Queries:
         user_id = request.params["user_id"]
         k, at, cold = _k(request), _at(request), request.flag("cold_start")
         return self._routed(
-            "user", user_id, request, lambda p, s: self._user(p, s, user_id, k, at, cold)
+            "user", user_id, request, lambda p, s, box: self._user(p, s, box, user_id, k, at, cold)
         )
 
     def item(self, request: Request) -> Response:
         item_id = request.params["item_id"]
-        return self._routed("item", item_id, request, lambda p, s: self._item(p, s, item_id))
+        return self._routed(
+            "item", item_id, request, lambda p, s, box: self._item(p, s, box, item_id)
+        )
 
     # -- routing ------------------------------------------------------------------------------
     def _routed(
@@ -84,20 +109,23 @@ class Queries:
         side: str,
         entity: str,
         request: Request,
-        answer: Callable[[int, Serving], dict[str, Any]],
+        answer: Callable[[int, Serving, Box], dict[str, Any]],
     ) -> Response:
-        """``answer(partition, serving)`` here if this worker owns the entity, else the
-        owner's response."""
+        """``answer(partition, serving, committed row)`` here if this worker owns the entity,
+        else the owner's response."""
         worker = self.worker
-        with worker.loop.state_lock:
-            p = worker.partition_of(side, entity)
-            if p is None:
-                raise HttpError(503, f"{self.name} is starting; retry shortly", _RETRY)
-            if p in worker.tables_by_side[side].partitions:
-                serving = worker.processor.serving
-                if serving is None:
-                    raise HttpError(503, f"{self.name} serves no model version yet", _RETRY)
-                return json_response(answer(p, serving))
+        p = worker.partition_of(side, entity)
+        if p is None:
+            raise HttpError(503, f"{self.name} is starting; retry shortly", _RETRY)
+        # A snapshot of the served epochs (the loop may add one meanwhile): the latest.
+        servings = list(worker.processor.servings.values())
+        if servings:
+            serving = max(servings, key=lambda s: s.epoch[1])
+            box = worker.tables_by_side[side].committed(p, row_key(entity.encode(), serving.epoch))
+            if box is not None:
+                return json_response(answer(p, serving, box))
+        elif p in worker.tables_by_side[side].partitions:
+            raise HttpError(503, f"{self.name} serves no model version yet", _RETRY)
         if "via" in request.headers:
             raise HttpError(421, f"{self.name} does not own {side} partition {p} (any more)")
         return self._forward(side, p, request)
@@ -136,7 +164,7 @@ class Queries:
             )
         raise HttpError(503, f"{last}; retry shortly", _RETRY)
 
-    # -- answers (under the state lock, on the owner) -----------------------------------------
+    # -- answers (on the owner, from its committed row) ----------------------------------------
     def _envelope(self, p: int, serving: Serving) -> dict[str, Any]:
         return {
             "model_version": serving.version,
@@ -146,10 +174,15 @@ class Queries:
         }
 
     def _user(
-        self, p: int, serving: Serving, user_id: str, k: int, at: float | None, cold: bool
+        self,
+        p: int,
+        serving: Serving,
+        box: Box,
+        user_id: str,
+        k: int,
+        at: float | None,
+        cold: bool,
     ) -> dict[str, Any]:
-        table = self.worker.tables_by_side["user"]
-        box = table.peek(p, row_key(user_id.encode(), serving.epoch))
         state = box.state
         answer: dict[str, Any] = {"user_id": user_id, "k": k, **self._envelope(p, serving)}
         if state.is_new:
@@ -197,9 +230,7 @@ class Queries:
             "recommendations": _listed(ranked),
         }
 
-    def _item(self, p: int, serving: Serving, item_id: str) -> dict[str, Any]:
-        table = self.worker.tables_by_side["item"]
-        box = table.peek(p, row_key(item_id.encode(), serving.epoch))
+    def _item(self, p: int, serving: Serving, box: Box, item_id: str) -> dict[str, Any]:
         state = box.state
         if state.is_new:
             raise HttpError(
@@ -221,7 +252,6 @@ class Queries:
                 trend_at(np.array([state.trend]), np.array([state.last_time]), now)[0]
             ),
             "trend_time_constant_s": TREND_SECONDS,
-            "indexed": serving.index.get(item_id) is not None,
         }
 
 

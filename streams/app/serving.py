@@ -11,11 +11,13 @@ every indexed item (the decayed counts taken at the batch's latest event time).
 
 Between events, ``rank_user`` answers an interactive query with the same ranker: the user's
 state projected to a time ``t`` (by default the worker's stream time, ``clock``), as the
-offline ``OnlineJodie.query`` would at that time.
+offline ``OnlineJodie.query`` would at that time. Queries run on other threads than the
+processing: they read the index under ``lock``, which ``upsert`` holds to change it.
 """
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -71,6 +73,10 @@ class Serving:
     #: Stream time: the latest event time among the indexed items (each item's vector comes
     #: with the time of its latest event, whichever worker applied it).
     clock: float = field(default=-np.inf)
+    #: Held to change the index (``upsert``) and by the queries that read it from another
+    #: thread than the processing one (``rank_user``, ``trending``); readers need not exclude
+    #: each other.
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @classmethod
     def load(cls, settings: Settings, checkpoint_dir: Path, version: str | None = None) -> Serving:
@@ -126,7 +132,8 @@ class Serving:
     ) -> None:
         """Items' latest vectors with their (count, decayed count, time) into the index."""
         attrs = np.asarray(stats, dtype=np.float64).reshape(len(ids), 3)
-        self.index.upsert(ids, vectors, attrs)
+        with self.lock:
+            self.index.upsert(ids, vectors, attrs)
         self.clock = max(self.clock, float(np.nanmax(attrs[:, 2], initial=-np.inf)))
 
     def _terms(
@@ -238,7 +245,8 @@ class Serving:
         fresh: tuple[str, np.ndarray] | None = None
         if state.history:
             last = state.history[0]
-            indexed = self.index.get(last)
+            with self.lock:
+                indexed = self.index.get(last)
             known = derived if derived is not None and derived.embedding is not None else None
             if indexed is not None and (known is None or indexed[1][2] >= known.last_time):
                 previous = (last, indexed[0][: cfg.embedding_dim])
@@ -252,15 +260,17 @@ class Serving:
                 )
                 previous, fresh = (last, emb), (last, np.concatenate([emb, static]))
         _projected, predicted = self.stream.predict_at(user_id, state, previous, t)
-        terms = self._terms([(state.history, state.history_counts)], t)
-        [(ids, keys)] = self.index.recommend(
-            predicted[None, :], k, [self._extra(state.history)], fresh=[fresh], **terms
-        )
-        bonus = terms["bonus"][0] if terms else {}
-        return [
-            Ranked(item, -float(key), self._explain(item, -float(key), bonus.get(item, 0.0), t))
-            for item, key in zip(ids, keys.tolist(), strict=True)
-        ]
+        extra = [self._extra(state.history)]
+        with self.lock:
+            terms = self._terms([(state.history, state.history_counts)], t)
+            [(ids, keys)] = self.index.recommend(
+                predicted[None, :], k, extra, fresh=[fresh], **terms
+            )
+            bonus = terms["bonus"][0] if terms else {}
+            return [
+                Ranked(item, -float(key), self._explain(item, -float(key), bonus.get(item, 0.0), t))
+                for item, key in zip(ids, keys.tolist(), strict=True)
+            ]
 
     def _popularity(self) -> tuple[float, float]:
         """(γ, δ) of the ranker's popularity terms; (0, 1) for a ranker without them (a cold
@@ -299,10 +309,11 @@ class Serving:
         γ·log(1 + events on j) + δ·log(1 + events on j decayed over a day); with a ranker
         without them, log(1 + the decayed count) alone."""
         gamma, delta = self._popularity()
-        stats = self.index.attributes()
-        count, trend, last = stats[:, 0], stats[:, 1], stats[:, 2]
-        values = gamma * np.log1p(count) + delta * np.log1p(trend_at(trend, last, t))
-        return [
-            Ranked(item, value, self._popularity_terms(item, t, gamma, delta))
-            for item, value in self.index.top_by(values, k)
-        ]
+        with self.lock:
+            stats = self.index.attributes()
+            count, trend, last = stats[:, 0], stats[:, 1], stats[:, 2]
+            values = gamma * np.log1p(count) + delta * np.log1p(trend_at(trend, last, t))
+            return [
+                Ranked(item, value, self._popularity_terms(item, t, gamma, delta))
+                for item, value in self.index.top_by(values, k)
+            ]

@@ -51,10 +51,6 @@ class RowCache(Generic[K, V]):
             self._rows.move_to_end(key)
         return row
 
-    def peek(self, key: K) -> V | None:
-        """The row, its recency left as it is; None when not cached."""
-        return self._rows.get(key)
-
     def __getitem__(self, key: K) -> V:
         return self._rows[key]
 

@@ -35,7 +35,7 @@ import logging
 import threading
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, NamedTuple, TypeVar
 
@@ -176,10 +176,6 @@ class TransactionalLoop(Generic[B]):
         self._stop = threading.Event()
         self._changelog_offsets: dict[tuple[str, int], int] = {}
         self._gap: InputGapError | None = None  # found in a rebalance callback, raised after
-        #: Held while the loop changes the tables or runs the application's hooks (a batch
-        #: from ``prepare`` to its rows persisted, idle duties, a rebalance): a reader on
-        #: another thread (interactive queries) that holds it sees committed state only.
-        self.state_lock = threading.RLock()
 
     def stop(self) -> None:
         self._stop.set()
@@ -304,43 +300,34 @@ class TransactionalLoop(Generic[B]):
             partitions[topic] = len(meta.partitions)
         tx.start()
         self.app.start(partitions)
-        assign, revoke = self._locked(self._on_assign), self._locked(self._on_revoke)
-        consumer.subscribe(inputs, on_assign=assign, on_revoke=revoke, on_lost=revoke)
+        consumer.subscribe(
+            inputs, on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_revoke
+        )
         began = last_report = time.monotonic()
         c = self.config
         try:
             while not self._stop.is_set():
                 if max_seconds is not None and time.monotonic() - began > max_seconds:
                     break
-                with self.state_lock:
-                    self.app.poll()
+                self.app.poll()
                 messages = take(consumer, c.batch, c.poll_timeout_s)
                 if self._gap is not None:
                     raise self._gap
-                with self.state_lock:
-                    if messages:
-                        self._batch(consumer, tx, messages)
-                    else:
-                        self._flush(consumer, tx)
+                if messages:
+                    self._batch(consumer, tx, messages)
+                else:
+                    self._flush(consumer, tx)
                 now = time.monotonic()
                 if now - last_report >= c.report_interval_s:
                     self.stats.lag = _lag(consumer)
                     self.app.report(now - last_report)
                     last_report = now
         finally:
-            with self.state_lock:
-                self.app.close()
-                consumer.close()
-                for table in self._tables():
-                    table.close()
+            self.app.close()
+            consumer.close()
+            for table in self._tables():
+                table.close()
         return self.stats
-
-    def _locked(self, callback: Callable[[Consumer, list[TopicPartition]], None]) -> Any:
-        def locked(consumer: Consumer, partitions: list[TopicPartition]) -> None:
-            with self.state_lock:
-                callback(consumer, partitions)
-
-        return locked
 
     def _batch(self, consumer: Consumer, tx: Transactions, messages: list[Message]) -> None:
         firsts: dict[tuple[str, int], int] = {}
