@@ -218,6 +218,10 @@ class TieredIndex:
             if np.isfinite(values[r])
         ]
 
+    def attributes_of(self, ids: Sequence[str]) -> np.ndarray:
+        """(len(ids), n_attrs) float64: these indexed items' attributes (copies)."""
+        return self._store.attrs[[self._store.rows[i] for i in ids]]
+
     def get(self, item_id: str) -> tuple[np.ndarray, np.ndarray] | None:
         """The item's indexed vector (D,) and attributes (n_attrs,), copies; None if unknown."""
         row = self._store.rows.get(item_id)

@@ -266,11 +266,22 @@ class Serving:
             [(ids, keys)] = self.index.recommend(
                 predicted[None, :], k, extra, fresh=[fresh], **terms
             )
-            bonus = terms["bonus"][0] if terms else {}
-            return [
-                Ranked(item, -float(key), self._explain(item, -float(key), bonus.get(item, 0.0), t))
-                for item, key in zip(ids, keys.tolist(), strict=True)
-            ]
+            scores = [-float(key) for key in keys.tolist()]
+            if not isinstance(self.ranker, HistoryScorer):
+                return [Ranked(i, s, {"distance": s}) for i, s in zip(ids, scores, strict=True)]
+            bonus = [terms["bonus"][0].get(item, 0.0) for item in ids]
+            popular = self._popularity_terms(
+                ids, t, float(self.ranker.gamma), float(self.ranker.delta)
+            )
+        # The distance term is what the others leave of the score: the terms add up to it.
+        return [
+            Ranked(
+                item,
+                score,
+                {"distance": score - b - p - r, "history": b, "popularity": p, "trend": r},
+            )
+            for item, score, b, (p, r) in zip(ids, scores, bonus, popular, strict=True)
+        ]
 
     def _popularity(self) -> tuple[float, float]:
         """(γ, δ) of the ranker's popularity terms; (0, 1) for a ranker without them (a cold
@@ -284,25 +295,14 @@ class Serving:
         return 0.0, 1.0
 
     def _popularity_terms(
-        self, item: str, t: float, gamma: float, delta: float
-    ) -> dict[str, float]:
-        indexed = self.index.get(item)
-        if indexed is None:
-            return {"popularity": 0.0, "trend": 0.0}
-        count, trend, last = indexed[1].tolist()
-        recent = trend_at(np.array([trend]), np.array([last]), t)[0]
-        return {
-            "popularity": gamma * float(np.log1p(count)),
-            "trend": delta * float(np.log1p(recent)),
-        }
-
-    def _explain(self, item: str, score: float, bonus: float, t: float) -> dict[str, float]:
-        """The score's terms (they sum to it; the distance term is what the others leave)."""
-        ranker = self.ranker
-        if not isinstance(ranker, HistoryScorer):
-            return {"distance": score}
-        terms = self._popularity_terms(item, t, float(ranker.gamma), float(ranker.delta))
-        return {"distance": score - bonus - sum(terms.values()), "history": bonus, **terms}
+        self, ids: list[str], t: float, gamma: float, delta: float
+    ) -> list[tuple[float, float]]:
+        """(γ·log(1 + events), δ·log(1 + decayed events at ``t``)) of these indexed items."""
+        stats = self.index.attributes_of(ids)  # (n, 3)
+        count, trend, last = stats[:, 0], stats[:, 1], stats[:, 2]
+        popularity = gamma * np.log1p(count)
+        recent = delta * np.log1p(trend_at(trend, last, t))
+        return list(zip(popularity.tolist(), recent.tolist(), strict=True))
 
     def trending(self, t: float, k: int) -> list[Ranked]:
         """A cold start: the ``k`` items the ranker's popularity terms favour at time ``t``,
@@ -313,7 +313,9 @@ class Serving:
             stats = self.index.attributes()
             count, trend, last = stats[:, 0], stats[:, 1], stats[:, 2]
             values = gamma * np.log1p(count) + delta * np.log1p(trend_at(trend, last, t))
-            return [
-                Ranked(item, value, self._popularity_terms(item, t, gamma, delta))
-                for item, value in self.index.top_by(values, k)
-            ]
+            top = self.index.top_by(values, k)
+            terms = self._popularity_terms([item for item, _v in top], t, gamma, delta)
+        return [
+            Ranked(item, value, {"popularity": p, "trend": r})
+            for (item, value), (p, r) in zip(top, terms, strict=True)
+        ]
