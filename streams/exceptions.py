@@ -50,3 +50,22 @@ class DlqFileError(JodieError):
 class DeliveryError(JodieError):
     """Events could not be delivered to `interactions` (the producer already retried them);
     check that the topic exists (`jodie topics create`) and that the brokers answer."""
+
+
+class QueryError(JodieError):
+    """An interactive query (`jodie recommend`, streams.query) without an answer; the message
+    says why."""
+
+
+class NoWorkerError(QueryError):
+    """No worker answered at the addresses asked: start the workers (`jodie worker --id N`),
+    or point JODIE_WEB_PORT (and --workers) at the running ones."""
+
+
+class UnknownEntityError(QueryError):
+    """No event of this user or item has been applied yet, so the pipeline holds no state of
+    it; ask with cold start (`jodie recommend USER --cold-start`) for the items popular now."""
+
+
+class BadQueryError(QueryError):
+    """The workers refused the query's parameters; the message names the one to fix."""

@@ -36,6 +36,8 @@ from streams.app.processor import Box, Message_, Output, Processor, WorkerStats
 from streams.app.serving import Serving, model_version
 from streams.codecs import make_codec
 from streams.feeds import Feeds
+from streams.interactive import Queries
+from streams.runtime.directory import advertise
 from streams.runtime.http import Endpoint, json_route
 from streams.runtime.kafka import partition_for
 from streams.runtime.loop import Application, LoopConfig, Record, TransactionalLoop
@@ -61,14 +63,17 @@ class Worker(Application[list[Decoded]]):
         checkpoint_dir: Path | None = None,
         version: str | None = None,
         model: str | None = None,
+        endpoint: tuple[str, int] | None = None,
     ) -> None:
         """Serve one checkpoint (``checkpoint_dir``: the unstamped stream of a router run
         without a model) or the promoted versions of registry model ``model``, each from
-        the start of its epoch."""
+        the start of its epoch. ``endpoint``: the (host, port) where this worker answers
+        HTTP, advertised to the group for interactive queries (streams.interactive)."""
         if (checkpoint_dir is None) == (model is None):
             raise ValueError("give exactly one of checkpoint_dir and model")
         self.settings = settings
         self.worker_id = worker_id
+        self.name = f"jodie-worker-{worker_id}"
         self.cooccurrence = (
             CooccurrenceCandidates(
                 max_items=settings.cooccurrence_items, neighbour_cache=settings.cooccurrence_cache
@@ -113,7 +118,7 @@ class Worker(Application[list[Decoded]]):
                 name=f"worker {worker_id}",
                 group_id=f"{app_id(settings)}-workers",
                 transactional_id=f"{app_id(settings)}-worker-{worker_id}",
-                client_id=f"jodie-worker-{worker_id}",
+                client_id=advertise(self.name, *(endpoint or (None, None))),
                 batch=settings.worker_batch,
                 poll_timeout_s=settings.commit_interval_s,
                 session_timeout_ms=settings.worker_session_timeout_ms,
@@ -231,6 +236,11 @@ class Worker(Application[list[Decoded]]):
             self._feeds.close()
         self.versions.close()
 
+    def partition_of(self, side: str, entity: str) -> int | None:
+        """The inbox (and table) partition of a user or item; None before the start."""
+        n = self._partitions.get(side)
+        return None if n is None else partition_for(entity.encode(), n)
+
     def _local(self, side: str, key: bytes) -> Box | None:
         """The row of an entity whose partition this worker owns now (marked changed)."""
         table = self.tables_by_side[side]
@@ -251,18 +261,21 @@ def run_worker(
     model: str | None = None,
 ) -> None:
     """Run one worker until it is stopped (SIGTERM / Ctrl-C); on port web_port + id, /metrics
-    (Prometheus text format) and /metrics.json (the snapshot)."""
+    (Prometheus text format), /metrics.json (the snapshot) and the interactive queries
+    (streams.interactive)."""
     logging.basicConfig(
         level=getattr(logging, loglevel.upper(), logging.WARNING),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    worker = Worker(settings, worker_id, checkpoint_dir, version, model)
+    http = Endpoint()
+    served = http.serve(settings.web_port + worker_id)
+    endpoint = (http.host or "", http.port or 0) if served else None
+    worker = Worker(settings, worker_id, checkpoint_dir, version, model, endpoint)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: worker.stop())
-    http = Endpoint()
     http.route("/metrics", worker.metrics.exposition)
     http.route("/metrics.json", json_route(worker.snapshot))
-    http.serve(settings.web_port + worker_id)
+    Queries(worker).register(http)
     try:
         worker.run()
     finally:

@@ -272,6 +272,29 @@ class StreamModel:
             )
         return results
 
+    def predict_at(
+        self,
+        user_id: str,
+        user: EntityState,
+        previous: tuple[str, np.ndarray] | None,
+        t: float,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(û, j̃) of a user at time ``t``, between events: u projected by Δ = t − its last
+        event, predicting from its previous item ``(id, i)`` as that item is now (None: the
+        model's initial item, no static part) — ``OnlineJodie.query`` from one side's
+        state. (d,), (d + s_item,)."""
+        u = self._dyns([user], self._u_init)  # (1, d)
+        du = self._deltas([user.last_time], [t], self._du)  # (1, 1)
+        if previous is None:
+            p_dyn = self._i_init.reshape(1, -1)
+            p_static = np.zeros((1, self.config.item_static_dim), dtype=np.float32)
+        else:
+            p_dyn = np.asarray(previous[1], dtype=np.float32).reshape(1, -1)
+            p_static = self._statics("item", [previous[0]])
+        u_static = self._statics("user", [user_id])
+        projected, predicted = self.net.query(u, du, u_static, p_dyn, p_static)
+        return projected[0].copy(), predicted[0].copy()
+
     # -- quarantine by exception -------------------------------------------------------------
     @staticmethod
     def _kept(state: EntityState, initial: np.ndarray) -> np.ndarray:

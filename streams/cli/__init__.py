@@ -19,6 +19,7 @@ from streams.cli import (
     models,
     pipeline,
     produce,
+    query,
     state,
     topics,
 )
@@ -72,6 +73,7 @@ app.command("trainer")(pipeline.trainer)
 app.add_typer(state.state_app, name="state")
 app.command("worker")(pipeline.worker)
 app.command("recommendations")(pipeline.recommendations)
+app.command("recommend")(query.recommend)
 app.command("metrics")(pipeline.metrics)
 app.add_typer(dlq.dlq_app, name="dlq")
 app.command("dashboard")(dashboard.dashboard)
