@@ -217,6 +217,12 @@ class Codec:
         self._by_object: dict[int, tuple[Schema, Any, bool]] = {}
         self._canonical = canonical_form(self.schema)
 
+    @property
+    def header(self) -> bytes:
+        """What every message this codec writes starts with (the framing of its schema): a
+        message that starts with it was written with this codec's schema."""
+        return self._header
+
     def encode(self, record: Mapping[str, Any]) -> bytes:
         buf = io.BytesIO()
         buf.write(self._header)
