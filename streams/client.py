@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any, TypedDict, cast
+from typing import TYPE_CHECKING, TypedDict, cast
 
 from confluent_kafka import Consumer, KafkaException
 
@@ -36,6 +36,9 @@ from streams.produce import ProduceSummary, Sender, produce_file
 from streams.runtime.clients import idempotent_producer
 from streams.settings import Settings, get_settings
 from streams.tail import read, reader
+
+if TYPE_CHECKING:
+    from streams.query import UserRecommendations
 
 
 @dataclass(frozen=True)
@@ -263,11 +266,27 @@ class Client:
         self._streams.append(stream)
         return stream
 
-    def query(self, user: str, k: int = 10) -> dict[str, Any]:
-        """What ``user`` should see now: the top ``k`` items, projected to now, from the
-        worker that owns the user (``GET /users/{user}/recommendations?k=K`` on any
-        worker). Not wired yet: the workers' query endpoint comes first."""
-        raise NotImplementedError("Client.query needs the workers' interactive query endpoint")
+    def query(
+        self,
+        user: str,
+        k: int = 10,
+        *,
+        workers: int = 1,
+        urls: Sequence[str] | None = None,
+        cold_start: bool = False,
+        at: float | None = None,
+    ) -> UserRecommendations:
+        """What ``user`` should see now: the served ranker's top ``k`` items, the user
+        projected to now, from the worker that owns the user (``GET
+        /users/{user}/recommendations`` on any worker, which forwards; see
+        ``streams.query.recommend``). The workers are asked at ``urls``, by default those of
+        workers 0 .. ``workers``-1 on this machine (JODIE_WEB_PORT + N); any one of them is
+        enough. ``cold_start``: popular and trending items for an unknown user instead of
+        ``UnknownEntityError``; ``at``: project to that event time instead of now."""
+        from streams.query import recommend, worker_urls
+
+        asked = list(urls) if urls is not None else worker_urls(self.settings, workers)
+        return recommend(user, k, urls=asked, cold_start=cold_start, at=at)
 
     def close(self) -> None:
         """Deliver what was sent and close the recommendation streams made here (call it

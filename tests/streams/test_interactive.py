@@ -18,6 +18,7 @@ import pytest
 
 from operators.dataset import bundled_wikipedia, load_interactions
 from schemas.codec import SEQUENCED_INTERACTION
+from streams.client import Client
 from streams.codecs import make_codec
 from streams.peek import read_all
 from streams.settings import Settings
@@ -208,6 +209,12 @@ def test_jodie_recommend(pipeline: tuple[Settings, Path, list[str]]) -> None:
         r["item_id"] for r in answer["recommendations"]
     ]
     assert printed["log_seq"] == answer["log_seq"] and printed["k"] == 3
+    # The client API asks the same way (one worker is enough: it forwards).
+    with Client(_kafka) as client:
+        got = client.query(user, 3, urls=[urls[1]])
+    assert [r.item_id for r in got.recommendations] == [
+        r["item_id"] for r in answer["recommendations"]
+    ]
 
     text = _jodie("recommend", user, "-k", "2", "--workers", "2", port=port0)
     assert text.returncode == 0, text.stderr
