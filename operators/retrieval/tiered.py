@@ -413,11 +413,12 @@ class TieredIndex:
                 key -= everyone[safe]
             elif prior is not None:
                 key -= np.asarray(prior(store.attrs[safe.ravel()]), np.float64).reshape(safe.shape)
-            if bonus is not None:
-                row_ids_ = store.row_ids
-                for b in range(nq):
-                    if bonus[b]:
-                        key[b] -= [bonus[b].get(row_ids_[r] or "", 0.0) for r in safe[b].tolist()]
+            for b, terms in enumerate(bonus or ()):
+                # A few bonus items against hundreds of candidates: match rows, not ids.
+                known = [(rows_of[i], v) for i, v in terms.items() if i in rows_of]
+                if known:
+                    brows, bvals = np.array(known).T  # (2, m)
+                    key[b] -= (rows[b][:, None] == brows[None, :].astype(np.int64)) @ bvals
             key[~finite] = np.inf
         order = np.argsort(key, axis=1, kind="stable")[:, :k]
         top = np.take_along_axis(key, order, axis=1)

@@ -140,3 +140,35 @@ def test_a_key_of_another_form_refolds_the_index() -> None:
     assert ix.builds == 2
     ix.recommend(q, 3, [[], []], scale=SCALE, prior=lambda a: 2 * prior(a))  # same form
     assert ix.builds == 2
+
+
+@pytest.mark.parametrize("exact_below", [10**6, 0])
+def test_the_user_bonus_and_own_items_compete_exactly(exact_below: int) -> None:
+    """The served key: extras (the user's items) with their bonus. The exact tier gives the
+    exact top 10; the keyed tier every own item that belongs there, nearly all the others,
+    and exact keys for all it returns."""
+    x = clustered(5000, 16, seed=30)
+    counts = np.floor(np.random.default_rng(31).pareto(1.2, 5000) + 1)
+    ix = TieredIndex(16, exact_below=exact_below, n_attrs=1)
+    ix.set_key(SCALE, prior)
+    ix.upsert([f"b{i}" for i in range(5000)], x, counts[:, None])
+    assert ix.approximate == (exact_below == 0)
+    q = clustered(10, 16, seed=32)
+    rng = np.random.default_rng(33)
+    own = [rng.choice(5000, 4, replace=False).tolist() for _ in range(10)]
+    bonus = [{f"b{i}": 3.0 - j for j, i in enumerate(rows)} for rows in own]
+    extra = [[f"b{i}" for i in rows] for rows in own]
+    got = ix.recommend(q, 10, extra, scale=SCALE, prior=prior, bonus=bonus)
+    hits = []
+    for b in range(10):
+        key = SCALE * ((x.astype(np.float64) - q[b]) ** 2).sum(axis=1) - prior(counts[:, None])
+        for j, i in enumerate(own[b]):
+            key[i] -= 3.0 - j
+        want = np.argsort(key, kind="stable")[:10].tolist()
+        rows = [int(i[1:]) for i in got[b][0]]
+        if exact_below:
+            assert rows == want
+        assert {i for i in own[b] if i in want} <= set(rows)
+        np.testing.assert_allclose(got[b][1], key[rows], rtol=1e-5, atol=1e-5)
+        hits.append(len(set(rows) & set(want)) / 10)
+    assert np.mean(hits) >= 0.95
