@@ -39,6 +39,13 @@ def single_thread_if_small(n: int) -> Iterator[None]:
     if n >= 16:
         yield
         return
+    with single_thread():
+        yield
+
+
+@contextmanager
+def single_thread() -> Iterator[None]:
+    """Run faiss on one thread within the block (see ``single_thread_if_small``)."""
     threads = faiss.omp_get_max_threads()
     faiss.omp_set_num_threads(1)
     try:
