@@ -17,9 +17,9 @@ from operators.retrieval.store import BLOCK_ELEMS, VectorStore
 #: term folded in (``KeyedOverlay``), a long shortlist re-ranked exactly; "ivf": the plain IVF
 #: overlay of the distance alone (``IVFOverlay``), the 2k best items by prior added.
 Kind = Literal["keyed", "ivf"]
-#: Lists probed per query when not given: what reaches recall@10 ≥ 0.98 at 1M items on the
-#: benchmark's data (``benchmarks/retrieval.py``).
-DEFAULT_NPROBE: dict[str, int] = {"keyed": 256, "ivf": 48}
+#: Lists probed per query when not given. keyed: recall@10 of the served key ≥ 0.98 at 100k
+#: and 1M items on ``benchmarks/retrieval.py``'s data; ivf: what workers probed before keyed.
+DEFAULT_NPROBE: dict[str, int] = {"keyed": 128, "ivf": 48}
 
 
 def _distinct(rows: np.ndarray) -> np.ndarray:
@@ -397,8 +397,12 @@ class TieredIndex:
         if full is not None:
             dist = np.take_along_axis(full, safe, axis=1).astype(np.float64)
         else:
-            diff = store.data[safe] - q[:, None, :]  # (B, W, D)
-            dist = np.einsum("bwd,bwd->bw", diff, diff).astype(np.float64)
+            # A query at a time: its candidates' vectors stay in cache (a batch's (B, W, D)
+            # gather is tens of MiB and cost 5x more per query, measured at B = 200).
+            dist = np.empty(rows.shape)
+            for b in range(nq):
+                diff = store.data[safe[b]] - q[b]  # (W, D)
+                dist[b] = np.einsum("wd,wd->w", diff, diff)
         dist[(rows < 0) | ~np.isfinite(store.sqnorm[safe])] = np.inf
         for b, override in enumerate(fresh or ()):
             row = None if override is None else rows_of.get(override[0])
