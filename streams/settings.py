@@ -336,6 +336,40 @@ class Settings(BaseSettings):
     candidates: int = Field(
         10, description="JODIE_CANDIDATES: items per recommendation (after re-ranking)."
     )
+    index_exact_below: int = Field(
+        20_000,
+        ge=0,
+        description=(
+            "JODIE_INDEX_EXACT_BELOW: below this many items a worker ranks every item exactly; "
+            "from it on, candidates come from an approximate index and are re-ranked exactly "
+            "(back to exact below half of it)."
+        ),
+    )
+    index_kind: Literal["keyed", "ivf"] = Field(
+        "keyed",
+        description=(
+            "JODIE_INDEX_KIND: the approximate index. keyed: fast-scan IVF-PQ codes with the "
+            "ranker's popularity terms folded in, lists split by popularity band and probed "
+            "by a bound on the ranker's score; ivf: the plain IVF of distances alone (the "
+            "index before keyed, kept for comparison)."
+        ),
+    )
+    index_nprobe: int | None = Field(
+        None,
+        ge=1,
+        description=(
+            "JODIE_INDEX_NPROBE: lists the approximate index scans per query (more: higher "
+            "recall, slower); default: the kind's (see benchmarks/retrieval.py)."
+        ),
+    )
+    index_shortlist: int = Field(
+        256,
+        ge=1,
+        description=(
+            "JODIE_INDEX_SHORTLIST: candidates the keyed index proposes per query, scored "
+            "exactly with the user's own items."
+        ),
+    )
     holdout_events: int = Field(
         5000,
         ge=1,

@@ -30,7 +30,7 @@ def auto_nlist(n: int) -> int:
 
 
 @contextmanager
-def _single_thread_if_small(n: int) -> Iterator[None]:
+def single_thread_if_small(n: int) -> Iterator[None]:
     """Run faiss on one thread for a handful of vectors or queries.
 
     Waking an OpenMP team costs milliseconds on a busy host (measured: one upsert 27 µs on one
@@ -39,6 +39,13 @@ def _single_thread_if_small(n: int) -> Iterator[None]:
     if n >= 16:
         yield
         return
+    with single_thread():
+        yield
+
+
+@contextmanager
+def single_thread() -> Iterator[None]:
+    """Run faiss on one thread within the block (see ``single_thread_if_small``)."""
     threads = faiss.omp_get_max_threads()
     faiss.omp_set_num_threads(1)
     try:
@@ -90,7 +97,7 @@ class IVFOverlay:
         self.changes = 0
 
     def upsert(self, rows: np.ndarray, vectors: np.ndarray) -> None:
-        with _single_thread_if_small(rows.size):
+        with single_thread_if_small(rows.size):
             self.index.remove_ids(_ids_selector(rows))  # rows not present (new ones) are skipped
             self.index.add_with_ids(vectors, rows)
         self.changes += rows.size
@@ -103,7 +110,7 @@ class IVFOverlay:
     def propose(self, queries: np.ndarray, n: int, nprobe: int) -> np.ndarray:
         """Store rows of up to n candidates per query: (Q, D) → (Q, n), −1 past the last found."""
         self.index.nprobe = min(nprobe, self.index.nlist)  # tunable live
-        with _single_thread_if_small(queries.shape[0]):
+        with single_thread_if_small(queries.shape[0]):
             _, rows = self.index.search(queries, n)
         return rows
 

@@ -46,6 +46,20 @@ def model_version(ckpt: Checkpoint) -> str:
     return f"sha-{meta['sha256']['model.safetensors'][:12]}"
 
 
+def ranking_key(ranker: Scorer, now: float) -> dict[str, Any]:
+    """The ranker's scale and item-only term at time ``now``, as ``TieredIndex`` takes them
+    (a function of the index's item attributes: count, decayed count, time); {} for plain."""
+    if not isinstance(ranker, HistoryScorer):
+        return {}
+    gamma, delta = float(ranker.gamma), float(ranker.delta)
+
+    def prior(attrs: np.ndarray) -> np.ndarray:
+        trend = trend_at(attrs[:, 1], attrs[:, 2], now)
+        return gamma * np.log1p(attrs[:, 0]) + delta * np.log1p(trend)
+
+    return {"scale": float(ranker.log_alpha.exp()), "prior": prior}
+
+
 @dataclass(frozen=True)
 class Ranked:
     """One item of an interactive answer: its score (higher is better) and the ranker's
@@ -103,12 +117,22 @@ class Serving:
         cfg = ckpt.config
         dim = cfg.embedding_dim + cfg.item_static_dim
         baseline = CheckpointStates(ckpt)
-        index = TieredIndex(dim, n_attrs=3)  # count, decayed count, time of each item
+        index = TieredIndex(
+            dim,
+            settings.index_exact_below,
+            kind=settings.index_kind,
+            nprobe=settings.index_nprobe,
+            shortlist=settings.index_shortlist,
+            n_attrs=3,  # count, decayed count, time of each item
+        )
         ids, vectors = baseline.item_vectors()
         stats = np.stack(baseline.item_stats(ids), axis=1) if ids else np.zeros((0, 3))
-        if ids:
-            index.upsert(ids, vectors, stats)
         ranker = make_scorer(cfg, ckpt.scorer_tensors)
+        if ids:
+            # The approximate index folds the ranker's popularity terms into its vectors:
+            # known before the items, it is built once, for them.
+            index.set_key(**ranking_key(ranker, float(np.nanmax(stats[:, 2], initial=0.0))))
+            index.upsert(ids, vectors, stats)
         # The log position the baseline states hold: an epoch's start, a checkpoint's O (one
         # trained from a file is served on a log that starts after it: position 0).
         start = (
@@ -148,14 +172,9 @@ class Serving:
         ranker = self.ranker
         if not isinstance(ranker, HistoryScorer):
             return {}
-        gamma, delta = float(ranker.gamma), float(ranker.delta)
         beta, bonus = float(ranker.beta), ranker.bonus.tolist()
-        stats = self.index.attributes()
-        count, trend, last = stats[:, 0], stats[:, 1], stats[:, 2]
-        prior = gamma * np.log1p(count) + delta * np.log1p(trend_at(trend, last, now))
         return {
-            "scale": float(ranker.log_alpha.exp()),
-            "prior": prior,
+            **ranking_key(ranker, now),
             "bonus": [
                 {
                     item: bonus[j] + beta * float(np.log1p(c))

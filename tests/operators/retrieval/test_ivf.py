@@ -19,7 +19,7 @@ def test_auto_nlist_is_a_power_of_two_near_two_root_n() -> None:
 def ivf_20k() -> tuple[TieredIndex, list[str], np.ndarray]:
     x = clustered(20_000, 32, seed=4)
     ids = [f"v{i}" for i in range(len(x))]
-    ix = TieredIndex(dim=32, exact_below=0, nprobe=24, seed=0)
+    ix = TieredIndex(dim=32, exact_below=0, kind="ivf", nprobe=24, seed=0)
     ix.upsert(ids, x)
     return ix, ids, x
 
@@ -55,6 +55,6 @@ def test_ivf_follows_moved_and_removed_vectors(
 def test_sq8_codec_recall() -> None:
     x = clustered(5000, 16, seed=9)
     ids = [f"s{i}" for i in range(len(x))]
-    ix = TieredIndex(dim=16, exact_below=0, codec="sq8", nprobe=16)
+    ix = TieredIndex(dim=16, exact_below=0, kind="ivf", codec="sq8", nprobe=16)
     ix.upsert(ids, x)
     assert recall_at_10(ix, clustered(100, 16, seed=10)) >= 0.95
