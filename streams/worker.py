@@ -30,7 +30,7 @@ from typing import Any
 from operators.model.checkpoint import load_checkpoint
 from operators.retrieval.cooccurrence import CooccurrenceCandidates
 from schemas import INTERACTION, DecodeError, SchemaError
-from streams.app.epochs import Epoch, epoch_of, row_key, split_row_key
+from streams.app.epochs import UNSTAMPED, Epoch, epoch_of, row_key, split_row_key
 from streams.app.metrics import WorkerCollector
 from streams.app.processor import Box, Message_, Output, Processor, WorkerStats
 from streams.app.serving import Serving, model_version
@@ -200,7 +200,7 @@ class Worker(Application[list[Decoded]]):
             # transaction opens, so the wait never counts against the transaction timeout.
             if self.versions.serves(epoch):
                 decoded.append((self.sides[topic], p, key, epoch, message))
-                if message["event"] is not None:  # from the router, in seq order
+                if message["event"] is not None and epoch != UNSTAMPED:  # router's, in order
                     at = (self.sides[topic], p)
                     self._routed[at] = max(epoch[1], self._routed.get(at, epoch[1]))
         return decoded

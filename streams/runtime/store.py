@@ -178,8 +178,13 @@ class Table(Generic[R]):
 
     def _reader_client(self) -> Consumer:
         if self._reader is None:
+            # A restore ends at the partition's end, which the broker reports only once a
+            # fetch comes back empty: at its default 500 ms wait, each partition after a
+            # broker failure (whose changelog tail is a transaction marker) cost a second.
             self._reader = committed_reader(
-                self.conn, group_id=f"jodie-restore-{uuid.uuid4().hex[:8]}"
+                self.conn,
+                group_id=f"jodie-restore-{uuid.uuid4().hex[:8]}",
+                **{"fetch.wait.max.ms": 10},
             )
         return self._reader
 
