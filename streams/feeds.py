@@ -31,8 +31,10 @@ class Feeds:
     - ``item-vectors`` (compacted), from its start: keeps each epoch's candidate index current
       with every item's latest [i(t), ī] computed with that epoch's weights, whoever owns the
       item, and hands each vector with its seq to the epoch's live evaluation (vectors of an
-      epoch not served here yet are kept until it is). The index holds every item, so it is
-      rebuilt whole at each start; compaction keeps about one record per item to read.
+      epoch not served here yet are kept until it is, if it starts after the newest epoch
+      served here; those of earlier epochs are dropped, streams.retirement). The index holds
+      every item, so it is rebuilt whole at each start; compaction keeps about one record per
+      item to read.
     - ``interactions.log``: who touched what, for the co-occurrence candidates only (nothing
       else reads the log here: a new version's catch-up reads it itself, streams.switch). The
       co-occurrence model remembers the last few distinct users of each recently active item,
@@ -112,12 +114,18 @@ class Feeds:
                 heapq.heappush(
                     self._later, (int(record["seq"]), event["user_id"], event["item_id"])
                 )
+        servings = self.processor.servings
+        newest = max((e[1] for e in servings), default=None)
         for epoch, vectors in fresh.items():
-            serving = self.processor.servings.get(epoch)
-            if serving is None:
-                self.waiting.setdefault(epoch, []).extend(vectors)
-            else:
+            serving = servings.get(epoch)
+            if serving is not None:
                 _deliver(serving, vectors)
+            elif newest is None or epoch[1] > newest:
+                self.waiting.setdefault(epoch, []).extend(vectors)
+            # else: an epoch before the newest served here, and not served: retired, or
+            # finished elsewhere (an earlier run's). Kept, it would only grow.
+        for epoch in [e for e in self.waiting if newest is not None and e[1] < newest]:
+            del self.waiting[epoch]
         cooc = self.cooccurrence
         while cooc is not None and self._later and self._later[0][0] <= applied_seq:
             _seq, user, item = heapq.heappop(self._later)

@@ -239,6 +239,23 @@ class Settings(BaseSettings):
             "again from its RocksDB when next used."
         ),
     )
+    retire_chunk: int = Field(
+        2_000,
+        ge=1,
+        description=(
+            "JODIE_RETIRE_CHUNK: table rows a worker looks at, between two batches, while it "
+            "collects the rows of epochs no message can reach any more (streams.retirement); "
+            "at most that many tombstones go into one transaction."
+        ),
+    )
+    retire_interval_s: float = Field(
+        5.0,
+        gt=0,
+        description=(
+            "JODIE_RETIRE_INTERVAL_S: how long a worker waits before it looks again at a "
+            "partition whose earlier epoch still had events in progress."
+        ),
+    )
     web_port: int = Field(
         6066, description="JODIE_WEB_PORT: first worker's HTTP port (/metrics); worker N adds N."
     )

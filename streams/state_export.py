@@ -13,7 +13,7 @@ from schemas import Codec
 from schemas.codec import ENTITY_RECORD
 from streams.app.epochs import UNSTAMPED, Epoch, label, split_row_key
 from streams.exceptions import RegistryError
-from streams.peek import read_all
+from streams.peek import read_messages
 from streams.records import embedding_array
 from streams.settings import Settings
 from streams.switch import epoch_checkpoint, latest_epoch
@@ -23,9 +23,9 @@ from streams.topics import changelog_topic
 def _latest(settings: Settings, table: str) -> dict[bytes, bytes | None]:
     """Last value per row key of a compacted changelog (a tombstone deletes the row)."""
     rows: dict[bytes, bytes | None] = {}
-    for key, value, _p, _o in read_all(settings, changelog_topic(settings, table)):
-        if key is not None:
-            rows[key] = value
+    for m in read_messages(settings, changelog_topic(settings, table)):
+        if m.key is not None:
+            rows[m.key] = m.value
     return rows
 
 

@@ -30,13 +30,14 @@ from typing import Any
 from operators.model.checkpoint import load_checkpoint
 from operators.retrieval.cooccurrence import CooccurrenceCandidates
 from schemas import INTERACTION, DecodeError, SchemaError
-from streams.app.epochs import Epoch, epoch_of, row_key, split_row_key
+from streams.app.epochs import UNSTAMPED, Epoch, epoch_of, row_key, split_row_key
 from streams.app.metrics import WorkerCollector
 from streams.app.processor import Box, Message_, Output, Processor, WorkerStats
 from streams.app.serving import Serving, model_version
 from streams.codecs import make_codec
 from streams.feeds import Feeds
 from streams.interactive import Queries
+from streams.retirement import Retirement
 from streams.runtime.directory import advertise
 from streams.runtime.http import Endpoint, json_route
 from streams.runtime.kafka import partition_for
@@ -109,6 +110,15 @@ class Worker(Application[list[Decoded]]):
             for topic, side in self.sides.items()
         }
         self.tables_by_side = {side: self._tables[topic] for topic, side in self.sides.items()}
+        self.retirement = Retirement(
+            self.processor,
+            self.tables_by_side,
+            self.stats,
+            settings.retire_chunk,
+            settings.retire_interval_s,
+        )
+        # (side, partition) → latest epoch start of a router event in the batch in progress.
+        self._routed: dict[tuple[str, int], int] = {}
         self._partitions: dict[str, int] = {}
         self._rejected: list[Output] = []  # DLQ records of the batch being prepared
         self._reported_events = 0
@@ -167,12 +177,14 @@ class Worker(Application[list[Decoded]]):
         self.versions.follow()
         if self._feeds is not None:
             self._feeds.poll(self.processor.applied_seq)
+        self.retirement.step()
 
     def flush(self) -> Iterable[Output]:
         return self.processor.flush()
 
     def prepare(self, records: list[Record]) -> list[Decoded]:
         decoded: list[Decoded] = []
+        self._routed = {}
         for topic, p, offset, key, value, _stamp in records:
             try:
                 if key is None or value is None:
@@ -188,6 +200,9 @@ class Worker(Application[list[Decoded]]):
             # transaction opens, so the wait never counts against the transaction timeout.
             if self.versions.serves(epoch):
                 decoded.append((self.sides[topic], p, key, epoch, message))
+                if message["event"] is not None and epoch != UNSTAMPED:  # router's, in order
+                    at = (self.sides[topic], p)
+                    self._routed[at] = max(epoch[1], self._routed.get(at, epoch[1]))
         return decoded
 
     def process(self, batch: list[Decoded]) -> Iterable[Output]:
@@ -224,6 +239,7 @@ class Worker(Application[list[Decoded]]):
 
     def committed(self, records: list[Record], seconds: float) -> None:
         self.loop_metrics.observe(records, seconds)
+        self.retirement.routed_in(self._routed)
 
     def report(self, interval_s: float) -> None:
         self.stats.rate = (self.stats.user_events - self._reported_events) / interval_s

@@ -172,6 +172,11 @@ class Processor:
             serving.stream.item_apply_many(),
         )
 
+    def retire(self, epoch: Epoch) -> None:
+        """Stop serving ``epoch``: no message of it can come any more (streams.retirement)."""
+        self.servings.pop(epoch, None)
+        self._many.pop(epoch, None)
+
     @property
     def serving(self) -> Serving | None:
         """The latest epoch's serving (what /metrics reports)."""

@@ -19,6 +19,11 @@ a row changed in the open batch is pinned until its batch is persisted, and any 
 a copy of what RocksDB holds, so an evicted row read again on its next use is the committed
 row — memory stays bounded however many keys the table has, and nothing changes in what it
 computes.
+
+Rows are removed as they are changed: ``delete`` queues a key, the next transaction carries
+its tombstone to the changelog (so a restore, and compaction, drop it too) and RocksDB deletes
+it once that transaction committed. ``scan`` reads the committed rows a few at a time, for
+an application that collects rows it no longer needs without stopping its processing.
 """
 
 from __future__ import annotations
@@ -113,6 +118,9 @@ class Table(Generic[R]):
         self.rows: RowCache[tuple[int, bytes], R] = RowCache(cache_rows)
         self._blocks = Cache(_BLOCK_CACHE_BYTES)  # RocksDB's, shared by the partitions
         self._reader: Consumer | None = None
+        # (partition, key) of rows to delete in the next transaction; kept when a batch is
+        # aborted (deleting a row nobody uses again is the same in any later transaction).
+        self._deleted: set[tuple[int, bytes]] = set()
 
     def _path(self, partition: int) -> Path:
         return self.root / f"{self.name}-{partition}"
@@ -151,6 +159,8 @@ class Table(Generic[R]):
                 part.db.close()
         if part is not None:
             self.rows.drop(lambda pk: pk[0] == partition)
+        # Deletions queued for it stay: a restore after a broker failure takes the partition
+        # back at once, and they are still due; ``changed`` drops those of partitions gone.
 
     def close(self) -> None:
         for p in list(self.partitions):
@@ -168,8 +178,13 @@ class Table(Generic[R]):
 
     def _reader_client(self) -> Consumer:
         if self._reader is None:
+            # A restore ends at the partition's end, which the broker reports only once a
+            # fetch comes back empty: at its default 500 ms wait, each partition after a
+            # broker failure (whose changelog tail is a transaction marker) cost a second.
             self._reader = committed_reader(
-                self.conn, group_id=f"jodie-restore-{uuid.uuid4().hex[:8]}"
+                self.conn,
+                group_id=f"jodie-restore-{uuid.uuid4().hex[:8]}",
+                **{"fetch.wait.max.ms": 10},
             )
         return self._reader
 
@@ -255,23 +270,63 @@ class Table(Generic[R]):
         self.rows.pin((partition, key))
         self.rows.put((partition, key), row)
 
-    def changed(self) -> list[tuple[int, bytes, bytes]]:
-        """(partition, key, encoded row) of every row changed in the open batch."""
-        return [
+    def changed(self) -> list[tuple[int, bytes, bytes | None]]:
+        """(partition, key, encoded row) of every row changed in the open batch, and
+        (partition, key, None) of every row deleted (of the partitions held)."""
+        rows: list[tuple[int, bytes, bytes | None]] = [
             (p, key, self.encode(key, self.rows[(p, key)]))
             for p, key in self.rows.pinned
             if (p, key) in self.rows  # touched but never read: nothing changed
         ]
+        gone = [pk for pk in self._deleted if pk[0] not in self.partitions or pk in self.rows]
+        self._deleted.difference_update(gone)
+        return rows + [(p, key, None) for p, key in self._deleted]
 
-    def persist(self, records: list[tuple[int, bytes, bytes]], offsets: dict[int, int]) -> None:
-        """After the batch's transaction committed: write its rows and changelog offsets; the
-        rows may then be evicted (RocksDB has them)."""
+    def delete(self, partition: int, key: bytes) -> None:
+        """Remove a row in the next transaction: a tombstone to the changelog, then out of
+        RocksDB. For rows nothing reads or changes any more (a row used again before the
+        commit is kept, and its deletion dropped)."""
+        self.rows.drop(lambda pk: pk == (partition, key))
+        self._deleted.add((partition, key))
+
+    def deleting(self) -> int:
+        """Rows queued for deletion, not yet committed."""
+        return len(self._deleted)
+
+    def scan(self, partition: int, after: bytes | None, limit: int) -> list[tuple[bytes, bytes]]:
+        """Up to ``limit`` committed (key, raw row) of a held partition in key order, from the
+        first key after ``after`` (None: from the start); fewer at the end."""
+        part = self.partitions[partition]
+        out: list[tuple[bytes, bytes]] = []
+        it = part.db.iter()
+        if after is None:
+            it.seek_to_first()
+        else:
+            it.seek(after)
+            if it.valid() and it.key() == after:
+                it.next()
+        while it.valid() and len(out) < limit:
+            key = it.key()
+            if key != _OFFSET_KEY:
+                out.append((key, it.value()))
+            it.next()
+        return out
+
+    def persist(
+        self, records: list[tuple[int, bytes, bytes | None]], offsets: dict[int, int]
+    ) -> None:
+        """After the batch's transaction committed: write its rows (delete those it
+        tombstoned) and changelog offsets; the rows may then be evicted (RocksDB has them)."""
         by_partition: dict[int, WriteBatch] = {}
         for p, key, value in records:
             batch = by_partition.get(p)
             if batch is None:
                 batch = by_partition[p] = WriteBatch(raw_mode=True)
-            batch.put(key, value)
+            if value is None:
+                batch.delete(key)
+                self._deleted.discard((p, key))
+            else:
+                batch.put(key, value)
         for p, batch in by_partition.items():
             part = self.partitions.get(p)
             if part is None:
