@@ -31,18 +31,15 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
-from functools import partial
 from operator import attrgetter
 
 import numpy as np
 import torch
 
-from operators.evaluation.metrics import rank_of
-from operators.evaluation.scorer import PlainScorer, Scorer, UserContext
+from operators.evaluation.scorer import PlainScorer, Scorer, UserContext, numpy_scores
+from operators.model.inference import NumpyJodie, static_row
 from operators.model.jodie import Jodie
-from operators.model.kernel import query
 from operators.model.state import trend_at
-from operators.model.static import static_tensor
 
 
 @dataclass(frozen=True)
@@ -133,7 +130,10 @@ class LiveRanks:
         with torch.no_grad():
             self._p_init = self.model.initial_item().detach().numpy().reshape(1, -1)
         self._no_static = np.zeros((1, cfg.item_static_dim), np.float32)
-        self._user_static = partial(static_tensor, "user", dim=cfg.user_static_dim)
+        # One query at a time: numpy's arithmetic costs less than torch's dispatch
+        # (operators.model.inference); a ranker without a numpy twin is called as it is.
+        self._net = NumpyJodie(self.model)
+        self._numpy_scores = numpy_scores(self.scorer)
 
     # -- inputs ----------------------------------------------------------------------------
     def item_vector(
@@ -176,7 +176,7 @@ class LiveRanks:
         waiting = sorted(
             (q for q in self._queries if q.seq >= self.watermark), key=attrgetter("seq")
         )
-        todo: list[tuple[Query, torch.Tensor]] = []
+        todo: list[tuple[Query, np.ndarray]] = []
         group = self._group()
         i = 0
         while True:
@@ -255,8 +255,7 @@ class LiveRanks:
             return None if state is None else state[0]
         return self._dyn[row]
 
-    @torch.inference_mode()
-    def _predict(self, q: Query, then: dict[int, ItemState | None]) -> torch.Tensor:
+    def _predict(self, q: Query, then: dict[int, ItemState | None]) -> np.ndarray:
         """The query's j̃ (d + s,), its previous item taken at its state at the event. One
         event at a time, as the offline replay computes it."""
         p_dyn = self._state_at(q.previous_item, then)
@@ -265,18 +264,16 @@ class LiveRanks:
             if p_dyn is None or q.previous_item is None
             else self._static[self._row[q.previous_item]].reshape(1, -1)
         )
-        _, pred = query(
-            self.model,
-            torch.from_numpy(q.pre_state.reshape(1, -1)),
-            torch.tensor([[q.delta_user]], dtype=torch.float32),
-            self._user_static(q.user_id),
-            torch.from_numpy(self._p_init if p_dyn is None else p_dyn.reshape(1, -1)),
-            torch.from_numpy(p_static),
+        _, pred = self._net.query(
+            np.asarray(q.pre_state, dtype=np.float32).reshape(1, -1),
+            np.array([[q.delta_user]], dtype=np.float32),
+            static_row("user", q.user_id, self.model.config.user_static_dim).reshape(1, -1),
+            self._p_init if p_dyn is None else p_dyn.reshape(1, -1),
+            p_static,
         )
         return pred[0]
 
-    @torch.inference_mode()
-    def _score(self, todo: list[tuple[Query, torch.Tensor]]) -> list[Ranked]:
+    def _score(self, todo: list[tuple[Query, np.ndarray]]) -> list[Ranked]:
         """Rank queries (with their j̃) with the ranker against the folded states, each with
         the rows folded since its seq at their state then: rank = 1 + items scored strictly
         higher, as ``jodie evaluate`` ranks."""
@@ -285,14 +282,13 @@ class LiveRanks:
             return [Ranked(q, 1, 0) for q, _ in todo]  # nothing known: every item is new
         dyn_now = self._dyn[:n]
         stat_now = self._stat[:n]
-        static = torch.from_numpy(self._static[:n])
+        static = self._static[:n]
         out = []
-        dyn_t = torch.from_numpy(dyn_now)
         for q, pred in todo:
             then, n_known = self._at(q.seq)
             context = self._context(q)
-            scores = self.scorer.scores(
-                pred, dyn_t, static, stat_now[:, 0], self._trend_at(stat_now, q), context
+            scores = self._scores(
+                pred, dyn_now, static, stat_now[:, 0], self._trend_at(stat_now, q), context
             )
             unseen = [row for row, state in then.items() if state is None]
             patched = [row for row, state in then.items() if state is not None]
@@ -308,22 +304,45 @@ class LiveRanks:
                     np.array([local.get(int(r), -1) for r in context.history], dtype=np.int64),
                     context.counts,
                 )
-                scores[torch.from_numpy(rows)] = self.scorer.scores(
+                scores[rows] = self._scores(
                     pred,
-                    torch.from_numpy(np.stack([st[0] for st in states])),  # type: ignore[index]
-                    static[torch.from_numpy(rows)],
+                    np.stack([st[0] for st in states]),  # type: ignore[index]
+                    static[rows],
                     sub_stat[:, 0],
                     self._trend_at(sub_stat, q),
                     sub_ctx,
                 )
             if unseen:
-                scores[torch.tensor(unseen, dtype=torch.long)] = -torch.inf
+                scores[np.asarray(unseen, dtype=np.int64)] = -np.inf
             true_row = self._row.get(q.item_id)
             if true_row is None or (true_row in then and then[true_row] is None):
                 out.append(Ranked(q, n_known + 1, n_known))  # never seen: not retrievable
             else:
-                out.append(Ranked(q, rank_of(scores, true_row), n_known))
+                out.append(Ranked(q, 1 + int((scores > scores[true_row]).sum()), n_known))
         return out
+
+    def _scores(
+        self,
+        pred: np.ndarray,
+        dyn: np.ndarray,
+        static: np.ndarray,
+        count: np.ndarray,
+        trend: np.ndarray,
+        context: UserContext,
+    ) -> np.ndarray:
+        """The ranker's scores (n,) float32, writable."""
+        if self._numpy_scores is not None:
+            return self._numpy_scores(pred, dyn, static, count, trend, context)
+        with torch.inference_mode():
+            scores = self.scorer.scores(
+                torch.from_numpy(pred),
+                torch.from_numpy(np.ascontiguousarray(dyn)),
+                torch.from_numpy(np.ascontiguousarray(static)),
+                count,
+                trend,
+                context,
+            )
+        return scores.numpy().copy()
 
     @staticmethod
     def _trend_at(stat: np.ndarray, q: Query) -> np.ndarray:
