@@ -104,10 +104,12 @@ class LiveRanks:
     undo_window: int = 20_000
     every: int = 1  # rank the events whose seq is a multiple of this
     max_ahead: int = 100_000
-    # From this many items on, a query's distances come from one matrix product for the
-    # batch, and only the rows that bound cannot place above or below the true item are
-    # scored exactly (``_score_bounded``): the same ranks at a fraction of the cost.
-    bounded_from: int = 4096
+    # From this many items on, a query's distances come from a matrix product, and only the
+    # rows that a bound cannot place above or below the true item are scored exactly
+    # (``_score_bounded``): the same ranks at a fraction of the cost. From ``batch_from``
+    # items on, up to 64 queries share the product (one pass over the items' memory).
+    bounded_from: int = 256
+    batch_from: int = 20_000
     unranked: int = 0
     _row: dict[str, int] = field(init=False)
     _dyn: np.ndarray = field(init=False)  # (cap, d)
@@ -136,6 +138,11 @@ class LiveRanks:
             self._stat[:n] = np.asarray(self.stats, dtype=np.float64).reshape(n, 3)
         self._row = {item: r for r, item in enumerate(self.ids)}
         self._n = n
+        # Each row's squared norm ‖[i, ī]‖², float32, kept with the folds (bounded scoring).
+        self._sq = np.zeros(cap, dtype=np.float32)
+        self._sq[:n] = np.einsum("ij,ij->i", self._dyn[:n], self._dyn[:n]) + np.einsum(
+            "ij,ij->i", self._static[:n], self._static[:n]
+        )
         self.watermark = self.start
         with torch.no_grad():
             self._p_init = self.model.initial_item().detach().numpy().reshape(1, -1)
@@ -233,12 +240,15 @@ class LiveRanks:
             self._undo.append(_Undo(seq, row, (self._dyn[row].copy(), count, trend, last)))
         self._dyn[row] = vector[:d]
         self._stat[row] = stats
+        dyn, static = self._dyn[row], self._static[row]
+        self._sq[row] = np.dot(dyn, dyn) + np.dot(static, static)
 
     def _append(self, item_id: str, static: np.ndarray) -> int:
         if self._n == self._dyn.shape[0]:
             self._dyn = np.concatenate([self._dyn, np.zeros_like(self._dyn)])
             self._static = np.concatenate([self._static, np.zeros_like(self._static)])
             self._stat = np.concatenate([self._stat, np.zeros_like(self._stat)])
+            self._sq = np.concatenate([self._sq, np.zeros_like(self._sq)])
         row = self._n
         self._row[item_id] = row
         self._static[row] = static
@@ -346,7 +356,7 @@ class LiveRanks:
         dyn, static, stat = self._dyn[:n], self._static[:n], self._stat[:n]
         d = dyn.shape[1]
         preds = np.stack([pred for _, pred in todo])  # (B, D)
-        sq_rows = np.einsum("ij,ij->i", dyn, dyn) + np.einsum("ij,ij->i", static, static)
+        sq_rows = self._sq[:n]
         dots = (preds[:, :d] @ dyn.T) + (preds[:, d:] @ static.T)  # (B, n)
         sq_preds = np.einsum("ij,ij->i", preds, preds)
         approx = (sq_rows[None, :] + sq_preds[:, None]) - 2 * dots  # (B, n)
@@ -449,7 +459,11 @@ class LiveRanks:
         return UserContext(rows, counts)
 
     def _group(self) -> int:
-        """Queries scored in one batched call: as many as ``_SCORE_FLOATS`` allows, ≤ 64."""
+        """Queries scored together: one when each is scored on its own (scored at its seq,
+        before later folds, it needs no rows patched from the undo records); for the bounded
+        scoring's one matrix product, as many as ``_SCORE_FLOATS`` allows, ≤ 64."""
+        if self._numpy_scores is None or self._n < max(self.bounded_from, self.batch_from):
+            return 1
         width = self._dyn.shape[1] + self._static.shape[1]
         return max(1, min(64, _SCORE_FLOATS // (max(1, self._n) * width)))
 

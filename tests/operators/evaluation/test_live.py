@@ -159,11 +159,15 @@ def test_a_vector_that_never_comes_is_skipped_and_what_waited_on_it_counted() ->
 def _ranks(
     live: LiveRanks, queries: list[Query], vectors: list[tuple[int, str, np.ndarray]]
 ) -> list[int]:
-    for v in vectors:
-        live.item_vector(*v)
     got: dict[int, int] = {}
-    for q in queries:  # late queries: ranked with the undo records, rows patched
+    half = len(vectors) // 2
+    for v in vectors[:half]:
+        live.item_vector(*v)
+    assert live.ready() == []  # folds the first half
+    for q in queries:  # the first half late: ranked with the undo records, rows patched
         live.add(q)
+    for v in vectors[half:]:
+        live.item_vector(*v)
     for r in live.ready():
         got[r.query.seq] = r.rank
     assert live.unranked == 0
@@ -195,7 +199,16 @@ def test_bounded_ranks_equal_exact_ranks_with_ties() -> None:
     ]
     for ranker, asked in ((PlainScorer(), queries), (scorer, with_history)):
         exact = LiveRanks(model, 0, all_ids, all_vectors.copy(), scorer=ranker, bounded_from=10**9)
-        bounded = LiveRanks(model, 0, all_ids, all_vectors.copy(), scorer=ranker, bounded_from=0)
         want = _ranks(exact, asked, vectors)
-        assert _ranks(bounded, asked, vectors) == want
+        for batch_from in (0, 10**9):  # queries scored together, or one by one
+            bounded = LiveRanks(
+                model,
+                0,
+                all_ids,
+                all_vectors.copy(),
+                scorer=ranker,
+                bounded_from=0,
+                batch_from=batch_from,
+            )
+            assert _ranks(bounded, asked, vectors) == want
         assert len(set(want)) > 10  # ranks that vary: the comparison means something
