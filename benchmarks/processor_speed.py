@@ -5,10 +5,15 @@ bundled Wikipedia file, then feeds them to one Processor that owns every partiti
 worker), --batch inbox messages at a time, rows kept in a dict and round-tripped through their
 Avro codec after each batch as the table does. Prints CPU seconds per event (process time, so
 other load on the machine inflates it less than wall time) and, with --profile, the functions
-by own CPU time.
+by own CPU time. --items N adds N synthetic items (random unit vectors, one event each before
+the stream) to the candidate index and the live evaluation: the cost per event at a large
+catalogue, as in the soak (benchmarks/soak.py; its workers evaluate every 100th event,
+JODIE_EVALUATE_EVERY=100).
 
     python benchmarks/processor_speed.py --checkpoint CKPT --events 10000
     python benchmarks/processor_speed.py --checkpoint CKPT --events 10000 --profile
+    JODIE_EVALUATE_EVERY=100 python benchmarks/processor_speed.py --checkpoint CKPT \
+        --events 2000 --items 100000 --profile
 """
 
 from __future__ import annotations
@@ -20,8 +25,38 @@ import pstats
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def add_items(serving: Any, ckpt: Any, n: int, t: float) -> None:
+    """``n`` synthetic items, each seen once just before ``t``, in the index and the live
+    evaluation besides the checkpoint's."""
+    import numpy as np
+
+    from operators.evaluation.live import LiveRanks
+    from operators.model.static import static_embeddings
+
+    cfg = ckpt.config
+    ids = [f"synthetic-{k}" for k in range(n)]
+    dyn = np.random.default_rng(0).standard_normal((n, cfg.embedding_dim)).astype(np.float32)
+    dyn /= np.linalg.norm(dyn, axis=1, keepdims=True)
+    vectors = np.concatenate([dyn, static_embeddings("item", ids, cfg.item_static_dim)], axis=1)
+    stats = np.tile(np.array([1.0, 1.0, t - 1.0]), (n, 1))
+    serving.upsert(ids, vectors, stats.tolist())
+    live = serving.live
+    known_ids, known = serving.baseline.item_vectors()
+    known_stats = np.stack(serving.baseline.item_stats(known_ids), axis=1)
+    serving.live = LiveRanks(
+        live.model,
+        live.start,
+        [*known_ids, *ids],
+        np.concatenate([known, vectors]),
+        np.concatenate([known_stats, stats]),
+        live.scorer,
+        every=live.every,
+    )
 
 
 def main() -> None:
@@ -32,6 +67,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=2000, help="inbox messages per batch")
     parser.add_argument("--profile", action="store_true", help="print the top functions")
     parser.add_argument("--top", type=int, default=40)
+    parser.add_argument("--items", type=int, default=0, help="synthetic items to add")
     args = parser.parse_args()
     os.environ.setdefault("JODIE_STATE_DIR", "/nonexistent")
 
@@ -50,9 +86,10 @@ def main() -> None:
     settings = Settings()
     ckpt = load_checkpoint(args.checkpoint)
     serving = Serving.of(settings, ckpt, model_version(ckpt), None)
-    proc = Processor(settings, serving, WorkerStats())
-
     log = load_interactions(bundled_wikipedia())
+    if args.items:
+        add_items(serving, ckpt, args.items, float(log.timestamps[args.start]))
+    proc = Processor(settings, serving, WorkerStats())
     seq = Sequencer(partitions=[0], n_features=log.features.shape[1])
     for n, k in enumerate(range(args.start, args.start + args.events)):
         seq.offer(
@@ -105,7 +142,7 @@ def main() -> None:
     for b in range(0, len(stream), args.batch):
         work = []
         for side, key, value in stream[b : b + args.batch]:
-            message = proc.inbox_codec.decode(value)
+            message = proc.read(value)
             rkey = row_key(key, epoch_of(message))
             work.append((side, epoch_of(message), local(side, rkey), message))
         out = proc.process(work, local)

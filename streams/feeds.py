@@ -162,15 +162,28 @@ class Feeds:
 def _deliver(serving: Serving, vectors: list[Vector]) -> None:
     """Item vectors as read to the index (the last per item wins: an item's vectors share a
     partition, so they come in order) and, each with its seq, to the live evaluation
-    (vectors without a seq, from before it was recorded, only to the index)."""
+    (vectors without a seq, from before it was recorded, only to the index).
+
+    A vector whose item the index already holds after as many events (its count) or more is
+    left out: the owner of the item put that one, or a later one, in its index when it
+    applied the event, so reading its own vectors back costs no index update and cannot set
+    an item back to an older state. Vectors without a count (written before counts were
+    kept) always go in."""
     latest: dict[str, tuple[np.ndarray, Stats]] = {}
     for seq, item, vector, stats in vectors:
         latest[item] = (vector, stats)
         if seq >= 0:
             serving.live.item_vector(seq, item, vector, stats)
-    serving.upsert(
-        list(latest), np.stack([v for v, _ in latest.values()]), [s for _, s in latest.values()]
-    )
+    index = serving.index
+    newer = {
+        item: (vector, stats)
+        for item, (vector, stats) in latest.items()
+        if not (stats[0] > 0 and (held := index.get(item)) is not None and held[1][0] >= stats[0])
+    }
+    if newer:
+        serving.upsert(
+            list(newer), np.stack([v for v, _ in newer.values()]), [s for _, s in newer.values()]
+        )
 
 
 def _headers(headers: Headers | dict[str, str | bytes | None] | None) -> tuple[Epoch, int, Stats]:

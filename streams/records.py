@@ -52,7 +52,7 @@ def event_data(record: dict[str, Any]) -> EventData:
         user_id=record["user_id"],
         item_id=record["item_id"],
         timestamp=float(record["timestamp"]),
-        features=tuple(float(x) for x in record["features"]),
+        features=tuple(map(float, record["features"])),
     )
 
 

@@ -189,7 +189,7 @@ class Worker(Application[list[Decoded]]):
             try:
                 if key is None or value is None:
                     raise DecodeError("an inbox message without a key or a value")
-                message = self.processor.inbox_codec.decode(value)
+                message = self.processor.read(value)
                 epoch = epoch_of(message)
             except (DecodeError, SchemaError, KeyError, TypeError, ValueError) as exc:
                 # Only the router and workers write the inboxes (the ACLs of a secure

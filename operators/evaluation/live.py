@@ -31,18 +31,21 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
-from functools import partial
 from operator import attrgetter
 
 import numpy as np
 import torch
 
-from operators.evaluation.metrics import rank_of
-from operators.evaluation.scorer import PlainScorer, Scorer, UserContext
+from operators.evaluation.scorer import (
+    NumpyScores,
+    PlainScorer,
+    Scorer,
+    UserContext,
+    numpy_scores,
+)
+from operators.model.inference import NumpyJodie, static_row
 from operators.model.jodie import Jodie
-from operators.model.kernel import query
 from operators.model.state import trend_at
-from operators.model.static import static_tensor
 
 
 @dataclass(frozen=True)
@@ -101,6 +104,12 @@ class LiveRanks:
     undo_window: int = 20_000
     every: int = 1  # rank the events whose seq is a multiple of this
     max_ahead: int = 100_000
+    # From this many items on, a query's distances come from a matrix product, and only the
+    # rows that a bound cannot place above or below the true item are scored exactly
+    # (``_score_bounded``): the same ranks at a fraction of the cost. From ``batch_from``
+    # items on, up to 64 queries share the product (one pass over the items' memory).
+    bounded_from: int = 256
+    batch_from: int = 20_000
     unranked: int = 0
     _row: dict[str, int] = field(init=False)
     _dyn: np.ndarray = field(init=False)  # (cap, d)
@@ -129,11 +138,19 @@ class LiveRanks:
             self._stat[:n] = np.asarray(self.stats, dtype=np.float64).reshape(n, 3)
         self._row = {item: r for r, item in enumerate(self.ids)}
         self._n = n
+        # Each row's squared norm ‖[i, ī]‖², float32, kept with the folds (bounded scoring).
+        self._sq = np.zeros(cap, dtype=np.float32)
+        self._sq[:n] = np.einsum("ij,ij->i", self._dyn[:n], self._dyn[:n]) + np.einsum(
+            "ij,ij->i", self._static[:n], self._static[:n]
+        )
         self.watermark = self.start
         with torch.no_grad():
             self._p_init = self.model.initial_item().detach().numpy().reshape(1, -1)
         self._no_static = np.zeros((1, cfg.item_static_dim), np.float32)
-        self._user_static = partial(static_tensor, "user", dim=cfg.user_static_dim)
+        # One query at a time: numpy's arithmetic costs less than torch's dispatch
+        # (operators.model.inference); a ranker without a numpy twin is called as it is.
+        self._net = NumpyJodie(self.model)
+        self._numpy_scores = numpy_scores(self.scorer)
 
     # -- inputs ----------------------------------------------------------------------------
     def item_vector(
@@ -176,7 +193,7 @@ class LiveRanks:
         waiting = sorted(
             (q for q in self._queries if q.seq >= self.watermark), key=attrgetter("seq")
         )
-        todo: list[tuple[Query, torch.Tensor]] = []
+        todo: list[tuple[Query, np.ndarray]] = []
         group = self._group()
         i = 0
         while True:
@@ -223,12 +240,15 @@ class LiveRanks:
             self._undo.append(_Undo(seq, row, (self._dyn[row].copy(), count, trend, last)))
         self._dyn[row] = vector[:d]
         self._stat[row] = stats
+        dyn, static = self._dyn[row], self._static[row]
+        self._sq[row] = np.dot(dyn, dyn) + np.dot(static, static)
 
     def _append(self, item_id: str, static: np.ndarray) -> int:
         if self._n == self._dyn.shape[0]:
             self._dyn = np.concatenate([self._dyn, np.zeros_like(self._dyn)])
             self._static = np.concatenate([self._static, np.zeros_like(self._static)])
             self._stat = np.concatenate([self._stat, np.zeros_like(self._stat)])
+            self._sq = np.concatenate([self._sq, np.zeros_like(self._sq)])
         row = self._n
         self._row[item_id] = row
         self._static[row] = static
@@ -255,8 +275,7 @@ class LiveRanks:
             return None if state is None else state[0]
         return self._dyn[row]
 
-    @torch.inference_mode()
-    def _predict(self, q: Query, then: dict[int, ItemState | None]) -> torch.Tensor:
+    def _predict(self, q: Query, then: dict[int, ItemState | None]) -> np.ndarray:
         """The query's j̃ (d + s,), its previous item taken at its state at the event. One
         event at a time, as the offline replay computes it."""
         p_dyn = self._state_at(q.previous_item, then)
@@ -265,34 +284,33 @@ class LiveRanks:
             if p_dyn is None or q.previous_item is None
             else self._static[self._row[q.previous_item]].reshape(1, -1)
         )
-        _, pred = query(
-            self.model,
-            torch.from_numpy(q.pre_state.reshape(1, -1)),
-            torch.tensor([[q.delta_user]], dtype=torch.float32),
-            self._user_static(q.user_id),
-            torch.from_numpy(self._p_init if p_dyn is None else p_dyn.reshape(1, -1)),
-            torch.from_numpy(p_static),
+        _, pred = self._net.query(
+            np.asarray(q.pre_state, dtype=np.float32).reshape(1, -1),
+            np.array([[q.delta_user]], dtype=np.float32),
+            static_row("user", q.user_id, self.model.config.user_static_dim).reshape(1, -1),
+            self._p_init if p_dyn is None else p_dyn.reshape(1, -1),
+            p_static,
         )
         return pred[0]
 
-    @torch.inference_mode()
-    def _score(self, todo: list[tuple[Query, torch.Tensor]]) -> list[Ranked]:
+    def _score(self, todo: list[tuple[Query, np.ndarray]]) -> list[Ranked]:
         """Rank queries (with their j̃) with the ranker against the folded states, each with
         the rows folded since its seq at their state then: rank = 1 + items scored strictly
         higher, as ``jodie evaluate`` ranks."""
         n = self._n
         if not todo or n == 0:
             return [Ranked(q, 1, 0) for q, _ in todo]  # nothing known: every item is new
+        if self._numpy_scores is not None and n >= self.bounded_from:
+            return self._score_bounded(todo, self._numpy_scores)
         dyn_now = self._dyn[:n]
         stat_now = self._stat[:n]
-        static = torch.from_numpy(self._static[:n])
+        static = self._static[:n]
         out = []
-        dyn_t = torch.from_numpy(dyn_now)
         for q, pred in todo:
             then, n_known = self._at(q.seq)
             context = self._context(q)
-            scores = self.scorer.scores(
-                pred, dyn_t, static, stat_now[:, 0], self._trend_at(stat_now, q), context
+            scores = self._scores(
+                pred, dyn_now, static, stat_now[:, 0], self._trend_at(stat_now, q), context
             )
             unseen = [row for row, state in then.items() if state is None]
             patched = [row for row, state in then.items() if state is not None]
@@ -303,27 +321,126 @@ class LiveRanks:
                 rows = np.asarray(patched, dtype=np.int64)
                 states = [then[r] for r in patched]
                 sub_stat = np.array([st[1:] for st in states], dtype=np.float64)  # type: ignore[index]
-                local = {int(r): j for j, r in enumerate(patched)}
-                sub_ctx = UserContext(
-                    np.array([local.get(int(r), -1) for r in context.history], dtype=np.int64),
-                    context.counts,
-                )
-                scores[torch.from_numpy(rows)] = self.scorer.scores(
+                sub_ctx = _sub_context(context, rows)
+                scores[rows] = self._scores(
                     pred,
-                    torch.from_numpy(np.stack([st[0] for st in states])),  # type: ignore[index]
-                    static[torch.from_numpy(rows)],
+                    np.stack([st[0] for st in states]),  # type: ignore[index]
+                    static[rows],
                     sub_stat[:, 0],
                     self._trend_at(sub_stat, q),
                     sub_ctx,
                 )
             if unseen:
-                scores[torch.tensor(unseen, dtype=torch.long)] = -torch.inf
+                scores[np.asarray(unseen, dtype=np.int64)] = -np.inf
             true_row = self._row.get(q.item_id)
             if true_row is None or (true_row in then and then[true_row] is None):
                 out.append(Ranked(q, n_known + 1, n_known))  # never seen: not retrievable
             else:
-                out.append(Ranked(q, rank_of(scores, true_row), n_known))
+                out.append(Ranked(q, 1 + int((scores > scores[true_row]).sum()), n_known))
         return out
+
+    def _score_bounded(
+        self, todo: list[tuple[Query, np.ndarray]], fast: NumpyScores
+    ) -> list[Ranked]:
+        """``_score``'s ranks with approximate distances where they decide.
+
+        ‖x − p‖² = ‖x‖² + ‖p‖² − 2 x·p for the whole batch from one matrix product; in float32
+        it differs from the elementwise sum the ranker computes by at most
+        2γ(‖x‖ + ‖p‖)², γ = (D + 2)u (the two sums' error bounds, u = 2⁻²⁴, D = d + s), taken
+        four times over, plus the rounding of the terms added after it. A row whose
+        approximate score is farther than that from the true item's exact score is on the
+        same side of it as its exact score; the rows within it, those folded since the event
+        and the true item are scored exactly. The rank equals the one of exact scores.
+        """
+        n = self._n
+        dyn, static, stat = self._dyn[:n], self._static[:n], self._stat[:n]
+        d = dyn.shape[1]
+        preds = np.stack([pred for _, pred in todo])  # (B, D)
+        sq_rows = self._sq[:n]
+        dots = (preds[:, :d] @ dyn.T) + (preds[:, d:] @ static.T)  # (B, n)
+        sq_preds = np.einsum("ij,ij->i", preds, preds)
+        approx = (sq_rows[None, :] + sq_preds[:, None]) - 2 * dots  # (B, n)
+        norms = np.sqrt(sq_rows.astype(np.float64))
+        gamma = 4 * 2 * (preds.shape[1] + 2) * 2.0**-24
+        out = []
+        for b, (q, pred) in enumerate(todo):
+            then, n_known = self._at(q.seq)
+            true_row = self._row.get(q.item_id)
+            if true_row is None or (true_row in then and then[true_row] is None):
+                out.append(Ranked(q, n_known + 1, n_known))  # never seen: not retrievable
+                continue
+            context = self._context(q)
+            trend = self._trend_at(stat, q)
+            scores = fast(pred, dyn, static, stat[:, 0], trend, context, dist=approx[b])
+            bound = fast.scale * gamma * (norms + float(np.sqrt(sq_preds[b]))) ** 2
+            exact = np.zeros(n, dtype=bool)
+            patched = [row for row, state in then.items() if state is not None]
+            if patched:
+                rows = np.asarray(patched, dtype=np.int64)
+                states = [then[r] for r in patched]
+                sub_stat = np.array([st[1:] for st in states], dtype=np.float64)  # type: ignore[index]
+                scores[rows] = fast(
+                    pred,
+                    np.stack([st[0] for st in states]),  # type: ignore[index]
+                    static[rows],
+                    sub_stat[:, 0],
+                    self._trend_at(sub_stat, q),
+                    _sub_context(context, rows),
+                )
+                exact[rows] = True
+            unseen = [row for row, state in then.items() if state is None]
+            if unseen:
+                scores[np.asarray(unseen, dtype=np.int64)] = -np.inf
+                exact[np.asarray(unseen, dtype=np.int64)] = True
+            if not exact[true_row]:
+                one = np.array([true_row], dtype=np.int64)
+                scores[true_row] = fast(
+                    pred,
+                    dyn[one],
+                    static[one],
+                    stat[one, 0],
+                    trend[one],
+                    _sub_context(context, one),
+                )[0]
+                exact[true_row] = True
+            mine = float(scores[true_row])
+            slack = bound + 8 * 2.0**-24 * (np.abs(scores) + abs(mine) + 1.0)
+            near = ~exact & (np.abs(scores.astype(np.float64) - mine) <= slack)
+            if near.any():
+                rows = np.flatnonzero(near)
+                scores[rows] = fast(
+                    pred,
+                    dyn[rows],
+                    static[rows],
+                    stat[rows, 0],
+                    trend[rows],
+                    _sub_context(context, rows),
+                )
+            out.append(Ranked(q, 1 + int((scores > scores[true_row]).sum()), n_known))
+        return out
+
+    def _scores(
+        self,
+        pred: np.ndarray,
+        dyn: np.ndarray,
+        static: np.ndarray,
+        count: np.ndarray,
+        trend: np.ndarray,
+        context: UserContext,
+    ) -> np.ndarray:
+        """The ranker's scores (n,) float32, writable."""
+        if self._numpy_scores is not None:
+            return self._numpy_scores(pred, dyn, static, count, trend, context)
+        with torch.inference_mode():
+            scores = self.scorer.scores(
+                torch.from_numpy(pred),
+                torch.from_numpy(np.ascontiguousarray(dyn)),
+                torch.from_numpy(np.ascontiguousarray(static)),
+                count,
+                trend,
+                context,
+            )
+        return scores.numpy().copy()
 
     @staticmethod
     def _trend_at(stat: np.ndarray, q: Query) -> np.ndarray:
@@ -342,10 +459,23 @@ class LiveRanks:
         return UserContext(rows, counts)
 
     def _group(self) -> int:
-        """Queries scored in one batched call: as many as ``_SCORE_FLOATS`` allows, ≤ 64."""
+        """Queries scored together: one when each is scored on its own (scored at its seq,
+        before later folds, it needs no rows patched from the undo records); for the bounded
+        scoring's one matrix product, as many as ``_SCORE_FLOATS`` allows, ≤ 64."""
+        if self._numpy_scores is None or self._n < max(self.bounded_from, self.batch_from):
+            return 1
         width = self._dyn.shape[1] + self._static.shape[1]
         return max(1, min(64, _SCORE_FLOATS // (max(1, self._n) * width)))
 
 
 #: Floats of one batched distance computation (B × n × (d + s)): 16 MB.
 _SCORE_FLOATS = 4_000_000
+
+
+def _sub_context(context: UserContext, rows: np.ndarray) -> UserContext:
+    """``context`` for scoring only ``rows``: its history as positions among them."""
+    local = {int(r): j for j, r in enumerate(rows.tolist())}
+    return UserContext(
+        np.array([local.get(int(r), -1) for r in context.history], dtype=np.int64),
+        context.counts,
+    )

@@ -217,3 +217,89 @@ def fit_history_scorer(
             log_alpha.clone(), bonus().clone(), beta.clone(), gamma.clone(), delta.clone()
         )
     return fitted
+
+
+class NumpyScores(Protocol):
+    """``Scorer.scores`` on numpy arrays: pred (d + s,), item_dyn (n, d), item_static (n, s),
+    item_count (n,), item_trend (n,), the user's context → (n,) float32. ``dist`` (n,): the
+    squared distances to use instead of computing them (an approximation, see
+    ``operators.evaluation.live``); a score moves by ``scale`` times a distance's error."""
+
+    @property
+    def scale(self) -> float: ...
+
+    def __call__(
+        self,
+        pred: np.ndarray,
+        item_dyn: np.ndarray,
+        item_static: np.ndarray,
+        item_count: np.ndarray,
+        item_trend: np.ndarray,
+        user: UserContext,
+        dist: np.ndarray | None = None,
+    ) -> np.ndarray: ...
+
+
+@dataclass(frozen=True)
+class _NumpyScores:
+    scale: float
+    alpha: np.float32
+    bonus: np.ndarray | None  # None: plain distance
+    beta: np.float32
+    gamma: np.float32
+    delta: np.float32
+
+    def __call__(
+        self,
+        pred: np.ndarray,
+        item_dyn: np.ndarray,
+        item_static: np.ndarray,
+        item_count: np.ndarray,
+        item_trend: np.ndarray,
+        user: UserContext,
+        dist: np.ndarray | None = None,
+    ) -> np.ndarray:
+        if dist is None:
+            d = item_dyn.shape[1]
+            dist = np.square(item_dyn - pred[:d]).sum(axis=1) + np.square(
+                item_static - pred[d:]
+            ).sum(axis=1)
+        if self.bonus is None:
+            return -dist
+        out = -self.alpha * dist
+        out += self.gamma * np.log1p(item_count).astype(np.float32)
+        out += self.delta * np.log1p(item_trend).astype(np.float32)
+        valid = user.history >= 0
+        if valid.any():
+            positions = np.flatnonzero(valid)
+            extra = self.bonus[positions] + self.beta * np.log1p(user.counts[valid]).astype(
+                np.float32
+            )
+            np.add.at(out, user.history[valid], extra)
+        return out
+
+
+def numpy_scores(scorer: Scorer) -> NumpyScores | None:
+    """The same arithmetic as ``scorer.scores`` in numpy, for the scorers defined here; None
+    for any other (its own ``scores`` is then the one to call).
+
+    A stream ranks one query against every item a few hundred times a second; torch's
+    per-operation dispatch costs more there than the arithmetic. The float32 operations are
+    the same, so scores agree with the torch ones to the order of a sum's rounding.
+    """
+
+    if type(scorer) is PlainScorer:
+        one = np.float32(1.0)
+        return _NumpyScores(1.0, one, None, one, one, one)
+    if type(scorer) is not HistoryScorer:
+        return None
+    history: HistoryScorer = scorer
+    alpha = np.float32(history.log_alpha.exp().item())
+    return _NumpyScores(
+        float(alpha),
+        alpha,
+        history.bonus.numpy().astype(np.float32),
+        np.float32(history.beta.item()),
+        np.float32(history.gamma.item()),
+        np.float32(history.delta.item()),
+    )

@@ -27,6 +27,7 @@ own ``Serving``, and recommendations name its version.
 from __future__ import annotations
 
 import logging
+import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -39,7 +40,7 @@ from operators.evaluation.metrics import RollingRanks
 from operators.evaluation.served import ServedTally
 from operators.protocol.exchange import Applied, ApplyMany, Inbox, PartnerState, SendPreState, drive
 from operators.protocol.sides import EntityState, EventData, ItemOutput, UserOutput
-from schemas import Codec
+from schemas import Codec, wire
 from schemas.codec import ENTITY_RECORD, EVALUATION, INBOX_MESSAGE, INTERACTION, RECOMMENDATION
 from streams.app.epochs import UNSTAMPED, Epoch, label, row_key, split_row_key
 from streams.app.serving import Serving
@@ -158,6 +159,13 @@ class Processor:
         self.record_codec = Codec(ENTITY_RECORD)
         self.rec_codec = Codec(RECOMMENDATION)
         self.eval_codec = Codec(EVALUATION)
+        # The direct reader and writer of schemas.wire, while they agree with the codecs.
+        self._inbox_header = self.inbox_codec.header
+        self._rec_writer = (
+            wire.RecommendationWriter(self.rec_codec.header)
+            if wire.same_as_recommendation_codec(self.rec_codec)
+            else None
+        )
         self.applied_seq = -1  # the latest log position of a user event applied here
         self.servings: dict[Epoch, Serving] = {}
         self._many: dict[Epoch, tuple[ApplyMany[EntityState, EntityState], ...]] = {}
@@ -181,6 +189,15 @@ class Processor:
     def serving(self) -> Serving | None:
         """The latest epoch's serving (what /metrics reports)."""
         return self.servings[max(self.servings, key=lambda e: e[1])] if self.servings else None
+
+    def read(self, value: bytes) -> dict[str, Any]:
+        """An inbox message as ``inbox_codec`` decodes it (its DecodeError for a bad one)."""
+        header = self._inbox_header
+        if value[: len(header)] == header:
+            message = wire.read_inbox_message(value, len(header))
+            if message is not None:
+                return message
+        return self.inbox_codec.decode(value)
 
     # Row codecs for the tables.
     def decoder(self, side: str) -> Callable[[bytes, bytes], Box]:
@@ -371,12 +388,25 @@ class Processor:
             tally.event(r["user_id"], r["item_id"], served, popular)
 
     def _recommendation(self, record: dict[str, Any]) -> Output:
-        return (
-            self.recommendations,
-            record["user_id"].encode(),
-            self.rec_codec.encode(record),
-            None,
-        )
+        return (self.recommendations, record["user_id"].encode(), self._encode_rec(record), None)
+
+    def _encode_rec(self, record: dict[str, Any]) -> bytes:
+        if self._rec_writer is not None:
+            try:
+                return self._rec_writer.record(
+                    record["user_id"],
+                    record["event_id"],
+                    record["item_id"],
+                    record["timestamp"],
+                    record["model_version"],
+                    record["projected_user_f32"],
+                    record["predicted_item_f32"],
+                    [(c["item_id"], c["score"]) for c in record["candidates"]],
+                    record["state_change_probability"],
+                )
+            except (OverflowError, struct.error, TypeError, AttributeError):
+                pass  # a value the direct writer does not take: the codec writes or refuses it
+        return self.rec_codec.encode(record)
 
     def quarantine(self, seq: int, event: EventData, side: str, why: str) -> Output:
         """The DLQ record of a quarantined event, counted by reason."""

@@ -18,7 +18,7 @@ from schemas import (
     load_schema,
     wire,
 )
-from schemas.codec import INBOX_MESSAGE
+from schemas.codec import INBOX_MESSAGE, RECOMMENDATION
 
 INTERACTIONS = Codec(INTERACTION)
 SEQUENCED = Codec(SEQUENCED_INTERACTION)
@@ -174,3 +174,142 @@ def test_writes_what_fastavro_writes(
             "model_since": since,
         }
     )
+
+
+RECOMMENDATIONS = Codec(RECOMMENDATION)
+partners = st.fixed_dictionaries(
+    {
+        "seq": longs,
+        "embedding": st.none() | st.binary(max_size=64),
+        "last_time": st.none() | st.floats(allow_nan=False),
+    }
+)
+inbox_events = st.fixed_dictionaries(
+    {
+        "seq": longs,
+        "prev_seq": longs,
+        "partner_prev_seq": longs,
+        "event_id": st.text(max_size=40),
+        "user_id": st.text(max_size=40),
+        "item_id": st.text(max_size=40),
+        "timestamp": st.floats(allow_nan=False),
+        "features": st.lists(float32s, max_size=20),
+    }
+)
+inbox_messages = st.one_of(
+    st.fixed_dictionaries(
+        {
+            "event": inbox_events,
+            "partner": st.none(),
+            "model_version": st.text(max_size=20),
+            "model_since": longs,
+        }
+    ),
+    st.fixed_dictionaries(
+        {
+            "event": st.none(),
+            "partner": partners,
+            "model_version": st.text(max_size=20),
+            "model_since": longs,
+        }
+    ),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(inbox_messages)
+def test_reads_inbox_messages_as_the_codec(message: dict[str, Any]) -> None:
+    data = INBOX.encode(message)
+    fast = wire.read_inbox_message(data, len(INBOX.header))
+    assert fast is not None
+    assert repr(fast) == repr(INBOX.decode(data))
+
+
+def _codec_inbox(data: bytes) -> dict[str, Any] | None:
+    try:
+        return INBOX.decode(data)
+    except (DecodeError, SchemaError):
+        return None
+
+
+@settings(max_examples=500, deadline=None)
+@given(inbox_messages, st.data())
+def test_never_reads_a_damaged_inbox_message_otherwise_than_the_codec(
+    message: dict[str, Any], data: st.DataObject
+) -> None:
+    body = bytearray(INBOX.encode(message))
+    start = len(INBOX.header)
+    how = data.draw(st.sampled_from(["flip", "cut", "extend"]))
+    if how == "flip":
+        at = data.draw(st.integers(start, len(body) - 1))
+        body[at] = data.draw(st.integers(0, 255))
+    elif how == "cut":
+        del body[data.draw(st.integers(start, len(body))) :]
+    else:
+        body += data.draw(st.binary(min_size=1, max_size=12))
+    fast = wire.read_inbox_message(bytes(body), start)
+    if fast is not None:
+        assert repr(fast) == repr(_codec_inbox(bytes(body)))
+
+
+def test_refuses_an_inbox_message_it_does_not_read_exactly() -> None:
+    message = {
+        "event": None,
+        "partner": {"seq": 3, "embedding": b"\x01\x02", "last_time": 2.0},
+        "model_version": "v",
+        "model_since": 7,
+    }
+    body = INBOX.encode(message)[len(INBOX.header) :]
+    assert wire.read_inbox_message(body) == message
+    assert wire.read_inbox_message(body + b"\x00") is None  # trailing bytes
+    assert wire.read_inbox_message(body[:-1]) is None  # cut short
+    assert wire.read_inbox_message(b"\x04" + body[1:]) is None  # no such union branch
+
+
+recommendations = st.fixed_dictionaries(
+    {
+        "user_id": st.text(max_size=40),
+        "event_id": st.text(max_size=40),
+        "item_id": st.text(max_size=40),
+        "timestamp": st.floats(allow_nan=False),
+        "model_version": st.text(max_size=20),
+        "projected_user": st.just([]),
+        "predicted_item": st.just([]),
+        "projected_user_f32": st.none() | st.binary(max_size=64),
+        "predicted_item_f32": st.none() | st.binary(max_size=64),
+        "candidates": st.lists(
+            st.fixed_dictionaries(
+                {
+                    "item_id": st.text(max_size=20),
+                    "score": st.floats(allow_nan=False, min_value=-1e30, max_value=1e30),
+                }
+            ),
+            max_size=30,
+        ),
+        "state_change_probability": st.none() | st.floats(0.0, 1.0),
+    }
+)
+
+
+def test_the_recommendation_schema_is_the_one_it_was_written_for() -> None:
+    assert wire.same_as_recommendation_codec(RECOMMENDATIONS)
+    changed = copy.deepcopy(load_schema(RECOMMENDATION))
+    changed["fields"].insert(1, {"name": "shard", "type": "int", "default": 0})
+    assert not wire.same_as_recommendation_codec(Codec(changed))
+
+
+@settings(max_examples=300, deadline=None)
+@given(recommendations)
+def test_writes_recommendations_as_fastavro(record: dict[str, Any]) -> None:
+    written = wire.RecommendationWriter(RECOMMENDATIONS.header).record(
+        record["user_id"],
+        record["event_id"],
+        record["item_id"],
+        record["timestamp"],
+        record["model_version"],
+        record["projected_user_f32"],
+        record["predicted_item_f32"],
+        [(c["item_id"], c["score"]) for c in record["candidates"]],
+        record["state_change_probability"],
+    )
+    assert written == RECOMMENDATIONS.encode(record)

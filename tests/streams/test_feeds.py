@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
+
+import numpy as np
 
 from operators.protocol.sequencer import Interaction, SequencedEvent
 from operators.retrieval.cooccurrence import CooccurrenceCandidates
 from schemas.codec import SEQUENCED_INTERACTION
 from streams.app.processor import Processor, WorkerStats
+from streams.app.serving import Serving
 from streams.codecs import make_codec
-from streams.feeds import Feeds
+from streams.feeds import Feeds, _deliver
 from streams.router import to_log_record
 from streams.runtime.clients import idempotent_producer
 from streams.settings import Settings
+from tests.streams.harness import make_checkpoint
 
 
 def write_log(settings: Settings, n: int) -> None:
@@ -71,3 +76,20 @@ def test_events_ahead_of_the_applied_seq_are_held_up_to_a_bound(kafka: Settings)
         assert observed(cooc) == set(range(n)) and feeds.held() == 0
     finally:
         feeds.close()
+
+
+def test_a_vector_read_back_never_sets_an_item_back(tmp_path: Path) -> None:
+    """An item's vectors are ordered by its event count: the index keeps the one after the
+    most events, whichever comes last (a worker reads its own vectors back after it indexed
+    later ones)."""
+    serving = Serving.load(Settings(), make_checkpoint(tmp_path / "ck"))
+    item = serving.index.top(0, 1)[0]
+    vector, attrs = serving.index.get(item)  # type: ignore[misc]
+    count, t = float(attrs[0]), float(attrs[2])
+    newer, older = vector + 1.0, vector - 1.0
+    _deliver(serving, [(-1, item, newer, (count + 2, 1.0, t + 2))])
+    _deliver(serving, [(-1, item, older, (count + 1, 1.0, t + 1))])
+    held, held_attrs = serving.index.get(item)  # type: ignore[misc]
+    assert np.array_equal(held, newer) and held_attrs[0] == count + 2
+    _deliver(serving, [(-1, item, older, (0.0, 0.0, float("nan")))])  # no count: goes in
+    assert np.array_equal(serving.index.get(item)[0], older)  # type: ignore[index]

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 
 import numpy as np
 import torch
 
 from operators.evaluation.live import LiveRanks, Query
 from operators.evaluation.protocols import frozen_replay
-from operators.evaluation.scorer import PlainScorer
+from operators.evaluation.scorer import HistoryScorer, PlainScorer
 from operators.model.jodie import Jodie
 from operators.model.state import States
 from operators.protocol.sides import CheckpointStates, EntityState, EventData, StreamModel
@@ -153,3 +154,61 @@ def test_a_vector_that_never_comes_is_skipped_and_what_waited_on_it_counted() ->
     assert live.unranked == 3  # seqs 3, 4, 5
     assert [r.query.seq for r in ranked] == list(range(6, len(events)))
     assert live.pending() == 0
+
+
+def _ranks(
+    live: LiveRanks, queries: list[Query], vectors: list[tuple[int, str, np.ndarray]]
+) -> list[int]:
+    got: dict[int, int] = {}
+    half = len(vectors) // 2
+    for v in vectors[:half]:
+        live.item_vector(*v)
+    assert live.ready() == []  # folds the first half
+    for q in queries:  # the first half late: ranked with the undo records, rows patched
+        live.add(q)
+    for v in vectors[half:]:
+        live.item_vector(*v)
+    for r in live.ready():
+        got[r.query.seq] = r.rank
+    assert live.unranked == 0
+    return [got[q.seq] for q in queries]
+
+
+def test_bounded_ranks_equal_exact_ranks_with_ties() -> None:
+    """The matrix-product distances decide only where the bound allows: the ranks equal the
+    elementwise ones, exact ties included (copies of items score equal, never higher)."""
+    model, states, events = _setup(seed=4, n_events=300)
+    queries, vectors = _stream_outputs(model, states.copy(), events)
+    ids, start = CheckpointStates(_AsCheckpoint(states)).item_vectors()  # type: ignore[arg-type]
+    rng = np.random.default_rng(4)
+    # Many more items: random ones, and exact copies of the known ones (ties).
+    extra = rng.standard_normal((3000, start.shape[1])).astype(np.float32)
+    copies = np.repeat(start, 20, axis=0)
+    all_ids = [*ids, *(f"x{k}" for k in range(len(extra))), *(f"c{k}" for k in range(len(copies)))]
+    all_vectors = np.concatenate([start, extra, copies])
+    scorer = HistoryScorer(
+        torch.tensor(0.2),
+        torch.tensor([1.0, 0.5, 0.25, 0.1]),
+        torch.tensor(0.3),
+        torch.tensor(0.1),
+        torch.tensor(0.05),
+    )
+    # With a history (its bonus is added by row, in the exact and the bounded scores alike).
+    with_history = [
+        replace(q, history=("i1", "c3", "i2"), history_counts=(3, 1, 2)) for q in queries
+    ]
+    for ranker, asked in ((PlainScorer(), queries), (scorer, with_history)):
+        exact = LiveRanks(model, 0, all_ids, all_vectors.copy(), scorer=ranker, bounded_from=10**9)
+        want = _ranks(exact, asked, vectors)
+        for batch_from in (0, 10**9):  # queries scored together, or one by one
+            bounded = LiveRanks(
+                model,
+                0,
+                all_ids,
+                all_vectors.copy(),
+                scorer=ranker,
+                bounded_from=0,
+                batch_from=batch_from,
+            )
+            assert _ranks(bounded, asked, vectors) == want
+        assert len(set(want)) > 10  # ranks that vary: the comparison means something

@@ -12,6 +12,7 @@ from operators.evaluation.scorer import (
     UserContext,
     fit_history_scorer,
     make_scorer,
+    numpy_scores,
 )
 from operators.model.config import ModelConfig
 
@@ -66,3 +67,46 @@ def test_fit_learns_a_monotone_recency_bonus() -> None:
     b = scorer.bonus.numpy()
     assert b[0] > b[1] > 0.5 and b[1] >= b[2] >= b[3] >= 0
     assert b[0] - b[1] > 0.5
+
+
+def test_numpy_scores_agree_with_the_scorers() -> None:
+    rng = np.random.default_rng(0)
+    n, d, s, k = 500, 8, 4, 5
+    pred = rng.normal(size=d + s).astype(np.float32)
+    dyn = rng.normal(size=(n, d)).astype(np.float32)
+    static = rng.normal(size=(n, s)).astype(np.float32)
+    count = rng.integers(0, 50, n).astype(np.float64)
+    trend = rng.random(n) * 10
+    user = UserContext(np.array([7, 3, -1, 400, -1]), np.array([4, 1, 0, 2, 0]))
+    history = HistoryScorer(
+        torch.tensor(-0.3),
+        torch.linspace(2.0, 0.5, k),
+        torch.tensor(0.4),
+        torch.tensor(0.7),
+        torch.tensor(-0.2),
+    )
+    for scorer in (PlainScorer(), history):
+        fast = numpy_scores(scorer)
+        assert fast is not None
+        got = fast(pred, dyn, static, count, trend, user)
+        want = scorer.scores(
+            torch.from_numpy(pred),
+            torch.from_numpy(dyn),
+            torch.from_numpy(static),
+            count,
+            trend,
+            user,
+        ).numpy()
+        assert got.dtype == np.float32
+        # The same float32 operations; only a sum's order may differ (a few ulps).
+        np.testing.assert_allclose(
+            got, want, rtol=0, atol=8 * float(np.spacing(np.abs(want).max()))
+        )
+        assert not np.array_equal(got, -got)  # a real score vector, not zeros
+
+
+def test_a_scorer_without_a_numpy_twin_gets_none() -> None:
+    class Other(PlainScorer):
+        pass
+
+    assert numpy_scores(Other()) is None
