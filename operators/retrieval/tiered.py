@@ -110,6 +110,9 @@ class TieredIndex:
     def __len__(self) -> int:
         return len(self._store.rows)
 
+    def __contains__(self, item_id: object) -> bool:
+        return item_id in self._store.rows
+
     @property
     def approximate(self) -> bool:
         """True while searches go through the approximate overlay."""

@@ -10,7 +10,7 @@ import pytest
 from operators.model.checkpoint import load_checkpoint
 from operators.model.online import OnlineJodie
 from operators.model.state import trend_at
-from operators.protocol.sides import CheckpointStates, EntityState
+from operators.protocol.sides import CheckpointStates, EntityState, EventData
 from streams.app.serving import Serving
 from streams.settings import Settings
 from tests.streams.harness import assert_ranked_as_offline, make_checkpoint, offline_ranking
@@ -85,3 +85,31 @@ def test_a_cold_start_lists_the_popular_and_trending_items(checkpoint: Path) -> 
     for r in items:
         assert sum(r.terms.values()) == pytest.approx(r.score)
     assert serving.clock == float(np.nanmax(states.last_time))
+
+
+def test_an_item_new_to_the_index_is_in_the_list_of_the_user_who_touched_it(
+    checkpoint: Path,
+) -> None:
+    serving = Serving.load(Settings(), checkpoint)
+    baseline = CheckpointStates(serving.checkpoint)
+    user = _busiest_users(checkpoint, 1)[0]
+    state = baseline.user(user)
+    t = state.last_time + 60.0
+    # An item no one has touched yet, owned by another worker: its vector has not come
+    # through item-vectors, so this index has never held it.
+    assert "brand-new" not in serving.index
+    event = EventData("e1", user, "brand-new", t, ())
+    [(_u, out, _i)] = serving.stream.apply_users(
+        [state], [EntityState(None, float("nan"))], [event]
+    )
+    assert out.item_vector is not None
+    [record] = serving.recommendations([out])
+    listed = [c["item_id"] for c in record["candidates"]]
+    assert "brand-new" in listed
+    vector, attrs = serving.index.get("brand-new")  # type: ignore[misc]
+    assert np.array_equal(vector, out.item_vector)
+    assert attrs.tolist() == [1.0, 1.0, t]
+    # The owner's vector, with the true counts, replaces it; a known item is left alone.
+    serving.upsert(["brand-new"], out.item_vector[None, :], [(3.0, 2.5, t)])
+    serving.recommendations([out])
+    assert serving.index.get("brand-new")[1].tolist() == [3.0, 2.5, t]  # type: ignore[index]
