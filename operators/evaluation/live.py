@@ -30,7 +30,7 @@ reconstructed are counted as ``unranked``, never ranked wrongly.
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from operator import attrgetter
 
@@ -59,6 +59,12 @@ class Query:
     timestamp: float = 0.0  # the event's time (the popularity terms decay to it)
     history: tuple[str, ...] = ()  # the user's history and counts before the event
     history_counts: tuple[int, ...] = ()
+    # What the learned ranker also reads of the user before the event (a user side that
+    # does not send them gets a ranker scoring without those terms, unlike offline).
+    history_times: tuple[float, ...] = ()  # the user's last time on each history entry
+    habits: tuple[float, ...] = ()  # operators.model.state.HABITS
+    events: int = 0  # the user's events before this one
+    last_time: float = float("nan")  # the user's previous event time
 
 
 @dataclass(frozen=True)
@@ -292,7 +298,13 @@ class LiveRanks:
             then, n_known = self._at(q.seq)
             context = self._context(q)
             scores = self.scorer.scores(
-                pred, dyn_t, static, stat_now[:, 0], self._trend_at(stat_now, q), context
+                pred,
+                dyn_t,
+                static,
+                stat_now[:, 0],
+                self._trend_at(stat_now, q),
+                context,
+                stat_now[:, 2],
             )
             unseen = [row for row, state in then.items() if state is None]
             patched = [row for row, state in then.items() if state is not None]
@@ -304,9 +316,11 @@ class LiveRanks:
                 states = [then[r] for r in patched]
                 sub_stat = np.array([st[1:] for st in states], dtype=np.float64)  # type: ignore[index]
                 local = {int(r): j for j, r in enumerate(patched)}
-                sub_ctx = UserContext(
-                    np.array([local.get(int(r), -1) for r in context.history], dtype=np.int64),
-                    context.counts,
+                sub_ctx = replace(
+                    context,
+                    history=np.array(
+                        [local.get(int(r), -1) for r in context.history], dtype=np.int64
+                    ),
                 )
                 scores[torch.from_numpy(rows)] = self.scorer.scores(
                     pred,
@@ -315,6 +329,7 @@ class LiveRanks:
                     sub_stat[:, 0],
                     self._trend_at(sub_stat, q),
                     sub_ctx,
+                    sub_stat[:, 2],
                 )
             if unseen:
                 scores[torch.tensor(unseen, dtype=torch.long)] = -torch.inf
@@ -339,7 +354,14 @@ class LiveRanks:
         for j, (item, c) in enumerate(zip(q.history[:k], q.history_counts[:k], strict=False)):
             rows[j] = self._row.get(item, -1)
             counts[j] = c
-        return UserContext(rows, counts)
+        times = habits = None
+        if q.history_times:
+            times = np.full(k, np.nan)
+            given = np.asarray(q.history_times[:k], dtype=np.float64)
+            times[: given.size] = given
+        if q.habits:
+            habits = np.asarray(q.habits, dtype=np.float64)
+        return UserContext(rows, counts, times, habits, q.events, q.last_time, q.timestamp)
 
     def _group(self) -> int:
         """Queries scored in one batched call: as many as ``_SCORE_FLOATS`` allows, ≤ 64."""
