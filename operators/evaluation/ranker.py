@@ -165,14 +165,18 @@ class LearnedRanker:
         return np.asarray(x, dtype=np.float64) @ w
 
     @torch.no_grad()
-    def history_bonus(self, user: UserContext, x: np.ndarray) -> tuple[np.ndarray, Tensor]:
-        """The user's history item rows (V,) and their bonus (V,); ``x`` (n, 3) the item
-        features of every row the history may name."""
+    def history_bonus(self, user: UserContext, x_history: np.ndarray) -> np.ndarray:
+        """The bonus (K,) float64 of each of the user's history entries (0 for padding), from
+        ``x_history`` (K, 3), the item features of the entries' items (rows of padding are
+        ignored): what a server adds to the history items' keys."""
         rows, h = entry_features(user)
-        if rows.size == 0:
-            return rows, torch.zeros(0)
-        z = torch.from_numpy(user_features(user)).expand(rows.size, -1)
-        return rows, self.net.bonus(torch.from_numpy(h), z, torch.from_numpy(x[rows]))
+        out = np.zeros(user.history.shape[0])
+        if rows.size:
+            valid = np.flatnonzero(user.history >= 0)
+            z = torch.from_numpy(user_features(user)).expand(rows.size, -1)
+            x = torch.from_numpy(np.asarray(x_history, dtype=np.float32)[valid])
+            out[valid] = self.net.bonus(torch.from_numpy(h), z, x).numpy()
+        return out
 
     @torch.no_grad()
     def scores(
@@ -188,9 +192,11 @@ class LearnedRanker:
         x = item_features(item_count, item_trend, item_last, user.now)
         out = -self.net.log_alpha.exp() * squared_distances(pred, item_dyn, item_static)
         out = out + torch.from_numpy(x) @ self.net.item_weights
-        rows, bonus = self.history_bonus(user, x)
-        if rows.size:
-            out = out.index_add(0, torch.from_numpy(rows), bonus)
+        valid = user.history >= 0
+        if valid.any():
+            bonus = self.history_bonus(user, x[np.maximum(user.history, 0)])
+            rows = torch.from_numpy(user.history[valid])
+            out = out.index_add(0, rows, torch.from_numpy(bonus[valid]).to(out.dtype))
         return out
 
 

@@ -59,10 +59,10 @@ def test_terms_by_hand() -> None:
     torch.testing.assert_close(out, torch.tensor([item0, item1, item2]))
     # The split the serving index takes: scale, item prior, history bonus.
     x = item_features(count, trend, last, 100.0)
-    rows, bonus = ranker.history_bonus(user, x)
-    assert rows.tolist() == [1, 0] and ranker.scale == 2.0
+    bonus = ranker.history_bonus(user, x[user.history])
+    assert ranker.scale == 2.0
     recombined = -ranker.scale * np.array([1.0, 4.0, 0.0]) + ranker.prior(x)
-    recombined[rows] += bonus.numpy()
+    recombined[user.history] += bonus
     np.testing.assert_allclose(recombined, out.numpy(), rtol=1e-6, atol=1e-6)
     # Without the user's times and the items' last times those terms drop out, nothing else.
     bare = ranker.scores(pred, dyn, static, count, trend, UserContext(user.history, user.counts))
