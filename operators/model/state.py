@@ -243,7 +243,7 @@ class EntityStore:
         """New states of distinct ``rows`` (B,): emb (B, d), times (B,), items (B,) for users."""
         self._emb[rows] = emb.detach()
         if items is not None and self.history_size:
-            self._habits[rows] = _next_habits(
+            self._habits[rows] = next_habits(
                 self._habits[rows],
                 self._history[rows],
                 items,
@@ -268,7 +268,7 @@ class EntityStore:
         self._emb[row] = emb.detach().reshape(-1)
         last = self._last_time[row]
         if item is not None and self.history_size:
-            self._habits[row] = _next_habits(
+            self._habits[row] = next_habits(
                 self._habits[row : row + 1],
                 self._history[row : row + 1],
                 np.array([item]),
@@ -361,12 +361,13 @@ class EntityStore:
         return store
 
 
-def _next_habits(
+def next_habits(
     habits: np.ndarray, history: np.ndarray, items: np.ndarray, gaps: np.ndarray, n: np.ndarray
 ) -> np.ndarray:
     """Users' ``HABITS`` rows (B, 4) after an event on ``items`` (B,), from their rows, their
     histories (B, K) and event counts (B,) before it and the gaps to it (B,, NaN for a first
-    event). One function for the batched and the single-event update, so both round alike."""
+    event). One function for the batched and the single-event update, so both round alike;
+    items and history entries may be rows or ids (a stream's user table keeps ids)."""
     out = habits.copy()
     same = history[:, 0] == items
     out[:, 0] += same

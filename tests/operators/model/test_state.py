@@ -5,7 +5,13 @@ import pytest
 import torch
 
 from operators.model.kernel import read_states
-from operators.model.state import EntityStore, States, push_history
+from operators.model.state import (
+    EntityStore,
+    States,
+    next_habits,
+    push_history,
+    push_history_times,
+)
 
 
 def test_encode_assigns_rows_in_first_appearance_order() -> None:
@@ -107,3 +113,24 @@ def test_states_saved_before_the_ranker_state_say_what_they_miss() -> None:
     loaded = EntityStore.from_tensors("user", ["u"], old, "user", 2)
     assert loaded.missing == ("history_times", "habits")
     assert loaded.history[0].tolist() == [7, -1, -1] and np.isnan(loaded.history_times).all()
+
+
+def test_habits_and_times_from_ids_equal_those_from_rows() -> None:
+    rows = np.array([[3, 1, -1]])
+    ids = np.array([["c", "a", ""]], dtype=object)
+    habits = np.array([[2.0, 1.0, 3.0, 0.5]])
+    for item, label in ((3, "c"), (1, "a"), (9, "z")):
+        by_row = next_habits(habits, rows, np.array([item]), np.array([5.0]), np.array([4]))
+        by_id = next_habits(
+            habits, ids, np.array([label], dtype=object), np.array([5.0]), np.array([4])
+        )
+        np.testing.assert_array_equal(by_row, by_id)
+    times = np.array([[9.0, 7.0, np.nan]])
+    np.testing.assert_array_equal(
+        push_history_times(rows, times, np.array([1]), np.array([10.0])),
+        push_history_times(ids, times, np.array(["a"], dtype=object), np.array([10.0])),
+    )
+    assert push_history_times(rows, times, np.array([1]), np.array([10.0])).tolist()[0][:2] == [
+        10.0,
+        9.0,
+    ]
