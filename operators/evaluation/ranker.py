@@ -1,7 +1,8 @@
 """The learned ranker: JODIE's distance plus item, history and user features, weighted by a
 small model fitted on the training split's tail.
 
-    score_j = −α‖j̃ − [j, j̄]‖² + w·x_j + [j ∈ H_u] · (v·h_j + g([h_j, z_u, x_j]))
+    score_j = −α d_j + w·x_j + [j ∈ H_u] · (v·h_j + g([h_j, z_u, x_j, −d_j])),
+    d_j = ‖j̃ − [j, j̄]‖²
 
 - x_j (3): the item — log(1 + n_j) its events so far, log(1 + m_j(t)) the same decayed with a
   one-day constant, and −log(1 + t − t_j)/10, how recently anyone touched it;
@@ -121,14 +122,15 @@ class RankerNet(nn.Module):
             nn.init.zeros_(out.weight)  # g starts at 0: the fit starts from a linear ranker
             nn.init.zeros_(out.bias)
             self.mlp = nn.Sequential(
-                nn.Linear(width + USER_FEATURES + ITEM_FEATURES, hidden), nn.Tanh(), out
+                nn.Linear(width + USER_FEATURES + ITEM_FEATURES + 1, hidden), nn.Tanh(), out
             )
 
-    def bonus(self, h: Tensor, z: Tensor, x: Tensor) -> Tensor:
-        """History bonus of entries h (..., K + 2) of users z (..., 7) on items x (..., 3)."""
+    def bonus(self, h: Tensor, z: Tensor, x: Tensor, d: Tensor) -> Tensor:
+        """History bonus of entries h (..., K + 2) of users z (..., 7) on items x (..., 3) at
+        squared distances d (...) from the prediction."""
         out = h @ self.entry_weights
         if self.mlp is not None:
-            out = out + self.mlp(torch.cat([h, z, x], dim=-1)).squeeze(-1)
+            out = out + self.mlp(torch.cat([h, z, x, -d.unsqueeze(-1)], dim=-1)).squeeze(-1)
         return out
 
 
@@ -165,17 +167,21 @@ class LearnedRanker:
         return np.asarray(x, dtype=np.float64) @ w
 
     @torch.no_grad()
-    def history_bonus(self, user: UserContext, x_history: np.ndarray) -> np.ndarray:
+    def history_bonus(
+        self, user: UserContext, x_history: np.ndarray, d_history: np.ndarray
+    ) -> np.ndarray:
         """The bonus (K,) float64 of each of the user's history entries (0 for padding), from
-        ``x_history`` (K, 3), the item features of the entries' items (rows of padding are
-        ignored): what a server adds to the history items' keys."""
+        ``x_history`` (K, 3), the item features of the entries' items, and ``d_history``
+        (K,), their squared distances from the prediction (padding rows are ignored): what a
+        server adds to the history items' keys."""
         rows, h = entry_features(user)
         out = np.zeros(user.history.shape[0])
         if rows.size:
             valid = np.flatnonzero(user.history >= 0)
             z = torch.from_numpy(user_features(user)).expand(rows.size, -1)
             x = torch.from_numpy(np.asarray(x_history, dtype=np.float32)[valid])
-            out[valid] = self.net.bonus(torch.from_numpy(h), z, x).numpy()
+            d = torch.from_numpy(np.asarray(d_history, dtype=np.float32)[valid])
+            out[valid] = self.net.bonus(torch.from_numpy(h), z, x, d).numpy()
         return out
 
     @torch.no_grad()
@@ -190,11 +196,12 @@ class LearnedRanker:
         item_last: np.ndarray | None = None,
     ) -> Tensor:
         x = item_features(item_count, item_trend, item_last, user.now)
-        out = -self.net.log_alpha.exp() * squared_distances(pred, item_dyn, item_static)
-        out = out + torch.from_numpy(x) @ self.net.item_weights
+        d = squared_distances(pred, item_dyn, item_static)
+        out = -self.net.log_alpha.exp() * d + torch.from_numpy(x) @ self.net.item_weights
         valid = user.history >= 0
         if valid.any():
-            bonus = self.history_bonus(user, x[np.maximum(user.history, 0)])
+            safe = np.maximum(user.history, 0)
+            bonus = self.history_bonus(user, x[safe], d.numpy()[safe])
             rows = torch.from_numpy(user.history[valid])
             out = out.index_add(0, rows, torch.from_numpy(bonus[valid]).to(out.dtype))
         return out
@@ -260,7 +267,8 @@ def fit_ranker(
             logits = -net.log_alpha.exp() * d[sl] + x[sl] @ net.item_weights  # (b, n)
             xe = torch.gather(x[sl], 1, safe[sl].unsqueeze(-1).expand(-1, -1, ITEM_FEATURES))
             ze = z[sl].unsqueeze(1).expand(-1, safe.shape[1], -1)
-            bonus = net.bonus(h[sl], ze, xe) * valid[sl]  # (b, K)
+            de = torch.gather(d[sl], 1, safe[sl])
+            bonus = net.bonus(h[sl], ze, xe, de) * valid[sl]  # (b, K)
             logits = logits.scatter_add(1, safe[sl], bonus)
             masked = logits.masked_fill(~finite[sl], float("-inf"))
             loss = nn.functional.cross_entropy(masked, y[sl], reduction="sum") / e

@@ -59,7 +59,7 @@ def test_terms_by_hand() -> None:
     torch.testing.assert_close(out, torch.tensor([item0, item1, item2]))
     # The split the serving index takes: scale, item prior, history bonus.
     x = item_features(count, trend, last, 100.0)
-    bonus = ranker.history_bonus(user, x[user.history])
+    bonus = ranker.history_bonus(user, x[user.history], np.array([4.0, 1.0]))
     assert ranker.scale == 2.0
     recombined = -ranker.scale * np.array([1.0, 4.0, 0.0]) + ranker.prior(x)
     recombined[user.history] += bonus
@@ -154,6 +154,7 @@ def _mrr(ranker: LearnedRanker, s: RankerSamples) -> float:
                 torch.from_numpy(s.entries[r][valid]),
                 torch.from_numpy(s.users[r]).expand(int(valid.sum()), -1),
                 torch.from_numpy(s.items[r][s.entry_rows[r][valid]]),
+                torch.from_numpy(s.dist2[r][s.entry_rows[r][valid]]),
             )
         logits[torch.from_numpy(s.entry_rows[r][valid])] += bonus
         ranks.append(rank_of(logits, int(s.targets[r])))
