@@ -76,11 +76,12 @@ def _wait(what: str, done: Any, timeout_s: float, step_s: float = 1.0) -> float:
 
 
 def _metrics(workers: int) -> list[dict[str, Any]]:
-    """Every worker's /metrics page (fewer while some do not answer)."""
+    """Every worker's /metrics.json page (fewer while some do not answer)."""
     pages = []
     for n in range(workers):
+        url = f"http://127.0.0.1:{PORT + n}/metrics.json"
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{PORT + n}/metrics", timeout=5) as r:
+            with urllib.request.urlopen(url, timeout=5) as r:
                 pages.append(json.loads(r.read()))
         except OSError:
             continue

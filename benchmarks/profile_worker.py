@@ -26,6 +26,7 @@ def main() -> None:
     parser.add_argument("--start", type=int, default=125_979)
     parser.add_argument("--events", type=int, default=10_000)
     parser.add_argument("--top", type=int, default=35)
+    parser.add_argument("--sort", default="cumulative", help="pstats order: cumulative, tottime")
     args = parser.parse_args()
     os.environ["JODIE_STATE_DIR"] = tempfile.mkdtemp(prefix="jodie-profile-")
 
@@ -46,7 +47,7 @@ def main() -> None:
             worker.stop()
 
         threading.Thread(target=stop_when_done, daemon=True).start()
-        profile = cProfile.Profile()
+        profile = cProfile.Profile(time.process_time)
         profile.enable()
         worker.run()
         profile.disable()
@@ -57,7 +58,7 @@ def main() -> None:
             f"({worker.stats.user_events / took:,.0f} events/s, start-up included), "
             f"{worker.loop.stats.transactions} transactions, live MRR {online['mrr']:.4f}"
         )
-        pstats.Stats(profile).sort_stats("cumulative").print_stats(args.top)
+        pstats.Stats(profile).sort_stats(args.sort).print_stats(args.top)
 
 
 if __name__ == "__main__":

@@ -174,9 +174,9 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
 
 
 def metrics(port: int) -> dict[str, Any]:
-    """A worker's /metrics page (empty when it does not answer)."""
+    """A worker's /metrics.json page (empty when it does not answer)."""
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics.json", timeout=5) as resp:
             found: dict[str, Any] = json.loads(resp.read())
             return found
     except (OSError, ValueError):

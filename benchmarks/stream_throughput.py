@@ -15,7 +15,7 @@ First to last recommendation is printed too, but a worker may commit all of a sm
 transaction, which leaves that span empty. Workers that join one by one rebalance inside the
 measurement (printed when seen); --prestart starts them before routing and pauses them
 (SIGSTOP) while the router runs, so the group is formed before the clock starts. Each worker's
-messages, transactions and events (its /metrics page) and the CPU seconds of the workers and
+messages, transactions and events (its /metrics.json page) and the CPU seconds of the workers and
 the broker show where the time goes.
 
 Latency (--mode latency): the router (a subprocess with --grace) and the workers run and are
@@ -181,7 +181,7 @@ def free_port_base(count: int, attempts: int = 50) -> int:
 
 def worker_metrics(port: int) -> dict[str, Any] | None:
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics.json", timeout=5) as resp:
             found: dict[str, Any] = json.loads(resp.read())
             return found
     except (OSError, ValueError):
@@ -440,7 +440,7 @@ class Bench:
         return report
 
     def finish_worker_report(self, report: list[dict[str, Any]]) -> None:
-        """After the workers stopped: fill in what /metrics missed from their last log line."""
+        """After the workers stopped: fill in what /metrics.json missed from their last log line."""
         for entry, child in zip(report, self.workers, strict=True):
             w = entry["worker"]
             if entry["metrics"] is None:

@@ -73,5 +73,15 @@ echo "== the same model offline on the same events (frozen weights, the default 
 echo "   workers serve; then the test split next to plain JODIE and the two baselines)"
 jodie evaluate --checkpoint "$MODEL" --protocol frozen --split valid
 jodie evaluate --checkpoint "$MODEL" --protocol frozen --split test --compare
+# What to export to use what the demo left (README, "After the demo"): every variable it set,
+# and the broker's ports as the settings resolved them.
+PORTS=$(python -c "from streams.settings import get_settings as g; s = g(); print(f'JODIE_BROKER_PORT={s.broker_port} JODIE_CONTROLLER_PORT={s.controller_port}')")
+q() { printf %q "$1"; }
 echo
-echo "The broker is still running. Stop it with: $VENV/bin/jodie broker down"
+echo "The broker is still running, with the demo's topics, models and state. To use them:"
+echo "  cd $(q "$ROOT")"
+echo "  export PATH=$(q "$VENV/bin"):\$PATH"
+echo "  export JODIE_TOPIC_PREFIX=$(q "$JODIE_TOPIC_PREFIX") JODIE_MODEL_STORE=$(q "$JODIE_MODEL_STORE") JODIE_STATE_DIR=$(q "$JODIE_STATE_DIR") $PORTS"
+echo "  jodie recommendations --user 1087 --limit 3   # more in README.md, \"After the demo\""
+echo "Stop the broker with:"
+echo "  $PORTS $(q "$VENV/bin/jodie") broker down"

@@ -17,6 +17,7 @@ from schemas.exceptions import (
     SchemaError,
     UnknownSchemaError,
 )
+from schemas.vectors import recommendation_vectors
 
 __all__ = [
     "INTERACTION",
@@ -32,4 +33,5 @@ __all__ = [
     "SingleObjectFraming",
     "UnknownSchemaError",
     "load_schema",
+    "recommendation_vectors",
 ]

@@ -37,7 +37,7 @@ EVALUATION = "evaluation"
 _OLDER_VERSIONS = {
     MODEL_ANNOUNCEMENT: ("model_announcement.v1",),
     ENTITY_RECORD: ("entity_record.v1",),
-    RECOMMENDATION: ("recommendation.v1",),
+    RECOMMENDATION: ("recommendation.v1", "recommendation.v2"),
 }
 
 # Named types that one shipped schema uses inside another; inlined at load time so every
@@ -216,6 +216,12 @@ class Codec:
         self._writers: dict[str, Any] = {}
         self._by_object: dict[int, tuple[Schema, Any, bool]] = {}
         self._canonical = canonical_form(self.schema)
+
+    @property
+    def header(self) -> bytes:
+        """What every message this codec writes starts with (the framing of its schema): a
+        message that starts with it was written with this codec's schema."""
+        return self._header
 
     def encode(self, record: Mapping[str, Any]) -> bytes:
         buf = io.BytesIO()

@@ -30,3 +30,42 @@ class ModelMismatchError(JodieError):
 class AclError(JodieError):
     """The cluster refused to create an ACL; run `jodie acls apply` as its super user (on the
     local secure broker: `source` the admin env file `jodie broker up --secure` prints)."""
+
+
+class BrokerUnavailableError(JodieError):
+    """No broker answers at JODIE_BOOTSTRAP: start the local one (`jodie broker up`, with the
+    same JODIE_BROKER_PORT) or point JODIE_BOOTSTRAP at a running cluster."""
+
+
+class TopicMissingError(ReadError):
+    """A topic the command needs does not exist: create the declared topics (`jodie topics
+    apply`), or set JODIE_TOPIC_PREFIX to the prefix the pipeline runs with."""
+
+
+class DlqFileError(JodieError):
+    """A file of events to re-send does not hold what `jodie dlq show --json` prints (one JSON
+    object per line, each with an `event`); fix the line it names."""
+
+
+class DeliveryError(JodieError):
+    """Events could not be delivered to `interactions` (the producer already retried them);
+    check that the topic exists (`jodie topics create`) and that the brokers answer."""
+
+
+class QueryError(JodieError):
+    """An interactive query (`jodie recommend`, streams.query) without an answer; the message
+    says why."""
+
+
+class NoWorkerError(QueryError):
+    """No worker answered at the addresses asked: start the workers (`jodie worker --id N`),
+    or point JODIE_WEB_PORT (and --workers) at the running ones."""
+
+
+class UnknownEntityError(QueryError):
+    """No event of this user or item has been applied yet, so the pipeline holds no state of
+    it; ask with cold start (`jodie recommend USER --cold-start`) for the items popular now."""
+
+
+class BadQueryError(QueryError):
+    """The workers refused the query's parameters; the message names the one to fix."""

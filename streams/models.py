@@ -215,7 +215,10 @@ class Registry:
     def show(self, version: str) -> dict[str, Any]:
         record = self._records().get(f"{self.name}@{checked_name('version', version)}")
         if record is None:
-            raise RegistryError(f"no version {version} of {self.name} on {self.topic}")
+            raise RegistryError(
+                f"no version {version} of {self.name} on {self.topic}; "
+                "`jodie models list` shows the versions"
+            )
         return record
 
     def serving(self) -> dict[str, Any] | None:
@@ -236,7 +239,9 @@ class Registry:
                 n += 1
             version = f"v{n}"
         elif version in known:
-            raise RegistryError(f"{self.name} {version} is already announced")
+            raise RegistryError(
+                f"{self.name} {version} is already announced; give another --version"
+            )
         store = self.settings.model_store
         root = store / self.name / version
         if not _inside(root.resolve(), store):
@@ -287,5 +292,8 @@ class Registry:
         """Promote the version that served before the current one."""
         current = self.serving()
         if current is None or current.get("previous_version") is None:
-            raise RegistryError(f"{self.name}: no earlier promoted version to roll back to")
+            raise RegistryError(
+                f"{self.name}: no earlier promoted version to roll back to; "
+                "`jodie models promote V` serves a version"
+            )
         return self.promote(current["previous_version"])

@@ -47,7 +47,10 @@ def collect_epoch(
     checkpoint caught up over the log, as its workers start from)."""
     epoch = epoch or latest_epoch(settings)
     if epoch == UNSTAMPED:
-        raise RegistryError("the log holds no event stamped with a model version")
+        raise RegistryError(
+            "the log holds no event stamped with a model version; for workers serving a "
+            "checkpoint, give --checkpoint"
+        )
     baseline = CheckpointStates(epoch_checkpoint(settings, model, epoch))
     return epoch, _collect(settings, baseline, epoch)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -14,6 +14,7 @@ from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic
 
 from deploy.topics import TopicSpec, load_topic_specs
+from streams.exceptions import BrokerUnavailableError, TopicMissingError
 from streams.settings import Settings
 
 
@@ -135,6 +136,36 @@ def delete_topics(client: AdminClient, names: list[str], timeout_s: float = 30.0
         if not set(names) & set(client.list_topics(timeout=timeout_s).topics):
             return
         time.sleep(0.2)
+
+
+def require_topics(settings: Settings, names: Iterable[str], timeout_s: float = 10.0) -> None:
+    """Raise at once, saying what to do, when no broker answers or one of the topics ``names``
+    (without the prefix) does not exist; a client would otherwise wait for them and time out.
+
+    A missing topic is most often a prefix left unset: the error names the prefixes under
+    which a topic of that name does exist.
+    """
+    from streams.runtime.clients import admin, check_login
+
+    if not check_login(settings, timeout_s):
+        raise BrokerUnavailableError(
+            f"no broker answers at {settings.bootstrap_servers}; start it with `jodie broker up` "
+            "(with the same JODIE_BROKER_PORT) or set JODIE_BOOTSTRAP to a running cluster"
+        )
+    existing = set(admin(settings).list_topics(timeout=timeout_s).topics)
+    for name in names:
+        if settings.topic(name) not in existing:
+            raise TopicMissingError(_missing(settings, name, existing))
+
+
+def _missing(settings: Settings, name: str, existing: set[str]) -> str:
+    where = f"topic {settings.topic(name)} does not exist at {settings.bootstrap_servers}"
+    prefixes = sorted(t.removesuffix(name) for t in existing if t.endswith(name))
+    if not prefixes:
+        return f"{where}; create the pipeline's topics with `jodie topics apply`"
+    shown = ", ".join(f"JODIE_TOPIC_PREFIX={p}" if p else "no prefix" for p in prefixes[:3])
+    more = f" and {len(prefixes) - 3} more" if len(prefixes) > 3 else ""
+    return f"{where}; it exists with {shown}{more}: export the prefix the pipeline runs with"
 
 
 @contextmanager

@@ -31,13 +31,17 @@ from operators.model.checkpoint import load_checkpoint
 from operators.retrieval.cooccurrence import CooccurrenceCandidates
 from schemas import INTERACTION, DecodeError, SchemaError
 from streams.app.epochs import Epoch, epoch_of, row_key, split_row_key
+from streams.app.metrics import WorkerCollector
 from streams.app.processor import Box, Message_, Output, Processor, WorkerStats
 from streams.app.serving import Serving, model_version
 from streams.codecs import make_codec
 from streams.feeds import Feeds
+from streams.interactive import Queries
+from streams.runtime.directory import advertise
 from streams.runtime.http import Endpoint, json_route
 from streams.runtime.kafka import partition_for
 from streams.runtime.loop import Application, LoopConfig, Record, TransactionalLoop
+from streams.runtime.metrics import LoopMetrics, Metrics
 from streams.runtime.store import Table
 from streams.settings import Settings
 from streams.topics import app_id, changelog_topic
@@ -59,14 +63,17 @@ class Worker(Application[list[Decoded]]):
         checkpoint_dir: Path | None = None,
         version: str | None = None,
         model: str | None = None,
+        endpoint: tuple[str, int] | None = None,
     ) -> None:
         """Serve one checkpoint (``checkpoint_dir``: the unstamped stream of a router run
         without a model) or the promoted versions of registry model ``model``, each from
-        the start of its epoch."""
+        the start of its epoch. ``endpoint``: the (host, port) where this worker answers
+        HTTP, advertised to the group for interactive queries (streams.interactive)."""
         if (checkpoint_dir is None) == (model is None):
             raise ValueError("give exactly one of checkpoint_dir and model")
         self.settings = settings
         self.worker_id = worker_id
+        self.name = f"jodie-worker-{worker_id}"
         self.cooccurrence = (
             CooccurrenceCandidates(
                 max_items=settings.cooccurrence_items, neighbour_cache=settings.cooccurrence_cache
@@ -111,7 +118,7 @@ class Worker(Application[list[Decoded]]):
                 name=f"worker {worker_id}",
                 group_id=f"{app_id(settings)}-workers",
                 transactional_id=f"{app_id(settings)}-worker-{worker_id}",
-                client_id=f"jodie-worker-{worker_id}",
+                client_id=advertise(self.name, *(endpoint or (None, None))),
                 batch=settings.worker_batch,
                 poll_timeout_s=settings.commit_interval_s,
                 session_timeout_ms=settings.worker_session_timeout_ms,
@@ -126,6 +133,10 @@ class Worker(Application[list[Decoded]]):
             self,
             _log,
         )
+        # Prometheus families of this worker alone (its own registry: /metrics).
+        self.metrics = Metrics()
+        self.loop_metrics = LoopMetrics(self.loop.stats, self.metrics.registry, "jodie")
+        self.metrics.register(WorkerCollector(self.stats, lambda: self.processor.serving))
 
     def run(self, max_seconds: float | None = None) -> WorkerStats:
         self.loop.run(max_seconds)
@@ -135,7 +146,7 @@ class Worker(Application[list[Decoded]]):
         self.loop.stop()
 
     def snapshot(self) -> dict[str, Any]:
-        """What /metrics serves and the worker logs."""
+        """What /metrics.json serves and the worker logs."""
         return self.stats.snapshot(self.processor.serving, self.loop.stats)
 
     # -- the application ----------------------------------------------------------------------
@@ -162,7 +173,7 @@ class Worker(Application[list[Decoded]]):
 
     def prepare(self, records: list[Record]) -> list[Decoded]:
         decoded: list[Decoded] = []
-        for topic, p, offset, key, value in records:
+        for topic, p, offset, key, value, _stamp in records:
             try:
                 if key is None or value is None:
                     raise DecodeError("an inbox message without a key or a value")
@@ -211,6 +222,9 @@ class Worker(Application[list[Decoded]]):
         ]
         return (self.processor.dlq, key or b"", value or b"", headers)
 
+    def committed(self, records: list[Record], seconds: float) -> None:
+        self.loop_metrics.observe(records, seconds)
+
     def report(self, interval_s: float) -> None:
         self.stats.rate = (self.stats.user_events - self._reported_events) / interval_s
         self._reported_events = self.stats.user_events
@@ -221,6 +235,11 @@ class Worker(Application[list[Decoded]]):
         if self._feeds is not None:
             self._feeds.close()
         self.versions.close()
+
+    def partition_of(self, side: str, entity: str) -> int | None:
+        """The inbox (and table) partition of a user or item; None before the start."""
+        n = self._partitions.get(side)
+        return None if n is None else partition_for(entity.encode(), n)
 
     def _local(self, side: str, key: bytes) -> Box | None:
         """The row of an entity whose partition this worker owns now (marked changed)."""
@@ -241,17 +260,22 @@ def run_worker(
     version: str | None = None,
     model: str | None = None,
 ) -> None:
-    """Run one worker until it is stopped (SIGTERM / Ctrl-C); /metrics on web_port + id."""
+    """Run one worker until it is stopped (SIGTERM / Ctrl-C); on port web_port + id, /metrics
+    (Prometheus text format), /metrics.json (the snapshot) and the interactive queries
+    (streams.interactive)."""
     logging.basicConfig(
         level=getattr(logging, loglevel.upper(), logging.WARNING),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    worker = Worker(settings, worker_id, checkpoint_dir, version, model)
+    http = Endpoint()
+    served = http.serve(settings.web_port + worker_id)
+    endpoint = (http.host or "", http.port or 0) if served else None
+    worker = Worker(settings, worker_id, checkpoint_dir, version, model, endpoint)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: worker.stop())
-    http = Endpoint()
-    http.route("/metrics", json_route(worker.snapshot))
-    http.serve(settings.web_port + worker_id)
+    http.route("/metrics", worker.metrics.exposition)
+    http.route("/metrics.json", json_route(worker.snapshot))
+    Queries(worker).register(http)
     try:
         worker.run()
     finally:

@@ -190,6 +190,21 @@ def up(nodes: list[broker.BrokerConfig]) -> list[broker.BrokerStatus]:
     return [broker.status(n) for n in cluster]
 
 
+def _exited(node: NodeConfig) -> bool:
+    """Whether the node's JVM has ended. A node this process started is asked through its
+    process handle: its /proc command line can read empty or foreign while the JVM launcher
+    is still starting (seen once in CI as a node "exited" that was in fact starting, and whose
+    home the clean-up then deleted under it)."""
+    try:
+        pid = int(node.pid_file.read_text().strip())
+    except (FileNotFoundError, ValueError):
+        return True
+    child = broker._children.get(pid)
+    if child is not None:
+        return child.poll() is not None
+    return broker._read_pid(node) is None
+
+
 def _wait_cluster(nodes: list[NodeConfig]) -> None:
     from streams.runtime.clients import Connection, admin
 
@@ -198,7 +213,7 @@ def _wait_cluster(nodes: list[NodeConfig]) -> None:
     client = admin(Connection(bootstrap(list(nodes))), {"log_level": 0})
     while time.monotonic() < deadline:
         for n in nodes:
-            if broker._read_pid(n) is None:
+            if _exited(n):
                 raise BrokerStartError(
                     f"node {n.node_id} exited during start-up; see {n.logs_dir / 'server.log'}"
                 )

@@ -8,6 +8,7 @@ item never seen before gets n_known + 1, as in ``operators.evaluation.protocols`
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import Literal
 
 import numpy as np
@@ -18,36 +19,82 @@ from operators.evaluation.protocols import EvalResult, EvalSplit, breakdown, eve
 Baseline = Literal["recency", "popularity"]
 
 
+class BaselineRanker:
+    """A baseline event by event: ``rank`` an event's item before it, then ``observe`` it.
+
+    ``baseline_ranks`` is this over a log; a stream (the dashboard's live baseline) calls it
+    as events arrive. ``max_users`` bounds memory for a stream: the histories of that many most
+    recently active users are kept, and a forgotten user ranks as one without history
+    (None: every user's, as offline).
+
+    >>> r = BaselineRanker("recency")
+    >>> for user, item in [("a", "x"), ("b", "y"), ("b", "x"), ("a", "z")]:
+    ...     r.observe(user, item)
+    >>> r.rank("a", "x"), r.rank("a", "y"), r.rank("a", "new")
+    (2, 3, 4)
+    """
+
+    def __init__(self, kind: Baseline, max_users: int | None = None) -> None:
+        self.kind = kind
+        self.max_users = max_users
+        self._item_index: dict[str, int] = {}
+        self._popularity = np.zeros(64, dtype=np.int64)
+        # user → item row → index of the user's last touch (insertion order: least recent first)
+        self._last_seen: OrderedDict[str, dict[int, int]] = OrderedDict()
+        self._k = 0
+
+    @property
+    def n_items(self) -> int:
+        """Items known so far."""
+        return len(self._item_index)
+
+    def rank(self, user: str, item: str) -> int:
+        """Rank of ``item`` for ``user`` now (1 = best; an unknown item: n_items + 1)."""
+        row = self._item_index.get(item)
+        n_known = len(self._item_index)
+        if row is None:
+            return n_known + 1
+        pop = self._popularity[:n_known]
+        higher = pop > pop[row]
+        if self.kind == "popularity":
+            return 1 + int(higher.sum())
+        mine = self._last_seen.get(user, {})
+        if row in mine:
+            when = mine[row]
+            return 1 + sum(1 for t in mine.values() if t > when)
+        others_higher = int(higher.sum()) - sum(1 for r in mine if higher[r])
+        return 1 + len(mine) + others_higher
+
+    def observe(self, user: str, item: str) -> None:
+        """``user`` touched ``item`` (the next event in order)."""
+        row = self._item_index.get(item)
+        if row is None:
+            row = self._item_index[item] = len(self._item_index)
+            if row == self._popularity.shape[0]:
+                self._popularity = np.concatenate(
+                    [self._popularity, np.zeros_like(self._popularity)]
+                )
+        self._popularity[row] += 1
+        mine = self._last_seen.get(user)
+        if mine is None:
+            mine = self._last_seen[user] = {}
+            if self.max_users is not None and len(self._last_seen) > self.max_users:
+                self._last_seen.popitem(last=False)
+        elif self.max_users is not None:
+            self._last_seen.move_to_end(user)
+        mine[row] = self._k
+        self._k += 1
+
+
 def baseline_ranks(log: InteractionLog, start: int, stop: int, kind: Baseline) -> np.ndarray:
     """Ranks of events [start, stop) after learning counts and histories from [0, start)."""
-    item_index: dict[str, int] = {}
-    popularity = np.zeros(len(np.unique(log.item_ids[:stop])) + 1, dtype=np.int64)
-    last_seen: dict[str, dict[int, int]] = {}  # user → item → index of the user's last touch
+    ranker = BaselineRanker(kind)
     ranks = np.zeros(max(0, stop - start), dtype=np.int64)
     users, items = log.user_ids[:stop].tolist(), log.item_ids[:stop].tolist()
     for k, (u, i) in enumerate(zip(users, items, strict=True)):
-        row = item_index.get(i)
         if k >= start:
-            n_known = len(item_index)
-            if row is None:
-                ranks[k - start] = n_known + 1
-            else:
-                pop = popularity[:n_known]
-                higher = pop > pop[row]
-                if kind == "popularity":
-                    ranks[k - start] = 1 + int(higher.sum())
-                else:
-                    mine = last_seen.get(u, {})
-                    if row in mine:
-                        when = mine[row]
-                        ranks[k - start] = 1 + sum(1 for t in mine.values() if t > when)
-                    else:
-                        others_higher = int(higher.sum()) - sum(1 for r in mine if higher[r])
-                        ranks[k - start] = 1 + len(mine) + others_higher
-        if row is None:
-            row = item_index[i] = len(item_index)
-        popularity[row] += 1
-        last_seen.setdefault(u, {})[row] = k
+            ranks[k - start] = ranker.rank(u, i)
+        ranker.observe(u, i)
     return ranks
 
 

@@ -25,20 +25,19 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, replace
-from functools import partial
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor
 
 from operators.model.checkpoint import Checkpoint
+from operators.model.inference import NumpyJodie, static_row
 from operators.model.jodie import Jodie, standardise_delta
-from operators.model.kernel import feature_rows, query, step
+from operators.model.kernel import feature_rows
 from operators.model.online import gap
 from operators.model.state import TREND_SECONDS
-from operators.model.static import static_tensor
+from operators.model.static import Kind
 from operators.protocol.exchange import Apply, ApplyMany, Pending, Ready
 
 NAN = float("nan")
@@ -126,39 +125,43 @@ class StreamModel:
         self.model = model.eval()
         cfg = model.config
         self.config = cfg
+        # The stream's waves are a few events each: numpy computes them several times faster
+        # than torch dispatches them (operators.model.inference).
+        self.net = NumpyJodie(self.model)
         with torch.no_grad():
-            self._u_init = model.initial_user().detach().reshape(1, -1)  # (1, d)
-            self._i_init = model.initial_item().detach().reshape(1, -1)  # (1, d)
-        self._no_features = torch.zeros(1, cfg.n_features)
+            self._u_init = model.initial_user().detach().numpy().reshape(-1).copy()  # (d,)
+            self._i_init = model.initial_item().detach().numpy().reshape(-1).copy()  # (d,)
         self._du = (cfg.delta_user_mean, cfg.delta_user_std)
         self._di = (cfg.delta_item_mean, cfg.delta_item_std)
         # Default horizon: the mean gap between a user's events in the training data, i.e.
         # "where will this user be at their next event".
         self.horizon_s = cfg.delta_user_mean if horizon_s is None else horizon_s
-        self._user_static = partial(static_tensor, "user", dim=cfg.user_static_dim)
-        self._item_static = partial(static_tensor, "item", dim=cfg.item_static_dim)
+        self._horizon = standardise_delta(np.array([[self.horizon_s]]), *self._du)  # (1, 1)
 
     # -- batched inputs ----------------------------------------------------------------------
-    def _dyns(self, states: list[EntityState], initial: Tensor) -> Tensor:
+    @staticmethod
+    def _dyns(states: list[EntityState], initial: np.ndarray) -> np.ndarray:
         """(B, d): each state's embedding, the learned initial one for a new entity."""
-        rows = [
-            initial.reshape(-1).numpy()
-            if s.embedding is None or s.is_new
-            else np.asarray(s.embedding, dtype=np.float32)
-            for s in states
-        ]
-        return torch.from_numpy(np.stack(rows))
+        return np.stack(
+            [
+                initial
+                if s.embedding is None or math.isnan(s.last_time)
+                else np.asarray(s.embedding, dtype=np.float32)
+                for s in states
+            ]
+        )
 
     @staticmethod
-    def _deltas(lasts: list[float], ts: list[float], stats: tuple[float, float]) -> Tensor:
+    def _deltas(lasts: list[float], ts: list[float], stats: tuple[float, float]) -> np.ndarray:
         gaps = np.array([[gap(last, t)] for last, t in zip(lasts, ts, strict=True)])
-        return torch.from_numpy(standardise_delta(gaps, *stats))  # (B, 1)
+        return standardise_delta(gaps, *stats)  # (B, 1)
 
-    def _features_of(self, events: list[EventData]) -> tuple[Tensor, np.ndarray | None]:
+    def _features_of(self, events: list[EventData]) -> tuple[np.ndarray, np.ndarray | None]:
         """(B, F) features and the ``admitted`` mask of ``step`` (see feature_rows)."""
         if not any(e.features for e in events):
-            return self._no_features.expand(len(events), -1), None
-        return feature_rows([e.features for e in events], self.config.n_features)
+            return np.zeros((len(events), self.config.n_features), dtype=np.float32), None
+        rows, admitted = feature_rows([e.features for e in events], self.config.n_features)
+        return rows.numpy(), admitted
 
     @staticmethod
     def _reasons(n: int, quarantined: np.ndarray | None, admitted: np.ndarray | None) -> list:
@@ -172,8 +175,9 @@ class StreamModel:
             for b, q in enumerate(quarantined.tolist())
         ]
 
-    def _statics(self, ids: list[str], of: Callable[[str], Tensor]) -> Tensor:
-        return torch.cat([of(i) for i in ids], dim=0)
+    def _statics(self, kind: Kind, ids: list[str]) -> np.ndarray:
+        dim = self.config.user_static_dim if kind == "user" else self.config.item_static_dim
+        return np.stack([static_row(kind, i, dim) for i in ids])
 
     # -- the two sides ---------------------------------------------------------------------
     def apply_user(
@@ -186,7 +190,6 @@ class StreamModel:
         """
         return self.apply_users([user], [item_pre], [event])[0]
 
-    @torch.inference_mode()
     def apply_users(
         self, users: list[EntityState], items_pre: list[EntityState], events: list[EventData]
     ) -> list[tuple[EntityState, UserOutput, EntityState]]:
@@ -199,45 +202,40 @@ class StreamModel:
         di = self._deltas([i.last_time for i in items_pre], ts, self._di)
         # The query before the event needs the previous item's state at the event, which
         # this side does not hold: the live evaluation completes it (UserOutput.pre_state).
-        out = step(self.model, u_prev, i_prev, du, di, f, admitted=admitted)
+        out = self.net.step(u_prev, i_prev, du, di, f, admitted=admitted)
         reasons = self._reasons(len(events), out.quarantined, admitted)
         u_new, i_new = out.user, out.item  # i_new (B, d): as the item side computes it
-        horizon = torch.from_numpy(
-            standardise_delta(np.full((len(events), 1), self.horizon_s), *self._du)
-        )  # (B, 1)
-        u_static = self._statics([e.user_id for e in events], self._user_static)
-        i_static = self._statics([e.item_id for e in events], self._item_static)
+        horizon = np.broadcast_to(self._horizon, (len(events), 1))
+        u_static = self._statics("user", [e.user_id for e in events])
+        i_static = self._statics("item", [e.item_id for e in events])
         # The recommendation after the event: the user projected to the horizon, predicting
         # from the item just touched (the user's previous item from now on).
-        projected, predicted = query(self.model, u_new, horizon, u_static, i_new, i_static)
-        probs = None
-        if self.model.state_head is not None:
-            probs = torch.softmax(self.model.state_change_logits(u_new), dim=1)[:, 1].tolist()
+        projected, predicted = self.net.query(u_new, horizon, u_static, i_new, i_static)
+        probs = self.net.state_change_probability(u_new)
         k = self.config.history_size
-        u_np, i_np, pre_np, du_np = u_new.numpy(), i_new.numpy(), u_prev.numpy(), du.numpy()
-        proj_np, pred_np = projected.numpy(), predicted.numpy()
-        item_vectors = np.concatenate([i_np, i_static.numpy()], axis=1)
+        item_vectors = np.concatenate([i_new, i_static], axis=1)
         results = []
         for b, (user, event) in enumerate(zip(users, events, strict=True)):
             history, counts = push_history(user, event.item_id, k)
-            new_state = EntityState(u_np[b].copy(), event.timestamp, history, counts)
+            # Rows kept in tables are copies: a view would pin the whole batch's array.
+            new_state = EntityState(u_new[b].copy(), event.timestamp, history, counts)
             material = UserOutput(
                 event=event,
                 user=new_state.embedding,  # type: ignore[arg-type]
-                projected=proj_np[b].copy(),
-                predicted=pred_np[b].copy(),
+                projected=projected[b],
+                predicted=predicted[b],
                 history=history,
                 state_change_probability=None if probs is None else float(probs[b]),
-                pre_state=pre_np[b].copy(),
-                delta_user=float(du_np[b, 0]),
+                pre_state=u_prev[b],
+                delta_user=float(du[b, 0]),
                 previous_item=user.history[0] if user.history else None,
                 quarantined=reasons[b],
                 history_counts=counts,
                 pre_history=user.history,
                 pre_counts=user.history_counts,
-                item_vector=item_vectors[b].copy(),
+                item_vector=item_vectors[b],
             )
-            results.append((new_state, material, EntityState(i_np[b].copy(), event.timestamp)))
+            results.append((new_state, material, EntityState(i_new[b].copy(), event.timestamp)))
         return results
 
     def apply_item(
@@ -250,7 +248,6 @@ class StreamModel:
         """
         return self.apply_items([item], [user_pre], [event])[0]
 
-    @torch.inference_mode()
     def apply_items(
         self, items: list[EntityState], users_pre: list[EntityState], events: list[EventData]
     ) -> list[tuple[EntityState, ItemOutput, EntityState]]:
@@ -261,25 +258,48 @@ class StreamModel:
         f, admitted = self._features_of(events)
         di = self._deltas([i.last_time for i in items], ts, self._di)
         du = self._deltas([u.last_time for u in users_pre], ts, self._du)
-        out = step(self.model, u_prev, i_prev, du, di, f, admitted=admitted)
+        out = self.net.step(u_prev, i_prev, du, di, f, admitted=admitted)
         reasons = self._reasons(len(events), out.quarantined, admitted)
-        i_new, u_new = out.item.numpy(), out.user.numpy()  # u_new (B, d): as the user side
-        i_static = self._statics([e.item_id for e in events], self._item_static).numpy()
+        i_new, u_new = out.item, out.user  # u_new (B, d): as the user side
+        i_static = self._statics("item", [e.item_id for e in events])
+        vectors = np.concatenate([i_new, i_static], axis=1)
         results = []
         for b, (item, event) in enumerate(zip(items, events, strict=True)):
-            emb = i_new[b].copy()
-            vector = np.concatenate([emb, i_static[b]])
             user_post = EntityState(u_new[b].copy(), event.timestamp)
-            post = counted(replace(item, embedding=emb), event.timestamp)
+            post = counted(item, i_new[b].copy(), event.timestamp)
             results.append(
-                (post, ItemOutput(event, vector, reasons[b], post.count, post.trend), user_post)
+                (post, ItemOutput(event, vectors[b], reasons[b], post.count, post.trend), user_post)
             )
         return results
 
+    def predict_at(
+        self,
+        user_id: str,
+        user: EntityState,
+        previous: tuple[str, np.ndarray] | None,
+        t: float,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(û, j̃) of a user at time ``t``, between events: u projected by Δ = t − its last
+        event, predicting from its previous item ``(id, i)`` as that item is now (None: the
+        model's initial item, no static part) — ``OnlineJodie.query`` from one side's
+        state. (d,), (d + s_item,)."""
+        u = self._dyns([user], self._u_init)  # (1, d)
+        du = self._deltas([user.last_time], [t], self._du)  # (1, 1)
+        if previous is None:
+            p_dyn = self._i_init.reshape(1, -1)
+            p_static = np.zeros((1, self.config.item_static_dim), dtype=np.float32)
+        else:
+            p_dyn = np.asarray(previous[1], dtype=np.float32).reshape(1, -1)
+            p_static = self._statics("item", [previous[0]])
+        u_static = self._statics("user", [user_id])
+        projected, predicted = self.net.query(u, du, u_static, p_dyn, p_static)
+        return projected[0].copy(), predicted[0].copy()
+
     # -- quarantine by exception -------------------------------------------------------------
-    def _kept(self, state: EntityState, initial: Tensor) -> np.ndarray:
+    @staticmethod
+    def _kept(state: EntityState, initial: np.ndarray) -> np.ndarray:
         if state.embedding is None or state.is_new:
-            return initial.reshape(-1).numpy().copy()
+            return initial.copy()
         return np.asarray(state.embedding, dtype=np.float32).copy()
 
     def skip_user(
@@ -313,10 +333,10 @@ class StreamModel:
     ) -> tuple[EntityState, ItemOutput, EntityState]:
         """``apply_item`` for an event that cannot be applied (see ``skip_user``)."""
         kept = self._kept(item, self._i_init)
-        static = self._item_static(event.item_id).reshape(-1).numpy()
+        static = static_row("item", event.item_id, self.config.item_static_dim)
         vector = np.concatenate([kept, static])
         user_post = EntityState(self._kept(user_pre, self._u_init), event.timestamp)
-        post = counted(replace(item, embedding=kept), event.timestamp)
+        post = counted(item, kept, event.timestamp)
         return post, ItemOutput(event, vector, reason, post.count, post.trend), user_post
 
     # -- adapters for operators.protocol.exchange --------------------------------------------
@@ -393,12 +413,12 @@ def push_history(user: EntityState, item: str, k: int) -> tuple[tuple[str, ...],
     return (item, *(h for h, _ in kept)), (before.get(item, 0) + 1, *(c for _, c in kept))
 
 
-def counted(item: EntityState, t: float) -> EntityState:
-    """The item's event count and decayed count (``TREND_SECONDS``) after an event at ``t``,
-    its clock moved to ``t`` (the offline store's rule)."""
+def counted(item: EntityState, embedding: np.ndarray, t: float) -> EntityState:
+    """The item with ``embedding`` after an event at ``t``: its clock moved to ``t``, its
+    event count and decayed count (``TREND_SECONDS``) updated (the offline store's rule)."""
     age = np.inf if math.isnan(item.last_time) else np.float64(t) - np.float64(item.last_time)
     trend = float(np.float64(item.trend) * np.exp(-age / TREND_SECONDS) + 1.0)  # numpy's exp, as
-    return replace(item, last_time=t, count=item.count + 1, trend=trend)  # the offline store
+    return EntityState(embedding, t, item.history, item.history_counts, item.count + 1, trend)
 
 
 Skip = Callable[[Ready[EntityState, EntityState], str], tuple[Any, Any, Any]]

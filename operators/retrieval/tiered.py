@@ -199,15 +199,35 @@ class TieredIndex:
 
     def top(self, column: int, k: int) -> list[str]:
         """Ids of the k items with the highest attribute ``column`` (ties: lower row)."""
+        return [i for i, _v in self.top_by(self._store.attrs[: self._store.high, column], k)]
+
+    def top_by(self, values: np.ndarray, k: int) -> list[tuple[str, float]]:
+        """The k items with the highest of ``values`` (rows,), aligned with ``attributes()``,
+        with their values (ties: lower row; holes never)."""
         store = self._store
         high = store.high
         if high == 0 or k <= 0:
             return []
-        values = np.where(np.isfinite(store.sqnorm[:high]), store.attrs[:high, column], -np.inf)
+        values = np.where(np.isfinite(store.sqnorm[:high]), values[:high], -np.inf)
         m = min(k, high)
         part = np.argpartition(-values, m - 1)[:m] if m < high else np.arange(high)
         order = part[np.lexsort((part, -values[part]))]
-        return [str(store.row_ids[r]) for r in order.tolist() if np.isfinite(values[r])]
+        return [
+            (str(store.row_ids[r]), float(values[r]))
+            for r in order.tolist()
+            if np.isfinite(values[r])
+        ]
+
+    def attributes_of(self, ids: Sequence[str]) -> np.ndarray:
+        """(len(ids), n_attrs) float64: these indexed items' attributes (copies)."""
+        return self._store.attrs[[self._store.rows[i] for i in ids]]
+
+    def get(self, item_id: str) -> tuple[np.ndarray, np.ndarray] | None:
+        """The item's indexed vector (D,) and attributes (n_attrs,), copies; None if unknown."""
+        row = self._store.rows.get(item_id)
+        if row is None:
+            return None
+        return self._store.data[row].copy(), self._store.attrs[row].copy()
 
     def recommend(
         self,
@@ -326,10 +346,13 @@ class TieredIndex:
                 p = prior[safe] if prior.ndim == 1 else np.take_along_axis(prior, safe, axis=1)
                 key -= p
             if bonus is not None:
-                row_ids_ = store.row_ids
+                # A bonus names a few items (the user's history): find their rows, not every
+                # candidate's id.
                 for b in range(nq):
-                    if bonus[b]:
-                        key[b] -= [bonus[b].get(row_ids_[r] or "", 0.0) for r in safe[b].tolist()]
+                    for item, value in bonus[b].items():
+                        row = rows_of.get(item)
+                        if row is not None:
+                            key[b, rows[b] == row] -= value
             key[~finite] = np.inf
         order = np.argsort(key, axis=1, kind="stable")[:, :k]
         top = np.take_along_axis(key, order, axis=1)

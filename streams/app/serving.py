@@ -8,22 +8,30 @@ scorer, score = −α‖j̃ − [j, j̄]‖² + b_pos + β·log(1 + n_user,j) + 
 vector (as its owner computed them after its latest event), so the popularity terms of an
 item are as fresh as its vector; in the exact tier the list is the ranker's exact top k over
 every indexed item (the decayed counts taken at the batch's latest event time).
+
+Between events, ``rank_user`` answers an interactive query with the same ranker: the user's
+state projected to a time ``t`` (by default the worker's stream time, ``clock``), as the
+offline ``OnlineJodie.query`` would at that time. Queries run on other threads than the
+processing: they read the index under ``lock``, which ``upsert`` holds to change it.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from threadpoolctl import threadpool_limits
 
 from operators.evaluation.live import LiveRanks
 from operators.evaluation.scorer import HistoryScorer, Scorer, make_scorer
 from operators.model.checkpoint import Checkpoint, load_checkpoint
 from operators.model.state import trend_at
-from operators.protocol.sides import CheckpointStates, StreamModel, UserOutput
+from operators.model.static import static_embeddings
+from operators.protocol.sides import CheckpointStates, EntityState, StreamModel, UserOutput
 from operators.retrieval.cooccurrence import CooccurrenceCandidates
 from operators.retrieval.tiered import TieredIndex
 from streams.app.epochs import UNSTAMPED, Epoch
@@ -36,6 +44,16 @@ def model_version(ckpt: Checkpoint) -> str:
     if isinstance(version, str) and version:
         return version
     return f"sha-{meta['sha256']['model.safetensors'][:12]}"
+
+
+@dataclass(frozen=True)
+class Ranked:
+    """One item of an interactive answer: its score (higher is better) and the ranker's
+    terms it is the sum of (see ``Serving.score_meaning``)."""
+
+    item_id: str
+    score: float
+    terms: dict[str, float]
 
 
 @dataclass
@@ -53,6 +71,13 @@ class Serving:
     ranker: Scorer
     cooccurrence: CooccurrenceCandidates | None = None
     epoch: Epoch = UNSTAMPED
+    #: Stream time: the latest event time among the indexed items (each item's vector comes
+    #: with the time of its latest event, whichever worker applied it).
+    clock: float = field(default=-np.inf)
+    #: Held to change the index (``upsert``) and by the queries that read it from another
+    #: thread than the processing one (``rank_user``, ``trending``); readers need not exclude
+    #: each other.
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @classmethod
     def load(cls, settings: Settings, checkpoint_dir: Path, version: str | None = None) -> Serving:
@@ -71,7 +96,10 @@ class Serving:
     ) -> Serving:
         """Serve ``ckpt``'s weights from its states; the co-occurrence model is shared by
         every epoch a worker serves (it is made of the log, not of weights)."""
-        torch.set_num_threads(1)  # one event at a time: threads only add synchronisation
+        # Small batches, one at a time: BLAS and torch threads only add synchronisation (and
+        # spin against the broker and the other workers for the same cores).
+        torch.set_num_threads(1)
+        threadpool_limits(1)
         cfg = ckpt.config
         dim = cfg.embedding_dim + cfg.item_static_dim
         baseline = CheckpointStates(ckpt)
@@ -100,16 +128,23 @@ class Serving:
             ranker=ranker,
             cooccurrence=cooccurrence,
             epoch=epoch,
+            clock=float(np.nanmax(stats[:, 2], initial=-np.inf)),
         )
 
     def upsert(
         self, ids: list[str], vectors: np.ndarray, stats: list[tuple[float, float, float]]
     ) -> None:
         """Items' latest vectors with their (count, decayed count, time) into the index."""
-        self.index.upsert(ids, vectors, np.asarray(stats, dtype=np.float64).reshape(len(ids), 3))
+        attrs = np.asarray(stats, dtype=np.float64).reshape(len(ids), 3)
+        with self.lock:
+            self.index.upsert(ids, vectors, attrs)
+        self.clock = max(self.clock, float(np.nanmax(attrs[:, 2], initial=-np.inf)))
 
-    def _terms(self, outs: list[UserOutput]) -> dict[str, Any]:
-        """The history scorer's terms as the index's key (see ``TieredIndex.recommend``)."""
+    def _terms(
+        self, histories: list[tuple[tuple[str, ...], tuple[int, ...]]], now: float
+    ) -> dict[str, Any]:
+        """The history scorer's terms as the index's key (see ``TieredIndex.recommend``),
+        for users of these (history, counts), the decayed counts taken at ``now``."""
         ranker = self.ranker
         if not isinstance(ranker, HistoryScorer):
             return {}
@@ -117,22 +152,17 @@ class Serving:
         beta, bonus = float(ranker.beta), ranker.bonus.tolist()
         stats = self.index.attributes()
         count, trend, last = stats[:, 0], stats[:, 1], stats[:, 2]
-        base = gamma * np.log1p(count)
-
-        # One prior for the batch, at its latest event time: the decayed counts move by
-        # exp(-gap / one day) within it, and a per-event prior would be batch × all items.
-        now = max(o.event.timestamp for o in outs)
-        prior = base + delta * np.log1p(trend_at(trend, last, now))
+        prior = gamma * np.log1p(count) + delta * np.log1p(trend_at(trend, last, now))
         return {
             "scale": float(ranker.log_alpha.exp()),
             "prior": prior,
             "bonus": [
                 {
                     item: bonus[j] + beta * float(np.log1p(c))
-                    for j, (item, c) in enumerate(zip(o.history, o.history_counts, strict=False))
+                    for j, (item, c) in enumerate(zip(history, counts, strict=False))
                     if j < len(bonus)
                 }
-                for o in outs
+                for history, counts in histories
             ],
         }
 
@@ -143,23 +173,15 @@ class Serving:
         if not outs:
             return []
         preds = np.stack([o.predicted for o in outs])
-        extra = [
-            [
-                *out.history,
-                *(
-                    self.cooccurrence.candidates(out.history[:3], limit=2 * self.candidates)
-                    if self.cooccurrence is not None
-                    else []
-                ),
-            ]
-            for out in outs
-        ]
+        extra = [self._extra(out.history) for out in outs]
         # The item just touched at its state after the event (the index may hold an older one,
         # from before its owner's vector arrived): the most likely next item, ranked right.
         fresh = [None if o.item_vector is None else (o.event.item_id, o.item_vector) for o in outs]
-        ranked = self.index.recommend(
-            preds, self.candidates, extra, fresh=fresh, **self._terms(outs)
-        )
+        # One prior for the batch, at its latest event time: the decayed counts move by
+        # exp(-gap / one day) within it, and a per-event prior would be batch × all items.
+        now = max(o.event.timestamp for o in outs)
+        terms = self._terms([(o.history, o.history_counts) for o in outs], now)
+        ranked = self.index.recommend(preds, self.candidates, extra, fresh=fresh, **terms)
         records = []
         for out, pred, (ids, dist) in zip(outs, preds, ranked, strict=True):
             records.append(
@@ -169,8 +191,8 @@ class Serving:
                     "item_id": out.event.item_id,
                     "timestamp": out.event.timestamp,
                     "model_version": self.version,
-                    "projected_user": out.projected.tolist(),
-                    "predicted_item": pred.tolist(),
+                    "projected_user_f32": out.projected.astype("<f4").tobytes(),
+                    "predicted_item_f32": pred.astype("<f4").tobytes(),
                     "candidates": [
                         {"item_id": i, "score": -float(d)}
                         for i, d in zip(ids, dist.tolist(), strict=True)
@@ -179,3 +201,125 @@ class Serving:
                 }
             )
         return records
+
+    def _extra(self, history: tuple[str, ...]) -> list[str]:
+        """Candidates besides the nearest neighbours: the user's history and the items whose
+        audiences resemble those of its recent items."""
+        similar = (
+            self.cooccurrence.candidates(history[:3], limit=2 * self.candidates)
+            if self.cooccurrence is not None
+            else []
+        )
+        return [*history, *similar]
+
+    @property
+    def score_meaning(self) -> str:
+        """What a score of this version's ranker is, in one line."""
+        if isinstance(self.ranker, HistoryScorer):
+            return (
+                "score = distance + history + popularity + trend = -a*|j~ - [j, j_static]|^2 "
+                "+ (b_pos + beta*log(1 + the user's events on j)) + gamma*log(1 + events on j) "
+                "+ delta*log(1 + events on j decayed over one day, at the projected time); "
+                "j~ is the item the model predicts for the user projected to that time; higher "
+                "is better, and a softmax over all items' scores is the fitted probability "
+                "that j comes next"
+            )
+        return (
+            "score = distance = -|j~ - [j, j_static]|^2: minus the squared distance from the "
+            "item the model predicts for the user projected to that time; higher is better"
+        )
+
+    def rank_user(
+        self,
+        user_id: str,
+        state: EntityState,
+        derived: EntityState | None,
+        t: float,
+        k: int,
+    ) -> list[Ranked]:
+        """The ranker's top ``k`` for a user between events, projected to time ``t``.
+
+        ``state`` is the user's, ``derived`` its last item's state just after the user's last
+        event (its table row keeps it); the last item is predicted from as it is now: the
+        index's vector when it is at least as recent, else ``derived``. Candidates and scores
+        are those of ``recommendations``; each item's score comes with its terms.
+        """
+        cfg = self.stream.config
+        previous: tuple[str, np.ndarray] | None = None
+        fresh: tuple[str, np.ndarray] | None = None
+        if state.history:
+            last = state.history[0]
+            with self.lock:
+                indexed = self.index.get(last)
+            known = derived if derived is not None and derived.embedding is not None else None
+            if indexed is not None and (known is None or indexed[1][2] >= known.last_time):
+                previous = (last, indexed[0][: cfg.embedding_dim])
+            elif known is not None:
+                # The index holds an older vector (its owner's has not arrived yet).
+                emb = np.asarray(known.embedding, dtype=np.float32)
+                static = (
+                    indexed[0][cfg.embedding_dim :]
+                    if indexed is not None
+                    else static_embeddings("item", [last], cfg.item_static_dim)[0]
+                )
+                previous, fresh = (last, emb), (last, np.concatenate([emb, static]))
+        _projected, predicted = self.stream.predict_at(user_id, state, previous, t)
+        extra = [self._extra(state.history)]
+        with self.lock:
+            terms = self._terms([(state.history, state.history_counts)], t)
+            [(ids, keys)] = self.index.recommend(
+                predicted[None, :], k, extra, fresh=[fresh], **terms
+            )
+            scores = [-float(key) for key in keys.tolist()]
+            if not isinstance(self.ranker, HistoryScorer):
+                return [Ranked(i, s, {"distance": s}) for i, s in zip(ids, scores, strict=True)]
+            bonus = [terms["bonus"][0].get(item, 0.0) for item in ids]
+            popular = self._popularity_terms(
+                ids, t, float(self.ranker.gamma), float(self.ranker.delta)
+            )
+        # The distance term is what the others leave of the score: the terms add up to it.
+        return [
+            Ranked(
+                item,
+                score,
+                {"distance": score - b - p - r, "history": b, "popularity": p, "trend": r},
+            )
+            for item, score, b, (p, r) in zip(ids, scores, bonus, popular, strict=True)
+        ]
+
+    def _popularity(self) -> tuple[float, float]:
+        """(γ, δ) of the ranker's popularity terms; (0, 1) for a ranker without them (a cold
+        start then ranks by the decayed counts alone)."""
+        ranker = self.ranker
+        if isinstance(ranker, HistoryScorer) and (float(ranker.gamma), float(ranker.delta)) != (
+            0.0,
+            0.0,
+        ):
+            return float(ranker.gamma), float(ranker.delta)
+        return 0.0, 1.0
+
+    def _popularity_terms(
+        self, ids: list[str], t: float, gamma: float, delta: float
+    ) -> list[tuple[float, float]]:
+        """(γ·log(1 + events), δ·log(1 + decayed events at ``t``)) of these indexed items."""
+        stats = self.index.attributes_of(ids)  # (n, 3)
+        count, trend, last = stats[:, 0], stats[:, 1], stats[:, 2]
+        popularity = gamma * np.log1p(count)
+        recent = delta * np.log1p(trend_at(trend, last, t))
+        return list(zip(popularity.tolist(), recent.tolist(), strict=True))
+
+    def trending(self, t: float, k: int) -> list[Ranked]:
+        """A cold start: the ``k`` items the ranker's popularity terms favour at time ``t``,
+        γ·log(1 + events on j) + δ·log(1 + events on j decayed over a day); with a ranker
+        without them, log(1 + the decayed count) alone."""
+        gamma, delta = self._popularity()
+        with self.lock:
+            stats = self.index.attributes()
+            count, trend, last = stats[:, 0], stats[:, 1], stats[:, 2]
+            values = gamma * np.log1p(count) + delta * np.log1p(trend_at(trend, last, t))
+            top = self.index.top_by(values, k)
+            terms = self._popularity_terms([item for item, _v in top], t, gamma, delta)
+        return [
+            Ranked(item, value, {"popularity": p, "trend": r})
+            for (item, value), (p, r) in zip(top, terms, strict=True)
+        ]

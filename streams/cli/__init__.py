@@ -10,20 +10,38 @@ from typing import Any
 import typer
 import typer.core
 
-from streams.cli import acls, broker, model, models, pipeline, produce, state, topics
-from streams.cli.common import _fail
+from streams.cli import (
+    acls,
+    broker,
+    dashboard,
+    dlq,
+    model,
+    models,
+    pipeline,
+    produce,
+    query,
+    state,
+    topics,
+)
+from streams.cli.common import _fail, user_error
 from streams.exceptions import SettingsError
-from streams.runtime.exceptions import AuthenticationError
 from streams.settings import get_settings
 
 
 class _Group(typer.core.TyperGroup):
     def invoke(self, ctx: Any) -> Any:  # ctx: typer's (vendored) click Context
-        # Any command may be the first to log in: a refused login is one line, not a traceback.
+        # Every command runs in here (options parsed, subcommands resolved): a user's mistake,
+        # wherever it is found, is one line and exit code 2, never a traceback.
         try:
             return super().invoke(ctx)
-        except AuthenticationError as exc:
-            raise _fail(exc) from exc
+        except Exception as exc:
+            # A group called without a command prints its help, as typer does.
+            if type(exc).__name__ == "NoArgsIsHelpError":
+                raise
+            message = user_error(exc)
+            if message is None:
+                raise
+            raise _fail(message) from exc
 
 
 app = typer.Typer(
@@ -55,7 +73,10 @@ app.command("trainer")(pipeline.trainer)
 app.add_typer(state.state_app, name="state")
 app.command("worker")(pipeline.worker)
 app.command("recommendations")(pipeline.recommendations)
+app.command("recommend")(query.recommend)
 app.command("metrics")(pipeline.metrics)
+app.add_typer(dlq.dlq_app, name="dlq")
+app.command("dashboard")(dashboard.dashboard)
 app.command("train")(model.train)
 app.command("evaluate")(model.evaluate)
 app.command("plot")(model.plot)

@@ -4,28 +4,32 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import numpy as np
 import typer
-from rich.console import Console
+
+from streams.cli.common import console
 
 if TYPE_CHECKING:
     from operators.model.config import TrainConfig
     from operators.training.run import RunResult
 
-console = Console(stderr=True)
-
-SCORERS = ("plain", "history", "ranker")
-
 DataOpt = Annotated[
     Path | None, typer.Option("--data", help="JODIE CSV (plain or .gz); default: bundled Wikipedia")
 ]
+CheckpointOpt = Annotated[
+    Path, typer.Option("--checkpoint", exists=True, file_okay=False, help="checkpoint directory")
+]
+ScorerName = Literal["history", "ranker", "plain"]
 
 
 def _data_path(data: Path | None) -> Path:
     from operators.dataset import bundled_wikipedia
 
+    # Checked here, not by the option: a wrong combination of options is the first thing to say.
+    if data is not None and not data.is_file():
+        raise typer.BadParameter(f"file '{data}' does not exist", param_hint="'--data'")
     return data if data is not None else bundled_wikipedia()
 
 
@@ -64,17 +68,17 @@ def train(
         float | None, typer.Option(help="--from-topic: event time to stop before (exclusive)")
     ] = None,
     epochs: Annotated[
-        int, typer.Option(help="training epochs; the best by validation MRR is kept")
+        int, typer.Option(min=1, help="training epochs; the best by validation MRR is kept")
     ] = 10,
     seed: Annotated[int, typer.Option(help="random seed (runs are deterministic for a seed)")] = 0,
     scorer: Annotated[
-        str,
+        ScorerName,
         typer.Option(
             help="candidate scorer: 'history' (JODIE + learned recency bonus), 'ranker' "
             "(JODIE + learned ranker over item, history and user features) or 'plain'"
         ),
     ] = "history",
-    threads: Annotated[int, typer.Option(help="torch intra-op threads")] = 1,
+    threads: Annotated[int, typer.Option(min=1, help="torch intra-op threads")] = 1,
 ) -> None:
     """Train JODIE with t-batches on the first 80% of the events and write a checkpoint.
 
@@ -88,8 +92,6 @@ def train(
     from streams.plots import save_curves
     from streams.progress import TrainingBar
 
-    if scorer not in SCORERS:
-        raise typer.BadParameter("--scorer must be 'history', 'ranker' or 'plain'")
     window_given = any(v is not None for v in (from_seq, until_seq, from_time, until_time))
     if from_topic and data is not None:
         raise typer.BadParameter("--from-topic and --data are mutually exclusive")
@@ -100,7 +102,7 @@ def train(
         epochs=epochs,
         seed=seed,
         threads=threads,
-        model=ModelConfig(scorer=scorer),  # type: ignore[arg-type]
+        model=ModelConfig(scorer=scorer),
     )
     if from_topic:
         run = _train_from_topic(out, config, from_seq, until_seq, from_time, until_time)
@@ -124,7 +126,6 @@ def _train_from_topic(
     from_time: float | None,
     until_time: float | None,
 ) -> RunResult:
-    from jodie_errors import JodieError
     from operators.training.holdout import holdout_config, holdout_size
     from operators.training.run import run_training
     from streams.progress import TrainingBar
@@ -132,12 +133,8 @@ def _train_from_topic(
     from streams.settings import get_settings
 
     settings = get_settings()
-    try:
-        window = Window(from_seq, until_seq, from_time, until_time)
-        replayed = replay_log(settings, window, progress=True)
-    except JodieError as exc:
-        console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(code=2) from exc
+    window = Window(from_seq, until_seq, from_time, until_time)
+    replayed = replay_log(settings, window, progress=True)
     log, seqs = replayed.log, replayed.seqs
     if replayed.after_gap:
         console.print(
@@ -166,16 +163,21 @@ def _train_from_topic(
 def evaluate(
     checkpoint: Annotated[
         Path | None,
-        typer.Option("--checkpoint", help="checkpoint directory (optional for --baseline)"),
+        typer.Option(
+            "--checkpoint",
+            exists=True,
+            file_okay=False,
+            help="checkpoint directory (optional for --baseline)",
+        ),
     ] = None,
     data: DataOpt = None,
     protocol: Annotated[
-        str,
+        Literal["frozen", "paper"],
         typer.Option(help="'frozen' (weights fixed, as the stream) or 'paper' (keeps training)"),
     ] = "frozen",
-    split: Annotated[str, typer.Option(help="'valid' or 'test'")] = "test",
+    split: Annotated[Literal["valid", "test"], typer.Option(help="'valid' or 'test'")] = "test",
     limit: Annotated[
-        int | None, typer.Option(help="score only the first N events of the split")
+        int | None, typer.Option(min=1, help="score only the first N events of the split")
     ] = None,
     json_out: Annotated[
         Path | None, typer.Option("--json", help="write the metrics as JSON")
@@ -184,10 +186,11 @@ def evaluate(
         Path | None, typer.Option("--export-states", help="write final embeddings to this .npz")
     ] = None,
     baseline: Annotated[
-        str | None, typer.Option(help="evaluate a baseline instead: 'recency' or 'popularity'")
+        Literal["recency", "popularity"] | None,
+        typer.Option(help="evaluate a baseline instead: 'recency' or 'popularity'"),
     ] = None,
     scorer: Annotated[
-        str | None,
+        ScorerName | None,
         typer.Option(
             help="override the checkpoint's scorer: 'plain', 'history' or 'ranker' (fitted "
             "on the training split now if the checkpoint holds no fitted one)"
@@ -225,14 +228,6 @@ def evaluate(
     """
     from operators.model.checkpoint import load_checkpoint
 
-    if protocol not in ("frozen", "paper"):
-        raise typer.BadParameter("--protocol must be 'paper' or 'frozen'")
-    if split not in ("valid", "test"):
-        raise typer.BadParameter("--split must be 'valid' or 'test'")
-    if scorer is not None and scorer not in SCORERS:
-        raise typer.BadParameter("--scorer must be 'plain', 'history' or 'ranker'")
-    if baseline is not None and baseline not in ("recency", "popularity"):
-        raise typer.BadParameter("--baseline must be 'recency' or 'popularity'")
     if checkpoint is None and baseline is None:
         raise typer.BadParameter("--checkpoint is required unless --baseline is given")
     if compare and checkpoint is None:
@@ -451,25 +446,61 @@ def _print_table(runs: list[dict[str, Any]]) -> None:
 
 
 def plot(
-    checkpoint: Annotated[Path, typer.Option("--checkpoint", help="checkpoint directory")],
+    checkpoint: CheckpointOpt,
     out: Annotated[Path, typer.Option("--out", help="directory for the PNG files")],
     data: DataOpt = None,
-    users: Annotated[int, typer.Option(help="how many users' trajectories to draw")] = 4,
+    users: Annotated[int, typer.Option(min=1, help="how many users' trajectories to draw")] = 4,
+    events: Annotated[
+        int, typer.Option(min=1, help="trajectories: events after the training split to follow")
+    ] = 5000,
+    limit: Annotated[
+        int | None, typer.Option(min=1, help="categories: score only the first N test events")
+    ] = None,
 ) -> None:
-    """Training curves, and a few users' embedding trajectories in 2-D (PCA)."""
-    from operators.model.checkpoint import load_checkpoint
-    from streams.plots import plot_trajectories, save_curves
+    """curves.png (training curves against the baselines), categories.png (test MRR per kind
+    of event, the model against the baselines) and trajectories.png (users' u(t), 2-D)."""
+    import torch
 
+    from operators.evaluation.baselines import evaluate_baseline
+    from operators.model.checkpoint import load_checkpoint
+    from streams.plots import plot_trajectories, save_categories, save_curves
+
+    torch.set_num_threads(1)  # small per-event batches: more threads only contend
     ckpt = load_checkpoint(checkpoint)
     out.mkdir(parents=True, exist_ok=True)
     curves = ckpt.meta.get("curves") or {}
-    _, curves_png = save_curves(curves, out)
-    log = _load(_data_path(data))
+    if ckpt.last_seq is not None:
+        _, curves_png = save_curves(curves, out)
+        console.print(
+            "[yellow]trained --from-topic: its states are past any file's splits, so only "
+            "the curves are drawn (no baselines, categories or trajectories)[/yellow]"
+        )
+        typer.echo(f"wrote {curves_png}")
+        return
+    path = _data_path(data)
+    log = _load(path)
+    bounds = _bounds(ckpt, log, path)
+    baselines = {
+        kind: evaluate_baseline(log, bounds, kind, "valid").summary()["mrr"]
+        for kind in ("recency", "popularity")
+    }
+    _, curves_png = save_curves(curves, out, baselines)
+    start = bounds["train"][1]
     traj_png = plot_trajectories(
         ckpt.model,
-        log,
+        ckpt.states,
+        log.slice(start, min(len(log), start + events)),
         out / "trajectories.png",
         n_users=users,
         timespan=float(ckpt.meta.get("timespan", 0.0)),
     )
-    typer.echo(f"wrote {curves_png} and {traj_png}")
+    console.print("scoring the test split (model and baselines) for categories.png ...")
+    runs = [
+        _model_run(ckpt, log, bounds, "frozen", "test", ckpt.config.scorer, limit, None),
+        *(
+            _baseline(log, bounds, kind, "test", limit, "frozen")
+            for kind in ("recency", "popularity")
+        ),
+    ]
+    cats_png = save_categories(runs, out / "categories.png")
+    typer.echo(f"wrote {curves_png}, {cats_png} and {traj_png}")

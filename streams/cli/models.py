@@ -8,7 +8,7 @@ from typing import Annotated, Any
 
 import typer
 
-from streams.cli.common import ModelName, _registry_call, out
+from streams.cli.common import ModelName, _registry_call, need_topics, out
 from streams.settings import get_settings
 
 models_app = typer.Typer(
@@ -18,6 +18,7 @@ models_app = typer.Typer(
 
 
 def _registry(name: str) -> Any:
+    need_topics("models")  # before the registry's (slow) imports: a mistake fails at once
     from streams.models import Registry
 
     return _registry_call(lambda: Registry(get_settings(), name))  # a bad name: one line
@@ -38,6 +39,10 @@ def models_announce(
 ) -> None:
     """Copy a verified checkpoint into JODIE_MODEL_STORE and announce it on `models` (signed
     when JODIE_MODEL_SIGNING_KEY is set)."""
+    from streams.models import checked_name
+
+    if version is not None:  # a bad name is refused before anything is looked up
+        _registry_call(lambda: checked_name("version", version))
     registry = _registry(name)
     if unless_serving:
         serving = _registry_call(registry.serving)
@@ -58,10 +63,11 @@ def models_list(name: ModelName = "jodie") -> None:
     for r in _registry_call(registry.versions):
         mark = "*" if serving is not None and serving["version"] == r["version"] else " "
         mrr = r["metrics"].get("valid_mrr_frozen")
+        # A checkpoint trained from a file is at no position of interactions.log.
+        trained = "trained from a file" if r["log_seq"] < 0 else f"log seq {r['log_seq']}"
         out.print(
-            f"{mark} {r['version']}  log_seq {r['log_seq']}  "
-            f"valid MRR {mrr if mrr is None else round(mrr, 4)}  {r['uri']}",
-            highlight=False,
+            f"{mark} {r['version']}  {trained}  "
+            f"valid MRR {mrr if mrr is None else round(mrr, 4)}  {r['uri']}"
         )
 
 

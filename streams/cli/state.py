@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from streams.cli.common import _registry_call, out
+from streams.cli.common import _registry_call, need_topics, out
 from streams.settings import get_settings
 
 state_app = typer.Typer(no_args_is_help=True, help="The workers' state, read from Kafka.")
@@ -18,7 +18,10 @@ state_app = typer.Typer(no_args_is_help=True, help="The workers' state, read fro
 def state_export(
     out_path: Annotated[Path, typer.Option("--out", help="The .npz file to write.")],
     checkpoint: Annotated[
-        Path | None, typer.Option(help="The checkpoint the workers serve (or --model).")
+        Path | None,
+        typer.Option(
+            exists=True, file_okay=False, help="The checkpoint the workers serve (or --model)."
+        ),
     ] = None,
     model: Annotated[
         str | None,
@@ -30,5 +33,6 @@ def state_export(
 
     if (checkpoint is None) == (model is None):
         raise typer.BadParameter("give exactly one of --checkpoint and --model")
+    need_topics("jodie-user-state-changelog", "jodie-item-state-changelog")
     counts = _registry_call(lambda: export_states(get_settings(), checkpoint, out_path, model))
     out.print(json.dumps({"out": str(out_path), **counts}))

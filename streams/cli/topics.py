@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import json
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.table import Table
 
-from streams.cli.common import console, out
+from jodie_errors import JodieError
+from streams.cli.common import console, need_topics, out
 from streams.settings import get_settings
+
+if TYPE_CHECKING:
+    from streams.peek import Peeked
 
 topics_app = typer.Typer(no_args_is_help=True, help="The topics declared in deploy/topics.toml.")
 
@@ -57,19 +61,35 @@ def topics_delete(
 @topics_app.command("show")
 def topics_show(
     topic: Annotated[
-        str, typer.Argument(help="Logical topic name, e.g. interactions.")
+        str,
+        typer.Argument(
+            help="A topic of deploy/topics.toml, without the prefix: interactions, "
+            "interactions.log, interactions.dlq, user-inbox, item-inbox, recommendations, "
+            "evaluations, item-vectors, models, jodie-user-state-changelog, "
+            "jodie-item-state-changelog."
+        ),
     ] = "interactions",
-    sample: Annotated[int, typer.Option(help="Decode and print this many messages.")] = 3,
+    sample: Annotated[
+        int, typer.Option(min=0, help="Decode and print this many messages, oldest first.")
+    ] = 3,
     count: Annotated[
         bool, typer.Option(help="Read the whole topic and count distinct event ids.")
     ] = False,
 ) -> None:
-    """Message counts per partition and a few decoded messages of a topic."""
-    from streams.codecs import TOPIC_SCHEMAS, make_codec
-    from streams.peek import decode_all, partition_counts
+    """Message counts per partition, then a few messages decoded as their writer wrote them:
+    one JSON object a line (partition, offset, key, value)."""
+    from streams.peek import partition_counts, read_messages, topic_decoder
     from streams.runtime.clients import committed_reader
+    from streams.topics import declared_topics
 
     settings = get_settings()
+    declared = [s.name.removeprefix(settings.topic_prefix) for s in declared_topics(settings)]
+    if topic not in declared:
+        raise typer.BadParameter(
+            f"{topic!r} is not a topic of the pipeline; one of: {', '.join(declared)}",
+            param_hint="TOPIC",
+        )
+    need_topics(topic)
     name = settings.topic(topic)
     consumer = committed_reader(settings, group_id="jodie-topics-show")
     try:
@@ -77,16 +97,52 @@ def topics_show(
     finally:
         consumer.close()
     total = sum(c.messages for c in counts)
-    out.print(
+    console.print(
         f"{name}: {total} offsets in {len(counts)} partitions "
-        + ", ".join(f"p{c.partition}={c.messages}" for c in counts)
+        + ", ".join(f"p{c.partition}={c.messages}" for c in counts),
+        highlight=False,
     )
-    schema = TOPIC_SCHEMAS.get(topic)
-    if schema is None:
-        return
-    codec = make_codec(settings, schema, name)
-    for record in decode_all(settings, name, codec, limit=sample):
-        out.print_json(json.dumps(record))
+    decode = topic_decoder(settings, topic)
+
+    def shown(m: Peeked) -> dict[str, Any]:
+        key = None if m.key is None else m.key.decode(errors="replace")
+        try:
+            return {
+                "partition": m.partition,
+                "offset": m.offset,
+                "key": key,
+                "value": decode(m.key, m.value, m.headers),
+            }
+        except JodieError as exc:  # a client may write anything to `interactions`
+            return {
+                "partition": m.partition,
+                "offset": m.offset,
+                "key": key,
+                "undecodable": str(exc),
+            }
+
+    if sample:
+        for m in read_messages(settings, name, limit=sample):
+            out.print(json.dumps(shown(m)))
     if count:
-        ids = [r.get("event_id") for r in decode_all(settings, name, codec)]
-        out.print(json.dumps({"messages": len(ids), "distinct_event_ids": len(set(ids))}))
+        values = [shown(m).get("value") for m in read_messages(settings, name)]
+        ids = [i for i in map(_event_id, values) if i is not None]
+        out.print(
+            json.dumps(
+                {
+                    "messages": len(values),
+                    "with_event_id": len(ids),
+                    "distinct_event_ids": len(set(ids)),
+                }
+            )
+        )
+
+
+def _event_id(value: Any) -> str | None:
+    """The event a decoded message is about, wherever its schema keeps the id."""
+    if not isinstance(value, dict):
+        return None
+    for inner in (value, value.get("interaction"), value.get("event")):
+        if isinstance(inner, dict) and isinstance(inner.get("event_id"), str):
+            return str(inner["event_id"])
+    return None

@@ -41,6 +41,7 @@ from typing import Any, Generic, NamedTuple, TypeVar
 
 from confluent_kafka import (
     OFFSET_BEGINNING,
+    TIMESTAMP_NOT_AVAILABLE,
     Consumer,
     KafkaError,
     KafkaException,
@@ -69,6 +70,8 @@ class Record(NamedTuple):
     offset: int
     key: bytes | None
     value: bytes | None
+    #: When the record was produced (or appended), ms since the epoch; -1: not known.
+    timestamp_ms: int = -1
 
 
 class Application(ABC, Generic[B]):
@@ -111,6 +114,10 @@ class Application(ABC, Generic[B]):
 
     def on_revoke(self, partitions: list[tuple[str, int]]) -> None:
         """After the tables of revoked or lost partitions were closed."""
+
+    def committed(self, records: list[Record], seconds: float) -> None:
+        """A batch's transaction committed: its records, and the seconds from taking them to
+        the commit (for latency metrics)."""
 
     def report(self, interval_s: float) -> None:
         """Every ``LoopConfig.report_interval_s`` (the loop's stats were just refreshed)."""
@@ -425,6 +432,7 @@ class TransactionalLoop(Generic[B]):
         self.stats.transactions += 1
 
     def _transaction(self, consumer: Consumer, tx: Transactions, messages: list[Message]) -> None:
+        began = time.monotonic()
         positions: dict[tuple[str, int], int] = {}
         records: list[Record] = []
         for msg in messages:
@@ -438,7 +446,9 @@ class TransactionalLoop(Generic[B]):
                 continue
             topic, p, offset = msg.topic() or "", msg.partition() or 0, msg.offset() or 0
             positions[(topic, p)] = offset + 1
-            records.append(Record(topic, p, offset, msg.key(), msg.value()))
+            kind, stamp = msg.timestamp()
+            stamp = stamp if kind != TIMESTAMP_NOT_AVAILABLE else -1
+            records.append(Record(topic, p, offset, msg.key(), msg.value(), stamp))
         if not records:
             return
         self.stats.records += len(records)
@@ -467,6 +477,7 @@ class TransactionalLoop(Generic[B]):
                 p: o for (t, p), o in self._changelog_offsets.items() if t == table.changelog
             }
             table.persist(rows, reached)
+        self.app.committed(records, time.monotonic() - began)
 
 
 _GAP_ADVICE = (

@@ -24,6 +24,7 @@ computes.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -105,6 +106,9 @@ class Table(Generic[R]):
         self.encode = encode
         self.initial = initial
         self.partitions: dict[int, _Partition] = {}
+        # Taken to change ``partitions`` and by ``committed``: a reader on another thread
+        # never uses a store being closed.
+        self._owned = threading.Lock()
         # (partition, key) → decoded row; the rows changed in the open batch are pinned.
         self.rows: RowCache[tuple[int, bytes], R] = RowCache(cache_rows)
         self._blocks = Cache(_BLOCK_CACHE_BYTES)  # RocksDB's, shared by the partitions
@@ -130,7 +134,8 @@ class Table(Generic[R]):
             Rdict.destroy(str(path))
             part = _Partition(path, self._blocks)
         read = self._restore(part, partition, high)
-        self.partitions[partition] = part
+        with self._owned:
+            self.partitions[partition] = part
         return read
 
     def holds_state(self, partition: int) -> bool:
@@ -140,10 +145,12 @@ class Table(Generic[R]):
         return part is not None and part.offset >= 0
 
     def revoke(self, partition: int) -> None:
-        part = self.partitions.pop(partition, None)
+        with self._owned:
+            part = self.partitions.pop(partition, None)
+            if part is not None:
+                part.db.close()
         if part is not None:
             self.rows.drop(lambda pk: pk[0] == partition)
-            part.db.close()
 
     def close(self) -> None:
         for p in list(self.partitions):
@@ -221,6 +228,18 @@ class Table(Generic[R]):
             row = self.initial(key) if raw is None else self.decode(key, raw)
             self.rows.put((partition, key), row)
         return row
+
+    def committed(self, partition: int, key: bytes) -> R | None:
+        """The row as last committed, decoded afresh (``initial`` if never stored); None when
+        this instance does not hold ``partition``. For readers on other threads than the
+        processing one (interactive queries): RocksDB holds exactly the committed rows, and
+        reading it never meets a row in the middle of a batch or evicts one being worked on."""
+        with self._owned:
+            part = self.partitions.get(partition)
+            raw = None if part is None else part.db.get(key)
+        if part is None:
+            return None
+        return self.initial(key) if raw is None else self.decode(key, raw)
 
     def forget(self) -> None:
         """Drop every row in memory (after an aborted batch): they reload from RocksDB."""

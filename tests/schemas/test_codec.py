@@ -7,6 +7,7 @@ import json
 import math
 from typing import Any
 
+import numpy as np
 import pytest
 
 from schemas import (
@@ -21,6 +22,7 @@ from schemas import (
     SingleObjectFraming,
     UnknownSchemaError,
     load_schema,
+    recommendation_vectors,
 )
 from schemas.codec import ENTITY_RECORD, EVALUATION, canonical_form, fingerprint64
 
@@ -57,16 +59,36 @@ def test_recommendation_and_announcement_round_trip() -> None:
         "item_id": "i7",
         "timestamp": 1.0,
         "model_version": "v3",
-        "projected_user": [0.5, 0.25],
-        "predicted_item": [1.0, -2.0, 0.0],
+        "projected_user": [],
+        "predicted_item": [],
+        "projected_user_f32": np.array([0.5, 0.25], dtype="<f4").tobytes(),
+        "predicted_item_f32": np.array([1.0, -2.0, 0.0], dtype="<f4").tobytes(),
         "candidates": [{"item_id": "i1", "score": -0.5}, {"item_id": "i2", "score": -1.25}],
         "state_change_probability": 0.125,
     }
     assert Codec(RECOMMENDATION).decode(Codec(RECOMMENDATION).encode(rec)) == rec
+    projected, predicted = recommendation_vectors(rec)
+    assert projected.tolist() == [0.5, 0.25] and predicted.tolist() == [1.0, -2.0, 0.0]
+    # Written before vectors were packed: the arrays still read, and so do the vectors.
+    v2_rec = {
+        **{k: v for k, v in rec.items() if not k.endswith("_f32")},
+        "projected_user": [0.5, 0.25],
+        "predicted_item": [1.0, -2.0, 0.0],
+    }
+    data = Codec(load_schema("recommendation.v2")).encode(v2_rec)
+    decoded = Codec(RECOMMENDATION).decode(data)
+    # (the packed fields default to null)
+    assert {k: v for k, v in decoded.items() if not k.endswith("_f32")} == v2_rec
+    assert not decoded["projected_user_f32"] and not decoded["predicted_item_f32"]
+    assert [v.tolist() for v in recommendation_vectors(decoded)] == [[0.5, 0.25], [1, -2, 0]]
     # Written before recommendations named their item: still read, with an empty one.
-    old_rec = {k: v for k, v in rec.items() if k != "item_id"}
+    old_rec = {k: v for k, v in v2_rec.items() if k != "item_id"}
     data = Codec(load_schema("recommendation.v1")).encode(old_rec)
-    assert Codec(RECOMMENDATION).decode(data) == {**old_rec, "item_id": ""}
+    decoded = Codec(RECOMMENDATION).decode(data)
+    assert {k: v for k, v in decoded.items() if not k.endswith("_f32")} == {
+        **old_rec,
+        "item_id": "",
+    }
     ev = {
         "event_id": "e1",
         "seq": 41,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -20,11 +21,12 @@ import numpy as np
 import torch
 
 from operators.dataset import bundled_wikipedia, load_interactions
+from operators.evaluation.scorer import UserContext, make_scorer
 from operators.model.checkpoint import EntitySeqs, load_checkpoint, save_checkpoint
 from operators.model.config import ModelConfig, TrainConfig
 from operators.model.jodie import Jodie
 from operators.model.online import OnlineJodie
-from operators.model.state import States
+from operators.model.state import States, trend_at
 from streams.produce import produce_rows
 from streams.router import Router
 from streams.settings import Settings
@@ -176,3 +178,61 @@ def assert_equal_to_reference(settings: Settings, checkpoint: Path, online: Onli
         assert diff <= 1e-4
         worst = max(worst, diff)
     return worst
+
+
+def offline_ranking(checkpoint: Path, online: OnlineJodie, user: str, t: float) -> dict[str, float]:
+    """Every known item's score for ``user`` at time ``t`` by the checkpoint's ranker, from
+    the sequential replay's states (``OnlineJodie.query``, as `jodie evaluate` ranks)."""
+    ckpt = load_checkpoint(checkpoint)
+    scorer = make_scorer(ckpt.config, ckpt.scorer_tensors)
+    q = online.query(user, t)
+    items = online.states.items
+    scores = scorer.scores(
+        q.pred[0],
+        items.emb,
+        items.static,
+        items.count.astype(np.float64),
+        trend_at(items.trend, items.last_time, t),
+        UserContext(q.history, q.history_counts),
+    ).numpy()
+    return {
+        item: float(scores[row])
+        for row, item in enumerate(items.ids)
+        if not np.isnan(items.last_time[row])
+    }
+
+
+def assert_ranked_as_offline(
+    got: Sequence[tuple[str, float]], offline: Mapping[str, float], tol: float = 1e-3
+) -> None:
+    """A served top k (item, score) is the offline top k: each item's score is its offline
+    score, and the scores are the k best offline scores (items tied within ``tol`` may come
+    in either order)."""
+    best = sorted(offline.values(), reverse=True)[: len(got)]
+    assert 0 < len(got) <= len(offline)
+    for (item, score), want in zip(got, best, strict=True):
+        assert abs(score - offline[item]) <= tol, (item, score, offline[item])
+        assert abs(score - want) <= tol, (item, score, want)
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_until_assigned(tmp: Path, worker_ids: Sequence[int], timeout_s: float) -> None:
+    """Until each worker's log says it holds partitions (its last "assigned" line)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        owned = []
+        for n in worker_ids:
+            log = tmp / f"worker-{n}.log"
+            text = log.read_text() if log.exists() else ""
+            lines = [x for x in text.splitlines() if " assigned [" in x]
+            owned.append(bool(lines) and "assigned []" not in lines[-1])
+        if all(owned):
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"workers {list(worker_ids)} did not all get partitions")

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from operators.dataset import iter_rows
 from schemas import INTERACTION
 from streams.codecs import make_codec
 from streams.peek import partition_counts, read_all
-from streams.produce import event_id, produce_file, source_tag
+from streams.produce import event_id, lap_tag, produce_file, source_tag
 from streams.runtime.clients import idempotent_producer
 from streams.settings import Settings
 
@@ -167,3 +168,63 @@ def test_after_starts_past_a_file_checkpoint_and_refuses_a_log_one(
     from_log = make_checkpoint(tmp_path / "log", history=40, with_seqs=True)
     refused = subprocess.run([*run, str(from_log)], env=env, capture_output=True, check=False)
     assert refused.returncode != 0 and b"interactions.log" in refused.stderr
+
+
+def test_laps_resend_the_rows_as_new_events_later_in_time(kafka: Settings, tmp_path: Path) -> None:
+    path = _csv(tmp_path)
+    topic = kafka.topic("interactions")
+    codec = make_codec(kafka, INTERACTION, topic)
+    summary = produce_file(
+        path, idempotent_producer(kafka), codec, topic, start=100, limit=200, laps=3
+    )
+    assert (summary.events, summary.laps) == (600, 3)
+
+    rows = list(iter_rows(path))[100:300]
+    span = rows[-1].timestamp - rows[0].timestamp
+    shift = span + span / (len(rows) - 1)  # the rows' span plus their mean gap
+    tag = source_tag(path)
+    expected = {
+        event_id(lap_tag(tag, lap), row.line): (row, lap * shift)
+        for lap in range(3)
+        for row in rows
+    }
+    assert len(expected) == 600  # every pass under ids of its own
+    got = {rec["event_id"]: rec for _k, _v, rec in _read_back(kafka)}
+    assert set(got) == set(expected)
+    for eid, (row, moved) in expected.items():
+        rec = got[eid]
+        assert (rec["user_id"], rec["item_id"]) == (row.user_id, row.item_id)
+        assert rec["timestamp"] == pytest.approx(row.timestamp + moved)
+    # Every pass lies after the one before, so each user's and each item's events keep
+    # going forward in time (the router rejects an entity's event older than its last).
+    per_lap = [
+        [got[event_id(lap_tag(tag, lap), r.line)]["timestamp"] for r in rows] for lap in range(3)
+    ]
+    assert all(min(per_lap[n]) > max(per_lap[n - 1]) for n in (1, 2))
+
+
+def test_cli_loop_keeps_producing_until_stopped(kafka: Settings) -> None:
+    from streams.runtime.clients import committed_reader
+
+    env = {**os.environ, "JODIE_TOPIC_PREFIX": kafka.topic_prefix}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "streams", "produce", "--loop", "--limit", "40"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    consumer = committed_reader(kafka, group_id="test-loop-count")
+    try:
+        seen = 0
+        for _ in range(600):  # 3 passes of 40 events; bounded wait
+            seen = sum(c.messages for c in partition_counts(consumer, kafka.topic("interactions")))
+            if seen >= 120 or proc.poll() is not None:
+                break
+            time.sleep(0.2)
+        still_running = proc.poll() is None
+    finally:
+        consumer.close()
+        proc.terminate()
+        proc.wait(timeout=30)
+    assert still_running, "the looping producer stopped by itself"
+    assert seen >= 120

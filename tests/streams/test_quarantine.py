@@ -77,7 +77,7 @@ def test_events_the_served_model_cannot_take_are_quarantined_not_fatal(
             assert worker.poll() is None, (tmp_path / "worker-0.log").read_text()[-3000:]
             dlq = [m for m in _read_dlq(kafka) if m.headers.get("reason") == b"quarantined"]
             time.sleep(1.0)
-        with urllib.request.urlopen("http://127.0.0.1:16066/metrics", timeout=5) as resp:
+        with urllib.request.urlopen("http://127.0.0.1:16066/metrics.json", timeout=5) as resp:
             metrics = json.load(resp)
         assert worker.poll() is None  # alive after every event of the stream
     finally:

@@ -65,9 +65,9 @@ def _assert_states_are_offline_replay(settings: Settings, version: str, since: i
 
 
 def _metrics(worker_id: int, timeout_s: float = 10.0) -> dict[str, Any]:
-    """A worker's /metrics page (the harness sets JODIE_WEB_PORT 16066 + 10 N for worker N,
+    """A worker's /metrics.json page (the harness sets JODIE_WEB_PORT 16066 + 10 N for worker N,
     which serves on that port + N)."""
-    url = f"http://127.0.0.1:{16066 + 11 * worker_id}/metrics"
+    url = f"http://127.0.0.1:{16066 + 11 * worker_id}/metrics.json"
     deadline = time.monotonic() + timeout_s
     while True:
         try:

@@ -1,6 +1,6 @@
 """Recency and popularity baselines on a hand-checked log."""
 
-from operators.evaluation.baselines import baseline_ranks, evaluate_baseline
+from operators.evaluation.baselines import BaselineRanker, baseline_ranks, evaluate_baseline
 from tests.operators.conftest import build_log
 
 #          0    1    2    3    4    5    6    7
@@ -31,3 +31,25 @@ def test_evaluate_baseline_with_limit() -> None:
         log, {"train": (0, 4), "valid": (4, 6), "test": (6, 8)}, "recency", "valid", limit=1
     )
     assert result.ranks.tolist() == [3] and result.summary()["n_events"] == 1
+
+
+def test_ranker_event_by_event_is_the_batch_ranks() -> None:
+    log = build_log(USERS, ITEMS, range(8))
+    for kind in ("recency", "popularity"):
+        ranker = BaselineRanker(kind)  # type: ignore[arg-type]
+        ranks = []
+        for u, i in zip(USERS, ITEMS, strict=True):
+            ranks.append(ranker.rank(u, i))
+            ranker.observe(u, i)
+        assert ranks[4:] == baseline_ranks(log, 4, 8, kind).tolist()  # type: ignore[arg-type]
+
+
+def test_ranker_forgets_the_least_recently_active_user() -> None:
+    ranker = BaselineRanker("recency", max_users=2)
+    for u, i in [("a", "x"), ("b", "y"), ("a", "y"), ("c", "z")]:  # b is the oldest active
+        ranker.observe(u, i)
+    # popularity: y 2, x 1, z 1
+    assert ranker.rank("a", "x") == 2  # a is remembered: y, then x
+    assert ranker.rank("b", "y") == 1  # b forgotten: y ranks by popularity alone
+    assert ranker.rank("b", "x") == 2  # ties with z after y
+    assert ranker.n_items == 3

@@ -101,3 +101,18 @@ def test_a_revoked_partition_leaves_the_cache(tmp_path: Path) -> None:
     t.revoke(0)
     assert list(t.rows) == [(1, b"b")]
     t.close()
+
+
+def test_readers_beside_the_processing_see_committed_rows_only(tmp_path: Path) -> None:
+    t = table(tmp_path, cache_rows=100)
+    bump(t, 0, b"u")
+    commit(t)
+    bump(t, 0, b"u")  # the open batch: n = 2 in memory, not committed
+    assert t.get(0, b"u") == {"key": "u", "n": 2}
+    assert t.committed(0, b"u") == {"key": "u", "n": 1}
+    assert t.committed(0, b"never") == {"key": "never", "n": 0}
+    commit(t)
+    assert t.committed(0, b"u") == {"key": "u", "n": 2}
+    t.revoke(1)
+    assert t.committed(1, b"u") is None  # a partition not held here
+    t.close()

@@ -1,0 +1,285 @@
+"""Interactive query latency while the stream runs: p50 / p99 / p99.9 of
+GET /users/{id}/recommendations at --qps queries/s, while the bundled Wikipedia file is
+produced at --rate events/s through the router and --workers workers.
+
+Runs on the real local broker (`jodie broker up` first), on fresh topics (a unique
+JODIE_TOPIC_PREFIX, deleted at the end), a temporary JODIE_STATE_DIR and free ports. The
+workers serve --checkpoint (its states must end at row --start of the bundled file), or
+without it a checkpoint made here: random weights with a history ranker of fixed terms, the
+states of the file's first --start rows (the latency does not depend on the weights' quality).
+
+The producer replays the file from row --start at --rate. After --warmup seconds the queries
+start, open loop: one is due every 1/qps s, for a user drawn from the rows produced at least
+--settle s before (most are known to the pipeline; an unknown one answers 404, counted apart),
+asked of a worker drawn at random (so about half the queries are forwarded to the owner), on
+--clients client threads. A query's latency runs from the time it was due, so a slow answer
+delays the figures, not the next query. Printed: latency percentiles of the answered queries
+(direct and forwarded apart), answers by status, the achieved query rate, and the stream's
+side: events applied per second by the workers and their inbox lag (their /metrics pages).
+
+    jodie broker up
+    python benchmarks/query_latency.py                       # 200 queries/s, 500 events/s
+    python benchmarks/query_latency.py --qps 100 --duration 30
+    jodie broker down
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from operators.dataset import bundled_wikipedia, load_interactions
+from operators.model.checkpoint import save_checkpoint
+from operators.model.config import ModelConfig, TrainConfig
+from operators.model.jodie import Jodie
+from operators.model.online import OnlineJodie
+from operators.model.state import States
+from streams.topics import scratch_topics
+
+
+def make_checkpoint(out: Path, rows: int) -> Path:
+    """Random weights, a history ranker with fixed terms, the states of the first ``rows``."""
+    log = load_interactions(bundled_wikipedia())
+    torch.manual_seed(0)
+    cfg = ModelConfig(
+        delta_user_mean=20_000.0,
+        delta_user_std=50_000.0,
+        delta_item_mean=3_000.0,
+        delta_item_std=10_000.0,
+    )
+    model = Jodie(cfg)
+    states = States.empty(
+        cfg.embedding_dim, cfg.user_static_dim, cfg.item_static_dim, cfg.history_size
+    )
+    online = OnlineJodie(model, states)
+    for k in range(rows):
+        online.observe(log.user_ids[k], log.item_ids[k], float(log.timestamps[k]))
+    scorer = {
+        "scorer.log_alpha": torch.tensor(-0.7),
+        "scorer.bonus": torch.linspace(3.0, 0.2, cfg.history_size),
+        "scorer.beta": torch.tensor(0.4),
+        "scorer.gamma": torch.tensor(0.3),
+        "scorer.delta": torch.tensor(0.5),
+    }
+    meta = {"version": "bench-v1", "log_offsets": {"events": rows}}
+    save_checkpoint(out, model, online.states, TrainConfig(model=cfg), scorer, meta=meta)
+    return out
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def spawn(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    with log.open("wb") as fh:
+        return subprocess.Popen(
+            [sys.executable, "-m", "streams", *args],
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+        )
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+
+
+def get_json(url: str, timeout_s: float = 5.0) -> tuple[int, dict[str, str], Any]:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as reply:
+            return reply.status, dict(reply.headers), json.loads(reply.read())
+    except urllib.error.HTTPError as reply:
+        with reply:
+            return reply.code, dict(reply.headers), json.loads(reply.read() or b"null")
+
+
+@dataclass
+class Answer:
+    due: float  # monotonic time the query was due
+    latency_s: float
+    status: int  # 0: no answer (refused, timed out)
+    forwarded: bool
+
+
+def percentiles(values_s: list[float]) -> str:
+    if not values_s:
+        return "no answers"
+    ms = np.asarray(values_s) * 1000
+    p50, p99, p999 = np.percentile(ms, [50, 99, 99.9])
+    return (
+        f"p50 {p50:.1f} ms, p99 {p99:.1f} ms, p99.9 {p999:.1f} ms, max {ms.max():.1f} ms "
+        f"(n={len(ms)})"
+    )
+
+
+def worker_pages(urls: list[str]) -> list[dict[str, Any]]:
+    pages = []
+    for url in urls:
+        try:
+            pages.append(get_json(url + "/metrics")[2])
+        except (OSError, ValueError):
+            pages.append({})
+    return pages
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", type=Path, help="default: one made here (see above)")
+    parser.add_argument("--start", type=int, default=2000, help="first row streamed")
+    parser.add_argument("--rate", type=float, default=500.0, help="events/s produced")
+    parser.add_argument("--qps", type=float, default=200.0, help="queries/s")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--warmup", type=float, default=20.0, help="s of stream before queries")
+    parser.add_argument("--duration", type=float, default=60.0, help="s of queries")
+    parser.add_argument("--settle", type=float, default=5.0, help="s before a user is asked")
+    parser.add_argument("--k", type=int, default=10)
+    parser.add_argument("--clients", type=int, default=64, help="client threads")
+    args = parser.parse_args()
+
+    tmp = Path(tempfile.mkdtemp(prefix="jodie-query-bench-"))
+    checkpoint = args.checkpoint or make_checkpoint(tmp / "ckpt", args.start)
+    ports = [free_port() for _ in range(args.workers)]
+    urls = [f"http://127.0.0.1:{p}" for p in ports]
+    log = load_interactions(bundled_wikipedia())
+    events = int(args.rate * (args.warmup + args.duration + 30))
+    if args.start + events > len(log.user_ids):
+        raise SystemExit(f"the bundled file has {len(log.user_ids)} rows; lower the rate")
+
+    with scratch_topics("qbench"):
+        env = {**os.environ, "JODIE_STATE_DIR": str(tmp / "state")}
+        procs = [spawn(["router"], env, tmp / "router.log")]
+        for n in range(args.workers):
+            worker_env = {**env, "JODIE_WEB_PORT": str(ports[n] - n)}
+            cmd = ["worker", "--checkpoint", str(checkpoint), "--id", str(n)]
+            procs.append(spawn(cmd, worker_env, tmp / f"worker-{n}.log"))
+        try:
+            run(args, env, urls, [str(u) for u in log.user_ids], events, procs, tmp)
+        finally:
+            for proc in procs:
+                stop(proc)
+    print(f"logs in {tmp}")
+
+
+def run(
+    args: argparse.Namespace,
+    env: dict[str, str],
+    urls: list[str],
+    users: list[str],
+    events: int,
+    procs: list[subprocess.Popen[bytes]],
+    tmp: Path,
+) -> None:
+    # The workers answer once they hold partitions (a user's owner exists).
+    deadline = time.monotonic() + 180
+    probe = f"/users/{users[0]}/recommendations?k=1"
+    while not all(get_json_or_zero(u + probe) == 200 for u in urls):
+        if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
+            raise SystemExit(f"the workers did not come up; see the logs in {tmp}")
+        time.sleep(0.5)
+
+    began = time.monotonic()
+    produce = ["produce", "--rate", str(args.rate), "--start", str(args.start)]
+    procs.append(spawn([*produce, "--limit", str(events)], env, tmp / "produce.log"))
+    print(
+        f"stream: {args.rate:.0f} events/s from row {args.start}, router + {args.workers} "
+        f"workers; queries: {args.qps:.0f}/s, k={args.k}, after {args.warmup:.0f} s of warm-up, "
+        f"for {args.duration:.0f} s; {os.cpu_count()} CPUs (load {os.getloadavg()[0]:.1f})",
+        flush=True,
+    )
+    time.sleep(args.warmup)
+    before = worker_pages(urls)
+    t0 = time.monotonic()
+    answers: list[Answer] = []
+    lags: list[int] = []
+    rng = random.Random(0)
+
+    def ask(due: float, url: str) -> None:
+        status, headers = 0, dict[str, str]()
+        with contextlib.suppress(OSError, ValueError):  # no answer: status 0
+            status, headers, _body = get_json(url, timeout_s=10.0)
+        answers.append(Answer(due, time.monotonic() - due, status, "Via" in headers))
+
+    def sample_lag() -> None:
+        while time.monotonic() - t0 < args.duration:
+            lags.append(sum(max(0, p.get("lag", 0)) for p in worker_pages(urls)))
+            time.sleep(2.0)
+
+    threading.Thread(target=sample_lag, daemon=True).start()
+    n = int(args.qps * args.duration)
+    pool = ThreadPoolExecutor(max_workers=args.clients)
+    for q in range(n):
+        due = t0 + q / args.qps
+        pause = due - time.monotonic()
+        if pause > 0:
+            time.sleep(pause)
+        produced = args.start + int((due - began - args.settle) * args.rate)
+        user = users[rng.randrange(max(1, produced))]
+        url = f"{rng.choice(urls)}/users/{user}/recommendations?k={args.k}"
+        pool.submit(ask, due, url)
+    elapsed = time.monotonic() - t0
+    # Queries still queued when the time is up were never sent (every client thread was
+    # waiting for an answer): counted apart. Those in flight end within their timeout.
+    pool.shutdown(wait=True, cancel_futures=True)
+    after = worker_pages(urls)
+
+    ok = [a for a in answers if a.status in (200, 404)]
+    by_status: dict[int, int] = {}
+    for a in answers:
+        by_status[a.status] = by_status.get(a.status, 0) + 1
+    applied = sum(p.get("user_events", 0) for p in after) - sum(
+        p.get("user_events", 0) for p in before
+    )
+    print(
+        f"queries: {n} due in {elapsed:.1f} s = {n / elapsed:.1f}/s, {n - len(answers)} never "
+        f"sent (all {args.clients} client threads waiting); answers by status "
+        f"{dict(sorted(by_status.items()))} (0: none within 10 s)"
+    )
+    print(f"latency, all answered:  {percentiles([a.latency_s for a in ok])}")
+    print(f"latency, 200 only:      {percentiles([a.latency_s for a in ok if a.status == 200])}")
+    print(f"latency, direct:        {percentiles([a.latency_s for a in ok if not a.forwarded])}")
+    print(f"latency, forwarded:     {percentiles([a.latency_s for a in ok if a.forwarded])}")
+    print(
+        f"stream meanwhile: {applied / elapsed:.0f} events/s applied by the workers "
+        f"(produced at {args.rate:.0f}/s); inbox lag {lags[0] if lags else '?'} → "
+        f"{lags[-1] if lags else '?'} (max {max(lags) if lags else '?'}); "
+        f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs"
+    )
+
+
+def get_json_or_zero(url: str) -> int:
+    try:
+        return get_json(url)[0]
+    except (OSError, ValueError):
+        return 0
+
+
+if __name__ == "__main__":
+    main()

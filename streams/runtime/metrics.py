@@ -1,0 +1,147 @@
+"""Prometheus metrics of one instance: the process, the transactional loop, its latencies.
+
+Each instance keeps its own ``CollectorRegistry``, never the library's global one, so that
+several instances (workers in a test, say) can live in one process. Counters the loop already
+keeps (``LoopStats``) are read at each scrape by a collector instead of being mirrored on the
+hot path; only latencies are recorded as they happen.
+"""
+
+from __future__ import annotations
+
+import bisect
+import itertools
+import math
+import threading
+import time
+from collections.abc import Iterable, Iterator, Sequence
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
+from prometheus_client.metrics_core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
+
+from streams.runtime.loop import LoopStats, Record
+
+#: Seconds from a batch's records being taken to its commit.
+BATCH_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+#: Seconds from a record being produced to its batch's commit: milliseconds when the
+#: instance keeps up, minutes when it lags.
+AGE_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+
+
+class Metrics:
+    """One instance's registry, with the process's collectors (RSS, CPU, open files) in it."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        ProcessCollector(registry=self.registry)
+        PlatformCollector(registry=self.registry)
+
+    def register(self, collector: Collector) -> None:
+        self.registry.register(collector)
+
+    def exposition(self) -> tuple[bytes, str]:
+        """The registry in the Prometheus text format (an HTTP route's handler)."""
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+class BatchHistogram:
+    """A histogram fed many values at a time.
+
+    ``prometheus_client.Histogram.observe`` costs about 10 µs a value (a lock and a Python
+    loop over the buckets each time): 19 ms for a batch of 2,000 records, measured on two
+    cores, against 3 ms binned by ``bisect`` under one lock here. The library only renders
+    the result.
+    """
+
+    def __init__(self, name: str, documentation: str, buckets: Sequence[float]) -> None:
+        self.name, self.documentation = name, documentation
+        self.bounds = sorted(float(b) for b in buckets if math.isfinite(b))
+        self._counts = [0] * (len(self.bounds) + 1)  # the last: above every bound
+        self._sum = 0.0
+        self._lock = threading.Lock()
+
+    def observe(self, values: Iterable[float]) -> None:
+        bounds, counts = self.bounds, [0] * len(self._counts)
+        total = 0.0
+        for v in values:
+            # Prometheus buckets are "less than or equal": bisect_left puts v == bound in it.
+            counts[bisect.bisect_left(bounds, v)] += 1
+            total += v
+        with self._lock:
+            self._counts = [a + b for a, b in zip(self._counts, counts, strict=True)]
+            self._sum += total
+
+    def family(self) -> HistogramMetricFamily:
+        with self._lock:
+            cumulative, total = list(itertools.accumulate(self._counts)), self._sum
+        buckets = [
+            (floatToGoString(b), float(c))
+            for b, c in zip(self.bounds, cumulative[:-1], strict=True)
+        ]
+        buckets.append(("+Inf", float(cumulative[-1])))
+        return HistogramMetricFamily(
+            self.name, self.documentation, buckets=buckets, sum_value=total
+        )
+
+
+class LoopMetrics(Collector):
+    """The transactional loop's counters and lag, and the latency of its batches and inputs.
+
+    ``observe`` is the application's ``committed`` hook: the loop calls it after each commit.
+    """
+
+    def __init__(self, stats: LoopStats, registry: CollectorRegistry, namespace: str) -> None:
+        self.stats = stats
+        self.ns = namespace
+        self.batch = Histogram(
+            "batch_seconds",
+            "Seconds from taking a batch of input records to committing its transaction.",
+            namespace=namespace,
+            buckets=BATCH_BUCKETS,
+            registry=registry,
+        )
+        self.input_age = BatchHistogram(
+            f"{namespace}_input_age_seconds",
+            "Seconds from each input record's production (its Kafka timestamp) to the commit "
+            "of the batch that applied it: the latency of the hop into this instance.",
+            AGE_BUCKETS,
+        )
+        registry.register(self)
+
+    def observe(self, records: Sequence[Record], seconds: float) -> None:
+        self.batch.observe(seconds)
+        now_ms = time.time() * 1000.0
+        # Clocks of other hosts may run ahead of ours: a negative age is a zero one.
+        self.input_age.observe(
+            max(now_ms - r.timestamp_ms, 0.0) / 1000.0 for r in records if r.timestamp_ms >= 0
+        )
+
+    def collect(self) -> Iterator[Metric]:
+        s, ns = self.stats, self.ns
+        for name, doc, value in (
+            ("input_records", "Input records consumed.", s.records),
+            ("transactions", "Transactions committed.", s.transactions),
+            ("transactions_aborted", "Transactions aborted (their batch re-read).", s.aborted),
+            ("producers_replaced", "Producers replaced after a fatal error.", s.replaced),
+            ("restored_records", "Changelog records read into the tables.", s.restored),
+        ):
+            yield CounterMetricFamily(f"{ns}_{name}", doc, value=value)
+        yield GaugeMetricFamily(
+            f"{ns}_input_lag_records",
+            "Input records behind the ends of the assigned partitions (NaN: unknown).",
+            value=float(s.lag) if s.lag >= 0 else math.nan,
+        )
+        yield self.input_age.family()

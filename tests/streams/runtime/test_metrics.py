@@ -1,0 +1,93 @@
+"""Prometheus metrics of an instance: per-instance registries, the loop's counters as read at
+scrape, and the vectorised histogram agreeing with the library's own."""
+
+from __future__ import annotations
+
+import math
+import time
+
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from streams.runtime.loop import LoopStats, Record
+from streams.runtime.metrics import BatchHistogram, LoopMetrics, Metrics
+
+
+def _samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """(sample name, sorted labels) → value, of a text exposition."""
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def test_the_batch_histogram_bins_as_the_library_does() -> None:
+    bounds = (0.1, 0.5, 1.0, 5.0)
+    values = [0.0, 0.1, 0.10001, 0.5, 0.7, 1.0, 4.9, 5.0, 5.1, 100.0]
+    ours = BatchHistogram("ages_seconds", "ages", bounds)
+    ours.observe(values[:4])
+    ours.observe(values[4:])
+    registry = CollectorRegistry()
+    theirs = Histogram("ages_seconds", "ages", buckets=bounds, registry=registry)
+    for v in values:
+        theirs.observe(float(v))
+
+    class One:
+        def collect(self):  # type: ignore[no-untyped-def]
+            yield ours.family()
+
+    mine = CollectorRegistry()
+    mine.register(One())  # type: ignore[arg-type]
+    want = {
+        k: v
+        for k, v in _samples(generate_latest(registry).decode()).items()
+        if "created" not in k[0]
+    }
+    got = _samples(generate_latest(mine).decode())
+    assert got == want
+    assert got[("ages_seconds_bucket", (("le", "0.1"),))] == 2.0  # "less than or equal"
+    assert got[("ages_seconds_count", ())] == len(values)
+
+
+def test_loop_metrics_read_the_counters_at_each_scrape() -> None:
+    metrics = Metrics()
+    stats = LoopStats()
+    loop = LoopMetrics(stats, metrics.registry, "app")
+    stats.records, stats.transactions, stats.aborted, stats.lag = 7, 3, 1, 12
+    got = _samples(metrics.exposition()[0].decode())
+    assert got[("app_input_records_total", ())] == 7
+    assert got[("app_transactions_total", ())] == 3
+    assert got[("app_transactions_aborted_total", ())] == 1
+    assert got[("app_input_lag_records", ())] == 12
+    assert got[("process_resident_memory_bytes", ())] > 0
+
+    now_ms = int(time.time() * 1000)
+    records = [
+        Record("in", 0, 0, b"k", b"v", now_ms - 2_000_000),  # 2,000 s old: past every bucket
+        Record("in", 0, 1, b"k", b"v", now_ms + 3_600_000),  # a clock ahead: age 0, not < 0
+        Record("in", 0, 2, b"k", b"v"),  # no timestamp: not counted
+    ]
+    loop.observe(records, 0.3)
+    stats.records, stats.lag = 10, -1
+    got = _samples(metrics.exposition()[0].decode())
+    assert got[("app_input_records_total", ())] == 10
+    assert math.isnan(got[("app_input_lag_records", ())])  # unknown, not zero
+    assert got[("app_batch_seconds_count", ())] == 1
+    assert got[("app_batch_seconds_sum", ())] == 0.3
+    assert got[("app_input_age_seconds_count", ())] == 2
+    assert got[("app_input_age_seconds_bucket", (("le", "0.01"),))] == 1
+    assert got[("app_input_age_seconds_bucket", (("le", "300.0"),))] == 1
+    assert got[("app_input_age_seconds_bucket", (("le", "+Inf"),))] == 2
+    assert got[("app_input_age_seconds_sum", ())] >= 2000.0
+
+
+def test_instances_in_one_process_keep_apart() -> None:
+    first, second = Metrics(), Metrics()
+    a, b = LoopStats(), LoopStats()
+    LoopMetrics(a, first.registry, "app")
+    LoopMetrics(b, second.registry, "app")  # the same names: no clash across registries
+    a.records, b.records = 1, 2
+    assert _samples(first.exposition()[0].decode())[("app_input_records_total", ())] == 1
+    assert _samples(second.exposition()[0].decode())[("app_input_records_total", ())] == 2
+    assert first.exposition()[1].startswith("text/plain")
