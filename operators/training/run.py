@@ -27,8 +27,12 @@ from operators.training.trainer import Progress, TrainResult, train
 if TYPE_CHECKING:
     from operators.model.checkpoint import EntitySeqs
 
-#: Share of the training split, at its end, on which the scorer is fitted.
+#: Share of the training split, at its end, on which the history scorer is fitted.
 SCORER_FIT_FRACTION = 0.2
+#: The same for the learned ranker: with more weights than the history scorer it gains from
+#: a longer stretch of the split (measured on the validation split of all three datasets);
+#: its samples stay bounded by ``RANKER_SAMPLE_CELLS`` whatever the stretch.
+RANKER_FIT_FRACTION = 0.4
 
 
 @dataclass
@@ -79,7 +83,8 @@ def fit_scorer(
     model: Jodie, train_log: InteractionLog, timespan: float, scorer: ScorerName | None = None
 ) -> dict[str, Tensor]:
     """Fit ``scorer`` (by default the one the model's config names: the history scorer or the
-    learned ranker) on the last SCORER_FIT_FRACTION of the training split.
+    learned ranker) on the last SCORER_FIT_FRACTION (RANKER_FIT_FRACTION for the ranker) of
+    the training split.
 
     States for the fit come from a replay of the earlier training events; the fit events are
     then replayed sequentially with frozen weights, exactly as at serving time. Validation
@@ -89,11 +94,13 @@ def fit_scorer(
     states = States.empty(
         mcfg.embedding_dim, mcfg.user_static_dim, mcfg.item_static_dim, max(1, mcfg.history_size)
     )
-    cut = int(len(train_log) * (1.0 - SCORER_FIT_FRACTION))
+    ranker = (scorer or mcfg.scorer) == "ranker"
+    fraction = RANKER_FIT_FRACTION if ranker else SCORER_FIT_FRACTION
+    cut = int(len(train_log) * (1.0 - fraction))
     head = train_log.slice(0, cut)
     replay(model, states, batched(encode(head, states), mcfg, timespan))
     tail = train_log.slice(cut, len(train_log))
-    if (scorer or mcfg.scorer) == "ranker":
+    if ranker:
         return fit_ranker(ranker_samples(model, states, tail), mcfg.history_size).tensors()
     return fit_history_scorer(scorer_samples(model, states, tail), mcfg.history_size).tensors()
 
