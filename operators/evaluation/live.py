@@ -30,7 +30,7 @@ reconstructed are counted as ``unranked``, never ranked wrongly.
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from operator import attrgetter
 
 import numpy as np
@@ -62,6 +62,12 @@ class Query:
     timestamp: float = 0.0  # the event's time (the popularity terms decay to it)
     history: tuple[str, ...] = ()  # the user's history and counts before the event
     history_counts: tuple[int, ...] = ()
+    # What the learned ranker also reads of the user before the event (a user side that
+    # does not send them gets a ranker scoring without those terms, unlike offline).
+    history_times: tuple[float, ...] = ()  # the user's last time on each history entry
+    habits: tuple[float, ...] = ()  # operators.model.state.HABITS
+    events: int = 0  # the user's events before this one
+    last_time: float = float("nan")  # the user's previous event time
 
 
 @dataclass(frozen=True)
@@ -310,7 +316,13 @@ class LiveRanks:
             then, n_known = self._at(q.seq)
             context = self._context(q)
             scores = self._scores(
-                pred, dyn_now, static, stat_now[:, 0], self._trend_at(stat_now, q), context
+                pred,
+                dyn_now,
+                static,
+                stat_now[:, 0],
+                self._trend_at(stat_now, q),
+                context,
+                stat_now[:, 2],
             )
             unseen = [row for row, state in then.items() if state is None]
             patched = [row for row, state in then.items() if state is not None]
@@ -329,6 +341,7 @@ class LiveRanks:
                     sub_stat[:, 0],
                     self._trend_at(sub_stat, q),
                     sub_ctx,
+                    sub_stat[:, 2],
                 )
             if unseen:
                 scores[np.asarray(unseen, dtype=np.int64)] = -np.inf
@@ -427,8 +440,10 @@ class LiveRanks:
         count: np.ndarray,
         trend: np.ndarray,
         context: UserContext,
+        last: np.ndarray | None = None,
     ) -> np.ndarray:
-        """The ranker's scores (n,) float32, writable."""
+        """The ranker's scores (n,) float32, writable; ``last`` each item's last event time
+        (the learned ranker reads it; the scorers with a numpy twin do not)."""
         if self._numpy_scores is not None:
             return self._numpy_scores(pred, dyn, static, count, trend, context)
         with torch.inference_mode():
@@ -439,6 +454,7 @@ class LiveRanks:
                 count,
                 trend,
                 context,
+                last,
             )
         return scores.numpy().copy()
 
@@ -456,7 +472,14 @@ class LiveRanks:
         for j, (item, c) in enumerate(zip(q.history[:k], q.history_counts[:k], strict=False)):
             rows[j] = self._row.get(item, -1)
             counts[j] = c
-        return UserContext(rows, counts)
+        times = habits = None
+        if q.history_times:
+            times = np.full(k, np.nan)
+            given = np.asarray(q.history_times[:k], dtype=np.float64)
+            times[: given.size] = given
+        if q.habits:
+            habits = np.asarray(q.habits, dtype=np.float64)
+        return UserContext(rows, counts, times, habits, q.events, q.last_time, q.timestamp)
 
     def _group(self) -> int:
         """Queries scored together: one when each is scored on its own (scored at its seq,
@@ -475,7 +498,6 @@ _SCORE_FLOATS = 4_000_000
 def _sub_context(context: UserContext, rows: np.ndarray) -> UserContext:
     """``context`` for scoring only ``rows``: its history as positions among them."""
     local = {int(r): j for j, r in enumerate(rows.tolist())}
-    return UserContext(
-        np.array([local.get(int(r), -1) for r in context.history], dtype=np.int64),
-        context.counts,
+    return replace(
+        context, history=np.array([local.get(int(r), -1) for r in context.history], dtype=np.int64)
     )

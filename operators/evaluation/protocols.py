@@ -19,14 +19,21 @@ from torch import Tensor
 
 from operators.dataset import InteractionLog
 from operators.evaluation.metrics import mrr, rank_of, recall_at_k, roc_auc
+from operators.evaluation.ranker import (
+    RankerSamples,
+    entry_features,
+    entry_width,
+    item_features,
+    user_features,
+)
 from operators.evaluation.scorer import PlainScorer, Scorer, ScorerSamples, UserContext
 from operators.evaluation.served import ServedLists
 from operators.model.config import Protocol, TrainConfig
 from operators.model.events import EventTensors, encode
-from operators.model.jodie import Jodie
+from operators.model.jodie import Jodie, squared_distances
 from operators.model.kernel import run_spans, sequential_layout, state_class_weight
-from operators.model.online import OnlineJodie
-from operators.model.state import States
+from operators.model.online import OnlineJodie, Query
+from operators.model.state import EntityStore, States
 
 EvalSplit = Literal["valid", "test"]
 Category = Literal["repeat_last", "repeat_older", "new_for_user"]
@@ -76,6 +83,26 @@ def _eval_window(
     return log.slice(v0, stop), start - v0
 
 
+def user_context(q: Query, now: float) -> UserContext:
+    """What a scorer may read of the user of query ``q`` at time ``now``."""
+    return UserContext(
+        q.history, q.history_counts, q.history_times, q.habits, q.events, q.last_time, now
+    )
+
+
+def stored_context(users: EntityStore, row: int, now: float) -> UserContext:
+    """The same read from a user row of a store (a copy of it)."""
+    return UserContext(
+        users._history[row].copy(),
+        users._history_counts[row].copy(),
+        users._history_times[row].copy(),
+        users._habits[row].copy(),
+        int(users._count[row]),
+        float(users._last_time[row]),
+        now,
+    )
+
+
 def frozen_replay(
     model: Jodie,
     states: States,
@@ -109,7 +136,8 @@ def frozen_replay(
                         items.static,
                         items.count,
                         items.trend_at(ts[k]),
-                        UserContext(q.history, q.history_counts),
+                        user_context(q, ts[k]),
+                        items.last_time,
                     )
                     ranks[k - skip] = rank_of(s, i_row)
                 if served is not None:
@@ -158,13 +186,15 @@ def paper_replay(
                 ranks[k - skip] = n_known + 1
             else:
                 u_row = int(ev.user_rows[k])
+                now = float(ev.timestamps[k])
                 s = scorer.scores(
                     pred[0],
                     items._emb[:n_known],
                     items._static[:n_known],
                     items._count[:n_known],
-                    items.trend_at(float(ev.timestamps[k]), n_known),
-                    UserContext(users._history[u_row], users._history_counts[u_row]),
+                    items.trend_at(now, n_known),
+                    stored_context(users, u_row, now),
+                    items._last_time[:n_known],
                 )
                 ranks[k - skip] = rank_of(s, i_row)
             if probs is not None:
@@ -313,5 +343,62 @@ def scorer_samples(
         stack("u", np.float32),
         stack("i", np.float32),
         stack("t", np.float32),
+        np.asarray(targets, dtype=np.int64),
+    )
+
+
+#: Most (event, item) cells a ranker sample holds: 16M, 256 MB of float32 features.
+RANKER_SAMPLE_CELLS = 16_000_000
+
+
+def ranker_samples(
+    model: Jodie, states: States, log: InteractionLog, every: int = 2
+) -> RankerSamples:
+    """Frozen replay of ``log`` recording, for every ``every``-th event whose item is known
+    (sparser when events × items would pass ``RANKER_SAMPLE_CELLS``), the learned ranker's
+    features against all known items (``operators.evaluation.ranker.RankerSamples``)."""
+    online = OnlineJodie(model, states)
+    items = states.items
+    n_final = len(items) + len(np.unique(log.item_ids))
+    every = max(every, -(-len(log) * n_final // RANKER_SAMPLE_CELLS))
+    k_hist = states.users.history_size
+    dist: list[np.ndarray] = []
+    xs: list[np.ndarray] = []
+    hs: list[np.ndarray] = []
+    hrows: list[np.ndarray] = []
+    zs: list[np.ndarray] = []
+    targets: list[int] = []
+    feats = log.features if log.n_features else None
+    uids, iids, ts = log.user_ids.tolist(), log.item_ids.tolist(), log.timestamps.tolist()
+    with torch.inference_mode():
+        for k in range(len(log)):
+            i_row = items.row(iids[k])
+            if k % every == 0 and i_row is not None:
+                q = online.query(uids[k], ts[k])
+                n = len(items)
+                d = np.full(n_final, np.inf, dtype=np.float32)
+                d[:n] = squared_distances(q.pred[0], items.emb, items.static).numpy()
+                x = np.zeros((n_final, 3), dtype=np.float32)
+                x[:n] = item_features(items.count, items.trend_at(ts[k]), items.last_time, ts[k])
+                ctx = user_context(q, ts[k])
+                rows, h = entry_features(ctx)
+                h_full = np.zeros((k_hist, entry_width(k_hist)), dtype=np.float32)
+                r_full = np.full(k_hist, -1, dtype=np.int64)
+                h_full[: rows.size], r_full[: rows.size] = h, rows
+                dist.append(d)
+                xs.append(x)
+                hs.append(h_full)
+                hrows.append(r_full)
+                zs.append(user_features(ctx))
+                targets.append(i_row)
+            online.observe(uids[k], iids[k], ts[k], feats[k] if feats is not None else None)
+    n = max(len(items), 1)
+    e = len(targets)
+    return RankerSamples(
+        np.stack(dist)[:, :n] if e else np.zeros((0, n), np.float32),
+        np.stack(xs)[:, :n] if e else np.zeros((0, n, 3), np.float32),
+        np.stack(hs) if e else np.zeros((0, k_hist, entry_width(k_hist)), np.float32),
+        np.stack(hrows) if e else np.zeros((0, k_hist), np.int64),
+        np.stack(zs) if e else np.zeros((0, 7), np.float32),
         np.asarray(targets, dtype=np.int64),
     )

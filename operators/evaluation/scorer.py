@@ -19,6 +19,7 @@ injected through ``make_scorer``.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -33,10 +34,21 @@ from operators.model.jodie import squared_distances
 
 @dataclass(frozen=True)
 class UserContext:
-    """The per-user bounded state a scorer may read."""
+    """The per-user bounded state a scorer may read, at the query's time ``now``.
+
+    ``history`` and ``counts`` are all the history scorer reads; the learned ranker
+    (``operators.evaluation.ranker``) also reads the entries' last times, the user's habits
+    (``operators.model.state.HABITS``), event count and last event time. A caller that does
+    not know them leaves the defaults, and the ranker then scores without those terms.
+    """
 
     history: np.ndarray  # (K,) item rows, most recent first, -1 padded
     counts: np.ndarray  # (K,) the user's events on each history entry
+    times: np.ndarray | None = None  # (K,) the user's last event time on each entry, NaN pad
+    habits: np.ndarray | None = None  # (4,) operators.model.state.HABITS
+    events: int = 0  # the user's events so far
+    last_time: float = math.nan  # the user's last event time, NaN before the first
+    now: float = math.nan  # the time of the query
 
 
 class Scorer(Protocol):
@@ -50,9 +62,13 @@ class Scorer(Protocol):
         item_count: np.ndarray,
         item_trend: np.ndarray,
         user: UserContext,
+        item_last: np.ndarray | None = None,
     ) -> Tensor:
         """pred (d + s,), item_dyn (n, d), item_static (n, s), item_count (n,), item_trend (n,)
-        → (n,)."""
+        (decayed counts at ``user.now``), item_last (n,) each item's last event time → (n,).
+
+        A score may depend on one item's row and the user only, never on the other items, so
+        that rows can be scored apart (``operators.evaluation.live`` relies on it)."""
         ...
 
     def tensors(self) -> dict[str, Tensor]:
@@ -71,6 +87,7 @@ class PlainScorer:
         item_count: np.ndarray,
         item_trend: np.ndarray,
         user: UserContext,
+        item_last: np.ndarray | None = None,
     ) -> Tensor:
         return -squared_distances(pred, item_dyn, item_static)
 
@@ -98,6 +115,7 @@ class HistoryScorer:
         item_count: np.ndarray,
         item_trend: np.ndarray,
         user: UserContext,
+        item_last: np.ndarray | None = None,
     ) -> Tensor:
         out = -self.log_alpha.exp() * squared_distances(pred, item_dyn, item_static)
         out = out + self.gamma * torch.from_numpy(np.log1p(item_count).astype(np.float32))
@@ -124,7 +142,8 @@ class HistoryScorer:
 def make_scorer(config: ModelConfig, tensors: dict[str, Tensor] | None = None) -> Scorer:
     """The scorer named by ``config.scorer``, with its fitted parameters from ``tensors``.
 
-    A history scorer without fitted parameters (a plain-trained checkpoint) scores like plain.
+    A history scorer or a ranker without fitted parameters (a plain-trained checkpoint)
+    scores like plain.
     """
     t = tensors or {}
     zero = torch.zeros(())
@@ -137,8 +156,23 @@ def make_scorer(config: ModelConfig, tensors: dict[str, Tensor] | None = None) -
             t.get("scorer.gamma", zero),
             t.get("scorer.delta", zero),
         ),
+        "ranker": lambda: _learned_ranker(t, config.history_size),
     }
     return factories[config.scorer]()
+
+
+def _learned_ranker(tensors: dict[str, Tensor], history_size: int) -> Scorer:
+    # Imported here: the ranker module builds on this one.
+    from operators.evaluation.ranker import LearnedRanker
+
+    return LearnedRanker.from_tensors(tensors, history_size)
+
+
+def fitted(config: ModelConfig, tensors: dict[str, Tensor]) -> bool:
+    """Whether ``tensors`` hold the fitted parameters of the scorer ``config`` names."""
+    marker = {"plain": None, "history": "scorer.bonus", "ranker": "scorer.ranker.item_weights"}
+    key = marker[config.scorer]
+    return key is None or key in tensors
 
 
 @dataclass(frozen=True)

@@ -85,13 +85,21 @@ class ServedLists:
         i_static = items._static[item_row : item_row + 1].expand(h, -1)
         _proj, preds = query(model, u, delta, u_static, i_dyn, i_static)
         context = UserContext(
-            users._history[user_row].copy(), users._history_counts[user_row].copy()
+            users._history[user_row].copy(),
+            users._history_counts[user_row].copy(),
+            users._history_times[user_row].copy(),
+            users._habits[user_row].copy(),
+            int(users._count[user_row]),
+            float(users._last_time[user_row]),
+            t,
         )
         count, trend = items.count, items.trend_at(t)
         k = min(self.k, len(items))
         lists = np.empty((h, k), dtype=np.int64)
         for j in range(h):
-            scores = scorer.scores(preds[j], items.emb, items.static, count, trend, context)
+            scores = scorer.scores(
+                preds[j], items.emb, items.static, count, trend, context, items.last_time
+            )
             lists[j] = _top(scores.numpy(), k)
         self._model[user_row] = lists
         self._heuristic[user_row] = _recent_then_popular(context.history, count, k)

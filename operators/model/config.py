@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Literal
 
-ScorerName = Literal["plain", "history"]
+ScorerName = Literal["plain", "history", "ranker"]
 Protocol = Literal["paper", "frozen"]
 Split = Literal["train", "valid", "test"]
 

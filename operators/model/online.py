@@ -32,6 +32,10 @@ class Query:
     pred: Tensor  # (1, d + s_item) predicted next-item embedding j̃ = [j̃_dyn, j̃_static]
     history: np.ndarray  # (K,) item rows, most recent first, -1 padded
     history_counts: np.ndarray  # (K,) the user's events on each history entry
+    history_times: np.ndarray | None = None  # (K,) the user's last time on each entry
+    habits: np.ndarray | None = None  # (4,) operators.model.state.HABITS
+    events: int = 0  # the user's events before this one
+    last_time: float = math.nan  # the user's previous event time
 
 
 def gap(last_time: float, t: float) -> float:
@@ -76,11 +80,23 @@ class OnlineJodie:
         du = self._delta(float(users._last_time[u]), t, self._du)
         history = users._history[u].copy()
         counts = users._history_counts[u].copy()
+        times = users._history_times[u].copy()
+        habits = users._habits[u].copy()
         p = int(history[0]) if history.size else -1
         p_static = items._static[p : p + 1] if p >= 0 else self._no_static
         u_static = users._static[u : u + 1]
         u_proj, pred = query(self.model, self._user(u), du, u_static, self._item(p), p_static)
-        return Query(u, u_proj, pred, history, counts)
+        return Query(
+            u,
+            u_proj,
+            pred,
+            history,
+            counts,
+            times,
+            habits,
+            int(users._count[u]),
+            float(users._last_time[u]),
+        )
 
     @torch.inference_mode()
     def observe(

@@ -17,6 +17,13 @@ Kind = Literal["user", "item"]
 #: Time constant (seconds) of the decayed event count ``trend``: one day.
 TREND_SECONDS = 86400.0
 
+#: Columns of a user's ``habits`` row, what the learned ranker reads of a user besides its
+#: history: events that repeated the previous item, events on an item not in the history,
+#: the length of the current run on one item, and a running mean of log(1 + gap seconds).
+HABITS = ("repeats", "news", "run", "log_gap")
+#: The running mean of log gaps averages over about this many of the latest gaps.
+LOG_GAP_WINDOW = 20
+
 
 def trend_at(trend: np.ndarray, last_time: np.ndarray, t: float) -> np.ndarray:
     """Decayed event counts ``trend`` (as of each entity's ``last_time``, NaN: never)
@@ -25,6 +32,29 @@ def trend_at(trend: np.ndarray, last_time: np.ndarray, t: float) -> np.ndarray:
     age = t - last_time
     decay = np.exp(-np.where(np.isnan(age), np.inf, np.maximum(age, 0.0)) / TREND_SECONDS)
     return trend * decay
+
+
+def _to_front(history: np.ndarray, items: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """How ``push_history`` reorders rows: the order that puts the entries kept (all but the
+    pushed item) first, and which reordered slots then hold no entry."""
+    keep = history != items[:, None]  # (B, K); the pushed item leaves its old slot
+    order = np.argsort(~keep, axis=1, kind="stable")  # kept entries first, in their order
+    return order, ~np.take_along_axis(keep, order, axis=1)
+
+
+def push_history_times(
+    history: np.ndarray, times: np.ndarray, items: np.ndarray, t: np.ndarray
+) -> np.ndarray:
+    """The users' last event time on each history entry, reordered as ``push_history``
+    reorders ``history`` (B, K) when ``items`` (B,) are pushed at times ``t`` (B,): the
+    pushed item's time becomes ``t``, padding holds NaN."""
+    k = history.shape[1]
+    if k == 0:
+        return times
+    order, dropped = _to_front(history, items)
+    compact = np.take_along_axis(times, order, axis=1)
+    compact[dropped] = np.nan
+    return np.concatenate([t[:, None], compact[:, : k - 1]], axis=1)
 
 
 def push_history(
@@ -40,12 +70,10 @@ def push_history(
     k = history.shape[1]
     if k == 0:
         return history, counts
-    keep = history != items[:, None]  # (B, K); the pushed item leaves its old slot
-    previous = np.where(keep, 0, counts).sum(axis=1)  # (B,) its count so far (0 if absent)
-    order = np.argsort(~keep, axis=1, kind="stable")  # kept entries first, in their order
+    previous = np.where(history != items[:, None], 0, counts).sum(axis=1)  # (B,) 0 if absent
+    order, dropped = _to_front(history, items)
     compact = np.take_along_axis(history, order, axis=1)
     compact_counts = np.take_along_axis(counts, order, axis=1)
-    dropped = ~np.take_along_axis(keep, order, axis=1)
     compact[dropped] = -1
     compact_counts[dropped] = 0
     new_hist = np.concatenate([items[:, None], compact[:, : k - 1]], axis=1)
@@ -74,10 +102,15 @@ class EntityStore:
         self._last_time = np.zeros(0, dtype=np.float64)  # (cap,) NaN = never interacted
         self._history = np.zeros((0, history_size), dtype=np.int64)  # (cap, K) item rows
         self._history_counts = np.zeros((0, history_size), dtype=np.int64)  # (cap, K)
+        # (cap, K) float64 the user's last event time on each history entry, NaN padded
+        self._history_times = np.zeros((0, history_size), dtype=np.float64)
+        self._habits = np.zeros((0, len(HABITS)), dtype=np.float64)  # (cap, 4) users, HABITS
         self._count = np.zeros(0, dtype=np.int64)  # (cap,) events so far
         # (cap,) events so far with exponential decay of time constant TREND_SECONDS, as of
         # the entity's last event: a bounded "trending now" signal
         self._trend = np.zeros(0, dtype=np.float64)
+        #: State a checkpoint written by an older version did not hold (see ``from_tensors``).
+        self.missing: tuple[str, ...] = ()
 
     # -- ids ----------------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -135,6 +168,11 @@ class EntityStore:
         hist[:n] = self._history[:n]
         hist_counts = np.zeros((cap, self.history_size), dtype=np.int64)
         hist_counts[:n] = self._history_counts[:n]
+        hist_times = np.full((cap, self.history_size), np.nan)
+        hist_times[:n] = self._history_times[:n]
+        habits = np.zeros((cap, len(HABITS)), dtype=np.float64)
+        habits[:n] = self._habits[:n]
+        self._history_times, self._habits = hist_times, habits
         count = np.zeros(cap, dtype=np.int64)
         count[:n] = self._count[:n]
         self._emb, self._static, self._last_time, self._history = emb, static, last, hist
@@ -169,6 +207,16 @@ class EntityStore:
         """(n, K) users: the user's number of events on each history entry (0 for padding)."""
         return self._history_counts[: len(self)]
 
+    @property
+    def history_times(self) -> np.ndarray:
+        """(n, K) users: the user's last event time on each history entry (NaN padding)."""
+        return self._history_times[: len(self)]
+
+    @property
+    def habits(self) -> np.ndarray:
+        """(n, 4) users: the columns named by ``HABITS`` (zeros for items)."""
+        return self._habits[: len(self)]
+
     def trend_at(self, t: float, n: int | None = None) -> np.ndarray:
         """(n,) decayed event counts of rows [0, n) brought forward to time ``t``."""
         n = len(self) if n is None else n
@@ -194,32 +242,58 @@ class EntityStore:
     ) -> None:
         """New states of distinct ``rows`` (B,): emb (B, d), times (B,), items (B,) for users."""
         self._emb[rows] = emb.detach()
+        if items is not None and self.history_size:
+            self._habits[rows] = next_habits(
+                self._habits[rows],
+                self._history[rows],
+                items,
+                times - self._last_time[rows],
+                self._count[rows],
+            )
         age = np.nan_to_num(times - self._last_time[rows], nan=np.inf)
         self._trend[rows] = self._trend[rows] * np.exp(-age / TREND_SECONDS) + 1.0
         self._last_time[rows] = times
         self._count[rows] += 1  # rows are distinct within a t-batch
         if items is not None and self.history_size:
+            history = self._history[rows]
+            self._history_times[rows] = push_history_times(
+                history, self._history_times[rows], items, np.asarray(times, dtype=np.float64)
+            )
             self._history[rows], self._history_counts[rows] = push_history(
-                self._history[rows], self._history_counts[rows], items
+                history, self._history_counts[rows], items
             )
 
     def update_one(self, row: int, emb: Tensor, time: float, item: int | None = None) -> None:
         """``update`` for a single event, without numpy fancy indexing: emb (1, d) or (d,)."""
         self._emb[row] = emb.detach().reshape(-1)
         last = self._last_time[row]
+        if item is not None and self.history_size:
+            self._habits[row] = next_habits(
+                self._habits[row : row + 1],
+                self._history[row : row + 1],
+                np.array([item]),
+                np.array([time - last]),
+                self._count[row : row + 1],
+            )[0]
         age = np.inf if np.isnan(last) else time - last
         self._trend[row] = self._trend[row] * np.exp(-age / TREND_SECONDS) + 1.0
         self._last_time[row] = time
         self._count[row] += 1
         if item is not None and self.history_size:
             hist, counts = self._history[row], self._history_counts[row]
+            times = self._history_times[row]
             entries = hist.tolist()
             previous = counts[entries.index(item)] if item in entries else 0
-            kept = [(h, c) for h, c in zip(entries, counts.tolist(), strict=True) if h != item]
+            kept = [
+                (h, c, w)
+                for h, c, w in zip(entries, counts.tolist(), times.tolist(), strict=True)
+                if h != item
+            ]
             kept = kept[: self.history_size - 1]
-            hist[0], counts[0] = item, previous + 1
-            hist[1:] = [h for h, _ in kept]
-            counts[1:] = [c for _, c in kept]
+            hist[0], counts[0], times[0] = item, previous + 1, time
+            hist[1:] = [h for h, _, _ in kept]
+            counts[1:] = [c for _, c, _ in kept]
+            times[1:] = [w for _, _, w in kept]
 
     def reset(self) -> None:
         """Forget every dynamic state (ids and static vectors stay): all rows become fresh."""
@@ -227,6 +301,8 @@ class EntityStore:
         self._last_time[:] = np.nan
         self._history[:] = -1
         self._history_counts[:] = 0
+        self._history_times[:] = np.nan
+        self._habits[:] = 0.0
         self._count[:] = 0
         self._trend[:] = 0.0
 
@@ -245,6 +321,8 @@ class EntityStore:
         if self.history_size:
             out[f"{prefix}.history"] = torch.from_numpy(self.history.copy())
             out[f"{prefix}.history_counts"] = torch.from_numpy(self.history_counts.copy())
+            out[f"{prefix}.history_times"] = torch.from_numpy(self.history_times.copy())
+            out[f"{prefix}.habits"] = torch.from_numpy(self.habits.copy())
         return out
 
     @classmethod
@@ -272,7 +350,34 @@ class EntityStore:
         if hist is not None:
             store._history[:n] = hist.numpy()
             store._history_counts[:n] = tensors[f"{prefix}.history_counts"].numpy()
+            # Saved before the learned ranker existed: its user terms are unknown, and say so.
+            optional = (("history_times", store._history_times), ("habits", store._habits))
+            for name, target in optional:
+                saved = tensors.get(f"{prefix}.{name}")
+                if saved is None:
+                    store.missing += (name,)
+                else:
+                    target[:n] = saved.numpy()
         return store
+
+
+def next_habits(
+    habits: np.ndarray, history: np.ndarray, items: np.ndarray, gaps: np.ndarray, n: np.ndarray
+) -> np.ndarray:
+    """Users' ``HABITS`` rows (B, 4) after an event on ``items`` (B,), from their rows, their
+    histories (B, K) and event counts (B,) before it and the gaps to it (B,, NaN for a first
+    event). One function for the batched and the single-event update, so both round alike;
+    items and history entries may be rows or ids (a stream's user table keeps ids)."""
+    out = habits.copy()
+    same = history[:, 0] == items
+    out[:, 0] += same
+    out[:, 1] += ~(history == items[:, None]).any(axis=1)
+    out[:, 2] = np.where(same, out[:, 2] + 1.0, 1.0)
+    seen = (n > 0) & ~np.isnan(gaps)
+    if seen.any():
+        step = np.log1p(np.maximum(gaps[seen], 0.0))
+        out[seen, 3] += (step - out[seen, 3]) / np.minimum(n[seen], LOG_GAP_WINDOW)
+    return out
 
 
 @dataclass

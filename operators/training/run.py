@@ -13,9 +13,10 @@ import torch
 from torch import Tensor
 
 from operators.dataset import InteractionLog, file_fingerprint
-from operators.evaluation.protocols import frozen_validation_mrr, scorer_samples
+from operators.evaluation.protocols import frozen_validation_mrr, ranker_samples, scorer_samples
+from operators.evaluation.ranker import fit_ranker
 from operators.evaluation.scorer import fit_history_scorer
-from operators.model.config import TrainConfig
+from operators.model.config import ScorerName, TrainConfig
 from operators.model.events import encode
 from operators.model.jodie import Jodie
 from operators.model.kernel import batched, replay
@@ -28,6 +29,10 @@ if TYPE_CHECKING:
 
 #: Share of the training split, at its end, on which the history scorer is fitted.
 SCORER_FIT_FRACTION = 0.2
+#: The same for the learned ranker: with more weights than the history scorer it gains from
+#: a longer stretch of the split (measured on the validation split of all three datasets);
+#: its samples stay bounded by ``RANKER_SAMPLE_CELLS`` whatever the stretch.
+RANKER_FIT_FRACTION = 0.4
 
 
 @dataclass
@@ -74,23 +79,42 @@ def last_seqs(states: States, log: InteractionLog, seqs: np.ndarray) -> EntitySe
     )
 
 
-def fit_scorer(model: Jodie, train_log: InteractionLog, timespan: float) -> dict[str, Tensor]:
-    """Fit the history scorer on the last SCORER_FIT_FRACTION of the training split.
+def fit_scorer(
+    model: Jodie, train_log: InteractionLog, timespan: float, scorer: ScorerName | None = None
+) -> dict[str, Tensor]:
+    """Fit ``scorer`` (by default the one the model's config names: the history scorer or the
+    learned ranker) on the last SCORER_FIT_FRACTION (RANKER_FIT_FRACTION for the ranker) of
+    the training split.
 
     States for the fit come from a replay of the earlier training events; the fit events are
     then replayed sequentially with frozen weights, exactly as at serving time. Validation
-    and test events are never used.
+    and test events are never used: pass the training split only.
     """
     mcfg = model.config
     states = States.empty(
         mcfg.embedding_dim, mcfg.user_static_dim, mcfg.item_static_dim, max(1, mcfg.history_size)
     )
-    cut = int(len(train_log) * (1.0 - SCORER_FIT_FRACTION))
+    ranker = (scorer or mcfg.scorer) == "ranker"
+    fraction = RANKER_FIT_FRACTION if ranker else SCORER_FIT_FRACTION
+    cut = int(len(train_log) * (1.0 - fraction))
     head = train_log.slice(0, cut)
     replay(model, states, batched(encode(head, states), mcfg, timespan))
-    samples = scorer_samples(model, states, train_log.slice(cut, len(train_log)))
-    scorer = fit_history_scorer(samples, mcfg.history_size)
-    return scorer.tensors()
+    tail = train_log.slice(cut, len(train_log))
+    if ranker:
+        return fit_ranker(ranker_samples(model, states, tail), mcfg.history_size).tensors()
+    return fit_history_scorer(scorer_samples(model, states, tail), mcfg.history_size).tensors()
+
+
+def rebuilt_states(model: Jodie, train_log: InteractionLog, timespan: float) -> States:
+    """The states a checkpoint of these weights holds after the training split, recomputed
+    by the same no-grad t-batch replay: for a checkpoint saved before some of that state
+    existed (``EntityStore.missing``)."""
+    mcfg = model.config
+    states = States.empty(
+        mcfg.embedding_dim, mcfg.user_static_dim, mcfg.item_static_dim, max(1, mcfg.history_size)
+    )
+    replay(model, states, batched(encode(train_log, states), mcfg, timespan))
+    return states
 
 
 def run_training(
@@ -120,7 +144,7 @@ def run_training(
     started = time.perf_counter()
     result = train(log, config, progress=progress)
     scorer_tensors: dict[str, Tensor] = {}
-    if result.model.config.scorer == "history":
+    if result.model.config.scorer != "plain":
         scorer_tensors = fit_scorer(
             result.model, log.slice(0, result.split.train_end), result.timespan
         )

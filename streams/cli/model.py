@@ -21,7 +21,7 @@ DataOpt = Annotated[
 CheckpointOpt = Annotated[
     Path, typer.Option("--checkpoint", exists=True, file_okay=False, help="checkpoint directory")
 ]
-ScorerName = Literal["history", "plain"]
+ScorerName = Literal["history", "ranker", "plain"]
 
 
 def _data_path(data: Path | None) -> Path:
@@ -73,7 +73,10 @@ def train(
     seed: Annotated[int, typer.Option(help="random seed (runs are deterministic for a seed)")] = 0,
     scorer: Annotated[
         ScorerName,
-        typer.Option(help="candidate scorer: 'history' (JODIE + learned recency bonus) or 'plain'"),
+        typer.Option(
+            help="candidate scorer: 'history' (JODIE + learned recency bonus), 'ranker' "
+            "(JODIE + learned ranker over item, history and user features) or 'plain'"
+        ),
     ] = "history",
     threads: Annotated[int, typer.Option(min=1, help="torch intra-op threads")] = 1,
 ) -> None:
@@ -188,13 +191,17 @@ def evaluate(
     ] = None,
     scorer: Annotated[
         ScorerName | None,
-        typer.Option(help="override the checkpoint's scorer: 'plain' or 'history'"),
+        typer.Option(
+            help="override the checkpoint's scorer: 'plain', 'history' or 'ranker' (fitted "
+            "on the training split now if the checkpoint holds no fitted one)"
+        ),
     ] = None,
     compare: Annotated[
         bool,
         typer.Option(
             "--compare",
-            help="also evaluate plain JODIE and both baselines on the same events; one table",
+            help="also evaluate plain JODIE (and the history scorer, for the ranker) and both "
+            "baselines on the same events; one table",
         ),
     ] = False,
     served: Annotated[
@@ -252,10 +259,15 @@ def evaluate(
     else:
         assert ckpt is not None
         wanted = ckpt.config.scorer if scorer is None else scorer
-        names = [wanted, *(["plain"] if compare and wanted != "plain" else [])]
+        extra = ["history"] if compare and wanted == "ranker" else []
+        names = [wanted, *extra, *(["plain"] if compare and wanted != "plain" else [])]
+        tensors, states = _prepare(ckpt, log, bounds, names)
         for n, name in enumerate(names):
             # The replay changes the states it runs on: each run from a fresh load.
             run_ckpt = ckpt if n == 0 else load_checkpoint(checkpoint)  # type: ignore[arg-type]
+            run_ckpt.scorer_tensors = tensors
+            if states is not None:
+                run_ckpt.states = states.copy()
             lists = None
             if served and protocol == "frozen" and n == 0:
                 from operators.evaluation.served import ServedLists
@@ -274,6 +286,31 @@ def evaluate(
     if json_out is not None:
         out: Any = runs[0] if len(runs) == 1 else {"runs": runs}
         json_out.write_text(json.dumps(out, indent=2))
+
+
+def _prepare(
+    ckpt: Any, log: Any, bounds: dict[str, tuple[int, int]], names: list[str]
+) -> tuple[dict[str, Any], Any]:
+    """Scorer parameters for every run in ``names`` and, for a checkpoint saved before the
+    ranker's user state existed, states rebuilt for it; both from the training split only."""
+    from operators.evaluation.scorer import fitted
+    from operators.training.run import fit_scorer, rebuilt_states
+
+    tensors = dict(ckpt.scorer_tensors)
+    train_log = log.slice(*bounds["train"])
+    timespan = float(ckpt.meta.get("timespan", 0.0))
+    states = None
+    if "ranker" in names and ckpt.states.users.missing:
+        console.print(
+            "this checkpoint predates the ranker's user state "
+            f"({', '.join(ckpt.states.users.missing)}): replaying the training split"
+        )
+        states = rebuilt_states(ckpt.model, train_log, timespan)
+    for name in names:
+        if not fitted(ckpt.config.with_(scorer=name), tensors):
+            console.print(f"fitting the {name} scorer on the end of the training split")
+            tensors.update(fit_scorer(ckpt.model, train_log, timespan, name))  # type: ignore[arg-type]
+    return tensors, states
 
 
 def _bounds(ckpt: Any, log: Any, path: Path) -> dict[str, tuple[int, int]]:

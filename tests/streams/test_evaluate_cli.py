@@ -37,3 +37,30 @@ def test_compare_prints_one_table_and_writes_every_run(tmp_path: Path) -> None:
 
     wrong = CliRunner().invoke(app, [*args, "--horizons", "soon"])
     assert wrong.exit_code != 0 and "--horizons" in wrong.output
+
+
+def test_the_ranker_is_fitted_on_the_training_split_when_the_checkpoint_has_none(
+    tmp_path: Path,
+) -> None:
+    data = tmp_path / "head.csv"
+    with gzip.open(bundled_wikipedia(), "rt") as src:
+        data.write_text("".join(line for _, line in zip(range(3001), src, strict=False)))
+    ckpt = make_checkpoint(tmp_path / "ckpt")  # holds the history scorer's parameters only
+    out = tmp_path / "eval.json"
+    args = ["evaluate", "--checkpoint", str(ckpt), "--data", str(data), "--scorer", "ranker"]
+    result = CliRunner().invoke(app, [*args, "--compare", "--no-served", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "fitting the ranker scorer on the end of the training split" in result.output
+    runs = json.loads(out.read_text())["runs"]
+    assert [r["model"] for r in runs] == [
+        "jodie+ranker",
+        "jodie+history",
+        "jodie+plain",
+        "recency",
+        "popularity",
+    ]
+    assert len({r["n_events"] for r in runs}) == 1
+    assert runs[0]["mrr"] != runs[2]["mrr"]  # the fitted ranker is not the plain distance
+
+    wrong = CliRunner().invoke(app, [*args[:-1], "best"])
+    assert wrong.exit_code != 0 and "--scorer" in wrong.output

@@ -5,7 +5,13 @@ import pytest
 import torch
 
 from operators.model.kernel import read_states
-from operators.model.state import EntityStore, States, push_history
+from operators.model.state import (
+    EntityStore,
+    States,
+    next_habits,
+    push_history,
+    push_history_times,
+)
 
 
 def test_encode_assigns_rows_in_first_appearance_order() -> None:
@@ -74,3 +80,57 @@ def test_update_one_matches_batched_update() -> None:
     assert b.trend_at(5.0)[0] == pytest.approx(expected)
     assert b.trend_at(5.0 + 86400.0)[0] == pytest.approx(expected / np.e)
     np.testing.assert_array_equal(a.last_time, b.last_time)
+
+
+def test_history_times_and_habits_by_hand_batched_or_one_by_one() -> None:
+    a = EntityStore("user", 2, 2, 3)
+    b = EntityStore("user", 2, 2, 3)
+    for store in (a, b):
+        store.encode(np.array(["u"]))
+    for item, t in ((5, 1.0), (6, 2.0), (6, 4.0), (5, 8.0)):
+        emb = torch.tensor([[t, -t]])
+        a.update(np.array([0]), emb, np.array([t]), items=np.array([item]))
+        b.update_one(0, emb, t, item=item)
+    np.testing.assert_array_equal(a.history_times, b.history_times)
+    np.testing.assert_array_equal(a.habits, b.habits)
+    assert b.history[0].tolist() == [5, 6, -1]
+    np.testing.assert_array_equal(b.history_times[0], [8.0, 4.0, np.nan])
+    # repeats: the second 6; news: 5 and 6 (5 was still in the history when it came back);
+    # run: 1 (5 after 6); mean log gap over the gaps 1, 2, 4 (a window of 20 averages all)
+    log_gap = np.mean(np.log1p([1.0, 2.0, 4.0]))
+    np.testing.assert_allclose(b.habits[0], [1.0, 2.0, 1.0, log_gap])
+
+
+def test_states_saved_before_the_ranker_state_say_what_they_miss() -> None:
+    states = States.empty(2, 2, 2, 3)
+    states.users.encode(np.array(["u"]))
+    states.users.update(np.array([0]), torch.ones(1, 2), np.array([1.0]), items=np.array([7]))
+    tensors = states.users.tensors("user")
+    full = EntityStore.from_tensors("user", ["u"], tensors, "user", 2)
+    assert full.missing == ()
+    np.testing.assert_array_equal(full.history_times, states.users.history_times)
+    old = {k: v for k, v in tensors.items() if not k.endswith(("history_times", "habits"))}
+    loaded = EntityStore.from_tensors("user", ["u"], old, "user", 2)
+    assert loaded.missing == ("history_times", "habits")
+    assert loaded.history[0].tolist() == [7, -1, -1] and np.isnan(loaded.history_times).all()
+
+
+def test_habits_and_times_from_ids_equal_those_from_rows() -> None:
+    rows = np.array([[3, 1, -1]])
+    ids = np.array([["c", "a", ""]], dtype=object)
+    habits = np.array([[2.0, 1.0, 3.0, 0.5]])
+    for item, label in ((3, "c"), (1, "a"), (9, "z")):
+        by_row = next_habits(habits, rows, np.array([item]), np.array([5.0]), np.array([4]))
+        by_id = next_habits(
+            habits, ids, np.array([label], dtype=object), np.array([5.0]), np.array([4])
+        )
+        np.testing.assert_array_equal(by_row, by_id)
+    times = np.array([[9.0, 7.0, np.nan]])
+    np.testing.assert_array_equal(
+        push_history_times(rows, times, np.array([1]), np.array([10.0])),
+        push_history_times(ids, times, np.array(["a"], dtype=object), np.array([10.0])),
+    )
+    assert push_history_times(rows, times, np.array([1]), np.array([10.0])).tolist()[0][:2] == [
+        10.0,
+        9.0,
+    ]
