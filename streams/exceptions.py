@@ -18,6 +18,11 @@ class UntrustedModelError(RegistryError):
     JODIE_MODEL_SIGNING_KEY; announce the checkpoint again with `jodie models announce`."""
 
 
+class UnservableModelError(RegistryError):
+    """A checkpoint ranks with a scorer the workers cannot serve; train the version with a
+    scorer they serve (`jodie train --scorer history`) to deploy it."""
+
+
 class ReadError(JodieError, RuntimeError):
     """The broker answered an error while a topic was read back; check the broker, retry."""
 

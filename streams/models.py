@@ -47,7 +47,7 @@ from operators.model.checkpoint import directory_digest, read_meta, verify
 from operators.model.exceptions import CheckpointError
 from schemas import MODEL_ANNOUNCEMENT
 from streams.codecs import make_codec
-from streams.exceptions import RegistryError, UntrustedModelError
+from streams.exceptions import RegistryError, UnservableModelError, UntrustedModelError
 from streams.peek import read_all
 from streams.runtime.clients import idempotent_producer
 from streams.settings import Settings
@@ -127,6 +127,10 @@ def _position(meta: dict[str, Any]) -> tuple[int, list[dict[str, int]]]:
     ]
 
 
+#: Scorers the workers rank with exactly as `jodie evaluate` does (streams.app.serving).
+SERVED_SCORERS = ("plain", "history")
+
+
 def verified(announcement: dict[str, Any], settings: Settings) -> Path:
     """The checkpoint directory of an announcement, refused unless it passes every check in
     this module's docstring. The one gate before anything announced is loaded."""
@@ -154,7 +158,16 @@ def verified(announcement: dict[str, Any], settings: Settings) -> Path:
             f"{path}: the digest of its files, {actual}, does not match the "
             f"{announcement['sha256']} announced for {label}; announce a checkpoint you trust"
         )
-    seq, offsets = _position(read_meta(path))
+    meta = read_meta(path)
+    scorer = meta.get("model_config", {}).get("scorer", "history")
+    if scorer not in SERVED_SCORERS:
+        # Workers would rank it by distance alone while evaluating it with its ranker: what
+        # users got would not be what `jodie evaluate` measured.
+        raise UnservableModelError(
+            f"{label} ranks with the {scorer!r} scorer, which the workers do not serve (they "
+            f"serve {' and '.join(SERVED_SCORERS)}); train it with --scorer history to deploy it"
+        )
+    seq, offsets = _position(meta)
     if (announcement["log_seq"], announcement["log_offsets"]) != (seq, offsets):
         raise UntrustedModelError(
             f"{label}: the announced log position is not its checkpoint's; announce it again"

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from operators.model.checkpoint import sha256_file
 from operators.model.exceptions import CheckpointError
 from streams.bounds import model_features
-from streams.exceptions import RegistryError, UntrustedModelError
+from streams.exceptions import RegistryError, UnservableModelError, UntrustedModelError
 from streams.models import Registry, checked_name, checkpoint_digest, signature, verified
 from streams.settings import Settings
 from streams.switch import catch_up
@@ -239,6 +239,35 @@ def test_an_announced_log_position_must_be_the_checkpoints(
         verified({**record, "log_seq": 10}, settings)
     with pytest.raises(UntrustedModelError, match="log position"):
         verified({**record, "log_offsets": [{"partition": 0, "offset": 99}]}, settings)
+
+
+# --- what the workers serve ------------------------------------------------------------------
+
+
+def test_a_checkpoint_with_a_ranker_the_workers_do_not_serve_is_refused(
+    topic: dict[str, Any], source: Path, tmp_path: Path
+) -> None:
+    """Workers rank with the plain and history scorers only: a learned-ranker checkpoint would
+    be ranked by distance alone while `jodie evaluate` measured its ranker."""
+    ranker = tmp_path / "ranker"
+    shutil.copytree(source, ranker)
+    meta = json.loads((ranker / "checkpoint.json").read_text())
+    meta["model_config"]["scorer"] = "ranker"
+    (ranker / "checkpoint.json").write_text(json.dumps(meta))
+    settings = _settings(tmp_path)
+    with pytest.raises(UnservableModelError, match="'ranker' scorer, which the workers do not"):
+        _announce(settings, ranker, "v2")
+    assert topic == {}  # nothing announced
+    # A record of it written by other means is refused by every loader as well.
+    record = _announce(settings, source)
+    shutil.copyfile(
+        ranker / "checkpoint.json", tmp_path / "store" / "jodie" / "v1" / "checkpoint.json"
+    )
+    served = {**record, "sha256": checkpoint_digest(tmp_path / "store" / "jodie" / "v1")}
+    with pytest.raises(UnservableModelError):
+        verified(served, settings)
+    with pytest.raises(UnservableModelError):
+        catch_up(settings, served)
 
 
 # --- signatures -------------------------------------------------------------------------------
