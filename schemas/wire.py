@@ -24,6 +24,8 @@ fastavro stays the reference and the fallback:
 - The worker reads each inbox message (``read_inbox_message``, the same contract as
   ``read_interaction``: a dict equal to the Codec's, or None) and writes a recommendation
   per user event (``RecommendationWriter``, checked by ``same_as_recommendation_codec``).
+- The worker's co-occurrence feed reads the log's (seq, user, item) from each sequenced
+  record (``read_sequenced_ids``, the same contract).
 - Table rows (``ENTITY_RECORD``) go the same way: the worker writes every row a batch
   changed (``EntityRecordWriter``, checked by ``same_as_entity_record_codec``) and reads
   rows back from RocksDB (``read_entity_record``, a dict equal to the Codec's, or None).
@@ -246,6 +248,38 @@ def read_interaction(data: bytes, start: int = 0) -> Fields | None:
     return event_id, user_id, item_id, timestamp, features, label
 
 
+def read_sequenced_ids(data: bytes, start: int = 0) -> tuple[int, str, str] | None:
+    """``(seq, user_id, item_id)`` of the SequencedInteraction written (with this package's
+    schema) in ``data[start:]``, the whole record checked as ``read_interaction`` checks one;
+    None for anything it does not take, which the Codec then decodes or refuses."""
+    try:
+        seq, i = _long_at(data, start)
+        _prev_user_seq, i = _long_at(data, i)
+        _prev_item_seq, i = _long_at(data, i)
+        for _ in range(2):  # prev_user_time, prev_item_time: ["null", "double"]
+            branch, i = _long_at(data, i)
+            if branch == 1:
+                _DOUBLE.unpack_from(data, i)  # 8 bytes must be there
+                i += 8
+            elif branch != 0:
+                return None
+        _event_id, user_id, item_id, _timestamp, _features, i = _core_at(data, i)
+        branch, i = _long_at(data, i)  # state_label: ["null", "int"]
+        if branch == 1:
+            label, i = _long_at(data, i)
+            if not -(2**31) <= label < 2**31:
+                return None  # an int out of range: what fastavro makes of it is its own
+        elif branch != 0:
+            return None
+        _model_version, i = _string_at(data, i)
+        _model_since, i = _long_at(data, i)
+    except (IndexError, ValueError, struct.error, _Refused):  # UnicodeDecodeError: ValueError
+        return None
+    if i != len(data):
+        return None
+    return seq, user_id, item_id
+
+
 def read_inbox_message(data: bytes, start: int = 0) -> dict[str, Any] | None:
     """The InboxMessage written (with this package's schema) in ``data[start:]``, as the
     Codec decodes it; None for anything it does not take, as ``read_interaction``."""
@@ -383,6 +417,29 @@ def same_as_recommendation_codec(codec: Codec) -> bool:
     return written == codec.encode(record)
 
 
+def same_as_sequenced_codec(codec: Codec) -> bool:
+    """Whether ``read_sequenced_ids`` reads what ``codec`` writes, on a sample record."""
+    record = {
+        "seq": 70_001,
+        "prev_user_seq": -1,
+        "prev_item_seq": 3,
+        "prev_user_time": None,
+        "prev_item_time": 1.4e9,
+        "interaction": {
+            "event_id": "e",
+            "user_id": "u-\u00e9",
+            "item_id": "i",
+            "timestamp": 1.5e9,
+            "features": [0.5],
+            "state_label": 1,
+        },
+        "model_version": "v1",
+        "model_since": 70_000,
+    }
+    data = codec.encode(record)
+    return read_sequenced_ids(data, len(codec.header)) == (70_001, "u-\u00e9", "i")
+
+
 def same_as_codecs(interaction: Codec, sequenced: Codec, inbox: Codec) -> bool:
     """Whether this module reads and writes what the three codecs do (their schemas are the
     ones it was written for), checked on a sample record of each."""
@@ -478,7 +535,7 @@ class EntityRecordWriter:
         ]
         if history:
             parts.append(long_bytes(len(history)))
-            parts += map(string_bytes, history)
+            parts += map(_item_bytes, history)  # item ids, as a recommendation's
         parts.append(_NULL)
         if history_counts:
             parts.append(long_bytes(len(history_counts)))

@@ -454,3 +454,62 @@ def test_refuses_a_long_beyond_64_bits_as_fastavro_does() -> None:
         ROWS.encode(row)
     with pytest.raises(OverflowError):
         _written_row(row)
+
+
+sequenced_records = st.fixed_dictionaries(
+    {
+        "seq": longs,
+        "prev_user_seq": longs,
+        "prev_item_seq": longs,
+        "prev_user_time": st.none() | st.floats(),
+        "prev_item_time": st.none() | st.floats(),
+        "interaction": events,
+        "model_version": st.text(max_size=20),
+        "model_since": longs,
+    }
+)
+
+
+def _sequenced_ids(data: bytes) -> tuple[int, str, str] | None:
+    try:
+        record = SEQUENCED.decode(data)
+    except (DecodeError, SchemaError):
+        return None
+    return record["seq"], record["interaction"]["user_id"], record["interaction"]["item_id"]
+
+
+def test_the_sequenced_schema_is_the_one_the_log_reader_was_written_for() -> None:
+    assert wire.same_as_sequenced_codec(SEQUENCED)
+    changed = copy.deepcopy(load_schema(SEQUENCED_INTERACTION))
+    changed["fields"].insert(1, {"name": "shard", "type": "int", "default": 0})
+    assert not wire.same_as_sequenced_codec(Codec(changed))
+
+
+@settings(max_examples=300, deadline=None)
+@given(sequenced_records)
+def test_reads_the_log_ids_fastavro_reads(record: dict[str, Any]) -> None:
+    data = SEQUENCED.encode(record)
+    assert wire.read_sequenced_ids(data, len(SEQUENCED.header)) == _sequenced_ids(data)
+
+
+@settings(max_examples=500, deadline=None)
+@given(sequenced_records, st.data())
+def test_never_reads_a_damaged_log_record_otherwise_than_the_codec(
+    record: dict[str, Any], data: st.DataObject
+) -> None:
+    header = SEQUENCED.header
+    body = bytearray(SEQUENCED.encode(record))
+    how = data.draw(st.sampled_from(["flip", "cut", "extend", "splice"]))
+    if how == "flip" and len(body) > len(header):
+        at = data.draw(st.integers(len(header), len(body) - 1))
+        body[at] = data.draw(st.integers(0, 255))
+    elif how == "cut":
+        del body[data.draw(st.integers(len(header), len(body))) :]
+    elif how == "extend":
+        body += data.draw(st.binary(min_size=1, max_size=12))
+    else:
+        at = data.draw(st.integers(len(header), len(body)))
+        body[at:at] = data.draw(st.binary(min_size=1, max_size=12))
+    fast = wire.read_sequenced_ids(bytes(body), len(header))
+    if fast is not None:
+        assert fast == _sequenced_ids(bytes(body))
