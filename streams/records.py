@@ -102,30 +102,14 @@ def _partner_bytes(seq: int, state: EntityState) -> bytes:
     return wire.partner_bytes(seq, embedding_bytes(state.embedding), _time_out(state.last_time))
 
 
-# A waiting event is written again with its row at every batch until its turn comes (a
-# stream routed ahead leaves thousands waiting): its bytes are kept, by the identity of its
-# frozen Pending (equal floats can differ in bytes: 0.0 and -0.0), the object held with them
-# so that its id is not reused. Bounded by emptying it when full (a few thousand wait at a
-# batch end when the stream is routed ahead; a live stream keeps far fewer).
-_WAITING_BYTES: dict[int, tuple[Pending, bytes]] = {}
-_WAITING_KEPT = 1 << 12  # an event of 172 features with its bytes: ~7 KiB
-
-
 def _waiting_bytes(p: Pending) -> bytes:
-    hit = _WAITING_BYTES.get(id(p))
-    if hit is not None and hit[0] is p:
-        return hit[1]
     e = p.payload
-    data = wire.inbox_event_bytes(
+    return wire.inbox_event_bytes(
         p.seq,
         p.prev_seq,
         p.partner_prev_seq,
         wire.interaction_core(e.event_id, e.user_id, e.item_id, e.timestamp, e.features),
     )
-    if len(_WAITING_BYTES) >= _WAITING_KEPT:
-        _WAITING_BYTES.clear()
-    _WAITING_BYTES[id(p)] = (p, data)
-    return data
 
 
 def inbox_row_bytes(
