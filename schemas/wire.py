@@ -24,6 +24,11 @@ fastavro stays the reference and the fallback:
 - The worker reads each inbox message (``read_inbox_message``, the same contract as
   ``read_interaction``: a dict equal to the Codec's, or None) and writes a recommendation
   per user event (``RecommendationWriter``, checked by ``same_as_recommendation_codec``).
+- The worker's co-occurrence feed reads the log's (seq, user, item) from each sequenced
+  record (``read_sequenced_ids``, the same contract).
+- Table rows (``ENTITY_RECORD``) go the same way: the worker writes every row a batch
+  changed (``EntityRecordWriter``, checked by ``same_as_entity_record_codec``) and reads
+  rows back from RocksDB (``read_entity_record``, a dict equal to the Codec's, or None).
 
 >>> body = interaction_core("e1", "u", "i", 2.5, ()) + optional_int(None)
 >>> read_interaction(body)
@@ -65,6 +70,8 @@ def long_bytes(n: int) -> bytes:
         return bytes((z & 0x7F | 0x80, (z >> 7) & 0x7F | 0x80, z >> 14))
     if z < 0x10000000:
         return bytes((z & 0x7F | 0x80, (z >> 7) & 0x7F | 0x80, (z >> 14) & 0x7F | 0x80, z >> 21))
+    if z >= _UINT64:  # beyond a long: fastavro refuses it, and so does this
+        raise OverflowError(f"{n} does not fit an Avro long")
     out = bytearray()
     while z >= 0x80:
         out.append((z & 0x7F) | 0x80)
@@ -241,6 +248,38 @@ def read_interaction(data: bytes, start: int = 0) -> Fields | None:
     return event_id, user_id, item_id, timestamp, features, label
 
 
+def read_sequenced_ids(data: bytes, start: int = 0) -> tuple[int, str, str] | None:
+    """``(seq, user_id, item_id)`` of the SequencedInteraction written (with this package's
+    schema) in ``data[start:]``, the whole record checked as ``read_interaction`` checks one;
+    None for anything it does not take, which the Codec then decodes or refuses."""
+    try:
+        seq, i = _long_at(data, start)
+        _prev_user_seq, i = _long_at(data, i)
+        _prev_item_seq, i = _long_at(data, i)
+        for _ in range(2):  # prev_user_time, prev_item_time: ["null", "double"]
+            branch, i = _long_at(data, i)
+            if branch == 1:
+                _DOUBLE.unpack_from(data, i)  # 8 bytes must be there
+                i += 8
+            elif branch != 0:
+                return None
+        _event_id, user_id, item_id, _timestamp, _features, i = _core_at(data, i)
+        branch, i = _long_at(data, i)  # state_label: ["null", "int"]
+        if branch == 1:
+            label, i = _long_at(data, i)
+            if not -(2**31) <= label < 2**31:
+                return None  # an int out of range: what fastavro makes of it is its own
+        elif branch != 0:
+            return None
+        _model_version, i = _string_at(data, i)
+        _model_since, i = _long_at(data, i)
+    except (IndexError, ValueError, struct.error, _Refused):  # UnicodeDecodeError: ValueError
+        return None
+    if i != len(data):
+        return None
+    return seq, user_id, item_id
+
+
 def read_inbox_message(data: bytes, start: int = 0) -> dict[str, Any] | None:
     """The InboxMessage written (with this package's schema) in ``data[start:]``, as the
     Codec decodes it; None for anything it does not take, as ``read_interaction``."""
@@ -378,6 +417,29 @@ def same_as_recommendation_codec(codec: Codec) -> bool:
     return written == codec.encode(record)
 
 
+def same_as_sequenced_codec(codec: Codec) -> bool:
+    """Whether ``read_sequenced_ids`` reads what ``codec`` writes, on a sample record."""
+    record = {
+        "seq": 70_001,
+        "prev_user_seq": -1,
+        "prev_item_seq": 3,
+        "prev_user_time": None,
+        "prev_item_time": 1.4e9,
+        "interaction": {
+            "event_id": "e",
+            "user_id": "u-\u00e9",
+            "item_id": "i",
+            "timestamp": 1.5e9,
+            "features": [0.5],
+            "state_label": 1,
+        },
+        "model_version": "v1",
+        "model_since": 70_000,
+    }
+    data = codec.encode(record)
+    return read_sequenced_ids(data, len(codec.header)) == (70_001, "u-\u00e9", "i")
+
+
 def same_as_codecs(interaction: Codec, sequenced: Codec, inbox: Codec) -> bool:
     """Whether this module reads and writes what the three codecs do (their schemas are the
     ones it was written for), checked on a sample record of each."""
@@ -424,3 +486,239 @@ def same_as_codecs(interaction: Codec, sequenced: Codec, inbox: Codec) -> bool:
         "model_since": 70_000,
     }
     return InboxWriter(inbox.header).event(seq, prev, first, core, stamp) == inbox.encode(message)
+
+
+def inbox_event_bytes(seq: int, prev_seq: int, partner_prev_seq: int, core: bytes) -> bytes:
+    """An ``InboxEvent`` record (a row's waiting event); ``core``: ``interaction_core``."""
+    return long_bytes(seq) + long_bytes(prev_seq) + long_bytes(partner_prev_seq) + core
+
+
+def partner_bytes(seq: int, embedding: bytes | None, last_time: float | None) -> bytes:
+    """A ``PartnerPreState`` record."""
+    return b"".join(
+        (
+            long_bytes(seq),
+            _NULL if embedding is None else _BRANCH_1 + bytes_field(embedding),
+            optional_double(last_time),
+        )
+    )
+
+
+class EntityRecordWriter:
+    """``ENTITY_RECORD`` rows behind ``header``; the nested records as ``inbox_event_bytes``
+    and ``partner_bytes`` wrote them. Raises (OverflowError, struct.error, TypeError,
+    UnicodeEncodeError) where fastavro raises or writes something else: the caller then asks
+    the Codec."""
+
+    def __init__(self, header: bytes) -> None:
+        self.header = header
+
+    def record(
+        self,
+        embedding: bytes | None,
+        last_time: float | None,
+        history: Sequence[str],
+        history_counts: Sequence[int],
+        count: int,
+        trend: float,
+        applied_seq: int,
+        sent_seq: int,
+        waiting: Sequence[bytes],
+        partners: Sequence[bytes],
+        derived: bytes | None,
+        model_version: str,
+    ) -> bytes:
+        parts = [
+            self.header,
+            _NULL if embedding is None else _BRANCH_1 + bytes_field(embedding),
+            optional_double(last_time),
+        ]
+        if history:
+            parts.append(long_bytes(len(history)))
+            parts += map(_item_bytes, history)  # item ids, as a recommendation's
+        parts.append(_NULL)
+        if history_counts:
+            parts.append(long_bytes(len(history_counts)))
+            parts += map(long_bytes, history_counts)
+        parts.append(_NULL)
+        parts += (long_bytes(count), _DOUBLE.pack(trend), long_bytes(applied_seq))
+        parts.append(long_bytes(sent_seq))
+        for block in (waiting, partners):
+            if block:
+                parts.append(long_bytes(len(block)))
+                parts += block
+            parts.append(_NULL)
+        parts.append(_NULL if derived is None else _BRANCH_1 + derived)
+        parts.append(string_bytes(model_version))
+        return b"".join(parts)
+
+
+def _partner_at(data: bytes, i: int) -> tuple[dict[str, Any], int]:
+    seq, i = _long_at(data, i)
+    embedding: bytes | None = None
+    branch, i = _long_at(data, i)
+    if branch == 1:
+        n, i = _long_at(data, i)
+        if n < 0 or i + n > len(data):
+            raise _Refused
+        embedding, i = bytes(data[i : i + n]), i + n
+    elif branch != 0:
+        raise _Refused
+    last_time: float | None = None
+    branch, i = _long_at(data, i)
+    if branch == 1:
+        (last_time,) = _DOUBLE.unpack_from(data, i)
+        i += 8
+    elif branch != 0:
+        raise _Refused
+    return {"seq": seq, "embedding": embedding, "last_time": last_time}, i
+
+
+def _count_at(data: bytes, i: int) -> tuple[int, int]:
+    """An array block's count; a negative one (a block with its byte size) is the Codec's."""
+    count, i = _long_at(data, i)
+    if count < 0:
+        raise _Refused
+    return count, i
+
+
+def read_entity_record(data: bytes, start: int = 0) -> dict[str, Any] | None:
+    """The EntityRecord written (with this package's schema) in ``data[start:]``, as the
+    Codec decodes it; None for anything it does not take, as ``read_interaction``."""
+    size = len(data)
+    try:
+        embedding: bytes | None = None
+        branch, i = _long_at(data, start)
+        if branch == 1:
+            n, i = _long_at(data, i)
+            if n < 0 or i + n > size:
+                return None
+            embedding, i = bytes(data[i : i + n]), i + n
+        elif branch != 0:
+            return None
+        last_time: float | None = None
+        branch, i = _long_at(data, i)
+        if branch == 1:
+            (last_time,) = _DOUBLE.unpack_from(data, i)
+            i += 8
+        elif branch != 0:
+            return None
+        history: list[str] = []
+        count, i = _count_at(data, i)
+        while count:
+            for _ in range(count):
+                item, i = _string_at(data, i)
+                history.append(item)
+            count, i = _count_at(data, i)
+        history_counts: list[int] = []
+        count, i = _count_at(data, i)
+        while count:
+            for _ in range(count):
+                n, i = _long_at(data, i)
+                history_counts.append(n)
+            count, i = _count_at(data, i)
+        events, i = _long_at(data, i)
+        (trend,) = _DOUBLE.unpack_from(data, i)
+        applied_seq, i = _long_at(data, i + 8)
+        sent_seq, i = _long_at(data, i)
+        waiting: list[dict[str, Any]] = []
+        count, i = _count_at(data, i)
+        while count:
+            for _ in range(count):
+                seq, i = _long_at(data, i)
+                prev_seq, i = _long_at(data, i)
+                partner_prev_seq, i = _long_at(data, i)
+                event_id, user_id, item_id, timestamp, features, i = _core_at(data, i)
+                waiting.append(
+                    {
+                        "seq": seq,
+                        "prev_seq": prev_seq,
+                        "partner_prev_seq": partner_prev_seq,
+                        "event_id": event_id,
+                        "user_id": user_id,
+                        "item_id": item_id,
+                        "timestamp": timestamp,
+                        "features": list(features),
+                    }
+                )
+            count, i = _count_at(data, i)
+        partners: list[dict[str, Any]] = []
+        count, i = _count_at(data, i)
+        while count:
+            for _ in range(count):
+                partner, i = _partner_at(data, i)
+                partners.append(partner)
+            count, i = _count_at(data, i)
+        derived: dict[str, Any] | None = None
+        branch, i = _long_at(data, i)
+        if branch == 1:
+            derived, i = _partner_at(data, i)
+        elif branch != 0:
+            return None
+        model_version, i = _string_at(data, i)
+    except (IndexError, ValueError, struct.error, _Refused):  # UnicodeDecodeError: ValueError
+        return None
+    if i != size:
+        return None
+    return {
+        "embedding": embedding,
+        "last_time": last_time,
+        "history": history,
+        "history_counts": history_counts,
+        "count": events,
+        "trend": trend,
+        "applied_seq": applied_seq,
+        "sent_seq": sent_seq,
+        "waiting": waiting,
+        "partners": partners,
+        "derived": derived,
+        "model_version": model_version,
+    }
+
+
+def same_as_entity_record_codec(codec: Codec) -> bool:
+    """Whether ``EntityRecordWriter`` and ``read_entity_record`` write and read what
+    ``codec`` does (its schema is the one they were written for), on a sample row."""
+    event = {
+        "seq": 70_001,
+        "prev_seq": 3,
+        "partner_prev_seq": -1,
+        "event_id": "e-\u00e9",
+        "user_id": "u",
+        "item_id": "i",
+        "timestamp": 1.5e9,
+        "features": [0.5, -2.0],
+    }
+    partner = {"seq": 70_001, "embedding": b"\x00\x00\x80?", "last_time": None}
+    derived = {"seq": 69_000, "embedding": None, "last_time": 1.4e9}
+    record = {
+        "embedding": b"\x00\x00\x80?",
+        "last_time": 1.4e9,
+        "history": ["a", "b\u00e9"],
+        "history_counts": [3, 1],
+        "count": 7,
+        "trend": 2.5,
+        "applied_seq": 69_000,
+        "sent_seq": -1,
+        "waiting": [event],
+        "partners": [partner],
+        "derived": derived,
+        "model_version": "v1",
+    }
+    core = interaction_core("e-\u00e9", "u", "i", 1.5e9, (0.5, -2.0))
+    written = EntityRecordWriter(codec.header).record(
+        b"\x00\x00\x80?",
+        1.4e9,
+        ("a", "b\u00e9"),
+        (3, 1),
+        7,
+        2.5,
+        69_000,
+        -1,
+        [inbox_event_bytes(70_001, 3, -1, core)],
+        [partner_bytes(70_001, b"\x00\x00\x80?", None)],
+        partner_bytes(69_000, None, 1.4e9),
+        "v1",
+    )
+    data = codec.encode(record)
+    return written == data and read_entity_record(data, len(codec.header)) == record

@@ -9,6 +9,7 @@ import numpy as np
 
 from operators.protocol.exchange import Inbox, Pending
 from operators.protocol.sides import EntityState, EventData
+from schemas import wire
 
 NAN = float("nan")
 
@@ -95,6 +96,44 @@ def inbox_to_record(box: Inbox[EntityState, EntityState], version: str) -> dict[
         "derived": None if box.derived is None else partner_message(box.applied_seq, box.derived),
         "model_version": version,
     }
+
+
+def _partner_bytes(seq: int, state: EntityState) -> bytes:
+    return wire.partner_bytes(seq, embedding_bytes(state.embedding), _time_out(state.last_time))
+
+
+def _waiting_bytes(p: Pending) -> bytes:
+    e = p.payload
+    return wire.inbox_event_bytes(
+        p.seq,
+        p.prev_seq,
+        p.partner_prev_seq,
+        wire.interaction_core(e.event_id, e.user_id, e.item_id, e.timestamp, e.features),
+    )
+
+
+def inbox_row_bytes(
+    writer: wire.EntityRecordWriter, box: Inbox[EntityState, EntityState], version: str
+) -> bytes:
+    """What ``inbox_to_record``'s record encodes to, written by ``writer`` without building
+    it (its errors where it does not write what fastavro would: the caller asks the Codec)."""
+    state = box.state
+    waiting = [_waiting_bytes(p) for p in box.waiting.values()]
+    derived = box.derived
+    return writer.record(
+        embedding_bytes(state.embedding),
+        _time_out(state.last_time),
+        state.history,
+        state.history_counts,
+        state.count,
+        state.trend,
+        box.applied_seq,
+        box.sent_seq,
+        waiting,
+        [_partner_bytes(seq, s) for seq, s in box.partners.items()],
+        None if derived is None else _partner_bytes(box.applied_seq, derived),
+        version,
+    )
 
 
 def inbox_from_record(record: dict[str, Any], side: str) -> Inbox[EntityState, EntityState]:

@@ -47,6 +47,7 @@ from streams.app.serving import Serving
 from streams.exceptions import ModelMismatchError
 from streams.records import (
     inbox_from_record,
+    inbox_row_bytes,
     inbox_to_record,
     partner_message,
     partner_state,
@@ -166,6 +167,12 @@ class Processor:
             if wire.same_as_recommendation_codec(self.rec_codec)
             else None
         )
+        self._row_header = self.record_codec.header
+        self._row_writer = (
+            wire.EntityRecordWriter(self._row_header)
+            if wire.same_as_entity_record_codec(self.record_codec)
+            else None
+        )
         self.applied_seq = -1  # the latest log position of a user event applied here
         self.servings: dict[Epoch, Serving] = {}
         self._many: dict[Epoch, tuple[ApplyMany[EntityState, EntityState], ...]] = {}
@@ -202,7 +209,12 @@ class Processor:
     # Row codecs for the tables.
     def decoder(self, side: str) -> Callable[[bytes, bytes], Box]:
         def decode(key: bytes, raw: bytes) -> Box:
-            record = self.record_codec.decode(raw)
+            record = None
+            header = self._row_header
+            if self._row_writer is not None and raw[: len(header)] == header:
+                record = wire.read_entity_record(raw, len(header))
+            if record is None:  # rows of older schemas, or what only the Codec reads
+                record = self.record_codec.decode(raw)
             _entity, epoch = split_row_key(key)
             serving = self.servings.get(epoch)
             if serving is None or record["model_version"] != serving.version:
@@ -218,6 +230,11 @@ class Processor:
 
     def encode(self, key: bytes, box: Box) -> bytes:
         version = self.servings[split_row_key(key)[1]].version
+        if self._row_writer is not None:
+            try:
+                return inbox_row_bytes(self._row_writer, box, version)
+            except (OverflowError, TypeError, ValueError, struct.error):
+                pass  # what only fastavro writes exactly (or refuses): the Codec decides
         return self.record_codec.encode(inbox_to_record(box, version))
 
     def initial(self, side: str) -> Callable[[bytes], Box]:

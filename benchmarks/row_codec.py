@@ -1,0 +1,76 @@
+"""Table rows' Avro, per row: fastavro (the Codec) against schemas.wire's direct codec.
+
+Builds the two kinds of row a worker writes at every batch for each entity it changed: a user
+row (a 128-float embedding, a full history of --history items, one event waiting with its
+172 features and its partner's pre-state) and an item row (embedding, count and trend), then
+times, in CPU time, encoding each as the worker does (``inbox_to_record`` and the Codec, or
+``inbox_row_bytes``) and decoding it back (the Codec, or ``read_entity_record``). Both ways
+give the same bytes (checked here and in tests/schemas/test_wire.py).
+
+    python benchmarks/row_codec.py --rows 20000
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Callable
+
+import numpy as np
+
+from operators.protocol.exchange import Inbox, Pending
+from operators.protocol.sides import EntityState, EventData
+from schemas import Codec, wire
+from schemas.codec import ENTITY_RECORD
+from streams.records import inbox_row_bytes, inbox_to_record
+
+Box = Inbox[EntityState, EntityState]
+
+
+def rows(history: int) -> dict[str, Box]:
+    rng = np.random.default_rng(0)
+    emb = rng.standard_normal(128).astype(np.float32)
+    items = tuple(f"item-{i}" for i in range(history))
+    user: Box = Inbox(
+        EntityState(emb, 1.4e9, items, tuple(range(1, history + 1))), applied_seq=900, sent_seq=-1
+    )
+    features = tuple(float(x) for x in rng.standard_normal(172).astype(np.float32))
+    event = EventData("ev-901", "user-7", "item-3", 1.4e9 + 60, features)
+    user.offer_event(Pending(902, 900, "item-3", event, 850))
+    user.partners[902] = EntityState(emb.copy(), 1.4e9 - 5)
+    item: Box = Inbox(EntityState(emb.copy(), 1.4e9, count=4_000, trend=17.25), applied_seq=901)
+    return {"user": user, "item": item}
+
+
+def cpu_us(n: int, fn: Callable[..., object], *args: object) -> float:
+    start = time.process_time()
+    for _ in range(n):
+        fn(*args)
+    return (time.process_time() - start) / n * 1e6
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=20_000)
+    parser.add_argument("--history", type=int, default=16, help="ModelConfig.history_size")
+    args = parser.parse_args()
+    codec = Codec(ENTITY_RECORD)
+    writer = wire.EntityRecordWriter(codec.header)
+    start = len(codec.header)
+    for kind, box in rows(args.history).items():
+        data = codec.encode(inbox_to_record(box, "v1"))
+        assert inbox_row_bytes(writer, box, "v1") == data
+        assert wire.read_entity_record(data, start) == codec.decode(data)
+        n = args.rows
+        enc_codec = cpu_us(n, lambda b: codec.encode(inbox_to_record(b, "v1")), box)
+        enc_wire = cpu_us(n, inbox_row_bytes, writer, box, "v1")
+        dec_codec = cpu_us(n, codec.decode, data)
+        dec_wire = cpu_us(n, wire.read_entity_record, data, start)
+        print(
+            f"{kind} row ({len(data)} bytes): encode {enc_codec:.1f} -> {enc_wire:.1f} µs, "
+            f"decode {dec_codec:.1f} -> {dec_wire:.1f} µs (CPU per row, fastavro -> direct)"
+        )
+
+
+if __name__ == "__main__":
+    main()
