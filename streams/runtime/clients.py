@@ -23,8 +23,6 @@ from confluent_kafka.admin import AdminClient
 from streams.runtime.exceptions import AuthenticationError
 
 _log = logging.getLogger("jodie.kafka")
-#: Longest wait between two attempts to reach a broker that is away.
-RECONNECT_BACKOFF_MAX_MS = 1000
 
 
 class Secret(Protocol):
@@ -79,10 +77,6 @@ def client_config(
         "bootstrap.servers": conn.bootstrap_servers,
         "security.protocol": conn.security_protocol,
         "logger": _log,
-        # librdkafka doubles the wait between reconnects up to 10 s by default: a client
-        # then notices a restarted broker up to 10 s late. One second keeps the retries
-        # rare during an outage and the resumption prompt after it.
-        "reconnect.backoff.max.ms": RECONNECT_BACKOFF_MAX_MS,
     }
     optional: dict[str, object] = {
         "sasl.mechanism": conn.sasl_mechanism,
