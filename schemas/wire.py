@@ -288,43 +288,13 @@ def read_inbox_message(data: bytes, start: int = 0) -> dict[str, Any] | None:
         branch, i = _long_at(data, start)
         event: dict[str, Any] | None = None
         if branch == 1:
-            seq, i = _long_at(data, i)
-            prev_seq, i = _long_at(data, i)
-            partner_prev_seq, i = _long_at(data, i)
-            event_id, user_id, item_id, timestamp, features, i = _core_at(data, i)
-            event = {
-                "seq": seq,
-                "prev_seq": prev_seq,
-                "partner_prev_seq": partner_prev_seq,
-                "event_id": event_id,
-                "user_id": user_id,
-                "item_id": item_id,
-                "timestamp": timestamp,
-                "features": list(features),
-            }
+            event, i = _inbox_event_at(data, i)
         elif branch != 0:
             return None
         branch, i = _long_at(data, i)
         partner: dict[str, Any] | None = None
         if branch == 1:
-            seq, i = _long_at(data, i)
-            embedding: bytes | None = None
-            branch, i = _long_at(data, i)
-            if branch == 1:
-                n, i = _long_at(data, i)
-                if n < 0 or i + n > size:
-                    return None
-                embedding, i = bytes(data[i : i + n]), i + n
-            elif branch != 0:
-                return None
-            last_time: float | None = None
-            branch, i = _long_at(data, i)
-            if branch == 1:
-                (last_time,) = _DOUBLE.unpack_from(data, i)
-                i += 8
-            elif branch != 0:
-                return None
-            partner = {"seq": seq, "embedding": embedding, "last_time": last_time}
+            partner, i = _partner_at(data, i)
         elif branch != 0:
             return None
         model_version, i = _string_at(data, i)
@@ -553,25 +523,53 @@ class EntityRecordWriter:
         return b"".join(parts)
 
 
+def _optional_bytes_at(data: bytes, i: int) -> tuple[bytes | None, int]:
+    """A ["null", "bytes"] union."""
+    branch, i = _long_at(data, i)
+    if branch == 0:
+        return None, i
+    if branch != 1:
+        raise _Refused
+    n, i = _long_at(data, i)
+    if n < 0 or i + n > len(data):
+        raise _Refused
+    return bytes(data[i : i + n]), i + n
+
+
+def _optional_double_at(data: bytes, i: int) -> tuple[float | None, int]:
+    """A ["null", "double"] union."""
+    branch, i = _long_at(data, i)
+    if branch == 0:
+        return None, i
+    if branch != 1:
+        raise _Refused
+    (value,) = _DOUBLE.unpack_from(data, i)
+    return value, i + 8
+
+
 def _partner_at(data: bytes, i: int) -> tuple[dict[str, Any], int]:
     seq, i = _long_at(data, i)
-    embedding: bytes | None = None
-    branch, i = _long_at(data, i)
-    if branch == 1:
-        n, i = _long_at(data, i)
-        if n < 0 or i + n > len(data):
-            raise _Refused
-        embedding, i = bytes(data[i : i + n]), i + n
-    elif branch != 0:
-        raise _Refused
-    last_time: float | None = None
-    branch, i = _long_at(data, i)
-    if branch == 1:
-        (last_time,) = _DOUBLE.unpack_from(data, i)
-        i += 8
-    elif branch != 0:
-        raise _Refused
+    embedding, i = _optional_bytes_at(data, i)
+    last_time, i = _optional_double_at(data, i)
     return {"seq": seq, "embedding": embedding, "last_time": last_time}, i
+
+
+def _inbox_event_at(data: bytes, i: int) -> tuple[dict[str, Any], int]:
+    """An InboxEvent record, as the Codec decodes it."""
+    seq, i = _long_at(data, i)
+    prev_seq, i = _long_at(data, i)
+    partner_prev_seq, i = _long_at(data, i)
+    event_id, user_id, item_id, timestamp, features, i = _core_at(data, i)
+    return {
+        "seq": seq,
+        "prev_seq": prev_seq,
+        "partner_prev_seq": partner_prev_seq,
+        "event_id": event_id,
+        "user_id": user_id,
+        "item_id": item_id,
+        "timestamp": timestamp,
+        "features": list(features),
+    }, i
 
 
 def _count_at(data: bytes, i: int) -> tuple[int, int]:
@@ -587,22 +585,8 @@ def read_entity_record(data: bytes, start: int = 0) -> dict[str, Any] | None:
     Codec decodes it; None for anything it does not take, as ``read_interaction``."""
     size = len(data)
     try:
-        embedding: bytes | None = None
-        branch, i = _long_at(data, start)
-        if branch == 1:
-            n, i = _long_at(data, i)
-            if n < 0 or i + n > size:
-                return None
-            embedding, i = bytes(data[i : i + n]), i + n
-        elif branch != 0:
-            return None
-        last_time: float | None = None
-        branch, i = _long_at(data, i)
-        if branch == 1:
-            (last_time,) = _DOUBLE.unpack_from(data, i)
-            i += 8
-        elif branch != 0:
-            return None
+        embedding, i = _optional_bytes_at(data, start)
+        last_time, i = _optional_double_at(data, i)
         history: list[str] = []
         count, i = _count_at(data, i)
         while count:
@@ -625,22 +609,8 @@ def read_entity_record(data: bytes, start: int = 0) -> dict[str, Any] | None:
         count, i = _count_at(data, i)
         while count:
             for _ in range(count):
-                seq, i = _long_at(data, i)
-                prev_seq, i = _long_at(data, i)
-                partner_prev_seq, i = _long_at(data, i)
-                event_id, user_id, item_id, timestamp, features, i = _core_at(data, i)
-                waiting.append(
-                    {
-                        "seq": seq,
-                        "prev_seq": prev_seq,
-                        "partner_prev_seq": partner_prev_seq,
-                        "event_id": event_id,
-                        "user_id": user_id,
-                        "item_id": item_id,
-                        "timestamp": timestamp,
-                        "features": list(features),
-                    }
-                )
+                event, i = _inbox_event_at(data, i)
+                waiting.append(event)
             count, i = _count_at(data, i)
         partners: list[dict[str, Any]] = []
         count, i = _count_at(data, i)
