@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from operators.evaluation.scorer import UserContext
+from operators.evaluation.context import UserContext
 from operators.model.jodie import squared_distances
 
 #: Width of x_j and of z_u; h_j has K + 2 columns (``entry_width``).

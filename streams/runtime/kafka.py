@@ -20,6 +20,9 @@ TRANSIENT = {
     KafkaError.COORDINATOR_LOAD_IN_PROGRESS,
     # librdkafka's own "not in my metadata (yet)": a partition whose leader just moved.
     KafkaError._UNKNOWN_PARTITION,
+    # A request outstanding on a connection librdkafka tore down (its broker killed and
+    # replaced): asked again, it goes to the broker that leads now.
+    KafkaError._DESTROY_BROKER,
 }
 
 T = TypeVar("T")
