@@ -164,10 +164,19 @@ def read_log(settings: Settings, codec: Codec | None = None) -> list[SequencedEv
 
 
 def restore_sequencer(
-    settings: Settings, sequencer: Sequencer, codec: Codec | None = None
+    settings: Settings,
+    sequencer: Sequencer,
+    codec: Codec | None = None,
+    idle_timeout_s: float = 5.0,
 ) -> tuple[int, Epoch]:
     """Rebuild ``sequencer``'s state from interactions.log, one record at a time; returns the
     events read and the epoch the last one was stamped with.
+
+    All of the log or ``ReadError``: a log that stops arriving for ``idle_timeout_s`` short
+    of its end (a broker that just restarted answers fetches late) must not pass for the
+    whole of it. A sequencer restored from part of the log would give seqs already taken to
+    new events and start chains anew for entities it missed, whose later events then wait
+    for a predecessor that never comes. The router starts over on the error.
 
     Memory besides the sequencer's own state (its per-entity maps and its window of recent
     ids) is one fetch of records: the log is never held whole, whatever its length.
@@ -179,7 +188,9 @@ def restore_sequencer(
 
     def events() -> Iterator[SequencedEvent]:
         nonlocal last, count
-        for _k, value, _p, _o in read_all(settings, topic):
+        for _k, value, _p, _o in read_all(
+            settings, topic, idle_timeout_s=idle_timeout_s, complete=True
+        ):
             record = codec.decode(value)
             event = from_log_record(record)
             count += 1

@@ -242,13 +242,14 @@ def catch_up(
 
 
 def latest_epoch(settings: Settings) -> Epoch:
-    """The epoch of the last event in interactions.log (UNSTAMPED for an empty log)."""
+    """The epoch of the last event in interactions.log (UNSTAMPED for an empty log); a log
+    that stops arriving short of its end is a ``ReadError``, not a guess from part of it."""
     from streams.peek import read_all
 
     topic = settings.topic("interactions.log")
     codec = make_codec(settings, SEQUENCED_INTERACTION, topic)
     last: tuple[int, Epoch] = (-1, UNSTAMPED)
-    for _k, value, _p, _o in read_all(settings, topic):
+    for _k, value, _p, _o in read_all(settings, topic, complete=True):
         record = codec.decode(value)
         if int(record["seq"]) > last[0]:
             last = (int(record["seq"]), epoch_of(record))

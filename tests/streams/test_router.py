@@ -14,11 +14,19 @@ from pathlib import Path
 import pytest
 
 from operators.dataset import iter_rows
+from operators.protocol.sequencer import Sequencer
 from schemas import INTERACTION, Codec, load_schema
 from streams.codecs import make_codec
+from streams.exceptions import ReadError
 from streams.peek import read_all
 from streams.produce import event_id, produce_file, source_tag, to_record
-from streams.router import DLQ_COPY_BYTES, DLQ_DETAIL_CHARS, Router, read_log
+from streams.router import (
+    DLQ_COPY_BYTES,
+    DLQ_DETAIL_CHARS,
+    Router,
+    read_log,
+    restore_sequencer,
+)
 from streams.runtime.clients import idempotent_producer
 from streams.settings import Settings
 
@@ -206,6 +214,28 @@ def test_a_message_too_large_to_copy_whole_reaches_the_dlq_cut(kafka: Settings) 
     assert headers[0]["truncated"] == f"key 1 value {len(huge)}".encode()
     assert "truncated" not in headers[1]
     assert len(headers[1]["detail"].decode()) <= DLQ_DETAIL_CHARS + 1
+
+
+def test_a_restore_short_of_the_logs_end_is_an_error_not_a_fresh_start(
+    kafka: Settings, tmp_path: Path
+) -> None:
+    """A router restarting while the broker is slow to answer fetches (it just restarted
+    itself) must not take what came in time for the whole log: restored from part of it, it
+    gave seqs already taken to new events and started chains anew for the entities it missed
+    (seen after a broker restart mid-stream). An idle timeout too short for any fetch to
+    arrive stands for that broker here."""
+    path = _csv(tmp_path, 60)
+    topic = kafka.topic("interactions")
+    produce_file(path, idempotent_producer(kafka), make_codec(kafka, INTERACTION, topic), topic)
+    Router(kafka, grace_s=0.2).run(until_idle_s=1.0, max_seconds=120)
+
+    def fresh() -> Sequencer:
+        return Sequencer(range(4), None, clock=time.time)
+
+    whole = fresh()
+    assert restore_sequencer(kafka, whole)[0] == 60
+    with pytest.raises(ReadError, match="not at their end"):
+        restore_sequencer(kafka, fresh(), idle_timeout_s=1e-6)
 
 
 def _dlq_headers(settings: Settings) -> list[dict[str, bytes]]:
