@@ -228,7 +228,8 @@ class Codec:
         buf.write(self._header)
         try:
             fastavro.schemaless_writer(buf, self._parsed, record)
-        except (ValueError, TypeError, KeyError, AttributeError) as exc:
+        # (OverflowError: an int beyond a long's 64 bits.)
+        except (ValueError, TypeError, KeyError, AttributeError, OverflowError) as exc:
             raise EncodeError(f"record does not fit {self.schema.get('name')}: {exc}") from exc
         return buf.getvalue()
 

@@ -175,6 +175,13 @@ def test_encode_rejects_a_record_missing_a_field() -> None:
         Codec(INTERACTION).encode({"event_id": "x", "user_id": "u"})
 
 
+def test_encode_rejects_an_int_beyond_a_long() -> None:
+    schema = {"type": "record", "name": "Seq", "fields": [{"name": "seq", "type": "long"}]}
+    assert Codec(schema).decode(Codec(schema).encode({"seq": 2**63 - 1})) == {"seq": 2**63 - 1}
+    with pytest.raises(EncodeError, match="Seq"):
+        Codec(schema).encode({"seq": 2**63})
+
+
 class _FakeRegistry:
     def __init__(self) -> None:
         self.by_id: dict[int, dict[str, Any]] = {}
