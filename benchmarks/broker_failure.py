@@ -27,8 +27,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import os
-import signal
-import subprocess
 import sys
 import tempfile
 import threading
@@ -43,6 +41,7 @@ from operators.dataset import bundled_wikipedia, iter_rows
 from operators.model.checkpoint import load_checkpoint
 from schemas import INTERACTION
 from schemas.codec import Codec
+from streams.children import Child, spawn, stop_children_on_sigterm
 from streams.codecs import TOPIC_SCHEMAS, make_codec
 from streams.produce import event_id, produce_file, source_tag
 from streams.runtime.clients import committed_reader, idempotent_producer
@@ -80,24 +79,7 @@ class Follower:
             consumer.close()
 
 
-def _start(cmd: list[str], log: Path) -> subprocess.Popen[bytes]:
-    out = log.open("ab")
-    return subprocess.Popen(
-        [sys.executable, "-m", "streams", *cmd], stdout=out, stderr=subprocess.STDOUT
-    )
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
-
-
-def _wait_ready(logs: Path, procs: list[subprocess.Popen[bytes]], timeout_s: float = 120) -> None:
+def _wait_ready(logs: Path, procs: list[Child], timeout_s: float = 120) -> None:
     """Until the router says it is ready and the worker holds its partitions."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -106,7 +88,7 @@ def _wait_ready(logs: Path, procs: list[subprocess.Popen[bytes]], timeout_s: flo
         assigned = [line for line in worker.splitlines() if " assigned [" in line]
         if "router ready" in router and assigned and "assigned []" not in assigned[-1]:
             return
-        if any(p.poll() is not None for p in procs):
+        if not all(p.alive() for p in procs):
             break
         time.sleep(0.2)
     raise SystemExit(f"router or worker not ready; see {logs}")
@@ -131,6 +113,7 @@ def main() -> None:
         "outlast a leader failover (else delayed events are rejected as time_backwards)",
     )
     args = parser.parse_args()
+    stop_children_on_sigterm()
 
     scratch = Path(tempfile.mkdtemp(prefix="jodie-broker-failure-"))
     os.environ.update(
@@ -151,20 +134,16 @@ def main() -> None:
     tag = source_tag(path)
     rows = list(iter_rows(path))[start : start + args.events]
     wanted = {event_id(tag, r.line) for r in rows}
-    procs: list[subprocess.Popen[bytes]] = []
+    procs: list[Child] = []
     try:
         with scratch_topics("fail") as topics:
             follower = Follower(topics)
             follow = threading.Thread(target=follower.run, daemon=True)
             follow.start()
             grace = args.grace if args.grace is not None else (0.2 if args.nodes == 1 else 8.0)
-            procs.append(_start(["router", "--grace", str(grace)], scratch / "router.log"))
-            procs.append(
-                _start(
-                    ["worker", "--checkpoint", str(args.checkpoint), "--id", "0"],
-                    scratch / "worker-0.log",
-                )
-            )
+            procs.append(spawn("router", ["router", "--grace", str(grace)], scratch, append=True))
+            worker = ["worker", "--checkpoint", str(args.checkpoint), "--id", "0"]
+            procs.append(spawn("worker-0", worker, scratch, append=True))
             topic = topics.topic("interactions")
             codec = make_codec(topics, INTERACTION, topic)
             feeder = threading.Thread(
@@ -199,10 +178,10 @@ def main() -> None:
             follow.join(timeout=10)
             feeder.join(timeout=10)
             seen = list(follower.seen)
-            exited = [p.args[3] for p in procs if p.poll() is not None]
+            exited = [p.name for p in procs if not p.alive()]
     finally:
         for proc in procs:
-            _stop(proc)
+            proc.stop()
         cluster.down(nodes, purge=True)
     took = time.monotonic() - began
     counts = Counter(e for _r, _c, e in seen)

@@ -23,8 +23,6 @@ import argparse
 import json
 import os
 import signal
-import subprocess
-import sys
 import tempfile
 import time
 import urllib.request
@@ -37,6 +35,7 @@ import numpy as np
 from operators.dataset import bundled_wikipedia, load_interactions
 from operators.model.config import TrainConfig
 from schemas import INTERACTION, RECOMMENDATION, Codec
+from streams.children import Child, spawn, stop_children_on_sigterm
 from streams.codecs import make_codec
 from streams.models import Registry
 from streams.peek import Bounded
@@ -116,6 +115,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=1, help="training epochs per version")
     parser.add_argument("--settle", type=float, default=20.0, help="seconds between stages")
     args = parser.parse_args()
+    stop_children_on_sigterm()
 
     n_rows = len(load_interactions(bundled_wikipedia()))
     history = int(n_rows * args.history)
@@ -129,31 +129,26 @@ def main() -> None:
         }
     )
     config = TrainConfig(epochs=args.epochs)
-    procs: list[subprocess.Popen[bytes]] = []
+    procs: list[Child] = []
     report: dict[str, Any] = {"history": history, "rate": args.rate, "delay_s": args.delay}
     with scratch_topics("switch") as settings:
         registry = Registry(settings)
         logs = tmp / "logs"
         logs.mkdir()
 
-        def spawn(name: str, *cmd: str) -> subprocess.Popen[bytes]:
-            out = (logs / f"{name}.log").open("ab")
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "streams", *cmd], stdout=out, stderr=subprocess.STDOUT
-            )
-            procs.append(proc)
-            return proc
+        def start(name: str, *cmd: str) -> None:
+            procs.append(spawn(name, cmd, logs, append=True))
 
         try:
-            spawn("router", "router", "--model", "jodie")
+            start("router", "router", "--model", "jodie")
             topic = settings.topic("interactions")
             produce_rows(settings, limit=history)
             _wait("routing the history", lambda: log_size(settings) >= history, 600)
             v1 = train_once(settings, config, margin=1.0)
             report["v1"] = {"log_seq": v1.record["log_seq"]}
             for w in range(args.workers):
-                spawn(f"worker{w}", "worker", "--model", "jodie", "--id", str(w))
-            spawn(
+                start(f"worker{w}", "worker", "--model", "jodie", "--id", str(w))
+            start(
                 "producer",
                 "produce",
                 "--start",
@@ -191,14 +186,12 @@ def main() -> None:
                     }
                 )
         finally:
-            for proc in reversed(procs):
-                if proc.poll() is None:
-                    proc.send_signal(signal.SIGTERM)
-            for proc in procs:
-                try:
-                    proc.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
+            # All told at once (the last started first), so they stop in parallel.
+            for child in reversed(procs):
+                if child.alive():
+                    child.proc.send_signal(signal.SIGTERM)
+            for child in procs:
+                child.stop()
 
         seq_of = {}
         for e in read_log(settings):

@@ -32,9 +32,6 @@ import json
 import os
 import random
 import shutil
-import signal
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -44,11 +41,10 @@ from pathlib import Path
 from typing import Any
 
 from deploy.kafka.broker import BrokerConfig
-from operators.model.checkpoint import save_checkpoint
-from operators.model.config import ModelConfig, TrainConfig
-from operators.model.jodie import Jodie
-from operators.model.state import States
+from operators.model.config import ModelConfig
+from operators.model.synthetic import synthetic_checkpoint
 from schemas import INTERACTION
+from streams.children import spawn, stop_children_on_sigterm
 from streams.codecs import make_codec
 from streams.runtime.clients import idempotent_producer
 from streams.settings import Settings
@@ -68,19 +64,6 @@ def rss_mb(pid: int) -> float | None:
     except (OSError, ValueError, IndexError):
         return None
     return None
-
-
-def random_checkpoint(out: Path) -> Path:
-    """Random weights, no states: every entity starts from the model's initial state."""
-    cfg = ModelConfig(
-        delta_user_mean=60.0, delta_user_std=120.0, delta_item_mean=10.0, delta_item_std=30.0
-    )
-    states = States.empty(
-        cfg.embedding_dim, cfg.user_static_dim, cfg.item_static_dim, cfg.history_size
-    )
-    meta = {"version": "soak-random", "log_offsets": {"events": 0}}
-    save_checkpoint(out, Jodie(cfg), states, TrainConfig(model=cfg), meta=meta)
-    return out
 
 
 class Stream:
@@ -152,27 +135,6 @@ class Stream:
             self.error = exc
 
 
-def spawn(name: str, args: list[str], env: dict[str, str], logs: Path) -> subprocess.Popen[bytes]:
-    with (logs / f"{name}.log").open("wb") as fh:
-        return subprocess.Popen(
-            [sys.executable, "-m", "streams", *args],
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=fh,
-            stderr=subprocess.STDOUT,
-        )
-
-
-def stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=30)
-
-
 def metrics(port: int) -> dict[str, Any]:
     """A worker's /metrics.json page (empty when it does not answer)."""
     try:
@@ -224,12 +186,19 @@ def main() -> None:
     parser.add_argument("--items", type=int, default=100_000)
     parser.add_argument("--seed", type=int, default=7)
     args = parser.parse_args()
+    stop_children_on_sigterm()
     args.out.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix="jodie-soak-"))
     os.environ.setdefault("JODIE_EVALUATE_EVERY", "100")
     os.environ["JODIE_STATE_DIR"] = str(tmp / "state")
     os.environ["JODIE_WEB_PORT"] = str(26066 + random.randrange(1000))
-    checkpoint = args.checkpoint or random_checkpoint(tmp / "checkpoint")
+    # Random weights, no states: every entity starts from the model's initial state.
+    deltas = ModelConfig(
+        delta_user_mean=60.0, delta_user_std=120.0, delta_item_mean=10.0, delta_item_std=30.0
+    )
+    checkpoint = args.checkpoint or synthetic_checkpoint(
+        tmp / "checkpoint", version="soak-random", config=deltas, fixed_scorer=False
+    )
     with scratch_topics("soak") as settings:
         env = dict(os.environ)
         bounds = {
@@ -248,13 +217,13 @@ def main() -> None:
         print(f"soak: {args.minutes} min at {args.rate} ev/s, {args.workers} worker(s), {bounds}")
         broker_pid = int(BrokerConfig.from_settings(settings).pid_file.read_text().strip())
         pids = {"broker": broker_pid}
-        procs = {"router": spawn("router", ["router", "--grace", "0.2"], env, args.out)}
+        procs = {"router": spawn("router", ["router", "--grace", "0.2"], args.out, env)}
         for w in range(args.workers):
             procs[f"worker-{w}"] = spawn(
                 f"worker-{w}",
                 ["worker", "--checkpoint", str(checkpoint), "--id", str(w)],
-                env,
                 args.out,
+                env,
             )
         pids.update({name: p.pid for name, p in procs.items()})
         names = list(pids)
@@ -270,9 +239,8 @@ def main() -> None:
                 row.update({name: rss_mb(pid) for name, pid in pids.items()})
                 rows.append(row)
                 print(json.dumps(row), flush=True)
-                for name, proc in procs.items():
-                    if proc.poll() is not None:
-                        raise RuntimeError(f"{name} exited with {proc.returncode}")
+                for child in procs.values():
+                    child.check()
                 if stream.error is not None:
                     raise RuntimeError(f"producer failed: {stream.error}")
                 if now >= end:
@@ -288,8 +256,8 @@ def main() -> None:
             }
         finally:
             stream.stop()
-            for proc in procs.values():
-                stop(proc)
+            for child in procs.values():
+                child.stop()
         with (args.out / "rss.csv").open("w", newline="") as fh:
             writer = csv.DictWriter(fh, fieldnames=["t_s", "sent", *names])
             writer.writeheader()

@@ -69,6 +69,7 @@ from confluent_kafka import (
 from deploy.kafka.broker import BrokerConfig
 from operators.dataset import Row, bundled_wikipedia, iter_rows
 from schemas import INTERACTION, RECOMMENDATION
+from streams.children import Child, spawn, stop_children_on_sigterm
 from streams.codecs import make_codec
 from streams.produce import produce_file, source_tag, to_record
 from streams.router import Router
@@ -78,7 +79,6 @@ from streams.topics import app_id, apply_topics, declared_topics, delete_topics
 
 # Checkpoint of the first 80 % of the bundled Wikipedia file: its states end at this row.
 DEFAULT_START = 125_979
-_LOG_TAIL_LINES = 20
 
 
 def say(text: str, to_stderr: bool) -> None:
@@ -86,51 +86,6 @@ def say(text: str, to_stderr: bool) -> None:
 
 
 # -- processes ---------------------------------------------------------------------------------
-
-
-@dataclass
-class Child:
-    """A process this benchmark started, with its combined output in a log file."""
-
-    name: str
-    proc: subprocess.Popen[bytes]
-    log: Path
-    started: float  # wall time
-
-    def check(self) -> None:
-        code = self.proc.poll()
-        if code is not None:
-            raise RuntimeError(f"{self.name} exited with {code}:\n{self.tail()}")
-
-    def tail(self, lines: int = _LOG_TAIL_LINES) -> str:
-        try:
-            text = self.log.read_text(errors="replace").splitlines()
-        except OSError:
-            return ""
-        return "\n".join(text[-lines:])
-
-    def stop(self, timeout_s: float = 30.0) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            self.proc.send_signal(signal.SIGCONT)  # a paused process handles SIGTERM only then
-            try:
-                self.proc.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=timeout_s)
-
-
-def spawn(name: str, args: list[str], env: dict[str, str], log_dir: Path) -> Child:
-    log = log_dir / f"{name}.log"
-    with log.open("wb") as fh:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "streams", *args],
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=fh,
-            stderr=subprocess.STDOUT,
-        )
-    return Child(name, proc, log, time.time())
 
 
 def cpu_seconds(pid: int) -> float | None:
@@ -380,8 +335,8 @@ class Bench:
             child = spawn(
                 f"worker-{w}",
                 ["worker", "--checkpoint", str(self.args.checkpoint), "--id", str(w)],
-                {**self.env, **(env or {})},
                 self.tmp,
+                {**self.env, **(env or {})},
             )
             self.workers.append(child)
             self.children.append(child)
@@ -700,7 +655,7 @@ class Bench:
             )
 
         collector.start()
-        router = spawn("router", ["router", "--grace", str(a.grace)], self.env, self.tmp)
+        router = spawn("router", ["router", "--grace", str(a.grace)], self.tmp, self.env)
         self.children.append(router)
         self.start_workers()
         self.wait_group_stable()  # no rebalance inside the measurement
@@ -857,6 +812,7 @@ def main() -> None:
         parser.error("--events, --workers and --rate must be positive, --warmup not negative")
     if not args.checkpoint.is_dir():
         parser.error(f"no checkpoint directory at {args.checkpoint}")
+    stop_children_on_sigterm()
     Bench(args).run()
 
 

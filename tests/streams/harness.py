@@ -9,24 +9,24 @@ runs) of the same events from the same checkpoint.
 from __future__ import annotations
 
 import os
-import signal
-import socket
 import subprocess
-import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from operators.dataset import bundled_wikipedia, load_interactions
 from operators.evaluation.scorer import UserContext, make_scorer
-from operators.model.checkpoint import EntitySeqs, load_checkpoint, save_checkpoint
-from operators.model.config import ModelConfig, TrainConfig
-from operators.model.jodie import Jodie
+from operators.model.checkpoint import load_checkpoint
 from operators.model.online import OnlineJodie
-from operators.model.state import States, trend_at
+from operators.model.state import trend_at
+from operators.model.synthetic import synthetic_checkpoint
+
+# Re-exported: the tests import them from here.
+from streams.children import free_port as free_port
+from streams.children import spawn
+from streams.children import stop as stop
 from streams.produce import produce_rows
 from streams.router import Router
 from streams.settings import Settings
@@ -44,48 +44,9 @@ def make_checkpoint(
     with_seqs: bool = False,
     seed: int = 0,
 ) -> Path:
-    """``with_seqs``: record each entity's last seq, as a checkpoint replayed from a log that
-    holds the first ``history`` rows (seq = row) does. ``seed`` draws the weights."""
-    log = load_interactions(bundled_wikipedia())
-    torch.manual_seed(seed)
-    cfg = ModelConfig(
-        delta_user_mean=20_000.0,
-        delta_user_std=50_000.0,
-        delta_item_mean=3_000.0,
-        delta_item_std=10_000.0,
-    )
-    model = Jodie(cfg)
-    states = States.empty(
-        cfg.embedding_dim, cfg.user_static_dim, cfg.item_static_dim, cfg.history_size
-    )
-    online = OnlineJodie(model, states)
-    for k in range(history):
-        online.observe(log.user_ids[k], log.item_ids[k], float(log.timestamps[k]))
-    seqs = None
-    if with_seqs:
-        users, items = online.states.users, online.states.items
-        seqs = EntitySeqs(np.full(len(users), -1, np.int64), np.full(len(items), -1, np.int64))
-        for k in range(history):
-            seqs.users[users.row(log.user_ids[k])] = k
-            seqs.items[items.row(log.item_ids[k])] = k
-    # Only a checkpoint replayed from the log is at a log position (seq).
-    offsets = {"events": history, **({"seq": history} if with_seqs else {})}
-    meta = {"version": version, "log_offsets": offsets}
-    save_checkpoint(
-        out, model, online.states, TrainConfig(model=cfg), SCORER, meta=meta, last_seq=seqs
-    )
-    return out
-
-
-#: A fitted-looking history scorer (the default ranker), so that the stream's tests exercise
-#: its history, count and popularity terms, not just the distance.
-SCORER = {
-    "scorer.log_alpha": torch.tensor(-0.7),
-    "scorer.bonus": torch.linspace(3.0, 0.2, ModelConfig().history_size),
-    "scorer.beta": torch.tensor(0.4),
-    "scorer.gamma": torch.tensor(0.3),
-    "scorer.delta": torch.tensor(0.5),
-}
+    """A checkpoint of random weights whose states have seen the first ``history`` rows of
+    the bundled file (operators.model.synthetic); ``with_seqs``: at that log position."""
+    return synthetic_checkpoint(out, history, version=version, seed=seed, with_seqs=with_seqs)
 
 
 def reference(checkpoint: Path, rows: Sequence[int]) -> OnlineJodie:
@@ -125,31 +86,12 @@ def start_worker(
         "JODIE_WEB_PORT": str(16066 + 10 * worker_id),
         **(env or {}),
     }
-    log = (tmp / f"worker-{worker_id}.log").open("ab")
-    return subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "streams",
-            "worker",
-            *(["--model", model] if checkpoint is None else ["--checkpoint", str(checkpoint)]),
-            "--id",
-            str(worker_id),
-        ],
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-
-
-def stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
+    args = [
+        "worker",
+        *(["--model", model] if checkpoint is None else ["--checkpoint", str(checkpoint)]),
+        *("--id", str(worker_id)),
+    ]
+    return spawn(f"worker-{worker_id}", args, tmp, env, append=True).proc
 
 
 def wait_for(settings: Settings, n: int, timeout_s: float) -> list[dict]:
@@ -213,13 +155,6 @@ def assert_ranked_as_offline(
     for (item, score), want in zip(got, best, strict=True):
         assert abs(score - offline[item]) <= tol, (item, score, offline[item])
         assert abs(score - want) <= tol, (item, score, want)
-
-
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def wait_until_assigned(tmp: Path, worker_ids: Sequence[int], timeout_s: float) -> None:
