@@ -45,9 +45,9 @@ def test_sigterm_runs_the_finally_blocks_that_stop_the_children(tmp_path: Path) 
             import subprocess, sys, time
             from streams.children import stop, stop_children_on_sigterm
             stop_children_on_sigterm()
-            child = subprocess.Popen(["sleep", "60"])
-            print(child.pid, flush=True)
+            child = subprocess.Popen(["sleep", "60"], stdout=subprocess.DEVNULL)
             try:
+                print(child.pid, flush=True)
                 time.sleep(60)
             finally:
                 stop(child)
