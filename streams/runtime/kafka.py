@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import TypeVar
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
@@ -44,10 +45,14 @@ def retry_transient(call: Callable[[], T], timeout_s: float = 30.0) -> T:
             time.sleep(0.2)
 
 
-def watermarks(consumer: Consumer, tp: TopicPartition, timeout_s: float = 10.0) -> tuple[int, int]:
+def watermarks(
+    consumer: Consumer, tp: TopicPartition, timeout_s: float = 10.0, retry_s: float = 30.0
+) -> tuple[int, int]:
     """Low and high offsets of a partition, asked of the broker (a just-created partition may
-    answer NOT_LEADER for a moment, hence the retries)."""
-    low, high = retry_transient(lambda: consumer.get_watermark_offsets(tp, timeout=timeout_s))
+    answer NOT_LEADER for a moment, a partition whose leader died is unknown until another is
+    elected: hence the retries, for ``retry_s``)."""
+    ask = partial(consumer.get_watermark_offsets, tp, timeout=timeout_s)
+    low, high = retry_transient(ask, retry_s)
     return int(low), int(high)
 
 

@@ -266,7 +266,13 @@ class TransactionalLoop(Generic[B]):
         )
         tables = self.app.tables
         for tp in committed:
-            low, _high = watermarks(consumer, TopicPartition(tp.topic, tp.partition))
+            # As long as a resume may take: a worker assigned partitions while a cluster node
+            # is down (its leaderships not yet moved) once stopped here after 30 s.
+            low, _high = watermarks(
+                consumer,
+                TopicPartition(tp.topic, tp.partition),
+                retry_s=self.config.recovery_timeout_s,
+            )
             if tp.offset >= 0 and tp.offset < low:
                 return InputGapError(
                     f"{tp.topic}[{tp.partition}]: committed offset {tp.offset} but the first "

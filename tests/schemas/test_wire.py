@@ -15,6 +15,7 @@ from schemas import (
     SEQUENCED_INTERACTION,
     Codec,
     DecodeError,
+    EncodeError,
     SchemaError,
     load_schema,
     wire,
@@ -433,9 +434,9 @@ def test_never_reads_a_damaged_row_otherwise_than_the_codec(
         assert repr(fast) == repr(_codec_row(bytes(body)))
 
 
-def test_refuses_a_long_beyond_64_bits_as_fastavro_does() -> None:
+def test_refuses_a_long_beyond_64_bits_as_the_codec_does() -> None:
     """Rather than write a varint no reader takes (the worker then asks the Codec, which
-    raises as before)."""
+    refuses it too, as an EncodeError)."""
     row = {
         "embedding": None,
         "last_time": None,
@@ -450,7 +451,7 @@ def test_refuses_a_long_beyond_64_bits_as_fastavro_does() -> None:
         "derived": None,
         "model_version": "",
     }
-    with pytest.raises(OverflowError):
+    with pytest.raises(EncodeError, match="EntityRecord"):
         ROWS.encode(row)
     with pytest.raises(OverflowError):
         _written_row(row)

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import pytest
 
+from deploy.exceptions import BrokerStartError
 from deploy.kafka import broker, cluster
 from operators.dataset import bundled_wikipedia
 from schemas import INTERACTION
@@ -111,28 +112,42 @@ class Follower(threading.Thread):
             consumer.close()
 
 
-def _ready(tmp: Path, procs: list[subprocess.Popen[bytes]], timeout_s: float = 120) -> None:
+def _ready(
+    tmp: Path,
+    procs: list[subprocess.Popen[bytes]],
+    nodes: list[broker.BrokerConfig],
+    timeout_s: float = 120,
+) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        assert all(p.poll() is None for p in procs), _logs(tmp)
+        assert all(p.poll() is None for p in procs), _logs(tmp, nodes)
         router = (tmp / "router.log").read_text()
         assigned = [x for x in (tmp / "worker-0.log").read_text().splitlines() if "assigned [" in x]
         if "router ready" in router and assigned and "assigned []" not in assigned[-1]:
             return
         time.sleep(0.3)
-    raise AssertionError(_logs(tmp))
+    raise AssertionError(_logs(tmp, nodes))
 
 
-def _logs(tmp: Path) -> str:
+def _logs(tmp: Path, nodes: list[broker.BrokerConfig]) -> str:
     """What a failure needs from each process's log: its last 40 lines apart from librdkafka's
     repeated connection failures and the periodic status lines (which would crowd out the
-    warnings), then its last status line."""
+    warnings), then its last status line; and each broker's warnings and errors (its logs
+    are purged with it when the test ends)."""
     parts = []
     for name in ("router.log", "worker-0.log"):
         lines = (tmp / name).read_text(errors="replace").splitlines()
         status = [x for x in lines if "{" in x and "INFO jodie.worker" in x]
         told = [x[:300] for x in lines if "Connect to ipv4" not in x and x not in status]
         parts.append("\n".join([f"--- {name}", *told[-40:], *status[-1:]]))
+    for node in nodes:
+        for name in ("server.log", "stdout.log"):
+            path = node.logs_dir / name
+            lines = path.read_text(errors="replace").splitlines() if path.exists() else []
+            if name == "server.log":
+                levels = ("] WARN ", "] ERROR ", "] FATAL ")
+                lines = [x for x in lines if any(level in x for level in levels)]
+            parts.append("\n".join([f"--- broker {node.port} {name}", *lines[-25:]]))
     return "\n".join(parts)
 
 
@@ -140,7 +155,8 @@ def kill_mid_stream(
     nodes: list[broker.BrokerConfig], checkpoint: Path, tmp: Path, pick: str, grace: float
 ) -> float:
     """Router (``--grace``) + 1 worker; ``EVENTS`` events at ``RATE``; the broker ``pick``ed
-    killed once a quarter of them has a recommendation, restarted a second later; returns the
+    killed half a second into the last three quarters of the stream (the first quarter has its
+    recommendations by then), restarted a second later; returns the
     recovery time after checking every event has exactly one recommendation and the states
     equal the replay."""
     with scratch_topics("bf") as kafka:
@@ -153,20 +169,32 @@ def kill_mid_stream(
         )
         procs = [router, start_worker(kafka, checkpoint, 0, tmp)]
         try:
-            _ready(tmp, procs)
+            _ready(tmp, procs, nodes)
             topic = kafka.topic("interactions")
             codec = make_codec(kafka, INTERACTION, topic)
-            feeder = threading.Thread(
-                target=produce_file,
-                args=(bundled_wikipedia(), idempotent_producer(kafka), codec, topic),
-                kwargs={"start": HISTORY, "limit": EVENTS, "rate": RATE},
-                daemon=True,
-            )
+            first = EVENTS // 4
+            go = threading.Event()
+
+            def feed() -> None:
+                # The first quarter, then (once it has its recommendations) the rest, paced,
+                # across the kill: on a machine slow enough for the pipeline to finish the
+                # whole stream before a quarter was seen, the kill once came after it.
+                producer, path = idempotent_producer(kafka), bundled_wikipedia()
+                produce_file(path, producer, codec, topic, start=HISTORY, limit=first, rate=RATE)
+                go.wait(timeout=300)
+                after = HISTORY + first
+                produce_file(
+                    path, producer, codec, topic, start=after, limit=EVENTS - first, rate=RATE
+                )
+
+            feeder = threading.Thread(target=feed, daemon=True)
             feeder.start()
             deadline = time.monotonic() + 120
-            while len(follower.seen) < EVENTS // 4:
-                assert time.monotonic() < deadline, _logs(tmp)
+            while len(follower.seen) < first:
+                assert time.monotonic() < deadline, _logs(tmp, nodes)
                 time.sleep(0.1)
+            go.set()
+            time.sleep(0.5)  # the rest streaming: the kill lands with events in flight
             victim = nodes[0]
             if pick == "coordinator":
                 victim = cluster.pick_victim(nodes, kafka, f"{kafka.topic_prefix}jodie-workers")
@@ -174,7 +202,10 @@ def kill_mid_stream(
             cluster.kill(victim)
             before = len(follower.seen)
             time.sleep(1.0)
-            cluster.up(nodes)  # as `jodie broker up` does: returns once it answers
+            try:
+                cluster.up(nodes)  # as `jodie broker up` does: returns once it answers
+            except BrokerStartError as exc:
+                raise AssertionError(f"{exc}\n{_logs(tmp, nodes)}") from exc
             answering = time.time()
             recs = wait_for(kafka, EVENTS, timeout_s=240)
             feeder.join(timeout=30)
@@ -187,17 +218,17 @@ def kill_mid_stream(
             for proc in procs:
                 stop(proc)
         assert before < EVENTS, "the kill landed after the stream"
-        assert all(alive), _logs(tmp)  # nobody gave up
+        assert all(alive), _logs(tmp, nodes)  # nobody gave up
         # The router numbered each event once: a restart that restored its sequencer from
         # part of the log once gave seqs already taken to new events.
-        assert [e.seq for e in read_log(kafka)] == list(range(EVENTS)), _logs(tmp)
+        assert [e.seq for e in read_log(kafka)] == list(range(EVENTS)), _logs(tmp, nodes)
         counts = Counter(r["event_id"] for r in recs)
-        assert len(recs) == EVENTS and len(counts) == EVENTS, _logs(tmp)
+        assert len(recs) == EVENTS and len(counts) == EVENTS, _logs(tmp, nodes)
         assert counts.most_common(1)[0][1] == 1
         replay = reference(checkpoint, range(HISTORY, HISTORY + EVENTS))
         assert_equal_to_reference(kafka, checkpoint, replay)
     new = [received for received, created in follower.seen if created > killed_at]
-    assert new, _logs(tmp)
+    assert new, _logs(tmp, nodes)
     recovery = min(new) - answering
     received = sorted(r for r, _c in follower.seen if r > killed_at)
     gap = max((b - a for a, b in itertools.pairwise([killed_at, *received])), default=0.0)
