@@ -283,7 +283,7 @@ def run_worker(
         level=getattr(logging, loglevel.upper(), logging.WARNING),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    http = Endpoint()
+    http = Endpoint(max_queue=settings.query_queue, max_wait_s=settings.query_max_wait_s)
     served = http.serve(settings.web_port + worker_id)
     endpoint = (http.host or "", http.port or 0) if served else None
     worker = Worker(settings, worker_id, checkpoint_dir, version, model, endpoint)
