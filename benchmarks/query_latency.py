@@ -12,17 +12,20 @@ The producer replays the file from row --start at --rate. After --warmup seconds
 start, open loop: one is due every 1/qps s, for a user drawn from the rows produced at least
 --settle s before (most are known to the pipeline; an unknown one answers 404, counted apart),
 asked of a worker drawn at random (so about half the queries are forwarded to the owner), on
---clients client threads. A query's latency runs from the time it was due, so a slow answer
-delays the figures, not the next query. Printed: latency percentiles of the answered queries
-(direct and forwarded apart), answers by status (503: shed by an overloaded worker, counted
-apart from the answers), the achieved query rate, the stream's side: events applied per second
-by the workers and their inbox lag (their /metrics.json pages; a page that could not be read
-says so, never 0), and the CPU each process used meanwhile (/proc: cores, 1.0 = one busy core).
+--clients client threads, each query on a new connection (--keep-alive: each client thread
+keeps one to each worker, as a service calling the workers would). A query's latency runs
+from the time it was due, so a slow answer delays the figures, not the next query. Printed:
+latency percentiles of the answered queries (direct and forwarded apart), answers by status
+(503: shed by an overloaded worker, counted apart from the answers), the achieved query
+rate, the stream's side: events applied per second by the workers and their inbox lag (their
+/metrics.json pages; a page that could not be read says so, never 0), and the CPU each
+process used meanwhile (/proc: cores, 1.0 = one busy core).
 SIGTERM stops the router, the workers and the producer as Ctrl-C does.
 
     jodie broker up
     python benchmarks/query_latency.py                       # 200 queries/s, 500 events/s
     python benchmarks/query_latency.py --qps 100 --duration 30
+    python benchmarks/query_latency.py --keep-alive
     jodie broker down
 """
 
@@ -30,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import http.client
 import json
 import os
 import random
@@ -41,6 +45,7 @@ import tempfile
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -200,6 +205,11 @@ def main() -> None:
     parser.add_argument("--settle", type=float, default=5.0, help="s before a user is asked")
     parser.add_argument("--k", type=int, default=10)
     parser.add_argument("--clients", type=int, default=64, help="client threads")
+    parser.add_argument(
+        "--keep-alive",
+        action="store_true",
+        help="each client thread keeps a connection to each worker (default: one per query)",
+    )
     args = parser.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="jodie-query-bench-"))
@@ -268,10 +278,15 @@ def run(
     unread = 0  # lag samples whose pages could not be read
     rng = random.Random(0)
 
+    kept = threading.local()  # --keep-alive: each client thread's connections
+
     def ask(due: float, url: str) -> None:
         status, headers = 0, dict[str, str]()
         with contextlib.suppress(OSError, ValueError):  # no answer: status 0
-            status, headers, _body = get_json(url, timeout_s=10.0)
+            if args.keep_alive:
+                status, headers = get_kept(kept, url, timeout_s=10.0)
+            else:
+                status, headers, _body = get_json(url, timeout_s=10.0)
         answers.append(Answer(due, time.monotonic() - due, status, "Via" in headers))
 
     def sample_lag() -> None:
@@ -338,6 +353,25 @@ def run(
         f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs"
     )
     print(f"CPU meanwhile (cores): {cpu}")
+
+
+def get_kept(kept: threading.local, url: str, timeout_s: float) -> tuple[int, dict[str, str]]:
+    """GET ``url`` on this thread's open connection to its host (opened when missing, dropped
+    when it fails): status and headers, the body read and parsed."""
+    parts = urllib.parse.urlsplit(url)
+    connections: dict[str, http.client.HTTPConnection] = kept.__dict__.setdefault("by_host", {})
+    connection = connections.get(parts.netloc)
+    if connection is None:
+        connection = http.client.HTTPConnection(parts.netloc, timeout=timeout_s)
+        connections[parts.netloc] = connection
+    try:
+        connection.request("GET", f"{parts.path}?{parts.query}")
+        reply = connection.getresponse()
+        json.loads(reply.read())
+    except (OSError, ValueError, http.client.HTTPException):
+        connections.pop(parts.netloc).close()
+        raise OSError(f"no answer from {parts.netloc}") from None
+    return reply.status, dict(reply.getheaders())
 
 
 def get_json_or_zero(url: str) -> int:
