@@ -7,12 +7,14 @@ of the bundled file, then sit idle. Each user of those rows is asked once of wor
 whether worker 0 owns it (direct) or forwards it (its answer's ``Via`` header). Then, for each
 kind, --queries queries are fired at worker 0 from --clients client threads, and the CPU time
 (user + system) every worker spent meanwhile is read from /proc, less what it spends idle in
-the same wall time (measured first). Printed per kind: queries/s achieved, CPU µs per query
+the same wall time (measured first). Each query on a new connection, or with --keep-alive on
+one each client thread keeps. Printed per kind: queries/s achieved, CPU µs per query
 in the worker asked and in the owner, and the statuses.
 
     jodie broker up
     python benchmarks/query_cost.py
     python benchmarks/query_cost.py --queries 4000 --clients 8
+    python benchmarks/query_cost.py --keep-alive
     jodie broker down
 """
 
@@ -35,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.query_latency import (
     free_port,
     get_json,
+    get_kept,
     make_checkpoint,
     spawn,
     stop,
@@ -60,6 +63,11 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=4, help="client threads")
     parser.add_argument("--idle", type=float, default=5.0, help="s of idle CPU measured")
     parser.add_argument("--k", type=int, default=10)
+    parser.add_argument(
+        "--keep-alive",
+        action="store_true",
+        help="each client thread keeps its connection (default: one per query)",
+    )
     args = parser.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="jodie-query-cost-"))
@@ -131,9 +139,19 @@ def measure(args: argparse.Namespace, urls: list[str], users: list[str], pids: l
         statuses: Counter[int] = Counter()
         lock = threading.Lock()
 
-        def ask(url: str, statuses: Counter[int] = statuses, lock: threading.Lock = lock) -> None:
+        kept = threading.local()
+
+        def ask(
+            url: str,
+            statuses: Counter[int] = statuses,
+            lock: threading.Lock = lock,
+            kept: threading.local = kept,
+        ) -> None:
             try:
-                status = get_json(url, timeout_s=30.0)[0]
+                if args.keep_alive:
+                    status = get_kept(kept, url, timeout_s=30.0)[0]
+                else:
+                    status = get_json(url, timeout_s=30.0)[0]
             except (OSError, ValueError):
                 status = 0
             with lock:

@@ -15,11 +15,12 @@ asked of a worker drawn at random (so about half the queries are forwarded to th
 --clients client threads, each query on a new connection (--keep-alive: each client thread
 keeps one to each worker, as a service calling the workers would). A query's latency runs
 from the time it was due, so a slow answer delays the figures, not the next query. Printed:
-latency percentiles of the answered queries (direct and forwarded apart), answers by status
-(503: shed by an overloaded worker, counted apart from the answers), the achieved query
-rate, the stream's side: events applied per second by the workers and their inbox lag (their
-/metrics.json pages; a page that could not be read says so, never 0), and the CPU each
-process used meanwhile (/proc: cores, 1.0 = one busy core).
+latency percentiles of the answered queries (direct and forwarded apart; also from the
+moment a client thread sent it, which leaves out the wait for a free client thread),
+answers by status (503: shed by an overloaded worker, counted apart from the answers), the
+achieved query rate, the stream's side: events applied per second by the workers and their
+inbox lag (their /metrics.json pages; a page that could not be read says so, never 0), and
+the CPU each process used meanwhile (/proc: cores, 1.0 = one busy core).
 SIGTERM stops the router, the workers and the producer as Ctrl-C does.
 
     jodie broker up
@@ -138,6 +139,7 @@ class Answer:
     latency_s: float
     status: int  # 0: no answer (refused, timed out)
     forwarded: bool
+    sent_s: float  # from sending to the answer: the latency without the client's own queue
 
 
 def percentiles(values_s: list[float]) -> str:
@@ -281,13 +283,15 @@ def run(
     kept = threading.local()  # --keep-alive: each client thread's connections
 
     def ask(due: float, url: str) -> None:
+        sent = time.monotonic()
         status, headers = 0, dict[str, str]()
         with contextlib.suppress(OSError, ValueError):  # no answer: status 0
             if args.keep_alive:
                 status, headers = get_kept(kept, url, timeout_s=10.0)
             else:
                 status, headers, _body = get_json(url, timeout_s=10.0)
-        answers.append(Answer(due, time.monotonic() - due, status, "Via" in headers))
+        now = time.monotonic()
+        answers.append(Answer(due, now - due, status, "Via" in headers, now - sent))
 
     def sample_lag() -> None:
         nonlocal unread
@@ -339,6 +343,8 @@ def run(
     print(f"latency, 200 only:      {percentiles([a.latency_s for a in ok if a.status == 200])}")
     print(f"latency, direct:        {percentiles([a.latency_s for a in ok if not a.forwarded])}")
     print(f"latency, forwarded:     {percentiles([a.latency_s for a in ok if a.forwarded])}")
+    print(f"from send, answered:    {percentiles([a.sent_s for a in ok])}")
+    print(f"from send, shed (503):  {percentiles([a.sent_s for a in answers if a.status == 503])}")
     if before is None or after is None:
         rate = "? events/s applied by the workers (a /metrics.json page could not be read)"
     else:
