@@ -12,14 +12,21 @@ The producer replays the file from row --start at --rate. After --warmup seconds
 start, open loop: one is due every 1/qps s, for a user drawn from the rows produced at least
 --settle s before (most are known to the pipeline; an unknown one answers 404, counted apart),
 asked of a worker drawn at random (so about half the queries are forwarded to the owner), on
---clients client threads. A query's latency runs from the time it was due, so a slow answer
-delays the figures, not the next query. Printed: latency percentiles of the answered queries
-(direct and forwarded apart), answers by status, the achieved query rate, and the stream's
-side: events applied per second by the workers and their inbox lag (their /metrics pages).
+--clients client threads, each query on a new connection (--keep-alive: each client thread
+keeps one to each worker, as a service calling the workers would). A query's latency runs
+from the time it was due, so a slow answer delays the figures, not the next query. Printed:
+latency percentiles of the answered queries (direct and forwarded apart; also from the
+moment a client thread sent it, which leaves out the wait for a free client thread),
+answers by status (503: shed by an overloaded worker, counted apart from the answers), the
+achieved query rate, the stream's side: events applied per second by the workers and their
+inbox lag (their /metrics.json pages; a page that could not be read says so, never 0), and
+the CPU each process used meanwhile (/proc: cores, 1.0 = one busy core).
+SIGTERM stops the router, the workers and the producer as Ctrl-C does.
 
     jodie broker up
     python benchmarks/query_latency.py                       # 200 queries/s, 500 events/s
     python benchmarks/query_latency.py --qps 100 --duration 30
+    python benchmarks/query_latency.py --keep-alive
     jodie broker down
 """
 
@@ -27,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import http.client
 import json
 import os
 import random
@@ -38,6 +46,7 @@ import tempfile
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -47,12 +56,15 @@ from typing import Any
 import numpy as np
 import torch
 
+from deploy.kafka import broker
+from deploy.kafka.broker import BrokerConfig
 from operators.dataset import bundled_wikipedia, load_interactions
 from operators.model.checkpoint import save_checkpoint
 from operators.model.config import ModelConfig, TrainConfig
 from operators.model.jodie import Jodie
 from operators.model.online import OnlineJodie
 from operators.model.state import States
+from streams.settings import Settings
 from streams.topics import scratch_topics
 
 
@@ -127,6 +139,7 @@ class Answer:
     latency_s: float
     status: int  # 0: no answer (refused, timed out)
     forwarded: bool
+    sent_s: float  # from sending to the answer: the latency without the client's own queue
 
 
 def percentiles(values_s: list[float]) -> str:
@@ -140,14 +153,46 @@ def percentiles(values_s: list[float]) -> str:
     )
 
 
-def worker_pages(urls: list[str]) -> list[dict[str, Any]]:
+def worker_pages(urls: list[str], timeout_s: float = 10.0) -> list[dict[str, Any]] | None:
+    """Every worker's /metrics.json (/metrics is Prometheus text); None if any cannot be read
+    (a busy worker may answer late: read again rather than count it as zero)."""
     pages = []
     for url in urls:
-        try:
-            pages.append(get_json(url + "/metrics")[2])
-        except (OSError, ValueError):
-            pages.append({})
+        for _attempt in range(3):
+            with contextlib.suppress(OSError, ValueError):
+                status, _headers, page = get_json(url + "/metrics.json", timeout_s)
+                if status == 200 and isinstance(page, dict):
+                    pages.append(page)
+                    break
+        else:
+            return None
     return pages
+
+
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_s(pid: int) -> float | None:
+    """User + system CPU seconds of process ``pid`` so far (None: gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / _TICK  # utime, stime
+
+
+def broker_pid() -> int | None:
+    return broker.status(BrokerConfig.from_settings(Settings())).pid
+
+
+def cpu_use(named: dict[str, int], before: dict[str, float | None], wall_s: float) -> str:
+    """Cores each process used since ``before`` (its CPU seconds then)."""
+    used = []
+    for name, pid in named.items():
+        now, then = cpu_s(pid), before.get(name)
+        if now is not None and then is not None:
+            used.append(f"{name} {(now - then) / wall_s:.2f}")
+    return ", ".join(used)
 
 
 def main() -> None:
@@ -162,6 +207,11 @@ def main() -> None:
     parser.add_argument("--settle", type=float, default=5.0, help="s before a user is asked")
     parser.add_argument("--k", type=int, default=10)
     parser.add_argument("--clients", type=int, default=64, help="client threads")
+    parser.add_argument(
+        "--keep-alive",
+        action="store_true",
+        help="each client thread keeps a connection to each worker (default: one per query)",
+    )
     args = parser.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="jodie-query-bench-"))
@@ -173,6 +223,8 @@ def main() -> None:
     if args.start + events > len(log.user_ids):
         raise SystemExit(f"the bundled file has {len(log.user_ids)} rows; lower the rate")
 
+    # `kill <pid>` stops the children too: the finally clauses run as for Ctrl-C.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     with scratch_topics("qbench"):
         env = {**os.environ, "JODIE_STATE_DIR": str(tmp / "state")}
         procs = [spawn(["router"], env, tmp / "router.log")]
@@ -215,63 +267,117 @@ def run(
         flush=True,
     )
     time.sleep(args.warmup)
+    named = {"router": procs[0].pid, **{f"worker {n}": p.pid for n, p in enumerate(procs[1:-1])}}
+    named["producer"], named["benchmark"] = procs[-1].pid, os.getpid()
+    pid = broker_pid()
+    if pid is not None:
+        named["broker"] = pid
     before = worker_pages(urls)
     t0 = time.monotonic()
+    cpu_before = {name: cpu_s(pid) for name, pid in named.items()}
     answers: list[Answer] = []
     lags: list[int] = []
+    unread = 0  # lag samples whose pages could not be read
     rng = random.Random(0)
 
+    kept = threading.local()  # --keep-alive: each client thread's connections
+
     def ask(due: float, url: str) -> None:
+        sent = time.monotonic()
         status, headers = 0, dict[str, str]()
         with contextlib.suppress(OSError, ValueError):  # no answer: status 0
-            status, headers, _body = get_json(url, timeout_s=10.0)
-        answers.append(Answer(due, time.monotonic() - due, status, "Via" in headers))
+            if args.keep_alive:
+                status, headers = get_kept(kept, url, timeout_s=10.0)
+            else:
+                status, headers, _body = get_json(url, timeout_s=10.0)
+        now = time.monotonic()
+        answers.append(Answer(due, now - due, status, "Via" in headers, now - sent))
 
     def sample_lag() -> None:
+        nonlocal unread
         while time.monotonic() - t0 < args.duration:
-            lags.append(sum(max(0, p.get("lag", 0)) for p in worker_pages(urls)))
+            pages = worker_pages(urls, timeout_s=2.0)
+            if pages is None:
+                unread += 1
+            else:
+                lags.append(sum(max(0, p.get("lag", 0)) for p in pages))
             time.sleep(2.0)
 
     threading.Thread(target=sample_lag, daemon=True).start()
     n = int(args.qps * args.duration)
     pool = ThreadPoolExecutor(max_workers=args.clients)
-    for q in range(n):
-        due = t0 + q / args.qps
-        pause = due - time.monotonic()
-        if pause > 0:
-            time.sleep(pause)
-        produced = args.start + int((due - began - args.settle) * args.rate)
-        user = users[rng.randrange(max(1, produced))]
-        url = f"{rng.choice(urls)}/users/{user}/recommendations?k={args.k}"
-        pool.submit(ask, due, url)
+    try:
+        for q in range(n):
+            due = t0 + q / args.qps
+            pause = due - time.monotonic()
+            if pause > 0:
+                time.sleep(pause)
+            produced = args.start + int((due - began - args.settle) * args.rate)
+            user = users[rng.randrange(max(1, produced))]
+            url = f"{rng.choice(urls)}/users/{user}/recommendations?k={args.k}"
+            pool.submit(ask, due, url)
+    except BaseException:
+        # Stopped (SIGTERM, Ctrl-C): drop the queries not sent, so the exit waits at most for
+        # those in flight.
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
     elapsed = time.monotonic() - t0
+    # The stream's side over the same window as the queries were due.
+    after = worker_pages(urls)
+    cpu = cpu_use(named, cpu_before, time.monotonic() - t0)
     # Queries still queued when the time is up were never sent (every client thread was
     # waiting for an answer): counted apart. Those in flight end within their timeout.
     pool.shutdown(wait=True, cancel_futures=True)
-    after = worker_pages(urls)
 
     ok = [a for a in answers if a.status in (200, 404)]
     by_status: dict[int, int] = {}
     for a in answers:
         by_status[a.status] = by_status.get(a.status, 0) + 1
-    applied = sum(p.get("user_events", 0) for p in after) - sum(
-        p.get("user_events", 0) for p in before
-    )
     print(
         f"queries: {n} due in {elapsed:.1f} s = {n / elapsed:.1f}/s, {n - len(answers)} never "
         f"sent (all {args.clients} client threads waiting); answers by status "
-        f"{dict(sorted(by_status.items()))} (0: none within 10 s)"
+        f"{dict(sorted(by_status.items()))} (0: none within 10 s; 503: shed, not answered); "
+        f"answered {len(ok) / elapsed:.1f}/s"
     )
     print(f"latency, all answered:  {percentiles([a.latency_s for a in ok])}")
     print(f"latency, 200 only:      {percentiles([a.latency_s for a in ok if a.status == 200])}")
     print(f"latency, direct:        {percentiles([a.latency_s for a in ok if not a.forwarded])}")
     print(f"latency, forwarded:     {percentiles([a.latency_s for a in ok if a.forwarded])}")
+    print(f"from send, answered:    {percentiles([a.sent_s for a in ok])}")
+    print(f"from send, shed (503):  {percentiles([a.sent_s for a in answers if a.status == 503])}")
+    if before is None or after is None:
+        rate = "? events/s applied by the workers (a /metrics.json page could not be read)"
+    else:
+        applied = sum(p.get("user_events", 0) for p in after) - sum(
+            p.get("user_events", 0) for p in before
+        )
+        rate = f"{applied / elapsed:.0f} events/s applied by the workers"
     print(
-        f"stream meanwhile: {applied / elapsed:.0f} events/s applied by the workers "
-        f"(produced at {args.rate:.0f}/s); inbox lag {lags[0] if lags else '?'} → "
-        f"{lags[-1] if lags else '?'} (max {max(lags) if lags else '?'}); "
+        f"stream meanwhile: {rate} (produced at {args.rate:.0f}/s); inbox lag "
+        f"{lags[0] if lags else '?'} → {lags[-1] if lags else '?'} (max "
+        f"{max(lags) if lags else '?'}; {len(lags)} samples, {unread} unread); "
         f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs"
     )
+    print(f"CPU meanwhile (cores): {cpu}")
+
+
+def get_kept(kept: threading.local, url: str, timeout_s: float) -> tuple[int, dict[str, str]]:
+    """GET ``url`` on this thread's open connection to its host (opened when missing, dropped
+    when it fails): status and headers, the body read and parsed."""
+    parts = urllib.parse.urlsplit(url)
+    connections: dict[str, http.client.HTTPConnection] = kept.__dict__.setdefault("by_host", {})
+    connection = connections.get(parts.netloc)
+    if connection is None:
+        connection = http.client.HTTPConnection(parts.netloc, timeout=timeout_s)
+        connections[parts.netloc] = connection
+    try:
+        connection.request("GET", f"{parts.path}?{parts.query}")
+        reply = connection.getresponse()
+        json.loads(reply.read())
+    except (OSError, ValueError, http.client.HTTPException):
+        connections.pop(parts.netloc).close()
+        raise OSError(f"no answer from {parts.netloc}") from None
+    return reply.status, dict(reply.getheaders())
 
 
 def get_json_or_zero(url: str) -> int:

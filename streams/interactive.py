@@ -10,10 +10,14 @@ it answers from its own table row, else it forwards the request to the member th
 advertise in their client ids) and relays the answer with a ``Via`` header. A forwarded
 request that reaches a worker which does not own the key (a rebalance moved it since) answers
 421, and the asker looks the owner up afresh, once; while no member owns the partition (a
-rebalance in progress) the answer is 503 with ``Retry-After``.
+rebalance in progress) the answer is 503 with ``Retry-After``. Forwards go over connections
+the asker keeps open to each owner (``Endpoint.peers``) and are awaited on the endpoint's
+loop, so a forward in flight holds no thread; an owner that shed the query (503, its
+``Retry-After``) is relayed as it answered. An overloaded worker sheds queries itself
+(``streams.runtime.http``: ``JODIE_QUERY_QUEUE``, ``JODIE_QUERY_MAX_WAIT_S``).
 
-Consistency and concurrency: queries run on the HTTP threads while the loop processes, and
-never wait for a batch. The user's (or item's) row is read as last committed (``Table.
+Consistency and concurrency: queries run on the endpoint's thread while the loop processes,
+and never wait for a batch. The user's (or item's) row is read as last committed (``Table.
 committed``: the table's RocksDB, written only after each transaction commits), so an answer
 never sees a batch half applied: ``log_seq`` is the seq in interactions.log of the last event
 of that user applied and committed, ``pending_events`` the events of it received but waiting
@@ -36,6 +40,7 @@ the ranker's popularity terms favour at that time (the same for everyone).
 
 from __future__ import annotations
 
+import asyncio
 import math
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
@@ -47,8 +52,8 @@ from streams.app.epochs import UNSTAMPED, label, row_key
 from streams.app.processor import Box, Processor
 from streams.app.serving import Ranked, Serving
 from streams.query import MAX_K
-from streams.runtime.directory import Directory, DirectoryError
-from streams.runtime.http import Endpoint, HttpError, Request, Response, fetch, json_response
+from streams.runtime.directory import Directory, DirectoryError, Member, owner_among
+from streams.runtime.http import Endpoint, HttpError, Peers, Reply, Request, Response, json_response
 from streams.runtime.loop import TransactionalLoop
 from streams.runtime.store import Table
 from streams.settings import Settings
@@ -84,20 +89,22 @@ class Queries:
         self.name = worker.name
         self.directory = directory or Directory(worker.settings, worker.loop.config.group_id)
         self.inboxes = {side: topic for topic, side in worker.sides.items()}
+        self.peers = Peers()  # the endpoint's own once registered (see register)
 
     def register(self, http: Endpoint) -> None:
+        self.peers = http.peers
         http.get("/users/{user_id}/recommendations", self.user)
         http.get("/items/{item_id}", self.item)
 
     # -- routes -------------------------------------------------------------------------------
-    def user(self, request: Request) -> Response:
+    def user(self, request: Request) -> Reply:
         user_id = request.params["user_id"]
         k, at, cold = _k(request), _at(request), request.flag("cold_start")
         return self._routed(
             "user", user_id, request, lambda p, s, box: self._user(p, s, box, user_id, k, at, cold)
         )
 
-    def item(self, request: Request) -> Response:
+    def item(self, request: Request) -> Reply:
         item_id = request.params["item_id"]
         return self._routed(
             "item", item_id, request, lambda p, s, box: self._item(p, s, box, item_id)
@@ -110,9 +117,10 @@ class Queries:
         entity: str,
         request: Request,
         answer: Callable[[int, Serving, Box], dict[str, Any]],
-    ) -> Response:
+    ) -> Reply:
         """``answer(partition, serving, committed row)`` here if this worker owns the entity,
-        else the owner's response."""
+        else the owner's response (awaited: the forward waits on the endpoint's loop, not on
+        a thread)."""
         worker = self.worker
         p = worker.partition_of(side, entity)
         if p is None:
@@ -130,11 +138,19 @@ class Queries:
             raise HttpError(421, f"{self.name} does not own {side} partition {p} (any more)")
         return self._forward(side, p, request)
 
-    def _forward(self, side: str, p: int, request: Request) -> Response:
+    async def _owner(self, topic: str, p: int, fresh: bool) -> Member | None:
+        """The owner of ``topic[p]``; a description of the group older than its time to live
+        is asked for on another thread (the coordinator may take seconds to answer)."""
+        members = None if fresh else self.directory.cached()
+        if members is not None:
+            return owner_among(members, topic, p)
+        return await asyncio.to_thread(self.directory.owner, topic, p, fresh)
+
+    async def _forward(self, side: str, p: int, request: Request) -> Response:
         topic, last = self.inboxes[side], ""
         for fresh in (False, True):
             try:
-                owner = self.directory.owner(topic, p, fresh=fresh)
+                owner = await self._owner(topic, p, fresh)
             except DirectoryError as exc:
                 raise HttpError(503, str(exc), _RETRY) from exc
             if owner is None:
@@ -148,20 +164,19 @@ class Queries:
                 last = f"{side} partition {p} is moving to or from {self.name}"
                 continue
             try:
-                reply = fetch(
-                    f"http://{owner.endpoint}{request.target}",
-                    FORWARD_TIMEOUT_S,
-                    {"Via": f"1.1 {self.name}"},
+                reply = await self.peers.get(
+                    owner.endpoint, request.target, FORWARD_TIMEOUT_S, {"Via": f"1.1 {self.name}"}
                 )
             except OSError as exc:
-                last = f"{owner.name} at {owner.endpoint} did not answer ({exc})"
+                last = f"{owner.name} at {owner.endpoint} did not answer ({exc or 'timed out'})"
                 continue
             if reply.status == 421:
                 last = f"{owner.name} no longer owns {side} partition {p}"
                 continue
-            return Response(
-                reply.status, reply.body, reply.content_type, {"Via": f"1.1 {owner.name}"}
-            )
+            relayed = {"Via": f"1.1 {owner.name}"}
+            if "retry-after" in reply.headers:  # the owner shed it: the client may retry
+                relayed["Retry-After"] = reply.headers["retry-after"]
+            return Response(reply.status, reply.body, reply.content_type, relayed)
         raise HttpError(503, f"{last}; retry shortly", _RETRY)
 
     # -- answers (on the owner, from its committed row) ----------------------------------------

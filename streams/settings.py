@@ -259,6 +259,22 @@ class Settings(BaseSettings):
     web_port: int = Field(
         6066, description="JODIE_WEB_PORT: first worker's HTTP port (/metrics); worker N adds N."
     )
+    query_queue: int = Field(
+        64,
+        ge=1,
+        description=(
+            "JODIE_QUERY_QUEUE: most interactive queries a worker holds waiting (or being "
+            "forwarded) at once; one more is answered 503 with Retry-After at once."
+        ),
+    )
+    query_max_wait_s: float = Field(
+        0.5,
+        gt=0,
+        description=(
+            "JODIE_QUERY_MAX_WAIT_S: an interactive query that waited longer than this for "
+            "its turn is answered 503 with Retry-After instead (load shedding)."
+        ),
+    )
     commit_interval_s: float = Field(
         0.1,
         description=(

@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import signal
+import sys
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -283,7 +284,12 @@ def run_worker(
         level=getattr(logging, loglevel.upper(), logging.WARNING),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    http = Endpoint()
+    # The endpoint's thread shares the GIL with the processing loop: when it wants it back
+    # (a query arrived), the loop's thread holds it up to the switch interval. 1 ms instead
+    # of CPython's 5 halved the p99 of direct queries at 20 queries/s and 500 events/s
+    # (benchmarks/query_latency.py: 349 → 125 ms, 348 → 150 ms), the stream unchanged.
+    sys.setswitchinterval(0.001)
+    http = Endpoint(max_queue=settings.query_queue, max_wait_s=settings.query_max_wait_s)
     served = http.serve(settings.web_port + worker_id)
     endpoint = (http.host or "", http.port or 0) if served else None
     worker = Worker(settings, worker_id, checkpoint_dir, version, model, endpoint)

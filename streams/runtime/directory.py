@@ -93,12 +93,15 @@ class Directory:
                 self._at = time.monotonic()
             return self._members
 
+    def cached(self) -> list[Member] | None:
+        """The members as last described, if that is younger than ``ttl_s``, without waiting
+        (None: ask ``members``, which may wait for the coordinator)."""
+        at = self._at  # read before the members, which are written before it
+        return self._members if time.monotonic() - at <= self.ttl_s else None
+
     def owner(self, topic: str, partition: int, fresh: bool = False) -> Member | None:
         """The member assigned ``topic[partition]`` now (None: nobody, e.g. mid-rebalance)."""
-        for member in self.members(fresh):
-            if (topic, partition) in member.partitions:
-                return member
-        return None
+        return owner_among(self.members(fresh), topic, partition)
 
     def _describe(self) -> list[Member]:
         if self._admin is None:
@@ -118,3 +121,11 @@ class Directory:
                 Member(name, endpoint, frozenset((tp.topic, tp.partition) for tp in assigned))
             )
         return members
+
+
+def owner_among(members: list[Member], topic: str, partition: int) -> Member | None:
+    """The member of ``members`` assigned ``topic[partition]`` (None: nobody)."""
+    for member in members:
+        if (topic, partition) in member.partitions:
+            return member
+    return None

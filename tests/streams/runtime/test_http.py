@@ -1,17 +1,24 @@
 """The HTTP endpoint serves the routes an application registers, and only those: exact pages
-and patterns with path parameters, query strings and JSON errors."""
+and patterns with path parameters, query strings and JSON errors; it sheds queries it cannot
+answer in time (503 with Retry-After) and forwards on kept connections."""
 
 from __future__ import annotations
 
+import asyncio
+import http.client
 import json
+import threading
+import time
 import urllib.error
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
 from streams.runtime.http import (
     Endpoint,
     HttpError,
+    Peers,
     Request,
     Response,
     fetch,
@@ -122,3 +129,135 @@ def test_patterns_take_path_parameters_and_query_strings() -> None:
         http.close()
     with pytest.raises(OSError):
         fetch(f"{base}/metrics", 2.0)
+
+
+def _send(base: str, paths: list[str]) -> list[http.client.HTTPConnection]:
+    """GET every path, each on its own connection, reading no answer yet."""
+    connections = []
+    for path in paths:
+        connection = http.client.HTTPConnection("127.0.0.1", int(base.rsplit(":", 1)[1]), 10)
+        connection.request("GET", path)
+        connections.append(connection)
+    return connections
+
+
+def _answers(connections: list[http.client.HTTPConnection]) -> list[tuple[int, dict, dict]]:
+    answers = []
+    for connection in connections:
+        reply = connection.getresponse()
+        answers.append((reply.status, dict(reply.getheaders()), json.loads(reply.read())))
+        connection.close()
+    return answers
+
+
+def _held(endpoint: Endpoint, slow_s: float = 0.0) -> tuple[threading.Event, threading.Event]:
+    """/users/gate holds the endpoint's one thread until the second event is set (the
+    requests sent meanwhile arrive together); the first is set once it holds it.
+    /users/slow takes ``slow_s``."""
+    entered, gate = threading.Event(), threading.Event()
+
+    def handler(request: Request) -> Response:
+        user = request.params["user_id"]
+        if user == "gate":
+            entered.set()
+            assert gate.wait(10.0)
+        elif user == "slow":
+            time.sleep(slow_s)
+        return json_response({"user": user})
+
+    endpoint.get("/users/{user_id}", handler)
+    return entered, gate
+
+
+def test_a_full_queue_sheds_queries_with_503_and_retry_after_but_never_pages() -> None:
+    endpoint = Endpoint(max_queue=2, max_wait_s=30.0)
+    endpoint.route("/metrics", json_route(lambda: {"events": 1}))
+    entered, gate = _held(endpoint)
+    assert endpoint.serve(0)
+    base = f"http://127.0.0.1:{endpoint.port}"
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            held = pool.submit(_get, f"{base}/users/gate")
+            assert entered.wait(10.0)
+            sent = _send(base, [f"/users/{n}" for n in range(4)] + ["/metrics"])
+            gate.set()
+            assert held.result(timeout=10)[0] == 200
+            got = _answers(sent)
+    finally:
+        endpoint.close()
+    # Two fit the queue; the next two find it full; the page is answered as it arrives.
+    assert [status for status, _h, _b in got] == [200, 200, 503, 503, 200]
+    assert [b["user"] for _s, _h, b in got[:2]] == ["0", "1"]
+    for _status, headers, body in got[2:4]:
+        assert headers["Retry-After"] == "1"
+        assert body["error"].startswith("overloaded: 2 requests are waiting")
+    assert got[4][2] == {"events": 1}
+    assert endpoint.shed == 2
+
+
+def test_a_query_that_waited_too_long_is_shed_not_answered_late() -> None:
+    endpoint = Endpoint(max_queue=10, max_wait_s=0.2)
+    entered, gate = _held(endpoint, slow_s=0.5)
+    assert endpoint.serve(0)
+    base = f"http://127.0.0.1:{endpoint.port}"
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            held = pool.submit(_get, f"{base}/users/gate")
+            assert entered.wait(10.0)
+            sent = _send(base, ["/users/slow", "/users/late"])
+            gate.set()
+            assert held.result(timeout=10)[0] == 200
+            (s1, _h1, b1), (s2, h2, b2) = _answers(sent)
+    finally:
+        endpoint.close()
+    # Both were queued at once; the second's turn came 0.5 s later, past its 0.2 s.
+    assert (s1, b1) == (200, {"user": "slow"})
+    assert s2 == 503 and h2["Retry-After"] == "1" and "waited" in b2["error"]
+    assert endpoint.shed == 1
+
+
+def test_forwards_use_kept_connections_and_relay_the_owners_answer() -> None:
+    owner = Endpoint(idle_s=0.3)
+    owner.get("/users/{user_id}", lambda r: json_response({"user": r.params["user_id"]}))
+    asker = Endpoint()
+
+    async def forward(request: Request) -> Response:
+        reply = await asker.peers.get(
+            f"127.0.0.1:{owner.port}", request.target, 5.0, {"Via": "1.1 asker"}
+        )
+        return Response(reply.status, reply.body, reply.content_type, {"Via": "1.1 owner"})
+
+    asker.get("/users/{user_id}", forward)
+    assert owner.serve(0) and asker.serve(0)
+    try:
+        for user in ("a", "b%2Fc", "d"):
+            direct = _get(f"http://127.0.0.1:{owner.port}/users/{user}")
+            forwarded = _get(f"http://127.0.0.1:{asker.port}/users/{user}")
+            assert forwarded[0] == direct[0] == 200
+            assert forwarded[2] == direct[2] and forwarded[1]["Via"] == "1.1 owner"
+        # Three direct connections and one kept for all three forwards.
+        assert owner.accepted == 4
+        # The owner closes the idle kept connection; the next forward notices, asks again.
+        time.sleep(0.8)
+        status, _headers, body = _get(f"http://127.0.0.1:{asker.port}/users/e")
+        assert (status, body) == (200, {"user": "e"})
+        assert owner.accepted == 5
+        # Many at once: each answered with its own user's answer.
+        with ThreadPoolExecutor(8) as pool:
+            got = list(
+                pool.map(lambda n: _get(f"http://127.0.0.1:{asker.port}/users/u{n}"), range(40))
+            )
+        assert [b["user"] for _s, _h, b in got] == [f"u{n}" for n in range(40)]
+    finally:
+        asker.close()
+        owner.close()
+
+
+def test_a_forward_to_an_endpoint_that_is_gone_raises_oserror() -> None:
+    owner = Endpoint()
+    assert owner.serve(0)
+    address = f"127.0.0.1:{owner.port}"
+    owner.close()
+    peers = Peers()
+    with pytest.raises(OSError):
+        asyncio.run(peers.get(address, "/users/x", 2.0))
