@@ -34,15 +34,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.query_latency import (
-    free_port,
-    get_json,
-    get_kept,
-    make_checkpoint,
-    spawn,
-    stop,
-)
+from benchmarks.query_latency import get_json, get_kept
 from operators.dataset import bundled_wikipedia, load_interactions
+from operators.model.synthetic import synthetic_checkpoint
+from streams.children import Child, free_port, spawn, stop_children_on_sigterm
 from streams.topics import scratch_topics
 
 _TICK = os.sysconf("SC_CLK_TCK")
@@ -71,7 +66,8 @@ def main() -> None:
     args = parser.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="jodie-query-cost-"))
-    checkpoint = make_checkpoint(tmp / "ckpt", args.start)
+    stop_children_on_sigterm()
+    checkpoint = synthetic_checkpoint(tmp / "ckpt", args.start, version="bench-v1")
     ports = [free_port() for _ in range(args.workers)]
     urls = [f"http://127.0.0.1:{p}" for p in ports]
     log = load_interactions(bundled_wikipedia())
@@ -79,25 +75,25 @@ def main() -> None:
 
     with scratch_topics("qcost"):
         env = {**os.environ, "JODIE_STATE_DIR": str(tmp / "state")}
-        procs = [spawn(["router"], env, tmp / "router.log")]
-        workers = []
+        procs = [spawn("router", ["router"], tmp, env)]
+        workers: list[Child] = []
         for n in range(args.workers):
             worker_env = {**env, "JODIE_WEB_PORT": str(ports[n] - n)}
             cmd = ["worker", "--checkpoint", str(checkpoint), "--id", str(n)]
-            workers.append(spawn(cmd, worker_env, tmp / f"worker-{n}.log"))
+            workers.append(spawn(f"worker-{n}", cmd, tmp, worker_env))
         procs += workers
         produce = ["produce", "--start", str(args.start), "--limit", str(args.events)]
-        procs.append(spawn(produce, env, tmp / "produce.log"))
+        procs.append(spawn("produce", produce, tmp, env))
         try:
             wait_applied(urls, args.events, procs, tmp)
             measure(args, urls, users, [w.pid for w in workers])
         finally:
             for proc in procs:
-                stop(proc)
+                proc.stop()
     print(f"logs in {tmp}")
 
 
-def wait_applied(urls: list[str], events: int, procs: list, tmp: Path) -> None:
+def wait_applied(urls: list[str], events: int, procs: list[Child], tmp: Path) -> None:
     """Until the workers have applied ``events`` user events between them."""
     deadline = time.monotonic() + 300
     while True:
@@ -107,7 +103,7 @@ def wait_applied(urls: list[str], events: int, procs: list, tmp: Path) -> None:
                 applied += int(get_json(url + "/metrics.json")[2].get("user_events", 0))
         if applied >= events:
             return
-        if time.monotonic() > deadline or any(p.poll() not in (None, 0) for p in procs):
+        if time.monotonic() > deadline or any(p.proc.poll() not in (None, 0) for p in procs):
             raise SystemExit(f"{applied} of {events} events applied; see the logs in {tmp}")
         time.sleep(1.0)
 

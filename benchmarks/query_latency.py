@@ -38,10 +38,6 @@ import http.client
 import json
 import os
 import random
-import signal
-import socket
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -54,74 +50,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from deploy.kafka import broker
 from deploy.kafka.broker import BrokerConfig
 from operators.dataset import bundled_wikipedia, load_interactions
-from operators.model.checkpoint import save_checkpoint
-from operators.model.config import ModelConfig, TrainConfig
-from operators.model.jodie import Jodie
-from operators.model.online import OnlineJodie
-from operators.model.state import States
+from operators.model.synthetic import synthetic_checkpoint
+from streams.children import Child, free_port, spawn, stop_children_on_sigterm
 from streams.settings import Settings
 from streams.topics import scratch_topics
-
-
-def make_checkpoint(out: Path, rows: int) -> Path:
-    """Random weights, a history ranker with fixed terms, the states of the first ``rows``."""
-    log = load_interactions(bundled_wikipedia())
-    torch.manual_seed(0)
-    cfg = ModelConfig(
-        delta_user_mean=20_000.0,
-        delta_user_std=50_000.0,
-        delta_item_mean=3_000.0,
-        delta_item_std=10_000.0,
-    )
-    model = Jodie(cfg)
-    states = States.empty(
-        cfg.embedding_dim, cfg.user_static_dim, cfg.item_static_dim, cfg.history_size
-    )
-    online = OnlineJodie(model, states)
-    for k in range(rows):
-        online.observe(log.user_ids[k], log.item_ids[k], float(log.timestamps[k]))
-    scorer = {
-        "scorer.log_alpha": torch.tensor(-0.7),
-        "scorer.bonus": torch.linspace(3.0, 0.2, cfg.history_size),
-        "scorer.beta": torch.tensor(0.4),
-        "scorer.gamma": torch.tensor(0.3),
-        "scorer.delta": torch.tensor(0.5),
-    }
-    meta = {"version": "bench-v1", "log_offsets": {"events": rows}}
-    save_checkpoint(out, model, online.states, TrainConfig(model=cfg), scorer, meta=meta)
-    return out
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def spawn(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
-    with log.open("wb") as fh:
-        return subprocess.Popen(
-            [sys.executable, "-m", "streams", *args],
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=fh,
-            stderr=subprocess.STDOUT,
-        )
-
-
-def stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
 
 
 def get_json(url: str, timeout_s: float = 5.0) -> tuple[int, dict[str, str], Any]:
@@ -215,7 +151,9 @@ def main() -> None:
     args = parser.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="jodie-query-bench-"))
-    checkpoint = args.checkpoint or make_checkpoint(tmp / "ckpt", args.start)
+    checkpoint = args.checkpoint or synthetic_checkpoint(
+        tmp / "ckpt", args.start, version="bench-v1"
+    )
     ports = [free_port() for _ in range(args.workers)]
     urls = [f"http://127.0.0.1:{p}" for p in ports]
     log = load_interactions(bundled_wikipedia())
@@ -223,20 +161,19 @@ def main() -> None:
     if args.start + events > len(log.user_ids):
         raise SystemExit(f"the bundled file has {len(log.user_ids)} rows; lower the rate")
 
-    # `kill <pid>` stops the children too: the finally clauses run as for Ctrl-C.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+    stop_children_on_sigterm()  # `kill <pid>` stops the children too
     with scratch_topics("qbench"):
         env = {**os.environ, "JODIE_STATE_DIR": str(tmp / "state")}
-        procs = [spawn(["router"], env, tmp / "router.log")]
+        procs = [spawn("router", ["router"], tmp, env)]
         for n in range(args.workers):
             worker_env = {**env, "JODIE_WEB_PORT": str(ports[n] - n)}
             cmd = ["worker", "--checkpoint", str(checkpoint), "--id", str(n)]
-            procs.append(spawn(cmd, worker_env, tmp / f"worker-{n}.log"))
+            procs.append(spawn(f"worker-{n}", cmd, tmp, worker_env))
         try:
             run(args, env, urls, [str(u) for u in log.user_ids], events, procs, tmp)
         finally:
             for proc in procs:
-                stop(proc)
+                proc.stop()
     print(f"logs in {tmp}")
 
 
@@ -246,20 +183,20 @@ def run(
     urls: list[str],
     users: list[str],
     events: int,
-    procs: list[subprocess.Popen[bytes]],
+    procs: list[Child],
     tmp: Path,
 ) -> None:
     # The workers answer once they hold partitions (a user's owner exists).
     deadline = time.monotonic() + 180
     probe = f"/users/{users[0]}/recommendations?k=1"
     while not all(get_json_or_zero(u + probe) == 200 for u in urls):
-        if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
+        if time.monotonic() > deadline or not all(p.alive() for p in procs):
             raise SystemExit(f"the workers did not come up; see the logs in {tmp}")
         time.sleep(0.5)
 
     began = time.monotonic()
     produce = ["produce", "--rate", str(args.rate), "--start", str(args.start)]
-    procs.append(spawn([*produce, "--limit", str(events)], env, tmp / "produce.log"))
+    procs.append(spawn("produce", [*produce, "--limit", str(events)], tmp, env))
     print(
         f"stream: {args.rate:.0f} events/s from row {args.start}, router + {args.workers} "
         f"workers; queries: {args.qps:.0f}/s, k={args.k}, after {args.warmup:.0f} s of warm-up, "
