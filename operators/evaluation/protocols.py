@@ -27,7 +27,7 @@ from operators.evaluation.ranker import (
     user_features,
 )
 from operators.evaluation.scorer import PlainScorer, Scorer, ScorerSamples, UserContext
-from operators.evaluation.served import ServedLists
+from operators.evaluation.served import ServedLists, ServedRecorder
 from operators.model.config import Protocol, TrainConfig
 from operators.model.events import EventTensors, encode
 from operators.model.jodie import Jodie, squared_distances
@@ -109,12 +109,13 @@ def frozen_replay(
     log: InteractionLog,
     scorer: Scorer,
     skip: int = 0,
-    served: ServedLists | None = None,
+    served: ServedRecorder | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Sequential replay with fixed weights; ranks of events ``skip:`` and P(state change).
 
     ``served`` also records the lists the stream serves after each event and where each
-    scored event's item stood in its user's (``operators.evaluation.served``)."""
+    scored event's item stood in its user's (``operators.evaluation.served``: ``ServedLists``,
+    ``LastItemMargins``)."""
     online = OnlineJodie(model, states)
     items = states.items
     n = len(log)

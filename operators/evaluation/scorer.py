@@ -13,7 +13,9 @@ b_pos is a bonus per history position (0 = last item), non-increasing by constru
 is how often the user touched j while it stayed in the history; n_j is j's popularity so far
 and m_j(t) its event count decayed with a one-day time constant (what is being edited now).
 α, b, β, γ, δ are fitted by softmax cross-entropy over all known items on the last part of the
-training split only (``fit_history_scorer``); the JODIE weights are untouched. Variants are
+training split only (``fit_history_scorer``); a training run then raises b_0 by the margin
+under which the lists served on the validation split score the highest served MRR
+(``operators.training.run.fit_served_margin``). The JODIE weights are untouched. Variants are
 injected through ``make_scorer``.
 """
 

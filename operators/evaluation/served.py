@@ -15,12 +15,16 @@ measures that list, offline, during the same frozen replay:
 Served Recall@k is the share of events whose item was in the list, served MRR the mean of
 1/position (0 for a miss). Only events whose user already had an event in the replayed window
 count: before that the stream had served that user nothing (``covered`` says how many).
+
+``LastItemMargins`` measures the same lists with the item the user just touched raised by
+each of a few margins over every other item, so that a training run can choose how far the
+history scorer favours it by what the served metric measures (``operators.training.run``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -33,6 +37,68 @@ from operators.model.state import States
 #: Horizons (seconds) compared by default: none, a minute, an hour, a day, and the mean gap
 #: between a user's events in training (``None``; what the stream used until now).
 DEFAULT_HORIZONS: tuple[float | None, ...] = (0.0, 60.0, 3600.0, 86400.0, None)
+#: Margins (in score units, where the history scorer's terms are log-odds) that
+#: ``LastItemMargins`` tries for the item the user just touched: none, then doubling.
+MARGINS: tuple[float, ...] = (0.0, 0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
+
+
+class ServedRecorder(Protocol):
+    """What a frozen replay tells a recorder of served lists (``frozen_replay``)."""
+
+    def before(self, index: int, user_row: int, item_row: int | None) -> None:
+        """Event ``index`` (of the scored ones) of ``user_row`` on ``item_row`` (None: an
+        item never seen), before it is applied."""
+        ...
+
+    def after(
+        self, model: Any, states: States, scorer: Scorer, user_row: int, item_row: int, t: float
+    ) -> None:
+        """The same event at ``t``, applied: what is served to ``user_row`` now."""
+        ...
+
+
+@torch.inference_mode()
+def served_scores(
+    model: Any,
+    states: States,
+    scorer: Scorer,
+    user_row: int,
+    item_row: int,
+    t: float,
+    horizons: tuple[float | None, ...],
+) -> tuple[np.ndarray, UserContext]:
+    """(H, n) the scorer's scores of every known item for the lists served to ``user_row``
+    right after its event on ``item_row`` at ``t``, one row per horizon (None: the model's
+    mean user gap), with the user's context they were scored with."""
+    users, items = states.users, states.items
+    cfg = model.config
+    gaps = np.array([[cfg.delta_user_mean if h is None else h] for h in horizons], dtype=np.float64)
+    delta = torch.from_numpy(standardise_delta(gaps, cfg.delta_user_mean, cfg.delta_user_std))
+    h = len(horizons)
+    u = users._emb[user_row : user_row + 1].expand(h, -1)
+    u_static = users._static[user_row : user_row + 1].expand(h, -1)
+    i_dyn = items._emb[item_row : item_row + 1].expand(h, -1)
+    i_static = items._static[item_row : item_row + 1].expand(h, -1)
+    _proj, preds = query(model, u, delta, u_static, i_dyn, i_static)
+    context = UserContext(
+        users._history[user_row].copy(),
+        users._history_counts[user_row].copy(),
+        users._history_times[user_row].copy(),
+        users._habits[user_row].copy(),
+        int(users._count[user_row]),
+        float(users._last_time[user_row]),
+        t,
+    )
+    count, trend = items.count, items.trend_at(t)
+    scores = np.stack(
+        [
+            scorer.scores(
+                preds[j], items.emb, items.static, count, trend, context, items.last_time
+            ).numpy()
+            for j in range(h)
+        ]
+    )
+    return scores, context
 
 
 @dataclass
@@ -61,7 +127,6 @@ class ServedLists:
         self.positions.append(np.array([_position(row, item_row) for row in lists]))
         self.heuristic.append(_position(self._heuristic[user_row], item_row))
 
-    @torch.inference_mode()
     def after(
         self,
         model: Any,
@@ -72,37 +137,10 @@ class ServedLists:
         t: float,
     ) -> None:
         """The lists served to ``user_row`` right after its event on ``item_row`` at ``t``."""
-        users, items = states.users, states.items
-        cfg = model.config
-        gaps = np.array(
-            [[cfg.delta_user_mean if h is None else h] for h in self.horizons], dtype=np.float64
-        )
-        delta = torch.from_numpy(standardise_delta(gaps, cfg.delta_user_mean, cfg.delta_user_std))
-        h = len(self.horizons)
-        u = users._emb[user_row : user_row + 1].expand(h, -1)
-        u_static = users._static[user_row : user_row + 1].expand(h, -1)
-        i_dyn = items._emb[item_row : item_row + 1].expand(h, -1)
-        i_static = items._static[item_row : item_row + 1].expand(h, -1)
-        _proj, preds = query(model, u, delta, u_static, i_dyn, i_static)
-        context = UserContext(
-            users._history[user_row].copy(),
-            users._history_counts[user_row].copy(),
-            users._history_times[user_row].copy(),
-            users._habits[user_row].copy(),
-            int(users._count[user_row]),
-            float(users._last_time[user_row]),
-            t,
-        )
-        count, trend = items.count, items.trend_at(t)
-        k = min(self.k, len(items))
-        lists = np.empty((h, k), dtype=np.int64)
-        for j in range(h):
-            scores = scorer.scores(
-                preds[j], items.emb, items.static, count, trend, context, items.last_time
-            )
-            lists[j] = _top(scores.numpy(), k)
-        self._model[user_row] = lists
-        self._heuristic[user_row] = _recent_then_popular(context.history, count, k)
+        scores, context = served_scores(model, states, scorer, user_row, item_row, t, self.horizons)
+        k = min(self.k, scores.shape[1])
+        self._model[user_row] = np.stack([_top(row, k) for row in scores])
+        self._heuristic[user_row] = _recent_then_popular(context.history, states.items.count, k)
 
     def summary(self, categories: np.ndarray | None = None) -> dict[str, Any]:
         """Served Recall@k and MRR per horizon and for the heuristic (per category too)."""
@@ -132,6 +170,75 @@ class ServedLists:
                 for c in dict.fromkeys(cats.tolist())
             }
         return out
+
+
+@dataclass
+class LastItemMargins:
+    """Where each next item stood in the list served after the user's previous event, had
+    the item touched then (the head of the user's history) scored ``m`` higher, for each
+    ``m`` of ``margins``; one horizon (None: the model's mean user gap), lists of ``k``.
+
+    Margin 0 is the list ``ServedLists`` records. Raising the one item by m changes nothing
+    else in the list, so the scores are computed once per event: that item's score and the k
+    best of the others are enough to place the next item under every margin.
+    """
+
+    horizon: float | None = None
+    margins: tuple[float, ...] = MARGINS
+    k: int = 10
+    #: user row → (the touched item's row, its score, k best other rows and their scores,
+    #: best first, the list's length)
+    _pending: dict[int, tuple[int, np.float32, np.ndarray, np.ndarray, int]] = field(
+        default_factory=dict
+    )
+    positions: list[np.ndarray] = field(default_factory=list)  # per scored event, (M,) 0..k
+
+    def before(self, index: int, user_row: int, item_row: int | None) -> None:
+        """Event ``index`` of ``user_row`` on ``item_row``: its position under each margin."""
+        pending = self._pending.get(user_row)
+        if pending is None:
+            return
+        last, last_score, rows, scores, length = pending
+        keys = (last_score + np.asarray(self.margins, dtype=np.float32))[:, None]  # (M, 1)
+        # The others above the raised item: a prefix of the best-first list (ties: lower row).
+        above = ((scores > keys) | ((scores == keys) & (rows < last))).sum(axis=1)  # (M,)
+        if item_row == last:
+            pos = above + 1
+        else:
+            hit = np.flatnonzero(rows == item_row) if item_row is not None else rows[:0]
+            # Not among the k best others: absent whatever the margin.
+            pos = hit[0] + 1 + (above <= hit[0]) if hit.size else np.zeros_like(above)
+        self.positions.append(np.where((pos > 0) & (pos <= length), pos, 0).astype(np.int64))
+
+    def after(
+        self,
+        model: Any,
+        states: States,
+        scorer: Scorer,
+        user_row: int,
+        item_row: int,
+        t: float,
+    ) -> None:
+        """Keep what places the next item in ``user_row``'s list under every margin."""
+        [scores], _context = served_scores(
+            model, states, scorer, user_row, item_row, t, (self.horizon,)
+        )
+        others = scores.copy()
+        others[item_row] = -np.inf
+        n = scores.shape[0]
+        rows = _top(others, min(self.k, n - 1)) if n > 1 else np.zeros(0, dtype=np.int64)
+        self._pending[user_row] = (item_row, scores[item_row], rows, others[rows], min(self.k, n))
+
+    def mrr(self) -> np.ndarray:
+        """(M,) served MRR under each margin (zeros before any scored event)."""
+        if not self.positions:
+            return np.zeros(len(self.margins))
+        pos = np.stack(self.positions)
+        return np.where(pos > 0, 1.0 / np.maximum(pos, 1), 0.0).mean(axis=0)
+
+    def best(self) -> float:
+        """The smallest margin of the highest served MRR."""
+        return float(self.margins[int(np.argmax(self.mrr()))])
 
 
 def _position(served: np.ndarray, item_row: int | None) -> int:

@@ -265,8 +265,8 @@ class Serving:
                 "+ (b_pos + beta*log(1 + the user's events on j)) + gamma*log(1 + events on j) "
                 "+ delta*log(1 + events on j decayed over one day, at the projected time); "
                 "j~ is the item the model predicts for the user projected to that time; higher "
-                "is better, and a softmax over all items' scores is the fitted probability "
-                "that j comes next"
+                "is better; the terms are fitted as log-odds that j comes next, b_0 (the user's "
+                "last item) then raised by the margin whose lists served best on validation"
             )
         return (
             "score = distance = -|j~ - [j, j_static]|^2: minus the squared distance from the "

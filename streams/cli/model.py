@@ -116,6 +116,13 @@ def train(
         f"{res.metrics['valid_mrr_frozen']:.4f}; "
         f"{np.mean(res.curves['epoch_seconds']):.1f} s/epoch; checkpoint {run.checkpoint}"
     )
+    if "served_margin" in res.metrics:
+        by_margin = res.metrics["valid_served_mrr_by_margin"]
+        margin = res.metrics["served_margin"]
+        console.print(
+            f"served margin of the last item {margin:g}: valid served MRR "
+            f"{by_margin['0.0']:.4f} without it, {by_margin[str(margin)]:.4f} with it"
+        )
 
 
 def _train_from_topic(

@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from operators.evaluation.protocols import event_categories, frozen_replay
 from operators.evaluation.scorer import HistoryScorer, PlainScorer, Scorer, UserContext
-from operators.evaluation.served import ServedLists, ServedTally, _recent_then_popular, _top
+from operators.evaluation.served import (
+    LastItemMargins,
+    ServedLists,
+    ServedTally,
+    _recent_then_popular,
+    _top,
+)
 from operators.model.jodie import Jodie
 from operators.model.online import OnlineJodie
 from operators.model.state import States
@@ -68,13 +75,7 @@ def test_positions_are_those_of_the_list_served_after_the_previous_event() -> No
     horizons, k = (0.0, 600.0), 5
     scorers: list[Scorer] = [
         PlainScorer(),
-        HistoryScorer(
-            torch.tensor(-1.0),
-            torch.linspace(2.0, 0.5, 4),
-            torch.tensor(0.3),
-            torch.tensor(0.1),
-            torch.tensor(0.2),
-        ),
+        _history_scorer(),
     ]
     for scorer in scorers:
         served = ServedLists(horizons, k)
@@ -97,6 +98,49 @@ def test_positions_are_those_of_the_list_served_after_the_previous_event() -> No
         assert summary["by_category"]["repeat_last"]["heuristic"]["mrr"] == 1.0
         hits = np.array(want_pos)[:, 0] > 0
         assert summary["by_horizon"][0]["recall"] == hits.mean()
+
+
+def _history_scorer(first_bonus: float = 0.0) -> HistoryScorer:
+    bonus = torch.linspace(2.0, 0.5, 4)
+    bonus[0] += first_bonus
+    return HistoryScorer(
+        torch.tensor(-1.0), bonus, torch.tensor(0.3), torch.tensor(0.1), torch.tensor(0.2)
+    )
+
+
+def test_a_margin_places_each_item_as_the_list_of_a_scorer_with_that_first_bonus() -> None:
+    torch.manual_seed(0)
+    model = Jodie(tiny_config(delta_user_mean=60.0, delta_user_std=30.0)).eval()
+    log = _log()
+    margins = (0.0, 0.5, 1.0, 4.0, 64.0)
+    measured = LastItemMargins(None, margins, k=5)
+    frozen_replay(model, States.empty(8, 8, 8, 4), log, _history_scorer(), served=measured)
+    positions = np.stack(measured.positions)  # (E, M)
+    # Each margin by another path: the lists of a scorer whose last-item bonus carries it.
+    for j, margin in enumerate(margins):
+        lists = ServedLists((None,), k=5)
+        frozen_replay(model, States.empty(8, 8, 8, 4), log, _history_scorer(margin), served=lists)
+        assert np.stack(lists.positions)[:, 0].tolist() == positions[:, j].tolist()
+    # The margins do move items (the history bonus alone does not put the last item first).
+    assert len({tuple(positions[:, j]) for j in range(len(margins))}) > 1
+    mrr = measured.mrr()
+    want = [np.mean([1.0 / p if p else 0.0 for p in positions[:, j].tolist()]) for j in range(5)]
+    assert mrr.tolist() == pytest.approx(want, rel=1e-12)
+    assert measured.best() == margins[int(np.argmax(mrr))]
+
+
+def test_the_raised_item_passes_the_others_it_now_outscores() -> None:
+    measured = LastItemMargins(None, (0.0, 1.0, 2.5), k=3)
+    # The user just touched row 5 (score 1.0); the best others, best first: rows 2, 7, 3.
+    others = np.array([2, 7, 3]), np.array([3.0, 1.5, 1.0], dtype=np.float32)
+    for target, want in ((5, [0, 2, 1]), (7, [2, 3, 3]), (2, [1, 1, 2]), (9, [0, 0, 0])):
+        measured._pending[0] = (5, np.float32(1.0), *others, 3)
+        measured.before(0, 0, target)
+        # Row 5 at margin 0: after 2, 7 and 3 (a tie, lower row first), 4th of a list of 3.
+        assert measured.positions[-1].tolist() == want, target
+    # MRR (1/2 + 1/3 + 1) / 4 at margins 1.0 and 2.5 (above 1.5 / 4 at 0): the smaller wins.
+    assert measured.mrr().tolist() == pytest.approx([1.5 / 4, 11 / 6 / 4, 11 / 6 / 4])
+    assert measured.best() == 1.0
 
 
 def test_the_heuristic_serves_recent_items_then_popular_ones() -> None:
