@@ -34,19 +34,18 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.query_latency import get_json, get_kept
+from benchmarks.query_latency import cpu_s, get_json, get_kept, pipeline
 from operators.dataset import bundled_wikipedia, load_interactions
 from operators.model.synthetic import synthetic_checkpoint
-from streams.children import Child, free_port, spawn, stop_children_on_sigterm
-from streams.topics import scratch_topics
-
-_TICK = os.sysconf("SC_CLK_TCK")
+from streams.children import Child, spawn
 
 
-def cpu_s(pid: int) -> float:
-    """User + system CPU seconds of process ``pid`` (its threads included)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / _TICK  # utime, stime (fields 14, 15)
+def alive_cpu_s(pid: int) -> float:
+    """CPU seconds of a worker that must still run (the figures mean nothing otherwise)."""
+    used = cpu_s(pid)
+    if used is None:
+        raise SystemExit(f"worker pid {pid} exited during the measurement")
+    return used
 
 
 def main() -> None:
@@ -66,30 +65,15 @@ def main() -> None:
     args = parser.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="jodie-query-cost-"))
-    stop_children_on_sigterm()
     checkpoint = synthetic_checkpoint(tmp / "ckpt", args.start, version="bench-v1")
-    ports = [free_port() for _ in range(args.workers)]
-    urls = [f"http://127.0.0.1:{p}" for p in ports]
     log = load_interactions(bundled_wikipedia())
     users = sorted({str(u) for u in log.user_ids[args.start : args.start + args.events]})
 
-    with scratch_topics("qcost"):
-        env = {**os.environ, "JODIE_STATE_DIR": str(tmp / "state")}
-        procs = [spawn("router", ["router"], tmp, env)]
-        workers: list[Child] = []
-        for n in range(args.workers):
-            worker_env = {**env, "JODIE_WEB_PORT": str(ports[n] - n)}
-            cmd = ["worker", "--checkpoint", str(checkpoint), "--id", str(n)]
-            workers.append(spawn(f"worker-{n}", cmd, tmp, worker_env))
-        procs += workers
+    with pipeline("qcost", tmp, checkpoint, args.workers) as p:
         produce = ["produce", "--start", str(args.start), "--limit", str(args.events)]
-        procs.append(spawn("produce", produce, tmp, env))
-        try:
-            wait_applied(urls, args.events, procs, tmp)
-            measure(args, urls, users, [w.pid for w in workers])
-        finally:
-            for proc in procs:
-                proc.stop()
+        p.procs.append(spawn("produce", produce, tmp, p.env))
+        wait_applied(p.urls, args.events, p.procs, tmp)
+        measure(args, p.urls, users, [w.pid for w in p.workers])
     print(f"logs in {tmp}")
 
 
@@ -120,9 +104,9 @@ def measure(args: argparse.Namespace, urls: list[str], users: list[str], pids: l
         f"{len(kinds['forwarded'])} forwarded; {args.queries} queries per kind from "
         f"{args.clients} client threads; {os.cpu_count()} CPUs (load {os.getloadavg()[0]:.1f})"
     )
-    before = [cpu_s(pid) for pid in pids]
+    before = [alive_cpu_s(pid) for pid in pids]
     time.sleep(args.idle)
-    idle = [(cpu_s(pid) - b) / args.idle for pid, b in zip(pids, before, strict=True)]
+    idle = [(alive_cpu_s(pid) - b) / args.idle for pid, b in zip(pids, before, strict=True)]
     print("idle CPU: " + ", ".join(f"worker {n} {c * 100:.1f} %" for n, c in enumerate(idle)))
     rng = random.Random(0)
     for kind, pool_of in kinds.items():
@@ -153,11 +137,13 @@ def measure(args: argparse.Namespace, urls: list[str], users: list[str], pids: l
             with lock:
                 statuses[status] += 1
 
-        began, cpu0 = time.monotonic(), [cpu_s(pid) for pid in pids]
+        began, cpu0 = time.monotonic(), [alive_cpu_s(pid) for pid in pids]
         with ThreadPoolExecutor(max_workers=args.clients) as pool:
             list(pool.map(ask, targets))
         wall = time.monotonic() - began
-        spent = [cpu_s(pid) - c - i * wall for pid, c, i in zip(pids, cpu0, idle, strict=True)]
+        spent = [
+            alive_cpu_s(pid) - c - i * wall for pid, c, i in zip(pids, cpu0, idle, strict=True)
+        ]
         per = [s / args.queries * 1e6 for s in spent]
         print(
             f"{kind:9s}: {args.queries / wall:6.1f} queries/s; CPU per query "

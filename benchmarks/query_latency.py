@@ -44,6 +44,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -154,27 +155,47 @@ def main() -> None:
     checkpoint = args.checkpoint or synthetic_checkpoint(
         tmp / "ckpt", args.start, version="bench-v1"
     )
-    ports = [free_port() for _ in range(args.workers)]
-    urls = [f"http://127.0.0.1:{p}" for p in ports]
     log = load_interactions(bundled_wikipedia())
     events = int(args.rate * (args.warmup + args.duration + 30))
     if args.start + events > len(log.user_ids):
         raise SystemExit(f"the bundled file has {len(log.user_ids)} rows; lower the rate")
 
+    with pipeline("qbench", tmp, checkpoint, args.workers) as p:
+        run(args, p.env, p.urls, [str(u) for u in log.user_ids], events, p.procs, tmp)
+    print(f"logs in {tmp}")
+
+
+@dataclass
+class Pipeline:
+    env: dict[str, str]  # the children's environment (JODIE_STATE_DIR under the tmp folder)
+    urls: list[str]  # each worker's web address, worker 0 first
+    procs: list[Child]  # the router, then the workers; a child appended here is stopped too
+
+    @property
+    def workers(self) -> list[Child]:
+        return self.procs[1 : 1 + len(self.urls)]
+
+
+@contextlib.contextmanager
+def pipeline(name: str, tmp: Path, checkpoint: Path, workers: int) -> Iterator[Pipeline]:
+    """Fresh topics (prefix ``name``), a router and ``workers`` workers serving
+    ``checkpoint``, each worker's web page on a free port, logs in ``tmp``; on the way out
+    every child in ``procs`` is stopped (SIGTERM to this process too) and the topics deleted."""
     stop_children_on_sigterm()  # `kill <pid>` stops the children too
-    with scratch_topics("qbench"):
+    ports = [free_port() for _ in range(workers)]
+    with scratch_topics(name):
         env = {**os.environ, "JODIE_STATE_DIR": str(tmp / "state")}
         procs = [spawn("router", ["router"], tmp, env)]
-        for n in range(args.workers):
+        for n in range(workers):
+            # A worker listens on JODIE_WEB_PORT + its id.
             worker_env = {**env, "JODIE_WEB_PORT": str(ports[n] - n)}
             cmd = ["worker", "--checkpoint", str(checkpoint), "--id", str(n)]
             procs.append(spawn(f"worker-{n}", cmd, tmp, worker_env))
         try:
-            run(args, env, urls, [str(u) for u in log.user_ids], events, procs, tmp)
+            yield Pipeline(env, [f"http://127.0.0.1:{port}" for port in ports], procs)
         finally:
             for proc in procs:
                 proc.stop()
-    print(f"logs in {tmp}")
 
 
 def run(

@@ -150,10 +150,13 @@ def _answers(connections: list[http.client.HTTPConnection]) -> list[tuple[int, d
     return answers
 
 
-def _held(endpoint: Endpoint, slow_s: float = 0.0) -> tuple[threading.Event, threading.Event]:
-    """/users/gate holds the endpoint's one thread until the second event is set (the
-    requests sent meanwhile arrive together); the first is set once it holds it.
-    /users/slow takes ``slow_s``."""
+def _queued_behind_a_held_query(
+    endpoint: Endpoint, paths: list[str], slow_s: float = 0.0
+) -> list[tuple[int, dict, dict]]:
+    """Serve ``endpoint`` with /users/{user_id} where /users/gate holds the endpoint's one
+    thread and /users/slow takes ``slow_s``; while the gate holds it, send ``paths`` at once
+    (they arrive together), then let it go. The answers to ``paths``, in order; the endpoint
+    is closed."""
     entered, gate = threading.Event(), threading.Event()
 
     def handler(request: Request) -> Response:
@@ -166,25 +169,24 @@ def _held(endpoint: Endpoint, slow_s: float = 0.0) -> tuple[threading.Event, thr
         return json_response({"user": user})
 
     endpoint.get("/users/{user_id}", handler)
-    return entered, gate
-
-
-def test_a_full_queue_sheds_queries_with_503_and_retry_after_but_never_pages() -> None:
-    endpoint = Endpoint(max_queue=2, max_wait_s=30.0)
-    endpoint.route("/metrics", json_route(lambda: {"events": 1}))
-    entered, gate = _held(endpoint)
     assert endpoint.serve(0)
     base = f"http://127.0.0.1:{endpoint.port}"
     try:
         with ThreadPoolExecutor(1) as pool:
             held = pool.submit(_get, f"{base}/users/gate")
             assert entered.wait(10.0)
-            sent = _send(base, [f"/users/{n}" for n in range(4)] + ["/metrics"])
+            sent = _send(base, paths)
             gate.set()
             assert held.result(timeout=10)[0] == 200
-            got = _answers(sent)
+            return _answers(sent)
     finally:
         endpoint.close()
+
+
+def test_a_full_queue_sheds_queries_with_503_and_retry_after_but_never_pages() -> None:
+    endpoint = Endpoint(max_queue=2, max_wait_s=30.0)
+    endpoint.route("/metrics", json_route(lambda: {"events": 1}))
+    got = _queued_behind_a_held_query(endpoint, [f"/users/{n}" for n in range(4)] + ["/metrics"])
     # Two fit the queue; the next two find it full; the page is answered as it arrives.
     assert [status for status, _h, _b in got] == [200, 200, 503, 503, 200]
     assert [b["user"] for _s, _h, b in got[:2]] == ["0", "1"]
@@ -197,19 +199,8 @@ def test_a_full_queue_sheds_queries_with_503_and_retry_after_but_never_pages() -
 
 def test_a_query_that_waited_too_long_is_shed_not_answered_late() -> None:
     endpoint = Endpoint(max_queue=10, max_wait_s=0.2)
-    entered, gate = _held(endpoint, slow_s=0.5)
-    assert endpoint.serve(0)
-    base = f"http://127.0.0.1:{endpoint.port}"
-    try:
-        with ThreadPoolExecutor(1) as pool:
-            held = pool.submit(_get, f"{base}/users/gate")
-            assert entered.wait(10.0)
-            sent = _send(base, ["/users/slow", "/users/late"])
-            gate.set()
-            assert held.result(timeout=10)[0] == 200
-            (s1, _h1, b1), (s2, h2, b2) = _answers(sent)
-    finally:
-        endpoint.close()
+    got = _queued_behind_a_held_query(endpoint, ["/users/slow", "/users/late"], slow_s=0.5)
+    (s1, _h1, b1), (s2, h2, b2) = got
     # Both were queued at once; the second's turn came 0.5 s later, past its 0.2 s.
     assert (s1, b1) == (200, {"user": "slow"})
     assert s2 == 503 and h2["Retry-After"] == "1" and "waited" in b2["error"]
