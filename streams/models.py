@@ -195,7 +195,9 @@ class Registry:
     def _records(self) -> dict[str, dict[str, Any]]:
         codec = make_codec(self.settings, MODEL_ANNOUNCEMENT, self.topic)
         latest: dict[str, dict[str, Any]] = {}
-        for key, value, _p, _o in read_all(self.settings, self.topic):
+        # All of it or a ReadError: a read cut short by a slow broker would show an older
+        # promotion as the serving one (a trainer would judge against it, a worker load it).
+        for key, value, _p, _o in read_all(self.settings, self.topic, complete=True):
             if key is None:
                 continue
             record = codec.decode(value)

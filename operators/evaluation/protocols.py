@@ -10,6 +10,7 @@ keeps them fixed and is exactly the sequential replay the deployed stream perfor
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -289,6 +290,32 @@ def breakdown(ranks: np.ndarray, categories: np.ndarray) -> dict[str, dict[str, 
     return out
 
 
+def _sampled_replay(
+    model: Jodie,
+    states: States,
+    log: InteractionLog,
+    every: int,
+    sample: Callable[[Query, float, int, int], None],
+) -> list[int]:
+    """Frozen replay of ``log``: before every ``every``-th event whose item is known,
+    ``sample(query, time, items known, items at the end)`` (what the model predicts for the
+    event's user then); the rows of those events' items, in order."""
+    online = OnlineJodie(model, states)
+    items = states.items
+    n_final = len(items) + len(np.unique(log.item_ids))
+    targets: list[int] = []
+    feats = log.features if log.n_features else None
+    uids, iids, ts = log.user_ids.tolist(), log.item_ids.tolist(), log.timestamps.tolist()
+    with torch.inference_mode():
+        for k in range(len(log)):
+            i_row = items.row(iids[k])
+            if k % every == 0 and i_row is not None:
+                sample(online.query(uids[k], ts[k]), ts[k], len(items), n_final)
+                targets.append(i_row)
+            online.observe(uids[k], iids[k], ts[k], feats[k] if feats is not None else None)
+    return targets
+
+
 def scorer_samples(
     model: Jodie, states: States, log: InteractionLog, every: int = 4
 ) -> ScorerSamples:
@@ -296,41 +323,32 @@ def scorer_samples(
     the scorer's features against all known items (see
     ``operators.evaluation.scorer.ScorerSamples``).
     """
-    online = OnlineJodie(model, states)
     items = states.items
-    n_final = len(items) + len(np.unique(log.item_ids))
     rows: dict[str, list[np.ndarray]] = {"d": [], "p": [], "u": [], "i": [], "t": []}
-    targets: list[int] = []
-    feats = log.features if log.n_features else None
-    uids, iids, ts = log.user_ids.tolist(), log.item_ids.tolist(), log.timestamps.tolist()
     plain = PlainScorer()
-    with torch.inference_mode():
-        for k in range(len(log)):
-            i_row = items.row(iids[k])
-            if k % every == 0 and i_row is not None:
-                q = online.query(uids[k], ts[k])
-                n = len(items)
-                ctx = UserContext(q.history, q.history_counts)
-                dist = np.full(n_final, np.inf, dtype=np.float32)
-                dist[:n] = (
-                    -plain.scores(q.pred[0], items.emb, items.static, items.count, items.count, ctx)
-                ).numpy()
-                pos = np.full(n_final, -1, dtype=np.int64)
-                ucount = np.zeros(n_final, dtype=np.float32)
-                valid = q.history >= 0
-                pos[q.history[valid]] = np.flatnonzero(valid)
-                ucount[q.history[valid]] = q.history_counts[valid]
-                icount = np.zeros(n_final, dtype=np.float32)
-                icount[:n] = items.count
-                itrend = np.zeros(n_final, dtype=np.float32)
-                itrend[:n] = items.trend_at(ts[k])
-                rows["d"].append(dist)
-                rows["p"].append(pos)
-                rows["u"].append(ucount)
-                rows["i"].append(icount)
-                rows["t"].append(itrend)
-                targets.append(i_row)
-            online.observe(uids[k], iids[k], ts[k], feats[k] if feats is not None else None)
+
+    def sample(q: Query, t: float, n: int, n_final: int) -> None:
+        ctx = UserContext(q.history, q.history_counts)
+        dist = np.full(n_final, np.inf, dtype=np.float32)
+        dist[:n] = (
+            -plain.scores(q.pred[0], items.emb, items.static, items.count, items.count, ctx)
+        ).numpy()
+        pos = np.full(n_final, -1, dtype=np.int64)
+        ucount = np.zeros(n_final, dtype=np.float32)
+        valid = q.history >= 0
+        pos[q.history[valid]] = np.flatnonzero(valid)
+        ucount[q.history[valid]] = q.history_counts[valid]
+        icount = np.zeros(n_final, dtype=np.float32)
+        icount[:n] = items.count
+        itrend = np.zeros(n_final, dtype=np.float32)
+        itrend[:n] = items.trend_at(t)
+        rows["d"].append(dist)
+        rows["p"].append(pos)
+        rows["u"].append(ucount)
+        rows["i"].append(icount)
+        rows["t"].append(itrend)
+
+    targets = _sampled_replay(model, states, log, every, sample)
     n = max(len(items), 1)
 
     def stack(key: str, dtype: type) -> np.ndarray:
@@ -358,7 +376,6 @@ def ranker_samples(
     """Frozen replay of ``log`` recording, for every ``every``-th event whose item is known
     (sparser when events × items would pass ``RANKER_SAMPLE_CELLS``), the learned ranker's
     features against all known items (``operators.evaluation.ranker.RankerSamples``)."""
-    online = OnlineJodie(model, states)
     items = states.items
     n_final = len(items) + len(np.unique(log.item_ids))
     every = max(every, -(-len(log) * n_final // RANKER_SAMPLE_CELLS))
@@ -368,31 +385,24 @@ def ranker_samples(
     hs: list[np.ndarray] = []
     hrows: list[np.ndarray] = []
     zs: list[np.ndarray] = []
-    targets: list[int] = []
-    feats = log.features if log.n_features else None
-    uids, iids, ts = log.user_ids.tolist(), log.item_ids.tolist(), log.timestamps.tolist()
-    with torch.inference_mode():
-        for k in range(len(log)):
-            i_row = items.row(iids[k])
-            if k % every == 0 and i_row is not None:
-                q = online.query(uids[k], ts[k])
-                n = len(items)
-                d = np.full(n_final, np.inf, dtype=np.float32)
-                d[:n] = squared_distances(q.pred[0], items.emb, items.static).numpy()
-                x = np.zeros((n_final, 3), dtype=np.float32)
-                x[:n] = item_features(items.count, items.trend_at(ts[k]), items.last_time, ts[k])
-                ctx = user_context(q, ts[k])
-                rows, h = entry_features(ctx)
-                h_full = np.zeros((k_hist, entry_width(k_hist)), dtype=np.float32)
-                r_full = np.full(k_hist, -1, dtype=np.int64)
-                h_full[: rows.size], r_full[: rows.size] = h, rows
-                dist.append(d)
-                xs.append(x)
-                hs.append(h_full)
-                hrows.append(r_full)
-                zs.append(user_features(ctx))
-                targets.append(i_row)
-            online.observe(uids[k], iids[k], ts[k], feats[k] if feats is not None else None)
+
+    def sample(q: Query, t: float, n: int, n_final: int) -> None:
+        d = np.full(n_final, np.inf, dtype=np.float32)
+        d[:n] = squared_distances(q.pred[0], items.emb, items.static).numpy()
+        x = np.zeros((n_final, 3), dtype=np.float32)
+        x[:n] = item_features(items.count, items.trend_at(t), items.last_time, t)
+        ctx = user_context(q, t)
+        rows, h = entry_features(ctx)
+        h_full = np.zeros((k_hist, entry_width(k_hist)), dtype=np.float32)
+        r_full = np.full(k_hist, -1, dtype=np.int64)
+        h_full[: rows.size], r_full[: rows.size] = h, rows
+        dist.append(d)
+        xs.append(x)
+        hs.append(h_full)
+        hrows.append(r_full)
+        zs.append(user_features(ctx))
+
+    targets = _sampled_replay(model, states, log, every, sample)
     n = max(len(items), 1)
     e = len(targets)
     return RankerSamples(
