@@ -39,6 +39,7 @@ from streams.codecs import make_codec
 from streams.feeds import Feeds
 from streams.interactive import Queries
 from streams.retirement import Retirement
+from streams.runtime.collector import CycleCollector
 from streams.runtime.directory import advertise
 from streams.runtime.http import Endpoint, json_route
 from streams.runtime.kafka import partition_for
@@ -148,6 +149,8 @@ class Worker(Application[list[Decoded]]):
         self.metrics = Metrics()
         self.loop_metrics = LoopMetrics(self.loop.stats, self.metrics.registry, "jodie")
         self.metrics.register(WorkerCollector(self.stats, lambda: self.processor.serving))
+        self.collector = CycleCollector(settings.gc_full_every_s)
+        self.metrics.register(self.collector)
 
     def run(self, max_seconds: float | None = None) -> WorkerStats:
         self.loop.run(max_seconds)
@@ -158,7 +161,10 @@ class Worker(Application[list[Decoded]]):
 
     def snapshot(self) -> dict[str, Any]:
         """What /metrics.json serves and the worker logs."""
-        return self.stats.snapshot(self.processor.serving, self.loop.stats)
+        return {
+            **self.stats.snapshot(self.processor.serving, self.loop.stats),
+            "gc": self.collector.summary(),
+        }
 
     # -- the application ----------------------------------------------------------------------
     @property
@@ -179,6 +185,7 @@ class Worker(Application[list[Decoded]]):
         if self._feeds is not None:
             self._feeds.poll(self.processor.applied_seq)
         self.retirement.step()
+        self.collector.poll()
 
     def flush(self) -> Iterable[Output]:
         return self.processor.flush()
@@ -252,6 +259,7 @@ class Worker(Application[list[Decoded]]):
         if self._feeds is not None:
             self._feeds.close()
         self.versions.close()
+        self.collector.close()
 
     def partition_of(self, side: str, entity: str) -> int | None:
         """The inbox (and table) partition of a user or item; None before the start."""
@@ -298,6 +306,8 @@ def run_worker(
     http.route("/metrics", worker.metrics.exposition)
     http.route("/metrics.json", json_route(worker.snapshot))
     Queries(worker).register(http)
+    # What start-up loaded (the checkpoint, the libraries) lives as long as the process.
+    worker.collector.freeze()
     try:
         worker.run()
     finally:
