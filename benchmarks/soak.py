@@ -7,7 +7,9 @@ stream is open-world: a share --fresh of the events come from users never seen b
 from a counter), the others from one of the last 50,000 users; items are drawn from
 --items ids, each of them once in a shuffled first pass and then half uniformly, half from a
 hot thousand. Timestamps are the wall clock. Every 10 s the resident set size (VmRSS, Linux
-/proc) of every process is written to OUT/rss.csv; at the end OUT/rss.png plots it, and the
+/proc) of every process, and the events the workers applied and their inbox lag (their
+/metrics.json), are written to OUT/rss.csv; at the end OUT/rss.png plots both (RSS above,
+events sent against events applied below: whether the workers kept up), and the
 summary gives the events sent, the distinct users and items, each process's RSS at 10, 20 and
 30 minutes (for a shorter run: at a third, two thirds and the end) and its growth over the
 last two thirds — the last 20 minutes of a 30-minute run. The memory bounds (JODIE_ROW_CACHE,
@@ -159,17 +161,28 @@ def plot(rows: list[dict[str, Any]], names: list[str], path: Path, title: str) -
     matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(9, 5))
+    fig, (ax, flow) = plt.subplots(
+        2, 1, figsize=(9, 7.5), sharex=True, gridspec_kw={"height_ratios": [2, 1]}
+    )
     for name in names:
         pts = [(r["t_s"] / 60, r[name]) for r in rows if r.get(name) is not None]
         if pts:
             ax.plot([p[0] for p in pts], [p[1] for p in pts], label=name)
-    ax.set_xlabel("minutes")
     ax.set_ylabel("RSS (MiB)")
     ax.set_title(title)
     ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3)
     ax.legend()
+    # Below: whether the workers kept up, events sent against events applied.
+    for key, label in (("sent", "events sent"), ("applied", "events applied by the workers")):
+        pts = [(r["t_s"] / 60, r[key] / 1e6) for r in rows if r.get(key) is not None]
+        if pts:
+            flow.plot([p[0] for p in pts], [p[1] for p in pts], label=label)
+    flow.set_xlabel("minutes")
+    flow.set_ylabel("events (millions)")
+    flow.set_ylim(bottom=0)
+    flow.grid(alpha=0.3)
+    flow.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -236,6 +249,12 @@ def main() -> None:
             while True:
                 now = time.monotonic()
                 row: dict[str, Any] = {"t_s": round(now - began, 1), "sent": stream.sent}
+                # Whether the workers keep up: their applied events and inbox lag (None while
+                # a page cannot be read: a busy worker may answer late, never counted as 0).
+                pages = [metrics(settings.web_port + w) for w in range(args.workers)]
+                readable = all(pages)
+                row["applied"] = sum(p["user_events"] for p in pages) if readable else None
+                row["lag"] = sum(max(0, p["lag"]) for p in pages) if readable else None
                 row.update({name: rss_mb(pid) for name, pid in pids.items()})
                 rows.append(row)
                 print(json.dumps(row), flush=True)
@@ -250,7 +269,7 @@ def main() -> None:
             served = {
                 f"worker-{w}": {
                     k: metrics(settings.web_port + w).get(k)
-                    for k in ("user_events", "lag", "events_per_s", "items_indexed")
+                    for k in ("user_events", "lag", "events_per_s", "items_indexed", "gc")
                 }
                 for w in range(args.workers)
             }
@@ -259,7 +278,7 @@ def main() -> None:
             for child in procs.values():
                 child.stop()
         with (args.out / "rss.csv").open("w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=["t_s", "sent", *names])
+            writer = csv.DictWriter(fh, fieldnames=["t_s", "sent", "applied", "lag", *names])
             writer.writeheader()
             writer.writerows(rows)
     shutil.rmtree(tmp, ignore_errors=True)  # the workers' and router's stores, the checkpoint
@@ -287,11 +306,19 @@ def main() -> None:
         "distinct_items": len(stream.items_seen),
         "workers": args.workers,
         "served": served,
+        # The workers' inbox lag over the measured two thirds: bounded when they keep up.
+        "max_lag_last_two_thirds": max(
+            (r["lag"] for r in rows if r["lag"] is not None and r["t_s"] >= marks[0]), default=None
+        ),
         "bounds": bounds,
         "rss_mib_at_s": {},
         "growth_last_two_thirds": {},
     }
     print(f"\n{title}; at the end {json.dumps(served)}")
+    print(
+        f"the workers' inbox lag from {marks[0] / 60:.1f} min on: max "
+        f"{summary['max_lag_last_two_thirds']}, at the end {rows[-1]['lag']}"
+    )
     print(f"{'process':<10}" + "".join(f"{f'at {m / 60:.1f} min':>14}" for m in marks) + "  growth")
     for name in names:
         values = [at(rows, name, m) for m in marks]
