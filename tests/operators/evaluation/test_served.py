@@ -177,3 +177,13 @@ def test_the_live_tally_forgets_the_least_recent_users_beyond_its_bound() -> Non
     tally.event("u", "a", ["a"])  # u was forgotten: not measured
     tally.event("w", "a", ["a"])
     assert tally.summary()["events"] == 1
+
+
+def test_the_live_tally_forgets_by_last_activity_not_first_sight() -> None:
+    tally = ServedTally(k=2, max_users=2)
+    for user in ("u", "v", "u", "w"):  # u active again after v: v is the least recent
+        tally.event(user, "a", ["a"])
+    assert tally.summary()["events"] == 1  # u's second event
+    tally.event("u", "a", ["a"])  # still remembered
+    tally.event("v", "a", ["a"])  # forgotten when w came: not measured
+    assert tally.summary()["events"] == 2
