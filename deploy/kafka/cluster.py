@@ -142,10 +142,6 @@ def _launch(node: NodeConfig, java: str, classpath: str) -> subprocess.Popen[byt
         java,
         f"-Xmx{node.heap}",
         f"-Xms{node.heap}",
-        # The whole heap is committed at start: RSS is then the broker's real footprint from
-        # the first minute (G1 otherwise touches its regions as it first needs them, and a
-        # soak saw one 190 MiB step after 15 minutes).
-        "-XX:+AlwaysPreTouch",
         "-XX:+UseG1GC",
         "-XX:MaxGCPauseMillis=20",
         "-Djava.awt.headless=true",
