@@ -418,7 +418,7 @@ class Settings(BaseSettings):
         description=(
             "JODIE_GC_FULL_EVERY_S: a worker runs Python's full cycle collection every this "
             "many seconds, between batches, instead of whenever its objects grew by a quarter "
-            "(streams.runtime.collector: 17 % of a large worker's CPU went to those)."
+            "(streams.runtime.collector: 16 % of a large worker's CPU went to those)."
         ),
     )
     evaluate_every: int = Field(

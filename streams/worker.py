@@ -67,11 +67,15 @@ class Worker(Application[list[Decoded]]):
         version: str | None = None,
         model: str | None = None,
         endpoint: tuple[str, int] | None = None,
+        collector: CycleCollector | None = None,
     ) -> None:
         """Serve one checkpoint (``checkpoint_dir``: the unstamped stream of a router run
         without a model) or the promoted versions of registry model ``model``, each from
         the start of its epoch. ``endpoint``: the (host, port) where this worker answers
-        HTTP, advertised to the group for interactive queries (streams.interactive)."""
+        HTTP, advertised to the group for interactive queries (streams.interactive).
+        ``collector``: the process's cycle-collector schedule, whose full passes this worker
+        runs between batches and whose cost it reports (a process of its own installs one;
+        workers sharing a test's process keep CPython's schedule)."""
         if (checkpoint_dir is None) == (model is None):
             raise ValueError("give exactly one of checkpoint_dir and model")
         self.settings = settings
@@ -149,8 +153,9 @@ class Worker(Application[list[Decoded]]):
         self.metrics = Metrics()
         self.loop_metrics = LoopMetrics(self.loop.stats, self.metrics.registry, "jodie")
         self.metrics.register(WorkerCollector(self.stats, lambda: self.processor.serving))
-        self.collector = CycleCollector(settings.gc_full_every_s)
-        self.metrics.register(self.collector)
+        self.collector = collector
+        if collector is not None:
+            self.metrics.register(collector)
 
     def run(self, max_seconds: float | None = None) -> WorkerStats:
         self.loop.run(max_seconds)
@@ -161,10 +166,10 @@ class Worker(Application[list[Decoded]]):
 
     def snapshot(self) -> dict[str, Any]:
         """What /metrics.json serves and the worker logs."""
-        return {
-            **self.stats.snapshot(self.processor.serving, self.loop.stats),
-            "gc": self.collector.summary(),
-        }
+        snapshot = self.stats.snapshot(self.processor.serving, self.loop.stats)
+        if self.collector is not None:
+            snapshot["gc"] = self.collector.summary()
+        return snapshot
 
     # -- the application ----------------------------------------------------------------------
     @property
@@ -185,7 +190,8 @@ class Worker(Application[list[Decoded]]):
         if self._feeds is not None:
             self._feeds.poll(self.processor.applied_seq)
         self.retirement.step()
-        self.collector.poll()
+        if self.collector is not None:
+            self.collector.poll()
 
     def flush(self) -> Iterable[Output]:
         return self.processor.flush()
@@ -259,7 +265,6 @@ class Worker(Application[list[Decoded]]):
         if self._feeds is not None:
             self._feeds.close()
         self.versions.close()
-        self.collector.close()
 
     def partition_of(self, side: str, entity: str) -> int | None:
         """The inbox (and table) partition of a user or item; None before the start."""
@@ -300,15 +305,19 @@ def run_worker(
     http = Endpoint(max_queue=settings.query_queue, max_wait_s=settings.query_max_wait_s)
     served = http.serve(settings.web_port + worker_id)
     endpoint = (http.host or "", http.port or 0) if served else None
-    worker = Worker(settings, worker_id, checkpoint_dir, version, model, endpoint)
+    # The schedule is the process's (gc thresholds are global): installed here, where one
+    # worker owns the process, and given back when it stops.
+    collector = CycleCollector(settings.gc_full_every_s)
+    worker = Worker(settings, worker_id, checkpoint_dir, version, model, endpoint, collector)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: worker.stop())
     http.route("/metrics", worker.metrics.exposition)
     http.route("/metrics.json", json_route(worker.snapshot))
     Queries(worker).register(http)
     # What start-up loaded (the checkpoint, the libraries) lives as long as the process.
-    worker.collector.freeze()
+    collector.freeze()
     try:
         worker.run()
     finally:
         http.close()
+        collector.close()

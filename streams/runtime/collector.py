@@ -6,7 +6,7 @@ of objects that refer to each other and nothing else refers to. By default it al
 into the oldest generation grew by a quarter. A worker holds about a million tracked objects
 (decoded table rows, co-occurrence audiences, served lists) and replaces rows all the time,
 so those full collections came every few seconds: measured in a soak worker (1 M users,
-100k items), 17 % of its CPU, each full pass 0.3–0.6 s.
+100k items), 16 % of its CPU, each full pass 0.3–0.6 s.
 
 ``CycleCollector`` keeps the young collections (rarer: every ``YOUNG`` allocations, not 700)
 and takes the full one out of the allocation path: it runs from the worker's idle duties
