@@ -7,7 +7,8 @@ stream is open-world: a share --fresh of the events come from users never seen b
 from a counter), the others from one of the last 50,000 users; items are drawn from
 --items ids, each of them once in a shuffled first pass and then half uniformly, half from a
 hot thousand. Timestamps are the wall clock. Every 10 s the resident set size (VmRSS, Linux
-/proc) of every process, and the events the workers applied and their inbox lag (their
+/proc) of every process, the events the workers applied and their inbox lag, and where each
+worker's heap is (Python's allocated blocks and glibc malloc's bytes in use; their
 /metrics.json), are written to OUT/rss.csv; at the end OUT/rss.png plots both (RSS above,
 events sent against events applied below: whether the workers kept up), and the
 summary gives the events sent, the distinct users and items, each process's RSS at 10, 20 and
@@ -55,6 +56,7 @@ from streams.topics import scratch_topics
 SAMPLE_S = 10.0
 RECENT_USERS = 50_000
 HOT_ITEMS = 1_000
+HEAP_COLUMNS = ("python blocks", "malloc MiB")
 
 
 def rss_mb(pid: int) -> float | None:
@@ -148,7 +150,7 @@ def metrics(port: int) -> dict[str, Any]:
 
 
 def at(rows: list[dict[str, Any]], name: str, t_s: float) -> float | None:
-    """The process's RSS at the sample nearest to ``t_s``."""
+    """A column's value (a process's RSS, a worker's heap) at the sample nearest to ``t_s``."""
     found = [r for r in rows if r.get(name) is not None]
     if not found:
         return None
@@ -256,6 +258,13 @@ def main() -> None:
                 row["applied"] = sum(p["user_events"] for p in pages) if readable else None
                 row["lag"] = sum(max(0, p["lag"]) for p in pages) if readable else None
                 row.update({name: rss_mb(pid) for name, pid in pids.items()})
+                # Where a worker's heap is (its /metrics.json "gc"): Python's blocks and the
+                # bytes malloc handed out, which tell a filling cache or a leak from RSS alone.
+                for w, page in enumerate(pages):
+                    heap = (page or {}).get("gc") or {}
+                    row[f"worker-{w} python blocks"] = heap.get("python_blocks")
+                    in_use = heap.get("malloc_in_use_bytes")
+                    row[f"worker-{w} malloc MiB"] = None if in_use is None else in_use / 2**20
                 rows.append(row)
                 print(json.dumps(row), flush=True)
                 for child in procs.values():
@@ -278,7 +287,8 @@ def main() -> None:
             for child in procs.values():
                 child.stop()
         with (args.out / "rss.csv").open("w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=["t_s", "sent", "applied", "lag", *names])
+            heap = [f"worker-{w} {h}" for w in range(args.workers) for h in HEAP_COLUMNS]
+            writer = csv.DictWriter(fh, fieldnames=["t_s", "sent", "applied", "lag", *names, *heap])
             writer.writeheader()
             writer.writerows(rows)
     shutil.rmtree(tmp, ignore_errors=True)  # the workers' and router's stores, the checkpoint
@@ -330,6 +340,16 @@ def main() -> None:
         summary["growth_last_two_thirds"][name] = growth
         cells = "".join(f"{v:>10.0f} MiB" if v is not None else f"{'-':>14}" for v in values)
         print(f"{name:<10}{cells}  {growth:+.1%}" if growth is not None else f"{name:<10}{cells}")
+    summary["heap_at_s"] = {}
+    for w in range(args.workers):
+        for h in HEAP_COLUMNS:
+            column = f"worker-{w} {h}"
+            values = [at(rows, column, m) for m in marks]
+            summary["heap_at_s"][column] = {
+                str(round(m)): v for m, v in zip(marks, values, strict=True)
+            }
+            cells = "".join(f"{v:>14,.0f}" if v is not None else f"{'-':>14}" for v in values)
+            print(f"{column:<24}{cells}")
     (args.out / "summary.json").write_text(json.dumps(summary, indent=2))
     print(f"\n{args.out / 'rss.csv'}, {args.out / 'rss.png'}, {args.out / 'summary.json'}")
 

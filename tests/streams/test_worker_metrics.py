@@ -115,11 +115,14 @@ def test_a_worker_serves_its_figures_to_prometheus_and_as_json(
         "jodie_input_age_seconds",
         "jodie_gc_seconds",
         "jodie_gc_collections",
+        "jodie_python_blocks",
+        "jodie_malloc_in_use_bytes",
         "process_resident_memory_bytes",
     ):
         assert family in names, family
     # The worker process runs the cycle collector on its own schedule, start-up frozen out.
     assert page["gc"]["frozen"] > 0 and len(page["gc"]["seconds"]) == 3, page["gc"]
+    assert page["gc"]["python_blocks"] > 0 and page["gc"]["malloc_in_use_bytes"] > 0, page["gc"]
     assert got[("jodie_events_applied_total", (("side", "user"),))] == STREAM
     assert got[("jodie_events_applied_total", (("side", "item"),))] == STREAM
     assert got[("jodie_model_info", (("epoch", "unstamped"), ("version", "metrics-v1")))] == 1
