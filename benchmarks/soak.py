@@ -258,10 +258,10 @@ def main() -> None:
                 row["applied"] = sum(p["user_events"] for p in pages) if readable else None
                 row["lag"] = sum(max(0, p["lag"]) for p in pages) if readable else None
                 row.update({name: rss_mb(pid) for name, pid in pids.items()})
-                # Where a worker's heap is (its /metrics.json "gc"): Python's blocks and the
+                # Where a worker's heap is (its /metrics.json "heap"): Python's blocks and the
                 # bytes malloc handed out, which tell a filling cache or a leak from RSS alone.
                 for w, page in enumerate(pages):
-                    heap = (page or {}).get("gc") or {}
+                    heap = (page or {}).get("heap") or {}
                     row[f"worker-{w} python blocks"] = heap.get("python_blocks")
                     in_use = heap.get("malloc_in_use_bytes")
                     row[f"worker-{w} malloc MiB"] = None if in_use is None else in_use / 2**20
@@ -278,7 +278,7 @@ def main() -> None:
             served = {
                 f"worker-{w}": {
                     k: metrics(settings.web_port + w).get(k)
-                    for k in ("user_events", "lag", "events_per_s", "items_indexed", "gc")
+                    for k in ("user_events", "lag", "events_per_s", "items_indexed", "gc", "heap")
                 }
                 for w in range(args.workers)
             }

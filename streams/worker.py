@@ -167,6 +167,7 @@ class Worker(Application[list[Decoded]]):
     def snapshot(self) -> dict[str, Any]:
         """What /metrics.json serves and the worker logs."""
         snapshot = self.stats.snapshot(self.processor.serving, self.loop.stats)
+        snapshot["heap"] = self.metrics.heap.summary()
         if self.collector is not None:
             snapshot["gc"] = self.collector.summary()
         return snapshot

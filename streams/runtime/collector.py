@@ -15,24 +15,16 @@ the schedule; what waits longer is only cyclic garbage that reached the oldest g
 which the hot path hardly makes — and the next scheduled pass frees it, so memory stays
 bounded. The objects alive at start-up (modules, the checkpoint) are frozen out of every
 pass. Time spent is counted per generation, for /metrics.
-
-The same page says where the process's heap is, for telling a leak from a cache that fills:
-the blocks Python's allocator holds (every object and buffer it allocated and did not free)
-and, on glibc, the bytes ``malloc`` has handed out and not had back (numpy arrays, RocksDB,
-faiss, librdkafka). RSS alone does not separate them.
 """
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import gc
-import sys
 import time
 from collections.abc import Iterator
 from typing import Any
 
-from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.metrics_core import CounterMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 #: Young collections every this many net allocations (CPython's default: 700). Objects that
@@ -44,50 +36,6 @@ MIDDLE = 10
 #: An automatic full collection only after this many middle ones: never, in practice; the
 #: scheduled pass does it.
 NEVER = 1 << 30
-
-
-class _MallInfo2(ctypes.Structure):
-    # glibc's struct mallinfo2 (2.33+), every field a size_t.
-    _fields_ = [
-        (name, ctypes.c_size_t)
-        for name in (
-            "arena",
-            "ordblks",
-            "smblks",
-            "hblks",
-            "hblkhd",
-            "usmblks",
-            "fsmblks",
-            "uordblks",
-            "fordblks",
-            "keepcost",
-        )
-    ]
-
-
-def _mallinfo2() -> Any:
-    """glibc's ``mallinfo2`` (None on another C library or an older glibc)."""
-    name = ctypes.util.find_library("c")
-    try:
-        fn = ctypes.CDLL(name).mallinfo2 if name else None
-    except (OSError, AttributeError):
-        return None
-    if fn is not None:
-        fn.restype = _MallInfo2
-        fn.argtypes = []
-    return fn
-
-
-_MALLINFO2 = _mallinfo2()
-
-
-def malloc_in_use() -> int | None:
-    """Bytes malloc has handed out and not had back, in its arenas and as mappings of their
-    own (None where glibc's ``mallinfo2`` is missing)."""
-    if _MALLINFO2 is None:
-        return None
-    info = _MALLINFO2()
-    return int(info.uordblks + info.hblkhd)
 
 
 class CycleCollector(Collector):
@@ -127,8 +75,6 @@ class CycleCollector(Collector):
             "seconds": [round(s, 3) for s in self.seconds],
             "collections": list(self.collections),
             "frozen": gc.get_freeze_count(),
-            "python_blocks": sys.getallocatedblocks(),
-            "malloc_in_use_bytes": malloc_in_use(),
         }
 
     def collect(self) -> Iterator[Metric]:
@@ -145,18 +91,6 @@ class CycleCollector(Collector):
             passes.add_metric([str(generation)], self.collections[generation])
         yield seconds
         yield passes
-        yield GaugeMetricFamily(
-            f"{self.ns}_python_blocks",
-            "Memory blocks Python's allocator holds (objects and buffers not yet freed).",
-            value=sys.getallocatedblocks(),
-        )
-        in_use = malloc_in_use()
-        if in_use is not None:
-            yield GaugeMetricFamily(
-                f"{self.ns}_malloc_in_use_bytes",
-                "Bytes glibc malloc has handed out and not had back (native libraries, arrays).",
-                value=in_use,
-            )
 
     def _timed(self, phase: str, info: dict[str, int]) -> None:
         # Thread CPU time: collections run on the thread that allocated, and other threads'

@@ -1,19 +1,28 @@
 """Prometheus metrics of one instance: the process, the transactional loop, its latencies.
 
 Each instance keeps its own ``CollectorRegistry``, never the library's global one, so that
-several instances (workers in a test, say) can live in one process. Counters the loop already
-keeps (``LoopStats``) are read at each scrape by a collector instead of being mirrored on the
-hot path; only latencies are recorded as they happen.
+several instances (workers in a test, say) can live in one process. Beside the library's
+process collectors (RSS, CPU), ``HeapCollector`` says where the heap is, for telling a leak
+from a cache that fills: the blocks Python's allocator holds (every object and buffer it
+allocated and did not free) and, on glibc, the bytes ``malloc`` has handed out and not had
+back (numpy arrays, RocksDB, faiss, librdkafka). RSS alone does not separate them.
+
+Counters the loop already keeps (``LoopStats``) are read at each scrape by a collector instead
+of being mirrored on the hot path; only latencies are recorded as they happen.
 """
 
 from __future__ import annotations
 
 import bisect
+import ctypes
+import ctypes.util
 import itertools
 import math
+import sys
 import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -41,13 +50,85 @@ BATCH_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 6
 AGE_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 
 
+class _MallInfo2(ctypes.Structure):
+    # glibc's struct mallinfo2 (2.33+), every field a size_t.
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in (
+            "arena",
+            "ordblks",
+            "smblks",
+            "hblks",
+            "hblkhd",
+            "usmblks",
+            "fsmblks",
+            "uordblks",
+            "fordblks",
+            "keepcost",
+        )
+    ]
+
+
+def _mallinfo2() -> Any:
+    """glibc's ``mallinfo2`` (None on another C library or an older glibc)."""
+    name = ctypes.util.find_library("c")
+    try:
+        fn = ctypes.CDLL(name).mallinfo2 if name else None
+    except (OSError, AttributeError):
+        return None
+    if fn is not None:
+        fn.restype = _MallInfo2
+        fn.argtypes = []
+    return fn
+
+
+_MALLINFO2 = _mallinfo2()
+
+
+def malloc_in_use() -> int | None:
+    """Bytes malloc has handed out and not had back, in its arenas and as mappings of their
+    own (None where glibc's ``mallinfo2`` is missing)."""
+    if _MALLINFO2 is None:
+        return None
+    info = _MALLINFO2()
+    return int(info.uordblks + info.hblkhd)
+
+
+class HeapCollector(Collector):
+    """Where the process's heap is: Python's allocated blocks, and malloc's bytes in use."""
+
+    def __init__(self, namespace: str = "jodie") -> None:
+        self.ns = namespace
+
+    def summary(self) -> dict[str, int | None]:
+        """The same figures for a JSON page."""
+        return {"python_blocks": sys.getallocatedblocks(), "malloc_in_use_bytes": malloc_in_use()}
+
+    def collect(self) -> Iterator[Metric]:
+        yield GaugeMetricFamily(
+            f"{self.ns}_python_blocks",
+            "Memory blocks Python's allocator holds (objects and buffers not yet freed).",
+            value=sys.getallocatedblocks(),
+        )
+        in_use = malloc_in_use()
+        if in_use is not None:
+            yield GaugeMetricFamily(
+                f"{self.ns}_malloc_in_use_bytes",
+                "Bytes glibc malloc has handed out and not had back (native libraries, arrays).",
+                value=in_use,
+            )
+
+
 class Metrics:
-    """One instance's registry, with the process's collectors (RSS, CPU, open files) in it."""
+    """One instance's registry, with the process's collectors (RSS, CPU, open files, the
+    heap) in it."""
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         ProcessCollector(registry=self.registry)
         PlatformCollector(registry=self.registry)
+        self.heap = HeapCollector()
+        self.registry.register(self.heap)
 
     def register(self, collector: Collector) -> None:
         self.registry.register(collector)

@@ -122,7 +122,7 @@ def test_a_worker_serves_its_figures_to_prometheus_and_as_json(
         assert family in names, family
     # The worker process runs the cycle collector on its own schedule, start-up frozen out.
     assert page["gc"]["frozen"] > 0 and len(page["gc"]["seconds"]) == 3, page["gc"]
-    assert page["gc"]["python_blocks"] > 0 and page["gc"]["malloc_in_use_bytes"] > 0, page["gc"]
+    assert page["heap"]["python_blocks"] > 0 and page["heap"]["malloc_in_use_bytes"] > 0, page
     assert got[("jodie_events_applied_total", (("side", "user"),))] == STREAM
     assert got[("jodie_events_applied_total", (("side", "item"),))] == STREAM
     assert got[("jodie_model_info", (("epoch", "unstamped"), ("version", "metrics-v1")))] == 1

@@ -71,19 +71,3 @@ def test_close_gives_the_former_schedule_back() -> None:
     assert gc.get_threshold() == before
     gc.collect(0)
     assert c.collections[0] == 0  # no longer counting
-
-
-def test_the_heap_gauges_follow_what_is_allocated(collector: CycleCollector) -> None:
-    before = collector.summary()
-    objects = [_Node() for _ in range(100_000)]  # small objects: Python's own allocator
-    buffer = bytearray(64 << 20)  # large: straight from malloc
-    during = collector.summary()
-    assert during["python_blocks"] - before["python_blocks"] >= 100_000
-    assert during["malloc_in_use_bytes"] - before["malloc_in_use_bytes"] >= 64 << 20
-    families = {f.name: f for f in collector.collect()}
-    assert families["t_python_blocks"].samples[0].value >= during["python_blocks"]
-    assert families["t_malloc_in_use_bytes"].samples[0].value >= 64 << 20
-    del objects, buffer
-    after = collector.summary()
-    assert after["python_blocks"] < during["python_blocks"] - 90_000
-    assert after["malloc_in_use_bytes"] < during["malloc_in_use_bytes"] - (60 << 20)

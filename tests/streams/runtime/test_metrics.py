@@ -91,3 +91,33 @@ def test_instances_in_one_process_keep_apart() -> None:
     assert _samples(first.exposition()[0].decode())[("app_input_records_total", ())] == 1
     assert _samples(second.exposition()[0].decode())[("app_input_records_total", ())] == 2
     assert first.exposition()[1].startswith("text/plain")
+
+
+class _Node:
+    pass
+
+
+def _heap(metrics: Metrics) -> tuple[int, int]:
+    page = metrics.heap.summary()
+    blocks, in_use = page["python_blocks"], page["malloc_in_use_bytes"]
+    assert blocks is not None and in_use is not None  # glibc, as on the machines we run
+    return blocks, in_use
+
+
+def test_the_heap_gauges_follow_what_is_allocated() -> None:
+    """Every instance's registry says where its heap is: small objects in Python's blocks,
+    large buffers in malloc's bytes."""
+    metrics = Metrics()
+    blocks, in_use = _heap(metrics)
+    objects = [_Node() for _ in range(100_000)]  # small objects: Python's own allocator
+    buffer = bytearray(64 << 20)  # large: straight from malloc
+    more_blocks, more_in_use = _heap(metrics)
+    assert more_blocks - blocks >= 100_000
+    assert more_in_use - in_use >= 64 << 20
+    got = _samples(metrics.exposition()[0].decode())
+    assert got[("jodie_python_blocks", ())] >= more_blocks
+    assert got[("jodie_malloc_in_use_bytes", ())] >= 64 << 20
+    del objects, buffer
+    fewer_blocks, less_in_use = _heap(metrics)
+    assert fewer_blocks < more_blocks - 90_000
+    assert less_in_use < more_in_use - (60 << 20)
