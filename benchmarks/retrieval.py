@@ -220,19 +220,24 @@ def run(n: int, args: argparse.Namespace) -> None:
         print(f"{one_us:7.0f} {batch_up:6.0f} {recall(got, want_after):7.4f}", flush=True)
 
 
-p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-p.add_argument("--sizes", type=int, nargs="+", default=[1_000, 100_000, 1_000_000])
-p.add_argument("--dim", type=int, default=256)
-p.add_argument("--queries", type=int, default=200)
-p.add_argument("--kinds", nargs="+", choices=["ivf", "keyed"], default=["ivf", "keyed"])
-p.add_argument("--ivf-nprobe", type=int, nargs="+", default=[48, 192])
-p.add_argument("--keyed-nprobe", type=int, nargs="+", default=[128, 256])
-p.add_argument("--exact-below", type=int, default=20_000)
-p.add_argument("--threads", type=int, default=1)
-p.add_argument("--seed", type=int, default=0)
-args = p.parse_args()
-args.nprobe = {"ivf": args.ivf_nprobe, "keyed": args.keyed_nprobe}
-faiss.omp_set_num_threads(args.threads)
-print(f"load average at start: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
-for size in args.sizes:
-    run(size, args)
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--sizes", type=int, nargs="+", default=[1_000, 100_000, 1_000_000])
+    p.add_argument("--dim", type=int, default=256)
+    p.add_argument("--queries", type=int, default=200)
+    p.add_argument("--kinds", nargs="+", choices=["ivf", "keyed"], default=["ivf", "keyed"])
+    p.add_argument("--ivf-nprobe", type=int, nargs="+", default=[48, 192])
+    p.add_argument("--keyed-nprobe", type=int, nargs="+", default=[128, 256])
+    p.add_argument("--exact-below", type=int, default=20_000)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args()
+    args.nprobe = {"ivf": args.ivf_nprobe, "keyed": args.keyed_nprobe}
+    faiss.omp_set_num_threads(args.threads)
+    print(f"load average at start: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
+    for size in args.sizes:
+        run(size, args)
+
+
+if __name__ == "__main__":
+    main()
