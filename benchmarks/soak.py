@@ -56,7 +56,7 @@ from streams.topics import scratch_topics
 SAMPLE_S = 10.0
 RECENT_USERS = 50_000
 HOT_ITEMS = 1_000
-HEAP_COLUMNS = ("python blocks", "malloc MiB")
+HEAP_COLUMNS = ("python blocks", "malloc MiB", "rocksdb MiB")
 
 
 def rss_mb(pid: int) -> float | None:
@@ -265,6 +265,13 @@ def main() -> None:
                     row[f"worker-{w} python blocks"] = heap.get("python_blocks")
                     in_use = heap.get("malloc_in_use_bytes")
                     row[f"worker-{w} malloc MiB"] = None if in_use is None else in_use / 2**20
+                    # RocksDB's part of malloc's bytes: memtables, index blocks, block cache.
+                    stores = heap.get("rocksdb")
+                    row[f"worker-{w} rocksdb MiB"] = (
+                        None
+                        if stores is None
+                        else sum(sum(kinds.values()) for kinds in stores.values()) / 2**20
+                    )
                 rows.append(row)
                 print(json.dumps(row), flush=True)
                 for child in procs.values():

@@ -45,7 +45,7 @@ from streams.runtime.http import Endpoint, json_route
 from streams.runtime.kafka import partition_for
 from streams.runtime.loop import Application, LoopConfig, Record, TransactionalLoop
 from streams.runtime.metrics import LoopMetrics, Metrics
-from streams.runtime.store import Table
+from streams.runtime.store import Table, TableMemory
 from streams.settings import Settings
 from streams.topics import app_id, changelog_topic
 from streams.versions import Versions
@@ -153,6 +153,8 @@ class Worker(Application[list[Decoded]]):
         self.metrics = Metrics()
         self.loop_metrics = LoopMetrics(self.loop.stats, self.metrics.registry, "jodie")
         self.metrics.register(WorkerCollector(self.stats, lambda: self.processor.serving))
+        self.table_memory = TableMemory(self._tables.values())
+        self.metrics.register(self.table_memory)
         self.collector = collector
         if collector is not None:
             self.metrics.register(collector)
@@ -167,7 +169,7 @@ class Worker(Application[list[Decoded]]):
     def snapshot(self) -> dict[str, Any]:
         """What /metrics.json serves and the worker logs."""
         snapshot = self.stats.snapshot(self.processor.serving, self.loop.stats)
-        snapshot["heap"] = self.metrics.heap.summary()
+        snapshot["heap"] = {**self.metrics.heap.summary(), "rocksdb": self.table_memory.summary()}
         if self.collector is not None:
             snapshot["gc"] = self.collector.summary()
         return snapshot

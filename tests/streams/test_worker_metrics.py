@@ -117,12 +117,17 @@ def test_a_worker_serves_its_figures_to_prometheus_and_as_json(
         "jodie_gc_collections",
         "jodie_python_blocks",
         "jodie_malloc_in_use_bytes",
+        "jodie_rocksdb_memory_bytes",
         "process_resident_memory_bytes",
     ):
         assert family in names, family
     # The worker process runs the cycle collector on its own schedule, start-up frozen out.
     assert page["gc"]["frozen"] > 0 and len(page["gc"]["seconds"]) == 3, page["gc"]
     assert page["heap"]["python_blocks"] > 0 and page["heap"]["malloc_in_use_bytes"] > 0, page
+    # RocksDB's memory by table: the rows written went through the memtables.
+    stores = page["heap"]["rocksdb"]
+    assert set(stores) == {"user-state", "item-state"}, stores
+    assert all(kinds["memtables"] > 0 for kinds in stores.values()), stores
     assert got[("jodie_events_applied_total", (("side", "user"),))] == STREAM
     assert got[("jodie_events_applied_total", (("side", "item"),))] == STREAM
     assert got[("jodie_model_info", (("epoch", "unstamped"), ("version", "metrics-v1")))] == 1

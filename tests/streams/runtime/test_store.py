@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from streams.runtime.store import Table, _Partition
+from streams.runtime.store import Table, TableMemory, _Partition
 from streams.settings import Settings
 
 
@@ -26,7 +26,7 @@ def table(root: Path, cache_rows: int, partitions: int = 2) -> Table[dict[str, A
         cache_rows=cache_rows,
     )
     for p in range(partitions):
-        t.partitions[p] = _Partition(root / f"rows-{p}")
+        t.partitions[p] = _Partition(root / f"rows-{p}", t._blocks)  # as ``assign`` opens it
     return t
 
 
@@ -165,4 +165,30 @@ def test_scan_reads_committed_rows_in_chunks_in_key_order(tmp_path: Path) -> Non
         after = chunk[-1][0]
     assert seen == keys
     assert json.loads(t.scan(0, keys[3], 1)[0][1]) == {"key": "u04", "n": 1}
+    t.close()
+
+
+def test_rocksdb_memory_is_counted_by_kind(tmp_path: Path) -> None:
+    """What RocksDB holds in memory is visible: writes in the memtables until flushed, then
+    blocks read back in the cache the partitions share."""
+    t = table(tmp_path, cache_rows=10)
+    empty = t.memory()
+    for k in range(2_000):
+        bump(t, k % 2, f"u{k}".encode())
+    commit(t)
+    written = t.memory()
+    assert written["memtables"] > empty["memtables"]
+    for part in t.partitions.values():
+        part.db.flush()
+    flushed = t.memory()
+    assert flushed["memtables"] < written["memtables"]
+    assert flushed["table_readers"] > 0  # the flushed files' index and filter blocks
+    for k in range(0, 2_000, 50):  # evicted long ago: read back from the files
+        assert t.get(k % 2, f"u{k}".encode())["n"] == 1
+    assert t.memory()["block_cache"] > flushed["block_cache"]
+    families = list(TableMemory([t], namespace="t").collect())
+    samples = {tuple(sorted(s.labels.items())): s.value for s in families[0].samples}
+    assert families[0].name == "t_rocksdb_memory_bytes"
+    assert samples[(("kind", "block_cache"), ("table", "rows"))] == t.memory()["block_cache"]
+    assert {labels[0][1] for labels in samples} == {"memtables", "table_readers", "block_cache"}
     t.close()
