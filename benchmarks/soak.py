@@ -8,8 +8,9 @@ from a counter), the others from one of the last 50,000 users; items are drawn f
 --items ids, each of them once in a shuffled first pass and then half uniformly, half from a
 hot thousand. Timestamps are the wall clock. Every 10 s the resident set size (VmRSS, Linux
 /proc) of every process, the events the workers applied and their inbox lag, and where each
-worker's heap is (Python's allocated blocks and glibc malloc's bytes in use; their
-/metrics.json), are written to OUT/rss.csv; at the end OUT/rss.png plots both (RSS above,
+worker's heap is (Python's allocated blocks, glibc malloc's bytes in use, and RocksDB's
+part of those: memtables, index blocks, block cache; their /metrics.json), are written to
+OUT/rss.csv; at the end OUT/rss.png plots both (RSS above,
 events sent against events applied below: whether the workers kept up), and the
 summary gives the events sent, the distinct users and items, each process's RSS at 10, 20 and
 30 minutes (for a shorter run: at a third, two thirds and the end) and its growth over the

@@ -352,7 +352,7 @@ class Settings(BaseSettings):
         ),
     )
     feed_ahead: int = Field(
-        200_000,
+        20_000,
         ge=1,
         description=(
             "JODIE_FEED_AHEAD: most log events a worker holds ahead of the events it applied "

@@ -9,7 +9,14 @@ from pathlib import Path
 import pytest
 from pydantic import SecretStr
 
-from streams.runtime.clients import Connection, check_login, client_config, committed_reader
+from streams.runtime.clients import (
+    PREFETCH_KB,
+    Connection,
+    check_login,
+    client_config,
+    committed_reader,
+    consumer_config,
+)
 from streams.settings import Settings
 
 _SECURE = {
@@ -68,6 +75,16 @@ def test_mutual_tls_by_value() -> None:
 def test_the_caller_specific_part_wins() -> None:
     config = client_config(Connection("b:1"), {"client.id": "w-0", "security.protocol": "SSL"})
     assert config["client.id"] == "w-0" and config["security.protocol"] == "SSL"
+
+
+def test_consumers_fetch_a_bounded_amount_ahead() -> None:
+    """librdkafka's default prefetch (64 MiB a consumer) fills whenever the application lags;
+    every consumer of the project asks for less, unless its caller says otherwise."""
+    config = consumer_config(Connection("b:1"), "g")
+    assert config["queued.max.messages.kbytes"] == PREFETCH_KB < 64 << 10
+    assert config["group.id"] == "g"
+    own = consumer_config(Connection("b:1"), "g", {"queued.max.messages.kbytes": 1024})
+    assert own["queued.max.messages.kbytes"] == 1024
 
 
 def test_an_unreachable_secured_cluster_is_not_a_refused_login() -> None:
