@@ -8,8 +8,8 @@ from a counter), the others from one of the last 50,000 users; items are drawn f
 --items ids, each of them once in a shuffled first pass and then half uniformly, half from a
 hot thousand. Timestamps are the wall clock. Every 10 s the resident set size (VmRSS, Linux
 /proc) of every process, the events the workers applied and their inbox lag, and where each
-worker's heap is (Python's allocated blocks, glibc malloc's bytes in use, and RocksDB's
-part of those: memtables, index blocks, block cache; their /metrics.json), are written to
+worker's heap is (Python's allocated blocks, glibc malloc's bytes in use and those it holds
+free, and RocksDB's part: memtables, index blocks, block cache; their /metrics.json), are written to
 OUT/rss.csv; at the end OUT/rss.png plots both (RSS above,
 events sent against events applied below: whether the workers kept up), and the
 summary gives the events sent, the distinct users and items, each process's RSS at 10, 20 and
@@ -57,7 +57,7 @@ from streams.topics import scratch_topics
 SAMPLE_S = 10.0
 RECENT_USERS = 50_000
 HOT_ITEMS = 1_000
-HEAP_COLUMNS = ("python blocks", "malloc MiB", "rocksdb MiB")
+HEAP_COLUMNS = ("python blocks", "malloc MiB", "malloc free MiB", "rocksdb MiB")
 
 
 def rss_mb(pid: int) -> float | None:
@@ -266,6 +266,8 @@ def main() -> None:
                     row[f"worker-{w} python blocks"] = heap.get("python_blocks")
                     in_use = heap.get("malloc_in_use_bytes")
                     row[f"worker-{w} malloc MiB"] = None if in_use is None else in_use / 2**20
+                    free = heap.get("malloc_free_bytes")
+                    row[f"worker-{w} malloc free MiB"] = None if free is None else free / 2**20
                     # RocksDB's part of malloc's bytes: memtables, index blocks, block cache.
                     stores = heap.get("rocksdb")
                     row[f"worker-{w} rocksdb MiB"] = (

@@ -94,6 +94,14 @@ def malloc_in_use() -> int | None:
     return int(info.uordblks + info.hblkhd)
 
 
+def malloc_free() -> int | None:
+    """Bytes free inside malloc's arenas: had back from the program, kept from the system
+    (they count in RSS once touched). None where glibc's ``mallinfo2`` is missing."""
+    if _MALLINFO2 is None:
+        return None
+    return int(_MALLINFO2().fordblks)
+
+
 class HeapCollector(Collector):
     """Where the process's heap is: Python's allocated blocks, and malloc's bytes in use."""
 
@@ -102,7 +110,11 @@ class HeapCollector(Collector):
 
     def summary(self) -> dict[str, int | None]:
         """The same figures for a JSON page."""
-        return {"python_blocks": sys.getallocatedblocks(), "malloc_in_use_bytes": malloc_in_use()}
+        return {
+            "python_blocks": sys.getallocatedblocks(),
+            "malloc_in_use_bytes": malloc_in_use(),
+            "malloc_free_bytes": malloc_free(),
+        }
 
     def collect(self) -> Iterator[Metric]:
         yield GaugeMetricFamily(
@@ -116,6 +128,13 @@ class HeapCollector(Collector):
                 f"{self.ns}_malloc_in_use_bytes",
                 "Bytes glibc malloc has handed out and not had back (native libraries, arrays).",
                 value=in_use,
+            )
+        free = malloc_free()
+        if free is not None:
+            yield GaugeMetricFamily(
+                f"{self.ns}_malloc_free_bytes",
+                "Bytes free inside glibc malloc's arenas, kept from the system (fragmentation).",
+                value=free,
             )
 
 

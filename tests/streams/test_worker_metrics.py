@@ -117,6 +117,7 @@ def test_a_worker_serves_its_figures_to_prometheus_and_as_json(
         "jodie_gc_collections",
         "jodie_python_blocks",
         "jodie_malloc_in_use_bytes",
+        "jodie_malloc_free_bytes",
         "jodie_rocksdb_memory_bytes",
         "process_resident_memory_bytes",
     ):

@@ -117,6 +117,7 @@ def test_the_heap_gauges_follow_what_is_allocated() -> None:
     got = _samples(metrics.exposition()[0].decode())
     assert got[("jodie_python_blocks", ())] >= more_blocks
     assert got[("jodie_malloc_in_use_bytes", ())] >= 64 << 20
+    assert got[("jodie_malloc_free_bytes", ())] >= 0
     del objects, buffer
     fewer_blocks, less_in_use = _heap(metrics)
     assert fewer_blocks < more_blocks - 90_000
