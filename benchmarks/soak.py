@@ -9,9 +9,9 @@ from a counter), the others from one of the last 50,000 users; items are drawn f
 hot thousand. Timestamps are the wall clock. Every 10 s the resident set size (VmRSS, Linux
 /proc) of every process, the events the workers applied and their inbox lag, and where each
 worker's heap is (Python's allocated blocks, glibc malloc's bytes in use and those it holds
-free, and RocksDB's part: memtables, index blocks, block cache; their /metrics.json), are written to
-OUT/rss.csv; at the end OUT/rss.png plots both (RSS above,
-events sent against events applied below: whether the workers kept up), and the
+free, and RocksDB's part: memtables, index blocks, block cache; their /metrics.json), are
+written to OUT/rss.csv; at the end OUT/rss.png plots RSS above and events sent against
+events applied below (whether the workers kept up), and the
 summary gives the events sent, the distinct users and items, each process's RSS at 10, 20 and
 30 minutes (for a shorter run: at a third, two thirds and the end) and its growth over the
 last two thirds — the last 20 minutes of a 30-minute run. The memory bounds (JODIE_ROW_CACHE,

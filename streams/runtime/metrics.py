@@ -22,7 +22,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -85,57 +85,42 @@ def _mallinfo2() -> Any:
 _MALLINFO2 = _mallinfo2()
 
 
-def malloc_in_use() -> int | None:
-    """Bytes malloc has handed out and not had back, in its arenas and as mappings of their
-    own (None where glibc's ``mallinfo2`` is missing)."""
+def malloc_bytes() -> tuple[int, int] | None:
+    """(in use, free) bytes of malloc, from one ``mallinfo2`` call (it locks and walks every
+    arena): in use, what it has handed out and not had back, in its arenas and as mappings of
+    their own; free, what it has had back but keeps from the system (RSS once touched). None
+    where glibc's ``mallinfo2`` is missing."""
     if _MALLINFO2 is None:
         return None
     info = _MALLINFO2()
-    return int(info.uordblks + info.hblkhd)
-
-
-def malloc_free() -> int | None:
-    """Bytes free inside malloc's arenas: had back from the program, kept from the system
-    (they count in RSS once touched). None where glibc's ``mallinfo2`` is missing."""
-    if _MALLINFO2 is None:
-        return None
-    return int(_MALLINFO2().fordblks)
+    return int(info.uordblks + info.hblkhd), int(info.fordblks)
 
 
 class HeapCollector(Collector):
-    """Where the process's heap is: Python's allocated blocks, and malloc's bytes in use."""
+    """Where the process's heap is: Python's allocated blocks, malloc's bytes in use and free."""
+
+    HELP: ClassVar[dict[str, str]] = {
+        "python_blocks": "Memory blocks Python's allocator holds (objects and buffers not freed).",
+        "malloc_in_use_bytes": "Bytes glibc malloc has handed out and not had back.",
+        "malloc_free_bytes": "Bytes free inside glibc malloc's arenas, kept from the system.",
+    }
 
     def __init__(self, namespace: str = "jodie") -> None:
         self.ns = namespace
 
     def summary(self) -> dict[str, int | None]:
         """The same figures for a JSON page."""
+        malloc = malloc_bytes()
         return {
             "python_blocks": sys.getallocatedblocks(),
-            "malloc_in_use_bytes": malloc_in_use(),
-            "malloc_free_bytes": malloc_free(),
+            "malloc_in_use_bytes": None if malloc is None else malloc[0],
+            "malloc_free_bytes": None if malloc is None else malloc[1],
         }
 
     def collect(self) -> Iterator[Metric]:
-        yield GaugeMetricFamily(
-            f"{self.ns}_python_blocks",
-            "Memory blocks Python's allocator holds (objects and buffers not yet freed).",
-            value=sys.getallocatedblocks(),
-        )
-        in_use = malloc_in_use()
-        if in_use is not None:
-            yield GaugeMetricFamily(
-                f"{self.ns}_malloc_in_use_bytes",
-                "Bytes glibc malloc has handed out and not had back (native libraries, arrays).",
-                value=in_use,
-            )
-        free = malloc_free()
-        if free is not None:
-            yield GaugeMetricFamily(
-                f"{self.ns}_malloc_free_bytes",
-                "Bytes free inside glibc malloc's arenas, kept from the system (fragmentation).",
-                value=free,
-            )
+        for key, value in self.summary().items():
+            if value is not None:  # malloc's figures where glibc's mallinfo2 is missing
+                yield GaugeMetricFamily(f"{self.ns}_{key}", self.HELP[key], value=value)
 
 
 class Metrics:
