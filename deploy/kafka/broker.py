@@ -281,6 +281,8 @@ def up(cfg: BrokerConfig, foreground: bool = False) -> tuple[BrokerStatus, bool]
         "-XX:+AlwaysPreTouch",
         "-XX:+UseG1GC",
         "-XX:MaxGCPauseMillis=20",
+        # A JVM that dies writes its report beside the logs, not into the working directory.
+        f"-XX:ErrorFile={cfg.logs_dir / 'hs_err_pid%p.log'}",
         "-Djava.awt.headless=true",
         f"-Dlog4j2.configurationFile={_resource('log4j2.yaml')}",
         f"-Dkafka.logs.dir={cfg.logs_dir}",
@@ -316,13 +318,28 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def exit_reason(logs_dir: Path, lines: int = 12) -> str:
+    """Why a node that exited did so, as its logs tell it: the last warnings and errors of
+    server.log, then the last lines of stdout.log (where the JVM itself reports, e.g. a heap it
+    could not reserve). The error carries them because a test's clean-up purges the logs."""
+    parts = []
+    server, stdout = logs_dir / "server.log", logs_dir / "stdout.log"
+    if server.exists():
+        told = server.read_text(errors="replace").splitlines()
+        marks = ("] WARN ", "] ERROR ", "] FATAL ")
+        parts += [x[:400] for x in told if any(m in x for m in marks)][-lines:]
+    if stdout.exists():
+        parts += [x[:400] for x in stdout.read_text(errors="replace").splitlines()[-lines:]]
+    return "\n".join(parts)
+
+
 def _wait_ready(cfg: BrokerConfig, alive: Callable[[], bool]) -> None:
     deadline = time.monotonic() + cfg.start_timeout_s
     while time.monotonic() < deadline:
         if not alive():
             raise BrokerStartError(
                 f"the broker exited during start-up; see {cfg.logs_dir / 'server.log'} and "
-                f"{cfg.logs_dir / 'stdout.log'}"
+                f"{cfg.logs_dir / 'stdout.log'}:\n{exit_reason(cfg.logs_dir)}"
             )
         if probe(_probe_target(cfg), timeout_s=1.0):
             return

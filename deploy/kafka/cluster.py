@@ -144,6 +144,7 @@ def _launch(node: NodeConfig, java: str, classpath: str) -> subprocess.Popen[byt
         f"-Xms{node.heap}",
         "-XX:+UseG1GC",
         "-XX:MaxGCPauseMillis=20",
+        f"-XX:ErrorFile={node.logs_dir / 'hs_err_pid%p.log'}",
         "-Djava.awt.headless=true",
         f"-Dlog4j2.configurationFile={broker._resource('log4j2.yaml')}",
         f"-Dkafka.logs.dir={node.logs_dir}",
@@ -215,7 +216,8 @@ def _wait_cluster(nodes: list[NodeConfig]) -> None:
         for n in nodes:
             if _exited(n):
                 raise BrokerStartError(
-                    f"node {n.node_id} exited during start-up; see {n.logs_dir / 'server.log'}"
+                    f"node {n.node_id} exited during start-up; see {n.logs_dir / 'server.log'}:"
+                    f"\n{broker.exit_reason(n.logs_dir)}"
                 )
         if all(broker.probe(n.bootstrap, timeout_s=1.0) for n in nodes):
             try:

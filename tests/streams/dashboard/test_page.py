@@ -25,6 +25,7 @@ from typing import TypeVar
 
 import pytest
 from selenium import webdriver
+from selenium.common.exceptions import StaleElementReferenceException
 from selenium.webdriver.chrome.options import Options
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
@@ -81,9 +82,24 @@ def browser() -> Iterator[webdriver.Chrome]:
         chrome.quit()
 
 
+def settled(read: Callable[[], T]) -> T:
+    """``read()`` once the page holds still under it: the page redraws every second, and an
+    element found just before a redraw is gone when it is read (StaleElementReferenceException,
+    seen in CI); a fresh find after the redraw reads the new one."""
+    for _ in range(9):
+        try:
+            return read()
+        except StaleElementReferenceException:
+            time.sleep(0.1)
+    return read()
+
+
 def _text(browser: webdriver.Chrome, element_id: str) -> str:
-    found = browser.find_elements(By.ID, element_id)
-    return str(found[0].text) if found else ""
+    def read() -> str:
+        found = browser.find_elements(By.ID, element_id)
+        return str(found[0].text) if found else ""
+
+    return settled(read)
 
 
 def _count(browser: webdriver.Chrome, element_id: str) -> int | None:
@@ -94,13 +110,19 @@ def _count(browser: webdriver.Chrome, element_id: str) -> int | None:
 
 def _updates(browser: webdriver.Chrome) -> int:
     """How many times the page has drawn what the server answered."""
-    return int(browser.find_element(By.TAG_NAME, "body").get_attribute("data-updates") or 0)
+    return settled(
+        lambda: int(browser.find_element(By.TAG_NAME, "body").get_attribute("data-updates") or 0)
+    )
 
 
 def _path(browser: webdriver.Chrome, chart: str) -> str:
     """The first line of a chart, as SVG path data."""
-    paths = browser.find_elements(By.CSS_SELECTOR, f"#{chart} path.series")
-    return str(paths[0].get_attribute("d")) if paths else ""
+
+    def read() -> str:
+        paths = browser.find_elements(By.CSS_SELECTOR, f"#{chart} path.series")
+        return str(paths[0].get_attribute("d")) if paths else ""
+
+    return settled(read)
 
 
 def _logs(tmp: Path) -> str:
@@ -215,9 +237,11 @@ def test_the_page_follows_a_running_pipeline(
         search.clear()
         search.send_keys(user, Keys.ENTER)
         until("the user's view", lambda: _text(browser, "user-id") == user, 30)
-        shown = [
-            td.text for td in browser.find_elements(By.CSS_SELECTOR, "#user-recs tbody td.item")
-        ]
+        shown = settled(
+            lambda: [
+                td.text for td in browser.find_elements(By.CSS_SELECTOR, "#user-recs tbody td.item")
+            ]
+        )
         assert shown == want
         assert len(browser.find_elements(By.CSS_SELECTOR, "#user-trajectory circle")) >= 3
 
