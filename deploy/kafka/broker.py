@@ -320,17 +320,19 @@ def _alive(pid: int) -> bool:
 
 def exit_reason(logs_dir: Path, lines: int = 12) -> str:
     """Why a node that exited did so, as its logs tell it: the last warnings and errors of
-    server.log, then the last lines of stdout.log (where the JVM itself reports, e.g. a heap it
-    could not reserve). The error carries them because a test's clean-up purges the logs."""
-    parts = []
-    server, stdout = logs_dir / "server.log", logs_dir / "stdout.log"
-    if server.exists():
-        told = server.read_text(errors="replace").splitlines()
-        marks = ("] WARN ", "] ERROR ", "] FATAL ")
-        parts += [x[:400] for x in told if any(m in x for m in marks)][-lines:]
-    if stdout.exists():
-        parts += [x[:400] for x in stdout.read_text(errors="replace").splitlines()[-lines:]]
-    return "\n".join(parts)
+    server.log, then the last lines of stdout.log that are not among them (log4j copies its
+    warnings there; what stays is the JVM's own report, e.g. a heap it could not reserve). The
+    error carries them because a test's clean-up purges the logs."""
+    read = {
+        name: (logs_dir / name).read_text(errors="replace").splitlines()
+        for name in ("server.log", "stdout.log")
+        if (logs_dir / name).exists()
+    }
+    marks = ("] WARN ", "] ERROR ", "] FATAL ")
+    told = [x for x in read.get("server.log", []) if any(m in x for m in marks)][-lines:]
+    shown = set(told)
+    own = [x for x in read.get("stdout.log", []) if x not in shown][-lines:]
+    return "\n".join(x[:400] for x in [*told, *own])
 
 
 def _wait_ready(cfg: BrokerConfig, alive: Callable[[], bool]) -> None:

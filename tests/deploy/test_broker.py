@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from deploy.exceptions import PortInUseError
+from deploy.exceptions import BrokerStartError, PortInUseError
 from deploy.kafka import broker as local
 from streams.settings import Settings
 
@@ -54,6 +55,23 @@ def test_up_is_idempotent_and_down_leaves_nothing(broker: Settings, tmp_path: Pa
         os.kill(pid, 0)
     assert not cfg.home.exists()
     assert local.down(cfg) is False
+
+
+def test_a_broker_that_dies_starting_says_why(
+    broker: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A heap the machine cannot commit: the error quotes the JVM's own words (its logs are
+    gone once purged), and its crash report lands beside the logs, not where it was run."""
+    cfg = replace(_config(broker, port=broker.broker_port + 200), heap="999g")
+    monkeypatch.chdir(tmp_path)
+    local.down(cfg, purge=True)
+    try:
+        with pytest.raises(BrokerStartError, match="insufficient memory for the Java Runtime"):
+            local.up(cfg)
+        assert list(cfg.logs_dir.glob("hs_err_pid*.log"))
+        assert not list(tmp_path.glob("hs_err_pid*.log"))
+    finally:
+        local.down(cfg, purge=True)
 
 
 def test_jar_cache_is_keyed_and_complete(broker: Settings) -> None:

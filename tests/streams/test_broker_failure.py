@@ -161,13 +161,7 @@ def _logs(tmp: Path, nodes: list[broker.BrokerConfig]) -> str:
         told = [x[:300] for x in lines if "Connect to ipv4" not in x and x not in status]
         parts.append("\n".join([f"--- {name}", *told[-40:], *status[-1:]]))
     for node in nodes:
-        for name in ("server.log", "stdout.log"):
-            path = node.logs_dir / name
-            lines = path.read_text(errors="replace").splitlines() if path.exists() else []
-            if name == "server.log":
-                levels = ("] WARN ", "] ERROR ", "] FATAL ")
-                lines = [x for x in lines if any(level in x for level in levels)]
-            parts.append("\n".join([f"--- broker {node.port} {name}", *lines[-25:]]))
+        parts.append(f"--- broker {node.port}\n{broker.exit_reason(node.logs_dir, lines=25)}")
     return "\n".join(parts)
 
 
