@@ -125,14 +125,17 @@ def _write_node_config(node: NodeConfig) -> Path:
     return path
 
 
-def _launch(node: NodeConfig, java: str, classpath: str) -> subprocess.Popen[bytes]:
-    """Format the node's storage (once) and start its JVM, as broker.up does for one node."""
+def _launch(
+    node: NodeConfig, java: str, classpath: str, cluster_id: str
+) -> subprocess.Popen[bytes]:
+    """Format the node's storage (once) with the cluster's id and start its JVM, as broker.up
+    does for one node."""
     for d in (node.home, node.data_dir, node.logs_dir):
         d.mkdir(parents=True, exist_ok=True)
     config = _write_node_config(node)
     if not (node.data_dir / "meta.properties").exists():
         cmd = [java, "-cp", classpath, broker._STORAGE_TOOL, "format", "-c", str(config)]
-        cmd += ["-t", _cluster_id(node.cluster_home)]
+        cmd += ["-t", cluster_id]
         formatted = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if formatted.returncode != 0:
             raise BrokerStartError(
@@ -185,8 +188,12 @@ def up(nodes: list[broker.BrokerConfig]) -> list[broker.BrokerStatus]:
         home = cluster[0].cluster_home
         home.mkdir(parents=True, exist_ok=True)
         (home / _NODES_FILE).write_text(str(len(cluster)))
+        # The id is read (or made) here, once, and not by each formatting thread: two threads
+        # that both found no id file each wrote their own, and a node formatted with another
+        # id than its peers' is refused by the quorum (INCONSISTENT_CLUSTER_ID) and exits.
+        cluster_id = _cluster_id(home)
         with ThreadPoolExecutor(len(down_now)) as pool:  # formatting: one JVM each, in parallel
-            list(pool.map(lambda n: _launch(n, java, classpath), down_now))
+            list(pool.map(lambda n: _launch(n, java, classpath, cluster_id), down_now))
     _wait_cluster(cluster)
     return [broker.status(n) for n in cluster]
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -81,9 +82,10 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @contextmanager
-def local_kafka(port: int, nodes: int) -> Iterator[list[broker.BrokerConfig]]:
+def local_kafka(port: int, nodes: int, tmp: Path) -> Iterator[list[broker.BrokerConfig]]:
     """A local Kafka of ``nodes`` nodes from ``port`` on, the environment pointing at it
-    (for this process and those it starts); stopped and purged afterwards."""
+    (for this process and those it starts); stopped and purged afterwards, its logs kept in
+    ``tmp`` (pytest keeps the last runs' directories: a failure's full broker logs)."""
     env = {
         "JODIE_BROKER_PORT": str(port),
         "JODIE_CONTROLLER_PORT": str(port + 1),
@@ -97,14 +99,26 @@ def local_kafka(port: int, nodes: int) -> Iterator[list[broker.BrokerConfig]]:
     try:
         cluster.down(cfgs, purge=True)  # what an interrupted run left
         cluster.up(cfgs)
+        # Every node formatted with the one cluster id (formatting runs in parallel threads;
+        # a node with an id of its own is refused by the quorum and exits).
+        assert len({_formatted_id(n) for n in cfgs}) == 1
         yield cfgs
     finally:
+        cluster.down(cfgs)
+        for n in cfgs:
+            if n.logs_dir.exists():
+                shutil.copytree(n.logs_dir, tmp / f"broker-{n.port}-logs", dirs_exist_ok=True)
         cluster.down(cfgs, purge=True)
         for key, value in saved.items():
             if value is None:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+def _formatted_id(node: broker.BrokerConfig) -> str:
+    lines = (node.data_dir / "meta.properties").read_text().splitlines()
+    return next(line.split("=", 1)[1] for line in lines if line.startswith("cluster.id="))
 
 
 class Follower(threading.Thread):
@@ -257,7 +271,7 @@ def test_the_single_broker_killed_and_restarted_mid_stream(
     checkpoint: Path, tmp_path: Path
 ) -> None:
     """The pipeline resumes by itself, within a bounded time, nothing lost or duplicated."""
-    with local_kafka(SINGLE_PORT, 1) as nodes:
+    with local_kafka(SINGLE_PORT, 1, tmp_path) as nodes:
         recovery = kill_mid_stream(nodes, checkpoint, tmp_path, "the only one", grace=0.2)
     assert recovery < 90  # measured 10-25 s on two busy cores
 
@@ -273,7 +287,7 @@ def test_one_of_three_nodes_killed_and_restarted_mid_stream(
     fenced after 3 s), while the others go on: a router whose grace is shorter than that
     takes them for idle and rejects their delayed events as time_backwards (measured: 3 of
     600 with 0.2 s). On a cluster the router's grace must outlast a failover."""
-    with local_kafka(CLUSTER_PORT, 3) as nodes:
+    with local_kafka(CLUSTER_PORT, 3, tmp_path) as nodes:
         for node in nodes:
             assert broker.status(node).ready
         recovery = kill_mid_stream(nodes, checkpoint, tmp_path, "coordinator", grace=8.0)
