@@ -91,9 +91,10 @@ def grants(settings: Settings) -> list[Grant]:
     groups("client", ["jodie-tail-", f"{app}-client-"])  # `jodie recommendations`; their own
 
     # Router: interactions in; the log, the inboxes and the DLQ out, in transactions; it
-    # re-reads the log on start and follows promotions on `models`.
-    topics("router", "read", [t("interactions"), t("interactions.log"), t("models")])
-    topics("router", "write", [t("interactions.log"), t("interactions.dlq"), *inboxes])
+    # re-reads the log and its positions on start and follows promotions on `models`.
+    own = [t("interactions.log"), t("interactions.positions")]
+    topics("router", "read", [t("interactions"), *own, t("models")])
+    topics("router", "write", [*own, t("interactions.dlq"), *inboxes])
     groups("router", [f"{prefix}jodie-router"], prefixed=False)
     groups("router", ["jodie-router-probe-", _INSPECT, _WATCH])
     out.append(Grant("router", "transactional_id", f"{prefix}jodie-router", "write"))

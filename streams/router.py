@@ -6,14 +6,18 @@ event, merges the partitions into the canonical order (operators.protocol.sequen
 - `interactions.log`: the sequenced event (Avro SequencedInteraction), keyed by event id;
 - `interactions.dlq`: the original key and bytes of every rejected event, the reason in headers
   (a re-sent event id included, as ``duplicate``: every message read is either in the log or
-  in the DLQ).
+  in the DLQ);
+- `interactions.positions`: per `interactions` partition, the next offset to read, in the same
+  transaction as what those offsets produced.
 
 Bad input is data: the bounds an event must keep come from the settings (``limits_of``), and
 with ``--model`` the feature count is the served version's, read from its checkpoint (digest
 checked, as workers do) rather than fixed by whichever event comes first.
 
 Exactly once: each batch of output and the input offsets it consumed are committed in one
-Kafka transaction, and the sequencer's state is rebuilt from interactions.log on start
+Kafka transaction (the offsets as records of `interactions.positions`, not as the consumer
+group's offsets: see ``read_positions``), and the sequencer's state is rebuilt from
+interactions.log on start
 (streamed, one fetch at a time: the router never holds the log), so a
 router killed at any moment and restarted writes every event once (as read_committed
 consumers see it) with the same sequence numbers. A second router with the same
@@ -23,7 +27,7 @@ A broker failure does not stop it: transactional calls that may be repeated are,
 backoff (a coordinator still loading its log after a restart answers "load in progress" for
 seconds); a transaction that cannot commit makes the router start over in-process exactly as
 a restarted one would — new clients, whose ``init_transactions`` settles the old transaction,
-the sequencer rebuilt from the log, the committed input offsets — for as long as
+the sequencer rebuilt from the log, the committed input positions — for as long as
 ``JODIE_RECOVERY_TIMEOUT_S`` passes with a commit.
 """
 
@@ -202,6 +206,32 @@ def restore_sequencer(
     return count, last[1]
 
 
+def read_positions(settings: Settings) -> dict[int, int]:
+    """The router's committed position in each partition of `interactions` (the next offset
+    to read), from `interactions.positions`; partitions it never committed are absent.
+
+    The positions travel as records in the router's transactions rather than as the consumer
+    group's offsets (``send_offsets_to_transaction``): after a broker restart librdkafka's
+    ``send_offsets_to_transaction`` could block past its timeout on a group coordinator that
+    had gone (issues #5456 and #5511), and the producer abandoned with it could later leave
+    its transactional offset commit pending for good, so that the group's stable offsets
+    could no longer be read (the router stopped after the recovery timeout). A record
+    in the transaction is written as every other output is; reading it back needs only the
+    partition's committed records. The group's offsets are still committed, outside the
+    transactions, for monitoring (lag); the router never reads them back but for a
+    pipeline that has no positions yet (one upgraded from before this topic).
+
+    All of it or ``ReadError``, as for the log: a position read from part of the topic could
+    be an older one, and the events after it would be routed again.
+    """
+    positions: dict[int, int] = {}
+    topic = settings.topic("interactions.positions")
+    for key, value, _p, _o in read_all(settings, topic, complete=True):
+        if key is not None:
+            positions[int(key)] = int(value)
+    return positions
+
+
 def _read_log(settings: Settings, codec: Codec | None = None) -> tuple[list[SequencedEvent], Epoch]:
     """The log's events in sequence order and the epoch its last event was stamped with."""
     topic = settings.topic("interactions.log")
@@ -242,6 +272,14 @@ class Router:
         self.source = settings.topic("interactions")
         self.log_topic = settings.topic("interactions.log")
         self.dlq_topic = settings.topic("interactions.dlq")
+        self.positions_topic = settings.topic("interactions.positions")
+        # The positions last written to interactions.positions: each transaction writes only
+        # the partitions that moved.
+        self._written: dict[int, int] = {}
+        # The group's offsets (for monitoring only): the last committed, when, and the
+        # positions not yet reported.
+        self._reported_at = 0.0
+        self._unreported: dict[int, int] | None = None
         self.user_inbox = settings.topic("user-inbox")
         self.item_inbox = settings.topic("item-inbox")
         self.inbox_codec = Codec(INBOX_MESSAGE)
@@ -390,17 +428,23 @@ class Router:
                 # A fresh log starts in the promoted version at once; otherwise the workers
                 # get the switch delay to prepare, as for any promotion.
                 self._promoted(serving, at_once=logged == 0)
-        committed = retry_transient(
-            lambda: consumer.committed(
-                [TopicPartition(self.source, p) for p in partitions], timeout=30
+        positions = read_positions(self.settings)
+        self._written = dict(positions)
+        if not positions:
+            # No position written yet: a new pipeline (the group has none either), or one
+            # whose router committed its offsets to the group before interactions.positions.
+            committed = retry_transient(
+                lambda: consumer.committed(
+                    [TopicPartition(self.source, p) for p in partitions], timeout=30
+                )
             )
-        )
+            positions = {tp.partition: tp.offset for tp in committed if tp.offset >= 0}
         next_offsets: dict[int, int] = {}
         assignment = []
-        for tp in committed:
-            start = tp.offset if tp.offset >= 0 else OFFSET_BEGINNING
-            next_offsets[tp.partition] = max(tp.offset, 0)
-            assignment.append(TopicPartition(self.source, tp.partition, start))
+        for p in partitions:
+            start = positions.get(p, OFFSET_BEGINNING)
+            next_offsets[p] = positions.get(p, 0)
+            assignment.append(TopicPartition(self.source, p, start))
         consumer.assign(assignment)
         if on_ready is not None:
             on_ready()
@@ -466,6 +510,7 @@ class Router:
                 last_progress = now
             elif messages:
                 last_progress = now
+            self._report(consumer)
             if (
                 until_idle_s is not None
                 and sequencer.buffered() == 0
@@ -596,14 +641,37 @@ class Router:
                     *cut,
                 ],
             )
-        positions = [TopicPartition(self.source, p, o) for p, o in offsets.items()]
-        tx.send_offsets(positions, consumer.consumer_group_metadata())
+        moved = {p: o for p, o in offsets.items() if self._written.get(p) != o}
+        for p, o in moved.items():
+            producer.produce(self.positions_topic, key=str(p).encode(), value=str(o).encode())
         tx.commit()
+        self._written.update(moved)
+        self._report(consumer, offsets)
         self.stats.transactions += 1
         self.stats.last_commit_at = time.monotonic()
         if self.stats.first_commit_at is None:
             self.stats.first_commit_at = self.stats.last_commit_at
             self.stats.first_batch = len(sequenced)
+
+    def _report(self, consumer: Consumer, offsets: dict[int, int] | None = None) -> None:
+        """Commit the latest committed ``offsets`` to the consumer group as well, at most
+        once a second and without waiting (called after each transaction and on every pass
+        of the loop, so an idle router reports its last ones within a second): what lag
+        monitors (`jodie dashboard`, the deployment benchmark) read. Never read back as
+        positions (see ``read_positions``), so a failed or late one costs nothing but a
+        stale lag figure."""
+        if offsets is not None:
+            self._unreported = offsets
+        now = time.monotonic()
+        if self._unreported is None or now - self._reported_at < 1.0:
+            return
+        self._reported_at = now
+        tps = [TopicPartition(self.source, p, o) for p, o in self._unreported.items()]
+        self._unreported = None
+        try:
+            consumer.commit(offsets=tps, asynchronous=True)
+        except KafkaException as exc:
+            _log.debug("router: group offsets not committed: %s", exc)
 
     def _produce(
         self, producer: Producer, sequenced: list[SequencedEvent], stamp: dict[str, Any]

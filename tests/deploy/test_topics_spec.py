@@ -14,6 +14,7 @@ def test_bundled_spec() -> None:
         "p-interactions",
         "p-interactions.dlq",
         "p-interactions.log",
+        "p-interactions.positions",
         "p-user-inbox",
         "p-item-inbox",
         "p-jodie-user-state-changelog",

@@ -37,9 +37,9 @@ def test_topics_are_granted_by_full_name_with_the_prefix() -> None:
 
 def test_the_pipeline_roles_write_what_the_stream_needs() -> None:
     table = _topics("")
-    assert {"interactions.log", "user-inbox", "item-inbox", "interactions.dlq"} <= table[
-        ("router", "write")
-    ]
+    own = {"interactions.log", "interactions.positions"}
+    assert {*own, "user-inbox", "item-inbox", "interactions.dlq"} <= table[("router", "write")]
+    assert own <= table[("router", "read")]
     assert {"recommendations", "item-vectors", "jodie-user-state-changelog"} <= table[
         ("worker", "write")
     ]

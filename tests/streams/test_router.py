@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+from confluent_kafka import TopicPartition
 
 from operators.dataset import iter_rows
 from operators.protocol.sequencer import Sequencer
@@ -25,9 +26,11 @@ from streams.router import (
     DLQ_DETAIL_CHARS,
     Router,
     read_log,
+    read_positions,
     restore_sequencer,
 )
-from streams.runtime.clients import idempotent_producer
+from streams.runtime.clients import committed_reader, idempotent_producer
+from streams.runtime.kafka import watermarks
 from streams.settings import Settings
 
 pytestmark = pytest.mark.kafka
@@ -178,6 +181,72 @@ def test_router_killed_mid_stream_restarts_without_loss_or_repeat(
     second = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, check=False)
     assert second.returncode == 0, second.stderr[-2000:]
     _assert_canonical(kafka, path)  # every event exactly once, same numbering as a clean run
+
+
+def _produce_rows(settings: Settings, path: Path, start: int, limit: int) -> None:
+    topic = settings.topic("interactions")
+    codec = make_codec(settings, INTERACTION, topic)
+    produce_file(path, idempotent_producer(settings), codec, topic, start=start, limit=limit)
+
+
+def _set_group_offsets(settings: Settings, offsets: dict[int, int]) -> None:
+    consumer = committed_reader(settings, group_id=f"{settings.topic_prefix}jodie-router")
+    topic = settings.topic("interactions")
+    try:
+        consumer.commit(
+            offsets=[TopicPartition(topic, p, o) for p, o in offsets.items()], asynchronous=False
+        )
+    finally:
+        consumer.close()
+
+
+def _ends(settings: Settings) -> dict[int, int]:
+    topic = settings.topic("interactions")
+    consumer = committed_reader(settings, group_id="jodie-inspect-ends")
+    try:
+        parts = consumer.list_topics(topic, timeout=10).topics[topic].partitions
+        return {p: watermarks(consumer, TopicPartition(topic, p))[1] for p in parts}
+    finally:
+        consumer.close()
+
+
+def test_a_restarted_router_resumes_from_its_positions_not_the_groups_offsets(
+    kafka: Settings, tmp_path: Path
+) -> None:
+    """The positions committed with the output (interactions.positions) are where a router
+    resumes: the consumer group's offsets, committed outside the transactions for lag
+    monitors, are never read back once positions exist, so offsets that lag behind (here:
+    reset to 0) route nothing twice."""
+    path = _csv(tmp_path)
+    half = N // 2
+    _produce_rows(kafka, path, 0, half)
+    stats = Router(kafka, grace_s=0.2).run(until_idle_s=1.0, max_seconds=120)
+    assert stats.sequenced == half
+    ends = _ends(kafka)
+    assert read_positions(kafka) == {p: o for p, o in ends.items()}
+    _set_group_offsets(kafka, dict.fromkeys(ends, 0))
+    _produce_rows(kafka, path, half, N - half)
+    stats = Router(kafka, grace_s=0.2).run(until_idle_s=1.0, max_seconds=120)
+    assert (stats.sequenced, stats.duplicates, stats.rejected) == (N - half, 0, 0)
+    _assert_canonical(kafka, path)
+    assert read_positions(kafka) == _ends(kafka)
+
+
+def test_a_router_without_positions_yet_resumes_from_the_groups_offsets(
+    kafka: Settings, tmp_path: Path
+) -> None:
+    """A pipeline whose router committed its input offsets to the consumer group (before
+    interactions.positions) resumes where the group is, then writes positions."""
+    path = _csv(tmp_path)
+    _produce_rows(kafka, path, 0, 100)
+    _set_group_offsets(kafka, _ends(kafka))  # as the earlier router left them
+    _produce_rows(kafka, path, 100, 50)
+    stats = Router(kafka, grace_s=0.2).run(until_idle_s=1.0, max_seconds=120)
+    assert (stats.sequenced, stats.rejected) == (50, 0)
+    assert [e.event.event_id for e in read_log(kafka)] == [
+        event_id(source_tag(path), r.line) for r in list(iter_rows(path))[100:150]
+    ]
+    assert read_positions(kafka) == _ends(kafka)
 
 
 def test_a_message_too_large_to_copy_whole_reaches_the_dlq_cut(kafka: Settings) -> None:
