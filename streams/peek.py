@@ -217,7 +217,8 @@ def topic_decoder(settings: Settings, name: str) -> Decode:
     - the Avro topics: the record (``bytes`` embeddings as float lists);
     - ``item-vectors``: the item's float32 vector and the headers its owner set;
     - ``interactions.dlq``: the reason, detail and source headers, and the rejected event
-      when its bytes are an Interaction (else their size and first bytes).
+      when its bytes are an Interaction (else their size and first bytes);
+    - ``interactions.positions``: the `interactions` partition and the router's next offset.
 
     A tombstone (a deleted table row) reads as ``{"deleted": true}``.
     """
@@ -236,7 +237,16 @@ def topic_decoder(settings: Settings, name: str) -> Decode:
         return _vector
     if name == "interactions.dlq":
         return dead_letter_decoder(settings)
+    if name == "interactions.positions":
+        return _position
     raise ValueError(f"{name} is not a topic of the pipeline (deploy/topics.toml)")
+
+
+def _position(key: bytes | None, value: bytes | None, _h: dict[str, bytes]) -> dict[str, Any]:
+    """A router position: both are ASCII integers (streams.router.read_positions)."""
+    if value is None:
+        return {"deleted": True}
+    return {"partition": int(key or b"-1"), "next_offset": int(value)}
 
 
 def dead_letter_decoder(settings: Settings) -> Decode:

@@ -64,8 +64,9 @@ def topics_show(
         str,
         typer.Argument(
             help="A topic of deploy/topics.toml, without the prefix: interactions, "
-            "interactions.log, interactions.dlq, user-inbox, item-inbox, recommendations, "
-            "evaluations, item-vectors, models, jodie-user-state-changelog, "
+            "interactions.log, interactions.dlq, interactions.positions, user-inbox, "
+            "item-inbox, recommendations, evaluations, item-vectors, models, "
+            "jodie-user-state-changelog, "
             "jodie-item-state-changelog."
         ),
     ] = "interactions",

@@ -43,6 +43,7 @@ from confluent_kafka import (
     OFFSET_BEGINNING,
     TIMESTAMP_NOT_AVAILABLE,
     Consumer,
+    ConsumerGroupTopicPartitions,
     KafkaError,
     KafkaException,
     Message,
@@ -183,6 +184,9 @@ class TransactionalLoop(Generic[B]):
         self._stop = threading.Event()
         self._changelog_offsets: dict[tuple[str, int], int] = {}
         self._gap: InputGapError | None = None  # found in a rebalance callback, raised after
+        # Offsets read past a stray pending commit (see ``_committed``), to commit again in a
+        # transaction of this instance's producer before the next batch.
+        self._unsettled: list[TopicPartition] = []
 
     def stop(self) -> None:
         self._stop.set()
@@ -248,6 +252,17 @@ class TransactionalLoop(Generic[B]):
                         f"expired (offsets.retention.minutes) while it was away. {_GAP_ADVICE}"
                     )
                     return
+        if self._unsettled:
+            # librdkafka would fetch the committed offsets itself, as stable ones, and wait
+            # for the stray commit without end: the positions are given instead.
+            consumer.assign(
+                [
+                    TopicPartition(tp.topic, tp.partition, tp.offset)
+                    if tp.offset >= 0
+                    else TopicPartition(tp.topic, tp.partition, OFFSET_BEGINNING)
+                    for tp in self._unsettled
+                ]
+            )
         self.log.info(
             "%s assigned %s (restored in %.2f s)",
             self.config.name,
@@ -261,9 +276,7 @@ class TransactionalLoop(Generic[B]):
     ) -> InputGapError | None:
         """What of ``partitions``' input was lost unprocessed, if anything (see above); adds
         to ``fresh`` the partitions without a committed offset (checked once restored)."""
-        committed = retry_transient(
-            lambda: consumer.committed(partitions, timeout=10), self.config.recovery_timeout_s
-        )
+        committed = self._committed(consumer, partitions)
         tables = self.app.tables
         for tp in committed:
             # As long as a resume may take: a worker assigned partitions while a cluster node
@@ -326,6 +339,8 @@ class TransactionalLoop(Generic[B]):
                 messages = take(consumer, c.batch, c.poll_timeout_s)
                 if self._gap is not None:
                     raise self._gap
+                if self._unsettled:
+                    self._settle(consumer, tx)
                 if messages:
                     self._batch(consumer, tx, messages)
                 else:
@@ -376,6 +391,81 @@ class TransactionalLoop(Generic[B]):
         self.stats.replaced += 1
         self._resume_from_commits(consumer)
 
+    def _committed(
+        self, consumer: Consumer, partitions: list[TopicPartition]
+    ) -> list[TopicPartition]:
+        """The group's committed offsets of ``partitions``.
+
+        Stable offsets (a read_committed consumer asks with RequireStable, KIP-447): a
+        transactional offset commit still pending is waited for, since the transaction that
+        holds it may yet commit. A commit pending for longer than any transaction may stay
+        open is a stray one: seen after a broker restart, when librdkafka's
+        ``send_offsets_to_transaction`` hung (issue #5511), the producer was abandoned
+        (streams.runtime.transactions) and its TxnOffsetCommit reached the group after the
+        new producer had settled the transaction. Nothing completes it but a later
+        transaction marker of the same producer id, which a worker stuck here never writes:
+        asked for stable offsets, the group answered "unstable" until the recovery timeout
+        and the worker stopped. So past that wait the last stable offsets are read without
+        it (an admin request without RequireStable) and committed again by this instance's
+        producer before the next batch (``_settle``), whose marker settles the stray commit
+        after overwriting its offsets with these.
+        """
+        ask = lambda: consumer.committed(partitions, timeout=10)  # noqa: E731
+        # Longer than a transaction may stay open, plus the coordinator's check for timed-out
+        # transactions (transaction.abort.timed.out.transaction.cleanup.interval.ms, 10 s).
+        wait_s = 2 * self.config.transaction_timeout_ms / 1000.0 + 10.0
+        deadline = time.monotonic() + min(wait_s, self.config.recovery_timeout_s)
+        while True:
+            try:
+                return retry_transient(ask, self.config.recovery_timeout_s)
+            except KafkaException as exc:
+                error = exc.args[0] if exc.args else None
+                if not isinstance(error, KafkaError) or error.code() != KafkaError._TIMED_OUT:
+                    raise
+                if time.monotonic() > deadline:
+                    break
+        offsets = self._stable_offsets(partitions)
+        self.log.warning(
+            "%s: the group's offsets stayed unstable for %.0f s (a transactional commit "
+            "pending from an abandoned producer); resuming from the last stable ones and "
+            "committing them again",
+            self.config.name,
+            wait_s,
+        )
+        self._unsettled = offsets
+        return offsets
+
+    def _stable_offsets(self, partitions: list[TopicPartition]) -> list[TopicPartition]:
+        """The group's last stable offsets of ``partitions``, pending commits not waited for
+        (-1001 where none is committed)."""
+        client = clients.admin(self.conn, {"log_level": 0})
+        request = [ConsumerGroupTopicPartitions(self.config.group_id, partitions)]
+        futures = client.list_consumer_group_offsets(
+            request, require_stable=False, request_timeout=10
+        )
+        answer = futures[self.config.group_id].result()
+        return list(answer.topic_partitions or [])
+
+    def _settle(self, consumer: Consumer, tx: Transactions) -> None:
+        """Commit ``_unsettled`` again (unchanged) in a transaction of its own; a partition
+        without a committed offset gets its first offset, where it would start anyway."""
+        offsets = []
+        for tp in self._unsettled:
+            if tp.offset >= 0:
+                offsets.append(TopicPartition(tp.topic, tp.partition, tp.offset))
+            else:
+                low, _high = watermarks(consumer, TopicPartition(tp.topic, tp.partition))
+                offsets.append(TopicPartition(tp.topic, tp.partition, low))
+        try:
+            tx.producer.begin_transaction()
+            tx.send_offsets(offsets, consumer.consumer_group_metadata())
+            tx.commit()
+        except KafkaException as exc:
+            self._rewind(consumer, tx, exc, {})
+            return
+        self._unsettled = []
+        self.log.warning("%s: the stray offset commit is settled", self.config.name)
+
     def _resume_from_commits(self, consumer: Consumer) -> None:
         """After a new producer settled the old one's last transaction (committed or aborted,
         we cannot tell which): the tables catch up with their changelogs and the positions
@@ -406,9 +496,7 @@ class TransactionalLoop(Generic[B]):
             if table is not None:
                 table.revoke(tp.partition)
                 self.stats.restored += table.assign(tp.partition)
-        committed = retry_transient(
-            lambda: consumer.committed(assignment, timeout=10), self.config.recovery_timeout_s
-        )
+        committed = self._committed(consumer, assignment)
         for tp in committed:
             offset = tp.offset if tp.offset >= 0 else OFFSET_BEGINNING
             with contextlib.suppress(KafkaException):  # revoked meanwhile: not ours to move

@@ -24,7 +24,10 @@ and a worker sitting idle after a broker restart. So every call here runs in a h
 and is given up after its timeout plus ``WATCHDOG_GRACE_S`` as if the producer were fatal
 (the blocked thread and its producer are abandoned; the new producer fences them), and a
 failed ``send_offsets_to_transaction`` is not retried on the same producer, whose stale
-coordinator would hang the retry: the producer is replaced at once.
+coordinator would hang the retry: the producer is replaced at once. The abandoned call may
+still complete later and leave its offset commit pending in the group for good: the router
+therefore keeps its positions in a topic of its own (streams.router.read_positions), and the
+loop reads past such a commit (streams.runtime.loop, ``TransactionalLoop._committed``).
 """
 
 from __future__ import annotations

@@ -30,6 +30,7 @@ HOLDS = {
     "interactions": lambda v: {"event_id", "user_id", "item_id", "timestamp"} <= set(v),
     "interactions.log": lambda v: v["seq"] >= 0 and "event_id" in v["interaction"],
     "interactions.dlq": lambda v: v["reason"] in ("duplicate", "malformed") and v["detail"],
+    "interactions.positions": lambda v: v["partition"] >= 0 and v["next_offset"] >= 0,
     "user-inbox": lambda v: v["event"] is not None or v["partner"] is not None,
     "item-inbox": lambda v: v["event"] is not None or v["partner"] is not None,
     "recommendations": lambda v: v["model_version"] == "v1" and v["candidates"],
