@@ -439,7 +439,10 @@ class TransactionalLoop(Generic[B]):
         """The group's last stable offsets of ``partitions``, pending commits not waited for
         (-1001 where none is committed)."""
         client = clients.admin(self.conn, {"log_level": 0})
-        request = [ConsumerGroupTopicPartitions(self.config.group_id, partitions)]
+        # Without their positions: the request refuses a partition that carries an offset,
+        # as those of consumer.assignment() do once the consumer has moved.
+        asked = [TopicPartition(tp.topic, tp.partition) for tp in partitions]
+        request = [ConsumerGroupTopicPartitions(self.config.group_id, asked)]
         futures = client.list_consumer_group_offsets(
             request, require_stable=False, request_timeout=10
         )

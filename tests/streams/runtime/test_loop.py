@@ -26,8 +26,9 @@ from streams.runtime.clients import (
     idempotent_producer,
     transactional_producer,
 )
+from streams.runtime.loop import LoopConfig, TransactionalLoop
 from streams.settings import Settings
-from tests.streams.runtime.counter import topics
+from tests.streams.runtime.counter import Counter, topics
 
 pytestmark = pytest.mark.kafka
 
@@ -300,3 +301,32 @@ def test_a_stray_pending_offset_commit_does_not_stop_the_instance(
         finally:
             stray.abort_transaction(30)
         _verify(conn, prefix, inputs, killed=False)
+
+
+def test_the_last_stable_offsets_are_read_for_partitions_that_carry_positions(
+    conn: Connection, tmp_path: Path
+) -> None:
+    """The fallback above reads the group's offsets for the partitions a consumer holds, and
+    after a producer is replaced those come from ``consumer.assignment()`` with the positions
+    the consumer moved to (the admin request refuses such partitions as they are: a worker
+    stopped on that in CI)."""
+    inputs: Inputs = {}
+    with _pipeline(conn) as prefix:
+        source, _sink, _changelog = topics(prefix)
+        _produce(conn, source, 0, 40, inputs)
+        _finish([_start(conn, prefix, 0, tmp_path, "state")], tmp_path)
+        config = LoopConfig(
+            name="probe", group_id=f"{prefix}counter", transactional_id=f"{prefix}probe"
+        )
+        loop = TransactionalLoop(conn, config, Counter(conn, prefix, tmp_path / "probe", 0, 1))
+        held = [TopicPartition(source, p, 3) for p in range(PARTITIONS)]
+        got = {tp.partition: tp.offset for tp in loop._stable_offsets(held)}
+        reader = committed_reader(conn, f"ends-{uuid.uuid4().hex[:8]}")
+        try:
+            ends = {
+                p: reader.get_watermark_offsets(TopicPartition(source, p))[1]
+                for p in range(PARTITIONS)
+            }
+        finally:
+            reader.close()
+        assert got == ends and sum(ends.values()) == 40
