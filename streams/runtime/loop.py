@@ -255,14 +255,7 @@ class TransactionalLoop(Generic[B]):
         if self._unsettled:
             # librdkafka would fetch the committed offsets itself, as stable ones, and wait
             # for the stray commit without end: the positions are given instead.
-            consumer.assign(
-                [
-                    TopicPartition(tp.topic, tp.partition, tp.offset)
-                    if tp.offset >= 0
-                    else TopicPartition(tp.topic, tp.partition, OFFSET_BEGINNING)
-                    for tp in self._unsettled
-                ]
-            )
+            consumer.assign([_start_at(tp) for tp in self._unsettled])
         self.log.info(
             "%s assigned %s (restored in %.2f s)",
             self.config.name,
@@ -501,9 +494,8 @@ class TransactionalLoop(Generic[B]):
                 self.stats.restored += table.assign(tp.partition)
         committed = self._committed(consumer, assignment)
         for tp in committed:
-            offset = tp.offset if tp.offset >= 0 else OFFSET_BEGINNING
             with contextlib.suppress(KafkaException):  # revoked meanwhile: not ours to move
-                consumer.seek(TopicPartition(tp.topic, tp.partition, offset))
+                consumer.seek(_start_at(tp))
         self.log.warning(
             "%s: resumed from the committed offsets %s",
             self.config.name,
@@ -602,6 +594,12 @@ _GAP_ADVICE = (
     "Resuming would make the tables diverge silently, so this instance stops: rebuild the "
     "state from the source of truth, or keep the inputs longer than any outage"
 )
+
+
+def _start_at(committed: TopicPartition) -> TopicPartition:
+    """Where a partition's reading starts: its committed offset, or its beginning if none."""
+    offset = committed.offset if committed.offset >= 0 else OFFSET_BEGINNING
+    return TopicPartition(committed.topic, committed.partition, offset)
 
 
 def _lag(consumer: Consumer) -> int:

@@ -19,7 +19,7 @@ from operators.protocol.sequencer import Sequencer
 from schemas import INTERACTION, Codec, load_schema
 from streams.codecs import make_codec
 from streams.exceptions import ReadError
-from streams.peek import read_all
+from streams.peek import partition_counts, read_all
 from streams.produce import event_id, produce_file, source_tag, to_record
 from streams.router import (
     DLQ_COPY_BYTES,
@@ -30,7 +30,6 @@ from streams.router import (
     restore_sequencer,
 )
 from streams.runtime.clients import committed_reader, idempotent_producer
-from streams.runtime.kafka import watermarks
 from streams.settings import Settings
 
 pytestmark = pytest.mark.kafka
@@ -204,8 +203,7 @@ def _ends(settings: Settings) -> dict[int, int]:
     topic = settings.topic("interactions")
     consumer = committed_reader(settings, group_id="jodie-inspect-ends")
     try:
-        parts = consumer.list_topics(topic, timeout=10).topics[topic].partitions
-        return {p: watermarks(consumer, TopicPartition(topic, p))[1] for p in parts}
+        return {c.partition: c.high for c in partition_counts(consumer, topic)}
     finally:
         consumer.close()
 
@@ -223,7 +221,7 @@ def test_a_restarted_router_resumes_from_its_positions_not_the_groups_offsets(
     stats = Router(kafka, grace_s=0.2).run(until_idle_s=1.0, max_seconds=120)
     assert stats.sequenced == half
     ends = _ends(kafka)
-    assert read_positions(kafka) == {p: o for p, o in ends.items()}
+    assert read_positions(kafka) == ends
     _set_group_offsets(kafka, dict.fromkeys(ends, 0))
     _produce_rows(kafka, path, half, N - half)
     stats = Router(kafka, grace_s=0.2).run(until_idle_s=1.0, max_seconds=120)
