@@ -7,7 +7,8 @@ stream is open-world: a share --fresh of the events come from users never seen b
 from a counter), the others from one of the last 50,000 users; items are drawn from
 --items ids, each of them once in a shuffled first pass and then half uniformly, half from a
 hot thousand. Timestamps are the wall clock. Every 10 s the resident set size (VmRSS, Linux
-/proc) of every process, the events the workers applied and their inbox lag, and where each
+/proc) of every process with what it is made of (anonymous memory, pages of mapped files)
+and its threads, the events the workers applied and their inbox lag, and where each
 worker's heap is (Python's allocated blocks, glibc malloc's bytes in use and those it holds
 free, and RocksDB's part: memtables, index blocks, block cache; their /metrics.json), are
 written to OUT/rss.csv; at the end OUT/rss.png plots RSS above and events sent against
@@ -58,17 +59,28 @@ SAMPLE_S = 10.0
 RECENT_USERS = 50_000
 HOT_ITEMS = 1_000
 HEAP_COLUMNS = ("python blocks", "malloc MiB", "malloc free MiB", "rocksdb MiB")
+# What RSS is made of (Linux /proc/PID/status): anonymous memory (heaps, thread stacks, any
+# mmap without a file), pages of mapped files, and the threads (each one a stack).
+PROC_COLUMNS = ("anon MiB", "file MiB", "threads")
+_STATUS_FIELDS = {"RssAnon:": "anon MiB", "RssFile:": "file MiB", "Threads:": "threads"}
 
 
-def rss_mb(pid: int) -> float | None:
-    """Resident set size of a live process in MiB (Linux /proc), None when gone."""
+def proc_status(pid: int) -> dict[str, float]:
+    """VmRSS in MiB under "rss", and PROC_COLUMNS, of a live process; empty when gone."""
+    found: dict[str, float] = {}
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
+            words = line.split()
+            if len(words) < 2:
+                continue
+            if words[0] == "VmRSS:":
+                found["rss"] = int(words[1]) / 1024
+            elif words[0] in _STATUS_FIELDS:
+                value = int(words[1])
+                found[_STATUS_FIELDS[words[0]]] = value if words[0] == "Threads:" else value / 1024
     except (OSError, ValueError, IndexError):
-        return None
-    return None
+        return {}
+    return found
 
 
 class Stream:
@@ -258,7 +270,10 @@ def main() -> None:
                 readable = all(pages)
                 row["applied"] = sum(p["user_events"] for p in pages) if readable else None
                 row["lag"] = sum(max(0, p["lag"]) for p in pages) if readable else None
-                row.update({name: rss_mb(pid) for name, pid in pids.items()})
+                for name, pid in pids.items():
+                    status = proc_status(pid)
+                    row[name] = status.get("rss")
+                    row.update({f"{name} {c}": status.get(c) for c in PROC_COLUMNS})
                 # Where a worker's heap is (its /metrics.json "heap"): Python's blocks and the
                 # bytes malloc handed out, which tell a filling cache or a leak from RSS alone.
                 for w, page in enumerate(pages):
@@ -298,7 +313,10 @@ def main() -> None:
                 child.stop()
         with (args.out / "rss.csv").open("w", newline="") as fh:
             heap = [f"worker-{w} {h}" for w in range(args.workers) for h in HEAP_COLUMNS]
-            writer = csv.DictWriter(fh, fieldnames=["t_s", "sent", "applied", "lag", *names, *heap])
+            parts = [f"{name} {c}" for name in names for c in PROC_COLUMNS]
+            writer = csv.DictWriter(
+                fh, fieldnames=["t_s", "sent", "applied", "lag", *names, *parts, *heap]
+            )
             writer.writeheader()
             writer.writerows(rows)
     shutil.rmtree(tmp, ignore_errors=True)  # the workers' and router's stores, the checkpoint
@@ -351,15 +369,15 @@ def main() -> None:
         cells = "".join(f"{v:>10.0f} MiB" if v is not None else f"{'-':>14}" for v in values)
         print(f"{name:<10}{cells}  {growth:+.1%}" if growth is not None else f"{name:<10}{cells}")
     summary["heap_at_s"] = {}
-    for w in range(args.workers):
-        for h in HEAP_COLUMNS:
-            column = f"worker-{w} {h}"
-            values = [at(rows, column, m) for m in marks]
-            summary["heap_at_s"][column] = {
-                str(round(m)): v for m, v in zip(marks, values, strict=True)
-            }
-            cells = "".join(f"{v:>14,.0f}" if v is not None else f"{'-':>14}" for v in values)
-            print(f"{column:<24}{cells}")
+    columns = [f"{name} {c}" for name in names for c in PROC_COLUMNS]
+    columns += [f"worker-{w} {h}" for w in range(args.workers) for h in HEAP_COLUMNS]
+    for column in columns:
+        values = [at(rows, column, m) for m in marks]
+        summary["heap_at_s"][column] = {
+            str(round(m)): v for m, v in zip(marks, values, strict=True)
+        }
+        cells = "".join(f"{v:>14,.0f}" if v is not None else f"{'-':>14}" for v in values)
+        print(f"{column:<24}{cells}")
     (args.out / "summary.json").write_text(json.dumps(summary, indent=2))
     print(f"\n{args.out / 'rss.csv'}, {args.out / 'rss.png'}, {args.out / 'summary.json'}")
 
