@@ -26,6 +26,8 @@ evaluated event is ranked against all --items items.
     jodie broker up
     python benchmarks/soak.py --minutes 30 --rate 650 --workers 2 --out soak-30
     python benchmarks/soak.py --minutes 3 --rate 200 --workers 1 --out soak-3   # a quick check
+    # a worker left behind, then 6 minutes with nothing sent: does its memory come back?
+    python benchmarks/soak.py --minutes 7 --rest 6 --rate 1000 --fresh 0.95 --out soak-rest
     jodie broker down
 """
 
@@ -213,6 +215,12 @@ def main() -> None:
     parser.add_argument("--fresh", type=float, default=0.9, help="share of never-seen users")
     parser.add_argument("--items", type=int, default=100_000)
     parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument(
+        "--rest",
+        type=float,
+        default=0.0,
+        help="minutes of sampling after the stream stops (whether memory comes back)",
+    )
     args = parser.parse_args()
     stop_children_on_sigterm()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -259,6 +267,8 @@ def main() -> None:
         rows: list[dict[str, Any]] = []
         began = time.monotonic()
         end = began + args.minutes * 60
+        rest_end = end + args.rest * 60
+        resting = False
         stream.start()
         try:
             while True:
@@ -296,9 +306,13 @@ def main() -> None:
                     child.check()
                 if stream.error is not None:
                     raise RuntimeError(f"producer failed: {stream.error}")
-                if now >= end:
+                if now >= end and not resting:
+                    stream.stop()  # the rest: nothing sent, the workers catch up and idle
+                    resting = True
+                if now >= rest_end:
                     break
-                time.sleep(max(0.0, min(SAMPLE_S - (time.monotonic() - now), end - now)))
+                until = rest_end if resting else end
+                time.sleep(max(0.0, min(SAMPLE_S - (time.monotonic() - now), until - now)))
             # Whether the pipeline kept up: the workers' counts and lag at the end.
             served = {
                 f"worker-{w}": {
@@ -320,7 +334,8 @@ def main() -> None:
             writer.writeheader()
             writer.writerows(rows)
     shutil.rmtree(tmp, ignore_errors=True)  # the workers' and router's stores, the checkpoint
-    duration = rows[-1]["t_s"]
+    rested = [r for r in rows if r["t_s"] > args.minutes * 60]
+    duration = max(r["t_s"] for r in rows if r["t_s"] <= args.minutes * 60)
     marks = (
         [10 * 60, 20 * 60, 30 * 60]
         if duration >= 30 * 60 - SAMPLE_S
@@ -378,6 +393,15 @@ def main() -> None:
         }
         cells = "".join(f"{v:>14,.0f}" if v is not None else f"{'-':>14}" for v in values)
         print(f"{column:<24}{cells}")
+    if rested:
+        # Whether what grew comes back once nothing is sent and the workers caught up.
+        final = rested[-1]
+        summary["after_rest"] = {"t_s": final["t_s"], "lag": final["lag"]}
+        print(f"\nafter {(final['t_s'] - duration) / 60:.1f} min of rest (lag {final['lag']}):")
+        for column in [*names, *columns]:
+            summary["after_rest"][column] = final.get(column)
+            value = final.get(column)
+            print(f"{column:<24}{value:>14,.0f}" if value is not None else f"{column:<24}{'-':>14}")
     (args.out / "summary.json").write_text(json.dumps(summary, indent=2))
     print(f"\n{args.out / 'rss.csv'}, {args.out / 'rss.png'}, {args.out / 'summary.json'}")
 
