@@ -349,6 +349,8 @@ def main() -> None:
         f"{duration / 60:.1f} min at {args.rate:g} ev/s: {stream.sent:,} events, "
         f"{len(stream.users):,} users, {len(stream.items_seen):,} items"
     )
+    if rested:
+        title += f"; then {(rested[-1]['t_s'] - duration) / 60:.1f} min with nothing sent"
     plot(rows, names, args.out / "rss.png", title)
     summary: dict[str, Any] = {
         "duration_s": duration,
