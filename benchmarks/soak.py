@@ -263,6 +263,9 @@ def main() -> None:
             )
         pids.update({name: p.pid for name, p in procs.items()})
         names = list(pids)
+        # The columns beside each process's RSS: what it is made of, then the workers' heaps.
+        columns = [f"{name} {c}" for name in names for c in PROC_COLUMNS]
+        columns += [f"worker-{w} {h}" for w in range(args.workers) for h in HEAP_COLUMNS]
         stream = Stream(settings, args.rate, args.fresh, args.items, args.seed)
         rows: list[dict[str, Any]] = []
         began = time.monotonic()
@@ -326,10 +329,8 @@ def main() -> None:
             for child in procs.values():
                 child.stop()
         with (args.out / "rss.csv").open("w", newline="") as fh:
-            heap = [f"worker-{w} {h}" for w in range(args.workers) for h in HEAP_COLUMNS]
-            parts = [f"{name} {c}" for name in names for c in PROC_COLUMNS]
             writer = csv.DictWriter(
-                fh, fieldnames=["t_s", "sent", "applied", "lag", *names, *parts, *heap]
+                fh, fieldnames=["t_s", "sent", "applied", "lag", *names, *columns]
             )
             writer.writeheader()
             writer.writerows(rows)
@@ -386,8 +387,6 @@ def main() -> None:
         cells = "".join(f"{v:>10.0f} MiB" if v is not None else f"{'-':>14}" for v in values)
         print(f"{name:<10}{cells}  {growth:+.1%}" if growth is not None else f"{name:<10}{cells}")
     summary["heap_at_s"] = {}
-    columns = [f"{name} {c}" for name in names for c in PROC_COLUMNS]
-    columns += [f"worker-{w} {h}" for w in range(args.workers) for h in HEAP_COLUMNS]
     for column in columns:
         values = [at(rows, column, m) for m in marks]
         summary["heap_at_s"][column] = {
@@ -401,8 +400,7 @@ def main() -> None:
         summary["after_rest"] = {"t_s": final["t_s"], "lag": final["lag"]}
         print(f"\nafter {(final['t_s'] - duration) / 60:.1f} min of rest (lag {final['lag']}):")
         for column in [*names, *columns]:
-            summary["after_rest"][column] = final.get(column)
-            value = final.get(column)
+            value = summary["after_rest"][column] = final.get(column)
             print(f"{column:<24}{value:>14,.0f}" if value is not None else f"{column:<24}{'-':>14}")
     (args.out / "summary.json").write_text(json.dumps(summary, indent=2))
     print(f"\n{args.out / 'rss.csv'}, {args.out / 'rss.png'}, {args.out / 'summary.json'}")
