@@ -48,6 +48,7 @@ from pathlib import Path
 from typing import Any
 
 from deploy.kafka.broker import BrokerConfig
+from jodie_errors import JodieError
 from operators.model.config import ModelConfig
 from operators.model.synthetic import synthetic_checkpoint
 from schemas import INTERACTION
@@ -407,4 +408,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except JodieError as exc:  # no broker answering: one line, not a traceback
+        raise SystemExit(f"error: {exc}") from None

@@ -173,13 +173,15 @@ def scratch_topics(stem: str) -> Iterator[Settings]:
     """Settings of a pipeline of its own: ``JODIE_TOPIC_PREFIX`` set to a fresh
     ``<stem><random>-`` (in the environment too, for the processes it starts), the declared
     topics created, and on exit deleted and the previous prefix restored. For tests and
-    benchmarks sharing a broker."""
+    benchmarks sharing a broker. Raises ``BrokerUnavailableError`` at once, saying how to
+    start one, when no broker answers."""
     from streams.runtime.clients import admin
 
     before = os.environ.get("JODIE_TOPIC_PREFIX")
     os.environ["JODIE_TOPIC_PREFIX"] = f"{stem}{uuid.uuid4().hex[:10]}-"
     try:
         settings = Settings()
+        require_topics(settings, ())
         client = admin(settings)
         specs = declared_topics(settings)
         apply_topics(client, specs, settings.replication, min_insync=settings.min_insync_replicas)
