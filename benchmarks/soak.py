@@ -40,6 +40,7 @@ import os
 import random
 import shutil
 import tempfile
+import textwrap
 import threading
 import time
 import urllib.request
@@ -187,7 +188,7 @@ def plot(rows: list[dict[str, Any]], names: list[str], path: Path, title: str) -
         if pts:
             ax.plot([p[0] for p in pts], [p[1] for p in pts], label=name)
     ax.set_ylabel("RSS (MiB)")
-    ax.set_title(title)
+    ax.set_title(textwrap.fill(title, 90), fontsize=10)  # wrapped: a long one ran off the figure
     ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3)
     ax.legend()
@@ -336,7 +337,8 @@ def main() -> None:
             writer.writeheader()
             writer.writerows(rows)
     shutil.rmtree(tmp, ignore_errors=True)  # the workers' and router's stores, the checkpoint
-    rested = [r for r in rows if r["t_s"] > args.minutes * 60]
+    # Without --rest the last sample may still fall a moment past the end: not a rest.
+    rested = [r for r in rows if r["t_s"] > args.minutes * 60] if args.rest > 0 else []
     duration = max(r["t_s"] for r in rows if r["t_s"] <= args.minutes * 60)
     marks = (
         [10 * 60, 20 * 60, 30 * 60]
