@@ -42,10 +42,11 @@ from operators.model.checkpoint import load_checkpoint
 from schemas import INTERACTION
 from schemas.codec import Codec
 from streams.children import Child, spawn, stop_children_on_sigterm
+from streams.cli.common import script_main
 from streams.codecs import TOPIC_SCHEMAS, make_codec
 from streams.produce import event_id, produce_file, source_tag
 from streams.runtime.clients import committed_reader, idempotent_producer
-from streams.settings import Settings
+from streams.settings import Settings, read_settings
 from streams.topics import scratch_topics
 
 _RECOVERY_WORDS = ("retrying", "replacing", "starting over", "aborted", "resumed from", "hung")
@@ -124,7 +125,7 @@ def main() -> None:
         JODIE_WEB_PORT=str(args.port + 1000),
     )
     os.environ.pop("JODIE_BOOTSTRAP", None)
-    settings = Settings()
+    settings = read_settings()
     nodes = cluster.node_configs(broker.BrokerConfig.from_settings(settings), args.nodes)
     cluster.up(nodes)
     print(f"{args.nodes} node(s) up at {settings.bootstrap_servers}")
@@ -209,4 +210,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    script_main(main)

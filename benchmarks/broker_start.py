@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from deploy.kafka import broker
+from streams.cli.common import script_main
 
 
 def _size(path: Path) -> int:
@@ -49,4 +50,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    script_main(main)

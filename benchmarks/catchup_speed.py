@@ -25,6 +25,7 @@ from operators.model.config import TrainConfig
 from operators.protocol import catchup
 from operators.protocol.catchup import CatchUp, LogEvent
 from operators.training.run import run_training
+from streams.cli.common import script_main
 
 
 def main() -> None:
@@ -79,4 +80,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    script_main(main)

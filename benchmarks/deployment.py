@@ -47,9 +47,10 @@ import numpy as np
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
 from deploy.kafka import broker as local
+from streams.cli.common import script_main
 from streams.runtime.clients import committed_reader
 from streams.runtime.kafka import watermarks
-from streams.settings import Settings
+from streams.settings import Settings, read_settings
 from streams.topics import app_id
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -288,7 +289,7 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=None, help="logs, state and model store")
     args = parser.parse_args()
 
-    settings = Settings()
+    settings = read_settings()
     cfg = local.BrokerConfig.from_settings(settings)
     if local.status(cfg).running:
         sys.exit(
@@ -357,4 +358,4 @@ def report(rows: list[Sample], out: Path) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(script_main(main))

@@ -31,6 +31,7 @@ from operators.dataset import bundled_wikipedia, iter_rows
 from operators.model.checkpoint import load_checkpoint
 from operators.model.online import OnlineJodie
 from schemas import INTERACTION
+from streams.cli.common import script_main
 from streams.codecs import make_codec
 from streams.hostile import MESSAGE_MAX_BYTES, Outcome, fingerprint, hostile_stream, report
 from streams.peek import read_with_headers
@@ -146,4 +147,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    script_main(main)

@@ -36,6 +36,7 @@ from operators.dataset import bundled_wikipedia, load_interactions
 from operators.model.config import TrainConfig
 from schemas import INTERACTION, RECOMMENDATION, Codec
 from streams.children import Child, spawn, stop_children_on_sigterm
+from streams.cli.common import script_main
 from streams.codecs import make_codec
 from streams.models import Registry
 from streams.peek import Bounded
@@ -235,4 +236,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    script_main(main)

@@ -27,6 +27,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from streams.cli.common import script_main
+from streams.settings import read_settings
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
@@ -81,9 +84,8 @@ def main() -> None:
     from streams.app.serving import Serving, model_version
     from streams.records import inbox_event
     from streams.router import event_data_of
-    from streams.settings import Settings
 
-    settings = Settings()
+    settings = read_settings()
     ckpt = load_checkpoint(args.checkpoint)
     serving = Serving.of(settings, ckpt, model_version(ckpt), None)
     log = load_interactions(bundled_wikipedia())
@@ -165,4 +167,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    script_main(main)

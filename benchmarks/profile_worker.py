@@ -19,6 +19,8 @@ import threading
 import time
 from pathlib import Path
 
+from streams.cli.common import script_main
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -62,4 +64,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    script_main(main)

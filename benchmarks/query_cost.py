@@ -38,6 +38,7 @@ from benchmarks.query_latency import cpu_s, get_json, get_kept, pipeline
 from operators.dataset import bundled_wikipedia, load_interactions
 from operators.model.synthetic import synthetic_checkpoint
 from streams.children import Child, spawn
+from streams.cli.common import script_main
 
 
 def alive_cpu_s(pid: int) -> float:
@@ -154,4 +155,4 @@ def measure(args: argparse.Namespace, urls: list[str], users: list[str], pids: l
 
 
 if __name__ == "__main__":
-    main()
+    script_main(main)

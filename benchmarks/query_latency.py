@@ -57,7 +57,8 @@ from deploy.kafka.broker import BrokerConfig
 from operators.dataset import bundled_wikipedia, load_interactions
 from operators.model.synthetic import synthetic_checkpoint
 from streams.children import Child, free_port, spawn, stop_children_on_sigterm
-from streams.settings import Settings
+from streams.cli.common import script_main
+from streams.settings import read_settings
 from streams.topics import scratch_topics
 
 
@@ -119,7 +120,7 @@ def cpu_s(pid: int) -> float | None:
 
 
 def broker_pid() -> int | None:
-    return broker.status(BrokerConfig.from_settings(Settings())).pid
+    return broker.status(BrokerConfig.from_settings(read_settings())).pid
 
 
 def cpu_use(named: dict[str, int], before: dict[str, float | None], wall_s: float) -> str:
@@ -346,4 +347,4 @@ def get_json_or_zero(url: str) -> int:
 
 
 if __name__ == "__main__":
-    main()
+    script_main(main)

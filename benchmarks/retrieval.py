@@ -44,6 +44,7 @@ import numpy as np
 
 from operators.model.state import TREND_SECONDS, trend_at
 from operators.retrieval.tiered import TieredIndex
+from streams.cli.common import script_main
 
 ALPHA, GAMMA, DELTA = 0.403, -0.604, 0.773
 K = 10
@@ -240,4 +241,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    script_main(main)

@@ -37,6 +37,7 @@ from typing import Any
 from deploy.kafka.broker import BrokerConfig
 from operators.dataset import bundled_wikipedia
 from schemas import INTERACTION
+from streams.cli.common import script_main
 from streams.codecs import make_codec
 from streams.produce import produce_file
 from streams.router import Router
@@ -174,4 +175,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    script_main(main)

@@ -22,6 +22,7 @@ from operators.protocol.exchange import Inbox, Pending
 from operators.protocol.sides import EntityState, EventData
 from schemas import Codec, wire
 from schemas.codec import ENTITY_RECORD
+from streams.cli.common import script_main
 from streams.records import inbox_row_bytes, inbox_to_record
 
 Box = Inbox[EntityState, EntityState]
@@ -73,4 +74,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    script_main(main)

@@ -39,6 +39,7 @@ from operators.dataset import Row, bundled_wikipedia, iter_rows
 from operators.protocol.sequencer import Interaction, SequencedEvent, Sequencer
 from schemas import INTERACTION, wire
 from schemas.codec import Codec
+from streams.cli.common import script_main
 from streams.produce import to_record
 from streams.runtime.kafka import partition_for
 
@@ -454,4 +455,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    script_main(main)

@@ -49,11 +49,11 @@ from pathlib import Path
 from typing import Any
 
 from deploy.kafka.broker import BrokerConfig
-from jodie_errors import JodieError
 from operators.model.config import ModelConfig
 from operators.model.synthetic import synthetic_checkpoint
 from schemas import INTERACTION
 from streams.children import spawn, stop_children_on_sigterm
+from streams.cli.common import script_main
 from streams.codecs import make_codec
 from streams.runtime.clients import idempotent_producer
 from streams.settings import Settings
@@ -410,7 +410,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except JodieError as exc:  # no broker answering: one line, not a traceback
-        raise SystemExit(f"error: {exc}") from None
+    script_main(main)

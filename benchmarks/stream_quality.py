@@ -34,6 +34,7 @@ from operators.evaluation.protocols import frozen_replay
 from operators.evaluation.scorer import make_scorer
 from operators.evaluation.served import ServedLists
 from operators.model.checkpoint import load_checkpoint
+from streams.cli.common import script_main
 from streams.produce import produce_rows
 from streams.router import Router
 from streams.tail import summarise, tail
@@ -142,4 +143,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    script_main(main)

@@ -70,12 +70,13 @@ from deploy.kafka.broker import BrokerConfig
 from operators.dataset import Row, bundled_wikipedia, iter_rows
 from schemas import INTERACTION, RECOMMENDATION
 from streams.children import Child, spawn, stop_children_on_sigterm
+from streams.cli.common import script_main
 from streams.codecs import make_codec
 from streams.produce import produce_file, source_tag, to_record
 from streams.router import Router
 from streams.runtime.clients import admin, committed_reader, idempotent_producer
-from streams.settings import Settings
-from streams.topics import app_id, apply_topics, declared_topics, delete_topics
+from streams.settings import Settings, read_settings
+from streams.topics import app_id, apply_topics, declared_topics, delete_topics, require_topics
 
 # Checkpoint of the first 80 % of the bundled Wikipedia file: its states end at this row.
 DEFAULT_START = 125_979
@@ -300,7 +301,7 @@ class Bench:
         os.environ["JODIE_TOPIC_PREFIX"] = f"bench{uuid.uuid4().hex[:6]}-"
         os.environ["JODIE_STATE_DIR"] = str(self.tmp / "state")
         os.environ["JODIE_WEB_PORT"] = str(self.port_base)
-        self.settings = Settings()
+        self.settings = read_settings()
         self.env = dict(os.environ)
         self.children: list[Child] = []
         self.workers: list[Child] = []
@@ -751,6 +752,7 @@ class Bench:
         )
 
     def run(self) -> None:
+        require_topics(self.settings, ())  # no broker: say so now, not after the clients wait
         client = admin(self.settings)
         specs = declared_topics(self.settings)
         failed = True
@@ -817,4 +819,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    script_main(main)

@@ -481,6 +481,12 @@ class Settings(BaseSettings):
 def get_settings() -> Settings:
     """The process-wide settings, read once from the environment; a bad variable is a
     ``SettingsError`` naming it."""
+    return read_settings()
+
+
+def read_settings() -> Settings:
+    """Settings read from the environment now (not cached: for code that changes it, such as
+    a benchmark's scratch topic prefix); a bad variable is a ``SettingsError`` naming it."""
     try:
         return Settings()
     except ValidationError as exc:

@@ -15,7 +15,7 @@ from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic
 
 from deploy.topics import TopicSpec, load_topic_specs
 from streams.exceptions import BrokerUnavailableError, TopicMissingError
-from streams.settings import Settings
+from streams.settings import Settings, read_settings
 
 
 @dataclass
@@ -180,7 +180,7 @@ def scratch_topics(stem: str) -> Iterator[Settings]:
     before = os.environ.get("JODIE_TOPIC_PREFIX")
     os.environ["JODIE_TOPIC_PREFIX"] = f"{stem}{uuid.uuid4().hex[:10]}-"
     try:
-        settings = Settings()
+        settings = read_settings()
         require_topics(settings, ())
         client = admin(settings)
         specs = declared_topics(settings)

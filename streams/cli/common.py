@@ -52,6 +52,16 @@ def _fail(exc: BaseException | str) -> typer.Exit:
     return typer.Exit(code=2)
 
 
+def script_main(main: Callable[[], Any]) -> Any:
+    """Run a script's ``main`` (the benchmarks) as the CLI runs a command: a user's mistake
+    (no broker answering, a bad ``JODIE_*`` variable, a checkpoint that cannot be read) ends
+    it with the one-line error and exit status 2 instead of a traceback."""
+    try:
+        return main()
+    except JodieError as exc:
+        raise SystemExit(_fail(exc).exit_code) from None
+
+
 ModelName = Annotated[str, typer.Option("--name", help="Model name (the registry key).")]
 
 

@@ -3,6 +3,7 @@ code 2, never a traceback."""
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -137,3 +138,37 @@ def test_the_installed_command_prints_no_traceback(tmp_path: Path) -> None:
         "(see `jodie produce --help`)"
     ]
     assert run.stdout == ""
+
+
+# (benchmark, variables, how its one line starts); {port}: a port nothing listens on.
+BENCHMARK_MISTAKES = [
+    # stream_throughput used to wait on its clients without a broker instead of saying so.
+    ("stream_throughput.py", {}, "error: no broker answers at 127.0.0.1:{port}; start it with"),
+    ("stream_throughput.py", {"JODIE_PARTITIONS": "lots"}, "error: JODIE_PARTITIONS='lots': "),
+    ("fuzz.py", {}, "error: {tmp}: no checkpoint.json; not a checkpoint directory; give a"),
+]
+
+
+@pytest.mark.parametrize(("script", "extra", "says"), BENCHMARK_MISTAKES)
+def test_a_benchmark_run_by_mistake_says_so_in_one_line(
+    script: str, extra: dict[str, str], says: str, tmp_path: Path
+) -> None:
+    """Benchmarks end a user's mistake as commands do (``script_main``): one line, exit 2."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    root = Path(__file__).resolve().parents[3]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JODIE_")}
+    env |= {"JODIE_BROKER_PORT": str(port), "PYTHONPATH": str(root), **extra}
+    run = subprocess.run(
+        [sys.executable, str(root / "benchmarks" / script), "--checkpoint", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        cwd=root,
+    )
+    assert run.returncode == 2, run.stderr[-2000:]
+    lines = run.stderr.splitlines()
+    assert len(lines) == 1, run.stderr[-2000:]
+    assert lines[0].startswith(says.format(port=port, tmp=tmp_path)), lines[0]
