@@ -27,10 +27,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 from streams.cli.common import script_main
 from streams.settings import read_settings
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def add_items(serving: Any, ckpt: Any, n: int, t: float) -> None:
