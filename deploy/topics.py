@@ -29,9 +29,13 @@ class TopicSpec:
 
 
 def load_topic_specs(
-    default_partitions: int, prefix: str = "", text: str | None = None
+    default_partitions: int,
+    prefix: str = "",
+    text: str | None = None,
+    input_partitions: int = 1,
 ) -> list[TopicSpec]:
-    """Read the spec; ``text`` replaces the bundled file (tests)."""
+    """Read the spec; ``text`` replaces the bundled file (tests). A topic's ``partitions`` is
+    a number, ``"input"`` (``input_partitions``) or absent (``default_partitions``)."""
     if text is None:
         text = resources.files("deploy").joinpath("topics.toml").read_text()
     try:
@@ -48,7 +52,12 @@ def load_topic_specs(
         policy = entry.get("cleanup_policy", "delete")
         if policy not in _POLICIES:
             raise TopicSpecError(f"{name}: cleanup_policy must be one of {_POLICIES}")
-        partitions = int(entry.get("partitions", default_partitions))
+        declared = entry.get("partitions", default_partitions)
+        if declared == "input":
+            declared = input_partitions
+        if not isinstance(declared, int) or isinstance(declared, bool):
+            raise TopicSpecError(f'{name}: partitions must be a number or "input"')
+        partitions = declared
         if partitions < 1:
             raise TopicSpecError(f"{name}: partitions must be >= 1")
         specs.append(

@@ -121,6 +121,15 @@ class Settings(BaseSettings):
     partitions: int = Field(
         4, description="JODIE_PARTITIONS: partitions of the keyed topics (sets worker parallelism)."
     )
+    input_partitions: int = Field(
+        1,
+        ge=1,
+        description=(
+            "JODIE_INPUT_PARTITIONS: partitions of `interactions` and `interactions.log`. One "
+            "router reads them all and merges them by time, so each one more makes it wait for "
+            "another partition's next event and adds commit markers to every transaction."
+        ),
+    )
     replication_factor: int | None = Field(
         None,
         ge=1,

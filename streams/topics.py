@@ -28,7 +28,9 @@ class TopicReport:
 
 
 def declared_topics(settings: Settings) -> list[TopicSpec]:
-    return load_topic_specs(settings.partitions, settings.topic_prefix)
+    return load_topic_specs(
+        settings.partitions, settings.topic_prefix, input_partitions=settings.input_partitions
+    )
 
 
 def apply_topics(

@@ -9,7 +9,9 @@ from deploy.topics import load_topic_specs
 
 
 def test_bundled_spec() -> None:
-    specs = {s.name: s for s in load_topic_specs(default_partitions=6, prefix="p-")}
+    specs = {
+        s.name: s for s in load_topic_specs(default_partitions=6, prefix="p-", input_partitions=2)
+    }
     assert set(specs) == {
         "p-interactions",
         "p-interactions.dlq",
@@ -24,8 +26,12 @@ def test_bundled_spec() -> None:
         "p-item-vectors",
         "p-models",
     }
-    # Keyed topics share the default partition count so they stay co-partitioned.
-    assert specs["p-interactions"].partitions == specs["p-interactions.log"].partitions == 6
+    # Keyed topics share the default partition count so they stay co-partitioned; the
+    # router's input and log, read whole by one router, have the input count.
+    keyed = ["user-inbox", "item-inbox", "recommendations", "jodie-user-state-changelog"]
+    assert {specs[f"p-{name}"].partitions for name in keyed} == {6}
+    assert specs["p-interactions"].partitions == specs["p-interactions.log"].partitions == 2
+    assert load_topic_specs(6)[0].partitions == 1  # interactions: one by default
     assert specs["p-models"].partitions == 1
     assert specs["p-interactions.log"].configs() == {
         "cleanup.policy": "compact",
@@ -39,6 +45,7 @@ def test_bundled_spec() -> None:
         ('[[topic]]\nname = "a"\ncleanup_policy = "shred"\n', "cleanup_policy"),
         ('[[topic]]\nname = "a"\n[[topic]]\nname = "a"\n', "unique name"),
         ('[[topic]]\nname = "a"\npartitions = 0\n', "partitions"),
+        ('[[topic]]\nname = "a"\npartitions = "many"\n', "partitions"),
         ("[[topic]\n", "does not parse"),
     ],
 )

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -145,9 +146,22 @@ def _dlq_reasons(settings: Settings) -> list[str]:
     return reasons
 
 
+@pytest.fixture
+def kafka_3_inputs(broker: Settings, monkeypatch: pytest.MonkeyPatch) -> Iterator[Settings]:
+    """Fresh topics with ``interactions`` (and its log) in three partitions, which the router
+    merges by time: one by default, more where producers need them."""
+    from streams.topics import scratch_topics
+
+    monkeypatch.setenv("JODIE_INPUT_PARTITIONS", "3")
+    with scratch_topics("t") as settings:
+        yield settings
+
+
 def test_router_killed_mid_stream_restarts_without_loss_or_repeat(
-    kafka: Settings, tmp_path: Path
+    kafka_3_inputs: Settings, tmp_path: Path
 ) -> None:
+    """Killed between or inside transactions while merging three input partitions."""
+    kafka = kafka_3_inputs
     n = 6000
     path = _csv(tmp_path, n)
     topic = kafka.topic("interactions")
@@ -177,6 +191,8 @@ def test_router_killed_mid_stream_restarts_without_loss_or_repeat(
     partial = len(read_log(kafka))
     assert 0 < partial < n
     sender.join(timeout=120)
+    ends = _ends(kafka)
+    assert len(ends) == 3 and min(ends.values()) > 0  # events keyed by user spread over all
     second = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, check=False)
     assert second.returncode == 0, second.stderr[-2000:]
     _assert_canonical(kafka, path)  # every event exactly once, same numbering as a clean run
