@@ -18,7 +18,7 @@ pytestmark = pytest.mark.kafka
 
 
 def test_group_lag_counts_what_the_group_has_not_committed(kafka: Settings) -> None:
-    topic = kafka.topic("interactions")
+    topic = kafka.topic("user-inbox")  # a keyed topic: JODIE_PARTITIONS (4) partitions
     producer = idempotent_producer(kafka)
     for n in range(10):
         producer.produce(topic, key=b"k", value=str(n).encode(), partition=n % 2)
