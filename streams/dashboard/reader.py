@@ -43,7 +43,7 @@ from streams.codecs import make_codec
 from streams.dashboard.board import Board
 from streams.dashboard.exceptions import DashboardError
 from streams.runtime.clients import admin, committed_reader
-from streams.runtime.kafka import take, watermarks
+from streams.runtime.kafka import retry_transient, take, watermarks
 from streams.settings import Settings
 from streams.topics import app_id
 
@@ -240,10 +240,14 @@ def group_lag(client: AdminClient, group: str, topics: list[str], timeout_s: flo
     if not partitions:
         return 0
     request = [ConsumerGroupTopicPartitions(group, partitions)]
-    answer = client.list_consumer_group_offsets(request, request_timeout=timeout_s)[group]
-    committed = {
-        (tp.topic, tp.partition): tp.offset for tp in answer.result(timeout_s).topic_partitions
-    }
+
+    def ask() -> list[TopicPartition]:
+        answer = client.list_consumer_group_offsets(request, request_timeout=timeout_s)[group]
+        return list(answer.result(timeout_s).topic_partitions or [])
+
+    # A broker that just started answers COORDINATOR_LOAD_IN_PROGRESS while it loads the
+    # group coordinator: asked again, it answers.
+    committed = {(tp.topic, tp.partition): tp.offset for tp in retry_transient(ask, timeout_s)}
 
     def offsets(spec: OffsetSpec) -> dict[tuple[str, int], int]:
         futures = client.list_offsets(
