@@ -131,6 +131,25 @@ class KeyedOverlay:
             cast(faiss.IndexIVFPQFastScan, faiss.clone_index(template)) for _ in range(n_bands)
         ]
         self.edges = np.quantile(z_sample, np.arange(1, n_bands) / n_bands) if n else np.empty(0)
+        # One read-only IVF over every band's lists, band after band (list b·nlist + j is
+        # band b's list j): a query probes lists of all bands in one faiss call, where a call
+        # per band cost it a look-up table and a Python round trip per band (1M items: 1.56
+        # ms of CPU per query against 0.62). The bands stay the indexes written to: each
+        # assigns among nlist cells, where one index of nlist · bands lists would search all
+        # of them per added vector (measured: build 3x slower). The view reads their lists
+        # in place, so it sees every add and removal as it happens.
+        stack = faiss.InvertedListsPtrVector()  # type: ignore[attr-defined]
+        for index in self.bands:
+            stack.push_back(index.invlists)
+        self._stack = stack  # the view holds raw pointers: keep everything it reads alive
+        self._lists = faiss.VStackInvertedLists(stack.size(), stack.data())  # type: ignore[attr-defined]
+        self._unused = faiss.IndexFlatL2(d)  # a search with given lists never asks it
+        view = faiss.IndexIVFPQFastScan(self._unused, d, n_bands * nlist, d // 2, 4)
+        view.by_residual = False
+        view.pq = template.pq
+        view.is_trained = True
+        view.replace_invlists(self._lists, False)
+        self.view = view
         self.zmax = np.full((n_bands, nlist), -np.inf)  # largest z each list has held
         self.gen = 0
         self.live = np.full(store.data.shape[0], -1, dtype=np.int64)  # row → its live label
@@ -201,6 +220,7 @@ class KeyedOverlay:
                     self.lift[b, cells] = self.ceiling - self.zmax[b, cells]
         self.live[rows] = labels
         self.gen = (self.gen + 1) & _GEN_MASK
+        self.view.ntotal = sum(index.ntotal for index in self.bands)
 
     def _retire(self, rows: np.ndarray) -> None:
         old = self.live[rows]
@@ -231,6 +251,7 @@ class KeyedOverlay:
         selector = faiss.IDSelectorBatch(stale.size, faiss.swig_ptr(stale))
         for index in self.bands:
             index.remove_ids(selector)
+        self.view.ntotal = sum(index.ntotal for index in self.bands)
         self.stale, self.n_stale = [], 0
 
     def propose(self, queries: np.ndarray, n: int) -> np.ndarray:
@@ -246,37 +267,18 @@ class KeyedOverlay:
         bound = dist[:, None, :] + self.lift[None]  # (Q, bands, nlist)
         flat = bound.reshape(nq, -1)
         m = min(self.nprobe, flat.shape[1])
-        # Band-major order puts each band's lists side by side: one faiss call per band.
-        probe = np.sort(np.argpartition(flat, m - 1, axis=1)[:, :m], axis=1)  # (Q, m)
-        cells = np.where(
-            np.isfinite(np.take_along_axis(flat, probe, axis=1)), probe % self.nlist, -1
-        )
-        edges = np.arange(len(self.bands) + 1) * self.nlist
-        starts = [np.searchsorted(probe[i], edges) for i in range(nq)]
-        found_d, found_l = [], []
+        # Band-major, as the view numbers the lists.
+        probe = np.argpartition(flat, m - 1, axis=1)[:, :m] if m < flat.shape[1] else None
+        if probe is None:
+            probe = np.tile(np.arange(flat.shape[1]), (nq, 1))
+        # A list that never held an entry has an infinite bound: −1, which faiss skips.
+        lists = np.where(np.isfinite(np.take_along_axis(flat, probe, axis=1)), probe, -1)
+        view = self.view
+        if view.nprobe != m:
+            view.nprobe = m
         with single_thread_if_small(nq):
-            for b, index in enumerate(self.bands):
-                if all(st[b] == st[b + 1] for st in starts):
-                    continue
-                # Each row padded to nprobe with −1 (skipped by faiss), so nprobe is set once.
-                lists = np.full((nq, self.nprobe), -1, dtype=np.int64)
-                for i, st in enumerate(starts):
-                    lists[i, : st[b + 1] - st[b]] = cells[i, st[b] : st[b + 1]]
-                if index.nprobe != self.nprobe:
-                    index.nprobe = self.nprobe
-                d_b, l_b = search_preassigned(index, q, n, lists)
-                found_d.append(d_b)
-                found_l.append(l_b)
-        if not found_d:
-            rows = np.full((nq, n), -1, dtype=np.int64)
-        else:
-            dist_all = np.concatenate(found_d, axis=1)
-            labels = np.concatenate(found_l, axis=1)
-            dist_all[labels < 0] = np.inf
-            if dist_all.shape[1] > n:
-                keep = np.argpartition(dist_all, n - 1, axis=1)[:, :n]
-                labels = np.take_along_axis(labels, keep, axis=1)
-            rows = np.where(labels >= 0, labels & _ROW_MASK, -1)
+            _dist, labels = search_preassigned(view, q, n, lists)
+        rows = np.where(labels >= 0, labels & _ROW_MASK, -1)
         if self.over:
             extra = np.fromiter(self.over, dtype=np.int64, count=len(self.over))
             rows = np.concatenate([rows, np.tile(extra, (nq, 1))], axis=1)
