@@ -188,12 +188,15 @@ def run_spans(
     state_weight: Tensor | None = None,
     on_predict: PredictHook | None = None,
     on_span: Callable[[int, float], None] | None = None,
+    bookkeeping: bool = True,
 ) -> float:
     """Apply batches ``[bounds[b], bounds[b+1])`` of ``ev`` (already in batch order) to ``states``.
 
     Batches are grouped into spans by ``span_bounds``. With an optimizer, each span's summed
     batch losses are back-propagated and the optimizer steps at the span end (gradient cut
-    there); without one, this is a no-grad replay. Returns the total loss.
+    there); without one, this is a no-grad replay. Returns the total loss. ``bookkeeping``
+    False leaves the users' histories, habits and the trends as they were (see
+    ``EntityStore.update``): nothing here reads them, only scorers do.
     """
     train = optimizer is not None
     users, items = states.users, states.items
@@ -253,8 +256,8 @@ def run_spans(
                     u_pool.push(u, u_new)
                     i_pool.push(i, i_new)
                 t = ev.timestamps[sl]
-                users.update(u, u_new, t, items=i)
-                items.update(i, i_new, t)
+                users.update(u, u_new, t, items=i, bookkeeping=bookkeeping)
+                items.update(i, i_new, t, bookkeeping=bookkeeping)
             if train and span_loss is not None:
                 assert optimizer is not None
                 optimizer.zero_grad(set_to_none=True)

@@ -238,10 +238,27 @@ class EntityStore:
 
     # -- lifecycle ----------------------------------------------------------------------------
     def update(
-        self, rows: np.ndarray, emb: Tensor, times: np.ndarray, items: np.ndarray | None = None
+        self,
+        rows: np.ndarray,
+        emb: Tensor,
+        times: np.ndarray,
+        items: np.ndarray | None = None,
+        *,
+        bookkeeping: bool = True,
     ) -> None:
-        """New states of distinct ``rows`` (B,): emb (B, d), times (B,), items (B,) for users."""
+        """New states of distinct ``rows`` (B,): emb (B, d), times (B,), items (B,) for users.
+
+        ``bookkeeping`` False moves only what the model reads (the embedding, the last time and
+        item, the count), not the rest of the histories, the habits and trends that only
+        scorers read: for a training pass whose states are recomputed before anything scores
+        with them. (Histories then hold the last item only.)"""
         self._emb[rows] = emb.detach()
+        if not bookkeeping:
+            self._last_time[rows] = times
+            self._count[rows] += 1
+            if items is not None and self.history_size:
+                self._history[rows, 0] = items  # the query's previous item p
+            return
         if items is not None and self.history_size:
             self._habits[rows] = next_habits(
                 self._habits[rows],

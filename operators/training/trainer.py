@@ -157,6 +157,10 @@ def _train(
                 optimizer,
                 weight,
                 on_span=None if progress is None else progress.span,
+                # The epoch's pass feeds only the loss and the plain validation (distances);
+                # the states returned are replayed below with every scorer's bookkeeping. A
+                # caller's own ``validate`` may score with a history: it gets them.
+                bookkeeping=validate is not None,
             )
             seconds = time.perf_counter() - started
             # Validate from the states this epoch's pass left, as the reference does; the

@@ -102,3 +102,45 @@ def test_tbatch_replay_equals_sequential_processing(case) -> None:
     np.testing.assert_array_equal(par.users.history, seq.users.history)
     np.testing.assert_array_equal(par.users.history_counts, seq.users.history_counts)
     np.testing.assert_array_equal(par.items.count, seq.items.count)
+
+
+@settings(max_examples=30, deadline=None)
+@given(event_logs())
+def test_a_training_pass_without_bookkeeping_learns_and_queries_alike(case) -> None:
+    """The trainer's epochs skip the histories, habits and trends (only scorers read them):
+    the loss, the weights, the states and what the next query reads (last time, last item,
+    count) are bitwise those of a pass that keeps them."""
+    log, n_spans = case
+    runs = []
+    for bookkeeping in (True, False):
+        torch.manual_seed(1)
+        model = Jodie(tiny_config())
+        states = States.empty(8, 8, 8, 4)
+        ev = encode(log, states)
+        tb = tbatch(
+            ev.user_rows, ev.item_rows, ev.timestamps, default_timespan(ev.timestamps, n_spans)
+        )
+        ordered = ev.take(tb.order)
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+        loss = run_spans(
+            model,
+            states,
+            ordered,
+            EventTensors.of(ordered, model.config),
+            tb.bounds,
+            tb.span_bounds,
+            optimizer,
+            bookkeeping=bookkeeping,
+        )
+        runs.append((loss, model.state_dict(), states))
+    (loss_a, weights_a, kept), (loss_b, weights_b, light) = runs
+    assert loss_a == loss_b
+    for name, value in weights_a.items():
+        assert torch.equal(value, weights_b[name]), name
+    assert torch.equal(kept.users.emb, light.users.emb)
+    assert torch.equal(kept.items.emb, light.items.emb)
+    np.testing.assert_array_equal(kept.users.last_time, light.users.last_time)
+    np.testing.assert_array_equal(kept.items.last_time, light.items.last_time)
+    np.testing.assert_array_equal(kept.users.history[:, 0], light.users.history[:, 0])
+    np.testing.assert_array_equal(kept.items.count, light.items.count)
+    np.testing.assert_array_equal(kept.users.count, light.users.count)
