@@ -281,6 +281,7 @@ def latency_summary(values_s: list[float]) -> dict[str, float]:
         "p50_ms": round(percentile(ms, 50), 1),
         "p95_ms": round(percentile(ms, 95), 1),
         "p99_ms": round(percentile(ms, 99), 1),
+        "p999_ms": round(percentile(ms, 99.9), 1),
         "max_ms": round(ms[-1], 1) if ms else float("nan"),
         "mean_ms": round(sum(ms) / len(ms), 1) if ms else float("nan"),
     }
@@ -289,7 +290,8 @@ def latency_summary(values_s: list[float]) -> dict[str, float]:
 def fmt_latency(s: dict[str, float]) -> str:
     return (
         f"p50 {s['p50_ms']:.0f} ms, p95 {s['p95_ms']:.0f} ms, p99 {s['p99_ms']:.0f} ms, "
-        f"max {s['max_ms']:.0f} ms (mean {s['mean_ms']:.0f} ms, n={s['count']:.0f})"
+        f"p99.9 {s['p999_ms']:.0f} ms, max {s['max_ms']:.0f} ms (mean {s['mean_ms']:.0f} ms, "
+        f"n={s['count']:.0f})"
     )
 
 
