@@ -268,9 +268,7 @@ class KeyedOverlay:
         flat = bound.reshape(nq, -1)
         m = min(self.nprobe, flat.shape[1])
         # Band-major, as the view numbers the lists.
-        probe = np.argpartition(flat, m - 1, axis=1)[:, :m] if m < flat.shape[1] else None
-        if probe is None:
-            probe = np.tile(np.arange(flat.shape[1]), (nq, 1))
+        probe = np.argpartition(flat, m - 1, axis=1)[:, :m]  # every list when m is all
         # A list that never held an entry has an infinite bound: −1, which faiss skips.
         lists = np.where(np.isfinite(np.take_along_axis(flat, probe, axis=1)), probe, -1)
         view = self.view
