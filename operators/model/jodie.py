@@ -122,16 +122,39 @@ class Jodie(nn.Module):
         state_logits: Tensor | None = None,
         state_labels: Tensor | None = None,
         state_weight: Tensor | None = None,
+        sizes: np.ndarray | None = None,
     ) -> Tensor:
-        """Batch loss: MSE(j̃, [i(t⁻), ī]) + λ_U‖u(t)−u(t⁻)‖² + λ_I‖i(t)−i(t⁻)‖² (+ state CE).
+        """Loss: MSE(j̃, [i(t⁻), ī]) + λ_U‖u(t)−u(t⁻)‖² + λ_I‖i(t)−i(t⁻)‖² (+ state CE).
 
-        Means over the batch as in the reference; targets and previous states are constants.
+        Each term is a mean over a t-batch as in the reference, summed over the t-batches.
+        ``sizes`` (G,) splits the rows into consecutive t-batches (None: one batch), so that a
+        whole span's losses are computed in one call instead of one call per t-batch: none of
+        them feeds the recurrence. Targets and previous states are constants.
         """
-        loss = F.mse_loss(pred, target.detach())
-        loss = loss + self.config.lambda_user * F.mse_loss(u_new, u_prev.detach())
-        loss = loss + self.config.lambda_item * F.mse_loss(i_new, i_prev.detach())
+        n = pred.shape[0]
+        if sizes is None:
+            sizes = np.array([n], dtype=np.int64)
+        sizes_t = torch.from_numpy(np.asarray(sizes, dtype=np.int64))
+        # 1 / (size of the row's t-batch): a t-batch's mean is then its rows' weighted sum.
+        per_row = torch.repeat_interleave(1.0 / sizes_t.to(pred.dtype), sizes_t)
+
+        def mean_rows(a: Tensor, b: Tensor) -> Tensor:
+            return (((a - b.detach()) ** 2).mean(dim=1) * per_row).sum()
+
+        loss = mean_rows(pred, target)
+        loss = loss + self.config.lambda_user * mean_rows(u_new, u_prev)
+        loss = loss + self.config.lambda_item * mean_rows(i_new, i_prev)
         if state_logits is not None and state_labels is not None:
-            loss = loss + F.cross_entropy(state_logits, state_labels, weight=state_weight)
+            # A t-batch's weighted cross-entropy is Σ w[y]·nll / Σ w[y] over its rows.
+            nll = F.cross_entropy(state_logits, state_labels, reduction="none")
+            w = (
+                torch.ones_like(nll)
+                if state_weight is None
+                else state_weight.to(nll.dtype)[state_labels]
+            )
+            batch = torch.repeat_interleave(torch.arange(sizes_t.shape[0]), sizes_t)
+            norm = torch.zeros(sizes_t.shape[0], dtype=nll.dtype).index_add_(0, batch, w)
+            loss = loss + (nll * (w / norm[batch])).sum()
         return loss
 
 

@@ -1,10 +1,13 @@
 """The one event kernel: how a batch of events advances (user, item) states with given weights.
 
-Every path that moves states over events goes through ``step``: the t-batch trainer (with
-gradients), its no-grad replay, the paper and frozen evaluation protocols, the catch-up of a
-new model version, the offline replay and both sides of the streaming workers. "The stream
-equals the offline replay" therefore holds because both run this code on the same float32
-inputs, not because two copies agree.
+Every path that moves states which anything serves or scores goes through ``step``: the
+trainer's no-grad replay that gives a checkpoint its states, the paper and frozen evaluation
+protocols, the catch-up of a new model version, the offline replay and both sides of the
+streaming workers. "The stream equals the offline replay" therefore holds because both run
+this code on the same float32 inputs, not because two copies agree. The one exception is the
+trainer's pass with gradients (``operators.model.fused``): it computes the same update with
+fewer autograd nodes, equal up to float32 rounding (tested), and its states are replaced by
+the replay's before anything uses them.
 
 The per-event query (what the model predicts for an event before applying it, and what every
 rank is computed against) is defined once, as the reference implementation does:
@@ -37,9 +40,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from operators.model import fused
 from operators.model.config import ModelConfig
 from operators.model.events import EncodedEvents, EventTensors
-from operators.model.jodie import Jodie, target_embedding
+from operators.model.fused import query_inputs
+from operators.model.jodie import Jodie
 from operators.model.state import EntityStore, States
 from operators.model.tbatch import TBatches, span_ids, tbatch
 
@@ -194,11 +199,28 @@ def run_spans(
 
     Batches are grouped into spans by ``span_bounds``. With an optimizer, each span's summed
     batch losses are back-propagated and the optimizer steps at the span end (gradient cut
-    there); without one, this is a no-grad replay. Returns the total loss. ``bookkeeping``
-    False leaves the users' histories, habits and the trends as they were (see
+    there), in the fused pass (``operators.model.fused``) unless ``on_predict`` asks for each
+    t-batch's predictions; without one, this is a no-grad replay. Returns the total loss.
+    ``bookkeeping`` False leaves the users' histories, habits and the trends as they were (see
     ``EntityStore.update``): nothing here reads them, only scorers do.
     """
     train = optimizer is not None
+    if train and on_predict is None:
+        assert optimizer is not None
+        plan = fused.TrainPlan.of(ev, evt, bounds)
+        return fused.train_spans(
+            model,
+            states,
+            ev,
+            evt,
+            bounds,
+            span_bounds,
+            optimizer,
+            plan,
+            state_weight,
+            on_span,
+            bookkeeping,
+        )
     users, items = states.users, states.items
     total = 0.0
     with torch.set_grad_enabled(train):
@@ -215,51 +237,46 @@ def run_spans(
                 read_u = partial(read_states, users, initial=u_init)
                 read_i = partial(read_states, items, initial=i_init)
 
-            span_loss: Tensor | None = None
+            # This span's inputs and outputs of every t-batch, for its loss at the span end:
+            # the query, the state head and the loss feed no later state, so they are
+            # computed once per span on all its rows rather than once per t-batch.
+            kept: list[tuple[Tensor, ...]] = []
             for b in range(int(span_bounds[s]), int(span_bounds[s + 1])):
                 sl = slice(int(bounds[b]), int(bounds[b + 1]))
                 u, i, p = ev.user_rows[sl], ev.item_rows[sl], ev.prev_item[sl]
                 du, di, f = evt.delta_user[sl], evt.delta_item[sl], evt.features[sl]
                 u_prev = read_u(u)  # (B, d)
                 i_prev = read_i(i)  # (B, d)
-                previous = None
-                if train or on_predict is not None:
-                    p_static = items._static[torch.from_numpy(np.maximum(p, 0))]
-                    if (p < 0).any():
-                        p_static = p_static * torch.from_numpy(p >= 0).unsqueeze(1)
-                    u_static = users._static[torch.from_numpy(u)]
-                    # read_i(p): the previous item's current state (see the module doc)
-                    previous = (u_static, read_i(p), p_static)
-                out = step(model, u_prev, i_prev, du, di, f, previous)
-                pred, u_new, i_new = out.query, out.user, out.item
+                # read_i(p): the previous item's current state (see the module doc), read
+                # before this t-batch's updates
+                p_dyn = read_i(p) if train or on_predict is not None else None
+                out = step(model, u_prev, i_prev, du, di, f)
                 if on_predict is not None:
-                    assert pred is not None
-                    on_predict(sl, pred.detach(), u_new.detach())
+                    assert p_dyn is not None
+                    pred = query(model, u_prev, du, *query_inputs(users, items, u, p, p_dyn))[1]
+                    on_predict(sl, pred.detach(), out.user.detach())
                 if train:
-                    assert pred is not None
-                    i_static = items._static[torch.from_numpy(i)]
-                    logits = (
-                        model.state_change_logits(u_new) if model.state_head is not None else None
-                    )
-                    loss = model.loss(
-                        pred,
-                        target_embedding(i_prev, i_static),
-                        u_new,
-                        u_prev,
-                        i_new,
-                        i_prev,
-                        logits,
-                        evt.labels[sl] if logits is not None else None,
-                        state_weight,
-                    )
-                    span_loss = loss if span_loss is None else span_loss + loss
-                    u_pool.push(u, u_new)
-                    i_pool.push(i, i_new)
+                    assert p_dyn is not None
+                    kept.append((u_prev, i_prev, p_dyn, out.user, out.item))
+                    u_pool.push(u, out.user)
+                    i_pool.push(i, out.item)
                 t = ev.timestamps[sl]
-                users.update(u, u_new, t, items=i, bookkeeping=bookkeeping)
-                items.update(i, i_new, t, bookkeeping=bookkeeping)
-            if train and span_loss is not None:
+                users.update(u, out.user, t, items=i, bookkeeping=bookkeeping)
+                items.update(i, out.item, t, bookkeeping=bookkeeping)
+            if train and kept:
                 assert optimizer is not None
+                lo, hi = int(bounds[int(span_bounds[s])]), int(bounds[int(span_bounds[s + 1])])
+                span_loss = fused.span_loss(
+                    model,
+                    users,
+                    items,
+                    ev,
+                    evt,
+                    slice(lo, hi),
+                    np.diff(bounds[int(span_bounds[s]) : int(span_bounds[s + 1]) + 1]),
+                    tuple(torch.cat(parts) for parts in zip(*kept, strict=True)),  # type: ignore[arg-type]
+                    state_weight,
+                )
                 optimizer.zero_grad(set_to_none=True)
                 span_loss.backward()
                 optimizer.step()

@@ -2,11 +2,13 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
 from operators.model.config import ModelConfig
 from operators.model.jodie import Jodie, squared_distances, standardise_delta
+from tests.operators.conftest import tiny_config
 
 
 @pytest.fixture
@@ -126,3 +128,36 @@ def test_many_squared_distances_are_bitwise_the_one_by_one_ones() -> None:
     many = squared_distances_many(preds, dyn, static)
     one = torch.stack([squared_distances(p, dyn, static) for p in preds])
     assert torch.equal(many, one)
+
+
+def test_a_grouped_loss_is_the_sum_of_its_t_batches_losses() -> None:
+    """``sizes`` computes a span's t-batches in one call: each term's mean (the weighted
+    cross-entropy's too) stays per t-batch."""
+    torch.manual_seed(0)
+    model = Jodie(tiny_config(state_change=True))
+    sizes = np.array([3, 1, 4])
+    n, d = int(sizes.sum()), 8
+    pred, target = torch.randn(n, 2 * d), torch.randn(n, 2 * d)
+    u_new, u_prev, i_new, i_prev = (torch.randn(n, d) for _ in range(4))
+    logits, labels = torch.randn(n, 2), torch.tensor([0, 1, 0, 1, 0, 0, 1, 1])
+    weight = torch.tensor([1.0, 5.0])
+    grouped = model.loss(
+        pred, target, u_new, u_prev, i_new, i_prev, logits, labels, weight, sizes=sizes
+    )
+    parts = 0.0
+    for lo, hi in zip(np.r_[0, np.cumsum(sizes)[:-1]], np.cumsum(sizes), strict=True):
+        sl = slice(int(lo), int(hi))
+        parts += float(
+            model.loss(
+                pred[sl],
+                target[sl],
+                u_new[sl],
+                u_prev[sl],
+                i_new[sl],
+                i_prev[sl],
+                logits[sl],
+                labels[sl],
+                weight,
+            )
+        )
+    assert float(grouped) == pytest.approx(parts, rel=1e-6)
