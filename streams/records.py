@@ -112,13 +112,46 @@ def _waiting_bytes(p: Pending) -> bytes:
     )
 
 
+class WaitingBytes:
+    """The wire bytes of the events waiting in rows, encoded once while they wait.
+
+    A row is written again by every transaction that changes it, with every event still
+    waiting in it, so a busy entity's queue would be encoded again and again. A waiting
+    event's bytes depend only on it: its two links and the event at its log position, which is
+    one event for the life of a pipeline. They are kept here by position and links, up to
+    ``most`` of them; past that the oldest half is dropped.
+    """
+
+    def __init__(self, most: int = 200_000) -> None:
+        self.most = most
+        self._bytes: dict[tuple[int, int, int, str], bytes] = {}
+
+    def __call__(self, p: Pending) -> bytes:
+        key = (p.seq, p.prev_seq, p.partner_prev_seq, p.payload.event_id)
+        data = self._bytes.get(key)
+        if data is None:
+            if len(self._bytes) >= self.most:  # dicts keep insertion order: oldest first
+                for old in list(self._bytes)[: self.most // 2]:
+                    del self._bytes[old]
+            data = self._bytes[key] = _waiting_bytes(p)
+        return data
+
+    def __len__(self) -> int:
+        return len(self._bytes)
+
+
 def inbox_row_bytes(
-    writer: wire.EntityRecordWriter, box: Inbox[EntityState, EntityState], version: str
+    writer: wire.EntityRecordWriter,
+    box: Inbox[EntityState, EntityState],
+    version: str,
+    waiting_bytes: WaitingBytes | None = None,
 ) -> bytes:
     """What ``inbox_to_record``'s record encodes to, written by ``writer`` without building
-    it (its errors where it does not write what fastavro would: the caller asks the Codec)."""
+    it (its errors where it does not write what fastavro would: the caller asks the Codec).
+    ``waiting_bytes`` keeps the waiting events' encodings from one write to the next."""
     state = box.state
-    waiting = [_waiting_bytes(p) for p in box.waiting.values()]
+    encode = _waiting_bytes if waiting_bytes is None else waiting_bytes
+    waiting = [encode(p) for p in box.waiting.values()]
     derived = box.derived
     return writer.record(
         embedding_bytes(state.embedding),

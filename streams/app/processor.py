@@ -46,6 +46,7 @@ from streams.app.epochs import UNSTAMPED, Epoch, label, row_key, split_row_key
 from streams.app.serving import Serving
 from streams.exceptions import ModelMismatchError
 from streams.records import (
+    WaitingBytes,
     inbox_from_record,
     inbox_row_bytes,
     inbox_to_record,
@@ -173,6 +174,7 @@ class Processor:
             if wire.same_as_entity_record_codec(self.record_codec)
             else None
         )
+        self._waiting_bytes = WaitingBytes()
         self.applied_seq = -1  # the latest log position of a user event applied here
         self.servings: dict[Epoch, Serving] = {}
         self._many: dict[Epoch, tuple[ApplyMany[EntityState, EntityState], ...]] = {}
@@ -232,7 +234,7 @@ class Processor:
         version = self.servings[split_row_key(key)[1]].version
         if self._row_writer is not None:
             try:
-                return inbox_row_bytes(self._row_writer, box, version)
+                return inbox_row_bytes(self._row_writer, box, version, self._waiting_bytes)
             except (OverflowError, TypeError, ValueError, struct.error):
                 pass  # what only fastavro writes exactly (or refuses): the Codec decides
         return self.record_codec.encode(inbox_to_record(box, version))

@@ -8,7 +8,7 @@ from operators.protocol.exchange import Inbox, Pending
 from operators.protocol.sides import EntityState, EventData
 from schemas import Codec, wire
 from schemas.codec import ENTITY_RECORD
-from streams.records import inbox_from_record, inbox_row_bytes, inbox_to_record
+from streams.records import WaitingBytes, inbox_from_record, inbox_row_bytes, inbox_to_record
 
 ROWS = Codec(ENTITY_RECORD)
 WRITER = wire.EntityRecordWriter(ROWS.header)
@@ -46,3 +46,16 @@ def test_an_equal_event_with_a_negative_zero_is_written_as_itself() -> None:
     written = inbox_row_bytes(WRITER, box, "v1")
     assert written != first
     assert written == ROWS.encode(inbox_to_record(box, "v1"))
+
+
+def test_kept_waiting_encodings_write_the_same_rows_as_fresh_ones() -> None:
+    """A row written again and again (events arriving, applied, evicted from the kept
+    encodings) is each time what the Codec writes."""
+    kept = WaitingBytes(most=4)
+    box = _box()
+    for seq in range(13, 23):
+        box.offer_event(_event(seq, 0.5))
+        if seq % 3 == 0:  # the oldest waiting event is applied: it leaves the row
+            del box.waiting[min(box.waiting)]
+        assert inbox_row_bytes(WRITER, box, "v1", kept) == ROWS.encode(inbox_to_record(box, "v1"))
+        assert len(kept) <= 4
