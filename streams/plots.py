@@ -102,7 +102,7 @@ def curves_figure(
     ax2.set(
         xlabel="epoch",
         ylabel="MRR (1 = true next item ranked first)",
-        title="Validation MRR: the model against the baselines",
+        title="Validation MRR: the model against the baselines" if baselines else "Validation MRR",
     )
     ax2.set_ylim(0, 1)
     ax2.legend(loc="lower right", fontsize="small")

@@ -104,18 +104,34 @@ def train(
         threads=threads,
         model=ModelConfig(scorer=scorer),
     )
+    baselines: dict[str, float] | None = None
     if from_topic:
         run = _train_from_topic(out, config, from_seq, until_seq, from_time, until_time)
     else:
+        from operators.evaluation.baselines import evaluate_baseline
+
         path = _data_path(data)
-        run = run_training(_load(path), config, out_dir=out, data_path=path, progress=TrainingBar())
+        log = _load(path)
+        run = run_training(log, config, out_dir=out, data_path=path, progress=TrainingBar())
+        split = run.result.split
+        bounds = {name: split.bounds(name) for name in ("train", "valid", "test")}
+        # The same validation events the epochs were scored on, for the figure's lines.
+        baselines = {
+            kind: evaluate_baseline(log, bounds, kind, "valid").summary()["mrr"]
+            for kind in ("recency", "popularity")
+        }
     res = run.result
-    save_curves(res.curves, out)
+    save_curves(res.curves, out, baselines)
     console.print(
         f"best epoch {res.best_epoch + 1}/{epochs}: valid MRR (frozen, plain) "
         f"{res.metrics['valid_mrr_frozen']:.4f}; "
         f"{np.mean(res.curves['epoch_seconds']):.1f} s/epoch; checkpoint {run.checkpoint}"
     )
+    if baselines is not None:
+        console.print(
+            f"baselines on the same validation events: recency MRR {baselines['recency']:.4f}, "
+            f"popularity {baselines['popularity']:.4f} (lines in {out / 'curves.png'})"
+        )
     if "served_margin" in res.metrics:
         by_margin = res.metrics["valid_served_mrr_by_margin"]
         margin = res.metrics["served_margin"]

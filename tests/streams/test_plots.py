@@ -53,6 +53,16 @@ def test_curves_draw_the_baselines_on_an_axis_from_zero() -> None:
         "popularity baseline 0.040",
     ]
     assert list(mrr_ax.get_xticks()) == [1, 2]  # whole epochs
+    assert mrr_ax.get_title() == "Validation MRR: the model against the baselines"
+
+
+def test_curves_without_baselines_do_not_claim_them() -> None:
+    curves = {"loss": [900.0], "valid_mrr": [0.796], "epoch_seconds": [1.0]}
+    mrr_ax = curves_figure(curves, None).axes[1]
+    assert mrr_ax.get_title() == "Validation MRR"
+    assert [str(line.get_label()) for line in mrr_ax.get_lines()] == [
+        "JODIE, plain ranking (picks the epoch)"
+    ]
 
 
 def _run(name: str, mrr: float, last: float, older: float, new: float) -> dict:
