@@ -99,7 +99,7 @@ def topics_show(
         consumer.close()
     total = sum(c.messages for c in counts)
     console.print(
-        f"{name}: {total} offsets in {len(counts)} partitions "
+        f"{name}: {total} offsets in {len(counts)} partition{'' if len(counts) == 1 else 's'} "
         + ", ".join(f"p{c.partition}={c.messages}" for c in counts),
         highlight=False,
     )
