@@ -105,7 +105,7 @@ def curves_figure(
         title="Validation MRR: the model against the baselines" if baselines else "Validation MRR",
     )
     ax2.set_ylim(0, 1)
-    ax2.legend(loc="lower right", fontsize="small")
+    ax2.legend(loc="best", fontsize="small")  # low MRRs (sparse logs) sit at the bottom
     n_epochs = max(len(loss), len(mrr), 1)
     for ax in (ax1, ax2):
         if n_epochs <= 12:
