@@ -133,6 +133,37 @@ def span_loss(
     )
 
 
+def fit_span(
+    model: Jodie,
+    states: States,
+    ev: EncodedEvents,
+    evt: EventTensors,
+    batches: tuple[np.ndarray, int, int],
+    outputs: tuple[Tensor, Tensor, Tensor, Tensor, Tensor],
+    state_weight: Tensor | None,
+    optimizer: torch.optim.Optimizer,
+) -> float:
+    """One optimizer step on a span's loss: ``batches`` = (bounds, first, end) names the span's
+    t-batches ``bounds[first:end]``, ``outputs`` its rows as ``span_loss`` takes them. Returns
+    the loss."""
+    bounds, first, end = batches
+    loss = span_loss(
+        model,
+        states.users,
+        states.items,
+        ev,
+        evt,
+        slice(int(bounds[first]), int(bounds[end])),
+        np.diff(bounds[first : end + 1]),
+        outputs,
+        state_weight,
+    )
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return float(loss.detach())
+
+
 def _stacked_weights(model: Jodie) -> tuple[Tensor, Tensor, Tensor]:
     """The two RNN cells' weights for the stacked update: (2, 2d, d) for [other side's state,
     own state], (2, 1 + F, d) for [Δ, f], (2, 1, d) the summed biases; [0] users, [1] items."""
@@ -253,21 +284,16 @@ def train_spans(
 
         rows = np.concatenate([at_u, at_i, at_p, fixed + out_u, fixed + out_i])
         u_prev, i_prev, p_dyn, u_new, i_new = pool[torch.from_numpy(rows)].split(m)
-        loss = span_loss(
+        value = fit_span(
             model,
-            users,
-            items,
+            states,
             ev,
             evt,
-            span,
-            np.diff(bounds[b0 : b1 + 1]),
+            (bounds, b0, b1),
             (u_prev, i_prev, p_dyn, u_new, i_new),
             state_weight,
+            optimizer,
         )
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        value = float(loss.detach())
         total += value
         if on_span is not None:
             on_span(s, value)

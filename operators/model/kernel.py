@@ -265,22 +265,17 @@ def run_spans(
                 items.update(i, out.item, t, bookkeeping=bookkeeping)
             if train and kept:
                 assert optimizer is not None
-                lo, hi = int(bounds[int(span_bounds[s])]), int(bounds[int(span_bounds[s + 1])])
-                span_loss = fused.span_loss(
+                outputs = tuple(torch.cat(parts) for parts in zip(*kept, strict=True))
+                value = fused.fit_span(
                     model,
-                    users,
-                    items,
+                    states,
                     ev,
                     evt,
-                    slice(lo, hi),
-                    np.diff(bounds[int(span_bounds[s]) : int(span_bounds[s + 1]) + 1]),
-                    tuple(torch.cat(parts) for parts in zip(*kept, strict=True)),  # type: ignore[arg-type]
+                    (bounds, int(span_bounds[s]), int(span_bounds[s + 1])),
+                    outputs,  # type: ignore[arg-type]
                     state_weight,
+                    optimizer,
                 )
-                optimizer.zero_grad(set_to_none=True)
-                span_loss.backward()
-                optimizer.step()
-                value = float(span_loss.detach())
                 total += value
                 if on_span is not None:
                     on_span(s, value)
