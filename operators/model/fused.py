@@ -14,7 +14,7 @@ with fewer nodes:
   part of the input that is a constant (the time gap and the features) is multiplied once
   per span, for all its events.
 - **The loss once per span.** The query, the state-change head and the loss feed no later
-  state, so they are computed at the span end on all its rows (``span_loss``), with each
+  state, so they are computed at the span end on all its rows (``kernel.span_loss``), with each
   term's mean taken per t-batch as in the reference.
 
 The arithmetic is the same as ``step``'s up to float32 rounding (the sums are grouped
@@ -35,8 +35,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from operators.model.events import EncodedEvents, EventTensors
-from operators.model.jodie import Jodie, target_embedding
-from operators.model.state import EntityStore, States
+from operators.model.jodie import Jodie
+from operators.model.kernel import fit_span
+from operators.model.state import States
 
 
 def _latest_before(rows: np.ndarray, query_rows: np.ndarray, before: np.ndarray) -> np.ndarray:
@@ -88,82 +89,6 @@ class TrainPlan:
         )
 
 
-def query_inputs(
-    users: EntityStore, items: EntityStore, u: np.ndarray, p: np.ndarray, p_dyn: Tensor
-) -> tuple[Tensor, Tensor, Tensor]:
-    """(ū, p(t), p̄) of events with users ``u`` and previous items ``p`` (-1: none, a zero
-    static), given the previous items' current states ``p_dyn``: the query's inputs after
-    u(t⁻) and Δu."""
-    p_static = items._static[torch.from_numpy(np.maximum(p, 0))]
-    if (p < 0).any():
-        p_static = p_static * torch.from_numpy(p >= 0).unsqueeze(1)
-    return users._static[torch.from_numpy(u)], p_dyn, p_static
-
-
-def span_loss(
-    model: Jodie,
-    users: EntityStore,
-    items: EntityStore,
-    ev: EncodedEvents,
-    evt: EventTensors,
-    span: slice,
-    sizes: np.ndarray,
-    states: tuple[Tensor, Tensor, Tensor, Tensor, Tensor],
-    state_weight: Tensor | None,
-) -> Tensor:
-    """The summed t-batch losses of a span's events ``span`` (t-batches of ``sizes``), given
-    their (u(t⁻), i(t⁻), p(t), u(t), i(t)), each (m, d): the query j̃ = predict(project(u(t⁻),
-    Δu), ū, p(t), p̄) against [i(t⁻), ī], the state-change head on u(t), ``Jodie.loss``."""
-    u_prev, i_prev, p_dyn, u_new, i_new = states
-    u, i, p = ev.user_rows[span], ev.item_rows[span], ev.prev_item[span]
-    u_proj = model.project(u_prev, evt.delta_user[span])
-    pred = model.predict(u_proj, *query_inputs(users, items, u, p, p_dyn))
-    logits = model.state_change_logits(u_new) if model.state_head is not None else None
-    return model.loss(
-        pred,
-        target_embedding(i_prev, items._static[torch.from_numpy(i)]),
-        u_new,
-        u_prev,
-        i_new,
-        i_prev,
-        logits,
-        evt.labels[span] if logits is not None else None,
-        state_weight,
-        sizes=sizes,
-    )
-
-
-def fit_span(
-    model: Jodie,
-    states: States,
-    ev: EncodedEvents,
-    evt: EventTensors,
-    batches: tuple[np.ndarray, int, int],
-    outputs: tuple[Tensor, Tensor, Tensor, Tensor, Tensor],
-    state_weight: Tensor | None,
-    optimizer: torch.optim.Optimizer,
-) -> float:
-    """One optimizer step on a span's loss: ``batches`` = (bounds, first, end) names the span's
-    t-batches ``bounds[first:end]``, ``outputs`` its rows as ``span_loss`` takes them. Returns
-    the loss."""
-    bounds, first, end = batches
-    loss = span_loss(
-        model,
-        states.users,
-        states.items,
-        ev,
-        evt,
-        slice(int(bounds[first]), int(bounds[end])),
-        np.diff(bounds[first : end + 1]),
-        outputs,
-        state_weight,
-    )
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-    return float(loss.detach())
-
-
 def _stacked_weights(model: Jodie) -> tuple[Tensor, Tensor, Tensor]:
     """The two RNN cells' weights for the stacked update: (2, 2d, d) for [other side's state,
     own state], (2, 1 + F, d) for [Δ, f], (2, 1, d) the summed biases; [0] users, [1] items."""
@@ -201,8 +126,9 @@ def train_spans(
     on_span: Callable[[int, float], None] | None = None,
     bookkeeping: bool = True,
 ) -> float:
-    """``kernel.run_spans`` with an optimizer and no prediction hook: one training pass.
-    Returns the summed loss."""
+    """One training pass: what ``kernel.run_spans`` does with an optimizer, with fewer autograd
+    nodes; ``plan`` is ``TrainPlan.of`` these events, made once for every epoch. Returns the
+    summed loss."""
     users, items = states.users, states.items
     d = model.config.embedding_dim
     total = 0.0

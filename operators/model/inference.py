@@ -34,7 +34,7 @@ def _normalize(x: np.ndarray) -> np.ndarray:
 
 @dataclass(frozen=True)
 class StepResult:
-    """``kernel.Step`` without the query: u(t), i(t) (B, d) and the quarantine mask."""
+    """``kernel.Step`` in numpy: u(t), i(t) (B, d) and the quarantine mask."""
 
     user: np.ndarray
     item: np.ndarray

@@ -135,8 +135,9 @@ class Jodie(nn.Module):
         if sizes is None:
             sizes = np.array([n], dtype=np.int64)
         sizes_t = torch.from_numpy(np.asarray(sizes, dtype=np.int64))
+        batch = torch.repeat_interleave(torch.arange(sizes_t.shape[0]), sizes_t)  # row → t-batch
         # 1 / (size of the row's t-batch): a t-batch's mean is then its rows' weighted sum.
-        per_row = torch.repeat_interleave(1.0 / sizes_t.to(pred.dtype), sizes_t)
+        per_row = (1.0 / sizes_t.to(pred.dtype))[batch]
 
         def mean_rows(a: Tensor, b: Tensor) -> Tensor:
             return (((a - b.detach()) ** 2).mean(dim=1) * per_row).sum()
@@ -152,7 +153,6 @@ class Jodie(nn.Module):
                 if state_weight is None
                 else state_weight.to(nll.dtype)[state_labels]
             )
-            batch = torch.repeat_interleave(torch.arange(sizes_t.shape[0]), sizes_t)
             norm = torch.zeros(sizes_t.shape[0], dtype=nll.dtype).index_add_(0, batch, w)
             loss = loss + (nll * (w / norm[batch])).sum()
         return loss

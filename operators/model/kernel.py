@@ -40,11 +40,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from operators.model import fused
 from operators.model.config import ModelConfig
 from operators.model.events import EncodedEvents, EventTensors
-from operators.model.fused import query_inputs
-from operators.model.jodie import Jodie
+from operators.model.jodie import Jodie, target_embedding
 from operators.model.state import EntityStore, States
 from operators.model.tbatch import TBatches, span_ids, tbatch
 
@@ -56,7 +54,6 @@ PredictHook = Callable[[slice, Tensor, Tensor], None]
 class Step:
     """What ``step`` computes for B events from their pre-event states."""
 
-    query: Tensor | None  # (B, d + s_item) j̃ before the event; None when not asked for
     user: Tensor  # (B, d) u(t)
     item: Tensor  # (B, d) i(t)
     #: (B,) bool, True where the event was quarantined (states kept); None: none was.
@@ -81,17 +78,15 @@ def step(
     delta_u: Tensor,
     delta_i: Tensor,
     features: Tensor,
-    previous: tuple[Tensor, Tensor, Tensor] | None = None,
     admitted: np.ndarray | None = None,
 ) -> Step:
     """Apply B events of distinct users and distinct items to their pre-event states.
 
     u_prev, i_prev (B, d); Δu, Δi (B, 1) standardised; f (B, F). Both updates read only the
-    pre-event states (the reference's coupled update). ``previous`` = (ū, p(t), p̄) asks for
-    the per-event query as well (see the module doc). ``admitted`` (B,) bool: False
-    quarantines the event whatever its update gives.
+    pre-event states (the reference's coupled update); the per-event query is ``query`` (see
+    the module doc). ``admitted`` (B,) bool: False quarantines the event whatever its update
+    gives.
     """
-    q = None if previous is None else query(model, u_prev, delta_u, *previous)[1]
     u_new = model.update_user(u_prev, i_prev, delta_u, features)
     i_new = model.update_item(i_prev, u_prev, delta_i, features)
     ok = torch.isfinite(u_new).all(dim=1) & torch.isfinite(i_new).all(dim=1)
@@ -101,10 +96,9 @@ def step(
     if admitted is not None:
         ok &= torch.from_numpy(np.asarray(admitted, dtype=bool))
     if bool(ok.all()):
-        return Step(q, u_new, i_new)
+        return Step(u_new, i_new)
     keep = ok.unsqueeze(1)
     return Step(
-        q,
         torch.where(keep, u_new, u_prev),
         torch.where(keep, i_new, i_prev),
         (~ok).numpy().copy(),
@@ -182,6 +176,81 @@ def read_states(store: EntityStore, rows: np.ndarray, *, initial: Tensor) -> Ten
     return out
 
 
+def query_inputs(
+    users: EntityStore, items: EntityStore, u: np.ndarray, p: np.ndarray, p_dyn: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(ū, p(t), p̄) of events with users ``u`` and previous items ``p`` (-1: none, a zero
+    static), given the previous items' current states ``p_dyn``: the query's inputs after
+    u(t⁻) and Δu."""
+    p_static = items._static[torch.from_numpy(np.maximum(p, 0))]
+    if (p < 0).any():
+        p_static = p_static * torch.from_numpy(p >= 0).unsqueeze(1)
+    return users._static[torch.from_numpy(u)], p_dyn, p_static
+
+
+def span_loss(
+    model: Jodie,
+    users: EntityStore,
+    items: EntityStore,
+    ev: EncodedEvents,
+    evt: EventTensors,
+    span: slice,
+    sizes: np.ndarray,
+    states: tuple[Tensor, Tensor, Tensor, Tensor, Tensor],
+    state_weight: Tensor | None,
+) -> Tensor:
+    """The summed t-batch losses of a span's events ``span`` (t-batches of ``sizes``), given
+    their (u(t⁻), i(t⁻), p(t), u(t), i(t)), each (m, d): the query j̃ = predict(project(u(t⁻),
+    Δu), ū, p(t), p̄) against [i(t⁻), ī], the state-change head on u(t), ``Jodie.loss``."""
+    u_prev, i_prev, p_dyn, u_new, i_new = states
+    u, i, p = ev.user_rows[span], ev.item_rows[span], ev.prev_item[span]
+    pred = query(model, u_prev, evt.delta_user[span], *query_inputs(users, items, u, p, p_dyn))[1]
+    logits = model.state_change_logits(u_new) if model.state_head is not None else None
+    return model.loss(
+        pred,
+        target_embedding(i_prev, items._static[torch.from_numpy(i)]),
+        u_new,
+        u_prev,
+        i_new,
+        i_prev,
+        logits,
+        evt.labels[span] if logits is not None else None,
+        state_weight,
+        sizes=sizes,
+    )
+
+
+def fit_span(
+    model: Jodie,
+    states: States,
+    ev: EncodedEvents,
+    evt: EventTensors,
+    batches: tuple[np.ndarray, int, int],
+    outputs: tuple[Tensor, Tensor, Tensor, Tensor, Tensor],
+    state_weight: Tensor | None,
+    optimizer: torch.optim.Optimizer,
+) -> float:
+    """One optimizer step on a span's loss: ``batches`` = (bounds, first, end) names the span's
+    t-batches ``bounds[first:end]``, ``outputs`` its rows as ``span_loss`` takes them. Returns
+    the loss."""
+    bounds, first, end = batches
+    loss = span_loss(
+        model,
+        states.users,
+        states.items,
+        ev,
+        evt,
+        slice(int(bounds[first]), int(bounds[end])),
+        np.diff(bounds[first : end + 1]),
+        outputs,
+        state_weight,
+    )
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return float(loss.detach())
+
+
 def run_spans(
     model: Jodie,
     states: States,
@@ -199,28 +268,13 @@ def run_spans(
 
     Batches are grouped into spans by ``span_bounds``. With an optimizer, each span's summed
     batch losses are back-propagated and the optimizer steps at the span end (gradient cut
-    there), in the fused pass (``operators.model.fused``) unless ``on_predict`` asks for each
-    t-batch's predictions; without one, this is a no-grad replay. Returns the total loss.
+    there), step by step (the trainer's epochs use ``operators.model.fused.train_spans``, the
+    same pass with fewer autograd nodes); without one, this is a no-grad replay. Returns the
+    total loss.
     ``bookkeeping`` False leaves the users' histories, habits and the trends as they were (see
     ``EntityStore.update``): nothing here reads them, only scorers do.
     """
     train = optimizer is not None
-    if train and on_predict is None:
-        assert optimizer is not None
-        plan = fused.TrainPlan.of(ev, evt, bounds)
-        return fused.train_spans(
-            model,
-            states,
-            ev,
-            evt,
-            bounds,
-            span_bounds,
-            optimizer,
-            plan,
-            state_weight,
-            on_span,
-            bookkeeping,
-        )
     users, items = states.users, states.items
     total = 0.0
     with torch.set_grad_enabled(train):
@@ -266,7 +320,7 @@ def run_spans(
             if train and kept:
                 assert optimizer is not None
                 outputs = tuple(torch.cat(parts) for parts in zip(*kept, strict=True))
-                value = fused.fit_span(
+                value = fit_span(
                     model,
                     states,
                     ev,

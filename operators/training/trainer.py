@@ -16,8 +16,9 @@ from operators.dataset import InteractionLog
 from operators.evaluation.protocols import frozen_validation_mrr
 from operators.model.config import ModelConfig, TrainConfig
 from operators.model.events import EncodedEvents, encode
+from operators.model.fused import TrainPlan, train_spans
 from operators.model.jodie import Jodie
-from operators.model.kernel import batched, replay, run_spans, state_class_weight
+from operators.model.kernel import batched, replay, state_class_weight
 from operators.model.state import States
 from operators.model.tbatch import default_timespan
 
@@ -132,6 +133,7 @@ def _train(
     mcfg = delta_statistics(ev, mcfg.with_(n_features=train_log.n_features))
     timespan = default_timespan(train_log.timestamps, config.n_spans)
     data = batched(ev, mcfg, timespan)
+    plan = TrainPlan.of(data.ev, data.evt, data.tb.bounds)  # the same for every epoch
     model = Jodie(mcfg)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     weight = state_class_weight(ev.labels) if mcfg.state_change else None
@@ -147,7 +149,7 @@ def _train(
             started = time.perf_counter()
             model.train()
             states.reset()
-            loss = run_spans(
+            loss = train_spans(
                 model,
                 states,
                 data.ev,
@@ -155,6 +157,7 @@ def _train(
                 data.tb.bounds,
                 data.tb.span_bounds,
                 optimizer,
+                plan,
                 weight,
                 on_span=None if progress is None else progress.span,
                 # The epoch's pass feeds only the loss and the plain validation (distances);

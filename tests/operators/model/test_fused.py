@@ -10,11 +10,11 @@ from hypothesis import strategies as st
 
 from operators.dataset import InteractionLog
 from operators.model.events import EventTensors, encode
-from operators.model.fused import _latest_before
+from operators.model.fused import TrainPlan, _latest_before, train_spans
 from operators.model.jodie import Jodie
-from operators.model.kernel import run_spans
+from operators.model.kernel import batched, run_spans
 from operators.model.state import States
-from operators.model.tbatch import default_timespan, tbatch
+from operators.model.tbatch import default_timespan
 from tests.operators.conftest import build_log, tiny_config
 
 
@@ -57,27 +57,24 @@ def _training_pass(case, fused: bool) -> tuple[list[float], dict[str, torch.Tens
             None,
         )
     rest = ev.take(np.arange(prefix, len(ev)))
-    tb = tbatch(
-        rest.user_rows, rest.item_rows, rest.timestamps, default_timespan(rest.timestamps, n_spans)
-    )
-    ordered = rest.take(tb.order)
+    data = batched(rest, model.config, default_timespan(rest.timestamps, n_spans))
     losses: list[float] = []
-    # A prediction hook makes run_spans take the step-by-step path; the fused one is taken
-    # whenever nothing asks for the per-batch predictions.
-    hook = None if fused else (lambda _sl, _pred, _u: None)
     weight = torch.tensor([1.0, 3.0]) if labels.any() else None
-    run_spans(
+    args = (
         model,
         states,
-        ordered,
-        EventTensors.of(ordered, model.config),
-        tb.bounds,
-        tb.span_bounds,
+        data.ev,
+        data.evt,
+        data.tb.bounds,
+        data.tb.span_bounds,
         torch.optim.SGD(model.parameters(), lr=0.05),
-        weight,
-        on_predict=hook,
-        on_span=lambda _s, value: losses.append(value),
     )
+    record = lambda _s, value: losses.append(value)  # noqa: E731
+    if fused:
+        plan = TrainPlan.of(data.ev, data.evt, data.tb.bounds)
+        train_spans(*args, plan, weight, on_span=record)
+    else:
+        run_spans(*args, weight, on_span=record)
     return losses, model.state_dict(), states
 
 

@@ -9,8 +9,9 @@ from hypothesis import strategies as st
 
 from operators.dataset import InteractionLog
 from operators.model.events import EventTensors, encode
+from operators.model.fused import TrainPlan, train_spans
 from operators.model.jodie import Jodie
-from operators.model.kernel import run_spans
+from operators.model.kernel import batched, run_spans
 from operators.model.online import OnlineJodie
 from operators.model.state import States
 from operators.model.tbatch import default_timespan, span_ids, tbatch
@@ -117,19 +118,17 @@ def test_a_training_pass_without_bookkeeping_learns_and_queries_alike(case) -> N
         model = Jodie(tiny_config())
         states = States.empty(8, 8, 8, 4)
         ev = encode(log, states)
-        tb = tbatch(
-            ev.user_rows, ev.item_rows, ev.timestamps, default_timespan(ev.timestamps, n_spans)
-        )
-        ordered = ev.take(tb.order)
+        data = batched(ev, model.config, default_timespan(ev.timestamps, n_spans))
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-        loss = run_spans(
+        loss = train_spans(  # the trainer's pass
             model,
             states,
-            ordered,
-            EventTensors.of(ordered, model.config),
-            tb.bounds,
-            tb.span_bounds,
+            data.ev,
+            data.evt,
+            data.tb.bounds,
+            data.tb.span_bounds,
             optimizer,
+            TrainPlan.of(data.ev, data.evt, data.tb.bounds),
             bookkeeping=bookkeeping,
         )
         runs.append((loss, model.state_dict(), states))
