@@ -79,6 +79,7 @@ from streams.codecs import make_codec
 from streams.produce import produce_file, source_tag, to_record
 from streams.router import Router
 from streams.runtime.clients import admin, committed_reader, idempotent_producer
+from streams.runtime.kafka import take
 from streams.settings import Settings, read_settings
 from streams.topics import app_id, apply_topics, declared_topics, delete_topics, require_topics
 
@@ -218,7 +219,9 @@ class Collector:
         def loop() -> None:
             try:
                 while not self._stop.is_set():
-                    messages = consumer.consume(num_messages=1000, timeout=0.05)
+                    # Not consume(1000, 0.05): it waits out the whole timeout unless 1000
+                    # messages are there, and every arrival would be stamped up to 50 ms late.
+                    messages = take(consumer, 1000, 0.05)
                     now = time.time()
                     for msg in messages:
                         err = msg.error()
