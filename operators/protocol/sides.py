@@ -35,7 +35,6 @@ from operators.model.checkpoint import Checkpoint
 from operators.model.inference import NumpyJodie, static_row
 from operators.model.jodie import Jodie, standardise_delta
 from operators.model.kernel import feature_rows
-from operators.model.online import gap
 from operators.model.state import TREND_SECONDS
 from operators.model.static import Kind
 from operators.protocol.exchange import Apply, ApplyMany, Pending, Ready
@@ -153,7 +152,11 @@ class StreamModel:
 
     @staticmethod
     def _deltas(lasts: list[float], ts: list[float], stats: tuple[float, float]) -> np.ndarray:
-        gaps = np.array([[gap(last, t)] for last, t in zip(lasts, ts, strict=True)])
+        # ``gap`` over the batch at once: the same float64 subtraction, 0 for a first event.
+        last, t = np.array(lasts, dtype=np.float64), np.array(ts, dtype=np.float64)
+        if last.shape != t.shape:
+            raise ValueError(f"{last.size} last times for {t.size} events")
+        gaps = np.where(np.isnan(last), 0.0, t - last)[:, None]
         return standardise_delta(gaps, *stats)  # (B, 1)
 
     def _features_of(self, events: list[EventData]) -> tuple[np.ndarray, np.ndarray | None]:

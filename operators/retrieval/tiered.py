@@ -327,8 +327,8 @@ class TieredIndex:
         candidates only in the approximate tier); ``bonus``: per query, item → an extra term
         (e.g. for the user's own items; pass them in ``extra`` too). Exact tier: all distances
         in one BLAS product (float32 ‖x‖² − 2x·q + ‖q‖², which can swap near-ties within ~1e-5
-        of each other); the 2k best keys and the extras compete, which is the exact top k of
-        the key over every item. Keyed tier: the overlay folds ``scale`` and ``prior`` into its
+        of each other), every item's key from them, and its k best (``extra`` adds nothing
+        there: every item competes). Keyed tier: the overlay folds ``scale`` and ``prior`` into its
         vectors (a key of another form than the last refolds it: a rebuild), proposes its
         ``shortlist`` best by that key, and those with the extras are scored exactly. Plain IVF
         tier: the overlay's ``rerank_factor · k`` proposals by distance, the 2k best rows by
@@ -355,6 +355,17 @@ class TieredIndex:
             width = (self._shortlist_width(min(k, len(self))) + longest) * self.dim
         out: list[tuple[list[str], np.ndarray]] = []
         for block in self._blocks(nq, width):
+            if self._ivf is None:
+                out += self._recommend_exact(
+                    q[block],
+                    k,
+                    scale,
+                    prior is not None,
+                    everyone,
+                    None if bonus is None else bonus[block],
+                    None if fresh is None else fresh[block],
+                )
+                continue
             out += self._recommend(
                 q[block],
                 k,
@@ -365,6 +376,70 @@ class TieredIndex:
                 None if bonus is None else bonus[block],
                 None if fresh is None else fresh[block],
             )
+        return out
+
+    def _recommend_exact(
+        self,
+        q: np.ndarray,
+        k: int,
+        scale: float,
+        has_prior: bool,
+        everyone: np.ndarray | None,
+        bonus: Sequence[Mapping[str, float]] | None,
+        fresh: Sequence[tuple[str, np.ndarray] | None] | None,
+    ) -> list[tuple[list[str], np.ndarray]]:
+        """The exact tier: every row's key, term by term as ``_recommend`` forms it over its
+        candidates, from one distance matrix, and the k best per query, equal keys by row.
+
+        ``_recommend`` gives the same k (the 2k best keys and the extras hold the top k of
+        the whole key), but it gathers each query's candidates in Python, which cost more
+        than the key over a small catalogue."""
+        store = self._store
+        high = store.high
+        dist = store.sqdist(q).astype(np.float64)  # (B, H)
+        dist[:, ~np.isfinite(store.sqnorm[:high])] = np.inf
+        rows_of = store.rows
+        for b, override in enumerate(fresh or ()):
+            row = None if override is None else rows_of.get(override[0])
+            if override is not None and row is not None:
+                diff = np.asarray(override[1], dtype=np.float32) - q[b]
+                dist[b, row] = float(np.dot(diff, diff))
+        key = dist
+        if scale != 1.0 or has_prior or bonus is not None:
+            finite = np.isfinite(dist)
+            key = scale * dist
+            if everyone is not None:
+                key -= everyone[None, :]
+            if bonus:
+                # One subtraction per (query, history item), gathered first.
+                at_b: list[int] = []
+                at_row: list[int] = []
+                values: list[float] = []
+                for b, terms in enumerate(bonus):
+                    for item, value in terms.items():
+                        row = rows_of.get(item)
+                        if row is not None:
+                            at_b.append(b)
+                            at_row.append(row)
+                            values.append(value)
+                if values:
+                    key[at_b, at_row] -= np.asarray(values, dtype=np.float64)
+            key[~finite] = np.inf
+        nq = q.shape[0]
+        if k < high:
+            best = np.argpartition(key, k - 1, axis=1)[:, :k]
+            best.sort(axis=1)  # row order, so that equal keys keep the lower row first
+        else:
+            best = np.tile(np.arange(high), (nq, 1))
+        keys = np.take_along_axis(key, best, axis=1)
+        order = np.argsort(keys, axis=1, kind="stable")
+        top = np.take_along_axis(keys, order, axis=1)
+        picked = np.take_along_axis(best, order, axis=1)
+        row_ids = store.row_ids
+        out = []
+        for b in range(nq):
+            finite_b = np.isfinite(top[b])
+            out.append(([str(row_ids[r]) for r in picked[b][finite_b].tolist()], top[b][finite_b]))
         return out
 
     def _recommend(
@@ -386,29 +461,12 @@ class TieredIndex:
             np.fromiter((rows_of[i] for i in extra[b] if i in rows_of), dtype=np.int64)
             for b in range(nq)
         ]
-        full: np.ndarray | None = None
         keyed = scale != 1.0 or prior is not None
-        if self._ivf is None:
-            # The shortlist and the extras are read off the same matrix, no vector is gathered.
-            full = store.sqdist(q)  # (B, H)
-            shortkey = full
-            if keyed:
-                shortkey = scale * full.astype(np.float64)
-                if everyone is not None:
-                    shortkey -= everyone[None, :]
-                shortkey[~np.isfinite(full)] = np.inf
+        short = self._propose(q, min(k, n))
+        if everyone is not None and high:
             m = min(2 * k, high)
-            short = (
-                np.argpartition(shortkey, m - 1, axis=1)[:, :m]
-                if m < high
-                else np.tile(np.arange(high), (nq, 1))
-            )
-        else:
-            short = self._propose(q, min(k, n))
-            if everyone is not None and high:
-                m = min(2 * k, high)
-                top = np.argpartition(-everyone, m - 1)[:m] if m < high else np.arange(high)
-                short = np.concatenate([short, np.tile(top, (nq, 1))], axis=1)
+            top = np.argpartition(-everyone, m - 1)[:m] if m < high else np.arange(high)
+            short = np.concatenate([short, np.tile(top, (nq, 1))], axis=1)
         lists = [
             _distinct(np.concatenate([short[b][short[b] >= 0], extra_rows[b]])) for b in range(nq)
         ]
@@ -417,15 +475,12 @@ class TieredIndex:
         for b, r in enumerate(lists):
             rows[b, : len(r)] = r
         safe = np.maximum(rows, 0)
-        if full is not None:
-            dist = np.take_along_axis(full, safe, axis=1).astype(np.float64)
-        else:
-            # A query at a time: its candidates' vectors stay in cache (a batch's (B, W, D)
-            # gather is tens of MiB and cost 5x more per query, measured at B = 200).
-            dist = np.empty(rows.shape)
-            for b in range(nq):
-                diff = store.data[safe[b]] - q[b]  # (W, D)
-                dist[b] = np.einsum("wd,wd->w", diff, diff)
+        # A query at a time: its candidates' vectors stay in cache (a batch's (B, W, D)
+        # gather is tens of MiB and cost 5x more per query, measured at B = 200).
+        dist = np.empty(rows.shape)
+        for b in range(nq):
+            diff = store.data[safe[b]] - q[b]  # (W, D)
+            dist[b] = np.einsum("wd,wd->w", diff, diff)
         dist[(rows < 0) | ~np.isfinite(store.sqnorm[safe])] = np.inf
         for b, override in enumerate(fresh or ()):
             row = None if override is None else rows_of.get(override[0])

@@ -134,3 +134,41 @@ def test_a_fresh_vector_ranks_its_item_for_that_query_only() -> None:
     got = ix.recommend(queries, 2, extra, fresh=fresh)
     assert got[0][0] == ["a", "b"] and got[0][1].tolist() == [0.25, 1.0]
     assert got[1][0] == ["b", "c"]  # "a" at its indexed vector is far
+
+
+def test_the_exact_tier_serves_the_k_best_of_the_whole_key() -> None:
+    """Below ``exact_below`` every item competes by the serving key, scale · ‖x − q‖²
+    − prior − bonus, with the fresh vector of the item just touched and removed items out:
+    the k best of a reference computed here item by item."""
+    rng = np.random.default_rng(21)
+    n, dim, k, nq = 600, 8, 10, 40
+    ids = [f"i{j}" for j in range(n)]
+    vectors = rng.standard_normal((n, dim)).astype(np.float32)
+    attrs = np.column_stack([rng.integers(1, 50, n), rng.uniform(0, 5, n), rng.uniform(0, 9, n)])
+    ix = TieredIndex(dim, n_attrs=3)
+    ix.upsert(ids, vectors, attrs)
+    gone = {"i3", "i77"}
+    ix.remove(gone)
+    queries = rng.standard_normal((nq, dim)).astype(np.float32)
+    extra = [[f"i{j}" for j in rng.integers(0, n, size=4)] for _ in range(nq)]
+    bonus = [{item: float(rng.uniform(0, 3)) for item in e[:3]} for e in extra]
+    fresh = [(e[0], rng.standard_normal(dim).astype(np.float32)) for e in extra]
+    scale = 1.7
+
+    def prior(a: np.ndarray) -> np.ndarray:
+        return 0.4 * np.log1p(a[:, 0]) + 0.2 * np.log1p(a[:, 1])
+
+    got = ix.recommend(queries, k, extra, scale=scale, prior=prior, bonus=bonus, fresh=fresh)
+    for b in range(nq):
+        key = {}
+        for j, item in enumerate(ids):
+            if item in gone:
+                continue
+            x = fresh[b][1] if item == fresh[b][0] else vectors[j]
+            dist = float(((x.astype(np.float64) - queries[b]) ** 2).sum())
+            key[item] = scale * dist - prior(attrs[j : j + 1])[0] - bonus[b].get(item, 0.0)
+        best = sorted(key, key=key.__getitem__)[:k]
+        got_ids, got_keys = got[b]
+        assert got_ids == best
+        # The index takes distances in float32 (documented), the reference in float64.
+        np.testing.assert_allclose(got_keys, [key[i] for i in best], rtol=1e-5, atol=1e-4)
