@@ -23,7 +23,7 @@ from operators.protocol.exchange import (
     SendPreState,
 )
 from operators.protocol.sequencer import Interaction, Sequencer
-from operators.protocol.sides import NEW, EntityState, EventData, StreamModel
+from operators.protocol.sides import NEW, EntityState, EventData, StreamModel, push_history
 
 CFG = ModelConfig(
     embedding_dim=8,
@@ -282,3 +282,28 @@ def test_an_event_that_raises_is_quarantined_on_its_side_only() -> None:
     applied = real(users[:3], items[:3], events[:3])
     for (want, _, _), (got, _, _) in zip(applied, out[:3], strict=True):
         np.testing.assert_allclose(want.embedding, got.embedding, atol=1e-6)
+
+
+def _push_reference(
+    history: tuple[str, ...], counts: tuple[int, ...], item: str, k: int
+) -> tuple[tuple[str, ...], tuple[int, ...]]:
+    """The rule, written plainly: the item to the front with its count + 1 (0 + 1 if new),
+    every other entry in order, the oldest falling off beyond k."""
+    before = dict(zip(history, counts, strict=True))
+    kept = [(h, c) for h, c in zip(history, counts, strict=True) if h != item][: k - 1]
+    return (item, *(h for h, _ in kept)), (before.get(item, 0) + 1, *(c for _, c in kept))
+
+
+def test_push_history_follows_the_rule_on_random_histories() -> None:
+    rng = random.Random(4)
+    for _ in range(3000):
+        k = rng.randint(1, 6)
+        history = tuple(rng.sample("abcdefgh", rng.randint(0, k)))
+        counts = tuple(rng.randint(1, 9) for _ in history)
+        item = rng.choice("abcdefghij")
+        user = EntityState(np.zeros(2, dtype=np.float32), 1.0, history, counts)
+        assert push_history(user, item, k) == _push_reference(history, counts, item, k)
+    # Rows written before counts were kept count each entry as 0.
+    old = EntityState(np.zeros(2, dtype=np.float32), 1.0, ("a", "b"), ())
+    assert push_history(old, "b", 3) == (("b", "a"), (1, 0))
+    assert push_history(old, "a", 0) == ((), ())
