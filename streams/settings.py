@@ -430,6 +430,15 @@ class Settings(BaseSettings):
             "(streams.runtime.collector: 16 % of a large worker's CPU went to those)."
         ),
     )
+    derived_states: int = Field(
+        20_000,
+        ge=0,
+        description=(
+            "JODIE_DERIVED_STATES: how many partners' post-states a worker keeps per side, "
+            "from the events it applied, so that a later event of that partner need not wait "
+            "for its owner's message (0: always wait). About 1 KiB each."
+        ),
+    )
     evaluate_every: int = Field(
         10,
         ge=1,

@@ -38,7 +38,15 @@ import numpy as np
 from operators.evaluation.live import Query
 from operators.evaluation.metrics import RollingRanks
 from operators.evaluation.served import ServedTally
-from operators.protocol.exchange import Applied, ApplyMany, Inbox, PartnerState, SendPreState, drive
+from operators.protocol.exchange import (
+    Applied,
+    ApplyMany,
+    DerivedStates,
+    Inbox,
+    PartnerState,
+    SendPreState,
+    drive,
+)
 from operators.protocol.sides import EntityState, EventData, ItemOutput, UserOutput
 from schemas import Codec, wire
 from schemas.codec import ENTITY_RECORD, EVALUATION, INBOX_MESSAGE, INTERACTION, RECOMMENDATION
@@ -178,6 +186,10 @@ class Processor:
         self.applied_seq = -1  # the latest log position of a user event applied here
         self.servings: dict[Epoch, Serving] = {}
         self._many: dict[Epoch, tuple[ApplyMany[EntityState, EntityState], ...]] = {}
+        # Per epoch and side: the partners' post-states this worker computed (a partner's
+        # pre-state that need not wait for its owner's message).
+        self._derived: dict[Epoch, dict[str, DerivedStates[EntityState]]] = {}
+        self._derived_most = settings.derived_states
         if serving is not None:
             self.add(serving)
 
@@ -188,11 +200,16 @@ class Processor:
             serving.stream.user_apply_many(),
             serving.stream.item_apply_many(),
         )
+        self._derived[serving.epoch] = {
+            side: DerivedStates(self._derived_most, usable=_not_quarantined)
+            for side in ("user", "item")
+        }
 
     def retire(self, epoch: Epoch) -> None:
         """Stop serving ``epoch``: no message of it can come any more (streams.retirement)."""
         self.servings.pop(epoch, None)
         self._many.pop(epoch, None)
+        self._derived.pop(epoch, None)
 
     @property
     def serving(self) -> Serving | None:
@@ -291,11 +308,12 @@ class Processor:
         user_outs: list[tuple[int, UserOutput]] = []  # (seq, output)
         user_many, item_many = self._many[epoch]
         many = {"user": user_many, "item": item_many}
+        derived = self._derived[epoch]
         inbox = {"user": self.user_inbox, "item": self.item_inbox}
         while touched["user"] or touched["item"]:
             for side, other in (("item", "user"), ("user", "item")):
                 boxes, touched[side] = touched[side], []
-                for out in drive(boxes, many[side]) if boxes else []:
+                for out in drive(boxes, many[side], derived[side]) if boxes else []:
                     if isinstance(out, SendPreState):
                         key = row_key(out.partner.encode(), epoch)
                         row = local(other, key) if local is not None else None
@@ -474,6 +492,12 @@ class Processor:
         for epoch in sorted(self.servings, key=lambda e: e[1]):
             sent += self._evaluate(self.servings[epoch])
         return sent
+
+
+def _not_quarantined(output: UserOutput | ItemOutput) -> bool:
+    """Whether an application's partner post-state may stand in for the partner's message:
+    not when the event was quarantined (each side decides that on its own inputs)."""
+    return output.quarantined is None
 
 
 def _raised(why: str) -> bool:

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from operators.protocol.exchange import (
     Applied,
     ApplyMany,
+    DerivedStates,
     Inbox,
     PartnerState,
     Pending,
@@ -78,6 +79,7 @@ def streamed(
     rng: random.Random,
     duplicate_rate: float,
     batched: bool = False,
+    derived: bool = False,
 ) -> tuple[dict[str, float], dict[str, float], dict[str, Inbox], dict[str, Inbox]]:
     seq = Sequencer(partitions=[0], n_features=0)
     for n, (u, i, _x) in enumerate(events):
@@ -101,6 +103,8 @@ def streamed(
             )
         )
     boxes: dict[str, dict[str, Inbox]] = {"user": {}, "item": {}}
+    # One process per side, keeping the partners' post-states it computed (small: evictions).
+    kept = {side: DerivedStates[float](most=6) if derived else None for side in ("user", "item")}
     steps = 0
     sent = 0
     while pool:
@@ -130,7 +134,7 @@ def streamed(
         if batched:
             for side, update in (("user", user_update), ("item", item_update)):
                 many = _many(update)
-                outs.append((side, drive(touched[side], many)))
+                outs.append((side, drive(touched[side], many, kept[side])))
         for side, out in outs:
             for o in out:
                 if isinstance(o, SendPreState):
@@ -163,12 +167,14 @@ event_lists = st.lists(
     events=event_lists,
     seed=st.integers(0, 2**32 - 1),
     dup=st.sampled_from([0.0, 0.3]),
-    batched=st.booleans(),
+    mode=st.sampled_from(["one by one", "batched", "batched, derived states"]),
 )
 def test_any_delivery_order_equals_sequential_replay(
-    events: list[tuple[str, str, float]], seed: int, dup: float, batched: bool
+    events: list[tuple[str, str, float]], seed: int, dup: float, mode: str
 ) -> None:
-    users, items, user_boxes, item_boxes = streamed(events, random.Random(seed), dup, batched)
+    users, items, user_boxes, item_boxes = streamed(
+        events, random.Random(seed), dup, batched=mode != "one by one", derived="derived" in mode
+    )
     want_users, want_items = sequential(events)
     assert users == want_users  # bit-equal: the same float operations in the same order
     assert items == want_items
@@ -213,3 +219,26 @@ def test_a_repeating_pair_skips_the_exchange() -> None:
     assert [type(o) for o in out] == [Applied]  # no SendPreState, no waiting
     i_after_0 = _item(0.5, 0.0, 1.0)
     assert box.state == _user(_user(0.0, 0.5, 1.0, 0), i_after_0, 2.0, 1)
+
+
+def test_a_derived_partner_state_stands_in_for_the_message() -> None:
+    """u1's event on i0 follows u0's: the user side, which applied u0's event and computed
+    i0's post-state then, applies u1's without i0's message, and gets what the message
+    would have given; a quarantined application's state is never used."""
+    events = [("u0", "i0", 0.4), ("u1", "i0", -0.2)]
+    want_users, _ = sequential(events)
+    for usable, applied in ((True, True), (False, False)):
+        kept = DerivedStates[float](most=10, usable=lambda _output, ok=usable: ok)
+        u0, u1 = Inbox(state=0.0), Inbox(state=0.0)
+        u0.offer_event(Pending(0, -1, "i0", 0.4, -1))
+        u0.offer_partner(PartnerState(0, 0.0))
+        drive([u0], _many(user_update), kept)
+        u1.offer_event(Pending(1, -1, "i0", -0.2, 0))  # i0's previous event: seq 0
+        out = drive([u1], _many(user_update), kept)
+        assert any(isinstance(o, Applied) for o in out) is applied
+        if applied:
+            assert u1.state == want_users["u1"] and kept.hits == 1
+            # The message, when it comes, is a repeat.
+            assert not u1.offer_partner(PartnerState(1, 0.0)) and u1.idle
+        else:
+            assert u1.applied_seq == -1 and kept.hits == 0
