@@ -5,7 +5,9 @@ Three measurements, no broker needed (docs/scaling.md reads them):
 1. Cross-traffic: with N workers sharing --partitions partitions of the inboxes (range
    assignment, the real partitioner ``partition_for``), how many pre-state messages per event
    cross between workers (2 when the user's and the item's owners differ and the pair does
-   not share its previous event, else 0), and how unevenly the events load the workers.
+   not share its previous event, else 0), how unevenly the events load the workers, and the
+   longest chain of waits for those messages on a backlog, with and without the workers'
+   derived states (``wait_chain``).
 2. A prototype of the partitioned router, run in this process: R user routers (each the real
    ``Sequencer`` over its share of the ``interactions`` partitions: validation, duplicates,
    user links, its own (timestamp, event_id) order) and R item mergers (each merging the R
@@ -18,6 +20,8 @@ Three measurements, no broker needed (docs/scaling.md reads them):
    committing batches (--commit-ms each) at --rate events/s.
 
     python benchmarks/scaling_sim.py --events 157474 --plot scaling.png
+    python benchmarks/scaling_sim.py --start 125979 --events 10000 --partitions 4 \\
+        --workers 1,2,4 --cross-traffic-only
 """
 
 from __future__ import annotations
@@ -55,6 +59,43 @@ def owner(partition: int, partitions: int, members: int) -> int:
 # -- 1. cross-traffic ---------------------------------------------------------------------------
 
 
+def wait_chain(rows: Sequence[Row], user_owner: np.ndarray, item_owner: np.ndarray) -> dict:
+    """The longest chain of cross-worker waits on a backlog (every event already routed),
+    in rounds: a side applies an event once its own previous event is applied and the
+    partner's pre-state is there, which takes one round (a transaction's commit and the
+    other worker's fetch) when it comes from another worker and none in memory. Without and
+    with the derived states (operators.protocol.exchange.DerivedStates): the partner's
+    post-state from its previous event, taken from this side when this worker applied that
+    event on this side (for another entity of its own)."""
+    n = len(rows)
+    prev_user, prev_item = np.full(n, -1), np.full(n, -1)
+    last_user: dict[str, int] = {}
+    last_item: dict[str, int] = {}
+    for k, r in enumerate(rows):
+        prev_user[k] = last_user.get(r.user_id, -1)
+        prev_item[k] = last_item.get(r.item_id, -1)
+        last_user[r.user_id] = last_item[r.item_id] = k
+    out: dict[str, int] = {}
+    for derived in (False, True):
+        at_user, at_item = [0] * n, [0] * n  # the round each side applies each event
+        for k in range(n):
+            pu, pi = int(prev_user[k]), int(prev_item[k])
+            if pu >= 0 and pu == pi:  # the pair shares its previous event: no message
+                at_user[k], at_item[k] = at_user[pu], at_item[pi]
+                continue
+            hop = int(user_owner[k] != item_owner[k])
+            item_pre = (at_item[pi] if pi >= 0 else 0) + hop
+            if derived and pi >= 0 and user_owner[pi] == user_owner[k]:
+                item_pre = min(item_pre, at_user[pi])
+            user_pre = (at_user[pu] if pu >= 0 else 0) + hop
+            if derived and pu >= 0 and item_owner[pu] == item_owner[k]:
+                user_pre = min(user_pre, at_item[pu])
+            at_user[k] = max(at_user[pu] if pu >= 0 else 0, item_pre)
+            at_item[k] = max(at_item[pi] if pi >= 0 else 0, user_pre)
+        out["derived" if derived else "plain"] = 1 + max(max(at_user), max(at_item))
+    return out
+
+
 def cross_traffic(rows: Sequence[Row], workers: Sequence[int], partitions: int) -> list[dict]:
     users = {u: partition_for(u.encode(), partitions) for u in {r.user_id for r in rows}}
     items = {i: partition_for(i.encode(), partitions) for i in {r.item_id for r in rows}}
@@ -73,6 +114,7 @@ def cross_traffic(rows: Sequence[Row], workers: Sequence[int], partitions: int) 
         apart = u_owner != i_owner
         crossing = apart & ~shares
         load = np.bincount(u_owner, minlength=n_workers) + np.bincount(i_owner, minlength=n_workers)
+        chain = wait_chain(rows, u_owner, i_owner)
         out.append(
             {
                 "workers": n_workers,
@@ -81,6 +123,8 @@ def cross_traffic(rows: Sequence[Row], workers: Sequence[int], partitions: int) 
                 "shortcut_share": float(shares.mean()),
                 "busiest_worker_share": float(load.max() / load.sum()),
                 "balance": float(load.mean() / load.max()),  # 1 = even
+                "wait_rounds": chain["plain"],
+                "wait_rounds_derived": chain["derived"],
             }
         )
     return out
@@ -299,6 +343,10 @@ def watermark_latency(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--events", type=int, default=157_474, help="rows of the Wikipedia file")
+    parser.add_argument("--start", type=int, default=0, help="first row")
+    parser.add_argument(
+        "--cross-traffic-only", action="store_true", help="measurement 1 alone, then stop"
+    )
     parser.add_argument("--partitions", type=int, default=64)
     parser.add_argument("--routers", default="1,2,4,8,16")
     parser.add_argument("--workers", default="1,2,4,8,16,32")
@@ -322,7 +370,7 @@ def main() -> None:
     parser.add_argument("--plot", help="write the throughput curve here (PNG)")
     parser.add_argument("--json", help="write every figure here")
     args = parser.parse_args()
-    rows = list(islice(iter_rows(bundled_wikipedia()), args.events))
+    rows = list(islice(iter_rows(bundled_wikipedia()), args.start, args.start + args.events))
     print(
         f"{len(rows)} events, {len({r.user_id for r in rows})} users, "
         f"{len({r.item_id for r in rows})} items, {args.partitions} partitions"
@@ -334,18 +382,22 @@ def main() -> None:
     )
     print(
         "workers | pairs on two workers | pre-state messages crossing per event | "
-        "busiest worker's share | balance"
+        "busiest worker's share | balance | longest chain of waits on a backlog, rounds: "
+        "without / with derived states"
     )
     for c in report["cross_traffic"]:
         print(
             f"{c['workers']:7d} | {c['pairs_apart']:.3f} | "
             f"{c['crossing_messages_per_event']:.3f} | "
-            f"{c['busiest_worker_share']:.3f} | {c['balance']:.2f}"
+            f"{c['busiest_worker_share']:.3f} | {c['balance']:.2f} | "
+            f"{c['wait_rounds']} / {c['wait_rounds_derived']}"
         )
     print(
         "(pairs sharing their previous event, which send nothing: "
         f"{report['cross_traffic'][0]['shortcut_share']:.3f})"
     )
+    if args.cross_traffic_only:
+        return
 
     bodies = _bodies(rows)
     parts = [partition_for(r.user_id.encode(), args.partitions) for r in rows]

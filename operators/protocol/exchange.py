@@ -204,8 +204,9 @@ class DerivedStates(Generic[P]):
     Event r's partner pre-state is the partner's post-state from its previous event; when
     this side applied that event too (for another entity of its own), it holds that state
     already and r need not wait a round trip for the partner's message. Of use to a worker
-    that owns part of the entities: with two workers, the longest chain of waits on the
-    Wikipedia stream's 10,000 events falls from 32 round trips to 13. Kept in memory only,
+    that owns part of the entities: with two workers on the whole Wikipedia log, the longest
+    chain of waits for a crossing pre-state falls from 763 round trips to 180
+    (benchmarks/scaling_sim.py). Kept in memory only,
     bounded (the oldest half dropped past ``most``); ``usable(output)`` says whether an
     application's post-state may stand in (not one the event was quarantined by).
     """
