@@ -75,7 +75,7 @@ class Feeds:
                 "isolation.level": "read_committed",
                 "enable.auto.commit": False,
                 "auto.offset.reset": "earliest",
-                "fetch.wait.max.ms": 10,
+                "fetch.wait.max.ms": 100,  # as the worker's own consumer (streams.runtime.loop)
                 "logger": _log,
             },
         )

@@ -210,7 +210,11 @@ class TransactionalLoop(Generic[B]):
                 "partition.assignment.strategy": "range",
                 "session.timeout.ms": c.session_timeout_ms,
                 "heartbeat.interval.ms": max(500, c.session_timeout_ms // 6),
-                "fetch.wait.max.ms": 10,
+                # The broker answers a waiting fetch as soon as records (or a commit marker)
+                # arrive, so this bounds only how often an idle consumer asks again: at 10 ms
+                # the idle asking cost the broker CPU that the busy pipeline missed (p99 at
+                # 500 events/s 91 ms against 78-81 ms at 100, alternated runs).
+                "fetch.wait.max.ms": 100,
                 "logger": self.log,
                 **c.consumer,
             },
