@@ -431,16 +431,7 @@ class TieredIndex:
             best.sort(axis=1)  # row order, so that equal keys keep the lower row first
         else:
             best = np.tile(np.arange(high), (nq, 1))
-        keys = np.take_along_axis(key, best, axis=1)
-        order = np.argsort(keys, axis=1, kind="stable")
-        top = np.take_along_axis(keys, order, axis=1)
-        picked = np.take_along_axis(best, order, axis=1)
-        row_ids = store.row_ids
-        out = []
-        for b in range(nq):
-            finite_b = np.isfinite(top[b])
-            out.append(([str(row_ids[r]) for r in picked[b][finite_b].tolist()], top[b][finite_b]))
-        return out
+        return self._ranked(np.take_along_axis(key, best, axis=1), best, k)
 
     def _recommend(
         self,
@@ -502,12 +493,19 @@ class TieredIndex:
                     brows, bvals = np.array(known).T  # (2, m)
                     key[b] -= (rows[b][:, None] == brows[None, :].astype(np.int64)) @ bvals
             key[~finite] = np.inf
+        return self._ranked(key, rows, k)
+
+    def _ranked(
+        self, key: np.ndarray, rows: np.ndarray, k: int
+    ) -> list[tuple[list[str], np.ndarray]]:
+        """Per query, its candidates ``rows`` (B, W) with the k lowest finite ``key`` (B, W),
+        lowest first (equal keys in the candidates' order), as ids and keys."""
         order = np.argsort(key, axis=1, kind="stable")[:, :k]
         top = np.take_along_axis(key, order, axis=1)
         picked = np.take_along_axis(rows, order, axis=1)
-        row_ids = store.row_ids
+        row_ids = self._store.row_ids
         out = []
-        for b in range(nq):
+        for b in range(key.shape[0]):
             finite = np.isfinite(top[b])
             out.append(([str(row_ids[r]) for r in picked[b][finite].tolist()], top[b][finite]))
         return out
