@@ -2,8 +2,10 @@
 
 On fresh topics of the local broker (`jodie broker up` first), produces and routes rows
 [--start, --start + N) of the bundled file, then runs one worker in this process under
-cProfile until it has applied all of them, and prints the wall time, the live MRR and the
-functions by cumulative time.
+cProfile (and a worker process's cycle-collector schedule) until it has applied all of them,
+and prints the wall time, the live MRR, the share of the worker loop's CPU each stage took
+(cumulative, so a stage includes what it calls; cProfile's own cost inflates the many small
+calls) and the functions by cumulative time.
 
     python benchmarks/profile_worker.py --checkpoint CKPT --events 10000
 """
@@ -20,6 +22,7 @@ import time
 from pathlib import Path
 
 from streams.cli.common import script_main
+from streams.runtime.collector import CycleCollector
 
 
 def main() -> None:
@@ -40,7 +43,9 @@ def main() -> None:
     with scratch_topics("prof") as settings:
         produce_rows(settings, start=args.start, limit=args.events)
         Router(settings, grace_s=0.2).run(until_idle_s=0.5, max_seconds=300)
-        worker = Worker(settings, 0, args.checkpoint)
+        collector = CycleCollector(settings.gc_full_every_s)
+        worker = Worker(settings, 0, args.checkpoint, collector=collector)
+        collector.freeze()
         began = time.monotonic()
 
         def stop_when_done() -> None:
@@ -60,7 +65,54 @@ def main() -> None:
             f"({worker.stats.user_events / took:,.0f} events/s, start-up included), "
             f"{worker.loop.stats.transactions} transactions, live MRR {online['mrr']:.4f}"
         )
-        pstats.Stats(profile).sort_stats(args.sort).print_stats(args.top)
+        stats = pstats.Stats(profile)
+        print_stages(stats)
+        collector.close()
+        stats.sort_stats(args.sort).print_stats(args.top)
+
+
+#: The worker loop's stages: (what, file, function) of the call that does each.
+STAGES = [
+    ("decode the inbox messages", "streams/worker.py", "prepare"),
+    ("the processor, in all", "streams/app/processor.py", "process"),
+    ("  the model: both sides' steps, queries, states", "operators/protocol/exchange.py", "drive"),
+    ("  retrieval and ranking of the served lists", "streams/app/serving.py", "recommendations"),
+    ("  live evaluation", "streams/app/processor.py", "_evaluate"),
+    ("table rows encoded for the changelogs", "streams/runtime/loop.py", "_send_changes"),
+    ("rows into RocksDB after the commit", "streams/runtime/loop.py", "_persist"),
+    ("feeds: item vectors, the log for co-occurrence", "streams/feeds.py", "poll"),
+    ("Kafka: offsets and commit", "streams/runtime/transactions.py", "send_offsets"),
+    ("", "streams/runtime/transactions.py", "commit"),
+]
+
+
+def print_stages(stats: pstats.Stats) -> None:
+    """Each stage's cumulative CPU as a share of the worker loop's."""
+    cumulative: dict[tuple[str, str], float] = {}
+    for (path, _line, name), row in stats.stats.items():  # type: ignore[attr-defined]
+        key = (path.replace(os.sep, "/"), name)
+        cumulative[key] = cumulative.get(key, 0.0) + row[3]
+
+    def of(path: str, name: str) -> float:
+        return sum(t for (p, n), t in cumulative.items() if p.endswith(path) and n == name)
+
+    loop = of("streams/runtime/loop.py", "run")
+    if loop <= 0:
+        return
+    print(f"the worker loop: {loop:.2f} s of CPU; by stage (cumulative):")
+    shown = 0.0
+    rows = [(what, of(path, name)) for what, path, name in STAGES]
+    merged: list[tuple[str, float]] = []
+    for what, t in rows:  # an unnamed row adds to the one before
+        if what:
+            merged.append((what, t))
+        else:
+            merged[-1] = (merged[-1][0], merged[-1][1] + t)
+    for what, t in merged:
+        print(f"  {100 * t / loop:5.1f} %  {what}")
+        if not what.startswith("  "):
+            shown += t
+    print(f"  {100 * (loop - shown) / loop:5.1f} %  the rest (produce calls, the loop itself, ...)")
 
 
 if __name__ == "__main__":
