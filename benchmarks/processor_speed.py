@@ -5,8 +5,8 @@ bundled Wikipedia file, then feeds them to one Processor that owns every partiti
 worker), --batch inbox messages at a time, rows kept in a dict and round-tripped through their
 Avro codec after each batch as the table does, under a worker process's cycle-collector
 schedule. Prints CPU seconds per event (process time, so other load on the machine inflates
-it less than wall time) and, with --profile, the functions
-by own CPU time. --items N adds N synthetic items (random unit vectors, one event each before
+it less than wall time) and, with --profile, the functions by own CPU time. --items N adds N
+synthetic items (random unit vectors, one event each before
 the stream) to the candidate index and the live evaluation: the cost per event at a large
 catalogue, as in the soak (benchmarks/soak.py; its workers evaluate every 100th event,
 JODIE_EVALUATE_EVERY=100).

@@ -71,18 +71,30 @@ def main() -> None:
         stats.sort_stats(args.sort).print_stats(args.top)
 
 
-#: The worker loop's stages: (what, file, function) of the call that does each.
-STAGES = [
-    ("decode the inbox messages", "streams/worker.py", "prepare"),
-    ("the processor, in all", "streams/app/processor.py", "process"),
-    ("  the model: both sides' steps, queries, states", "operators/protocol/exchange.py", "drive"),
-    ("  retrieval and ranking of the served lists", "streams/app/serving.py", "recommendations"),
-    ("  live evaluation", "streams/app/processor.py", "_evaluate"),
-    ("table rows encoded for the changelogs", "streams/runtime/loop.py", "_send_changes"),
-    ("rows into RocksDB after the commit", "streams/runtime/loop.py", "_persist"),
-    ("feeds: item vectors, the log for co-occurrence", "streams/feeds.py", "poll"),
-    ("Kafka: offsets and commit", "streams/runtime/transactions.py", "send_offsets"),
-    ("", "streams/runtime/transactions.py", "commit"),
+#: The worker loop's stages: what, and the (file, function) calls that do it. An indented
+#: stage is part of the one above it.
+STAGES: list[tuple[str, list[tuple[str, str]]]] = [
+    ("decode the inbox messages", [("streams/worker.py", "prepare")]),
+    ("the processor, in all", [("streams/app/processor.py", "process")]),
+    (
+        "  the model: both sides' steps, queries, states",
+        [("operators/protocol/exchange.py", "drive")],
+    ),
+    (
+        "  retrieval and ranking of the served lists",
+        [("streams/app/serving.py", "recommendations")],
+    ),
+    ("  live evaluation", [("streams/app/processor.py", "_evaluate")]),
+    ("table rows encoded for the changelogs", [("streams/runtime/loop.py", "_send_changes")]),
+    ("rows into RocksDB after the commit", [("streams/runtime/loop.py", "_persist")]),
+    ("feeds: item vectors, the log for co-occurrence", [("streams/feeds.py", "poll")]),
+    (
+        "Kafka: offsets and commit",
+        [
+            ("streams/runtime/transactions.py", "send_offsets"),
+            ("streams/runtime/transactions.py", "commit"),
+        ],
+    ),
 ]
 
 
@@ -93,22 +105,21 @@ def print_stages(stats: pstats.Stats) -> None:
         key = (path.replace(os.sep, "/"), name)
         cumulative[key] = cumulative.get(key, 0.0) + row[3]
 
-    def of(path: str, name: str) -> float:
-        return sum(t for (p, n), t in cumulative.items() if p.endswith(path) and n == name)
+    def of(calls: list[tuple[str, str]]) -> float:
+        return sum(
+            t
+            for (p, n), t in cumulative.items()
+            for path, name in calls
+            if p.endswith(path) and n == name
+        )
 
-    loop = of("streams/runtime/loop.py", "run")
+    loop = of([("streams/runtime/loop.py", "run")])
     if loop <= 0:
         return
     print(f"the worker loop: {loop:.2f} s of CPU; by stage (cumulative):")
     shown = 0.0
-    rows = [(what, of(path, name)) for what, path, name in STAGES]
-    merged: list[tuple[str, float]] = []
-    for what, t in rows:  # an unnamed row adds to the one before
-        if what:
-            merged.append((what, t))
-        else:
-            merged[-1] = (merged[-1][0], merged[-1][1] + t)
-    for what, t in merged:
+    for what, calls in STAGES:
+        t = of(calls)
         print(f"  {100 * t / loop:5.1f} %  {what}")
         if not what.startswith("  "):
             shown += t

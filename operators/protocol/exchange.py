@@ -233,9 +233,6 @@ class DerivedStates(Generic[P]):
                 del self._states[old]
         self._states[(partner, seq)] = state
 
-    def __len__(self) -> int:
-        return len(self._states)
-
 
 def drive(
     boxes: Iterable[Inbox[S, P]],

@@ -388,12 +388,10 @@ class TieredIndex:
         bonus: Sequence[Mapping[str, float]] | None,
         fresh: Sequence[tuple[str, np.ndarray] | None] | None,
     ) -> list[tuple[list[str], np.ndarray]]:
-        """The exact tier: every row's key, term by term as ``_recommend`` forms it over its
-        candidates, from one distance matrix, and the k best per query, equal keys by row.
-
-        ``_recommend`` gives the same k (the 2k best keys and the extras hold the top k of
-        the whole key), but it gathers each query's candidates in Python, which cost more
-        than the key over a small catalogue."""
+        """The exact tier: every row's key (``scale`` · distance − prior − bonus, the same
+        terms the approximate tiers form over their candidates) from one distance matrix,
+        and the k best per query, equal keys by row. Over a small catalogue the whole key
+        costs less than gathering each query's candidates in Python."""
         store = self._store
         high = store.high
         dist = store.sqdist(q).astype(np.float64)  # (B, H)
