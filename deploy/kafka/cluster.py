@@ -101,11 +101,17 @@ def bootstrap(nodes: list[broker.BrokerConfig]) -> str:
 
 def _cluster_id(home: Path) -> str:
     """The id every node is formatted with, made once per cluster home (Kafka's form: the
-    URL-safe base64 of a random UUID, unpadded)."""
+    URL-safe base64 of a random UUID, unpadded).
+
+    Like Kafka's own generator it never starts with '-': one UUID in 64 would, and the storage
+    tool's parser then reads the id as an option."""
     path = home / "cluster.id"
     if not path.exists():
         home.mkdir(parents=True, exist_ok=True)
-        path.write_text(base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("="))
+        made = "-"
+        while made.startswith("-"):
+            made = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        path.write_text(made)
     return path.read_text().strip()
 
 
@@ -135,7 +141,7 @@ def _launch(
     config = _write_node_config(node)
     if not (node.data_dir / "meta.properties").exists():
         cmd = [java, "-cp", classpath, broker._STORAGE_TOOL, "format", "-c", str(config)]
-        cmd += ["-t", cluster_id]
+        cmd.append(f"--cluster-id={cluster_id}")
         formatted = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if formatted.returncode != 0:
             raise BrokerStartError(

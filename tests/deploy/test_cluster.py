@@ -74,3 +74,18 @@ def test_clients_and_topics_follow_the_node_count(
     assert (settings.replication, settings.min_insync_replicas) == (replication, min_isr)
     monkeypatch.setenv("JODIE_REPLICATION_FACTOR", "2")
     assert Settings().replication == 2
+
+
+def test_the_cluster_id_never_starts_with_a_dash(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One random id in 64 encodes to a leading '-', which the storage tool reads as an option;
+    the cluster draws again, as Kafka's own generator does, and keeps the id it wrote."""
+    import uuid
+
+    draws = iter([uuid.UUID(bytes=b"\xf8" + bytes(15)), uuid.UUID(bytes=b"\x01" * 16)])
+    monkeypatch.setattr(cluster.uuid, "uuid4", lambda: next(draws))
+    made = cluster._cluster_id(tmp_path)
+    assert not made.startswith("-")
+    assert made == "AQEBAQEBAQEBAQEBAQEBAQ"
+    assert cluster._cluster_id(tmp_path) == made
