@@ -12,6 +12,9 @@ a model is built for it:
   not touched. A full ranking also places the user's history among those, so a real ranker's
   new-item rank is no better: these MRR and Recall@10 bound any ranker whose new-item ranking
   is no better than the two signals together.
+- *kind known*: a ranker told what kind each event is, but not the item: the last item at
+  rank 1 when it is the one, an older repeat at its recency rank among the user's history
+  without the last item, a new item at the best signal's rank.
 - *last item first*: what every ranker here does (the last item again is 78 % of Wikipedia's
   test events, and each scores 0.99 on it): the last item at rank 1, so an older repeat is at
   best rank 2 and a new item one place behind its signal rank.
@@ -44,6 +47,8 @@ class Split:
 
     last: int = 0
     older: int = 0
+    #: an older repeat's rank among the user's history without the last item, by recency
+    older_ranks: list[int] = field(default_factory=list)
     new_ranks: list[int] = field(default_factory=list)
     #: every event's rank under the two baselines, for the relative goal
     recency: list[int] = field(default_factory=list)
@@ -77,6 +82,7 @@ def measure(path: Path, test_fraction: float = 0.1) -> Split:
                 split.last += 1
             elif i in before:
                 split.older += 1
+                split.older_ranks.append(split.recency[-1] - 1)  # the last item is more recent
             else:
                 known[list(before)] = False
                 cands = np.flatnonzero(known)
@@ -104,12 +110,17 @@ def ceilings(split: Split) -> dict[str, tuple[float, float]]:
     """(MRR, Recall@10) of the two ceilings and of the new-item signal alone."""
     n = split.events
     r = np.asarray(split.new_ranks, dtype=float)
+    o = np.asarray(split.older_ranks, dtype=float)
     repeats = split.last + split.older
     return {
         "new items, best signal": (float((1 / r).mean()), float((r <= 10).mean())),
         "perfect repeats": (
             (repeats + float((1 / r).sum())) / n,
             (repeats + float((r <= 10).sum())) / n,
+        ),
+        "kind known": (
+            (split.last + float((1 / o).sum()) + float((1 / r).sum())) / n,
+            (split.last + float((o <= 10).sum()) + float((r <= 10).sum())) / n,
         ),
         "last item first": (
             (split.last + split.older / 2 + float((1 / (r + 1)).sum())) / n,
