@@ -333,7 +333,8 @@ class Settings(BaseSettings):
         True,
         description=(
             "JODIE_COOCCURRENCE: add co-occurrence candidates (MinHash LSH over the log) to "
-            "every recommendation before re-ranking."
+            "every recommendation before re-ranking, in the approximate index tiers (the exact "
+            "tier ranks every item)."
         ),
     )
     cooccurrence_items: int = Field(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -113,3 +114,33 @@ def test_an_item_new_to_the_index_is_in_the_list_of_the_user_who_touched_it(
     serving.upsert(["brand-new"], out.item_vector[None, :], [(3.0, 2.5, t)])
     serving.recommendations([out])
     assert serving.index.get("brand-new")[1].tolist() == [3.0, 2.5, t]  # type: ignore[index]
+
+
+def test_extra_candidates_are_gathered_only_where_the_index_reads_them(checkpoint: Path) -> None:
+    # The exact tier ranks every item, so per-event co-occurrence lookups would be pure cost
+    # there; the approximate tier scores only its shortlist and these extras.
+    serving = Serving.load(Settings(index_exact_below=1024), checkpoint)
+    assert serving.cooccurrence is not None and not serving.index.approximate
+    history = ("i1", "i2", "i3")
+    for user in ("u1", "u2", "u3", "u4"):
+        for item in ("i1", "i9"):
+            serving.cooccurrence.observe(user, item)
+    assert serving._extras([history]) == [[]]
+    rng = np.random.default_rng(0)
+    n = 1100 - len(serving.index)
+    ids = [f"filler{j}" for j in range(n)]
+    dim = serving.index.dim
+    serving.upsert(ids, rng.standard_normal((n, dim)).astype(np.float32), [(1.0, 1.0, 0.0)] * n)
+    assert serving.index.approximate
+    [extra] = serving._extras([history])
+    assert extra[:3] == list(history)
+    assert "i9" in extra[3:]  # the same audience as i1
+
+
+def test_the_history_bonus_takes_numpys_log1p_of_each_count() -> None:
+    # ``Serving._terms`` takes math.log1p of each count, for speed, where it took numpy's:
+    # the scores served must not move by a bit.
+    counts = np.arange(2_000_000)
+    assert np.array_equal(
+        np.log1p(counts.astype(np.float64)), [math.log1p(c) for c in counts.tolist()]
+    )
