@@ -187,3 +187,49 @@ def test_the_live_tally_forgets_by_last_activity_not_first_sight() -> None:
     tally.event("u", "a", ["a"])  # still remembered
     tally.event("v", "a", ["a"])  # forgotten when w came: not measured
     assert tally.summary()["events"] == 2
+
+
+class _PlainTally:
+    """The live tally's definition, written plainly: the heuristic's list is built whole."""
+
+    def __init__(self, k: int) -> None:
+        self.k, self.users, self.counts = k, {}, {}
+        self.model: list[int] = []
+        self.heuristic: list[int] = []
+
+    def event(self, user: str, item: str, served: list[str], popular: list[str]) -> None:
+        if user in self.users:
+            last_served, recent = self.users[user]
+            self.model.append(last_served.index(item) + 1 if item in last_served else 0)
+            heuristic = list(recent)
+            for other in popular:
+                if len(heuristic) < self.k and other not in heuristic:
+                    heuristic.append(other)
+            self.heuristic.append(heuristic.index(item) + 1 if item in heuristic else 0)
+            recent = [item, *(r for r in recent if r != item)][: self.k]
+        else:
+            recent = [item]
+        self.users[user] = (list(served[: self.k]), recent)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_the_live_tally_counts_as_its_plain_definition(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    k = 4
+    tally, plain = ServedTally(k=k), _PlainTally(k)
+    for _ in range(600):
+        user, item = f"u{rng.integers(0, 12)}", f"i{rng.integers(0, 15)}"
+        served = [f"i{j}" for j in rng.choice(15, size=rng.integers(0, 7), replace=False)]
+        # a popular list with repeats and items the user already holds
+        popular = [f"i{j}" for j in rng.integers(0, 15, size=rng.integers(0, 9))]
+        tally.event(user, item, served, popular)
+        plain.event(user, item, served, popular)
+    s = tally.summary()
+    model, heuristic = np.array(plain.model), np.array(plain.heuristic)
+    assert s["events"] == len(model) > 500
+    assert s["recall"] == pytest.approx(np.mean(model > 0))
+    assert s["mrr"] == pytest.approx(np.mean(np.where(model > 0, 1 / np.maximum(model, 1), 0)))
+    assert s["heuristic"]["recall"] == pytest.approx(np.mean(heuristic > 0))
+    assert s["heuristic"]["mrr"] == pytest.approx(
+        np.mean(np.where(heuristic > 0, 1 / np.maximum(heuristic, 1), 0))
+    )
