@@ -38,7 +38,8 @@ from pathlib import Path
 
 import numpy as np
 
-from operators.dataset import bundled_wikipedia, load_interactions
+from operators.dataset import comparison_logs, load_interactions
+from operators.evaluation.baselines import replay_before
 
 
 @dataclass
@@ -61,17 +62,11 @@ class Split:
 
 def measure(path: Path, test_fraction: float = 0.1) -> Split:
     log = load_interactions(path)
-    users = log.user_ids.tolist()
-    _, items = np.unique(log.item_ids, return_inverse=True)
-    n_items = int(items.max()) + 1
-    start = int(len(users) * (1.0 - test_fraction))
-    popularity = np.zeros(n_items)
-    seen: dict[str, dict[int, int]] = defaultdict(dict)  # user → item → last event index
-    last: dict[str, int] = {}
+    n_items, events = replay_before(log)
+    start = int(len(log.user_ids) * (1.0 - test_fraction))
     moves: dict[int, Counter[int]] = defaultdict(Counter)  # item → next item → count
     split = Split()
-    for k, (u, i) in enumerate(zip(users, items.tolist(), strict=True)):
-        before, prev = seen[u], last.get(u)
+    for k, _user, i, prev, before, popularity in events:
         if k >= start:
             known = popularity > 0
             known[i] = True  # an item never seen competes too: it scores 0 on both
@@ -100,9 +95,6 @@ def measure(path: Path, test_fraction: float = 0.1) -> Split:
                 split.recency.append(len(before) + 1 + int((pop > pop[true]).sum()))
         if prev is not None:
             moves[prev][i] += 1
-        popularity[i] += 1
-        before[i] = k
-        last[u] = i
     return split
 
 
@@ -131,13 +123,7 @@ def ceilings(split: Split) -> dict[str, tuple[float, float]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    shared = Path(__file__).resolve().parents[2] / "shared" / "data"
-    parser.add_argument(
-        "--data",
-        type=Path,
-        nargs="*",
-        default=[bundled_wikipedia(), shared / "collegemsg.csv", shared / "bitcoin_otc.csv"],
-    )
+    parser.add_argument("--data", type=Path, nargs="*", default=comparison_logs())
     parser.add_argument("--mrr", type=float, help="an MRR goal to check besides the relative one")
     parser.add_argument("--recall", type=float, help="a Recall@10 goal to check")
     parser.add_argument(

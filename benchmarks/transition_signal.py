@@ -25,7 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
-from operators.dataset import bundled_wikipedia, load_interactions
+from operators.dataset import comparison_logs, load_interactions
+from operators.evaluation.baselines import replay_before
 
 
 def _rank(scores: np.ndarray, true: int) -> int:
@@ -34,21 +35,15 @@ def _rank(scores: np.ndarray, true: int) -> int:
 
 def measure(path: Path, test_fraction: float = 0.1) -> dict[str, dict[str, list[int]]]:
     log = load_interactions(path)
-    users = log.user_ids.tolist()
-    _, items = np.unique(log.item_ids, return_inverse=True)
-    n_items = int(items.max()) + 1
-    start = int(len(users) * (1.0 - test_fraction))
-    popularity = np.zeros(n_items)
-    seen: dict[str, dict[int, int]] = defaultdict(dict)  # user → item → last event index
-    last: dict[str, int] = {}
+    n_items, events = replay_before(log)
+    start = int(len(log.user_ids) * (1.0 - test_fraction))
     own: dict[tuple[str, int], Counter[int]] = defaultdict(Counter)
     everyone: dict[int, Counter[int]] = defaultdict(Counter)
     ranks: dict[str, dict[str, list[int]]] = {
         "older repeat": {"recency": [], "own transitions": []},
         "new to the user": {"popularity": [], "everyone's transitions": []},
     }
-    for k, (u, i) in enumerate(zip(users, items.tolist(), strict=True)):
-        before, prev = seen[u], last.get(u)
+    for k, u, i, prev, before, popularity in events:
         if k >= start and prev is not None:
             if i in before and i != prev:
                 cands = [c for c in before if c != prev]
@@ -76,21 +71,12 @@ def measure(path: Path, test_fraction: float = 0.1) -> dict[str, dict[str, list[
         if prev is not None:
             own[(u, prev)][i] += 1
             everyone[prev][i] += 1
-        popularity[i] += 1
-        before[i] = k
-        last[u] = i
     return ranks
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    shared = Path(__file__).resolve().parents[2] / "shared" / "data"
-    parser.add_argument(
-        "--data",
-        type=Path,
-        nargs="*",
-        default=[bundled_wikipedia(), shared / "collegemsg.csv", shared / "bitcoin_otc.csv"],
-    )
+    parser.add_argument("--data", type=Path, nargs="*", default=comparison_logs())
     args = parser.parse_args()
     for path in args.data:
         print(f"{path.name}: test split (last 10 %)")

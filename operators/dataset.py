@@ -189,3 +189,11 @@ def bundled_wikipedia() -> Path:
     if not path.exists():
         raise DataError(f"bundled data not found at {path}")
     return path
+
+
+def comparison_logs() -> list[Path]:
+    """The logs a modelling idea is checked on: the bundled Wikipedia file, then the public
+    collegemsg and bitcoin_otc logs of the data folder beside the repository
+    (``../shared/data``)."""
+    shared = Path(__file__).resolve().parents[2] / "shared" / "data"
+    return [bundled_wikipedia(), shared / "collegemsg.csv", shared / "bitcoin_otc.csv"]

@@ -9,7 +9,8 @@ item never seen before gets n_known + 1, as in ``operators.evaluation.protocols`
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Literal
+from collections.abc import Iterator
+from typing import Literal, NamedTuple
 
 import numpy as np
 
@@ -113,3 +114,36 @@ def evaluate_baseline(
     result = EvalResult("frozen", split, ranks, log.state_labels[start:stop])
     result.extra["by_category"] = breakdown(ranks, event_categories(log, start, stop))
     return result
+
+
+class Before(NamedTuple):
+    """One event of a log replayed in order, with what the log held before it: the view a
+    signal is measured from (``benchmarks/quality_ceiling.py``, ``transition_signal.py``).
+    Items are codes 0..n_items - 1 in id order; ``history`` and ``popularity`` are live
+    views, updated once the replay moves on, so read them before taking the next event."""
+
+    row: int
+    user: str
+    item: int
+    previous: int | None  # the user's last item before this event
+    history: dict[int, int]  # the user's items before it → the row of the last event on each
+    popularity: np.ndarray  # (n_items,) events on each item before it
+
+
+def replay_before(log: InteractionLog) -> tuple[int, Iterator[Before]]:
+    """The number of distinct items, and each event of ``log`` in order as ``Before``."""
+    _, items = np.unique(log.item_ids, return_inverse=True)
+    n_items = int(items.max()) + 1 if items.size else 0
+
+    def events() -> Iterator[Before]:
+        popularity = np.zeros(n_items)
+        seen: dict[str, dict[int, int]] = {}
+        last: dict[str, int] = {}
+        for row, (user, item) in enumerate(zip(log.user_ids.tolist(), items.tolist(), strict=True)):
+            history = seen.setdefault(user, {})
+            yield Before(row, user, item, last.get(user), history, popularity)
+            popularity[item] += 1
+            history[item] = row
+            last[user] = item
+
+    return n_items, events()

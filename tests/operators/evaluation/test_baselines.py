@@ -1,6 +1,11 @@
 """Recency and popularity baselines on a hand-checked log."""
 
-from operators.evaluation.baselines import BaselineRanker, baseline_ranks, evaluate_baseline
+from operators.evaluation.baselines import (
+    BaselineRanker,
+    baseline_ranks,
+    evaluate_baseline,
+    replay_before,
+)
 from tests.operators.conftest import build_log
 
 #          0    1    2    3    4    5    6    7
@@ -53,3 +58,16 @@ def test_ranker_forgets_the_least_recently_active_user() -> None:
     assert ranker.rank("b", "y") == 1  # b forgotten: y ranks by popularity alone
     assert ranker.rank("b", "x") == 2  # ties with z after y
     assert ranker.n_items == 3
+
+
+def test_replay_before_shows_each_event_what_came_before_it() -> None:
+    n_items, events = replay_before(build_log(USERS, ITEMS, range(8)))
+    assert n_items == 4  # codes in id order: q 0, x 1, y 2, z 3
+    seen = [
+        (e.row, e.user, e.item, e.previous, dict(e.history), e.popularity.tolist()) for e in events
+    ]
+    # event 5: a touched x (row 0) then z (row 4); x and y twice before it, z once
+    assert seen[5] == (5, "a", 1, 3, {1: 0, 3: 4}, [0, 2, 2, 1])
+    # event 6: a's x is now from row 5; a's previous item is x
+    assert seen[6] == (6, "a", 2, 1, {1: 5, 3: 4}, [0, 3, 2, 1])
+    assert seen[0] == (0, "a", 1, None, {}, [0, 0, 0, 0])
