@@ -198,6 +198,8 @@ def main() -> None:
     else:
         print("recovery: none; the pipeline did not resume")
     print(f"lost: {lost}, duplicated: {duplicated}; processes that exited: {exited or 'none'}")
+    if lost:
+        print(f"  without a recommendation: {sorted(wanted - set(counts))[:20]}")
     print(f"logs: {scratch}")
     for name in ("router.log", "worker-0.log"):
         # What the router and the worker did to recover (their own lines, not librdkafka's).

@@ -31,6 +31,7 @@ import pytest
 from deploy.exceptions import BrokerStartError
 from deploy.kafka import broker, cluster
 from operators.dataset import bundled_wikipedia
+from operators.protocol.sequencer import SequencedEvent
 from schemas import INTERACTION
 from schemas.codec import Codec
 from streams.codecs import TOPIC_SCHEMAS, make_codec
@@ -163,6 +164,32 @@ def _ready(
     raise AssertionError(_logs(tmp, nodes))
 
 
+def _missing(log: list[SequencedEvent], counts: Counter[str], recs: list[dict]) -> str:
+    """Which events lack a recommendation, with what links them: an event whose user's or
+    item's previous event is missing too suggests a chain stuck waiting for a pre-state, and
+    isolated ones a lost transaction."""
+    gone = [e for e in log if e.event.event_id not in counts]
+    missing = {e.seq for e in gone}
+    lines = [
+        f"--- {len(gone)} events without a recommendation (of {len(log)}; the latest event "
+        f"with one: seq {max((e.seq for e in log if e.event.event_id in counts), default=-1)}):"
+    ]
+    for e in gone[:40]:
+        chained = [
+            side
+            for side, prev in (("user", e.prev_user_seq), ("item", e.prev_item_seq))
+            if prev in missing
+        ]
+        lines.append(
+            f"seq {e.seq} user {e.event.user_id} (prev {e.prev_user_seq}) item "
+            f"{e.event.item_id} (prev {e.prev_item_seq}) t {e.event.timestamp}"
+            + (f"; after a missing {' and '.join(chained)} event" if chained else "")
+        )
+    duplicated = [event for event, n in counts.items() if n > 1]
+    lines.append(f"recommendations read: {len(recs)}, events recommended twice: {len(duplicated)}")
+    return "\n".join(lines)
+
+
 def _logs(tmp: Path, nodes: list[broker.BrokerConfig]) -> str:
     """What a failure needs from each process's log: its last 40 lines apart from librdkafka's
     repeated connection failures and the periodic status lines (which would crowd out the
@@ -249,9 +276,12 @@ def kill_mid_stream(
         assert all(alive), _logs(tmp, nodes)  # nobody gave up
         # The router numbered each event once: a restart that restored its sequencer from
         # part of the log once gave seqs already taken to new events.
-        assert [e.seq for e in read_log(kafka)] == list(range(EVENTS)), _logs(tmp, nodes)
+        log = read_log(kafka)
+        assert [e.seq for e in log] == list(range(EVENTS)), _logs(tmp, nodes)
         counts = Counter(r["event_id"] for r in recs)
-        assert len(recs) == EVENTS and len(counts) == EVENTS, _logs(tmp, nodes)
+        assert len(recs) == EVENTS and len(counts) == EVENTS, (
+            _missing(log, counts, recs) + "\n" + _logs(tmp, nodes)
+        )
         assert counts.most_common(1)[0][1] == 1
         replay = reference(checkpoint, range(HISTORY, HISTORY + EVENTS))
         assert_equal_to_reference(kafka, checkpoint, replay)
