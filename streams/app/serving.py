@@ -251,9 +251,9 @@ class Serving:
 
     def _extras(self, histories: list[tuple[str, ...]]) -> list[list[str]]:
         """Per user, candidates besides the nearest neighbours: its history and the items
-        whose audiences resemble those of its recent items. None in the exact tier, which
-        ranks every item (the co-occurrence feed still observes every event there, so it is
-        ready when the catalogue outgrows that tier)."""
+        whose audiences resemble those of its recent items. Empty lists in the exact tier,
+        which ranks every item (the co-occurrence feed still observes every event there, so
+        it is ready when the catalogue outgrows that tier)."""
         if not self.index.approximate:
             return [[] for _history in histories]
         if self.cooccurrence is None:

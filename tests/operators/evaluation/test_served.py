@@ -193,7 +193,8 @@ class _PlainTally:
     """The live tally's definition, written plainly: the heuristic's list is built whole."""
 
     def __init__(self, k: int) -> None:
-        self.k, self.users, self.counts = k, {}, {}
+        self.k = k
+        self.users: dict[str, tuple[list[str], list[str]]] = {}
         self.model: list[int] = []
         self.heuristic: list[int] = []
 
