@@ -72,7 +72,7 @@ from streams.runtime.clients import committed_reader, transactional_producer
 from streams.runtime.exceptions import TransactionError
 from streams.runtime.kafka import retry_transient, take, watermarks
 from streams.runtime.spill import SpillMap
-from streams.runtime.transactions import Transactions
+from streams.runtime.transactions import Sweep, Transactions
 from streams.settings import Settings
 from streams.switch import ServingWatch
 from streams.topics import app_id
@@ -324,7 +324,22 @@ class Router:
                 **{"linger.ms": 5, "queue.buffering.max.messages": 1_000_000},
             )
 
-        return consumer, Transactions(producer, "router", _log, self.settings.recovery_timeout_s)
+        # Every partition the router writes, swept by each new producer before its first
+        # transaction (streams.runtime.transactions: records the broker left open).
+        written = [
+            TopicPartition(topic, p)
+            for topic in (
+                self.log_topic,
+                self.user_inbox,
+                self.item_inbox,
+                self.positions_topic,
+                self.dlq_topic,
+            )
+            for p in range(len(consumer.list_topics(topic, timeout=30).topics[topic].partitions))
+        ]
+        return consumer, Transactions(
+            producer, "router", _log, self.settings.recovery_timeout_s, sweep=Sweep(written)
+        )
 
     def run(
         self,

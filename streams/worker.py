@@ -180,6 +180,11 @@ class Worker(Application[list[Decoded]]):
         return list(self.sides)
 
     @property
+    def outputs(self) -> Sequence[str]:
+        p = self.processor
+        return [p.recommendations, p.item_vectors, p.evaluations, p.dlq, *self.sides]
+
+    @property
     def tables(self) -> Mapping[str, Table[Box]]:
         return self._tables
 

@@ -55,7 +55,7 @@ from streams.runtime import clients
 from streams.runtime.exceptions import InputGapError, RestoreError, TransactionError
 from streams.runtime.kafka import retry_transient, take, watermarks
 from streams.runtime.store import Table
-from streams.runtime.transactions import Transactions
+from streams.runtime.transactions import Sweep, Transactions
 
 Headers = list[tuple[str, str | bytes | None]]
 #: What an application sends: (topic, key, value, headers); the key picks the partition.
@@ -83,6 +83,12 @@ class Application(ABC, Generic[B]):
     @abstractmethod
     def inputs(self) -> Sequence[str]:
         """The topics to consume."""
+
+    @property
+    def outputs(self) -> Sequence[str]:
+        """Every topic ``process`` and ``flush`` may send to (a new producer sweeps them:
+        streams.runtime.transactions)."""
+        return ()
 
     @property
     def tables(self) -> Mapping[str, Table[Any]]:
@@ -318,11 +324,17 @@ class TransactionalLoop(Generic[B]):
         consumer, tx = self._clients()
         inputs = list(self.app.inputs)
         partitions = {}
-        for topic in inputs:
+        written = [*self.app.outputs, *(table.changelog for table in self._tables())]
+        for topic in dict.fromkeys([*inputs, *written]):
             meta = consumer.list_topics(topic, timeout=30).topics[topic]
             partitions[topic] = len(meta.partitions)
+        tx.sweep = Sweep(
+            [TopicPartition(t, p) for t in dict.fromkeys(written) for p in range(partitions[t])],
+            # Any offsets do: the sweep aborts them (its point is the group's partition).
+            lambda: ([TopicPartition(inputs[0], 0, 0)], consumer.consumer_group_metadata()),
+        )
         tx.start()
-        self.app.start(partitions)
+        self.app.start({topic: partitions[topic] for topic in inputs})
         consumer.subscribe(
             inputs, on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_revoke
         )
@@ -405,7 +417,9 @@ class TransactionalLoop(Generic[B]):
         and the worker stopped. So past that wait the last stable offsets are read without
         it (an admin request without RequireStable) and committed again by this instance's
         producer before the next batch (``_settle``), whose marker settles the stray commit
-        after overwriting its offsets with these.
+        after overwriting its offsets with these. (A new producer's sweep aborts a pending
+        commit of its own id when its offsets reach the group, streams.runtime.transactions:
+        this wait remains for one that did not, and for another id's.)
         """
         ask = lambda: consumer.committed(partitions, timeout=10)  # noqa: E731
         # Longer than a transaction may stay open, plus the coordinator's check for timed-out

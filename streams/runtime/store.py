@@ -9,7 +9,10 @@ that never runs ahead:
 - only after the transaction committed are they written to RocksDB, in one atomic write batch
   together with the changelog offset they reached;
 - when the instance gains the partition (start-up or a rebalance), it reads the changelog from
-  that offset to its end (read_committed) into RocksDB before processing anything.
+  that offset to its end (read_committed) into RocksDB before processing anything — after
+  checking that the record of the store's last row is committed, and rebuilding the store
+  from the changelog when it is not (``Table._committed_row``: a rare broker failure leaves a
+  returned commit incomplete; compaction that removed that record costs a rebuild too).
 
 So an instance killed at any moment, or a partition moving to another instance, resumes from
 exactly the committed state; an aborted transaction's rows are never in any store.
@@ -151,10 +154,14 @@ class Table(Generic[R]):
         path = self._path(partition)
         part = _Partition(path, self._blocks)
         high = self._end(partition)
-        if part.offset >= high:
-            # A store ahead of its changelog belongs to a topic since deleted and re-created.
+        # A store ahead of its changelog: a topic since deleted and re-created, or a last
+        # batch whose commit the broker never completed (see ``_restore``).
+        ahead = part.offset >= high or not self._committed_row(part, partition)
+        if ahead:
             _log.warning(
-                "%s[%d]: local store ahead of the changelog; rebuilding", self.name, partition
+                "%s[%d]: local store ahead of the committed changelog; rebuilding",
+                self.name,
+                partition,
             )
             part.db.close()
             Rdict.destroy(str(path))
@@ -209,6 +216,46 @@ class Table(Generic[R]):
     def _end(self, partition: int) -> int:
         reader = self._reader_client()
         return watermarks(reader, TopicPartition(self.changelog, partition))[1]
+
+    def _committed_row(self, part: _Partition, partition: int, timeout_s: float = 120.0) -> bool:
+        """Whether the changelog record of the store's last row is committed.
+
+        The store takes a batch's rows once its commit returned, and a returned commit is
+        normally final. One broker path breaks that: a single node killed right after it
+        decided a commit, and restarted before its controller fenced the dead incarnation,
+        briefly leads no partition once it is fenced, and its transaction coordinator takes
+        leaderless partitions for deleted ones and completes the commit without writing its
+        markers there (kafka.coordinator.transaction.TransactionMarkerChannelManager). The
+        producer's next abort then aborts those records: the store holds rows whose records,
+        and whose batch's outputs, nobody will ever read. A read_committed reader started at
+        the store's offset gets that very record only if it is committed, and reads past it
+        without getting it only if it is not; while an open transaction holds the partition's
+        stable end before it, that is not known yet, and the reader waits.
+        """
+        if part.offset < 0:
+            return True
+        reader = self._reader_client()
+        reader.assign([TopicPartition(self.changelog, partition, part.offset)])
+        deadline = time.monotonic() + timeout_s
+        try:
+            while time.monotonic() < deadline:
+                msg = reader.poll(1.0)
+                if msg is None:
+                    continue
+                err = msg.error()
+                if err is not None:
+                    if err.code() != KafkaError._PARTITION_EOF:
+                        raise RestoreError(f"{self.changelog}[{partition}]: {err}")
+                    if (msg.offset() or 0) > part.offset:
+                        return False  # passed without being returned: aborted
+                    continue  # the stable end is not past it yet
+                return msg.offset() == part.offset
+        finally:
+            reader.unassign()
+        raise RestoreError(
+            f"{self.changelog}[{partition}]: the record of the store's last row (offset "
+            f"{part.offset}) is still in an open transaction after {timeout_s} s"
+        )
 
     def _restore(
         self, part: _Partition, partition: int, high: int, timeout_s: float = 120.0

@@ -28,6 +28,21 @@ coordinator would hang the retry: the producer is replaced at once. The abandone
 still complete later and leave its offset commit pending in the group for good: the router
 therefore keeps its positions in a topic of its own (streams.router.read_positions), and the
 loop reads past such a commit (streams.runtime.loop, ``TransactionalLoop._committed``).
+
+A new producer sweeps before it is used (``Sweep``): it writes one record to every partition
+its instance ever writes, adds the group's offsets where it commits some, and aborts. The
+broker can leave records of an earlier producer of the same id open for good: a single node
+killed right after it decided a commit, and restarted before its controller fenced the dead
+incarnation, leads no partition for a moment once it is fenced, and its transaction
+coordinator then takes the leaderless partitions for deleted ones and completes the
+transaction without writing their markers (seen in two of four full test runs; Kafka 4.4,
+kafka.coordinator.transaction.TransactionMarkerChannelManager). Such records hold back every
+read_committed reader of their partition until the producer id's next marker there, which
+would commit them or abort them depending on which transaction happens to come next — some
+of a batch's outputs kept, others dropped. The sweep's abort ends them all, and with them any
+offset commit left pending in the group, before anything new commits: the batch is undone
+everywhere, and the instance redoes it from the committed state (streams.runtime.store
+rebuilds a store that took its rows).
 """
 
 from __future__ import annotations
@@ -35,7 +50,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from functools import partial
 from typing import Literal, TypeVar
 
@@ -51,6 +67,23 @@ _FENCED = (KafkaError._FENCED, KafkaError.PRODUCER_FENCED)
 CALL_TIMEOUT_S = 5.0
 #: How long past its own timeout a call may go on before it is taken for hung.
 WATCHDOG_GRACE_S = 3.0
+
+
+#: The key of a sweep's records: never a row's or an entity's (UTF-8 never holds 0xff); they
+#: carry no value and are aborted, so no read_committed reader ever sees one.
+SWEEP_KEY = b"\xff\xfejodie:sweep"
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """What a new producer aborts before it is used (see above)."""
+
+    #: Every partition the instance may write to, its tables' changelogs included.
+    partitions: Sequence[TopicPartition]
+    #: Where the instance commits consumer offsets: some offsets of its group and the
+    #: group's metadata, sent in the sweep only so that its abort reaches the group's
+    #: offsets partition (the values never commit).
+    offsets: Callable[[], tuple[list[TopicPartition], object]] | None = None
 
 
 def error_of(exc: KafkaException) -> KafkaError | None:
@@ -73,10 +106,14 @@ class Transactions:
         log: logging.Logger,
         timeout_s: float = 120.0,
         fencings: int = 3,
+        sweep: Sweep | None = None,
     ) -> None:
         """``timeout_s``: how long one step (a call and its retries, or getting a new
-        producer ready) may take before it is a ``TransactionError``."""
+        producer ready) may take before it is a ``TransactionError``; ``sweep``: what each new
+        producer aborts first (None: nothing)."""
         self._make = make
+        self.sweep = sweep
+        self.swept = 0  # sweeps done, one per producer made ready
         self.name = name
         self.log = log
         self.timeout_s = timeout_s
@@ -103,6 +140,8 @@ class Transactions:
             producer = self._make()
             try:
                 self.call(partial(producer.init_transactions, CALL_TIMEOUT_S), "init", deadline)
+                if self.sweep is not None:
+                    self._sweep(producer, self.sweep, deadline)
             except KafkaException as exc:
                 error = error_of(exc)
                 _discard(producer)
@@ -114,6 +153,43 @@ class Transactions:
                 continue
             self._producer = producer
             return producer
+
+    def _sweep(self, producer: Producer, sweep: Sweep, deadline: float) -> None:
+        """One record to each of ``sweep.partitions`` and the offsets, then abort."""
+        failed: list[KafkaError] = []
+
+        def delivered(err: KafkaError | None, _msg: object) -> None:
+            if err is not None:
+                failed.append(err)
+
+        producer.begin_transaction()
+        for tp in sweep.partitions:
+            producer.produce(
+                tp.topic, key=SWEEP_KEY, value=None, partition=tp.partition, on_delivery=delivered
+            )
+        # Delivered, every partition is in the transaction: its abort marker reaches each.
+        while producer.flush(CALL_TIMEOUT_S) > 0:
+            if time.monotonic() > deadline:
+                reason = "sweep: records not delivered in time"
+                raise KafkaException(KafkaError(KafkaError._TIMED_OUT, reason, fatal=True))
+        if sweep.offsets is not None:
+            offsets, group = sweep.offsets()
+            send = partial(producer.send_offsets_to_transaction, offsets, group, CALL_TIMEOUT_S)
+            try:
+                self.call(send, "sweep offsets", deadline, retry=False)
+            except KafkaException as exc:
+                error = error_of(exc)
+                if error is None or error.fatal():
+                    raise
+                # Refused by the group (this member's generation is not current, say): the
+                # offsets partition joined the transaction before, and the abort reaches it.
+                self.log.info("%s: sweep: offsets not sent (%s)", self.name, error)
+        self.call(partial(producer.abort_transaction, CALL_TIMEOUT_S), "sweep abort", deadline)
+        if failed:
+            self.log.warning(
+                "%s: sweep: %d partition(s) not reached (%s)", self.name, len(failed), failed[0]
+            )
+        self.swept += 1
 
     def call(
         self,

@@ -61,6 +61,10 @@ class Counter(Application[list[Record]]):
         return [self.input]
 
     @property
+    def outputs(self) -> Sequence[str]:
+        return [self.output]
+
+    @property
     def tables(self) -> Mapping[str, Table[int]]:
         return {self.input: self.counts}
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 from confluent_kafka import KafkaError, Message, TopicPartition
 from confluent_kafka.admin import NewTopic
+from rocksdict import Cache, Rdict
 
 from streams.peek import partition_counts
 from streams.runtime.clients import (
@@ -27,7 +28,10 @@ from streams.runtime.clients import (
     idempotent_producer,
     transactional_producer,
 )
+from streams.runtime.kafka import partition_for
 from streams.runtime.loop import LoopConfig, TransactionalLoop
+from streams.runtime.store import _OFFSET_KEY, rocksdb_options
+from streams.runtime.transactions import SWEEP_KEY
 from streams.settings import Settings
 from tests.streams.runtime.counter import Counter, topics
 
@@ -268,6 +272,67 @@ def test_input_lost_unprocessed_stops_the_instance_instead_of_skipping_it(
                     proc.kill()
             assert "InputGapError" in _log(tmp_path, n) and expected in _log(tmp_path, n), cause
         assert len(_read(conn, sink)) == 200  # nothing more was counted
+
+
+def test_a_store_holding_rows_of_a_batch_the_broker_aborted_is_rebuilt(
+    conn: Connection, tmp_path: Path
+) -> None:
+    """A batch whose commit returned, so that its rows went to the store, yet whose changelog
+    records were aborted afterwards (a broker that skipped its commit markers, then an abort
+    of the same producer id took them: streams.runtime.transactions). Restored from the
+    store's offset on, the store would keep those rows and the counts would go on from them.
+    The instance finds the store's last record aborted, rebuilds the store from the committed
+    changelog and counts every input once."""
+    inputs: Inputs = {}
+    with _pipeline(conn) as prefix:
+        source, _sink, changelog = topics(prefix)
+        _produce(conn, source, 0, 120, inputs)
+        _finish([_start(conn, prefix, 0, tmp_path, "state")], tmp_path)
+        key = b"k07"
+        p = partition_for(key, PARTITIONS)
+        ghost = transactional_producer(conn, f"{prefix}ghost")
+        ghost.init_transactions(30)
+        ghost.begin_transaction()
+        reached: list[int] = []
+        ghost.produce(
+            changelog,
+            key=key,
+            value=b"1000",
+            partition=p,
+            on_delivery=lambda err, msg: reached.append(-1 if err else msg.offset() or 0),
+        )
+        assert ghost.flush(30) == 0 and reached[0] >= 0
+        ghost.abort_transaction(30)
+        store = Rdict(
+            str(tmp_path / "state" / f"counts-{p}"), options=rocksdb_options(Cache(1 << 20))
+        )
+        try:  # as Table.persist writes a committed batch
+            store[key] = b"1000"
+            store[_OFFSET_KEY] = str(reached[0]).encode()
+        finally:
+            store.close()
+        _produce(conn, source, 120, 60, inputs)
+        _finish([_start(conn, prefix, 1, tmp_path, "state")], tmp_path)
+        _verify(conn, prefix, inputs, killed=False)
+        assert f"counts[{p}]: local store ahead of the committed changelog" in _log(tmp_path, 1)
+
+
+def test_each_new_producer_first_aborts_a_record_on_every_partition_it_writes(
+    conn: Connection, tmp_path: Path
+) -> None:
+    """The sweep (streams.runtime.transactions): before its first transaction, a producer
+    writes one record to each partition of the instance's outputs and changelogs and aborts
+    them, so that records an earlier producer of its id left open end there. No
+    read_committed reader sees them (``_verify`` reads exactly the counts)."""
+    inputs: Inputs = {}
+    with _pipeline(conn) as prefix:
+        source, sink, changelog = topics(prefix)
+        _produce(conn, source, 0, 40, inputs)
+        _finish([_start(conn, prefix, 0, tmp_path, "state")], tmp_path)
+        for topic in (sink, changelog):
+            every = _read(conn, topic, committed=False)
+            assert [key for key, _value in every].count(SWEEP_KEY) == PARTITIONS, topic
+        _verify(conn, prefix, inputs, killed=False)
 
 
 def test_a_stray_pending_offset_commit_does_not_stop_the_instance(
