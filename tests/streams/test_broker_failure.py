@@ -27,6 +27,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from confluent_kafka import KafkaError, TopicPartition
+from confluent_kafka.admin import AdminClient, NewTopic
 
 from deploy.exceptions import BrokerStartError
 from deploy.kafka import broker, cluster
@@ -37,7 +39,14 @@ from schemas.codec import Codec
 from streams.codecs import TOPIC_SCHEMAS, make_codec
 from streams.produce import produce_file
 from streams.router import read_log
-from streams.runtime.clients import committed_reader, idempotent_producer
+from streams.runtime.clients import (
+    admin,
+    committed_reader,
+    idempotent_producer,
+    transactional_producer,
+)
+from streams.runtime.kafka import watermarks
+from streams.runtime.transactions import Sweep, Transactions
 from streams.settings import Settings
 from streams.topics import scratch_topics
 from tests.streams.harness import (
@@ -322,3 +331,114 @@ def test_one_of_three_nodes_killed_and_restarted_mid_stream(
             assert broker.status(node).ready
         recovery = kill_mid_stream(nodes, checkpoint, tmp_path, "coordinator", grace=8.0)
     assert recovery < 90
+
+
+def _txn_partition(transactional_id: str, partitions: int = 8) -> int:
+    """The transaction log partition whose leader coordinates ``transactional_id``: Java's
+    String.hashCode, made non-negative as Kafka's ``Utils.abs`` does, modulo the partitions
+    (transaction.state.log.num.partitions, 8 in deploy/kafka/cluster.properties)."""
+    h = 0
+    for ch in transactional_id:
+        h = (31 * h + ord(ch)) & 0xFFFFFFFF
+    signed = h - (1 << 32) if h >= 1 << 31 else h
+    return 0 if signed == -(1 << 31) else abs(signed) % partitions
+
+
+def _leader(client: AdminClient, topic: str, partition: int) -> int:
+    meta = client.list_topics(topic, timeout=10).topics[topic]
+    return meta.partitions[partition].leader if partition in meta.partitions else -1
+
+
+def _committed_end(settings: Settings, tp: TopicPartition) -> tuple[int, int]:
+    """(records a read_committed reader gets from the start, where it reaches the end)."""
+    reader = committed_reader(settings, f"end-{uuid.uuid4().hex[:8]}")
+    reader.assign([TopicPartition(tp.topic, tp.partition, 0)])
+    got, deadline = 0, time.monotonic() + 30
+    try:
+        while time.monotonic() < deadline:
+            msg = reader.poll(0.5)
+            if msg is None:
+                continue
+            err = msg.error()
+            if err is None:
+                got += 1
+            elif err.code() == KafkaError._PARTITION_EOF:
+                return got, msg.offset() or 0
+    finally:
+        reader.close()
+    raise AssertionError(f"{tp.topic}[{tp.partition}]: no end in 30 s")
+
+
+def _log_end(settings: Settings, tp: TopicPartition) -> int:
+    """The partition's log end (a read_committed reader is told its last stable offset)."""
+    reader = committed_reader(
+        settings, f"end-{uuid.uuid4().hex[:8]}", **{"isolation.level": "read_uncommitted"}
+    )
+    try:
+        return watermarks(reader, tp)[1]
+    finally:
+        reader.close()
+
+
+def test_records_of_a_commit_the_broker_left_without_markers_end_in_the_next_sweep(
+    tmp_path: Path,
+) -> None:
+    """The broker behaviour the sweep exists for (streams.runtime.transactions), made at will
+    on three nodes: a partition with its only replica on a node that is killed has no leader,
+    and a commit decided then completes without writing that partition's marker (the
+    coordinator takes a leaderless partition for a deleted one). The commit returns success,
+    yet when the node is back its records are open for good: every read_committed reader
+    stops before them. (A single node restarted before its old incarnation is fenced goes
+    through the same leaderless moment, which lost a batch of recommendations.) A new
+    producer of the same transactional id, sweeping the partition, ends them aborted."""
+    with local_kafka(CLUSTER_PORT, 3, tmp_path) as nodes:
+        settings = Settings()
+        client = admin(settings)
+        txn_id = f"sweep-{uuid.uuid4().hex[:8]}"
+        coordinator = _leader(client, "__transaction_state", _txn_partition(txn_id))
+        victim = next(
+            n for n in nodes if isinstance(n, cluster.NodeConfig) and n.node_id != coordinator
+        )
+        assert isinstance(victim, cluster.NodeConfig)
+        topic = f"hang-{uuid.uuid4().hex[:8]}"
+        new = NewTopic(
+            topic,
+            num_partitions=1,
+            replica_assignment=[[victim.node_id]],
+            config={"min.insync.replicas": "1"},
+        )
+        client.create_topics([new], operation_timeout=30)[topic].result()
+        tp = TopicPartition(topic, 0)
+
+        producer = transactional_producer(settings, txn_id)
+        producer.init_transactions(30)
+        producer.begin_transaction()
+        for n in range(3):
+            producer.produce(topic, key=b"k", value=str(n).encode(), partition=0)
+        assert producer.flush(30) == 0
+        cluster.kill(victim)
+        deadline = time.monotonic() + 60
+        while _leader(client, topic, 0) != -1:
+            assert time.monotonic() < deadline, "the partition kept a leader"
+            time.sleep(0.2)
+        producer.commit_transaction(30)  # returns: the coordinator skipped the marker
+        cluster.up(nodes)
+        while _leader(client, topic, 0) != victim.node_id:
+            assert time.monotonic() < deadline + 60, "the partition got no leader back"
+            time.sleep(0.2)
+        assert _committed_end(settings, tp) == (0, 0)  # three records, open for good
+        assert _log_end(settings, tp) == 3
+
+        tx = Transactions(
+            lambda: transactional_producer(settings, txn_id),
+            "sweeper",
+            logging.getLogger("jodie.test"),
+            sweep=Sweep([tp]),
+        )
+        tx.start()
+        assert tx.swept == 1
+        # The abort returns once decided; its marker follows (the sweep's record and it: 5).
+        while _log_end(settings, tp) < 5:
+            assert time.monotonic() < deadline + 120, "no abort marker"
+            time.sleep(0.2)
+        assert _committed_end(settings, tp) == (0, 5)  # aborted: the end moved past them
