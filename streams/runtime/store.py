@@ -155,7 +155,7 @@ class Table(Generic[R]):
         part = _Partition(path, self._blocks)
         high = self._end(partition)
         # A store ahead of its changelog: a topic since deleted and re-created, or a last
-        # batch whose commit the broker never completed (see ``_restore``).
+        # batch whose commit the broker never completed (see ``_committed_row``).
         ahead = part.offset >= high or not self._committed_row(part, partition)
         if ahead:
             _log.warning(
