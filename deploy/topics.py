@@ -33,9 +33,11 @@ def load_topic_specs(
     prefix: str = "",
     text: str | None = None,
     input_partitions: int = 1,
+    whole_partitions: int = 1,
 ) -> list[TopicSpec]:
     """Read the spec; ``text`` replaces the bundled file (tests). A topic's ``partitions`` is
-    a number, ``"input"`` (``input_partitions``) or absent (``default_partitions``)."""
+    a number, ``"input"`` (``input_partitions``), ``"whole"`` (``whole_partitions``) or
+    absent (``default_partitions``)."""
     if text is None:
         text = resources.files("deploy").joinpath("topics.toml").read_text()
     try:
@@ -53,10 +55,11 @@ def load_topic_specs(
         if policy not in _POLICIES:
             raise TopicSpecError(f"{name}: cleanup_policy must be one of {_POLICIES}")
         declared = entry.get("partitions", default_partitions)
-        if declared == "input":
-            declared = input_partitions
+        if isinstance(declared, str):
+            named = {"input": input_partitions, "whole": whole_partitions}
+            declared = named.get(declared, declared)
         if not isinstance(declared, int) or isinstance(declared, bool):
-            raise TopicSpecError(f'{name}: partitions must be a number or "input"')
+            raise TopicSpecError(f'{name}: partitions must be a number, "input" or "whole"')
         partitions = declared
         if partitions < 1:
             raise TopicSpecError(f"{name}: partitions must be >= 1")

@@ -130,6 +130,16 @@ class Settings(BaseSettings):
             "another partition's next event and adds commit markers to every transaction."
         ),
     )
+    whole_partitions: int = Field(
+        1,
+        ge=1,
+        description=(
+            "JODIE_WHOLE_PARTITIONS: partitions of `item-vectors` and `evaluations`, which every "
+            "reader reads whole (each worker's feed, the summaries), so no worker's share "
+            "depends on them. Each worker transaction writes to every partition of both: each "
+            "one more is one more produce request and commit marker per transaction."
+        ),
+    )
     replication_factor: int | None = Field(
         None,
         ge=1,

@@ -29,7 +29,10 @@ class TopicReport:
 
 def declared_topics(settings: Settings) -> list[TopicSpec]:
     return load_topic_specs(
-        settings.partitions, settings.topic_prefix, input_partitions=settings.input_partitions
+        settings.partitions,
+        settings.topic_prefix,
+        input_partitions=settings.input_partitions,
+        whole_partitions=settings.whole_partitions,
     )
 
 

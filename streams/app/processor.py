@@ -1,6 +1,8 @@
 """The worker's logic without Kafka: inbox messages in, outputs and table changes out.
 
-Topics (keyed, JODIE_PARTITIONS partitions each; table partition p pairs with inbox partition p):
+Topics (keyed; the inboxes, tables and recommendations have JODIE_PARTITIONS partitions each,
+table partition p pairing with inbox partition p; ``item-vectors`` and ``evaluations``, read
+whole, have JODIE_WHOLE_PARTITIONS):
 
 - ``user-inbox`` (key user): events for the user's owner (from the router) and items'
   pre-states (from item owners); the user side keeps each user's ``Inbox`` in ``user-state``;

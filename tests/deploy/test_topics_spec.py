@@ -10,7 +10,10 @@ from deploy.topics import load_topic_specs
 
 def test_bundled_spec() -> None:
     specs = {
-        s.name: s for s in load_topic_specs(default_partitions=6, prefix="p-", input_partitions=2)
+        s.name: s
+        for s in load_topic_specs(
+            default_partitions=6, prefix="p-", input_partitions=2, whole_partitions=3
+        )
     }
     assert set(specs) == {
         "p-interactions",
@@ -32,6 +35,9 @@ def test_bundled_spec() -> None:
     assert {specs[f"p-{name}"].partitions for name in keyed} == {6}
     assert specs["p-interactions"].partitions == specs["p-interactions.log"].partitions == 2
     assert load_topic_specs(6)[0].partitions == 1  # interactions: one by default
+    # Written by the workers, read whole by every reader: the "whole" count, one by default.
+    assert specs["p-item-vectors"].partitions == specs["p-evaluations"].partitions == 3
+    assert {s.name: s.partitions for s in load_topic_specs(6)}["evaluations"] == 1
     assert specs["p-models"].partitions == 1
     assert specs["p-interactions.log"].configs() == {
         "cleanup.policy": "compact",
@@ -46,6 +52,7 @@ def test_bundled_spec() -> None:
         ('[[topic]]\nname = "a"\n[[topic]]\nname = "a"\n', "unique name"),
         ('[[topic]]\nname = "a"\npartitions = 0\n', "partitions"),
         ('[[topic]]\nname = "a"\npartitions = "many"\n', "partitions"),
+        ('[[topic]]\nname = "a"\npartitions = [4]\n', "partitions"),
         ("[[topic]\n", "does not parse"),
     ],
 )
