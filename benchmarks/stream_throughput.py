@@ -422,6 +422,13 @@ class Bench:
                 f"{entry['assignments']} assignment(s), CPU "
                 f"{'?' if cpu is None else f'{cpu:.1f}'} s of {entry['wall_s']} s wall"
             )
+            hop = m.get("pre_states") or {}
+            if hop.get("taken"):
+                self.say(
+                    f"    pre-states from the other workers: {hop['taken']}, from their send "
+                    f"to the commit here p50 {hop['age_ms_p50']:.0f} ms, p99 "
+                    f"{hop['age_ms_p99']:.0f} ms, max {hop['age_ms_max']:.0f} ms"
+                )
 
     def stop_all(self) -> None:
         for child in reversed(self.children):

@@ -24,6 +24,7 @@ import json
 import logging
 import signal
 import sys
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -44,7 +45,7 @@ from streams.runtime.directory import advertise
 from streams.runtime.http import Endpoint, json_route
 from streams.runtime.kafka import partition_for
 from streams.runtime.loop import Application, LoopConfig, Record, TransactionalLoop
-from streams.runtime.metrics import LoopMetrics, Metrics
+from streams.runtime.metrics import AGE_BUCKETS, BatchHistogram, LoopMetrics, Metrics
 from streams.runtime.store import Table, TableMemory
 from streams.settings import Settings
 from streams.topics import app_id, changelog_topic
@@ -127,6 +128,7 @@ class Worker(Application[list[Decoded]]):
         self._routed: dict[tuple[str, int], int] = {}
         self._partitions: dict[str, int] = {}
         self._rejected: list[Output] = []  # DLQ records of the batch being prepared
+        self._pre_state_stamps: list[int] = []  # Kafka timestamps (ms) of the batch's pre-states
         self._reported_events = 0
         self.loop = TransactionalLoop(
             settings,
@@ -153,6 +155,15 @@ class Worker(Application[list[Decoded]]):
         self.metrics = Metrics()
         self.loop_metrics = LoopMetrics(self.loop.stats, self.metrics.registry, "jodie")
         self.metrics.register(WorkerCollector(self.stats, lambda: self.processor.serving))
+        # The exchange's hop: a pre-state waits for its sender's commit, then behind whatever
+        # this worker's inbox partition holds before it (seconds behind a backlog of events).
+        self.pre_state_age = BatchHistogram(
+            "jodie_pre_state_age_seconds",
+            "Seconds from another worker's send of a pre-state (its Kafka timestamp) to the "
+            "commit of the batch here that took it.",
+            AGE_BUCKETS,
+        )
+        self.metrics.register(self.pre_state_age)
         self.table_memory = TableMemory(self._tables.values())
         self.metrics.register(self.table_memory)
         self.collector = collector
@@ -207,7 +218,8 @@ class Worker(Application[list[Decoded]]):
     def prepare(self, records: list[Record]) -> list[Decoded]:
         decoded: list[Decoded] = []
         self._routed = {}
-        for topic, p, offset, key, value, _stamp in records:
+        self._pre_state_stamps = []
+        for topic, p, offset, key, value, stamp in records:
             try:
                 if key is None or value is None:
                     raise DecodeError("an inbox message without a key or a value")
@@ -220,6 +232,8 @@ class Worker(Application[list[Decoded]]):
                 continue
             # Preparing an epoch may wait for its catch-up: the runtime calls this before the
             # transaction opens, so the wait never counts against the transaction timeout.
+            if message["event"] is None and stamp >= 0:
+                self._pre_state_stamps.append(stamp)
             if self.versions.serves(epoch):
                 decoded.append((self.sides[topic], p, key, epoch, message))
                 if message["event"] is not None and epoch != UNSTAMPED:  # router's, in order
@@ -261,6 +275,14 @@ class Worker(Application[list[Decoded]]):
 
     def committed(self, records: list[Record], seconds: float) -> None:
         self.loop_metrics.observe(records, seconds)
+        if self._pre_state_stamps:
+            now_ms = time.time() * 1000.0
+            # Clocks of other hosts may run ahead of ours: a negative age is a zero one.
+            ages = [max(now_ms - stamp, 0.0) / 1000.0 for stamp in self._pre_state_stamps]
+            self.pre_state_age.observe(ages)
+            self.stats.pre_states += len(ages)
+            self.stats.pre_state_ages.extend(ages)
+            self._pre_state_stamps = []
         self.retirement.routed_in(self._routed)
 
     def report(self, interval_s: float) -> None:

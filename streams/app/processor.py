@@ -31,6 +31,7 @@ from __future__ import annotations
 import logging
 import struct
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -97,6 +98,9 @@ class WorkerStats:
     quarantined: dict[str, int] = field(default_factory=dict)  # events, by reason
     served: ServedTally = field(default_factory=ServedTally)  # what users were served
     epochs: list[dict[str, Any]] = field(default_factory=list)  # each epoch served, prepared
+    pre_states: int = 0  # pre-states taken from other workers (through Kafka)
+    # Seconds from the send of each of the latest pre-states to the commit that took it here.
+    pre_state_ages: deque[float] = field(default_factory=lambda: deque(maxlen=10_000))
 
     def snapshot(self, serving: Serving | None, loop: LoopCounters) -> dict[str, Any]:
         return {
@@ -115,6 +119,7 @@ class WorkerStats:
             "items_indexed": len(serving.index) if serving is not None else 0,
             "online": self.ranks.summary(),
             "served": self.served.summary(),
+            "pre_states": {"taken": self.pre_states, **_ages_ms(self.pre_state_ages)},
             "evaluation": (
                 {
                     "watermark": serving.live.watermark,
@@ -125,6 +130,14 @@ class WorkerStats:
                 else {}
             ),
         }
+
+
+def _ages_ms(ages: deque[float]) -> dict[str, float | None]:
+    """p50, p99 and max of ``ages`` in milliseconds (None before any)."""
+    if not ages:
+        return {"age_ms_p50": None, "age_ms_p99": None, "age_ms_max": None}
+    p50, p99, top = np.percentile(np.fromiter(ages, float, len(ages)), [50, 99, 100]) * 1000.0
+    return {"age_ms_p50": round(p50, 1), "age_ms_p99": round(p99, 1), "age_ms_max": round(top, 1)}
 
 
 Headers = list[tuple[str, str | bytes | None]]

@@ -113,6 +113,7 @@ def test_a_worker_serves_its_figures_to_prometheus_and_as_json(
         "jodie_model_info",
         "jodie_batch_seconds",
         "jodie_input_age_seconds",
+        "jodie_pre_state_age_seconds",
         "jodie_gc_seconds",
         "jodie_gc_collections",
         "jodie_python_blocks",
@@ -139,6 +140,15 @@ def test_a_worker_serves_its_figures_to_prometheus_and_as_json(
     assert records == page["messages"] > 0
     assert got[("jodie_input_age_seconds_count", ())] == records
     assert 1 <= got[("jodie_batch_seconds_count", ())] <= got[("jodie_transactions_total", ())]
+    # One worker owns every user and item: each pre-state is handed over in memory, none
+    # crosses Kafka.
+    assert got[("jodie_pre_state_age_seconds_count", ())] == 0
+    assert page["pre_states"] == {
+        "taken": 0,
+        "age_ms_p50": None,
+        "age_ms_p99": None,
+        "age_ms_max": None,
+    }
 
     # The live figures are those of the evaluations the worker wrote, one per ranked event.
     ranks = np.array([e["rank"] for e in evaluations], dtype=np.float64)

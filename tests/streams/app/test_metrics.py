@@ -12,6 +12,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from streams.app.metrics import WorkerCollector
 from streams.app.processor import WorkerStats
 from streams.app.serving import Serving
+from streams.runtime.loop import LoopStats
 from streams.settings import Settings
 from tests.streams.harness import make_checkpoint
 
@@ -60,3 +61,18 @@ def test_counts_ranks_and_served_lists_are_exposed(tmp_path: Path) -> None:
     assert got[("jodie_served_recall", (("ranker", "model"),))] == 1.0
     assert got[("jodie_model_info", (("epoch", "unstamped"), ("version", "v1")))] == 1
     assert got[("jodie_items_indexed", ())] == len(serving.index) > 0
+
+
+def test_pre_state_ages_are_summarised_in_milliseconds() -> None:
+    stats = WorkerStats()
+    snapshot = stats.snapshot(None, LoopStats())
+    assert snapshot["pre_states"] == {
+        "taken": 0,
+        "age_ms_p50": None,
+        "age_ms_p99": None,
+        "age_ms_max": None,
+    }
+    stats.pre_states = 101
+    stats.pre_state_ages.extend([0.001 * i for i in range(101)])  # 0 to 100 ms
+    got = stats.snapshot(None, LoopStats())["pre_states"]
+    assert got == {"taken": 101, "age_ms_p50": 50.0, "age_ms_p99": 99.0, "age_ms_max": 100.0}

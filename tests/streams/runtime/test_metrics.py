@@ -48,6 +48,10 @@ def test_the_batch_histogram_bins_as_the_library_does() -> None:
     assert got == want
     assert got[("ages_seconds_bucket", (("le", "0.1"),))] == 2.0  # "less than or equal"
     assert got[("ages_seconds_count", ())] == len(values)
+    # Registered as a collector of its own, it renders the same.
+    alone = CollectorRegistry()
+    alone.register(ours)
+    assert _samples(generate_latest(alone).decode()) == got
 
 
 def test_loop_metrics_read_the_counters_at_each_scrape() -> None:
