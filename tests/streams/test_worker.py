@@ -63,10 +63,15 @@ def test_one_worker_computes_the_sequential_replay(
     )
 
 
+def _stopped(log: Path) -> dict:
+    """A worker's last stats line (empty if it logged none)."""
+    lines = [line for line in log.read_text().splitlines() if "stopped {" in line]
+    return json.loads(lines[-1].split("stopped ", 1)[1]) if lines else {}
+
+
 def _processed(log: Path) -> int:
     """Inbox messages a worker processed, from its last stats line."""
-    lines = [line for line in log.read_text().splitlines() if "stopped {" in line]
-    return int(json.loads(lines[-1].split("stopped ", 1)[1])["messages"]) if lines else 0
+    return int(_stopped(log).get("messages", 0))
 
 
 def _wait_until_both_assigned(tmp: Path, timeout_s: float) -> None:
@@ -106,6 +111,9 @@ def test_two_workers_on_four_partitions_compute_the_sequential_replay(
     assert Counter(r["event_id"] for r in recs).most_common(1)[0][1] == 1
     # Both workers took part: the exchange crossed processes.
     assert all(_processed(log) > 0 for log in logs), [log.read_text()[-2000:] for log in logs]
+    # Each took pre-states from the other through Kafka, every one of them timed.
+    hops = [_stopped(log)["pre_states"] for log in logs]
+    assert all(h["taken"] > 0 and 0 <= h["age_ms_p50"] <= h["age_ms_max"] for h in hops), hops
     assert_equal_to_reference(
         kafka, checkpoint, reference(checkpoint, range(HISTORY, HISTORY + STREAM))
     )
