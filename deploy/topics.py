@@ -22,10 +22,20 @@ class TopicSpec:
     cleanup_policy: CleanupPolicy
     retention_ms: int
     doc: str = ""
+    # The setting that gives ``partitions`` ("" when topics.toml fixes the number).
+    partitions_setting: str = ""
 
     def configs(self) -> dict[str, str]:
         """The topic-level configs this spec pins (compared for drift)."""
         return {"cleanup.policy": self.cleanup_policy, "retention.ms": str(self.retention_ms)}
+
+
+#: Which setting gives a topic's partitions, by what topics.toml says (absent: None).
+_PARTITION_SETTINGS = {
+    None: "JODIE_PARTITIONS",
+    "input": "JODIE_INPUT_PARTITIONS",
+    "whole": "JODIE_WHOLE_PARTITIONS",
+}
 
 
 def load_topic_specs(
@@ -54,8 +64,11 @@ def load_topic_specs(
         policy = entry.get("cleanup_policy", "delete")
         if policy not in _POLICIES:
             raise TopicSpecError(f"{name}: cleanup_policy must be one of {_POLICIES}")
-        declared = entry.get("partitions", default_partitions)
-        if isinstance(declared, str):
+        declared = entry.get("partitions")
+        setting = _PARTITION_SETTINGS.get(declared, "") if isinstance(declared, str | None) else ""
+        if declared is None:
+            declared = default_partitions
+        elif isinstance(declared, str):
             named = {"input": input_partitions, "whole": whole_partitions}
             declared = named.get(declared, declared)
         if not isinstance(declared, int) or isinstance(declared, bool):
@@ -70,6 +83,7 @@ def load_topic_specs(
                 cleanup_policy=policy,
                 retention_ms=int(entry.get("retention_ms", -1)),
                 doc=entry.get("doc", ""),
+                partitions_setting=setting,
             )
         )
     return specs

@@ -84,7 +84,13 @@ def apply_topics(
             drift: list[str] = []
             actual_partitions = len(metadata[spec.name].partitions)
             if actual_partitions != spec.partitions:
-                drift.append(f"partitions {actual_partitions} != {spec.partitions}")
+                # The partition count cannot shrink, and growing it moves keys: a pipeline
+                # keeps its count by setting it (the setting is named when there is one).
+                by = f" (set {spec.partitions_setting}={actual_partitions} to keep it)"
+                drift.append(
+                    f"partitions {actual_partitions} != {spec.partitions}"
+                    + (by if spec.partitions_setting else "")
+                )
             replicas = {len(p.replicas) for p in metadata[spec.name].partitions.values()}
             if replicas != {replication}:
                 drift.append(f"replicas {','.join(map(str, sorted(replicas)))} != {replication}")

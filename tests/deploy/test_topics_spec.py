@@ -39,6 +39,11 @@ def test_bundled_spec() -> None:
     assert specs["p-item-vectors"].partitions == specs["p-evaluations"].partitions == 3
     assert {s.name: s.partitions for s in load_topic_specs(6)}["evaluations"] == 1
     assert specs["p-models"].partitions == 1
+    # The setting to name when a pipeline's count differs (none where the file fixes it).
+    assert specs["p-item-vectors"].partitions_setting == "JODIE_WHOLE_PARTITIONS"
+    assert specs["p-interactions"].partitions_setting == "JODIE_INPUT_PARTITIONS"
+    assert specs["p-user-inbox"].partitions_setting == "JODIE_PARTITIONS"
+    assert specs["p-models"].partitions_setting == ""
     assert specs["p-interactions.log"].configs() == {
         "cleanup.policy": "compact",
         "retention.ms": "-1",

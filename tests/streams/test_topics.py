@@ -38,7 +38,10 @@ def test_drift_is_reported(broker: Settings, monkeypatch: pytest.MonkeyPatch) ->
         reports = {r.name: r for r in apply_topics(client, specs, 1)}
         log = reports[f"{prefix}interactions.log"]
         assert log.action == "drift"
-        assert f"partitions 2 != {settings.input_partitions}" in log.drift
+        assert (
+            f"partitions 2 != {settings.input_partitions} "
+            "(set JODIE_INPUT_PARTITIONS=2 to keep it)" in log.drift
+        )
         assert "cleanup.policy delete != compact" in log.drift
         assert reports[f"{prefix}interactions"].action == "created"
     finally:
