@@ -36,20 +36,22 @@ class Feeds:
       served here; those of earlier epochs are dropped, streams.retirement). The index holds
       every item, so it is rebuilt whole at each start; compaction keeps about one record per
       item to read.
-    - ``interactions.log``: who touched what, for the co-occurrence candidates only (nothing
-      else reads the log here: a new version's catch-up reads it itself, streams.switch). The
-      co-occurrence model remembers the last few distinct users of each recently active item,
-      so what it knows is made of the log's recent past: a starting worker reads only the last
-      ``JODIE_FEED_WARMUP`` events (that many over the partitions, from each one's end; the
-      router writes each partition in seq order), never the log from offset 0, and then
-      follows it. No position is stored: a committed one would skip what the in-memory model
-      lost with the process, and the tail rebuilds it in bounded time whatever the log's
-      length. An event is observed only once this worker has applied a user event at least as
-      late in the log (``seq``), so a worker replaying history never recommends from the
-      future; events read ahead of that wait in memory, at most ``JODIE_FEED_AHEAD`` of them:
-      past it (by one poll's messages at most) the log is left until the worker catches up
-      (a worker that owns no user partition stops reading the log, and resumes where it
-      stopped if it gets one), so a slow worker never holds the log's growth.
+    - ``interactions.log``: who touched what, for the co-occurrence candidates only (nothing else
+      reads the log here: a new version's catch-up reads it itself, streams.switch). The
+      co-occurrence model remembers the last few distinct users of each recently active item, so
+      what it knows is made of the log's recent past. Its candidates serve only the approximate
+      index tiers, so the log is left unread until an index served here nears them (four fifths of
+      ``JODIE_INDEX_EXACT_BELOW`` items; at once when that is 0). Then the worker reads only the
+      last ``JODIE_FEED_WARMUP`` events (that many over the partitions, from each one's end; the
+      router writes each partition in seq order), never the log from offset 0, and then follows it.
+      No position is stored: a committed one would skip what the in-memory model lost with the
+      process, and the tail rebuilds it in bounded time whatever the log's length. An event is
+      observed only once this worker has applied a user event at least as late in the log (``seq``),
+      so a worker replaying history never recommends from the future; events read ahead of that wait
+      in memory, at most ``JODIE_FEED_AHEAD`` of them: past it (by one poll's messages at most) the
+      log is left until the worker catches up (a worker that owns no user partition stops reading
+      the log, and resumes where it stopped if it gets one), so a slow worker never holds the log's
+      growth.
     """
 
     def __init__(
@@ -79,29 +81,52 @@ class Feeds:
                 "logger": _log,
             },
         )
+        self.warmup = settings.feed_warmup
+        # The co-occurrence candidates serve only the approximate index tiers: the log is read
+        # from the time an index nears the tier (four fifths of its threshold), so the model
+        # is warm when the tier begins. Below that, reading and observing every event cost a
+        # worker about a twelfth of its time for candidates nobody asks for.
+        self.warm_at = settings.index_exact_below * 4 // 5
         meta = self.consumer.list_topics(self.vectors_topic, timeout=10).topics[self.vectors_topic]
-        assignment = [TopicPartition(self.vectors_topic, p, 0) for p in meta.partitions]
+        self.consumer.assign([TopicPartition(self.vectors_topic, p, 0) for p in meta.partitions])
         self._log_partitions: list[TopicPartition] = []
-        if cooccurrence is not None:
-            meta = self.consumer.list_topics(self.log_topic, timeout=10).topics[self.log_topic]
-            tail = math.ceil(settings.feed_warmup / max(1, len(meta.partitions)))
-            for p in meta.partitions:
-                low, high = watermarks(self.consumer, TopicPartition(self.log_topic, p))
-                start = max(low, high - tail)
-                self._log_partitions.append(TopicPartition(self.log_topic, p, start))
-        self.consumer.assign(assignment + self._log_partitions)
         # Next log offset to read per partition, to take the log up again where it stopped.
-        self._next = {tp.partition: tp.offset for tp in self._log_partitions}
+        self._next: dict[int, int] = {}
         self._paused = False
         self._later: list[tuple[int, str, str]] = []  # (seq, user, item), a heap
         # vectors of epochs not served here yet
         self.waiting: dict[Epoch, list[Vector]] = {}
+
+    @property
+    def reading_log(self) -> bool:
+        """Whether the log feed has started (it never stops once it has)."""
+        return bool(self._log_partitions)
+
+    def _start_log(self) -> None:
+        """Read the log from its last ``warmup`` events on (that many over the partitions,
+        from each one's end), once co-occurrence candidates may be asked for soon."""
+        if self.cooccurrence is None or self._log_partitions:
+            return
+        servings = self.processor.servings.values()
+        if self.warm_at > 0 and not any(
+            s.index.approximate or len(s.index) >= self.warm_at for s in servings
+        ):
+            return
+        meta = self.consumer.list_topics(self.log_topic, timeout=10).topics[self.log_topic]
+        tail = math.ceil(self.warmup / max(1, len(meta.partitions)))
+        for p in meta.partitions:
+            low, high = watermarks(self.consumer, TopicPartition(self.log_topic, p))
+            self._log_partitions.append(TopicPartition(self.log_topic, p, max(low, high - tail)))
+        self.consumer.incremental_assign(self._log_partitions)
+        self._next = {tp.partition: tp.offset for tp in self._log_partitions}
+        _log.info("reading %s's tail for the co-occurrence candidates", self.log_topic)
 
     def held(self) -> int:
         """Log events read but not yet observed (waiting for this worker's applied seq)."""
         return len(self._later)
 
     def poll(self, applied_seq: int) -> None:
+        self._start_log()
         messages = self.consumer.consume(num_messages=5000, timeout=0)
         fresh: dict[Epoch, list[Vector]] = {}
         for msg in messages:

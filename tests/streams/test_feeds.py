@@ -44,7 +44,8 @@ def poll_until(feeds: Feeds, applied_seq: int, done: object, timeout_s: float = 
 
 def test_a_starting_worker_reads_only_the_logs_tail(kafka: Settings) -> None:
     write_log(kafka, 400)
-    settings = kafka.model_copy(update={"feed_warmup": 100})
+    # No exact tier: the co-occurrence candidates serve from the start, so the log is read.
+    settings = kafka.model_copy(update={"feed_warmup": 100, "index_exact_below": 0})
     cooc = CooccurrenceCandidates()
     feeds = Feeds(settings, Processor(settings, None, WorkerStats()), cooc)
     try:
@@ -58,11 +59,33 @@ def test_a_starting_worker_reads_only_the_logs_tail(kafka: Settings) -> None:
         feeds.close()
 
 
+def test_the_log_is_read_only_once_an_index_nears_the_approximate_tier(
+    kafka: Settings, tmp_path: Path
+) -> None:
+    write_log(kafka, 400)
+    serving = Serving.load(kafka, make_checkpoint(tmp_path / "v1", version="v1"))
+    items = len(serving.index)
+    for exact_below, reads in ((10 * items, False), (items, True)):
+        settings = kafka.model_copy(update={"feed_warmup": 100, "index_exact_below": exact_below})
+        cooc = CooccurrenceCandidates()
+        processor = Processor(settings, serving, WorkerStats())
+        feeds = Feeds(settings, processor, cooc)
+        try:
+            poll_until(feeds, 10_000, lambda: len(observed(cooc)) >= 100, timeout_s=5.0)  # noqa: B023
+            # Far below the tier nothing of the log is read; at four fifths of it, the tail.
+            assert feeds.reading_log is reads
+            assert len(observed(cooc)) == (100 if reads else 0)
+        finally:
+            feeds.close()
+
+
 def test_events_ahead_of_the_applied_seq_are_held_up_to_a_bound(kafka: Settings) -> None:
     n = 9_000  # more than the bound and one poll's messages (5,000)
     write_log(kafka, n)
     # A warm-up past the log: all of it (partitions hold unequal shares of the last n).
-    settings = kafka.model_copy(update={"feed_warmup": 10 * n, "feed_ahead": 50})
+    settings = kafka.model_copy(
+        update={"feed_warmup": 10 * n, "feed_ahead": 50, "index_exact_below": 0}
+    )
     cooc = CooccurrenceCandidates(max_items=n)
     feeds = Feeds(settings, Processor(settings, None, WorkerStats()), cooc)
     try:
