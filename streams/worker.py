@@ -24,7 +24,6 @@ import json
 import logging
 import signal
 import sys
-import time
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -45,7 +44,7 @@ from streams.runtime.directory import advertise
 from streams.runtime.http import Endpoint, json_route
 from streams.runtime.kafka import partition_for
 from streams.runtime.loop import Application, LoopConfig, Record, TransactionalLoop
-from streams.runtime.metrics import AGE_BUCKETS, BatchHistogram, LoopMetrics, Metrics
+from streams.runtime.metrics import AGE_BUCKETS, BatchHistogram, LoopMetrics, Metrics, ages_s
 from streams.runtime.store import Table, TableMemory
 from streams.settings import Settings
 from streams.topics import app_id, changelog_topic
@@ -276,9 +275,7 @@ class Worker(Application[list[Decoded]]):
     def committed(self, records: list[Record], seconds: float) -> None:
         self.loop_metrics.observe(records, seconds)
         if self._pre_state_stamps:
-            now_ms = time.time() * 1000.0
-            # Clocks of other hosts may run ahead of ours: a negative age is a zero one.
-            ages = [max(now_ms - stamp, 0.0) / 1000.0 for stamp in self._pre_state_stamps]
+            ages = ages_s(self._pre_state_stamps)
             self.pre_state_age.observe(ages)
             self.stats.pre_states += len(ages)
             self.stats.pre_state_ages.extend(ages)

@@ -142,6 +142,13 @@ class Metrics:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
 
 
+def ages_s(stamps_ms: Iterable[int]) -> list[float]:
+    """Seconds from each Kafka timestamp (ms) to now. Clocks of other hosts may run ahead of
+    ours: a negative age is a zero one."""
+    now_ms = time.time() * 1000.0
+    return [max(now_ms - stamp, 0.0) / 1000.0 for stamp in stamps_ms]
+
+
 class BatchHistogram(Collector):
     """A histogram fed many values at a time.
 
@@ -212,11 +219,7 @@ class LoopMetrics(Collector):
 
     def observe(self, records: Sequence[Record], seconds: float) -> None:
         self.batch.observe(seconds)
-        now_ms = time.time() * 1000.0
-        # Clocks of other hosts may run ahead of ours: a negative age is a zero one.
-        self.input_age.observe(
-            max(now_ms - r.timestamp_ms, 0.0) / 1000.0 for r in records if r.timestamp_ms >= 0
-        )
+        self.input_age.observe(ages_s(r.timestamp_ms for r in records if r.timestamp_ms >= 0))
 
     def collect(self) -> Iterator[Metric]:
         s, ns = self.stats, self.ns
