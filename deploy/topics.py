@@ -65,12 +65,15 @@ def load_topic_specs(
         if policy not in _POLICIES:
             raise TopicSpecError(f"{name}: cleanup_policy must be one of {_POLICIES}")
         declared = entry.get("partitions")
-        setting = _PARTITION_SETTINGS.get(declared, "") if isinstance(declared, str | None) else ""
-        if declared is None:
-            declared = default_partitions
-        elif isinstance(declared, str):
-            named = {"input": input_partitions, "whole": whole_partitions}
-            declared = named.get(declared, declared)
+        setting = ""
+        if isinstance(declared, str | None):  # absent or named: a setting gives the count
+            counts = {
+                None: default_partitions,
+                "input": input_partitions,
+                "whole": whole_partitions,
+            }
+            setting = _PARTITION_SETTINGS.get(declared, "")
+            declared = counts.get(declared, declared)
         if not isinstance(declared, int) or isinstance(declared, bool):
             raise TopicSpecError(f'{name}: partitions must be a number, "input" or "whole"')
         partitions = declared
