@@ -77,6 +77,7 @@ def grants(settings: Settings) -> list[Grant]:
     t, prefix, app = settings.topic, settings.topic_prefix, app_id(settings)
     changelogs = [changelog_topic(settings, f"{side}-state") for side in ("user", "item")]
     inboxes = [t("user-inbox"), t("item-inbox")]
+    exchange = [t("user-exchange"), t("item-exchange")]
     out: list[Grant] = []
 
     def topics(role: Role, operation: Operation, names: Iterable[str]) -> None:
@@ -99,18 +100,26 @@ def grants(settings: Settings) -> list[Grant]:
     groups("router", ["jodie-router-probe-", _INSPECT, _WATCH])
     out.append(Grant("router", "transactional_id", f"{prefix}jodie-router", "write"))
 
-    # Workers: the inboxes, their tables' changelogs, the shared feeds and the registry in;
-    # the exchange, recommendations, evaluations, item vectors, changelogs and DLQ out.
+    # Workers: the inboxes and the exchange, their tables' changelogs, the shared feeds and
+    # the registry in; the exchange, recommendations, evaluations, item vectors, changelogs
+    # and DLQ out.
     topics(
         "worker",
         "read",
-        [*inboxes, *changelogs, t("item-vectors"), t("interactions.log"), t("models")],
+        [
+            *inboxes,
+            *exchange,
+            *changelogs,
+            t("item-vectors"),
+            t("interactions.log"),
+            t("models"),
+        ],
     )
     topics(
         "worker",
         "write",
         [
-            *inboxes,
+            *exchange,
             *changelogs,
             t("recommendations"),
             t("evaluations"),

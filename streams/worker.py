@@ -101,9 +101,13 @@ class Worker(Application[list[Decoded]]):
         )
         self._feeds: Feeds | None = None
         root = settings.state_dir / app_id(settings) / f"worker-{worker_id}"
-        self.sides = {self.processor.user_inbox: "user", self.processor.item_inbox: "item"}
-        self._tables: dict[str, Table[Box]] = {
-            topic: Table(
+        # Each side reads its inbox (routed events) and its exchange (partners' pre-states),
+        # co-partitioned: partition p of both belongs to the owner of table partition p.
+        self.inboxes = {self.processor.user_inbox: "user", self.processor.item_inbox: "item"}
+        exchange = self.processor.exchange
+        self.sides = {**self.inboxes, **{topic: side for side, topic in exchange.items()}}
+        by_side: dict[str, Table[Box]] = {
+            side: Table(
                 settings,
                 f"{side}-state",
                 changelog_topic(settings, f"{side}-state"),
@@ -113,9 +117,10 @@ class Worker(Application[list[Decoded]]):
                 self.processor.initial(side),
                 cache_rows=settings.row_cache,
             )
-            for topic, side in self.sides.items()
+            for side in ("user", "item")
         }
-        self.tables_by_side = {side: self._tables[topic] for topic, side in self.sides.items()}
+        self._tables = {topic: by_side[side] for topic, side in self.sides.items()}
+        self.tables_by_side = by_side
         self.retirement = Retirement(
             self.processor,
             self.tables_by_side,
@@ -146,6 +151,11 @@ class Worker(Application[list[Decoded]]):
                 # that expired cost a re-read, not a double count.
                 expired_offsets_are_gaps=False,
                 recovery_timeout_s=settings.recovery_timeout_s,
+                # librdkafka hands messages over in the order it fetched them, all partitions
+                # in one queue: a pre-state fetched from the exchange behind a prefetched
+                # backlog of routed events comes out after all of them. Fetching about a
+                # batch ahead keeps that wait within a batch.
+                consumer={"queued.min.messages": settings.worker_batch},
             ),
             self,
             _log,
@@ -163,7 +173,7 @@ class Worker(Application[list[Decoded]]):
             AGE_BUCKETS,
         )
         self.metrics.register(self.pre_state_age)
-        self.table_memory = TableMemory(self._tables.values())
+        self.table_memory = TableMemory(by_side.values())
         self.metrics.register(self.table_memory)
         self.collector = collector
         if collector is not None:
@@ -192,7 +202,7 @@ class Worker(Application[list[Decoded]]):
     @property
     def outputs(self) -> Sequence[str]:
         p = self.processor
-        return [p.recommendations, p.item_vectors, p.evaluations, p.dlq, *self.sides]
+        return [p.recommendations, p.item_vectors, p.evaluations, p.dlq, *p.exchange.values()]
 
     @property
     def tables(self) -> Mapping[str, Table[Box]]:

@@ -198,7 +198,10 @@ class Poller:
             "router": (f"{settings.topic_prefix}jodie-router", [settings.topic("interactions")]),
             "workers": (
                 f"{app_id(settings)}-workers",
-                [settings.topic("user-inbox"), settings.topic("item-inbox")],
+                [
+                    settings.topic(name)
+                    for name in ("user-inbox", "item-inbox", "user-exchange", "item-exchange")
+                ],
             ),
         }
         self._stop = threading.Event()
