@@ -10,12 +10,12 @@ Every 10 s it samples, from Kafka alone: whether each Procfile process is alive 
 shell for that line; honcho names its pid when it starts it), the events sent to
 `interactions`, the router's backlog (`interactions` not yet sequenced: its group's committed
 offsets against the partitions' ends), the workers' inbox lag (their group's committed
-offsets against the ends of the inboxes and of the exchange topics) and the recommendations
-committed (a read_committed reader counting them). It prints a table, and a verdict: every
-process alive at every sample, and the lag bounded — over the last half of the run the inbox
-lag grows at most 2 % as fast as messages arrive in those topics (least-squares slope). At the
-end it stops honcho and every process group it started (SIGTERM, then SIGKILL), and removes
-the local broker's data if the run created it.
+offsets against the ends of user-inbox and item-inbox) and the recommendations committed (a
+read_committed reader counting them). It prints a table, and a verdict: every process alive
+at every sample, and the lag bounded — over the last half of the run the inbox lag grows at
+most 2 % as fast as messages arrive in the inboxes (least-squares slope). At the end it stops
+honcho and every process group it started (SIGTERM, then SIGKILL), and removes the local
+broker's data if the run created it.
 
 The Procfile starts the local broker itself, so none may run on JODIE_BROKER_PORT; pick free
 ports for a side-by-side run:
@@ -178,10 +178,7 @@ class Lags:
         topic = self.settings.topic
         try:
             sent, backlog = self.of(self.router, [topic("interactions")])
-            inbox_in, lag = self.of(
-                self.workers,
-                [topic(t) for t in ("user-inbox", "item-inbox", "user-exchange", "item-exchange")],
-            )
+            inbox_in, lag = self.of(self.workers, [topic("user-inbox"), topic("item-inbox")])
         except KafkaException:
             return  # topics not there yet: figures left blank
         row.sent, row.backlog, row.inbox_in, row.lag = sent, backlog, inbox_in, lag

@@ -77,7 +77,6 @@ def grants(settings: Settings) -> list[Grant]:
     t, prefix, app = settings.topic, settings.topic_prefix, app_id(settings)
     changelogs = [changelog_topic(settings, f"{side}-state") for side in ("user", "item")]
     inboxes = [t("user-inbox"), t("item-inbox")]
-    exchange = [t("user-exchange"), t("item-exchange")]
     out: list[Grant] = []
 
     def topics(role: Role, operation: Operation, names: Iterable[str]) -> None:
@@ -100,26 +99,18 @@ def grants(settings: Settings) -> list[Grant]:
     groups("router", ["jodie-router-probe-", _INSPECT, _WATCH])
     out.append(Grant("router", "transactional_id", f"{prefix}jodie-router", "write"))
 
-    # Workers: the inboxes and the exchange, their tables' changelogs, the shared feeds and
-    # the registry in; the exchange, recommendations, evaluations, item vectors, changelogs
-    # and DLQ out.
+    # Workers: the inboxes, their tables' changelogs, the shared feeds and the registry in;
+    # the exchange, recommendations, evaluations, item vectors, changelogs and DLQ out.
     topics(
         "worker",
         "read",
-        [
-            *inboxes,
-            *exchange,
-            *changelogs,
-            t("item-vectors"),
-            t("interactions.log"),
-            t("models"),
-        ],
+        [*inboxes, *changelogs, t("item-vectors"), t("interactions.log"), t("models")],
     )
     topics(
         "worker",
         "write",
         [
-            *exchange,
+            *inboxes,
             *changelogs,
             t("recommendations"),
             t("evaluations"),

@@ -206,8 +206,6 @@ _AVRO_TOPICS: dict[str, tuple[str, bool]] = {
     "evaluations": (EVALUATION, False),
     "user-inbox": (INBOX_MESSAGE, False),
     "item-inbox": (INBOX_MESSAGE, False),
-    "user-exchange": (INBOX_MESSAGE, False),
-    "item-exchange": (INBOX_MESSAGE, False),
 }
 _TABLES = ("jodie-user-state-changelog", "jodie-item-state-changelog")
 

@@ -101,13 +101,9 @@ class Worker(Application[list[Decoded]]):
         )
         self._feeds: Feeds | None = None
         root = settings.state_dir / app_id(settings) / f"worker-{worker_id}"
-        # Each side reads its inbox (routed events) and its exchange (partners' pre-states),
-        # co-partitioned: partition p of both belongs to the owner of table partition p.
-        self.inboxes = {self.processor.user_inbox: "user", self.processor.item_inbox: "item"}
-        exchange = self.processor.exchange
-        self.sides = {**self.inboxes, **{topic: side for side, topic in exchange.items()}}
-        by_side: dict[str, Table[Box]] = {
-            side: Table(
+        self.sides = {self.processor.user_inbox: "user", self.processor.item_inbox: "item"}
+        self._tables: dict[str, Table[Box]] = {
+            topic: Table(
                 settings,
                 f"{side}-state",
                 changelog_topic(settings, f"{side}-state"),
@@ -117,10 +113,9 @@ class Worker(Application[list[Decoded]]):
                 self.processor.initial(side),
                 cache_rows=settings.row_cache,
             )
-            for side in ("user", "item")
+            for topic, side in self.sides.items()
         }
-        self._tables = {topic: by_side[side] for topic, side in self.sides.items()}
-        self.tables_by_side = by_side
+        self.tables_by_side = {side: self._tables[topic] for topic, side in self.sides.items()}
         self.retirement = Retirement(
             self.processor,
             self.tables_by_side,
@@ -151,11 +146,6 @@ class Worker(Application[list[Decoded]]):
                 # that expired cost a re-read, not a double count.
                 expired_offsets_are_gaps=False,
                 recovery_timeout_s=settings.recovery_timeout_s,
-                # librdkafka hands messages over in the order it fetched them, all partitions
-                # in one queue: a pre-state fetched from the exchange behind a prefetched
-                # backlog of routed events comes out after all of them. Fetching about a
-                # batch ahead keeps that wait within a batch.
-                consumer={"queued.min.messages": settings.worker_batch},
             ),
             self,
             _log,
@@ -173,7 +163,7 @@ class Worker(Application[list[Decoded]]):
             AGE_BUCKETS,
         )
         self.metrics.register(self.pre_state_age)
-        self.table_memory = TableMemory(by_side.values())
+        self.table_memory = TableMemory(self._tables.values())
         self.metrics.register(self.table_memory)
         self.collector = collector
         if collector is not None:
@@ -202,7 +192,7 @@ class Worker(Application[list[Decoded]]):
     @property
     def outputs(self) -> Sequence[str]:
         p = self.processor
-        return [p.recommendations, p.item_vectors, p.evaluations, p.dlq, *p.exchange.values()]
+        return [p.recommendations, p.item_vectors, p.evaluations, p.dlq, *self.sides]
 
     @property
     def tables(self) -> Mapping[str, Table[Box]]:

@@ -4,12 +4,9 @@ Topics (keyed; the inboxes, tables and recommendations have JODIE_PARTITIONS par
 table partition p pairing with inbox partition p; ``item-vectors`` and ``evaluations``, read
 whole, have JODIE_WHOLE_PARTITIONS):
 
-- ``user-inbox`` (key user): events for the user's owner, from the router; the user side
-  keeps each user's ``Inbox`` in ``user-state``;
-- ``user-exchange`` (key user): items' pre-states for the user's owner, from the items'
-  owners. Apart from the inbox so that a pre-state never queues behind routed events; the
-  exchange does not depend on the order in which an event and its partner's pre-state come;
-- ``item-inbox``, ``item-exchange`` (key item): the mirror image, ``item-state``;
+- ``user-inbox`` (key user): events for the user's owner (from the router) and items'
+  pre-states (from item owners); the user side keeps each user's ``Inbox`` in ``user-state``;
+- ``item-inbox`` (key item): the mirror image, ``item-state``;
 - ``recommendations`` (key user) after every user update; ``item-vectors`` (key item, with the
   event's seq in a header) after every item update, read back by every worker into its
   candidate index and its live evaluation;
@@ -178,7 +175,6 @@ class Processor:
         self.stats = stats
         self.user_inbox = settings.topic("user-inbox")
         self.item_inbox = settings.topic("item-inbox")
-        self.exchange = {side: settings.topic(f"{side}-exchange") for side in ("user", "item")}
         self.recommendations = settings.topic("recommendations")
         self.evaluations = settings.topic("evaluations")
         self.item_vectors = settings.topic("item-vectors")
@@ -328,7 +324,7 @@ class Processor:
         user_many, item_many = self._many[epoch]
         many = {"user": user_many, "item": item_many}
         derived = self._derived[epoch]
-        exchange = self.exchange
+        inbox = {"user": self.user_inbox, "item": self.item_inbox}
         while touched["user"] or touched["item"]:
             for side, other in (("item", "user"), ("user", "item")):
                 boxes, touched[side] = touched[side], []
@@ -339,7 +335,7 @@ class Processor:
                         if row is None:
                             body = {"event": None, "partner": partner_message(out.seq, out.state)}
                             value = self.inbox_codec.encode({**body, **stamp})
-                            sent.append((exchange[other], out.partner.encode(), value, None))
+                            sent.append((inbox[other], out.partner.encode(), value, None))
                         elif row.offer_partner(PartnerState(out.seq, out.state)):
                             touched[other].append(row)
                     elif isinstance(out, Applied) and side == "item":

@@ -65,8 +65,7 @@ def topics_show(
         typer.Argument(
             help="A topic of deploy/topics.toml, without the prefix: interactions, "
             "interactions.log, interactions.dlq, interactions.positions, user-inbox, "
-            "item-inbox, user-exchange, item-exchange, recommendations, evaluations, "
-            "item-vectors, models, "
+            "item-inbox, recommendations, evaluations, item-vectors, models, "
             "jodie-user-state-changelog, "
             "jodie-item-state-changelog."
         ),

@@ -198,10 +198,7 @@ class Poller:
             "router": (f"{settings.topic_prefix}jodie-router", [settings.topic("interactions")]),
             "workers": (
                 f"{app_id(settings)}-workers",
-                [
-                    settings.topic(name)
-                    for name in ("user-inbox", "item-inbox", "user-exchange", "item-exchange")
-                ],
+                [settings.topic("user-inbox"), settings.topic("item-inbox")],
             ),
         }
         self._stop = threading.Event()

@@ -92,8 +92,7 @@ class Application(ABC, Generic[B]):
 
     @property
     def tables(self) -> Mapping[str, Table[Any]]:
-        """Input topic → the table co-partitioned with it (topics without a table omitted;
-        several inputs may share one)."""
+        """Input topic → the table co-partitioned with it (topics without a table omitted)."""
         return {}
 
     @abstractmethod
@@ -506,15 +505,11 @@ class TransactionalLoop(Generic[B]):
             # The restore reader from before the failure answers its first requests on a
             # restarted broker slowly (0.6 s a partition, measured); a new one asks afresh.
             each.reset_reader()
-        # Several inputs may share a table (co-partitioned): each partition restores once.
-        owned = {
-            (id(table), tp.partition): (table, tp.partition)
-            for tp in assignment
-            if (table := tables.get(tp.topic)) is not None
-        }
-        for table, p in owned.values():
-            table.revoke(p)
-            self.stats.restored += table.assign(p)
+        for tp in assignment:
+            table = tables.get(tp.topic)
+            if table is not None:
+                table.revoke(tp.partition)
+                self.stats.restored += table.assign(tp.partition)
         committed = self._committed(consumer, assignment)
         for tp in committed:
             with contextlib.suppress(KafkaException):  # revoked meanwhile: not ours to move

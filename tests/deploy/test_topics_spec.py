@@ -22,8 +22,6 @@ def test_bundled_spec() -> None:
         "p-interactions.positions",
         "p-user-inbox",
         "p-item-inbox",
-        "p-user-exchange",
-        "p-item-exchange",
         "p-jodie-user-state-changelog",
         "p-jodie-item-state-changelog",
         "p-recommendations",
@@ -33,14 +31,7 @@ def test_bundled_spec() -> None:
     }
     # Keyed topics share the default partition count so they stay co-partitioned; the
     # router's input and log, read whole by one router, have the input count.
-    keyed = [
-        "user-inbox",
-        "item-inbox",
-        "user-exchange",
-        "item-exchange",
-        "recommendations",
-        "jodie-user-state-changelog",
-    ]
+    keyed = ["user-inbox", "item-inbox", "recommendations", "jodie-user-state-changelog"]
     assert {specs[f"p-{name}"].partitions for name in keyed} == {6}
     assert specs["p-interactions"].partitions == specs["p-interactions.log"].partitions == 2
     assert load_topic_specs(6)[0].partitions == 1  # interactions: one by default

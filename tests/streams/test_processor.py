@@ -100,9 +100,7 @@ def _run(
 ) -> tuple[Rows, list[dict]]:
     """Feed the messages to ``proc`` in random batches and orders until the exchange is done;
     (rows by (side, row key), recommendations)."""
-    inboxes = {settings.topic(f"{side}-inbox"): side for side in ("user", "item")}
-    exchange = {settings.topic(f"{side}-exchange"): side for side in ("user", "item")}
-    sides = {**inboxes, **exchange}
+    sides = {settings.topic("user-inbox"): "user", settings.topic("item-inbox"): "item"}
     rows: Rows = {}
     recs: list[dict] = []
     rec_codec = Codec(RECOMMENDATION)
@@ -134,8 +132,6 @@ def _run(
             work.append((side, epoch, rows[(side, rkey)], message))
         for topic, key, value, headers in proc.process(work, local):
             if topic in sides:
-                # Pre-states go to the exchange, never behind the router's events.
-                assert topic in exchange, topic
                 pool.append((topic, key, value))
             elif topic == settings.topic("recommendations"):
                 recs.append(rec_codec.decode(value))
@@ -171,7 +167,7 @@ def test_batches_in_any_order_reproduce_the_sequential_replay(
     checkpoint: Path, seed: int, owned: tuple[int, ...]
 ) -> None:
     """``owned``: partitions (of 4) whose rows take pre-states in memory, as a worker owning
-    them does; the others' go round through the exchange topics."""
+    them does; the others' go round through the inbox topics."""
     settings = Settings(topic_prefix="unit-", evaluate_every=1)
     stats = WorkerStats()
     proc = Processor(settings, Serving.load(settings, checkpoint), stats)

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.kafka
 def test_apply_is_idempotent(kafka: Settings) -> None:
     reports = apply_topics(admin(kafka), declared_topics(kafka), 1)
     assert {r.action for r in reports} == {"ok"}
-    assert len(reports) == 14
+    assert len(reports) == 12
 
 
 def test_drift_is_reported(broker: Settings, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -31,11 +31,8 @@ HOLDS = {
     "interactions.log": lambda v: v["seq"] >= 0 and "event_id" in v["interaction"],
     "interactions.dlq": lambda v: v["reason"] in ("duplicate", "malformed") and v["detail"],
     "interactions.positions": lambda v: v["partition"] >= 0 and v["next_offset"] >= 0,
-    # The router's events; the workers' pre-states cross apart, in the exchange.
-    "user-inbox": lambda v: v["event"] is not None and v["partner"] is None,
-    "item-inbox": lambda v: v["event"] is not None and v["partner"] is None,
-    "user-exchange": lambda v: v["event"] is None and v["partner"]["seq"] >= 0,
-    "item-exchange": lambda v: v["event"] is None and v["partner"]["seq"] >= 0,
+    "user-inbox": lambda v: v["event"] is not None or v["partner"] is not None,
+    "item-inbox": lambda v: v["event"] is not None or v["partner"] is not None,
     "recommendations": lambda v: v["model_version"] == "v1" and v["candidates"],
     "evaluations": lambda v: v["rank"] >= 1 and v["n_items"] >= 0,
     "item-vectors": lambda v: _is_vector(v["vector"]) and int(v["jodie-seq"]) >= 0,
