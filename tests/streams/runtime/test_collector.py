@@ -71,3 +71,14 @@ def test_close_gives_the_former_schedule_back() -> None:
     assert gc.get_threshold() == before
     gc.collect(0)
     assert c.collections[0] == 0  # no longer counting
+
+
+def test_the_frozen_count_is_taken_when_freezing(collector: CycleCollector) -> None:
+    assert collector.summary()["frozen"] == 0
+    try:
+        collector.freeze()
+        frozen = gc.get_freeze_count()
+        # Reports read the count kept at the freeze, not a walk of the frozen list.
+        assert frozen > 0 and collector.summary()["frozen"] == frozen
+    finally:
+        gc.unfreeze()
