@@ -30,6 +30,7 @@ from tests.streams.harness import (
     start_worker,
     stop,
     wait_for,
+    wait_until_assigned,
 )
 
 pytestmark = pytest.mark.kafka
@@ -74,24 +75,6 @@ def _processed(log: Path) -> int:
     return int(_stopped(log).get("messages", 0))
 
 
-def _wait_until_both_assigned(tmp: Path, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        owned = []
-        for n in (0, 1):
-            log = tmp / f"worker-{n}.log"
-            lines = (
-                [x for x in log.read_text().splitlines() if " assigned [" in x]
-                if log.exists()
-                else []
-            )
-            owned.append(bool(lines) and "assigned []" not in lines[-1])
-        if all(owned):
-            return
-        time.sleep(0.5)
-    raise AssertionError("the two workers did not both get partitions")
-
-
 def test_two_workers_on_four_partitions_compute_the_sequential_replay(
     kafka: Settings, checkpoint: Path, tmp_path: Path
 ) -> None:
@@ -100,7 +83,7 @@ def test_two_workers_on_four_partitions_compute_the_sequential_replay(
     try:
         # Both members hold partitions before the events come, so the exchange crosses
         # processes (a lone early worker would take everything in memory).
-        _wait_until_both_assigned(tmp_path, timeout_s=120)
+        wait_until_assigned(tmp_path, (0, 1), timeout_s=120)
         route(kafka)
         recs = wait_for(kafka, STREAM, timeout_s=240)
     finally:
@@ -128,7 +111,7 @@ def test_a_worker_killed_mid_stream_resumes_exactly(
         target=Router(kafka, grace_s=0.2).run, kwargs={"until_idle_s": 3.0, "max_seconds": 120}
     )
     try:
-        _wait_until_both_assigned(tmp_path, timeout_s=120)
+        wait_until_assigned(tmp_path, (0, 1), timeout_s=120)
         router.start()
         # Events arrive live, the second half slowly, so the kill lands while they flow.
         topic = kafka.topic("interactions")
