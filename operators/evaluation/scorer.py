@@ -79,6 +79,20 @@ class PlainScorer:
         return {}
 
 
+#: numpy's log1p of every count below 65,536, as Python floats, for ``log1p_count``.
+_LOG1P_COUNTS: list[float] = np.log1p(np.arange(1 << 16, dtype=np.float64)).tolist()
+
+
+def log1p_count(count: int) -> float:
+    """numpy's log1p of one count, the double the scorers' array calls give: for paths that
+    take it one count at a time, where a numpy call per scalar costs twenty times a list
+    lookup. Not ``math.log1p``: the C library's and numpy's (a SIMD loop on recent CPUs)
+    differ in the last bit on some counts, and a served score must equal the offline one."""
+    if 0 <= count < len(_LOG1P_COUNTS):
+        return _LOG1P_COUNTS[count]
+    return float(np.log1p(np.float64(count)))
+
+
 class HistoryScorer:
     """Distance scaled by α, plus history-position, per-user-count and popularity terms."""
 

@@ -11,6 +11,7 @@ from operators.evaluation.scorer import (
     ScorerSamples,
     UserContext,
     fit_history_scorer,
+    log1p_count,
     make_scorer,
     numpy_scores,
 )
@@ -110,3 +111,12 @@ def test_a_scorer_without_a_numpy_twin_gets_none() -> None:
         pass
 
     assert numpy_scores(Other()) is None
+
+
+def test_log1p_count_is_numpys_for_every_count_below_two_million() -> None:
+    # The served lists take log1p one count at a time, the scorer on arrays: bit for bit the
+    # same, inside the table and past it.
+    counts = np.arange(2_000_000)
+    assert np.array_equal(
+        np.log1p(counts.astype(np.float64)), [log1p_count(c) for c in counts.tolist()]
+    )
