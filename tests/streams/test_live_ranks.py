@@ -23,8 +23,14 @@ from operators.model.checkpoint import load_checkpoint
 from operators.model.online import OnlineJodie
 from streams.settings import Settings
 from streams.tail import tail
-from tests.streams.harness import make_checkpoint, route, start_worker, stop, wait_for
-from tests.streams.test_worker import _wait_until_both_assigned
+from tests.streams.harness import (
+    make_checkpoint,
+    route,
+    start_worker,
+    stop,
+    wait_for,
+    wait_until_assigned,
+)
 
 pytestmark = pytest.mark.kafka
 
@@ -48,7 +54,7 @@ def test_two_workers_rank_each_event_as_the_frozen_replay(
     checkpoint = make_checkpoint(tmp_path / "ck", history=HISTORY)
     workers = [start_worker(kafka, checkpoint, n, tmp_path) for n in (0, 1)]
     try:
-        _wait_until_both_assigned(tmp_path, timeout_s=120)
+        wait_until_assigned(tmp_path, (0, 1), timeout_s=120)
         route(kafka, HISTORY, STREAM)
         recs = wait_for(kafka, STREAM, timeout_s=300)
         evaluations = _wait_for_evaluations(kafka, STREAM, timeout_s=60)
