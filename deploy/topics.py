@@ -54,6 +54,8 @@ def load_topic_specs(
         entries = tomllib.loads(text).get("topic", [])
     except tomllib.TOMLDecodeError as exc:
         raise TopicSpecError(f"topics.toml does not parse: {exc}") from exc
+    # What an absent or named count stands for (``_PARTITION_SETTINGS`` names the setting).
+    counts = {None: default_partitions, "input": input_partitions, "whole": whole_partitions}
     specs: list[TopicSpec] = []
     seen: set[str] = set()
     for entry in entries:
@@ -67,11 +69,6 @@ def load_topic_specs(
         declared = entry.get("partitions")
         setting = ""
         if isinstance(declared, str | None):  # absent or named: a setting gives the count
-            counts = {
-                None: default_partitions,
-                "input": input_partitions,
-                "whole": whole_partitions,
-            }
             setting = _PARTITION_SETTINGS.get(declared, "")
             declared = counts.get(declared, declared)
         if not isinstance(declared, int) or isinstance(declared, bool):
