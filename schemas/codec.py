@@ -36,7 +36,7 @@ EVALUATION = "evaluation"
 # knows their fingerprints, so records written before a field was added still decode.
 _OLDER_VERSIONS = {
     MODEL_ANNOUNCEMENT: ("model_announcement.v1",),
-    ENTITY_RECORD: ("entity_record.v1",),
+    ENTITY_RECORD: ("entity_record.v1", "entity_record.v2"),
     RECOMMENDATION: ("recommendation.v1", "recommendation.v2"),
 }
 

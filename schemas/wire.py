@@ -497,6 +497,8 @@ class EntityRecordWriter:
         partners: Sequence[bytes],
         derived: bytes | None,
         model_version: str,
+        history_times: Sequence[float] = (),
+        habits: Sequence[float] = (),
     ) -> bytes:
         parts = [
             self.header,
@@ -520,6 +522,11 @@ class EntityRecordWriter:
             parts.append(_NULL)
         parts.append(_NULL if derived is None else _BRANCH_1 + derived)
         parts.append(string_bytes(model_version))
+        for doubles in (history_times, habits):
+            if doubles:
+                parts.append(long_bytes(len(doubles)))
+                parts += map(_DOUBLE.pack, doubles)
+            parts.append(_NULL)
         return b"".join(parts)
 
 
@@ -626,6 +633,8 @@ def read_entity_record(data: bytes, start: int = 0) -> dict[str, Any] | None:
         elif branch != 0:
             return None
         model_version, i = _string_at(data, i)
+        history_times, i = _doubles_at(data, i)
+        habits, i = _doubles_at(data, i)
     except (IndexError, ValueError, struct.error, _Refused):  # UnicodeDecodeError: ValueError
         return None
     if i != size:
@@ -643,7 +652,20 @@ def read_entity_record(data: bytes, start: int = 0) -> dict[str, Any] | None:
         "partners": partners,
         "derived": derived,
         "model_version": model_version,
+        "history_times": history_times,
+        "habits": habits,
     }
+
+
+def _doubles_at(data: bytes, i: int) -> tuple[list[float], int]:
+    """An array of doubles."""
+    out: list[float] = []
+    count, i = _count_at(data, i)
+    while count:
+        out += struct.unpack_from(f"<{count}d", data, i)
+        i += 8 * count
+        count, i = _count_at(data, i)
+    return out, i
 
 
 def same_as_entity_record_codec(codec: Codec) -> bool:
@@ -674,6 +696,8 @@ def same_as_entity_record_codec(codec: Codec) -> bool:
         "partners": [partner],
         "derived": derived,
         "model_version": "v1",
+        "history_times": [1.3e9, float("-inf")],
+        "habits": [2.0, 1.0, 1.0, 0.5],
     }
     core = interaction_core("e-\u00e9", "u", "i", 1.5e9, (0.5, -2.0))
     written = EntityRecordWriter(codec.header).record(
@@ -689,6 +713,8 @@ def same_as_entity_record_codec(codec: Codec) -> bool:
         [partner_bytes(70_001, b"\x00\x00\x80?", None)],
         partner_bytes(69_000, None, 1.4e9),
         "v1",
+        (1.3e9, float("-inf")),
+        (2.0, 1.0, 1.0, 0.5),
     )
     data = codec.encode(record)
     return written == data and read_entity_record(data, len(codec.header)) == record

@@ -128,7 +128,7 @@ def _position(meta: dict[str, Any]) -> tuple[int, list[dict[str, int]]]:
 
 
 #: Scorers the workers rank with exactly as `jodie evaluate` does (streams.app.serving).
-SERVED_SCORERS = ("plain", "history")
+SERVED_SCORERS = ("plain", "history", "ranker")
 
 
 def verified(announcement: dict[str, Any], settings: Settings) -> Path:
@@ -165,7 +165,7 @@ def verified(announcement: dict[str, Any], settings: Settings) -> Path:
         # users got would not be what `jodie evaluate` measured.
         raise UnservableModelError(
             f"{label} ranks with the {scorer!r} scorer, which the workers do not serve (they "
-            f"serve {' and '.join(SERVED_SCORERS)}); train it with --scorer history to deploy it"
+            f"serve {', '.join(SERVED_SCORERS)}); train it with one of them to deploy it"
         )
     seq, offsets = _position(meta)
     if (announcement["log_seq"], announcement["log_offsets"]) != (seq, offsets):

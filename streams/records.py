@@ -95,6 +95,8 @@ def inbox_to_record(box: Inbox[EntityState, EntityState], version: str) -> dict[
         "partners": [partner_message(seq, s) for seq, s in box.partners.items()],
         "derived": None if box.derived is None else partner_message(box.applied_seq, box.derived),
         "model_version": version,
+        "history_times": list(state.history_times),
+        "habits": list(state.habits),
     }
 
 
@@ -166,6 +168,8 @@ def inbox_row_bytes(
         [_partner_bytes(seq, s) for seq, s in box.partners.items()],
         None if derived is None else _partner_bytes(box.applied_seq, derived),
         version,
+        state.history_times,
+        state.habits,
     )
 
 
@@ -180,6 +184,8 @@ def inbox_from_record(record: dict[str, Any], side: str) -> Inbox[EntityState, E
         counts,
         int(record.get("count") or 0),
         float(record.get("trend") or 0.0),
+        tuple(map(float, record.get("history_times") or ())),
+        tuple(map(float, record.get("habits") or ())),
     )
     box: Inbox[EntityState, EntityState] = Inbox(
         state=state, applied_seq=int(record["applied_seq"]), sent_seq=int(record["sent_seq"])

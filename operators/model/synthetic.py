@@ -1,9 +1,10 @@
 """Checkpoints of random weights, for tests and benchmarks whose figures do not depend on
 the model's quality (exactness, latency, memory).
 
-The weights are drawn from a seed; the ranker is the history scorer with fixed terms that
-exercise its history, count and popularity parts, not just the distance; the states are those
-of the first rows of the bundled Wikipedia log, as a checkpoint trained on them would hold.
+The weights are drawn from a seed; the ranker is the history scorer (or the learned ranker)
+with fixed terms that exercise its history, count and popularity parts, not just the
+distance; the states are those of the first rows of the bundled Wikipedia log, as a
+checkpoint trained on them would hold.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch
 from torch import Tensor
 
 from operators.dataset import bundled_wikipedia, load_interactions
+from operators.evaluation.ranker import LearnedRanker, RankerNet
 from operators.model.checkpoint import EntitySeqs, save_checkpoint
 from operators.model.config import ModelConfig, TrainConfig
 from operators.model.jodie import Jodie
@@ -41,6 +43,23 @@ def fixed_history_scorer(history_size: int) -> dict[str, Tensor]:
     }
 
 
+def fixed_learned_ranker(history_size: int, seed: int = 0) -> dict[str, Tensor]:
+    """The learned ranker's parameters (``operators.evaluation.ranker``) as a fit might leave
+    them: every part non-zero (distance, item terms, the history entries' weights and the
+    hidden layer over them and the user's habits), drawn from ``seed``."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        net = RankerNet(history_size, hidden=8)
+        with torch.no_grad():
+            net.log_alpha.fill_(-0.7)
+            net.item_weights.copy_(torch.tensor([0.3, 0.5, 1.5]))
+            positions = torch.linspace(3.0, 0.2, history_size)
+            net.entry_weights.copy_(torch.cat([positions, torch.tensor([0.4, 1.0])]))
+            for p in net.mlp.parameters() if net.mlp is not None else ():
+                p.normal_(0.0, 0.5)
+    return LearnedRanker(net).tensors()
+
+
 def synthetic_checkpoint(
     out: Path,
     history: int = 0,
@@ -57,8 +76,9 @@ def synthetic_checkpoint(
 
     ``with_seqs``: record each entity's last seq, as a checkpoint replayed from a log that
     holds those rows (seq = row) does; only such a checkpoint is at a log position.
-    ``fixed_scorer``: the history scorer with ``fixed_history_scorer``'s terms (otherwise
-    its initial ones).
+    ``fixed_scorer``: the history scorer with ``fixed_history_scorer``'s terms, or with
+    ``config.scorer`` "ranker" the learned ranker with ``fixed_learned_ranker``'s (otherwise
+    their initial ones).
     """
     torch.manual_seed(seed)
     model = Jodie(config)
@@ -82,7 +102,11 @@ def synthetic_checkpoint(
         model,
         online.states,
         TrainConfig(model=config),
-        fixed_history_scorer(config.history_size) if fixed_scorer else None,
+        None
+        if not fixed_scorer
+        else fixed_learned_ranker(config.history_size, seed)
+        if config.scorer == "ranker"
+        else fixed_history_scorer(config.history_size),
         meta={"version": version, "log_offsets": offsets},
         last_seq=seqs,
     )

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -35,7 +35,7 @@ from operators.model.checkpoint import Checkpoint
 from operators.model.inference import NumpyJodie, static_row
 from operators.model.jodie import Jodie, standardise_delta
 from operators.model.kernel import feature_rows
-from operators.model.state import TREND_SECONDS
+from operators.model.state import HABITS, TREND_SECONDS, next_habits
 from operators.model.static import Kind
 from operators.protocol.exchange import Apply, ApplyMany, Pending, Ready
 
@@ -49,10 +49,14 @@ class EntityState:
     ``embedding`` is None until the entity's first event (the model's learned initial state
     applies); ``last_time`` is NaN until then. ``history`` (users only): distinct recent item
     ids, most recent first, at most ``ModelConfig.history_size``, with ``history_counts``, the
-    user's events on each while it stayed there. ``count`` and ``trend`` (items only): events
-    so far, and the same decayed with ``TREND_SECONDS`` as of ``last_time`` — the popularity
-    terms of the ranker (``operators.evaluation.scorer``), kept exactly as the offline
-    ``EntityStore`` keeps them.
+    user's events on each while it stayed there, ``history_times``, the user's last event time
+    on each, and ``habits`` (``operators.model.state.HABITS``). ``count``: events so far.
+    ``trend`` (items only): the same decayed with ``TREND_SECONDS`` as of ``last_time``. The
+    counts, trend, times and habits are what the rankers read besides the embeddings
+    (``operators.evaluation.scorer``, ``operators.evaluation.ranker``), kept exactly as the
+    offline ``EntityStore`` keeps them. A row written before times and habits were kept has
+    them empty: the learned ranker then scores that user without those terms until its
+    history turns over.
     """
 
     embedding: np.ndarray | None  # (d,) float32
@@ -61,6 +65,8 @@ class EntityState:
     history_counts: tuple[int, ...] = ()
     count: int = 0
     trend: float = 0.0
+    history_times: tuple[float, ...] = ()
+    habits: tuple[float, ...] = ()
 
     @property
     def is_new(self) -> bool:
@@ -104,6 +110,11 @@ class UserOutput:
     #: (d + s_item,) [i(t), ī] of the event's item just after it: the list served now ranks
     #: that item at this state, whatever the index holds for it yet.
     item_vector: np.ndarray | None = None
+    #: The user's rows before and after the event, whole: what the learned ranker reads of
+    #: the user (history times, habits, event count, last time) for the live evaluation's
+    #: query before the event and for the list served after it.
+    pre_user: EntityState = NEW
+    post_user: EntityState = NEW
 
 
 @dataclass(frozen=True)
@@ -185,6 +196,26 @@ class StreamModel:
         rows = [static_row(kind, i, dim) for i in ids]
         return np.array(rows, dtype=np.float32).reshape(len(ids), dim)
 
+    def _user_posts(
+        self, users: list[EntityState], events: list[EventData], embeddings: list[np.ndarray]
+    ) -> list[EntityState]:
+        """The users' rows after their events (distinct users): the embeddings given, the
+        clock moved, the history with its counts and times, the habits and the event count,
+        as ``EntityStore.update`` moves the offline rows (``next_habits`` on the batch, so the
+        arithmetic is the offline one)."""
+        k = self.config.history_size
+        habits: list[tuple[float, ...]] = [u.habits for u in users]
+        if k:
+            habits = [tuple(h) for h in _next_habits(users, events, k).tolist()]
+        out = []
+        for user, event, emb, hab in zip(users, events, embeddings, habits, strict=True):
+            history, counts = push_history(user, event.item_id, k)
+            times = push_history_times(user, event.item_id, event.timestamp, k)
+            out.append(
+                EntityState(emb, event.timestamp, history, counts, user.count + 1, 0.0, times, hab)
+            )
+        return out
+
     # -- the two sides ---------------------------------------------------------------------
     def apply_user(
         self, user: EntityState, item_pre: EntityState, event: EventData
@@ -218,13 +249,12 @@ class StreamModel:
         # from the item just touched (the user's previous item from now on).
         projected, predicted = self.net.query(u_new, horizon, u_static, i_new, i_static)
         probs = self.net.state_change_probability(u_new)
-        k = self.config.history_size
         item_vectors = np.concatenate([i_new, i_static], axis=1)
+        # Rows kept in tables are copies: a view would pin the whole batch's array.
+        posts = self._user_posts(users, events, [u_new[b].copy() for b in range(len(events))])
         results = []
-        for b, (user, event) in enumerate(zip(users, events, strict=True)):
-            history, counts = push_history(user, event.item_id, k)
-            # Rows kept in tables are copies: a view would pin the whole batch's array.
-            new_state = EntityState(u_new[b].copy(), event.timestamp, history, counts)
+        for b, (user, event, new_state) in enumerate(zip(users, events, posts, strict=True)):
+            history, counts = new_state.history, new_state.history_counts
             material = UserOutput(
                 event=event,
                 user=new_state.embedding,  # type: ignore[arg-type]
@@ -240,6 +270,8 @@ class StreamModel:
                 pre_history=user.history,
                 pre_counts=user.history_counts,
                 item_vector=item_vectors[b],
+                pre_user=user,
+                post_user=new_state,
             )
             results.append((new_state, material, EntityState(i_new[b].copy(), event.timestamp)))
         return results
@@ -313,8 +345,9 @@ class StreamModel:
     ) -> tuple[EntityState, UserOutput, EntityState]:
         """``apply_user`` for an event that cannot be applied: both embeddings kept, the
         time and the item recorded (what the kernel's quarantine leaves)."""
-        history, counts = push_history(user, event.item_id, self.config.history_size)
         kept = self._kept(user, self._u_init)
+        [post] = self._user_posts([user], [event], [kept])
+        history, counts = post.history, post.history_counts
         nothing = np.zeros(0, dtype=np.float32)  # a quarantined event is never served
         material = UserOutput(
             event=event,
@@ -330,9 +363,11 @@ class StreamModel:
             history_counts=counts,
             pre_history=user.history,
             pre_counts=user.history_counts,
+            pre_user=user,
+            post_user=post,
         )
         item_post = EntityState(self._kept(item_pre, self._i_init), event.timestamp)
-        return EntityState(kept, event.timestamp, history, counts), material, item_post
+        return post, material, item_post
 
     def skip_item(
         self, item: EntityState, user_pre: EntityState, event: EventData, reason: str
@@ -429,12 +464,44 @@ def push_history(user: EntityState, item: str, k: int) -> tuple[tuple[str, ...],
     return (item, *rest_h[: k - 1]), (counts[at] + 1, *rest_c[: k - 1])
 
 
+def push_history_times(user: EntityState, item: str, t: float, k: int) -> tuple[float, ...]:
+    """The user's last event time on each entry of ``push_history``'s result: ``t`` for
+    ``item``, the others carried along (NaN where a row written before times were kept has
+    none) — ``operators.model.state.push_history_times`` on one row of ids."""
+    if not k:
+        return ()
+    history = user.history
+    times = user.history_times
+    if len(times) != len(history):
+        times = (NAN,) * len(history)
+    kept = [w for h, w in zip(history, times, strict=True) if h != item]
+    return (float(t), *kept[: k - 1])
+
+
+def _next_habits(users: list[EntityState], events: list[EventData], k: int) -> np.ndarray:
+    """(B, 4) the users' habits after their events, by ``next_habits`` on their ids."""
+    b = len(users)
+    history = np.full((b, k), None, dtype=object)  # None never equals an item id
+    for row, user in enumerate(users):
+        history[row, : len(user.history)] = user.history[:k]
+    habits = np.zeros((b, len(HABITS)), dtype=np.float64)
+    for row, user in enumerate(users):
+        if user.habits:
+            habits[row] = user.habits
+    items = np.empty(b, dtype=object)
+    items[:] = [e.item_id for e in events]
+    last = np.array([u.last_time for u in users], dtype=np.float64)
+    gaps = np.array([e.timestamp for e in events], dtype=np.float64) - last
+    counts = np.array([u.count for u in users], dtype=np.int64)
+    return next_habits(habits, history, items, gaps, counts)
+
+
 def counted(item: EntityState, embedding: np.ndarray, t: float) -> EntityState:
     """The item with ``embedding`` after an event at ``t``: its clock moved to ``t``, its
     event count and decayed count (``TREND_SECONDS``) updated (the offline store's rule)."""
     age = np.inf if math.isnan(item.last_time) else np.float64(t) - np.float64(item.last_time)
     trend = float(np.float64(item.trend) * np.exp(-age / TREND_SECONDS) + 1.0)  # numpy's exp, as
-    return EntityState(embedding, t, item.history, item.history_counts, item.count + 1, trend)
+    return replace(item, embedding=embedding, last_time=t, count=item.count + 1, trend=trend)
 
 
 Skip = Callable[[Ready[EntityState, EntityState], str], tuple[Any, Any, Any]]
@@ -491,14 +558,28 @@ class CheckpointStates:
         row = self._user_rows.get(user_id)
         if row is None or np.isnan(self.users.last_time[row]):
             return NEW
-        entries = self.users.history[row].tolist()
-        counts = self.users.history_counts[row].tolist()
-        kept = [(self._item_ids[h], int(c)) for h, c in zip(entries, counts, strict=True) if h >= 0]
+        users = self.users
+        entries = users.history[row].tolist()
+        counts = users.history_counts[row].tolist()
+        times = users.history_times[row].tolist()
+        kept = [
+            (self._item_ids[h], int(c), float(w))
+            for h, c, w in zip(entries, counts, times, strict=True)
+            if h >= 0
+        ]
+        # A checkpoint saved before times and habits were kept leaves them unknown (empty).
+        known = "history_times" not in users.missing
         return EntityState(
-            self.users.emb[row].numpy().copy(),
-            float(self.users.last_time[row]),
-            tuple(h for h, _ in kept),
-            tuple(c for _, c in kept),
+            users.emb[row].numpy().copy(),
+            float(users.last_time[row]),
+            tuple(h for h, _, _ in kept),
+            tuple(c for _, c, _ in kept),
+            int(users.count[row]),
+            0.0,
+            tuple(w for _, _, w in kept) if known else (),
+            tuple(float(x) for x in users.habits[row].tolist())
+            if "habits" not in users.missing
+            else (),
         )
 
     def item(self, item_id: str) -> EntityState:

@@ -533,4 +533,8 @@ def _query(seq: int, out: UserOutput) -> Query:
         e.timestamp,
         out.pre_history,
         out.pre_counts,
+        out.pre_user.history_times,
+        out.pre_user.habits,
+        out.pre_user.count,
+        out.pre_user.last_time,
     )

@@ -4,7 +4,9 @@ the live evaluation, and the one place where user-side outputs become recommenda
 Lists are ranked by the model's default ranker, the one ``jodie evaluate`` reports
 (``operators.evaluation.scorer``, fitted parameters from the checkpoint): with the history
 scorer, score = −α‖j̃ − [j, j̄]‖² + b_pos + β·log(1 + n_user,j) + γ·log(1 + n_j) +
-δ·log(1 + m_j(t)). The index keeps each item's event count, decayed count and time beside its
+δ·log(1 + m_j(t)); with the learned ranker (``operators.evaluation.ranker``), −α‖·‖² plus its
+item term w·x_j and its bonus for the user's own items, read from the user's row (history,
+counts, times, habits). The index keeps each item's event count, decayed count and time beside its
 vector (as its owner computed them after its latest event), so the popularity terms of an
 item are as fresh as its vector; in the exact tier the list is the ranker's exact top k over
 every indexed item (the decayed counts taken at the batch's latest event time).
@@ -26,7 +28,9 @@ import numpy as np
 import torch
 from threadpoolctl import threadpool_limits
 
+from operators.evaluation.context import UserContext
 from operators.evaluation.live import LiveRanks
+from operators.evaluation.ranker import LearnedRanker, item_features
 from operators.evaluation.scorer import HistoryScorer, Scorer, log1p_count, make_scorer
 from operators.model.checkpoint import Checkpoint, load_checkpoint
 from operators.model.state import trend_at
@@ -49,6 +53,12 @@ def model_version(ckpt: Checkpoint) -> str:
 def ranking_key(ranker: Scorer, now: float) -> dict[str, Any]:
     """The ranker's scale and item-only term at time ``now``, as ``TieredIndex`` takes them
     (a function of the index's item attributes: count, decayed count, time); {} for plain."""
+    if isinstance(ranker, LearnedRanker):
+
+        def learned(attrs: np.ndarray) -> np.ndarray:
+            return ranker.prior(_item_features(attrs, now))
+
+        return {"scale": ranker.scale, "prior": learned}
     if not isinstance(ranker, HistoryScorer):
         return {}
     gamma, delta = float(ranker.gamma), float(ranker.delta)
@@ -58,6 +68,12 @@ def ranking_key(ranker: Scorer, now: float) -> dict[str, Any]:
         return gamma * np.log1p(attrs[:, 0]) + delta * np.log1p(trend)
 
     return {"scale": float(ranker.log_alpha.exp()), "prior": prior}
+
+
+def _item_features(attrs: np.ndarray, now: float) -> np.ndarray:
+    """The learned ranker's item features x (n, 3) of index attributes (n, 3: count, decayed
+    count as of the item's time, time) at ``now``, as the offline scorer forms them."""
+    return item_features(attrs[:, 0], trend_at(attrs[:, 1], attrs[:, 2], now), attrs[:, 2], now)
 
 
 @dataclass(frozen=True)
@@ -165,13 +181,29 @@ class Serving:
         self.clock = max(self.clock, float(np.nanmax(attrs[:, 2], initial=-np.inf)))
 
     def _terms(
-        self, histories: list[tuple[tuple[str, ...], tuple[int, ...]]], now: float
+        self,
+        users: list[EntityState],
+        now: float,
+        preds: np.ndarray,
+        fresh: list[tuple[str, np.ndarray] | None],
+        times: list[float],
     ) -> dict[str, Any]:
-        """The history scorer's terms as the index's key (see ``TieredIndex.recommend``),
-        for users of these (history, counts), the decayed counts taken at ``now``."""
+        """The ranker's terms as the index's key (see ``TieredIndex.recommend``) for these
+        users' rows, predicting ``preds`` (B, D), each at its time ``times`` (the item terms
+        of the whole key at ``now``); ``fresh`` as ``recommend`` takes it (the learned
+        ranker's bonus reads the distance of each history item)."""
         ranker = self.ranker
+        if isinstance(ranker, LearnedRanker):
+            return {
+                **ranking_key(ranker, now),
+                "bonus": [
+                    self._learned_bonus(ranker, user, pred, over, t)
+                    for user, pred, over, t in zip(users, preds, fresh, times, strict=True)
+                ],
+            }
         if not isinstance(ranker, HistoryScorer):
             return {}
+        histories = [(user.history, user.history_counts) for user in users]
         beta, bonus = float(ranker.beta), ranker.bonus.tolist()
         # One count at a time, as the scorer's numpy calls give it (log1p_count).
         return {
@@ -185,6 +217,51 @@ class Serving:
                 for history, counts in histories
             ],
         }
+
+    def _learned_bonus(
+        self,
+        ranker: LearnedRanker,
+        user: EntityState,
+        pred: np.ndarray,
+        fresh: tuple[str, np.ndarray] | None,
+        t: float,
+    ) -> dict[str, float]:
+        """The learned ranker's bonus of each of the user's history items (item → value) at
+        time ``t``: the offline ``LearnedRanker.history_bonus`` on the user's row, with each
+        entry's item features and distance from the indexed item (``fresh``'s vector for its
+        item). Entries the index does not hold are left out, as padding."""
+        k = self.stream.config.history_size
+        rows = np.full(k, -1, dtype=np.int64)
+        counts = np.zeros(k, dtype=np.int64)
+        times = np.full(k, np.nan)
+        vectors = np.zeros((k, pred.shape[0]), dtype=np.float32)
+        attrs = np.zeros((k, 3), dtype=np.float64)
+        known = len(user.history_times) == len(user.history)
+        for j, (item, count) in enumerate(
+            zip(user.history[:k], user.history_counts[:k], strict=False)
+        ):
+            got = self.index.get(item)
+            if got is None:
+                continue
+            rows[j], counts[j], attrs[j] = j, count, got[1]
+            vectors[j] = fresh[1] if fresh is not None and fresh[0] == item else got[0]
+            if known:
+                times[j] = user.history_times[j]
+        if not (rows >= 0).any():
+            return {}
+        context = UserContext(
+            rows,
+            counts,
+            times if known else None,
+            np.asarray(user.habits, dtype=np.float64) if user.habits else None,
+            user.count,
+            user.last_time,
+            t,
+        )
+        diff = vectors - pred.astype(np.float32)
+        distances = np.einsum("kd,kd->k", diff, diff)
+        bonus = ranker.history_bonus(context, _item_features(attrs, t), distances)
+        return {user.history[j]: float(bonus[j]) for j in np.flatnonzero(rows >= 0).tolist()}
 
     def recommendations(self, outs: list[UserOutput]) -> list[dict[str, Any]]:
         """Top candidates for each predicted item by the ranker: nearest neighbours ∪ the
@@ -201,7 +278,9 @@ class Serving:
         # One prior for the batch, at its latest event time: the decayed counts move by
         # exp(-gap / one day) within it, and a per-event prior would be batch × all items.
         now = max(o.event.timestamp for o in outs)
-        terms = self._terms([(o.history, o.history_counts) for o in outs], now)
+        terms = self._terms(
+            [o.post_user for o in outs], now, preds, fresh, [o.event.timestamp for o in outs]
+        )
         ranked = self.index.recommend(preds, self.candidates, extra, fresh=fresh, **terms)
         records = []
         for out, pred, (ids, dist) in zip(outs, preds, ranked, strict=True):
@@ -274,6 +353,15 @@ class Serving:
                 "is better; the terms are fitted as log-odds that j comes next, b_0 (the user's "
                 "last item) then raised by the margin whose lists served best on validation"
             )
+        if isinstance(self.ranker, LearnedRanker):
+            return (
+                "score = distance + history + item = -a*|j~ - [j, j_static]|^2 + (a learned "
+                "bonus for the user's own items: position, the user's events on j, time since "
+                "the user last touched j, the user's habits) + w.(log(1 + events on j), "
+                "log(1 + events on j decayed over one day), -log(1 + seconds since anyone "
+                "touched j)/10); j~ is the item the model predicts for the user projected to "
+                "that time; higher is better; fitted as log-odds that j comes next"
+            )
         return (
             "score = distance = -|j~ - [j, j_static]|^2: minus the squared distance from the "
             "item the model predicts for the user projected to that time; higher is better"
@@ -316,11 +404,18 @@ class Serving:
         _projected, predicted = self.stream.predict_at(user_id, state, previous, t)
         with self.lock:
             extra = self._extras([state.history])
-            terms = self._terms([(state.history, state.history_counts)], t)
+            terms = self._terms([state], t, predicted[None, :], [fresh], [t])
             [(ids, keys)] = self.index.recommend(
                 predicted[None, :], k, extra, fresh=[fresh], **terms
             )
             scores = [-float(key) for key in keys.tolist()]
+            if isinstance(self.ranker, LearnedRanker):
+                bonus = [terms["bonus"][0].get(item, 0.0) for item in ids]
+                items = self.ranker.prior(_item_features(self.index.attributes_of(ids), t))
+                return [
+                    Ranked(item, score, {"distance": score - b - x, "history": b, "item": x})
+                    for item, score, b, x in zip(ids, scores, bonus, items.tolist(), strict=True)
+                ]
             if not isinstance(self.ranker, HistoryScorer):
                 return [Ranked(i, s, {"distance": s}) for i, s in zip(ids, scores, strict=True)]
             bonus = [terms["bonus"][0].get(item, 0.0) for item in ids]
@@ -362,6 +457,11 @@ class Serving:
         """A cold start: the ``k`` items the ranker's popularity terms favour at time ``t``,
         γ·log(1 + events on j) + δ·log(1 + events on j decayed over a day); with a ranker
         without them, log(1 + the decayed count) alone."""
+        if isinstance(self.ranker, LearnedRanker):
+            with self.lock:
+                values = self.ranker.prior(_item_features(self.index.attributes(), t))
+                top = self.index.top_by(values, k)
+            return [Ranked(item, value, {"item": value}) for item, value in top]
         gamma, delta = self._popularity()
         with self.lock:
             stats = self.index.attributes()

@@ -268,4 +268,30 @@ def test_table_rows_written_before_the_ranker_counts_still_decode() -> None:
     }
     data = Codec(load_schema("entity_record.v1")).encode(row)
     decoded = Codec(ENTITY_RECORD).decode(data)
-    assert decoded == {**row, "history_counts": [], "count": 0, "trend": 0.0}
+    assert decoded == {
+        **row,
+        "history_counts": [],
+        "count": 0,
+        "trend": 0.0,
+        "history_times": [],
+        "habits": [],
+    }
+
+
+def test_table_rows_written_before_the_ranker_user_state_still_decode() -> None:
+    row = {
+        "embedding": b"\x00" * 8,
+        "last_time": 5.0,
+        "history": ["a", "b"],
+        "history_counts": [2, 1],
+        "count": 3,
+        "trend": 0.0,
+        "applied_seq": 3,
+        "sent_seq": 3,
+        "waiting": [],
+        "partners": [],
+        "derived": None,
+        "model_version": "v1",
+    }
+    data = Codec(load_schema("entity_record.v2")).encode(row)
+    assert Codec(ENTITY_RECORD).decode(data) == {**row, "history_times": [], "habits": []}

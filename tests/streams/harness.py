@@ -12,6 +12,7 @@ import os
 import subprocess
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -19,9 +20,10 @@ import numpy as np
 from operators.dataset import bundled_wikipedia, load_interactions
 from operators.evaluation.scorer import UserContext, make_scorer
 from operators.model.checkpoint import load_checkpoint
+from operators.model.config import ScorerName
 from operators.model.online import OnlineJodie
 from operators.model.state import trend_at
-from operators.model.synthetic import synthetic_checkpoint
+from operators.model.synthetic import WIKIPEDIA_DELTAS, synthetic_checkpoint
 
 # Re-exported: the tests import them from here.
 from streams.children import free_port as free_port
@@ -43,10 +45,15 @@ def make_checkpoint(
     version: str = "test-v1",
     with_seqs: bool = False,
     seed: int = 0,
+    scorer: ScorerName = "history",
 ) -> Path:
     """A checkpoint of random weights whose states have seen the first ``history`` rows of
-    the bundled file (operators.model.synthetic); ``with_seqs``: at that log position."""
-    return synthetic_checkpoint(out, history, version=version, seed=seed, with_seqs=with_seqs)
+    the bundled file (operators.model.synthetic); ``with_seqs``: at that log position;
+    ``scorer``: its default ranker, with fixed non-zero terms."""
+    config = replace(WIKIPEDIA_DELTAS, scorer=scorer)
+    return synthetic_checkpoint(
+        out, history, version=version, seed=seed, with_seqs=with_seqs, config=config
+    )
 
 
 def reference(checkpoint: Path, rows: Sequence[int]) -> OnlineJodie:
@@ -135,7 +142,10 @@ def offline_ranking(checkpoint: Path, online: OnlineJodie, user: str, t: float) 
         items.static,
         items.count.astype(np.float64),
         trend_at(items.trend, items.last_time, t),
-        UserContext(q.history, q.history_counts),
+        UserContext(
+            q.history, q.history_counts, q.history_times, q.habits, q.events, q.last_time, t
+        ),
+        items.last_time,
     ).numpy()
     return {
         item: float(scores[row])

@@ -2,7 +2,8 @@
 
 The workers rank each event's item against every item's state at the event, which they
 reconstruct from seq-tagged item vectors (operators.evaluation.live), with the checkpoint's
-default ranker (the history scorer: distance, history, counts, popularity and trend); the
+default ranker (the history scorer: distance, history, counts, popularity and trend; or the
+learned ranker); the
 offline figure is the frozen protocol (`jodie evaluate --protocol frozen`) over the same events
 from the same checkpoint. Ranks are compared per event, not as means.
 """
@@ -20,6 +21,7 @@ from operators.dataset import bundled_wikipedia, load_interactions
 from operators.evaluation.protocols import frozen_replay
 from operators.evaluation.scorer import UserContext, make_scorer
 from operators.model.checkpoint import load_checkpoint
+from operators.model.config import ScorerName
 from operators.model.online import OnlineJodie
 from streams.settings import Settings
 from streams.tail import tail
@@ -47,11 +49,14 @@ def _offline_ranks(checkpoint: Path) -> dict[int, int]:
     return {int(line): int(r) for line, r in zip(log.lines.tolist(), ranks.tolist(), strict=True)}
 
 
+@pytest.mark.parametrize("scorer", ["history", "ranker"])
 def test_two_workers_rank_each_event_as_the_frozen_replay(
-    kafka: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    kafka: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, scorer: ScorerName
 ) -> None:
+    """With the history scorer, and with the learned ranker, which also reads each user's
+    history times, habits and event count from its row and each item's last event time."""
     monkeypatch.setenv("JODIE_EVALUATE_EVERY", "1")  # the workers evaluate every event
-    checkpoint = make_checkpoint(tmp_path / "ck", history=HISTORY)
+    checkpoint = make_checkpoint(tmp_path / "ck", history=HISTORY, scorer=scorer)
     workers = [start_worker(kafka, checkpoint, n, tmp_path) for n in (0, 1)]
     try:
         wait_until_assigned(tmp_path, (0, 1), timeout_s=120)
@@ -94,9 +99,17 @@ def _near_ties(checkpoint: Path, lines: set[int]) -> dict[int, int]:
         if line in lines:
             q = online.query(user, t)
             items = online.states.items
-            ctx = UserContext(q.history, q.history_counts)
+            ctx = UserContext(
+                q.history, q.history_counts, q.history_times, q.habits, q.events, q.last_time, t
+            )
             scores = ranker.scores(
-                q.pred[0], items.emb, items.static, items.count, items.trend_at(t), ctx
+                q.pred[0],
+                items.emb,
+                items.static,
+                items.count,
+                items.trend_at(t),
+                ctx,
+                items.last_time,
             )
             true = float(scores[items.row(item)])
             ulp = abs(float(np.spacing(np.float32(true))))

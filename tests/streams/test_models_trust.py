@@ -247,15 +247,16 @@ def test_an_announced_log_position_must_be_the_checkpoints(
 def test_a_checkpoint_with_a_ranker_the_workers_do_not_serve_is_refused(
     topic: dict[str, Any], source: Path, tmp_path: Path
 ) -> None:
-    """Workers rank with the plain and history scorers only: a learned-ranker checkpoint would
-    be ranked by distance alone while `jodie evaluate` measured its ranker."""
+    """Workers rank with the scorers they know (plain, history, the learned ranker): a
+    checkpoint of another would be ranked by distance alone while `jodie evaluate` measured
+    its own ranker."""
     ranker = tmp_path / "ranker"
     shutil.copytree(source, ranker)
     meta = json.loads((ranker / "checkpoint.json").read_text())
-    meta["model_config"]["scorer"] = "ranker"
+    meta["model_config"]["scorer"] = "boosted-trees"
     (ranker / "checkpoint.json").write_text(json.dumps(meta))
     settings = _settings(tmp_path)
-    with pytest.raises(UnservableModelError, match="'ranker' scorer, which the workers do not"):
+    with pytest.raises(UnservableModelError, match="'boosted-trees' scorer, which the workers"):
         _announce(settings, ranker, "v2")
     assert topic == {}  # nothing announced
     # A record of it written by other means is refused by every loader as well.
@@ -268,6 +269,21 @@ def test_a_checkpoint_with_a_ranker_the_workers_do_not_serve_is_refused(
         verified(served, settings)
     with pytest.raises(UnservableModelError):
         catch_up(settings, served)
+
+
+def test_a_learned_ranker_checkpoint_is_served(
+    topic: dict[str, Any], source: Path, tmp_path: Path
+) -> None:
+    """The learned ranker is served as it is evaluated (streams.app.serving): announced and
+    verified like any other version."""
+    ranker = tmp_path / "ranker"
+    shutil.copytree(source, ranker)
+    meta = json.loads((ranker / "checkpoint.json").read_text())
+    meta["model_config"]["scorer"] = "ranker"
+    (ranker / "checkpoint.json").write_text(json.dumps(meta))
+    settings = _settings(tmp_path)
+    record = _announce(settings, ranker, "v2")
+    assert verified(record, settings) == (tmp_path / "store" / "jodie" / "v2").resolve()
 
 
 # --- signatures -------------------------------------------------------------------------------

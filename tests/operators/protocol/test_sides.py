@@ -55,15 +55,29 @@ def _baseline(online: OnlineJodie) -> tuple[dict[str, EntityState], dict[str, En
     item_ids = items.ids
     u_states = {}
     for row, uid in enumerate(users.ids):
-        hist = tuple(item_ids[h] for h in users.history[row].tolist() if h >= 0)
         u_states[uid] = EntityState(
-            users.emb[row].numpy().copy(), float(users.last_time[row]), hist
+            users.emb[row].numpy().copy(), float(users.last_time[row]), *_user_row(online, row)
         )
     i_states = {
         iid: EntityState(items.emb[row].numpy().copy(), float(items.last_time[row]))
         for row, iid in enumerate(item_ids)
     }
     return u_states, i_states
+
+
+def _user_row(online: OnlineJodie, row: int) -> tuple:
+    """(history, counts, count, trend, times, habits) of an offline user row, as a stream's
+    EntityState holds them (ids, no padding)."""
+    users, item_ids = online.states.users, online.states.items.ids
+    valid = users.history[row] >= 0
+    return (
+        tuple(item_ids[h] for h in users.history[row][valid].tolist()),
+        tuple(users.history_counts[row][valid].tolist()),
+        int(users.count[row]),
+        0.0,
+        tuple(users.history_times[row][valid].tolist()),
+        tuple(users.habits[row].tolist()),
+    )
 
 
 #: Features by event index: another length and not finite are quarantined
@@ -153,10 +167,11 @@ def test_stream_sides_reproduce_the_sequential_replay(poisoned: bool) -> None:
             box.state.embedding, online.states.users.emb[row].numpy(), atol=1e-6
         )
         assert box.state.last_time == online.states.users.last_time[row]
-        want = tuple(
-            online.states.items.ids[h] for h in online.states.users.history[row].tolist() if h >= 0
-        )
-        assert box.state.history == want
+        # The rankers' user terms, bit for bit: history, counts, times, habits, event count.
+        history, counts, count, _trend, times, habits = _user_row(online, row)
+        state = box.state
+        assert (state.history, state.history_counts, state.count) == (history, counts, count)
+        assert (state.history_times, state.habits) == (times, habits)
     for iid, box in boxes["item"].items():
         row = online.states.items.row(iid)
         assert row is not None

@@ -7,7 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from operators.evaluation.ranker import LearnedRanker
 from operators.evaluation.scorer import HistoryScorer
+from operators.evaluation.served import served_scores
 from operators.model.checkpoint import load_checkpoint
 from operators.model.online import OnlineJodie
 from operators.model.state import trend_at
@@ -148,9 +150,88 @@ def test_the_history_bonus_takes_numpys_log1p_of_each_count(checkpoint: Path) ->
     n = min(len(ranker.bonus), 5)
     counts = (2, 13, 47, 73, 184)[:n]
     history = tuple(f"i{k}" for k in range(n))
-    [bonus] = serving._terms([(history, counts)], now=0.0)["bonus"]
+    user = EntityState(None, 0.0, history, counts)
+    pred = np.zeros((1, serving.index.dim), dtype=np.float32)
+    [bonus] = serving._terms([user], 0.0, pred, [None], [0.0])["bonus"]
     logs = np.log1p(np.asarray(counts, dtype=np.float64))
     beta, weights = float(ranker.beta), ranker.bonus.tolist()
     assert [bonus[item] for item in history] == [
         weights[j] + beta * float(logs[j]) for j in range(n)
     ]
+
+
+# --- the learned ranker ---------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ranker_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_checkpoint(tmp_path_factory.mktemp("ranker") / "v1", scorer="ranker")
+
+
+@pytest.mark.parametrize("hours", [0.0, 1.0, 48.0])
+def test_the_learned_ranker_ranks_a_user_between_events_as_offline(
+    ranker_checkpoint: Path, hours: float
+) -> None:
+    serving = Serving.load(Settings(), ranker_checkpoint)
+    assert isinstance(serving.ranker, LearnedRanker)
+    baseline = CheckpointStates(serving.checkpoint)
+    ckpt = load_checkpoint(ranker_checkpoint)
+    online = OnlineJodie(ckpt.model, ckpt.states)
+    for user in _busiest_users(ranker_checkpoint, 3):
+        state = baseline.user(user)
+        assert state.history_times and state.habits and state.count  # the ranker's user terms
+        t = state.last_time + hours * 3600
+        ranked = serving.rank_user(user, state, None, t, k=10)
+        assert len(ranked) == 10
+        assert_ranked_as_offline(
+            [(r.item_id, r.score) for r in ranked],
+            offline_ranking(ranker_checkpoint, online, user, t),
+        )
+        for r in ranked:  # the terms explain the score: they add up to it
+            assert set(r.terms) == {"distance", "history", "item"}
+            assert sum(r.terms.values()) == pytest.approx(r.score, abs=1e-9)
+        assert any(r.terms["history"] != 0 for r in ranked)
+
+
+def test_the_learned_ranker_serves_after_an_event_the_list_jodie_evaluate_computes(
+    ranker_checkpoint: Path,
+) -> None:
+    """The list emitted after an event is the offline served list (``served_scores``, what
+    `jodie evaluate --served` measures) at the stream's horizon, scores included."""
+    ckpt = load_checkpoint(ranker_checkpoint)
+    for user in _busiest_users(ranker_checkpoint, 3):
+        serving = Serving.load(Settings(), ranker_checkpoint)
+        baseline = CheckpointStates(serving.checkpoint)
+        state = baseline.user(user)
+        for item in (state.history[0], state.history[-1]):  # the last item again, an older one
+            serving = Serving.load(Settings(), ranker_checkpoint)
+            t = state.last_time + 900.0
+            event = EventData(f"e-{user}-{item}", user, item, t, ())
+            [(post, out, _i)] = serving.stream.apply_users([state], [baseline.item(item)], [event])
+            # The item's owner's vector and counts after the event, as item-vectors brings it.
+            [(_item, vector, _u)] = serving.stream.apply_items(
+                [baseline.item(item)], [state], [event]
+            )
+            serving.upsert([item], vector.vector[None, :], [(vector.count, vector.trend, t)])
+            [record] = serving.recommendations([out])
+            online = OnlineJodie(ckpt.model, ckpt.states.copy())
+            online.observe(user, item, t)
+            users, items = online.states.users, online.states.items
+            [scores], _context = served_scores(
+                ckpt.model,
+                online.states,
+                serving.ranker,
+                users.row(user),  # type: ignore[arg-type]
+                items.row(item),  # type: ignore[arg-type]
+                t,
+                (None,),
+            )
+            offline = {
+                i: float(scores[row])
+                for row, i in enumerate(items.ids)
+                if not np.isnan(items.last_time[row])
+            }
+            assert post.history[0] == item
+            assert_ranked_as_offline(
+                [(c["item_id"], c["score"]) for c in record["candidates"]], offline
+            )
