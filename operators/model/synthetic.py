@@ -16,7 +16,6 @@ import torch
 from torch import Tensor
 
 from operators.dataset import bundled_wikipedia, load_interactions
-from operators.evaluation.ranker import LearnedRanker, RankerNet
 from operators.model.checkpoint import EntitySeqs, save_checkpoint
 from operators.model.config import ModelConfig, TrainConfig
 from operators.model.jodie import Jodie
@@ -44,20 +43,25 @@ def fixed_history_scorer(history_size: int) -> dict[str, Tensor]:
 
 
 def fixed_learned_ranker(history_size: int, seed: int = 0) -> dict[str, Tensor]:
-    """The learned ranker's parameters (``operators.evaluation.ranker``) as a fit might leave
-    them: every part non-zero (distance, item terms, the history entries' weights and the
-    hidden layer over them and the user's habits), drawn from ``seed``."""
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        net = RankerNet(history_size, hidden=8)
-        with torch.no_grad():
-            net.log_alpha.fill_(-0.7)
-            net.item_weights.copy_(torch.tensor([0.3, 0.5, 1.5]))
-            positions = torch.linspace(3.0, 0.2, history_size)
-            net.entry_weights.copy_(torch.cat([positions, torch.tensor([0.4, 1.0])]))
-            for p in net.mlp.parameters() if net.mlp is not None else ():
-                p.normal_(0.0, 0.5)
-    return LearnedRanker(net).tensors()
+    """The learned ranker's parameters (``operators.evaluation.ranker.RankerNet``, by their
+    checkpoint keys: this package may not import the evaluation one) as a fit might leave
+    them: every part non-zero — distance, item terms, the history entries' weights and eight
+    hidden units over them and the user's habits — the hidden layer drawn from ``seed``."""
+    hidden, width = 8, history_size + 2  # entries: position one-hot, count, time
+    inputs = width + 7 + 3 + 1  # entry, user, item, distance
+    generator = torch.Generator().manual_seed(seed)
+    prefix = "scorer.ranker."
+    return {
+        f"{prefix}log_alpha": torch.tensor(-0.7),
+        f"{prefix}item_weights": torch.tensor([0.3, 0.5, 1.5]),
+        f"{prefix}entry_weights": torch.cat(
+            [torch.linspace(3.0, 0.2, history_size), torch.tensor([0.4, 1.0])]
+        ),
+        f"{prefix}mlp.0.weight": 0.5 * torch.randn(hidden, inputs, generator=generator),
+        f"{prefix}mlp.0.bias": 0.5 * torch.randn(hidden, generator=generator),
+        f"{prefix}mlp.2.weight": 0.5 * torch.randn(1, hidden, generator=generator),
+        f"{prefix}mlp.2.bias": 0.5 * torch.randn(1, generator=generator),
+    }
 
 
 def synthetic_checkpoint(

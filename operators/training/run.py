@@ -20,6 +20,7 @@ from operators.evaluation.protocols import (
     ranker_samples,
     scorer_samples,
 )
+from operators.evaluation.ranker import PREFIX as RANKER_PREFIX
 from operators.evaluation.ranker import fit_ranker
 from operators.evaluation.scorer import fit_history_scorer, make_scorer
 from operators.evaluation.served import LastItemMargins
@@ -115,9 +116,10 @@ def fit_scorer(
 def fit_served_margin(
     model: Jodie, states: States, valid_log: InteractionLog, tensors: dict[str, Tensor]
 ) -> tuple[dict[str, Tensor], LastItemMargins]:
-    """The history scorer's ``tensors`` with the bonus of the user's last item raised by the
-    margin of ``operators.evaluation.served.MARGINS`` whose served lists on ``valid_log``
-    have the highest served MRR (the smallest such margin), and those figures.
+    """The scorer's ``tensors`` (the history scorer's or the learned ranker's) with the bonus
+    of the user's last item raised by the margin of ``operators.evaluation.served.MARGINS``
+    whose served lists on ``valid_log`` have the highest served MRR (the smallest such
+    margin), and those figures.
 
     The scorer's terms are fitted by likelihood, which spreads probability over every item
     of a user's history; a served list is read from the top. On Wikipedia that fit let an
@@ -130,9 +132,14 @@ def fit_served_margin(
     """
     margins = LastItemMargins()
     frozen_replay(model, states, valid_log, make_scorer(model.config, tensors), 0, margins)
-    bonus = tensors["scorer.bonus"].clone()
-    bonus[0] += margins.best()  # a margin ≥ 0 keeps the bonus non-increasing in the position
-    return {**tensors, "scorer.bonus": bonus}, margins
+    # The history scorer's bonus by position, or the learned ranker's linear weight of the
+    # entry's position (its one-hot column 0 is the last item).
+    key = "scorer.bonus" if "scorer.bonus" in tensors else f"{RANKER_PREFIX}entry_weights"
+    bonus = tensors[key].clone()
+    # A margin ≥ 0 only raises the last item (the history scorer's bonus stays
+    # non-increasing in the position).
+    bonus[0] += margins.best()
+    return {**tensors, key: bonus}, margins
 
 
 def rebuilt_states(model: Jodie, train_log: InteractionLog, timespan: float) -> States:
@@ -180,7 +187,7 @@ def run_training(
             result.model, log.slice(0, result.split.train_end), result.timespan
         )
     valid = log.slice(result.split.train_end, result.split.valid_end)
-    if result.model.config.scorer == "history":
+    if result.model.config.scorer in ("history", "ranker"):
         scorer_tensors, margins = fit_served_margin(
             result.model, result.states.copy(), valid, scorer_tensors
         )

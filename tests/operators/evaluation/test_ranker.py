@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pytest
 import torch
 
 from operators.evaluation.metrics import mrr, rank_of
@@ -188,8 +189,17 @@ def test_the_fit_reads_no_event_after_the_training_split() -> None:
     config = TrainConfig(epochs=1, n_spans=20, progress=False, model=tiny_config(scorer="ranker"))
     runs = [run_training(data, config) for data in (log, other)]
     assert runs[0].result.split.train_end == 480
-    a, b = (r.scorer_tensors for r in runs)
+    a, b = (dict(r.scorer_tensors) for r in runs)
     assert set(a) == set(b) and "scorer.ranker.item_weights" in a
+    # The served margin of the last item is chosen on the validation split afterwards and
+    # added to the weight of history position 0: the fit itself is that weight without it.
+    key = "scorer.ranker.entry_weights"
+    fitted = [
+        float(t[key][0]) - r.result.metrics["served_margin"]
+        for t, r in zip((a, b), runs, strict=True)
+    ]
+    assert fitted[0] == pytest.approx(fitted[1], abs=1e-5)  # float32 (w + m) − m
+    a[key], b[key] = a[key][1:], b[key][1:]
     for key in a:
         assert torch.equal(a[key], b[key]), key
     # …and the fitted ranker is not a blank one.
