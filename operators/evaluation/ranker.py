@@ -166,7 +166,6 @@ class LearnedRanker:
         w = self.net.item_weights.numpy().astype(np.float64)
         return np.asarray(x, dtype=np.float64) @ w
 
-    @torch.no_grad()
     def history_bonus(
         self, user: UserContext, x_history: np.ndarray, d_history: np.ndarray
     ) -> np.ndarray:
@@ -174,15 +173,40 @@ class LearnedRanker:
         ``x_history`` (K, 3), the item features of the entries' items, and ``d_history``
         (K,), their squared distances from the prediction (padding rows are ignored): what a
         server adds to the history items' keys."""
-        rows, h = entry_features(user)
-        out = np.zeros(user.history.shape[0])
-        if rows.size:
-            valid = np.flatnonzero(user.history >= 0)
-            z = torch.from_numpy(user_features(user)).expand(rows.size, -1)
-            x = torch.from_numpy(np.asarray(x_history, dtype=np.float32)[valid])
-            d = torch.from_numpy(np.asarray(d_history, dtype=np.float32)[valid])
-            out[valid] = self.net.bonus(torch.from_numpy(h), z, x, d).numpy()
+        [out] = self.history_bonuses([user], [x_history], [d_history])
         return out
+
+    @torch.no_grad()
+    def history_bonuses(
+        self,
+        users: list[UserContext],
+        x_histories: list[np.ndarray],
+        d_histories: list[np.ndarray],
+    ) -> list[np.ndarray]:
+        """``history_bonus`` of several users at once: one pass of the network over all
+        their entries (a server's batch of recommendations)."""
+        hs, zs, xs, ds, spans = [], [], [], [], []
+        start = 0
+        for user, x_history, d_history in zip(users, x_histories, d_histories, strict=True):
+            rows, h = entry_features(user)
+            valid = np.flatnonzero(user.history >= 0)
+            spans.append((valid, start))
+            start += valid.size
+            hs.append(h)
+            zs.append(np.broadcast_to(user_features(user), (rows.size, USER_FEATURES)))
+            xs.append(np.asarray(x_history, dtype=np.float32)[valid])
+            ds.append(np.asarray(d_history, dtype=np.float32)[valid])
+        outs = [np.zeros(user.history.shape[0]) for user in users]
+        if start:
+            bonus = self.net.bonus(
+                torch.from_numpy(np.concatenate(hs)),
+                torch.from_numpy(np.concatenate(zs)),
+                torch.from_numpy(np.concatenate(xs)),
+                torch.from_numpy(np.concatenate(ds)),
+            ).numpy()
+            for out, (valid, start) in zip(outs, spans, strict=True):
+                out[valid] = bonus[start : start + valid.size]
+        return outs
 
     @torch.no_grad()
     def scores(

@@ -194,11 +194,23 @@ class Serving:
         ranker's bonus reads the distance of each history item)."""
         ranker = self.ranker
         if isinstance(ranker, LearnedRanker):
+            entries = [
+                self._history_entries(user, pred, over, t)
+                for user, pred, over, t in zip(users, preds, fresh, times, strict=True)
+            ]
+            values = ranker.history_bonuses(
+                [context for context, _x, _d in entries],
+                [x for _context, x, _d in entries],
+                [d for _context, _x, d in entries],
+            )
             return {
                 **ranking_key(ranker, now),
                 "bonus": [
-                    self._learned_bonus(ranker, user, pred, over, t)
-                    for user, pred, over, t in zip(users, preds, fresh, times, strict=True)
+                    {
+                        user.history[j]: float(value[j])
+                        for j in np.flatnonzero(context.history >= 0).tolist()
+                    }
+                    for user, (context, _x, _d), value in zip(users, entries, values, strict=True)
                 ],
             }
         if not isinstance(ranker, HistoryScorer):
@@ -218,18 +230,17 @@ class Serving:
             ],
         }
 
-    def _learned_bonus(
+    def _history_entries(
         self,
-        ranker: LearnedRanker,
         user: EntityState,
         pred: np.ndarray,
         fresh: tuple[str, np.ndarray] | None,
         t: float,
-    ) -> dict[str, float]:
-        """The learned ranker's bonus of each of the user's history items (item → value) at
-        time ``t``: the offline ``LearnedRanker.history_bonus`` on the user's row, with each
-        entry's item features and distance from the indexed item (``fresh``'s vector for its
-        item). Entries the index does not hold are left out, as padding."""
+    ) -> tuple[UserContext, np.ndarray, np.ndarray]:
+        """What the learned ranker's bonus reads of a user's history at time ``t``
+        (``LearnedRanker.history_bonus``): the user's row as a context (entry j's row is j,
+        -1 where the index does not hold the item: left out, as padding), each entry's item
+        features and its squared distance from ``pred`` (``fresh``'s vector for its item)."""
         k = self.stream.config.history_size
         rows = np.full(k, -1, dtype=np.int64)
         counts = np.zeros(k, dtype=np.int64)
@@ -247,8 +258,6 @@ class Serving:
             vectors[j] = fresh[1] if fresh is not None and fresh[0] == item else got[0]
             if known:
                 times[j] = user.history_times[j]
-        if not (rows >= 0).any():
-            return {}
         context = UserContext(
             rows,
             counts,
@@ -259,9 +268,7 @@ class Serving:
             t,
         )
         diff = vectors - pred.astype(np.float32)
-        distances = np.einsum("kd,kd->k", diff, diff)
-        bonus = ranker.history_bonus(context, _item_features(attrs, t), distances)
-        return {user.history[j]: float(bonus[j]) for j in np.flatnonzero(rows >= 0).tolist()}
+        return context, _item_features(attrs, t), np.einsum("kd,kd->k", diff, diff)
 
     def recommendations(self, outs: list[UserOutput]) -> list[dict[str, Any]]:
         """Top candidates for each predicted item by the ranker: nearest neighbours ∪ the
