@@ -318,6 +318,7 @@ class TieredIndex:
         prior: Prior | None = None,
         bonus: Sequence[Mapping[str, float]] | None = None,
         fresh: Sequence[tuple[str, np.ndarray] | None] | None = None,
+        priors: Sequence[Prior] | None = None,
     ) -> list[tuple[list[str], np.ndarray]]:
         """Per query, the k best of (its shortlist ∪ ``extra[b]``) by the key
         ``scale · ‖x − q‖² − prior − bonus`` (lowest first; plain distance by default): the
@@ -336,8 +337,14 @@ class TieredIndex:
         (``block_elems``), so no batch × all-items scratch is allocated at once. ``fresh``: per
         query, an (item, vector) whose distance is taken from that vector instead of the
         index's (a state newer than the one indexed; the item must be indexed and in
-        ``extra``).
+        ``extra``). ``priors``: per query, its own item-only term of the same form as
+        ``prior`` (which must be given too: the shortlists are drawn by it), for the keys
+        themselves — a ranker whose item terms depend on each query's time. Exact tier: each
+        query's over every item (queries × items evaluations); approximate tiers: over its
+        candidates.
         """
+        if priors is not None and (prior is None or len(priors) != len(queries)):
+            raise ValueError("priors needs a prior, and one per query")
         q = self._queries(queries, k)
         nq = q.shape[0]
         if len(self) == 0:
@@ -355,7 +362,11 @@ class TieredIndex:
             width = (self._shortlist_width(min(k, len(self))) + longest) * self.dim
         out: list[tuple[list[str], np.ndarray]] = []
         for block in self._blocks(nq, width):
+            own = None if priors is None else priors[block]
             if self._ivf is None:
+                if own is not None:  # (B, H): each query's item terms over every row
+                    attrs = self.attributes()
+                    everyone = np.stack([np.asarray(p(attrs), dtype=np.float64) for p in own])
                 out += self._recommend_exact(
                     q[block],
                     k,
@@ -375,6 +386,7 @@ class TieredIndex:
                 everyone,
                 None if bonus is None else bonus[block],
                 None if fresh is None else fresh[block],
+                own,
             )
         return out
 
@@ -407,7 +419,7 @@ class TieredIndex:
             finite = np.isfinite(dist)
             key = scale * dist
             if everyone is not None:
-                key -= everyone[None, :]
+                key -= everyone if everyone.ndim == 2 else everyone[None, :]
             if bonus:
                 # One subtraction per (query, history item), gathered first.
                 at_b: list[int] = []
@@ -441,6 +453,7 @@ class TieredIndex:
         everyone: np.ndarray | None,
         bonus: Sequence[Mapping[str, float]] | None,
         fresh: Sequence[tuple[str, np.ndarray] | None] | None = None,
+        priors: Sequence[Prior] | None = None,
     ) -> list[tuple[list[str], np.ndarray]]:
         store, n = self._store, len(self)
         nq = q.shape[0]
@@ -480,7 +493,10 @@ class TieredIndex:
         if keyed or bonus is not None:
             finite = np.isfinite(dist)
             key = scale * dist
-            if everyone is not None:
+            if priors is not None:
+                for b, own in enumerate(priors):
+                    key[b] -= np.asarray(own(store.attrs[safe[b]]), dtype=np.float64)
+            elif everyone is not None:
                 key -= everyone[safe]
             elif prior is not None:
                 key -= np.asarray(prior(store.attrs[safe.ravel()]), np.float64).reshape(safe.shape)

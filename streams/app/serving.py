@@ -9,7 +9,7 @@ item term w·x_j and its bonus for the user's own items, read from the user's ro
 counts, times, habits). The index keeps each item's event count, decayed count and time beside its
 vector (as its owner computed them after its latest event), so the popularity terms of an
 item are as fresh as its vector; in the exact tier the list is the ranker's exact top k over
-every indexed item (the decayed counts taken at the batch's latest event time).
+every indexed item (the item terms taken at each event's time).
 
 Between events, ``rank_user`` answers an interactive query with the same ranker: the user's
 state projected to a time ``t`` (by default the worker's stream time, ``clock``), as the
@@ -33,7 +33,7 @@ from operators.evaluation.live import LiveRanks
 from operators.evaluation.ranker import LearnedRanker, item_features
 from operators.evaluation.scorer import HistoryScorer, Scorer, log1p_count, make_scorer
 from operators.model.checkpoint import Checkpoint, load_checkpoint
-from operators.model.state import trend_at
+from operators.model.state import TREND_SECONDS, trend_at
 from operators.model.static import static_embeddings
 from operators.protocol.sides import CheckpointStates, EntityState, StreamModel, UserOutput
 from operators.retrieval.cooccurrence import CooccurrenceCandidates
@@ -68,6 +68,20 @@ def ranking_key(ranker: Scorer, now: float) -> dict[str, Any]:
         return gamma * np.log1p(attrs[:, 0]) + delta * np.log1p(trend)
 
     return {"scale": float(ranker.log_alpha.exp()), "prior": prior}
+
+
+def _counted_at(attrs: np.ndarray, t: float) -> np.ndarray:
+    """An item's index attributes (count, decayed count, time) after one more event at
+    ``t`` (``operators.protocol.sides.counted``'s rule), when the index holds it from before:
+    the item a user just touched, whose owner's vector has not come through yet, ranked
+    with the counts and time it has after the event, as offline. Attributes at ``t`` or
+    later are already past it."""
+    count, trend, last = attrs.tolist()
+    if last >= t:
+        return attrs
+    age = np.inf if np.isnan(last) else np.float64(t) - np.float64(last)
+    decayed = float(np.float64(trend) * np.exp(-age / TREND_SECONDS) + 1.0)
+    return np.array([count + 1.0, decayed, t], dtype=np.float64)
 
 
 def _item_features(attrs: np.ndarray, now: float) -> np.ndarray:
@@ -187,16 +201,48 @@ class Serving:
         preds: np.ndarray,
         fresh: list[tuple[str, np.ndarray] | None],
         times: list[float],
+        fresh_attrs: list[tuple[np.ndarray, np.ndarray] | None] | None = None,
     ) -> dict[str, Any]:
         """The ranker's terms as the index's key (see ``TieredIndex.recommend``) for these
         users' rows, predicting ``preds`` (B, D), each at its time ``times`` (the item terms
         of the whole key at ``now``); ``fresh`` as ``recommend`` takes it (the learned
-        ranker's bonus reads the distance of each history item)."""
+        ranker's bonus reads the distance of each history item). ``fresh_attrs``: per user,
+        the attributes the index holds for ``fresh``'s item and those it has at the user's
+        time (see ``recommendations``): that item's bonus also carries the difference of its
+        item terms, so it is ranked with its counts and time after the event."""
+        terms = self._base_terms(users, now, preds, fresh, times, fresh_attrs)
+        if not terms:
+            return terms
+        # Each user's item terms at its own time, as offline: the ranker's recency term moves
+        # by minutes within a batch of events (the batch's prior only draws shortlists).
+        terms["priors"] = [ranking_key(self.ranker, t)["prior"] for t in times]
+        for b, (over, attrs) in enumerate(zip(fresh, fresh_attrs or (), strict=False)):
+            if over is None or attrs is None:
+                continue
+            held, after = attrs
+            at_t = terms["priors"][b]
+            delta = float(at_t(after[None, :])[0]) - float(at_t(held[None, :])[0])
+            terms["bonus"][b][over[0]] = terms["bonus"][b].get(over[0], 0.0) + delta
+        return terms
+
+    def _base_terms(
+        self,
+        users: list[EntityState],
+        now: float,
+        preds: np.ndarray,
+        fresh: list[tuple[str, np.ndarray] | None],
+        times: list[float],
+        fresh_attrs: list[tuple[np.ndarray, np.ndarray] | None] | None,
+    ) -> dict[str, Any]:
+        """``_terms`` with the item terms of every item as the index holds them."""
         ranker = self.ranker
         if isinstance(ranker, LearnedRanker):
+            after = [None if a is None else a[1] for a in fresh_attrs or [None] * len(users)]
             entries = [
-                self._history_entries(user, pred, over, t)
-                for user, pred, over, t in zip(users, preds, fresh, times, strict=True)
+                self._history_entries(user, pred, over, t, attrs)
+                for user, pred, over, t, attrs in zip(
+                    users, preds, fresh, times, after, strict=True
+                )
             ]
             values = ranker.history_bonuses(
                 [context for context, _x, _d in entries],
@@ -236,11 +282,13 @@ class Serving:
         pred: np.ndarray,
         fresh: tuple[str, np.ndarray] | None,
         t: float,
+        fresh_attrs: np.ndarray | None = None,
     ) -> tuple[UserContext, np.ndarray, np.ndarray]:
         """What the learned ranker's bonus reads of a user's history at time ``t``
         (``LearnedRanker.history_bonus``): the user's row as a context (entry j's row is j,
         -1 where the index does not hold the item: left out, as padding), each entry's item
-        features and its squared distance from ``pred`` (``fresh``'s vector for its item)."""
+        features and its squared distance from ``pred`` (``fresh``'s vector for its item,
+        and ``fresh_attrs`` for its attributes when given)."""
         k = self.stream.config.history_size
         rows = np.full(k, -1, dtype=np.int64)
         counts = np.zeros(k, dtype=np.int64)
@@ -255,7 +303,11 @@ class Serving:
             if got is None:
                 continue
             rows[j], counts[j], attrs[j] = j, count, got[1]
-            vectors[j] = fresh[1] if fresh is not None and fresh[0] == item else got[0]
+            vectors[j] = got[0]
+            if fresh is not None and fresh[0] == item:
+                vectors[j] = fresh[1]
+                if fresh_attrs is not None:
+                    attrs[j] = fresh_attrs
             if known:
                 times[j] = user.history_times[j]
         context = UserContext(
@@ -282,12 +334,16 @@ class Serving:
         # The item just touched at its state after the event (the index may hold an older one,
         # from before its owner's vector arrived): the most likely next item, ranked right.
         fresh = [None if o.item_vector is None else (o.event.item_id, o.item_vector) for o in outs]
-        # One prior for the batch, at its latest event time: the decayed counts move by
-        # exp(-gap / one day) within it, and a per-event prior would be batch × all items.
+        # The batch's prior, at its latest event time, draws the approximate tiers'
+        # shortlists; each list's keys take its own event's time (``_terms``).
         now = max(o.event.timestamp for o in outs)
-        terms = self._terms(
-            [o.post_user for o in outs], now, preds, fresh, [o.event.timestamp for o in outs]
-        )
+        times = [o.event.timestamp for o in outs]
+        held = [None if f is None else self.index.get(f[0]) for f in fresh]
+        fresh_attrs = [
+            None if got is None else (got[1], _counted_at(got[1], t))
+            for got, t in zip(held, times, strict=True)
+        ]
+        terms = self._terms([o.post_user for o in outs], now, preds, fresh, times, fresh_attrs)
         ranked = self.index.recommend(preds, self.candidates, extra, fresh=fresh, **terms)
         records = []
         for out, pred, (ids, dist) in zip(outs, preds, ranked, strict=True):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -172,3 +173,36 @@ def test_the_exact_tier_serves_the_k_best_of_the_whole_key() -> None:
         assert got_ids == best
         # The index takes distances in float32 (documented), the reference in float64.
         np.testing.assert_allclose(got_keys, [key[i] for i in best], rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("exact_below", [20_000, 1024])
+def test_each_query_keys_its_items_with_its_own_prior(exact_below: int) -> None:
+    """``priors``: a ranker whose item term depends on the query's time (the learned
+    ranker's recency) keys each query's items with its own, whichever tier: a batch gives
+    what each query alone gives with its prior as the only one."""
+    rng = np.random.default_rng(3)
+    n, dim, k, nq = 3000, 8, 10, 12
+    ids = [f"i{j}" for j in range(n)]
+    vectors = rng.standard_normal((n, dim)).astype(np.float32)
+    attrs = np.column_stack([rng.integers(1, 50, n), rng.uniform(0, 5, n), rng.uniform(0, 9, n)])
+    ix = TieredIndex(dim, exact_below=exact_below, n_attrs=3, nprobe=64)
+    ix.upsert(ids, vectors, attrs)
+    assert ix.approximate == (exact_below < n)
+    queries = rng.standard_normal((nq, dim)).astype(np.float32)
+    extra = [[f"i{j}" for j in rng.integers(0, n, size=4)] for _ in range(nq)]
+    times = rng.uniform(9, 20, nq)
+
+    def at(t: float) -> Callable[[np.ndarray], np.ndarray]:
+        return lambda a: -2.0 * np.log1p(np.maximum(t - a[:, 2], 0.0))
+
+    priors = [at(t) for t in times]
+    batch = ix.recommend(queries, k, extra, scale=1.3, prior=at(times.max()), priors=priors)
+    for b in range(nq):
+        [alone] = ix.recommend(queries[b : b + 1], k, [extra[b]], scale=1.3, prior=priors[b])
+        assert batch[b][0] == alone[0]
+        np.testing.assert_allclose(batch[b][1], alone[1], rtol=1e-6)
+    # The batch's prior alone ranks the early queries otherwise: the priors matter here.
+    shared = ix.recommend(queries, k, extra, scale=1.3, prior=at(times.max()))
+    assert any(shared[b][0] != batch[b][0] for b in range(nq))
+    with pytest.raises(ValueError, match="one per query"):
+        ix.recommend(queries, k, extra, prior=priors[0], priors=priors[:2])

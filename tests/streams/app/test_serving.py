@@ -197,41 +197,50 @@ def test_the_learned_ranker_serves_after_an_event_the_list_jodie_evaluate_comput
     ranker_checkpoint: Path,
 ) -> None:
     """The list emitted after an event is the offline served list (``served_scores``, what
-    `jodie evaluate --served` measures) at the stream's horizon, scores included."""
+    `jodie evaluate --served` measures) at the stream's horizon, scores included: whether the
+    index already holds the touched item after the event (its owner's vector came through
+    item-vectors) or still before it (the item's time and counts are then moved on by one
+    event: with the ranker's recency term, a stale time would push the item just touched
+    down the list)."""
     ckpt = load_checkpoint(ranker_checkpoint)
-    for user in _busiest_users(ranker_checkpoint, 3):
+    cases = [
+        (u, j, owner)
+        for u in _busiest_users(ranker_checkpoint, 3)
+        for j in (0, -1)
+        for owner in (True, False)
+    ]
+    for user, position, owner_arrived in cases:
         serving = Serving.load(Settings(), ranker_checkpoint)
         baseline = CheckpointStates(serving.checkpoint)
         state = baseline.user(user)
-        for item in (state.history[0], state.history[-1]):  # the last item again, an older one
-            serving = Serving.load(Settings(), ranker_checkpoint)
-            t = state.last_time + 900.0
-            event = EventData(f"e-{user}-{item}", user, item, t, ())
-            [(post, out, _i)] = serving.stream.apply_users([state], [baseline.item(item)], [event])
-            # The item's owner's vector and counts after the event, as item-vectors brings it.
+        item = state.history[position]  # the last item again, or an older one
+        t = state.last_time + 900.0
+        event = EventData(f"e-{user}-{item}", user, item, t, ())
+        [(post, out, _i)] = serving.stream.apply_users([state], [baseline.item(item)], [event])
+        if owner_arrived:  # its vector and counts after the event, through item-vectors
             [(_item, vector, _u)] = serving.stream.apply_items(
                 [baseline.item(item)], [state], [event]
             )
             serving.upsert([item], vector.vector[None, :], [(vector.count, vector.trend, t)])
-            [record] = serving.recommendations([out])
-            online = OnlineJodie(ckpt.model, ckpt.states.copy())
-            online.observe(user, item, t)
-            users, items = online.states.users, online.states.items
-            [scores], _context = served_scores(
-                ckpt.model,
-                online.states,
-                serving.ranker,
-                users.row(user),  # type: ignore[arg-type]
-                items.row(item),  # type: ignore[arg-type]
-                t,
-                (None,),
-            )
-            offline = {
-                i: float(scores[row])
-                for row, i in enumerate(items.ids)
-                if not np.isnan(items.last_time[row])
-            }
-            assert post.history[0] == item
-            assert_ranked_as_offline(
-                [(c["item_id"], c["score"]) for c in record["candidates"]], offline
-            )
+        [record] = serving.recommendations([out])
+        online = OnlineJodie(ckpt.model, ckpt.states.copy())
+        online.observe(user, item, t)
+        users, items = online.states.users, online.states.items
+        [scores], _context = served_scores(
+            ckpt.model,
+            online.states,
+            serving.ranker,
+            users.row(user),  # type: ignore[arg-type]
+            items.row(item),  # type: ignore[arg-type]
+            t,
+            (None,),
+        )
+        offline = {
+            i: float(scores[row])
+            for row, i in enumerate(items.ids)
+            if not np.isnan(items.last_time[row])
+        }
+        assert post.history[0] == item
+        assert_ranked_as_offline(
+            [(c["item_id"], c["score"]) for c in record["candidates"]], offline
+        )
