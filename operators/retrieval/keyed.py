@@ -17,6 +17,9 @@ from operators.retrieval.store import VectorStore
 #: The item-only term of a ranking key: attributes (m, A) of m rows → (m,) float64 values
 #: (e.g. the history scorer's popularity terms at the batch's time).
 Prior = Callable[[np.ndarray], np.ndarray]
+#: Item-only terms that differ by query (a ranker's terms at each query's own time):
+#: attributes (m, A) of m rows and a slice of the queries → (queries, m) float64 values.
+QueryPriors = Callable[[np.ndarray, slice], np.ndarray]
 
 # A faiss label is (generation << 32) | row: rows stay below 2³², generations wrap below 2³¹.
 _ROW_BITS = 32

@@ -10,7 +10,7 @@ import numpy as np
 
 from operators.retrieval.exceptions import RetrievalError
 from operators.retrieval.ivf import Codec, IVFOverlay, auto_nlist
-from operators.retrieval.keyed import Key, KeyedOverlay, Prior
+from operators.retrieval.keyed import Key, KeyedOverlay, Prior, QueryPriors
 from operators.retrieval.store import BLOCK_ELEMS, VectorStore
 
 #: The approximate tier. "keyed": fast-scan IVF-PQ codes of the vectors with the ranker's item
@@ -318,7 +318,7 @@ class TieredIndex:
         prior: Prior | None = None,
         bonus: Sequence[Mapping[str, float]] | None = None,
         fresh: Sequence[tuple[str, np.ndarray] | None] | None = None,
-        priors: Sequence[Prior] | None = None,
+        priors: QueryPriors | None = None,
     ) -> list[tuple[list[str], np.ndarray]]:
         """Per query, the k best of (its shortlist ∪ ``extra[b]``) by the key
         ``scale · ‖x − q‖² − prior − bonus`` (lowest first; plain distance by default): the
@@ -337,14 +337,15 @@ class TieredIndex:
         (``block_elems``), so no batch × all-items scratch is allocated at once. ``fresh``: per
         query, an (item, vector) whose distance is taken from that vector instead of the
         index's (a state newer than the one indexed; the item must be indexed and in
-        ``extra``). ``priors``: per query, its own item-only term of the same form as
+        ``extra``). ``priors``: each query's own item-only term, of the same form as
         ``prior`` (which must be given too: the shortlists are drawn by it), for the keys
-        themselves — a ranker whose item terms depend on each query's time. Exact tier: each
-        query's over every item (queries × items evaluations); approximate tiers: over its
-        candidates.
+        themselves — a ranker whose item terms depend on each query's time; called with rows'
+        attributes and a slice of the queries, it gives their terms (queries, rows). Exact
+        tier: over every item, a block of queries at a time; approximate tiers: over each
+        query's candidates.
         """
-        if priors is not None and (prior is None or len(priors) != len(queries)):
-            raise ValueError("priors needs a prior, and one per query")
+        if priors is not None and prior is None:
+            raise ValueError("priors needs a prior to draw the shortlists by")
         q = self._queries(queries, k)
         nq = q.shape[0]
         if len(self) == 0:
@@ -362,11 +363,9 @@ class TieredIndex:
             width = (self._shortlist_width(min(k, len(self))) + longest) * self.dim
         out: list[tuple[list[str], np.ndarray]] = []
         for block in self._blocks(nq, width):
-            own = None if priors is None else priors[block]
             if self._ivf is None:
-                if own is not None:  # (B, H): each query's item terms over every row
-                    attrs = self.attributes()
-                    everyone = np.stack([np.asarray(p(attrs), dtype=np.float64) for p in own])
+                if priors is not None:  # (B, H): each query's item terms over every row
+                    everyone = np.asarray(priors(self.attributes(), block), dtype=np.float64)
                 out += self._recommend_exact(
                     q[block],
                     k,
@@ -386,7 +385,8 @@ class TieredIndex:
                 everyone,
                 None if bonus is None else bonus[block],
                 None if fresh is None else fresh[block],
-                own,
+                priors,
+                block.start,
             )
         return out
 
@@ -453,8 +453,10 @@ class TieredIndex:
         everyone: np.ndarray | None,
         bonus: Sequence[Mapping[str, float]] | None,
         fresh: Sequence[tuple[str, np.ndarray] | None] | None = None,
-        priors: Sequence[Prior] | None = None,
+        priors: QueryPriors | None = None,
+        first: int = 0,
     ) -> list[tuple[list[str], np.ndarray]]:
+        """The approximate tiers' ``recommend`` of queries ``first`` on (see there)."""
         store, n = self._store, len(self)
         nq = q.shape[0]
         high = store.high
@@ -494,8 +496,9 @@ class TieredIndex:
             finite = np.isfinite(dist)
             key = scale * dist
             if priors is not None:
-                for b, own in enumerate(priors):
-                    key[b] -= np.asarray(own(store.attrs[safe[b]]), dtype=np.float64)
+                for b in range(nq):
+                    at = slice(first + b, first + b + 1)
+                    key[b] -= np.asarray(priors(store.attrs[safe[b]], at), np.float64)[0]
             elif everyone is not None:
                 key -= everyone[safe]
             elif prior is not None:

@@ -90,6 +90,40 @@ def _item_features(attrs: np.ndarray, now: float) -> np.ndarray:
     return item_features(attrs[:, 0], trend_at(attrs[:, 1], attrs[:, 2], now), attrs[:, 2], now)
 
 
+def _features_at(attrs: np.ndarray, t: np.ndarray) -> np.ndarray:
+    """``_item_features`` of attributes (..., 3) at times ``t`` broadcast against their
+    leading axes, float64 (..., 3): one numpy pass for many (query, item) pairs."""
+    count, trend, last = attrs[..., 0], attrs[..., 1], attrs[..., 2]
+    age = t - last
+    decay = np.exp(-np.where(np.isnan(age), np.inf, np.maximum(age, 0.0)) / TREND_SECONDS)
+    with np.errstate(invalid="ignore"):
+        recency = np.nan_to_num(-np.log1p(np.maximum(age, 0.0)) / 10.0, nan=0.0)
+    return np.stack(np.broadcast_arrays(np.log1p(count), np.log1p(trend * decay), recency), axis=-1)
+
+
+class TimedPriors:
+    """The ranker's item terms at each query's own time ``times`` (B,), for
+    ``TieredIndex.recommend``'s ``priors``: (attributes (m, 3), queries) → (queries, m),
+    computed for all the pairs at once."""
+
+    def __init__(self, ranker: Scorer, times: np.ndarray) -> None:
+        self.times = np.asarray(times, dtype=np.float64)
+        if isinstance(ranker, LearnedRanker):
+            self.weights = ranker.net.item_weights.numpy().astype(np.float64)
+        elif isinstance(ranker, HistoryScorer):
+            self.weights = np.array([float(ranker.gamma), float(ranker.delta), 0.0])
+        else:
+            raise TypeError(f"{type(ranker).__name__} has no item terms")
+
+    def __call__(self, attrs: np.ndarray, queries: slice) -> np.ndarray:
+        t = self.times[queries][:, None]  # (q, 1) against the rows (m,)
+        return _features_at(np.asarray(attrs, dtype=np.float64), t) @ self.weights
+
+    def paired(self, attrs: np.ndarray) -> np.ndarray:
+        """(B,) the terms of row b of ``attrs`` (B, 3) at query b's time."""
+        return _features_at(np.asarray(attrs, dtype=np.float64), self.times) @ self.weights
+
+
 @dataclass(frozen=True)
 class Ranked:
     """One item of an interactive answer: its score (higher is better) and the ranker's
@@ -215,14 +249,15 @@ class Serving:
             return terms
         # Each user's item terms at its own time, as offline: the ranker's recency term moves
         # by minutes within a batch of events (the batch's prior only draws shortlists).
-        terms["priors"] = [ranking_key(self.ranker, t)["prior"] for t in times]
-        for b, (over, attrs) in enumerate(zip(fresh, fresh_attrs or (), strict=False)):
-            if over is None or attrs is None:
-                continue
-            held, after = attrs
-            at_t = terms["priors"][b]
-            delta = float(at_t(after[None, :])[0]) - float(at_t(held[None, :])[0])
-            terms["bonus"][b][over[0]] = terms["bonus"][b].get(over[0], 0.0) + delta
+        priors = terms["priors"] = TimedPriors(self.ranker, np.asarray(times))
+        if fresh_attrs is None:
+            return terms
+        held = np.array([a[0] if a is not None else (0.0, 0.0, np.nan) for a in fresh_attrs])
+        after = np.array([a[1] if a is not None else (0.0, 0.0, np.nan) for a in fresh_attrs])
+        deltas = (priors.paired(after) - priors.paired(held)).tolist()
+        for b, (over, attrs) in enumerate(zip(fresh, fresh_attrs, strict=True)):
+            if over is not None and attrs is not None:
+                terms["bonus"][b][over[0]] = terms["bonus"][b].get(over[0], 0.0) + deltas[b]
         return terms
 
     def _base_terms(
@@ -244,10 +279,13 @@ class Serving:
                     users, preds, fresh, times, after, strict=True
                 )
             ]
+            # Every entry's item features at its user's time, in one pass.
+            xs = _features_at(
+                np.stack([attrs for _context, attrs, _d in entries]),
+                np.asarray(times, dtype=np.float64)[:, None],
+            )
             values = ranker.history_bonuses(
-                [context for context, _x, _d in entries],
-                [x for _context, x, _d in entries],
-                [d for _context, _x, d in entries],
+                [context for context, _a, _d in entries], list(xs), [d for _c, _a, d in entries]
             )
             return {
                 **ranking_key(ranker, now),
@@ -256,7 +294,7 @@ class Serving:
                         user.history[j]: float(value[j])
                         for j in np.flatnonzero(context.history >= 0).tolist()
                     }
-                    for user, (context, _x, _d), value in zip(users, entries, values, strict=True)
+                    for user, (context, _a, _d), value in zip(users, entries, values, strict=True)
                 ],
             }
         if not isinstance(ranker, HistoryScorer):
@@ -287,8 +325,9 @@ class Serving:
         """What the learned ranker's bonus reads of a user's history at time ``t``
         (``LearnedRanker.history_bonus``): the user's row as a context (entry j's row is j,
         -1 where the index does not hold the item: left out, as padding), each entry's item
-        features and its squared distance from ``pred`` (``fresh``'s vector for its item,
-        and ``fresh_attrs`` for its attributes when given)."""
+        attributes (K, 3; its features are taken at ``t``) and its squared distance from
+        ``pred`` (``fresh``'s vector for its item, and ``fresh_attrs`` for its attributes
+        when given)."""
         k = self.stream.config.history_size
         rows = np.full(k, -1, dtype=np.int64)
         counts = np.zeros(k, dtype=np.int64)
@@ -320,7 +359,7 @@ class Serving:
             t,
         )
         diff = vectors - pred.astype(np.float32)
-        return context, _item_features(attrs, t), np.einsum("kd,kd->k", diff, diff)
+        return context, attrs, np.einsum("kd,kd->k", diff, diff)
 
     def recommendations(self, outs: list[UserOutput]) -> list[dict[str, Any]]:
         """Top candidates for each predicted item by the ranker: nearest neighbours ∪ the

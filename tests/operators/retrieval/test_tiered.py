@@ -195,14 +195,22 @@ def test_each_query_keys_its_items_with_its_own_prior(exact_below: int) -> None:
     def at(t: float) -> Callable[[np.ndarray], np.ndarray]:
         return lambda a: -2.0 * np.log1p(np.maximum(t - a[:, 2], 0.0))
 
-    priors = [at(t) for t in times]
+    def priors(attrs: np.ndarray, queries: slice) -> np.ndarray:
+        return np.stack([at(t)(attrs) for t in times[queries]])
+
     batch = ix.recommend(queries, k, extra, scale=1.3, prior=at(times.max()), priors=priors)
     for b in range(nq):
-        [alone] = ix.recommend(queries[b : b + 1], k, [extra[b]], scale=1.3, prior=priors[b])
+        alone_prior = at(times[b])
+        [alone] = ix.recommend(queries[b : b + 1], k, [extra[b]], scale=1.3, prior=alone_prior)
         assert batch[b][0] == alone[0]
         np.testing.assert_allclose(batch[b][1], alone[1], rtol=1e-6)
     # The batch's prior alone ranks the early queries otherwise: the priors matter here.
     shared = ix.recommend(queries, k, extra, scale=1.3, prior=at(times.max()))
     assert any(shared[b][0] != batch[b][0] for b in range(nq))
-    with pytest.raises(ValueError, match="one per query"):
-        ix.recommend(queries, k, extra, prior=priors[0], priors=priors[:2])
+    with pytest.raises(ValueError, match="needs a prior"):
+        ix.recommend(queries, k, extra, priors=priors)
+    # Blocks of a few queries: each block's terms are its own queries'.
+    small = TieredIndex(dim, exact_below=exact_below, n_attrs=3, nprobe=64, block_elems=1)
+    small.upsert(ids, vectors, attrs)
+    blocked = small.recommend(queries, k, extra, scale=1.3, prior=at(times.max()), priors=priors)
+    assert [ids for ids, _keys in blocked] == [ids for ids, _keys in batch]

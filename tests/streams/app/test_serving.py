@@ -202,7 +202,6 @@ def test_the_learned_ranker_serves_after_an_event_the_list_jodie_evaluate_comput
     item-vectors) or still before it (the item's time and counts are then moved on by one
     event: with the ranker's recency term, a stale time would push the item just touched
     down the list)."""
-    ckpt = load_checkpoint(ranker_checkpoint)
     cases = [
         (u, j, owner)
         for u in _busiest_users(ranker_checkpoint, 3)
@@ -223,24 +222,56 @@ def test_the_learned_ranker_serves_after_an_event_the_list_jodie_evaluate_comput
             )
             serving.upsert([item], vector.vector[None, :], [(vector.count, vector.trend, t)])
         [record] = serving.recommendations([out])
-        online = OnlineJodie(ckpt.model, ckpt.states.copy())
-        online.observe(user, item, t)
-        users, items = online.states.users, online.states.items
-        [scores], _context = served_scores(
-            ckpt.model,
-            online.states,
-            serving.ranker,
-            users.row(user),  # type: ignore[arg-type]
-            items.row(item),  # type: ignore[arg-type]
-            t,
-            (None,),
-        )
-        offline = {
-            i: float(scores[row])
-            for row, i in enumerate(items.ids)
-            if not np.isnan(items.last_time[row])
-        }
         assert post.history[0] == item
         assert_ranked_as_offline(
-            [(c["item_id"], c["score"]) for c in record["candidates"]], offline
+            [(c["item_id"], c["score"]) for c in record["candidates"]],
+            _served_offline(ranker_checkpoint, serving, user, item, t),
         )
+
+
+def test_the_learned_ranker_keys_each_list_of_a_batch_at_its_event_time(
+    ranker_checkpoint: Path,
+) -> None:
+    """Events hours apart in one batch: each list takes the item terms (the recency of every
+    item) at its own event's time, as offline, not at the batch's latest."""
+    serving = Serving.load(Settings(), ranker_checkpoint)
+    baseline = CheckpointStates(serving.checkpoint)
+    users = _busiest_users(ranker_checkpoint, 3)
+    states = [baseline.user(u) for u in users]
+    t0 = max(s.last_time for s in states)
+    events = [
+        EventData(f"e{j}", u, s.history[0], t0 + 3600.0 * 5 * j, ())
+        for j, (u, s) in enumerate(zip(users, states, strict=True))
+    ]
+    applied = serving.stream.apply_users(states, [baseline.item(e.item_id) for e in events], events)
+    records = serving.recommendations([out for _post, out, _i in applied])
+    for event, record in zip(events, records, strict=True):
+        assert_ranked_as_offline(
+            [(c["item_id"], c["score"]) for c in record["candidates"]],
+            _served_offline(
+                ranker_checkpoint, serving, event.user_id, event.item_id, event.timestamp
+            ),
+        )
+
+
+def _served_offline(checkpoint: Path, serving: Serving, user: str, item: str, t: float) -> dict:
+    """Every known item's score in the list served to ``user`` right after its event on
+    ``item`` at ``t``, by the offline replay from the checkpoint (``served_scores``)."""
+    ckpt = load_checkpoint(checkpoint)
+    online = OnlineJodie(ckpt.model, ckpt.states)
+    online.observe(user, item, t)
+    users, items = online.states.users, online.states.items
+    [scores], _context = served_scores(
+        ckpt.model,
+        online.states,
+        serving.ranker,
+        users.row(user),  # type: ignore[arg-type]
+        items.row(item),  # type: ignore[arg-type]
+        t,
+        (None,),
+    )
+    return {
+        i: float(scores[row])
+        for row, i in enumerate(items.ids)
+        if not np.isnan(items.last_time[row])
+    }
