@@ -301,6 +301,19 @@ class TieredIndex:
         """(len(ids), n_attrs) float64: these indexed items' attributes (copies)."""
         return self._store.attrs[[self._store.rows[i] for i in ids]]
 
+    def lookup(self, ids: Sequence[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """These items' indexed vectors (n, D) and attributes (n, n_attrs), gathered at once
+        (copies), with which of them the index holds (n,) bool (zeros where it does not)."""
+        rows_of = self._store.rows
+        rows = np.fromiter((rows_of.get(i, -1) for i in ids), dtype=np.int64, count=len(ids))
+        held = rows >= 0
+        safe = np.where(held, rows, 0)
+        vectors = self._store.data[safe]
+        attrs = self._store.attrs[safe]
+        vectors[~held] = 0.0
+        attrs[~held] = 0.0
+        return held, vectors, attrs
+
     def get(self, item_id: str) -> tuple[np.ndarray, np.ndarray] | None:
         """The item's indexed vector (D,) and attributes (n_attrs,), copies; None if unknown."""
         row = self._store.rows.get(item_id)

@@ -20,7 +20,7 @@ processing: they read the index under ``lock``, which ``upsert`` holds to change
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -273,20 +273,11 @@ class Serving:
         ranker = self.ranker
         if isinstance(ranker, LearnedRanker):
             after = [None if a is None else a[1] for a in fresh_attrs or [None] * len(users)]
-            entries = [
-                self._history_entries(user, pred, over, t, attrs)
-                for user, pred, over, t, attrs in zip(
-                    users, preds, fresh, times, after, strict=True
-                )
-            ]
+            contexts, attrs, distances = self._history_entries(users, preds, fresh, after)
+            contexts = [replace(c, now=t) for c, t in zip(contexts, times, strict=True)]
             # Every entry's item features at its user's time, in one pass.
-            xs = _features_at(
-                np.stack([attrs for _context, attrs, _d in entries]),
-                np.asarray(times, dtype=np.float64)[:, None],
-            )
-            values = ranker.history_bonuses(
-                [context for context, _a, _d in entries], list(xs), [d for _c, _a, d in entries]
-            )
+            xs = _features_at(attrs, np.asarray(times, dtype=np.float64)[:, None])
+            values = ranker.history_bonuses(contexts, list(xs), list(distances))
             return {
                 **ranking_key(ranker, now),
                 "bonus": [
@@ -294,7 +285,7 @@ class Serving:
                         user.history[j]: float(value[j])
                         for j in np.flatnonzero(context.history >= 0).tolist()
                     }
-                    for user, (context, _a, _d), value in zip(users, entries, values, strict=True)
+                    for user, context, value in zip(users, contexts, values, strict=True)
                 ],
             }
         if not isinstance(ranker, HistoryScorer):
@@ -316,50 +307,57 @@ class Serving:
 
     def _history_entries(
         self,
-        user: EntityState,
-        pred: np.ndarray,
-        fresh: tuple[str, np.ndarray] | None,
-        t: float,
-        fresh_attrs: np.ndarray | None = None,
-    ) -> tuple[UserContext, np.ndarray, np.ndarray]:
-        """What the learned ranker's bonus reads of a user's history at time ``t``
-        (``LearnedRanker.history_bonus``): the user's row as a context (entry j's row is j,
-        -1 where the index does not hold the item: left out, as padding), each entry's item
-        attributes (K, 3; its features are taken at ``t``) and its squared distance from
-        ``pred`` (``fresh``'s vector for its item, and ``fresh_attrs`` for its attributes
-        when given)."""
+        users: list[EntityState],
+        preds: np.ndarray,
+        fresh: list[tuple[str, np.ndarray] | None],
+        fresh_attrs: list[np.ndarray | None],
+    ) -> tuple[list[UserContext], np.ndarray, np.ndarray]:
+        """What the learned ranker's bonus reads of users' histories
+        (``LearnedRanker.history_bonus``), gathered from the index at once: each user's row
+        as a context (entry j's row is j, -1 where the index does not hold the item: left out,
+        as padding; its time is set by the caller), each entry's item attributes (B, K, 3)
+        and its squared distance from the user's prediction (B, K) (``fresh``'s vector for
+        its item, and ``fresh_attrs`` for its attributes when given)."""
         k = self.stream.config.history_size
-        rows = np.full(k, -1, dtype=np.int64)
-        counts = np.zeros(k, dtype=np.int64)
-        times = np.full(k, np.nan)
-        vectors = np.zeros((k, pred.shape[0]), dtype=np.float32)
-        attrs = np.zeros((k, 3), dtype=np.float64)
-        known = len(user.history_times) == len(user.history)
-        for j, (item, count) in enumerate(
-            zip(user.history[:k], user.history_counts[:k], strict=False)
-        ):
-            got = self.index.get(item)
-            if got is None:
-                continue
-            rows[j], counts[j], attrs[j] = j, count, got[1]
-            vectors[j] = got[0]
-            if fresh is not None and fresh[0] == item:
-                vectors[j] = fresh[1]
-                if fresh_attrs is not None:
-                    attrs[j] = fresh_attrs
+        b = len(users)
+        names = [
+            user.history[j] if j < len(user.history) else "" for user in users for j in range(k)
+        ]
+        held, vectors, attrs = self.index.lookup(names)
+        held = held.reshape(b, k) & np.array(
+            [[j < len(user.history) for j in range(k)] for user in users], dtype=bool
+        ).reshape(b, k)
+        vectors = vectors.reshape(b, k, -1)
+        attrs = attrs.reshape(b, k, -1)
+        contexts = []
+        for n, (user, over, over_attrs) in enumerate(zip(users, fresh, fresh_attrs, strict=True)):
+            if over is not None and over[0] in user.history[:k]:
+                j = user.history.index(over[0])
+                vectors[n, j] = over[1]
+                if over_attrs is not None:
+                    attrs[n, j] = over_attrs
+            rows = np.where(held[n], np.arange(k), -1)
+            counts = np.zeros(k, dtype=np.int64)
+            counts[: len(user.history_counts[:k])] = user.history_counts[:k]
+            counts[~held[n]] = 0
+            known = len(user.history_times) == len(user.history)
+            times = None
             if known:
-                times[j] = user.history_times[j]
-        context = UserContext(
-            rows,
-            counts,
-            times if known else None,
-            np.asarray(user.habits, dtype=np.float64) if user.habits else None,
-            user.count,
-            user.last_time,
-            t,
-        )
-        diff = vectors - pred.astype(np.float32)
-        return context, attrs, np.einsum("kd,kd->k", diff, diff)
+                times = np.full(k, np.nan)
+                times[: len(user.history_times[:k])] = user.history_times[:k]
+                times[~held[n]] = np.nan
+            contexts.append(
+                UserContext(
+                    rows,
+                    counts,
+                    times,
+                    np.asarray(user.habits, dtype=np.float64) if user.habits else None,
+                    user.count,
+                    user.last_time,
+                )
+            )
+        diff = vectors - preds.astype(np.float32)[:, None, :]
+        return contexts, attrs, np.einsum("bkd,bkd->bk", diff, diff)
 
     def recommendations(self, outs: list[UserOutput]) -> list[dict[str, Any]]:
         """Top candidates for each predicted item by the ranker: nearest neighbours ∪ the

@@ -214,3 +214,14 @@ def test_each_query_keys_its_items_with_its_own_prior(exact_below: int) -> None:
     small.upsert(ids, vectors, attrs)
     blocked = small.recommend(queries, k, extra, scale=1.3, prior=at(times.max()), priors=priors)
     assert [ids for ids, _keys in blocked] == [ids for ids, _keys in batch]
+
+
+def test_lookup_gathers_vectors_and_attributes_of_held_items() -> None:
+    ix = TieredIndex(dim=2, n_attrs=3)
+    ix.upsert(["a", "b"], np.array([[1.0, 2.0], [3.0, 4.0]]), np.array([[1, 2, 3], [4, 5, 6]]))
+    held, vectors, attrs = ix.lookup(["b", "zz", "a"])
+    assert held.tolist() == [True, False, True]
+    assert vectors.tolist() == [[3.0, 4.0], [0.0, 0.0], [1.0, 2.0]]
+    assert attrs.tolist() == [[4, 5, 6], [0, 0, 0], [1, 2, 3]]
+    vectors[0] = 9.0  # copies: the index is untouched
+    assert ix.get("b")[0].tolist() == [3.0, 4.0]  # type: ignore[index]
