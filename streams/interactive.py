@@ -216,11 +216,7 @@ class Queries:
                 "pending_events": len(box.waiting),
                 "last_event_time": None,
                 "projected_to": _finite(t),
-                "score": (
-                    "cold start (the user is unknown): the ranker's popularity terms, "
-                    "popularity + trend = gamma*log(1 + events on j) + delta*log(1 + events "
-                    "on j decayed over one day, at that time); higher is better"
-                ),
+                "score": serving.cold_start_meaning,
                 "recommendations": _listed(serving.trending(t, k) if math.isfinite(t) else []),
             }
         if at is not None and at < state.last_time:

@@ -467,6 +467,27 @@ class Serving:
             "item the model predicts for the user projected to that time; higher is better"
         )
 
+    @property
+    def cold_start_meaning(self) -> str:
+        """What a score of ``trending`` is, in one line."""
+        if isinstance(self.ranker, LearnedRanker):
+            return (
+                "cold start (the user is unknown): the ranker's item terms, item = "
+                "w.(log(1 + events on j), log(1 + events on j decayed over one day), "
+                "-log(1 + seconds since anyone touched j)/10) at that time; higher is better"
+            )
+        if self._popularity() == (0.0, 1.0):
+            return (
+                "cold start (the user is unknown): the ranker has no popularity terms, so "
+                "trend = log(1 + events on j decayed over one day, at that time); higher is "
+                "better"
+            )
+        return (
+            "cold start (the user is unknown): the ranker's popularity terms, "
+            "popularity + trend = gamma*log(1 + events on j) + delta*log(1 + events "
+            "on j decayed over one day, at that time); higher is better"
+        )
+
     def rank_user(
         self,
         user_id: str,

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from operators.evaluation.ranker import LearnedRanker
+from operators.evaluation.ranker import LearnedRanker, item_features
 from operators.evaluation.scorer import HistoryScorer
 from operators.evaluation.served import served_scores
 from operators.model.checkpoint import load_checkpoint
@@ -275,3 +275,24 @@ def _served_offline(checkpoint: Path, serving: Serving, user: str, item: str, t:
         for row, i in enumerate(items.ids)
         if not np.isnan(items.last_time[row])
     }
+
+
+def test_a_cold_start_with_the_learned_ranker_lists_the_items_its_item_terms_favour(
+    ranker_checkpoint: Path,
+) -> None:
+    serving = Serving.load(Settings(), ranker_checkpoint)
+    ranker = serving.ranker
+    assert isinstance(ranker, LearnedRanker)
+    t = serving.clock + 600.0
+    items = serving.trending(t, k=5)
+    states = load_checkpoint(ranker_checkpoint).states.items
+    known = ~np.isnan(states.last_time)
+    x = item_features(
+        states.count, trend_at(states.trend, states.last_time, t), states.last_time, t
+    )
+    prior = np.where(known, ranker.prior(x), -np.inf)
+    want = [states.ids[r] for r in np.argsort(-prior, kind="stable")[:5]]
+    assert [r.item_id for r in items] == want
+    for r in items:
+        assert set(r.terms) == {"item"} and r.terms["item"] == pytest.approx(r.score)
+    assert "item terms" in serving.cold_start_meaning
