@@ -320,15 +320,29 @@ class Serving:
         its item, and ``fresh_attrs`` for its attributes when given)."""
         k = self.stream.config.history_size
         b = len(users)
-        names = [
-            user.history[j] if j < len(user.history) else "" for user in users for j in range(k)
+        lengths = np.array([min(len(user.history), k) for user in users], dtype=np.int64)
+        at_user = np.repeat(np.arange(b), lengths)  # each entry's user and position
+        at_entry = np.arange(at_user.size) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+        found, flat_vectors, flat_attrs = self.index.lookup(
+            [item for user in users for item in user.history[:k]]
+        )
+        held = np.zeros((b, k), dtype=bool)
+        held[at_user, at_entry] = found
+        vectors = np.zeros((b, k, preds.shape[1]), dtype=np.float32)
+        vectors[at_user, at_entry] = flat_vectors
+        attrs = np.zeros((b, k, flat_attrs.shape[1]))
+        attrs[at_user, at_entry] = flat_attrs
+        counts = np.zeros((b, k), dtype=np.int64)
+        counts[at_user, at_entry] = [c for user in users for c in user.history_counts[:k]]
+        counts[~held] = 0
+        known = [len(user.history_times) == len(user.history) for user in users]
+        times = np.full((b, k), np.nan)
+        timed = np.repeat(np.asarray(known, dtype=bool), lengths)
+        times[at_user[timed], at_entry[timed]] = [
+            w for user, ok in zip(users, known, strict=True) if ok for w in user.history_times[:k]
         ]
-        held, vectors, attrs = self.index.lookup(names)
-        held = held.reshape(b, k) & np.array(
-            [[j < len(user.history) for j in range(k)] for user in users], dtype=bool
-        ).reshape(b, k)
-        vectors = vectors.reshape(b, k, -1)
-        attrs = attrs.reshape(b, k, -1)
+        times[~held] = np.nan
+        rows = np.where(held, np.arange(k)[None, :], -1)
         contexts = []
         for n, (user, over, over_attrs) in enumerate(zip(users, fresh, fresh_attrs, strict=True)):
             if over is not None and over[0] in user.history[:k]:
@@ -336,21 +350,11 @@ class Serving:
                 vectors[n, j] = over[1]
                 if over_attrs is not None:
                     attrs[n, j] = over_attrs
-            rows = np.where(held[n], np.arange(k), -1)
-            counts = np.zeros(k, dtype=np.int64)
-            counts[: len(user.history_counts[:k])] = user.history_counts[:k]
-            counts[~held[n]] = 0
-            known = len(user.history_times) == len(user.history)
-            times = None
-            if known:
-                times = np.full(k, np.nan)
-                times[: len(user.history_times[:k])] = user.history_times[:k]
-                times[~held[n]] = np.nan
             contexts.append(
                 UserContext(
-                    rows,
-                    counts,
-                    times,
+                    rows[n],
+                    counts[n],
+                    times[n] if known[n] else None,
                     np.asarray(user.habits, dtype=np.float64) if user.habits else None,
                     user.count,
                     user.last_time,

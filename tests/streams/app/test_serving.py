@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -245,6 +246,18 @@ def test_the_learned_ranker_keys_each_list_of_a_batch_at_its_event_time(
     ]
     applied = serving.stream.apply_users(states, [baseline.item(e.item_id) for e in events], events)
     records = serving.recommendations([out for _post, out, _i in applied])
+    # A row written before rows kept the ranker's user state (no times, no habits) is served
+    # all the same, with a history bonus from what the row has.
+    [(_p, old, _i)] = serving.stream.apply_users(
+        [replace(states[0], history_times=(), habits=())],
+        [baseline.item(events[0].item_id)],
+        [events[0]],
+    )
+    times = old.post_user.history_times
+    assert times[0] == events[0].timestamp and all(np.isnan(w) for w in times[1:])
+    [legacy] = serving.recommendations([old])
+    assert len(legacy["candidates"]) == 10
+    assert legacy["candidates"][0]["item_id"] == events[0].item_id
     for event, record in zip(events, records, strict=True):
         assert_ranked_as_offline(
             [(c["item_id"], c["score"]) for c in record["candidates"]],
