@@ -50,6 +50,13 @@ def model_version(ckpt: Checkpoint) -> str:
     return f"sha-{meta['sha256']['model.safetensors'][:12]}"
 
 
+#: The learned ranker's item terms, as the answers to interactive queries explain them.
+_LEARNED_ITEM_TERMS = (
+    "w.(log(1 + events on j), log(1 + events on j decayed over one day), "
+    "-log(1 + seconds since anyone touched j)/10)"
+)
+
+
 def ranking_key(ranker: Scorer, now: float) -> dict[str, Any]:
     """The ranker's scale and item-only term at time ``now``, as ``TieredIndex`` takes them
     (a function of the index's item attributes: count, decayed count, time); {} for plain."""
@@ -461,10 +468,9 @@ class Serving:
             return (
                 "score = distance + history + item = -a*|j~ - [j, j_static]|^2 + (a learned "
                 "bonus for the user's own items: position, the user's events on j, time since "
-                "the user last touched j, the user's habits) + w.(log(1 + events on j), "
-                "log(1 + events on j decayed over one day), -log(1 + seconds since anyone "
-                "touched j)/10); j~ is the item the model predicts for the user projected to "
-                "that time; higher is better; fitted as log-odds that j comes next"
+                f"the user last touched j, the user's habits) + {_LEARNED_ITEM_TERMS}; j~ is "
+                "the item the model predicts for the user projected to that time; higher is "
+                "better; fitted as log-odds that j comes next"
             )
         return (
             "score = distance = -|j~ - [j, j_static]|^2: minus the squared distance from the "
@@ -476,9 +482,8 @@ class Serving:
         """What a score of ``trending`` is, in one line."""
         if isinstance(self.ranker, LearnedRanker):
             return (
-                "cold start (the user is unknown): the ranker's item terms, item = "
-                "w.(log(1 + events on j), log(1 + events on j decayed over one day), "
-                "-log(1 + seconds since anyone touched j)/10) at that time; higher is better"
+                f"cold start (the user is unknown): the ranker's item terms, item = "
+                f"{_LEARNED_ITEM_TERMS} at that time; higher is better"
             )
         if self._popularity() == (0.0, 1.0):
             return (
