@@ -108,13 +108,24 @@ def _features_at(attrs: np.ndarray, t: np.ndarray) -> np.ndarray:
     return np.stack(np.broadcast_arrays(np.log1p(count), np.log1p(trend * decay), recency), axis=-1)
 
 
+#: Item terms one call of ``TimedPriors`` computes at most (query times × items): about 20 ms.
+TERMS_BUDGET = 2_000_000
+
+
 class TimedPriors:
     """The ranker's item terms at each query's own time ``times`` (B,), for
     ``TieredIndex.recommend``'s ``priors``: (attributes (m, 3), queries) → (queries, m),
-    computed for all the pairs at once."""
+    computed for all the pairs at once.
 
-    def __init__(self, ranker: Scorer, times: np.ndarray) -> None:
+    Queries × items may exceed ``budget`` (a catalogue of thousands of items in the exact
+    tier, a batch of thousands of events): consecutive queries (a batch is in log order, so
+    close in time) then share the terms at the latest of their times, in groups as small as
+    the budget allows. Up to ``budget`` / items queries per call (2,000 on a catalogue of
+    1,000 items) every query has its own."""
+
+    def __init__(self, ranker: Scorer, times: np.ndarray, budget: int = TERMS_BUDGET) -> None:
         self.times = np.asarray(times, dtype=np.float64)
+        self.budget = budget
         if isinstance(ranker, LearnedRanker):
             self.weights = ranker.net.item_weights.numpy().astype(np.float64)
         elif isinstance(ranker, HistoryScorer):
@@ -123,7 +134,17 @@ class TimedPriors:
             raise TypeError(f"{type(ranker).__name__} has no item terms")
 
     def __call__(self, attrs: np.ndarray, queries: slice) -> np.ndarray:
-        t = self.times[queries][:, None]  # (q, 1) against the rows (m,)
+        times = self.times[queries]
+        m = max(1, attrs.shape[0])
+        group = -(-times.size * m // self.budget)  # queries per group, ≥ 1
+        if group > 1:
+            # The latest time of each run of ``group`` queries, repeated over the run.
+            padded = np.pad(times, (0, -times.size % group), mode="edge")
+            times = np.repeat(padded.reshape(-1, group).max(axis=1), group)[: times.size]
+            ends = np.unique(times)
+            terms = _features_at(np.asarray(attrs, np.float64), ends[:, None]) @ self.weights
+            return terms[np.searchsorted(ends, times)]
+        t = times[:, None]  # (q, 1) against the rows (m,)
         return _features_at(np.asarray(attrs, dtype=np.float64), t) @ self.weights
 
     def paired(self, attrs: np.ndarray) -> np.ndarray:

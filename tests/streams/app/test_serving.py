@@ -15,7 +15,7 @@ from operators.model.checkpoint import load_checkpoint
 from operators.model.online import OnlineJodie
 from operators.model.state import trend_at
 from operators.protocol.sides import CheckpointStates, EntityState, EventData
-from streams.app.serving import Serving
+from streams.app.serving import Serving, TimedPriors
 from streams.settings import Settings
 from tests.streams.harness import assert_ranked_as_offline, make_checkpoint, offline_ranking
 
@@ -309,3 +309,25 @@ def test_a_cold_start_with_the_learned_ranker_lists_the_items_its_item_terms_fav
     for r in items:
         assert set(r.terms) == {"item"} and r.terms["item"] == pytest.approx(r.score)
     assert "item terms" in serving.cold_start_meaning
+
+
+def test_item_terms_at_each_query_time_share_a_time_past_their_budget(
+    ranker_checkpoint: Path,
+) -> None:
+    """Per-query item terms cost queries × items: within the budget each query has its own
+    time's; past it, runs of consecutive queries share the latest time of the run."""
+    ranker = Serving.load(Settings(), ranker_checkpoint).ranker
+    rng = np.random.default_rng(4)
+    attrs = np.column_stack(
+        [rng.integers(1, 50, 40), rng.uniform(0, 5, 40), rng.uniform(0, 90, 40)]
+    )
+    times = np.array([100.0, 130.0, 110.0, 400.0, 900.0])
+    own = TimedPriors(ranker, times)
+    terms = own(attrs, slice(0, 5))
+    for b, t in enumerate(times):
+        np.testing.assert_allclose(
+            terms[b], TimedPriors(ranker, np.array([t]))(attrs, slice(0, 1))[0]
+        )
+    shared = TimedPriors(ranker, times, budget=3 * 40)(attrs, slice(0, 5))  # two per run
+    for b, t in enumerate([130.0, 130.0, 400.0, 400.0, 900.0]):
+        np.testing.assert_allclose(shared[b], own(attrs, slice(0, 5))[list(times).index(t)])
