@@ -16,7 +16,10 @@ transaction, which leaves that span empty. Workers that join one by one rebalanc
 measurement (printed when seen); --prestart starts them before routing and pauses them
 (SIGSTOP) while the router runs, so the group is formed before the clock starts. Each worker's
 messages, transactions and events (its /metrics.json page) and the CPU seconds of the workers and
-the broker show where the time goes.
+the broker show where the time goes. The broker's age and its JIT compiler threads' CPU are
+printed too: a broker in its first minutes under load is still compiling its hot paths on the
+cores the pipeline shares, and its runs are slower (README, *A fresh broker compiles for
+minutes*).
 
 Latency (--mode latency): the router (a subprocess with --grace) and the workers run and are
 warmed up with --warmup events first; then --events events are produced at --rate events/s,
@@ -99,6 +102,41 @@ def cpu_seconds(pid: int) -> float | None:
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _task_cpu(stat: str) -> tuple[str, float]:
+    """A thread's name and user + system CPU seconds, from its /proc stat line."""
+    name, rest = stat.split("(", 1)[1].rsplit(")", 1)
+    fields = rest.split()
+    return name, (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def jit_cpu_seconds(pid: int) -> float | None:
+    """CPU seconds of a JVM's JIT compiler threads ("C1/C2 CompilerThreadN"), None when
+    unreadable. Under load a fresh broker compiles its hot paths for minutes, on cores the
+    pipeline shares: this shows whether a run measured a warm broker."""
+    total = 0.0
+    try:
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            try:
+                name, cpu = _task_cpu((task / "stat").read_text())
+            except (OSError, IndexError, ValueError):
+                continue  # a thread that ended meanwhile
+            if name.startswith(("C1 Compiler", "C2 Compiler")):
+                total += cpu
+    except OSError:
+        return None
+    return total
+
+
+def age_seconds(pid: int) -> float | None:
+    """Seconds since a live process started (Linux /proc), None when unreadable."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return uptime - int(fields[19]) / os.sysconf("SC_CLK_TCK")
     except (OSError, IndexError, ValueError):
         return None
 
@@ -334,8 +372,13 @@ class Bench:
 
     def setting_line(self) -> str:
         s = self.settings
+        pid = broker_pid(s)
+        age = None if pid is None else age_seconds(pid)
+        self.result["broker_age_s"] = None if age is None else round(age)
+        up = "" if age is None else f" (up {age / 60:.1f} min)"
         return (
-            f"broker {s.bootstrap_servers}, topics {s.topic_prefix}* ({s.partitions} partitions), "
+            f"broker {s.bootstrap_servers}{up}, "
+            f"topics {s.topic_prefix}* ({s.partitions} partitions), "
             f"router grace {self.args.grace} s, worker commit interval {s.commit_interval_s} s, "
             f"worker batch {s.worker_batch}, {os.cpu_count()} CPUs"
         )
@@ -387,6 +430,7 @@ class Bench:
         broker = broker_pid(self.settings)
         if broker is not None:
             snap["broker"] = cpu_seconds(broker)
+            snap["broker JIT"] = jit_cpu_seconds(broker)
         return snap
 
     def worker_report(self) -> list[dict[str, Any]]:
