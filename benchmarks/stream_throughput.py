@@ -383,6 +383,18 @@ class Bench:
             f"worker batch {s.worker_batch}, {os.cpu_count()} CPUs"
         )
 
+    def warn_if_compiling(self, cpu: dict[str, float]) -> None:
+        """Say so when the broker's JIT compiler took a second or more of the run: figures
+        from a broker still warming up are not its steady state."""
+        jit = cpu.get("broker JIT", 0.0)
+        self.result["broker_jit_cpu_s"] = jit
+        if jit >= 1.0:
+            self.say(
+                f"  note: the broker's JIT compiler took {jit:.1f} s of CPU in this run, on "
+                "cores the pipeline shares: the broker is still warming up, so these are not "
+                "steady-state figures (run again once it takes under a second)"
+            )
+
     def start_workers(self, env: dict[str, str] | None = None) -> None:
         for w in range(self.args.workers):
             child = spawn(
@@ -620,6 +632,7 @@ class Bench:
             self.say(f"  broker: CPU {broker_cpu - broker_cpu0:.1f} s while the workers ran")
         busy = ", ".join(f"{k} {v:.1f} s ({v / window:.0%})" for k, v in measured_cpu.items())
         self.say(f"  CPU in the measured {window:.1f} s (share of one core): {busy}")
+        self.warn_if_compiling(measured_cpu)
         self.result.update(
             {
                 "prestart": a.prestart,
@@ -806,6 +819,7 @@ class Bench:
         self.finish_worker_report(report)
         busy = ", ".join(f"{name} {v:.1f} s" for name, v in cpu.items())
         self.say(f"  CPU from the timed produce's start to the last recommendation: {busy}")
+        self.warn_if_compiling(cpu)
         idling = ", ".join(f"{name} {v:.0%}" for name, v in idle.items())
         self.say(f"  CPU of the idle, warm pipeline (share of one core): {idling}")
         self.result.update(
