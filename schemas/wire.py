@@ -341,10 +341,12 @@ class RecommendationWriter:
         model_version: str,
         projected: bytes | None,
         predicted: bytes | None,
-        candidates: Sequence[tuple[str, float]],
+        ids: Sequence[str],
+        scores: Sequence[float],
         state_change_probability: float | None,
     ) -> bytes:
-        """One record; the float32 vectors as packed bytes, the candidates as (item, score)."""
+        """One record; the float32 vectors as packed bytes, the candidates as their items
+        ``ids`` and ``scores`` (as long as each other)."""
         parts = [
             self.header,
             string_bytes(user_id),
@@ -357,9 +359,12 @@ class RecommendationWriter:
             _NULL if projected is None else _BRANCH_1 + bytes_field(projected),
             _NULL if predicted is None else _BRANCH_1 + bytes_field(predicted),
         ]
-        if candidates:
-            parts.append(long_bytes(len(candidates)))
-            parts += [_item_bytes(item) + _FLOAT.pack(score) for item, score in candidates]
+        if ids:
+            parts.append(long_bytes(len(ids)))
+            parts += [
+                _item_bytes(item) + _FLOAT.pack(score)
+                for item, score in zip(ids, scores, strict=True)
+            ]
         parts.append(_NULL)
         parts.append(optional_float(state_change_probability))
         return b"".join(parts)
@@ -382,7 +387,7 @@ def same_as_recommendation_codec(codec: Codec) -> bool:
         "state_change_probability": 0.5,
     }
     written = RecommendationWriter(codec.header).record(
-        "u-\u00e9", "e", "i", 1.5e9, "v1", b"\x00\x00\x80?", None, [("a", -0.25), ("b", -1.5)], 0.5
+        "u-\u00e9", "e", "i", 1.5e9, "v1", b"\x00\x00\x80?", None, ["a", "b"], [-0.25, -1.5], 0.5
     )
     return written == codec.encode(record)
 

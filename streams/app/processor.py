@@ -54,7 +54,7 @@ from operators.protocol.sides import EntityState, EventData, ItemOutput, UserOut
 from schemas import Codec, wire
 from schemas.codec import ENTITY_RECORD, EVALUATION, INBOX_MESSAGE, INTERACTION, RECOMMENDATION
 from streams.app.epochs import UNSTAMPED, Epoch, label, row_key, split_row_key
-from streams.app.serving import Serving
+from streams.app.serving import Recommendation, Serving
 from streams.exceptions import ModelMismatchError
 from streams.records import (
     WaitingBytes,
@@ -429,36 +429,36 @@ class Processor:
                 sent.append(self.quarantine(seq, out.event, "user", why))
         return sent
 
-    def _tally(self, serving: Serving, records: list[dict[str, Any]]) -> None:
+    def _tally(self, serving: Serving, records: list[Recommendation]) -> None:
         """Where each event's item stood in the list its user was served before it."""
         if not records:
             return
         tally = self.stats.served
         popular = serving.index.top(0, 2 * tally.k)  # by event count, as the heuristic serves
         for r in records:
-            served = [c["item_id"] for c in r["candidates"]]
-            tally.event(r["user_id"], r["item_id"], served, popular)
+            tally.event(r.user_id, r.item_id, r.ids, popular)
 
-    def _recommendation(self, record: dict[str, Any]) -> Output:
-        return (self.recommendations, record["user_id"].encode(), self._encode_rec(record), None)
+    def _recommendation(self, rec: Recommendation) -> Output:
+        return (self.recommendations, rec.user_id.encode(), self._encode_rec(rec), None)
 
-    def _encode_rec(self, record: dict[str, Any]) -> bytes:
+    def _encode_rec(self, rec: Recommendation) -> bytes:
         if self._rec_writer is not None:
             try:
                 return self._rec_writer.record(
-                    record["user_id"],
-                    record["event_id"],
-                    record["item_id"],
-                    record["timestamp"],
-                    record["model_version"],
-                    record["projected_user_f32"],
-                    record["predicted_item_f32"],
-                    [(c["item_id"], c["score"]) for c in record["candidates"]],
-                    record["state_change_probability"],
+                    rec.user_id,
+                    rec.event_id,
+                    rec.item_id,
+                    rec.timestamp,
+                    rec.model_version,
+                    rec.projected_user_f32,
+                    rec.predicted_item_f32,
+                    rec.ids,
+                    rec.scores,
+                    rec.state_change_probability,
                 )
-            except (OverflowError, struct.error, TypeError, AttributeError):
+            except (OverflowError, struct.error, TypeError, AttributeError, ValueError):
                 pass  # a value the direct writer does not take: the codec writes or refuses it
-        return self.rec_codec.encode(record)
+        return self.rec_codec.encode(rec.record())
 
     def quarantine(self, seq: int, event: EventData, side: str, why: str) -> Output:
         """The DLQ record of a quarantined event, counted by reason."""

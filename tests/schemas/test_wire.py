@@ -311,7 +311,8 @@ def test_writes_recommendations_as_fastavro(record: dict[str, Any]) -> None:
         record["model_version"],
         record["projected_user_f32"],
         record["predicted_item_f32"],
-        [(c["item_id"], c["score"]) for c in record["candidates"]],
+        [c["item_id"] for c in record["candidates"]],
+        [c["score"] for c in record["candidates"]],
         record["state_change_probability"],
     )
     assert written == RECOMMENDATIONS.encode(record)

@@ -15,6 +15,8 @@ from operators.model.checkpoint import load_checkpoint
 from operators.model.online import OnlineJodie
 from operators.model.state import trend_at
 from operators.protocol.sides import CheckpointStates, EntityState, EventData
+from schemas.codec import RECOMMENDATION, Codec
+from schemas.wire import RecommendationWriter
 from streams.app.serving import Serving, TimedPriors
 from streams.settings import Settings
 from tests.streams.harness import assert_ranked_as_offline, make_checkpoint, offline_ranking
@@ -108,8 +110,25 @@ def test_an_item_new_to_the_index_is_in_the_list_of_the_user_who_touched_it(
     )
     assert out.item_vector is not None
     [record] = serving.recommendations([out])
-    listed = [c["item_id"] for c in record["candidates"]]
+    listed = record.ids
     assert "brand-new" in listed
+    # The Avro record of the list, and the writer's bytes, say the same.
+    written = RecommendationWriter(Codec(RECOMMENDATION).header).record(
+        record.user_id,
+        record.event_id,
+        record.item_id,
+        record.timestamp,
+        record.model_version,
+        record.projected_user_f32,
+        record.predicted_item_f32,
+        record.ids,
+        record.scores,
+        record.state_change_probability,
+    )
+    assert written == Codec(RECOMMENDATION).encode(record.record())
+    decoded = Codec(RECOMMENDATION).decode(written)
+    assert [c["item_id"] for c in decoded["candidates"]] == listed
+    assert [c["score"] for c in decoded["candidates"]] == pytest.approx(record.scores, rel=1e-6)
     vector, attrs = serving.index.get("brand-new")  # type: ignore[misc]
     assert np.array_equal(vector, out.item_vector)
     assert attrs.tolist() == [1.0, 1.0, t]
@@ -225,7 +244,7 @@ def test_the_learned_ranker_serves_after_an_event_the_list_jodie_evaluate_comput
         [record] = serving.recommendations([out])
         assert post.history[0] == item
         assert_ranked_as_offline(
-            [(c["item_id"], c["score"]) for c in record["candidates"]],
+            list(zip(record.ids, record.scores, strict=True)),
             _served_offline(ranker_checkpoint, serving, user, item, t),
         )
 
@@ -256,11 +275,11 @@ def test_the_learned_ranker_keys_each_list_of_a_batch_at_its_event_time(
     times = old.post_user.history_times
     assert times[0] == events[0].timestamp and all(np.isnan(w) for w in times[1:])
     [legacy] = serving.recommendations([old])
-    assert len(legacy["candidates"]) == 10
-    assert legacy["candidates"][0]["item_id"] == events[0].item_id
+    assert len(legacy.ids) == len(legacy.scores) == 10
+    assert legacy.ids[0] == events[0].item_id
     for event, record in zip(events, records, strict=True):
         assert_ranked_as_offline(
-            [(c["item_id"], c["score"]) for c in record["candidates"]],
+            list(zip(record.ids, record.scores, strict=True)),
             _served_offline(
                 ranker_checkpoint, serving, event.user_id, event.item_id, event.timestamp
             ),
