@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import cast
+from typing import Protocol, cast, runtime_checkable
 
 import faiss
 import numpy as np
@@ -20,6 +20,25 @@ Prior = Callable[[np.ndarray], np.ndarray]
 #: Item-only terms that differ by query (a ranker's terms at each query's own time):
 #: attributes (m, A) of m rows and a slice of the queries → (queries, m) float64 values.
 QueryPriors = Callable[[np.ndarray, slice], np.ndarray]
+
+
+@runtime_checkable
+class BoundedPriors(Protocol):
+    """``QueryPriors`` that also bound their terms, so that the exact tier can key most items
+    of a large catalogue by a bound instead of computing every (query, item) term."""
+
+    def __call__(self, attrs: np.ndarray, queries: slice) -> np.ndarray: ...
+
+    def upper(self, attrs: np.ndarray, queries: slice) -> np.ndarray:
+        """(m,): for each row of ``attrs`` (m, A), a value no query of ``queries`` gives
+        its term above."""
+        ...
+
+    def at(self, attrs: np.ndarray, queries: slice | np.ndarray) -> np.ndarray:
+        """(q, w): each query's terms of its own rows ``attrs`` (q, w, A), at its own time
+        (``queries``: a slice or the indices of the batch's queries)."""
+        ...
+
 
 # A faiss label is (generation << 32) | row: rows stay below 2³², generations wrap below 2³¹.
 _ROW_BITS = 32

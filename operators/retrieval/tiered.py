@@ -10,9 +10,13 @@ import numpy as np
 
 from operators.retrieval.exceptions import RetrievalError
 from operators.retrieval.ivf import Codec, IVFOverlay, auto_nlist
-from operators.retrieval.keyed import Key, KeyedOverlay, Prior, QueryPriors
+from operators.retrieval.keyed import BoundedPriors, Key, KeyedOverlay, Prior, QueryPriors
 from operators.retrieval.store import BLOCK_ELEMS, VectorStore
 
+#: The exact tier keys per-query item terms (``BoundedPriors``) by their bound from this many
+#: rows on, and exactly only for each query's ``PRUNED_WIDTH`` lowest bounds.
+PRUNE_FROM = 256
+PRUNED_WIDTH = 48
 #: The approximate tier. "keyed": fast-scan IVF-PQ codes of the vectors with the ranker's item
 #: term folded in (``KeyedOverlay``), a long shortlist re-ranked exactly; "ivf": the plain IVF
 #: overlay of the distance alone (``IVFOverlay``), the 2k best items by prior added.
@@ -377,6 +381,21 @@ class TieredIndex:
         out: list[tuple[list[str], np.ndarray]] = []
         for block in self._blocks(nq, width):
             if self._ivf is None:
+                if (
+                    isinstance(priors, BoundedPriors)
+                    and self._store.high >= PRUNE_FROM
+                    and 2 * k <= PRUNED_WIDTH
+                ):
+                    out += self._recommend_exact_pruned(
+                        q[block],
+                        k,
+                        scale,
+                        priors,
+                        block,
+                        None if bonus is None else bonus[block],
+                        None if fresh is None else fresh[block],
+                    )
+                    continue
                 if priors is not None:  # (B, H): each query's item terms over every row
                     everyone = np.asarray(priors(self.attributes(), block), dtype=np.float64)
                 out += self._recommend_exact(
@@ -417,36 +436,17 @@ class TieredIndex:
         terms the approximate tiers form over their candidates) from one distance matrix,
         and the k best per query, equal keys by row. Over a small catalogue the whole key
         costs less than gathering each query's candidates in Python."""
-        store = self._store
-        high = store.high
-        dist = store.sqdist(q).astype(np.float64)  # (B, H)
-        dist[:, ~np.isfinite(store.sqnorm[:high])] = np.inf
-        rows_of = store.rows
-        for b, override in enumerate(fresh or ()):
-            row = None if override is None else rows_of.get(override[0])
-            if override is not None and row is not None:
-                diff = np.asarray(override[1], dtype=np.float32) - q[b]
-                dist[b, row] = float(np.dot(diff, diff))
+        high = self._store.high
+        dist = self._exact_distances(q, fresh)
         key = dist
         if scale != 1.0 or has_prior or bonus is not None:
             finite = np.isfinite(dist)
             key = scale * dist
             if everyone is not None:
                 key -= everyone if everyone.ndim == 2 else everyone[None, :]
-            if bonus:
-                # One subtraction per (query, history item), gathered first.
-                at_b: list[int] = []
-                at_row: list[int] = []
-                values: list[float] = []
-                for b, terms in enumerate(bonus):
-                    for item, value in terms.items():
-                        row = rows_of.get(item)
-                        if row is not None:
-                            at_b.append(b)
-                            at_row.append(row)
-                            values.append(value)
-                if values:
-                    key[at_b, at_row] -= np.asarray(values, dtype=np.float64)
+            at_b, at_row, values = self._bonus_entries(bonus)
+            if values.size:
+                key[at_b, at_row] -= values
             key[~finite] = np.inf
         nq = q.shape[0]
         if k < high:
@@ -455,6 +455,115 @@ class TieredIndex:
         else:
             best = np.tile(np.arange(high), (nq, 1))
         return self._ranked(np.take_along_axis(key, best, axis=1), best, k)
+
+    def _exact_distances(
+        self, q: np.ndarray, fresh: Sequence[tuple[str, np.ndarray] | None] | None
+    ) -> np.ndarray:
+        """(B, H) float64 distances from each query to every row, holes +inf, ``fresh``'s
+        item at its given vector."""
+        store = self._store
+        dist = store.sqdist(q).astype(np.float64)
+        dist[:, ~np.isfinite(store.sqnorm[: store.high])] = np.inf
+        rows_of = store.rows
+        for b, override in enumerate(fresh or ()):
+            row = None if override is None else rows_of.get(override[0])
+            if override is not None and row is not None:
+                diff = np.asarray(override[1], dtype=np.float32) - q[b]
+                dist[b, row] = float(np.dot(diff, diff))
+        return dist
+
+    def _bonus_entries(
+        self, bonus: Sequence[Mapping[str, float]] | None
+    ) -> tuple[list[int], list[int], np.ndarray]:
+        """``bonus`` as (query, row, value) entries, for one subtraction per entry; items the
+        index does not hold are left out."""
+        at_b: list[int] = []
+        at_row: list[int] = []
+        values: list[float] = []
+        rows_of = self._store.rows
+        for b, terms in enumerate(bonus or ()):
+            for item, value in terms.items():
+                row = rows_of.get(item)
+                if row is not None:
+                    at_b.append(b)
+                    at_row.append(row)
+                    values.append(value)
+        return at_b, at_row, np.asarray(values, dtype=np.float64)
+
+    def _recommend_exact_pruned(
+        self,
+        q: np.ndarray,
+        k: int,
+        scale: float,
+        priors: BoundedPriors,
+        block: slice,
+        bonus: Sequence[Mapping[str, float]] | None,
+        fresh: Sequence[tuple[str, np.ndarray] | None] | None,
+    ) -> list[tuple[list[str], np.ndarray]]:
+        """``_recommend_exact`` with per-query item terms, without computing them for every
+        (query, item): each item's key is first bounded from below with the bound of its
+        term over the block's queries (``priors.upper``), the ``PRUNED_WIDTH`` lowest bounds
+        of each query are keyed exactly (``priors.at``, the same arithmetic as the full
+        terms), and a query whose k-th exact key is below every bound left out has its k
+        best among them. The few others are keyed over every item. Every query's terms are
+        taken at its own time."""
+        high = self._store.high
+        nq = q.shape[0]
+        dist = self._exact_distances(q, fresh)
+        attrs = self.attributes()
+        at_b, at_row, values = self._bonus_entries(bonus)
+        # A lower bound of every key: an item's term is at most its bound, and the bonus
+        # (the user's own items) is subtracted as the key subtracts it. A hole's distance is
+        # +inf, and so is its bound.
+        lower = scale * dist
+        lower -= priors.upper(attrs, block)[None, :]
+        if values.size:
+            lower[at_b, at_row] -= values
+        width = min(PRUNED_WIDTH, high - 1)
+        part = np.argpartition(lower, width, axis=1)
+        # The lowest bound of the items left out: none of them can key below it.
+        floor = np.take_along_axis(lower, part[:, width : width + 1], axis=1)[:, 0]
+        cand = np.sort(part[:, :width], axis=1)  # row order, as the full key breaks ties
+        at = np.arange(nq)[:, None]
+        near = dist[at, cand]
+        key = scale * near - priors.at(attrs[cand], block)
+        if values.size:
+            # Each bonus entry's place among its query's candidates, if it is one of them
+            # (the candidates of query b, offset by b · H, are one sorted array).
+            flat = (cand + at * high).ravel()
+            wanted = np.asarray(at_b) * high + np.asarray(at_row)
+            where = np.minimum(np.searchsorted(flat, wanted), flat.size - 1)
+            hit = flat[where] == wanted
+            key.ravel()[where[hit]] -= values[hit]
+        key[~np.isfinite(near)] = np.inf
+        kth = np.partition(key, k - 1, axis=1)[:, k - 1]
+        decided = kth < floor
+        out: list[tuple[list[str], np.ndarray]] = [([], np.empty(0))] * nq
+        mine = np.flatnonzero(decided)
+        if mine.size:
+            sub = key[mine]
+            pick = np.argpartition(sub, k - 1, axis=1)[:, :k]
+            pick.sort(axis=1)
+            rows = np.take_along_axis(cand[mine], pick, axis=1)
+            ranked = self._ranked(np.take_along_axis(sub, pick, axis=1), rows, k)
+            for b, r in zip(mine.tolist(), ranked, strict=True):
+                out[b] = r
+        rest = np.flatnonzero(~decided)
+        if rest.size:
+            # Keyed over every item, as ``_recommend_exact`` keys them.
+            every = np.broadcast_to(attrs, (rest.size, *attrs.shape))
+            full = scale * dist[rest] - priors.at(every, (block.start or 0) + rest)
+            if values.size:
+                bonus_of = np.zeros((nq, high))
+                bonus_of[at_b, at_row] = values
+                full -= bonus_of[rest]  # x − 0 is x: the other entries keep their key
+            full[~np.isfinite(dist[rest])] = np.inf
+            best = np.argpartition(full, k - 1, axis=1)[:, :k]
+            best.sort(axis=1)
+            ranked = self._ranked(np.take_along_axis(full, best, axis=1), best, k)
+            for b, r in zip(rest.tolist(), ranked, strict=True):
+                out[b] = r
+        return out
 
     def _recommend(
         self,

@@ -108,21 +108,34 @@ def _features_at(attrs: np.ndarray, t: np.ndarray) -> np.ndarray:
     return np.stack(np.broadcast_arrays(np.log1p(count), np.log1p(trend * decay), recency), axis=-1)
 
 
-def _terms_at(attrs: np.ndarray, t: np.ndarray, weights: np.ndarray) -> np.ndarray:
-    """``_features_at(attrs, t) @ weights`` for rows (m, 3) at times ``t`` (q, 1), (q, m),
-    without the (q, m, 3) features: the count's term once per item, a term of weight 0 (the
-    history scorer's recency) not at all. The same arithmetic on every pair; only the sum
-    may round apart from the matrix product's, in the last bit."""
-    count, trend, last = attrs[:, 0], attrs[:, 1], attrs[:, 2]
+def _term_parts(
+    attrs: np.ndarray, t: np.ndarray, weights: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """The three weighted terms of ``_terms_at``: the trend's and the recency's at times
+    ``t`` (None for a recency of weight 0), the count's (time-free, once per row)."""
+    count, trend, last = attrs[..., 0], attrs[..., 1], attrs[..., 2]
     w_count, w_trend, w_recency = weights.tolist()
     known = ~np.isnan(last)
     # A never-touched item's age is infinite, as ``trend_at`` takes it: its decay is 0.
     age = np.maximum(t - np.where(known, last, -np.inf), 0.0)
-    terms = w_trend * np.log1p(trend * np.exp(-age / TREND_SECONDS))
-    terms += w_count * np.log1p(count)
+    by_trend = w_trend * np.log1p(trend * np.exp(-age / TREND_SECONDS))
+    by_recency = None
     if w_recency:
         with np.errstate(invalid="ignore"):
-            terms += w_recency * np.where(known, -np.log1p(age) / 10.0, 0.0)
+            by_recency = w_recency * np.where(known, -np.log1p(age) / 10.0, 0.0)
+    return by_trend, w_count * np.log1p(count), by_recency
+
+
+def _terms_at(attrs: np.ndarray, t: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """``_features_at(attrs, t) @ weights`` for rows (m, 3) at times ``t`` (q, 1), (q, m),
+    or for each query's own rows (q, w, 3), (q, w), without the features: the count's term
+    once per row, a term of weight 0 (the history scorer's recency) not at all. The same
+    arithmetic on every pair; only the sum may round apart from the matrix product's, in
+    the last bit."""
+    terms, by_count, by_recency = _term_parts(attrs, t, weights)
+    terms += by_count
+    if by_recency is not None:
+        terms += by_recency
     return terms
 
 
@@ -163,6 +176,26 @@ class TimedPriors:
             terms = _terms_at(np.asarray(attrs, np.float64), ends[:, None], self.weights)
             return terms[np.searchsorted(ends, times)]
         t = times[:, None]  # (q, 1) against the rows (m,)
+        return _terms_at(np.asarray(attrs, dtype=np.float64), t, self.weights)
+
+    def upper(self, attrs: np.ndarray, queries: slice) -> np.ndarray:
+        """(m,): no query of ``queries`` gives a row of ``attrs`` (m, 3) a term above this,
+        at its own time or its run's. Each weighted term moves one way with the time (the
+        item's age only grows), so its largest value over the queries is at their earliest
+        or latest time; the bound sums those, with a margin for the rounding."""
+        times = self.times[queries]
+        ends = np.array([[times.min()], [times.max()]])
+        trend, by_count, recency = _term_parts(np.asarray(attrs, np.float64), ends, self.weights)
+        bound = trend.max(axis=0) + by_count
+        if recency is not None:
+            bound += recency.max(axis=0)
+        return bound + 1e-9 * (1.0 + np.abs(bound))
+
+    def at(self, attrs: np.ndarray, queries: slice | np.ndarray) -> np.ndarray:
+        """(q, w): each query's terms of its own rows ``attrs`` (q, w, 3) at its own time
+        (``queries``: a slice or the indices of the queries), with the arithmetic of
+        ``__call__``."""
+        t = self.times[queries][:, None]
         return _terms_at(np.asarray(attrs, dtype=np.float64), t, self.weights)
 
     def paired(self, attrs: np.ndarray) -> np.ndarray:

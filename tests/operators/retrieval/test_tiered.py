@@ -216,6 +216,59 @@ def test_each_query_keys_its_items_with_its_own_prior(exact_below: int) -> None:
     assert [ids for ids, _keys in blocked] == [ids for ids, _keys in batch]
 
 
+class _Recency:
+    """A ranker's item terms at each query's own time that rise with an item's age (a
+    ``BoundedPriors``), or, called alone, the same terms as plain ``QueryPriors``."""
+
+    def __init__(self, times: np.ndarray, weight: float) -> None:
+        self.times, self.weight = times, weight
+
+    def at(self, attrs: np.ndarray, queries: slice | np.ndarray) -> np.ndarray:
+        age = np.maximum(self.times[queries][:, None] - attrs[..., 2], 0.0)
+        return self.weight * np.log1p(age) + 0.3 * np.log1p(attrs[..., 0])
+
+    def __call__(self, attrs: np.ndarray, queries: slice) -> np.ndarray:
+        return self.at(np.broadcast_to(attrs, (len(self.times[queries]), *attrs.shape)), queries)
+
+    def upper(self, attrs: np.ndarray, queries: slice) -> np.ndarray:
+        t = self.times[queries]
+        ends = np.stack([self.at(attrs[None], np.array([i])) for i in (t.argmin(), t.argmax())])
+        return ends.max(axis=0)[0] + 1e-9
+
+
+@pytest.mark.parametrize("weight", [-2.0, 0.5, 40.0])
+def test_the_exact_tier_bounds_per_query_terms_and_keys_as_if_it_had_all(weight: float) -> None:
+    """Per-query item terms that bound themselves: the exact tier keys most items by the
+    bound and gives each query what keying every item gives (the plain callable), with
+    the user's own items, a fresh vector and holes; a weight that makes the terms decide
+    the order (40) sends queries to the full keys, and they still agree."""
+    rng = np.random.default_rng(11)
+    n, dim, k, nq = 900, 8, 10, 64
+    ids = [f"i{j}" for j in range(n)]
+    vectors = rng.standard_normal((n, dim)).astype(np.float32)
+    attrs = np.column_stack([rng.integers(1, 50, n), rng.uniform(0, 5, n), rng.uniform(0, 9, n)])
+    ix = TieredIndex(dim, n_attrs=3)
+    ix.upsert(ids, vectors, attrs)
+    ix.remove({"i5", "i600"})
+    queries = rng.standard_normal((nq, dim)).astype(np.float32)
+    extra = [[f"i{j}" for j in rng.integers(0, n, size=6)] for _ in range(nq)]
+    bonus = [{item: float(rng.uniform(0, 4)) for item in e} for e in extra]
+    fresh = [(e[0], rng.standard_normal(dim).astype(np.float32)) for e in extra]
+    bounded = _Recency(rng.uniform(5, 20, nq), weight)
+    plain = lambda a, s: bounded(a, s)  # noqa: E731  (not a BoundedPriors: keys every item)
+
+    def prior(a: np.ndarray) -> np.ndarray:
+        return np.zeros(len(a))
+
+    kw = {"scale": 1.3, "prior": prior, "bonus": bonus, "fresh": fresh}
+    got = ix.recommend(queries, k, extra, priors=bounded, **kw)
+    want = ix.recommend(queries, k, extra, priors=plain, **kw)
+    assert [i for i, _ in got] == [i for i, _ in want]
+    for (_, a), (_, b) in zip(got, want, strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert all(len(i) == k and "i5" not in i and "i600" not in i for i, _ in got)
+
+
 def test_lookup_gathers_vectors_and_attributes_of_held_items() -> None:
     ix = TieredIndex(dim=2, n_attrs=3)
     ix.upsert(["a", "b"], np.array([[1.0, 2.0], [3.0, 4.0]]), np.array([[1, 2, 3], [4, 5, 6]]))

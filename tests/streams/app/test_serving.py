@@ -350,3 +350,36 @@ def test_item_terms_at_each_query_time_share_a_time_past_their_budget(
     shared = TimedPriors(ranker, times, budget=3 * 40)(attrs, slice(0, 5))  # two per run
     for b, t in enumerate([130.0, 130.0, 400.0, 400.0, 900.0]):
         np.testing.assert_allclose(shared[b], own(attrs, slice(0, 5))[list(times).index(t)])
+
+
+@pytest.mark.parametrize("scorer", ["history", "ranker"])
+def test_item_terms_bound_themselves_over_the_queries_times(
+    scorer: str, checkpoint: Path, ranker_checkpoint: Path
+) -> None:
+    """What lets the exact tier key most items by a bound (``TieredIndex``'s pruned path):
+    each query's terms of its own rows (``at``) are those of ``__call__``, to the bit, and
+    no query's term of an item exceeds the item's ``upper`` over the queries, however the
+    learned ranker's recency and trend weigh the item's age; an item never touched has
+    no age."""
+    path = ranker_checkpoint if scorer == "ranker" else checkpoint
+    ranker = Serving.load(Settings(), path).ranker
+    rng = np.random.default_rng(9)
+    n = 300
+    attrs = np.column_stack(
+        [rng.integers(0, 50, n), rng.uniform(0, 5, n), rng.uniform(0, 400_000, n)]
+    )
+    attrs[::7, 2] = np.nan
+    times = np.sort(rng.uniform(100_000, 600_000, 50))
+    priors = TimedPriors(ranker, times)
+    full = priors(attrs, slice(0, 50))
+    rows = rng.integers(0, n, size=(50, 12))
+    np.testing.assert_array_equal(
+        priors.at(attrs[rows], slice(0, 50)), full[np.arange(50)[:, None], rows]
+    )
+    np.testing.assert_array_equal(
+        priors.at(attrs[rows[3:5]], np.array([3, 4])), full[[[3], [4]], rows[3:5]]
+    )
+    upper = priors.upper(attrs, slice(0, 50))
+    assert (full <= upper[None, :]).all()
+    # Tight where the terms do not move: an item never touched, or whose time is past all.
+    assert np.allclose(upper[::7], full[:, ::7].max(axis=0), rtol=1e-8, atol=1e-8)
