@@ -318,6 +318,16 @@ class TieredIndex:
         attrs[~held] = 0.0
         return held, vectors, attrs
 
+    def held_attributes(self, ids: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Which of these items the index holds (n,) bool, and their attributes (n, n_attrs)
+        (copies; zeros where it does not): ``lookup`` without the vectors."""
+        rows_of = self._store.rows
+        rows = np.fromiter((rows_of.get(i, -1) for i in ids), dtype=np.int64, count=len(ids))
+        held = rows >= 0
+        attrs = self._store.attrs[np.where(held, rows, 0)]
+        attrs[~held] = 0.0
+        return held, attrs
+
     def get(self, item_id: str) -> tuple[np.ndarray, np.ndarray] | None:
         """The item's indexed vector (D,) and attributes (n_attrs,), copies; None if unknown."""
         row = self._store.rows.get(item_id)
@@ -477,18 +487,19 @@ class TieredIndex:
     ) -> tuple[list[int], list[int], np.ndarray]:
         """``bonus`` as (query, row, value) entries, for one subtraction per entry; items the
         index does not hold are left out."""
-        at_b: list[int] = []
-        at_row: list[int] = []
-        values: list[float] = []
-        rows_of = self._store.rows
-        for b, terms in enumerate(bonus or ()):
-            for item, value in terms.items():
-                row = rows_of.get(item)
-                if row is not None:
-                    at_b.append(b)
-                    at_row.append(row)
-                    values.append(value)
-        return at_b, at_row, np.asarray(values, dtype=np.float64)
+        if not bonus:
+            return [], [], np.empty(0)
+        get = self._store.rows.get
+        sizes = [len(terms) for terms in bonus]
+        rows = np.fromiter(
+            (get(item, -1) for terms in bonus for item in terms), dtype=np.int64, count=sum(sizes)
+        )
+        values = np.fromiter(
+            (v for terms in bonus for v in terms.values()), dtype=np.float64, count=rows.size
+        )
+        held = rows >= 0
+        at_b = np.repeat(np.arange(len(bonus)), sizes)[held]
+        return at_b.tolist(), rows[held].tolist(), values[held]
 
     def _recommend_exact_pruned(
         self,
@@ -643,10 +654,16 @@ class TieredIndex:
         top = np.take_along_axis(key, order, axis=1)
         picked = np.take_along_axis(rows, order, axis=1)
         row_ids = self._store.row_ids
+        finite = np.isfinite(top)
+        if finite.all():  # the usual case: every query has k items
+            return [
+                ([str(row_ids[r]) for r in rows], keys)
+                for rows, keys in zip(picked.tolist(), top, strict=True)
+            ]
         out = []
         for b in range(key.shape[0]):
-            finite = np.isfinite(top[b])
-            out.append(([str(row_ids[r]) for r in picked[b][finite].tolist()], top[b][finite]))
+            ok = finite[b]
+            out.append(([str(row_ids[r]) for r in picked[b][ok].tolist()], top[b][ok]))
         return out
 
     def memory_bytes(self) -> int:

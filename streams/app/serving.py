@@ -77,18 +77,19 @@ def ranking_key(ranker: Scorer, now: float) -> dict[str, Any]:
     return {"scale": float(ranker.log_alpha.exp()), "prior": prior}
 
 
-def _counted_at(attrs: np.ndarray, t: float) -> np.ndarray:
-    """An item's index attributes (count, decayed count, time) after one more event at
-    ``t`` (``operators.protocol.sides.counted``'s rule), when the index holds it from before:
-    the item a user just touched, whose owner's vector has not come through yet, ranked
-    with the counts and time it has after the event, as offline. Attributes at ``t`` or
-    later are already past it."""
-    count, trend, last = attrs.tolist()
-    if last >= t:
-        return attrs
-    age = np.inf if np.isnan(last) else np.float64(t) - np.float64(last)
-    decayed = float(np.float64(trend) * np.exp(-age / TREND_SECONDS) + 1.0)
-    return np.array([count + 1.0, decayed, t], dtype=np.float64)
+def _counted_at(attrs: np.ndarray, t: np.ndarray) -> np.ndarray:
+    """Items' index attributes (B, 3: count, decayed count, time) after one more event each
+    at its time ``t`` (B,) (``operators.protocol.sides.counted``'s rule), when the index
+    holds them from before: the item a user just touched, whose owner's vector has not come
+    through yet, ranked with the counts and time it has after the event, as offline.
+    Attributes at their ``t`` or later are already past it."""
+    count, trend, last = attrs[:, 0], attrs[:, 1], attrs[:, 2]
+    with np.errstate(invalid="ignore"):
+        age = np.where(np.isnan(last), np.inf, t - last)
+        after = np.column_stack([count + 1.0, trend * np.exp(-age / TREND_SECONDS) + 1.0, t])
+        past = last >= t
+    after[past] = attrs[past]
+    return after
 
 
 def _item_features(attrs: np.ndarray, now: float) -> np.ndarray:
@@ -493,10 +494,11 @@ class Serving:
         # shortlists; each list's keys take its own event's time (``_terms``).
         now = max(o.event.timestamp for o in outs)
         times = [o.event.timestamp for o in outs]
-        held = [None if f is None else self.index.get(f[0]) for f in fresh]
+        held, before = self.index.held_attributes([o.event.item_id for o in outs])
+        after = _counted_at(before, np.asarray(times, dtype=np.float64))
         fresh_attrs = [
-            None if got is None else (got[1], _counted_at(got[1], t))
-            for got, t in zip(held, times, strict=True)
+            (before[b], after[b]) if f is not None and held[b] else None
+            for b, f in enumerate(fresh)
         ]
         terms = self._terms([o.post_user for o in outs], now, preds, fresh, times, fresh_attrs)
         ranked = self.index.recommend(preds, self.candidates, extra, fresh=fresh, **terms)
