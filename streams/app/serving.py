@@ -497,8 +497,8 @@ class Serving:
         held, before = self.index.held_attributes([o.event.item_id for o in outs])
         after = _counted_at(before, np.asarray(times, dtype=np.float64))
         fresh_attrs = [
-            (before[b], after[b]) if f is not None and held[b] else None
-            for b, f in enumerate(fresh)
+            (was, now_) if f is not None and ok else None
+            for f, ok, was, now_ in zip(fresh, held.tolist(), before, after, strict=True)
         ]
         terms = self._terms([o.post_user for o in outs], now, preds, fresh, times, fresh_attrs)
         ranked = self.index.recommend(preds, self.candidates, extra, fresh=fresh, **terms)
