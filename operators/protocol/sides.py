@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -501,7 +501,18 @@ def counted(item: EntityState, embedding: np.ndarray, t: float) -> EntityState:
     event count and decayed count (``TREND_SECONDS``) updated (the offline store's rule)."""
     age = np.inf if math.isnan(item.last_time) else np.float64(t) - np.float64(item.last_time)
     trend = float(np.float64(item.trend) * np.exp(-age / TREND_SECONDS) + 1.0)  # numpy's exp, as
-    return replace(item, embedding=embedding, last_time=t, count=item.count + 1, trend=trend)
+    # Built field by field: dataclasses.replace, which looks the fields up at every call,
+    # cost more than the rest of this per event.
+    return EntityState(
+        embedding,
+        t,
+        item.history,
+        item.history_counts,
+        item.count + 1,
+        trend,
+        item.history_times,
+        item.habits,
+    )
 
 
 Skip = Callable[[Ready[EntityState, EntityState], str], tuple[Any, Any, Any]]

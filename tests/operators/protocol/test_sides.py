@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import random
-from dataclasses import replace
+from dataclasses import fields, replace
 
 import numpy as np
 import pytest
@@ -13,7 +13,7 @@ from operators.model.config import ModelConfig
 from operators.model.jodie import Jodie
 from operators.model.kernel import query
 from operators.model.online import OnlineJodie
-from operators.model.state import States
+from operators.model.state import TREND_SECONDS, States
 from operators.protocol.exchange import (
     Applied,
     Inbox,
@@ -23,7 +23,14 @@ from operators.protocol.exchange import (
     SendPreState,
 )
 from operators.protocol.sequencer import Interaction, Sequencer
-from operators.protocol.sides import NEW, EntityState, EventData, StreamModel, push_history
+from operators.protocol.sides import (
+    NEW,
+    EntityState,
+    EventData,
+    StreamModel,
+    counted,
+    push_history,
+)
 
 CFG = ModelConfig(
     embedding_dim=8,
@@ -322,3 +329,19 @@ def test_push_history_follows_the_rule_on_random_histories() -> None:
     old = EntityState(np.zeros(2, dtype=np.float32), 1.0, ("a", "b"), ())
     assert push_history(old, "b", 3) == (("b", "a"), (1, 0))
     assert push_history(old, "a", 0) == ((), ())
+
+
+def test_counting_an_item_event_keeps_every_other_field() -> None:
+    """``counted`` builds the new state field by field: a field it did not name would fall
+    back to its default, so every field is set here and checked."""
+    item = EntityState(
+        np.ones(3, dtype=np.float32), 100.0, ("a",), (2,), 5, 1.5, (90.0,), (0.1, 0.2)
+    )
+    post = counted(item, np.zeros(3, dtype=np.float32), 100.0 + TREND_SECONDS)
+    moved = {"embedding", "last_time", "count", "trend"}
+    for f in fields(EntityState):
+        if f.name not in moved:
+            assert getattr(post, f.name) == getattr(item, f.name), f.name
+    assert post.last_time == 100.0 + TREND_SECONDS and post.count == 6
+    assert post.trend == pytest.approx(1.5 * np.exp(-1.0) + 1.0)
+    assert post.embedding is not None and not post.embedding.any()
