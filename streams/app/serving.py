@@ -153,7 +153,8 @@ class TimedPriors:
     tier, a batch of thousands of events): consecutive queries (a batch is in log order, so
     close in time) then share the terms at the latest of their times, in groups as small as
     the budget allows. Up to ``budget`` / items queries per call (2,000 on a catalogue of
-    1,000 items) every query has its own."""
+    1,000 items) every query has its own. The exact tier asks for few terms per query
+    (``upper`` and ``at``, see ``TieredIndex``): there every query has its own time."""
 
     def __init__(self, ranker: Scorer, times: np.ndarray, budget: int = TERMS_BUDGET) -> None:
         self.times = np.asarray(times, dtype=np.float64)
