@@ -308,10 +308,7 @@ class TieredIndex:
     def lookup(self, ids: Sequence[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """These items' indexed vectors (n, D) and attributes (n, n_attrs), gathered at once
         (copies), with which of them the index holds (n,) bool (zeros where it does not)."""
-        rows_of = self._store.rows
-        rows = np.fromiter((rows_of.get(i, -1) for i in ids), dtype=np.int64, count=len(ids))
-        held = rows >= 0
-        safe = np.where(held, rows, 0)
+        held, safe = self._held_rows(ids)
         vectors = self._store.data[safe]
         attrs = self._store.attrs[safe]
         vectors[~held] = 0.0
@@ -321,12 +318,18 @@ class TieredIndex:
     def held_attributes(self, ids: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         """Which of these items the index holds (n,) bool, and their attributes (n, n_attrs)
         (copies; zeros where it does not): ``lookup`` without the vectors."""
+        held, safe = self._held_rows(ids)
+        attrs = self._store.attrs[safe]
+        attrs[~held] = 0.0
+        return held, attrs
+
+    def _held_rows(self, ids: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Which of these items the index holds (n,) bool, and their rows (row 0 where it
+        does not, to gather from and then clear)."""
         rows_of = self._store.rows
         rows = np.fromiter((rows_of.get(i, -1) for i in ids), dtype=np.int64, count=len(ids))
         held = rows >= 0
-        attrs = self._store.attrs[np.where(held, rows, 0)]
-        attrs[~held] = 0.0
-        return held, attrs
+        return held, np.where(held, rows, 0)
 
     def get(self, item_id: str) -> tuple[np.ndarray, np.ndarray] | None:
         """The item's indexed vector (D,) and attributes (n_attrs,), copies; None if unknown."""
@@ -446,7 +449,6 @@ class TieredIndex:
         terms the approximate tiers form over their candidates) from one distance matrix,
         and the k best per query, equal keys by row. Over a small catalogue the whole key
         costs less than gathering each query's candidates in Python."""
-        high = self._store.high
         dist = self._exact_distances(q, fresh)
         key = dist
         if scale != 1.0 or has_prior or bonus is not None:
@@ -458,13 +460,22 @@ class TieredIndex:
             if values.size:
                 key[at_b, at_row] -= values
             key[~finite] = np.inf
-        nq = q.shape[0]
-        if k < high:
-            best = np.argpartition(key, k - 1, axis=1)[:, :k]
-            best.sort(axis=1)  # row order, so that equal keys keep the lower row first
+        return self._k_best(key, k)
+
+    def _k_best(
+        self, key: np.ndarray, k: int, rows: np.ndarray | None = None
+    ) -> list[tuple[list[str], np.ndarray]]:
+        """Per query, the k lowest of ``key`` (B, W) over its ``rows`` (B, W), each query's
+        in ascending order (None: every row, column j is row j), ranked as ``_ranked`` does:
+        equal keys keep the lower row first."""
+        nq, width = key.shape
+        if k < width:
+            pick = np.argpartition(key, k - 1, axis=1)[:, :k]
+            pick.sort(axis=1)  # row order, so that equal keys keep the lower row first
         else:
-            best = np.tile(np.arange(high), (nq, 1))
-        return self._ranked(np.take_along_axis(key, best, axis=1), best, k)
+            pick = np.tile(np.arange(width), (nq, 1))
+        picked = pick if rows is None else np.take_along_axis(rows, pick, axis=1)
+        return self._ranked(np.take_along_axis(key, pick, axis=1), picked, k)
 
     def _exact_distances(
         self, q: np.ndarray, fresh: Sequence[tuple[str, np.ndarray] | None] | None
@@ -552,12 +563,7 @@ class TieredIndex:
         out: list[tuple[list[str], np.ndarray]] = [([], np.empty(0))] * nq
         mine = np.flatnonzero(decided)
         if mine.size:
-            sub = key[mine]
-            pick = np.argpartition(sub, k - 1, axis=1)[:, :k]
-            pick.sort(axis=1)
-            rows = np.take_along_axis(cand[mine], pick, axis=1)
-            ranked = self._ranked(np.take_along_axis(sub, pick, axis=1), rows, k)
-            for b, r in zip(mine.tolist(), ranked, strict=True):
+            for b, r in zip(mine.tolist(), self._k_best(key[mine], k, cand[mine]), strict=True):
                 out[b] = r
         rest = np.flatnonzero(~decided)
         if rest.size:
@@ -569,10 +575,7 @@ class TieredIndex:
                 bonus_of[at_b, at_row] = values
                 full -= bonus_of[rest]  # x − 0 is x: the other entries keep their key
             full[~np.isfinite(dist[rest])] = np.inf
-            best = np.argpartition(full, k - 1, axis=1)[:, :k]
-            best.sort(axis=1)
-            ranked = self._ranked(np.take_along_axis(full, best, axis=1), best, k)
-            for b, r in zip(rest.tolist(), ranked, strict=True):
+            for b, r in zip(rest.tolist(), self._k_best(full, k), strict=True):
                 out[b] = r
         return out
 

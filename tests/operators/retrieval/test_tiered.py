@@ -137,17 +137,25 @@ def test_a_fresh_vector_ranks_its_item_for_that_query_only() -> None:
     assert got[1][0] == ["b", "c"]  # "a" at its indexed vector is far
 
 
+def _exact_index(
+    rng: np.random.Generator, n: int, dim: int
+) -> tuple[TieredIndex, list[str], np.ndarray, np.ndarray]:
+    """An exact-tier index of n random items i0… with random (count, decayed count, time)."""
+    ids = [f"i{j}" for j in range(n)]
+    vectors = rng.standard_normal((n, dim)).astype(np.float32)
+    attrs = np.column_stack([rng.integers(1, 50, n), rng.uniform(0, 5, n), rng.uniform(0, 9, n)])
+    ix = TieredIndex(dim, n_attrs=3)
+    ix.upsert(ids, vectors, attrs)
+    return ix, ids, vectors, attrs
+
+
 def test_the_exact_tier_serves_the_k_best_of_the_whole_key() -> None:
     """Below ``exact_below`` every item competes by the serving key, scale · ‖x − q‖²
     − prior − bonus, with the fresh vector of the item just touched and removed items out:
     the k best of a reference computed here item by item."""
     rng = np.random.default_rng(21)
     n, dim, k, nq = 600, 8, 10, 40
-    ids = [f"i{j}" for j in range(n)]
-    vectors = rng.standard_normal((n, dim)).astype(np.float32)
-    attrs = np.column_stack([rng.integers(1, 50, n), rng.uniform(0, 5, n), rng.uniform(0, 9, n)])
-    ix = TieredIndex(dim, n_attrs=3)
-    ix.upsert(ids, vectors, attrs)
+    ix, ids, vectors, attrs = _exact_index(rng, n, dim)
     gone = {"i3", "i77"}
     ix.remove(gone)
     queries = rng.standard_normal((nq, dim)).astype(np.float32)
@@ -244,11 +252,7 @@ def test_the_exact_tier_bounds_per_query_terms_and_keys_as_if_it_had_all(weight:
     the order (40) sends queries to the full keys, and they still agree."""
     rng = np.random.default_rng(11)
     n, dim, k, nq = 900, 8, 10, 64
-    ids = [f"i{j}" for j in range(n)]
-    vectors = rng.standard_normal((n, dim)).astype(np.float32)
-    attrs = np.column_stack([rng.integers(1, 50, n), rng.uniform(0, 5, n), rng.uniform(0, 9, n)])
-    ix = TieredIndex(dim, n_attrs=3)
-    ix.upsert(ids, vectors, attrs)
+    ix, _ids, _vectors, _attrs = _exact_index(rng, n, dim)
     ix.remove({"i5", "i600"})
     queries = rng.standard_normal((nq, dim)).astype(np.float32)
     extra = [[f"i{j}" for j in rng.integers(0, n, size=6)] for _ in range(nq)]
