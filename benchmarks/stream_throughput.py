@@ -478,6 +478,14 @@ class Bench:
                 f"{entry['assignments']} assignment(s), CPU "
                 f"{'?' if cpu is None else f'{cpu:.1f}'} s of {entry['wall_s']} s wall"
             )
+            phases = m.get("batch_phase_s") or {}
+            busy = sum(phases.values())
+            if txns and busy:
+                each = ", ".join(f"{name} {1000 * s / txns:.1f} ms" for name, s in phases.items())
+                self.say(
+                    f"    per transaction: {each}; waiting for the commits "
+                    f"{100 * phases.get('commit', 0.0) / busy:.0f} % of the batches' time"
+                )
             hop = m.get("pre_states") or {}
             if hop.get("taken"):
                 self.say(

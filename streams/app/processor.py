@@ -82,6 +82,12 @@ class LoopCounters(Protocol):
     def restored(self) -> int: ...
     @property
     def lag(self) -> int: ...
+    @property
+    def app_s(self) -> float: ...
+    @property
+    def send_s(self) -> float: ...
+    @property
+    def commit_s(self) -> float: ...
 
 
 @dataclass
@@ -113,6 +119,12 @@ class WorkerStats:
             "item_events": self.item_events,
             "messages": self.messages,
             "transactions": loop.transactions,
+            # Where the committed batches' time went (streams.runtime.loop.LoopStats).
+            "batch_phase_s": {
+                "app": round(loop.app_s, 3),
+                "send": round(loop.send_s, 3),
+                "commit": round(loop.commit_s, 3),
+            },
             "restored_records": loop.restored,
             "events_per_s": round(self.rate, 1),
             "lag": loop.lag,

@@ -231,6 +231,16 @@ class LoopMetrics(Collector):
             ("restored_records", "Changelog records read into the tables.", s.restored),
         ):
             yield CounterMetricFamily(f"{ns}_{name}", doc, value=value)
+        phases = CounterMetricFamily(
+            f"{ns}_batch_phase_seconds",
+            "Seconds of committed batches by phase: app (the application's prepare and "
+            "process), send (outputs and changed rows handed to the producer), commit (the "
+            "offsets sent and the wait for every acknowledgement and the coordinator).",
+            labels=["phase"],
+        )
+        for phase, seconds in (("app", s.app_s), ("send", s.send_s), ("commit", s.commit_s)):
+            phases.add_metric([phase], seconds)
+        yield phases
         yield GaugeMetricFamily(
             f"{ns}_input_lag_records",
             "Input records behind the ends of the assigned partitions (NaN: unknown).",

@@ -112,6 +112,7 @@ def test_a_worker_serves_its_figures_to_prometheus_and_as_json(
         "jodie_quarantined_events",
         "jodie_model_info",
         "jodie_batch_seconds",
+        "jodie_batch_phase_seconds",
         "jodie_input_age_seconds",
         "jodie_pre_state_age_seconds",
         "jodie_gc_seconds",
@@ -140,6 +141,14 @@ def test_a_worker_serves_its_figures_to_prometheus_and_as_json(
     assert records == page["messages"] > 0
     assert got[("jodie_input_age_seconds_count", ())] == records
     assert 1 <= got[("jodie_batch_seconds_count", ())] <= got[("jodie_transactions_total", ())]
+    # Each committed batch's time, split by phase, adds up to no more than the batches' own.
+    phases = {
+        phase: got[("jodie_batch_phase_seconds_total", (("phase", phase),))]
+        for phase in ("app", "send", "commit")
+    }
+    assert all(seconds > 0 for seconds in phases.values()), phases
+    assert sum(phases.values()) <= got[("jodie_batch_seconds_sum", ())] + 1e-6, phases
+    assert set(page["batch_phase_s"]) == set(phases), page["batch_phase_s"]
     # One worker owns every user and item: each pre-state is handed over in memory, none
     # crosses Kafka.
     assert got[("jodie_pre_state_age_seconds_count", ())] == 0

@@ -59,7 +59,11 @@ def test_loop_metrics_read_the_counters_at_each_scrape() -> None:
     stats = LoopStats()
     loop = LoopMetrics(stats, metrics.registry, "app")
     stats.records, stats.transactions, stats.aborted, stats.lag = 7, 3, 1, 12
+    stats.app_s, stats.send_s, stats.commit_s = 0.5, 0.125, 0.25
     got = _samples(metrics.exposition()[0].decode())
+    assert got[("app_batch_phase_seconds_total", (("phase", "app"),))] == 0.5
+    assert got[("app_batch_phase_seconds_total", (("phase", "send"),))] == 0.125
+    assert got[("app_batch_phase_seconds_total", (("phase", "commit"),))] == 0.25
     assert got[("app_input_records_total", ())] == 7
     assert got[("app_transactions_total", ())] == 3
     assert got[("app_transactions_aborted_total", ())] == 1
