@@ -75,6 +75,30 @@ class Record(NamedTuple):
     timestamp_ms: int = -1
 
 
+class Changes:
+    """The table rows one transaction writes to their changelogs, and the offsets they reach
+    there as their delivery reports come in. Each transaction has its own: a report that
+    arrives late, from a producer given up on (streams.runtime.transactions), lands in the
+    transaction it belongs to, not in the next one."""
+
+    def __init__(self, rows: list[tuple[Table[Any], list[tuple[int, bytes, bytes | None]]]]):
+        self.rows = rows
+        self._reached: dict[tuple[str, int], int] = {}
+
+    def reached(self, err: KafkaError | None, msg: Message) -> None:
+        """The delivery report of one changelog record."""
+        if err is not None:
+            return  # the transaction's commit fails, and with it the batch
+        key = (msg.topic() or "", msg.partition() or 0)
+        offset = msg.offset() or 0
+        if offset > self._reached.get(key, -1):
+            self._reached[key] = offset
+
+    def offsets(self, changelog: str) -> dict[int, int]:
+        """Partition → the last offset this transaction's rows reached in ``changelog``."""
+        return {p: o for (topic, p), o in self._reached.items() if topic == changelog}
+
+
 class Application(ABC, Generic[B]):
     """What the loop runs. ``prepare`` and the hooks run outside any transaction; ``process``
     inside one, so it must neither block for long nor produce itself."""
@@ -195,7 +219,6 @@ class TransactionalLoop(Generic[B]):
         self.log = log or logging.getLogger("jodie.loop")
         self.stats = LoopStats()
         self._stop = threading.Event()
-        self._changelog_offsets: dict[tuple[str, int], int] = {}
         self._gap: InputGapError | None = None  # found in a rebalance callback, raised after
         # Offsets read past a stray pending commit (see ``_committed``), to commit again in a
         # transaction of this instance's producer before the next batch.
@@ -318,14 +341,6 @@ class TransactionalLoop(Generic[B]):
             if table is not None:
                 table.revoke(tp.partition)
         self.app.on_revoke([(tp.topic, tp.partition) for tp in partitions])
-
-    def _delivered(self, err: KafkaError | None, msg: Message) -> None:
-        if err is not None:
-            return  # the transaction's commit fails, and with it the batch
-        key = (msg.topic() or "", msg.partition() or 0)
-        offset = msg.offset() or 0
-        if offset > self._changelog_offsets.get(key, -1):
-            self._changelog_offsets[key] = offset
 
     def run(self, max_seconds: float | None = None) -> LoopStats:
         consumer, tx = self._clients()
@@ -551,32 +566,28 @@ class TransactionalLoop(Generic[B]):
                 self.stats.aborted += 1
             return
         self.stats.transactions += 1
-        self._persist(changed)
+        self._persist(tx.producer, changed)
 
-    def _send_changes(
-        self, producer: Producer, tables: list[Table[Any]]
-    ) -> list[tuple[Table[Any], list[tuple[int, bytes, bytes | None]]]]:
+    def _send_changes(self, producer: Producer, tables: list[Table[Any]]) -> Changes:
         """Produce the tables' changed rows (a deleted row's tombstone: no value) to their
-        changelogs in the open transaction, and wait for the offsets they reach."""
-        changed = [(table, table.changed()) for table in tables]
-        self._changelog_offsets.clear()
-        for table, rows in changed:
+        changelogs in the open transaction. The offsets they reach arrive with their delivery
+        reports, which the commit serves (librdkafka delivers every queued message before it
+        commits): waiting for them here would put that wait ahead of sending the offsets,
+        one round trip more per batch."""
+        changes = Changes([(table, table.changed()) for table in tables])
+        for table, rows in changes.rows:
             for p, key, value in rows:
                 producer.produce(
-                    table.changelog, key=key, value=value, partition=p, on_delivery=self._delivered
+                    table.changelog, key=key, value=value, partition=p, on_delivery=changes.reached
                 )
-        producer.flush(60)  # serves the delivery reports: the changelog offsets reached
-        return changed
+        return changes
 
-    def _persist(
-        self, changed: list[tuple[Table[Any], list[tuple[int, bytes, bytes | None]]]]
-    ) -> None:
+    @staticmethod
+    def _persist(producer: Producer, changes: Changes) -> None:
         """After the commit: the rows into RocksDB, with the changelog offsets they reached."""
-        for table, rows in changed:
-            reached = {
-                p: o for (t, p), o in self._changelog_offsets.items() if t == table.changelog
-            }
-            table.persist(rows, reached)
+        producer.poll(0)  # a delivery report the commit left queued, if any
+        for table, rows in changes.rows:
+            table.persist(rows, changes.offsets(table.changelog))
 
     def _transaction(self, consumer: Consumer, tx: Transactions, messages: list[Message]) -> None:
         began = time.monotonic()
@@ -618,7 +629,7 @@ class TransactionalLoop(Generic[B]):
         self.stats.app_s += processed - began
         self.stats.send_s += sent - processed
         self.stats.commit_s += done - sent
-        self._persist(changed)
+        self._persist(producer, changed)
         self.app.committed(records, time.monotonic() - began)
 
 
