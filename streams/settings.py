@@ -294,6 +294,17 @@ class Settings(BaseSettings):
             "its turn is answered 503 with Retry-After instead (load shedding)."
         ),
     )
+    router_commit_interval_s: float = Field(
+        0.0,
+        ge=0,
+        description=(
+            "JODIE_ROUTER_COMMIT_INTERVAL_S: least time between two of the router's "
+            "transactions; events sequenced meanwhile wait and commit together (at once "
+            "when they fill a batch). 0: each batch commits as soon as it is sequenced. "
+            "Fewer transactions cost the broker less CPU, each event waits up to this long "
+            "more (README, *The router's transaction rate*)."
+        ),
+    )
     commit_interval_s: float = Field(
         0.1,
         description=(

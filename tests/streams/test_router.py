@@ -335,3 +335,43 @@ def _dlq_headers(settings: Settings) -> list[dict[str, bytes]]:
     finally:
         consumer.close()
     return out
+
+
+class _TimedRouter(Router):
+    """A router that notes when each of its transactions committed, and how many events."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.commits: list[tuple[float, int]] = []
+
+    def _commit(self, *args: object, **kwargs: object) -> None:
+        super()._commit(*args, **kwargs)  # type: ignore[arg-type]
+        self.commits.append((time.monotonic(), len(args[2])))  # type: ignore[arg-type]
+
+
+def test_a_commit_interval_spaces_the_transactions_and_loses_nothing(
+    kafka: Settings, tmp_path: Path
+) -> None:
+    """Events sequenced within the interval after a commit wait and commit together: every
+    two transactions are at least the interval apart (unless a full batch commits at once),
+    and the log is the same canonical sequence."""
+    interval = 0.5
+    settings = kafka.model_copy(update={"router_commit_interval_s": interval})
+    path = _csv(tmp_path)
+
+    def trickle() -> None:  # 20 events every 0.05 s: about 20 sends per interval
+        for start in range(0, N, 20):
+            _produce_rows(settings, path, start, 20)
+            time.sleep(0.05)
+
+    sender = threading.Thread(target=trickle)
+    sender.start()
+    router = _TimedRouter(settings, grace_s=0.2, batch=2000)
+    stats = router.run(until_idle_s=2.0, max_seconds=120)
+    sender.join()
+    assert stats.sequenced == N and stats.rejected == 0
+    _assert_canonical(settings, path)
+    assert sum(n for _t, n in router.commits) == N
+    gaps = [b[0] - a[0] for a, b in zip(router.commits, router.commits[1:], strict=False)]
+    assert len(router.commits) >= 2, router.commits
+    assert min(gaps) >= interval, gaps
