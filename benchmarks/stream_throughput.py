@@ -379,7 +379,8 @@ class Bench:
         return (
             f"broker {s.bootstrap_servers}{up}, "
             f"topics {s.topic_prefix}* ({s.partitions} partitions), "
-            f"router grace {self.args.grace} s, worker commit interval {s.commit_interval_s} s, "
+            f"router grace {self.args.grace} s, router commit interval "
+            f"{s.router_commit_interval_s} s, worker commit interval {s.commit_interval_s} s, "
             f"worker batch {s.worker_batch}, {os.cpu_count()} CPUs"
         )
 
