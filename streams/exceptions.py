@@ -47,6 +47,11 @@ class TopicMissingError(ReadError):
     apply`), or set JODIE_TOPIC_PREFIX to the prefix the pipeline runs with."""
 
 
+class PipelineRunningError(JodieError):
+    """The pipeline's consumer groups still have members: stop its router and workers before
+    deleting its topics (`jodie topics delete`)."""
+
+
 class DlqFileError(JodieError):
     """A file of events to re-send does not hold what `jodie dlq show --json` prints (one JSON
     object per line, each with an `event`); fix the line it names."""

@@ -76,7 +76,7 @@ from streams.runtime.spill import SpillMap
 from streams.runtime.transactions import Sweep, Transactions
 from streams.settings import Settings
 from streams.switch import ServingWatch
-from streams.topics import app_id
+from streams.topics import app_id, router_group
 
 _log = logging.getLogger("jodie.router")
 
@@ -310,7 +310,7 @@ class Router:
         prefix = self.settings.topic_prefix
         consumer = committed_reader(
             self.settings,
-            group_id=f"{prefix}jodie-router",
+            group_id=router_group(self.settings),
             logger=_log,
             **{"client.id": f"jodie-router-{uuid.uuid4().hex[:6]}"},
         )
@@ -455,6 +455,7 @@ class Router:
                 )
             )
             positions = {tp.partition: tp.offset for tp in committed if tp.offset >= 0}
+            positions = self._within_ends(consumer, positions)
         next_offsets: dict[int, int] = {}
         assignment = []
         for p in partitions:
@@ -556,6 +557,27 @@ class Router:
         delay = 0.0 if at_once else self.settings.switch_delay_s
         self._pending = (record, time.monotonic() + delay)
         _log.info("router: %s promoted; its epoch starts in %.1f s", record["version"], delay)
+
+    def _within_ends(self, consumer: Consumer, offsets: dict[int, int]) -> dict[int, int]:
+        """The group's offsets that can belong to the topic as it is: one past a partition's
+        end was committed for an earlier topic of the same name (deleted and created again
+        while the group kept its offsets), and starting there would route nothing until
+        that many events came again. Those partitions start from their beginning."""
+        kept = {}
+        for p, offset in offsets.items():
+            _low, high = watermarks(consumer, TopicPartition(self.source, p))
+            if offset > high:
+                _log.warning(
+                    "router: the group's offset %d of %s[%d] is past its end %d, left from an "
+                    "earlier topic of that name; reading it from its beginning",
+                    offset,
+                    self.source,
+                    p,
+                    high,
+                )
+                continue
+            kept[p] = offset
+        return kept
 
     def _due_in(self, now: float) -> float:
         """Seconds until the next transaction may commit (0 or less: now).

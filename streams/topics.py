@@ -10,11 +10,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from confluent_kafka import KafkaException
+from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic
 
 from deploy.topics import TopicSpec, load_topic_specs
-from streams.exceptions import BrokerUnavailableError, TopicMissingError
+from streams.exceptions import BrokerUnavailableError, PipelineRunningError, TopicMissingError
 from streams.settings import Settings, read_settings
 
 
@@ -147,6 +147,44 @@ def delete_topics(client: AdminClient, names: list[str], timeout_s: float = 30.0
         if not set(names) & set(client.list_topics(timeout=timeout_s).topics):
             return
         time.sleep(0.2)
+
+
+def pipeline_groups(settings: Settings) -> list[str]:
+    """The consumer groups whose committed offsets belong to the pipeline's topics: the
+    router's (kept for lag monitors, and read at a start without positions) and the
+    workers'."""
+    return [router_group(settings), workers_group(settings)]
+
+
+def router_group(settings: Settings) -> str:
+    return f"{settings.topic_prefix}jodie-router"
+
+
+def workers_group(settings: Settings) -> str:
+    return f"{app_id(settings)}-workers"
+
+
+def delete_groups(client: AdminClient, groups: list[str], timeout_s: float = 30.0) -> list[str]:
+    """Delete consumer groups with their committed offsets; the ones deleted (a group that
+    does not exist is skipped). A group with live members is refused by the broker: the
+    error says to stop the pipeline first."""
+    deleted = []
+    futures = client.delete_consumer_groups(groups, request_timeout=timeout_s)
+    for group, future in futures.items():
+        try:
+            future.result()
+        except KafkaException as exc:
+            code = exc.args[0].code() if exc.args and isinstance(exc.args[0], KafkaError) else None
+            if code == KafkaError.GROUP_ID_NOT_FOUND:
+                continue
+            if code == KafkaError.NON_EMPTY_GROUP:
+                raise PipelineRunningError(
+                    f"consumer group {group} still has members: stop the router and the "
+                    "workers of this pipeline first"
+                ) from exc
+            raise
+        deleted.append(group)
+    return deleted
 
 
 def require_topics(settings: Settings, names: Iterable[str], timeout_s: float = 10.0) -> None:

@@ -47,7 +47,7 @@ from streams.runtime.loop import Application, LoopConfig, Record, TransactionalL
 from streams.runtime.metrics import AGE_BUCKETS, BatchHistogram, LoopMetrics, Metrics, ages_s
 from streams.runtime.store import Table, TableMemory
 from streams.settings import Settings
-from streams.topics import app_id, changelog_topic
+from streams.topics import app_id, changelog_topic, workers_group
 from streams.versions import Versions
 
 _log = logging.getLogger("jodie.worker")
@@ -133,7 +133,7 @@ class Worker(Application[list[Decoded]]):
             settings,
             LoopConfig(
                 name=f"worker {worker_id}",
-                group_id=f"{app_id(settings)}-workers",
+                group_id=workers_group(settings),
                 transactional_id=f"{app_id(settings)}-worker-{worker_id}",
                 client_id=advertise(self.name, *(endpoint or (None, None))),
                 batch=settings.worker_batch,

@@ -45,17 +45,23 @@ def topics_delete(
         bool, typer.Option("--yes", help="Really delete (all data in them is lost).")
     ] = False,
 ) -> None:
-    """Delete every declared topic (with the current JODIE_TOPIC_PREFIX)."""
+    """Delete every declared topic (with the current JODIE_TOPIC_PREFIX), and the router's and
+    the workers' consumer groups with their offsets in them: a pipeline created again under
+    the same names starts from its first event, not from where the deleted one stopped."""
     from streams.runtime.clients import admin
-    from streams.topics import declared_topics, delete_topics
+    from streams.topics import declared_topics, delete_groups, delete_topics, pipeline_groups
 
     if not yes:
         console.print("refusing without --yes")
         raise typer.Exit(code=1)
     settings = get_settings()
+    client = admin(settings)
+    # Groups first: the broker refuses to delete one with members, and a running pipeline
+    # should stop this before any topic is gone.
+    groups = delete_groups(client, pipeline_groups(settings))
     names = [s.name for s in declared_topics(settings)]
-    delete_topics(admin(settings), names)
-    console.print(f"deleted {len(names)} topics")
+    delete_topics(client, names)
+    console.print(f"deleted {len(names)} topics and {len(groups)} consumer groups")
 
 
 @topics_app.command("show")

@@ -375,3 +375,19 @@ def test_a_commit_interval_spaces_the_transactions_and_loses_nothing(
     gaps = [b[0] - a[0] for a, b in zip(router.commits, router.commits[1:], strict=False)]
     assert len(router.commits) >= 2, router.commits
     assert min(gaps) >= interval, gaps
+
+
+def test_group_offsets_past_the_topics_end_are_an_earlier_topics_and_ignored(
+    kafka: Settings, tmp_path: Path
+) -> None:
+    """Without positions the router reads the group's offsets; one past a partition's end
+    was left by a topic of the same name deleted before (its group kept): the router reads
+    that partition from its beginning instead of waiting past its end."""
+    path = _csv(tmp_path)
+    _produce_rows(kafka, path, 0, 50)
+    _set_group_offsets(kafka, dict.fromkeys(_ends(kafka), 31_495))
+    stats = Router(kafka, grace_s=0.2).run(until_idle_s=1.0, max_seconds=120)
+    assert (stats.sequenced, stats.rejected) == (50, 0)
+    assert [e.event.event_id for e in read_log(kafka)] == [
+        event_id(source_tag(path), r.line) for r in list(iter_rows(path))[:50]
+    ]

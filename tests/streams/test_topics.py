@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
+import time
 import uuid
 
 import pytest
+from confluent_kafka import TopicPartition
 from confluent_kafka.admin import NewTopic
 
-from streams.runtime.clients import admin
+from streams.exceptions import PipelineRunningError
+from streams.runtime.clients import admin, committed_reader
 from streams.settings import Settings
-from streams.topics import apply_topics, declared_topics, delete_topics
+from streams.topics import (
+    apply_topics,
+    declared_topics,
+    delete_groups,
+    delete_topics,
+    pipeline_groups,
+)
 
 pytestmark = pytest.mark.kafka
 
@@ -46,3 +55,32 @@ def test_drift_is_reported(broker: Settings, monkeypatch: pytest.MonkeyPatch) ->
         assert reports[f"{prefix}interactions"].action == "created"
     finally:
         delete_topics(client, [s.name for s in specs])
+
+
+def test_deleting_the_pipeline_deletes_its_groups_offsets(kafka: Settings) -> None:
+    """A pipeline deleted and created again under the same names starts from its first
+    event: `topics delete` removes the router's and the workers' groups with the topics, so no
+    offset of the deleted topics is read again; a live group is refused with what to do."""
+    topic = kafka.topic("interactions")
+    router_group, workers_group = pipeline_groups(kafka)
+    for group in (router_group, workers_group):
+        consumer = committed_reader(kafka, group_id=group)
+        consumer.commit(offsets=[TopicPartition(topic, 0, 31_495)], asynchronous=False)
+        consumer.close()
+    client = admin(kafka)
+    assert sorted(delete_groups(client, [*pipeline_groups(kafka), "never-was"])) == sorted(
+        pipeline_groups(kafka)
+    )
+    reader = committed_reader(kafka, group_id=router_group)
+    try:
+        [left] = reader.committed([TopicPartition(topic, 0)], timeout=10)
+        assert left.offset < 0  # nothing committed any more
+
+        reader.subscribe([topic])  # a member: the broker will not delete the group now
+        deadline = time.monotonic() + 30
+        while not reader.assignment() and time.monotonic() < deadline:
+            reader.poll(0.2)
+        with pytest.raises(PipelineRunningError, match="stop the router and the workers"):
+            delete_groups(client, [router_group])
+    finally:
+        reader.close()
