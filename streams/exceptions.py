@@ -48,8 +48,8 @@ class TopicMissingError(ReadError):
 
 
 class PipelineRunningError(JodieError):
-    """The pipeline's consumer groups still have members: stop its router and workers before
-    deleting its topics (`jodie topics delete`)."""
+    """The pipeline's consumer groups still have members (its workers run): stop its router
+    and workers before deleting its topics (`jodie topics delete`)."""
 
 
 class DlqFileError(JodieError):

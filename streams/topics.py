@@ -166,8 +166,8 @@ def workers_group(settings: Settings) -> str:
 
 def delete_groups(client: AdminClient, groups: list[str], timeout_s: float = 30.0) -> list[str]:
     """Delete consumer groups with their committed offsets; the ones deleted (a group that
-    does not exist is skipped). A group with live members is refused by the broker: the
-    error says to stop the pipeline first."""
+    does not exist is skipped). A group with live members (running workers) is refused by
+    the broker: the error says to stop the pipeline first."""
     deleted = []
     futures = client.delete_consumer_groups(groups, request_timeout=timeout_s)
     for group, future in futures.items():

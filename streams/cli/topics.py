@@ -56,8 +56,9 @@ def topics_delete(
         raise typer.Exit(code=1)
     settings = get_settings()
     client = admin(settings)
-    # Groups first: the broker refuses to delete one with members, and a running pipeline
-    # should stop this before any topic is gone.
+    # Groups first: the broker refuses to delete one with members (running workers), so a
+    # running pipeline stops this before any topic is gone. (The router assigns its partitions
+    # itself and is no member: nothing refuses while it runs.)
     groups = delete_groups(client, pipeline_groups(settings))
     names = [s.name for s in declared_topics(settings)]
     delete_topics(client, names)
