@@ -27,7 +27,7 @@ from confluent_kafka.admin import (
 
 from streams.exceptions import AclError
 from streams.settings import Settings
-from streams.topics import app_id, changelog_topic
+from streams.topics import app_id, changelog_topic, router_group, workers_group
 
 Role = Literal["router", "worker", "trainer", "client"]
 ROLES: tuple[Role, ...] = ("router", "worker", "trainer", "client")
@@ -95,7 +95,7 @@ def grants(settings: Settings) -> list[Grant]:
     own = [t("interactions.log"), t("interactions.positions")]
     topics("router", "read", [t("interactions"), *own, t("models")])
     topics("router", "write", [*own, t("interactions.dlq"), *inboxes])
-    groups("router", [f"{prefix}jodie-router"], prefixed=False)
+    groups("router", [router_group(settings)], prefixed=False)
     groups("router", ["jodie-router-probe-", _INSPECT, _WATCH])
     out.append(Grant("router", "transactional_id", f"{prefix}jodie-router", "write"))
 
@@ -118,7 +118,7 @@ def grants(settings: Settings) -> list[Grant]:
             t("interactions.dlq"),
         ],
     )
-    groups("worker", [f"{app}-workers"], prefixed=False)
+    groups("worker", [workers_group(settings)], prefixed=False)
     groups("worker", ["jodie-feeds-", "jodie-restore-", _INSPECT, _WATCH, _CATCH_UP])
     out.append(Grant("worker", "transactional_id", f"{app}-worker-", "write", prefixed=True))
 

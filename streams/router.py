@@ -478,7 +478,7 @@ class Router:
             if max_seconds is not None and now - began > max_seconds:
                 return
             # Events held for the commit interval wait at most until it ends.
-            wait = 0.1 if not held.sequenced and not held.rejected else max(0.0, self._due_in(now))
+            wait = 0.1 if held.empty else max(0.0, self._due_in(now))
             messages = take(consumer, self.batch, wait)
             if self._watch is not None:
                 changed = self._watch.poll()
@@ -512,9 +512,7 @@ class Router:
             held.sequenced += drained.sequenced
             held.rejected += drained.rejected
             offsets = sequencer.committable(next_offsets)
-            if (held.sequenced or held.rejected) and (
-                self._due_in(now) <= 0.0 or len(held.sequenced) >= self.batch
-            ):
+            if not held.empty and (self._due_in(now) <= 0.0 or len(held.sequenced) >= self.batch):
                 result, held = held, DrainResult()
                 self._commit(tx, consumer, result.sequenced, result.rejected, offsets, raw)
                 for key in [k for k in raw if k[1] < offsets.get(k[0], 0)]:
@@ -535,14 +533,13 @@ class Router:
                     )
                 self.stats.duplicates += result.duplicates
                 last_progress = now
-            elif messages or drained.sequenced or drained.rejected:
+            elif messages or not drained.empty:
                 last_progress = now
             self._report(consumer)
             if (
                 until_idle_s is not None
                 and sequencer.buffered() == 0
-                and not held.sequenced
-                and not held.rejected
+                and held.empty
                 and all(at_end.values())
                 and now - last_progress > until_idle_s
             ):

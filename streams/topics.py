@@ -15,6 +15,7 @@ from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic
 
 from deploy.topics import TopicSpec, load_topic_specs
 from streams.exceptions import BrokerUnavailableError, PipelineRunningError, TopicMissingError
+from streams.runtime.transactions import error_of
 from streams.settings import Settings, read_settings
 
 
@@ -174,7 +175,8 @@ def delete_groups(client: AdminClient, groups: list[str], timeout_s: float = 30.
         try:
             future.result()
         except KafkaException as exc:
-            code = exc.args[0].code() if exc.args and isinstance(exc.args[0], KafkaError) else None
+            error = error_of(exc)
+            code = None if error is None else error.code()
             if code == KafkaError.GROUP_ID_NOT_FOUND:
                 continue
             if code == KafkaError.NON_EMPTY_GROUP:

@@ -129,6 +129,11 @@ class DrainResult:
     rejected: list[Rejected] = field(default_factory=list)
 
     @property
+    def empty(self) -> bool:
+        """Nothing sequenced and nothing rejected."""
+        return not self.sequenced and not self.rejected
+
+    @property
     def duplicates(self) -> int:
         """How many of the rejections are re-sent event ids."""
         return sum(r.reason == "duplicate" for r in self.rejected)

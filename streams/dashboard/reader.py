@@ -45,7 +45,7 @@ from streams.dashboard.exceptions import DashboardError
 from streams.runtime.clients import admin, committed_reader
 from streams.runtime.kafka import retry_transient, take, watermarks
 from streams.settings import Settings
-from streams.topics import app_id
+from streams.topics import router_group, workers_group
 
 _log = logging.getLogger("jodie.dashboard")
 
@@ -195,9 +195,9 @@ class Poller:
         self.workers, self.interval_s = workers, interval_s
         self.admin = admin(settings)
         self.groups = {
-            "router": (f"{settings.topic_prefix}jodie-router", [settings.topic("interactions")]),
+            "router": (router_group(settings), [settings.topic("interactions")]),
             "workers": (
-                f"{app_id(settings)}-workers",
+                workers_group(settings),
                 [settings.topic("user-inbox"), settings.topic("item-inbox")],
             ),
         }
