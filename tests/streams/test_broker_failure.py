@@ -35,7 +35,7 @@ from deploy.kafka import broker, cluster
 from operators.dataset import bundled_wikipedia
 from operators.protocol.sequencer import SequencedEvent
 from schemas import INTERACTION
-from schemas.codec import Codec
+from schemas.codec import INBOX_MESSAGE, Codec
 from streams.codecs import TOPIC_SCHEMAS, make_codec
 from streams.produce import produce_file
 from streams.router import read_log
@@ -199,17 +199,84 @@ def _missing(log: list[SequencedEvent], counts: Counter[str], recs: list[dict]) 
     return "\n".join(lines)
 
 
+def _inbox_trace(settings: Settings, missing: list[SequencedEvent]) -> str:
+    """Where the inbox messages of the first ``missing`` events are: each inbox read whole,
+    once read_committed and once read_uncommitted, with each partition's end and where the
+    committed reading stopped (its last stable offset). A message committed but never
+    recommended points at the worker; one written but not committed, at a transaction the
+    broker left open or aborted."""
+    wanted = {e.seq for e in missing[:20]}
+    if not wanted:
+        return ""
+    codec = Codec(INBOX_MESSAGE)
+    lines = ["--- the inbox messages of those events (topic[partition]@offset):"]
+    found: dict[tuple[str, str, int], list[str]] = {}
+    for side in ("user-inbox", "item-inbox"):
+        topic = settings.topic(side)
+        for level in ("read_committed", "read_uncommitted"):
+            consumer = committed_reader(
+                settings, f"trace-{uuid.uuid4().hex[:8]}", **{"isolation.level": level}
+            )
+            try:
+                meta = consumer.list_topics(topic, timeout=10).topics[topic]
+                parts = sorted(meta.partitions)
+                ends = {p: watermarks(consumer, TopicPartition(topic, p))[1] for p in parts}
+                consumer.assign([TopicPartition(topic, p, 0) for p in parts])
+                pending, stopped = set(parts), dict.fromkeys(parts, -1)
+                deadline = time.monotonic() + 20
+                while pending and time.monotonic() < deadline:
+                    msg = consumer.poll(0.5)
+                    if msg is None:
+                        continue
+                    p = msg.partition() or 0
+                    err = msg.error()
+                    if err is not None:
+                        if err.code() == KafkaError._PARTITION_EOF:
+                            pending.discard(p)
+                            stopped[p] = msg.offset() or 0
+                        continue
+                    try:
+                        event = codec.decode(msg.value() or b"")["event"]
+                    except Exception:  # a sweep's record, or bytes this trace does not read
+                        continue
+                    if event is not None and int(event["seq"]) in wanted:
+                        where = f"{topic}[{p}]@{msg.offset()}"
+                        found.setdefault((side, level, int(event["seq"])), []).append(where)
+                if level == "read_committed":
+                    lines.append(
+                        f"{side}: end / last stable offset by partition: "
+                        + ", ".join(f"{p}: {ends[p]}/{stopped[p]}" for p in parts)
+                        + (f"; not at its end: {sorted(pending)}" if pending else "")
+                    )
+            finally:
+                consumer.close()
+    for seq in sorted(wanted):
+        cells = []
+        for side in ("user-inbox", "item-inbox"):
+            committed = found.get((side, "read_committed", seq))
+            written = found.get((side, "read_uncommitted", seq))
+            state = (
+                "committed" if committed else ("written, not committed" if written else "absent")
+            )
+            cells.append(f"{side} {state} {committed or written or ''}")
+        lines.append(f"seq {seq}: " + "; ".join(cells))
+    return "\n".join(lines)
+
+
 def _logs(tmp: Path, nodes: list[broker.BrokerConfig]) -> str:
-    """What a failure needs from each process's log: its last 40 lines apart from librdkafka's
-    repeated connection failures and the periodic status lines (which would crowd out the
-    warnings), then its last status line; and each broker's warnings and errors (its logs
-    are purged with it when the test ends)."""
+    """What a failure needs from each process's log: its warnings and errors (the recovery's
+    steps: a transaction aborted, a producer replaced, a store rebuilt), then its last 15
+    other lines, apart from librdkafka's repeated connection failures and the periodic status
+    lines, then its last status line; and each broker's warnings and errors (its logs are
+    purged with it when the test ends)."""
     parts = []
     for name in ("router.log", "worker-0.log"):
         lines = (tmp / name).read_text(errors="replace").splitlines()
         status = [x for x in lines if "{" in x and "INFO jodie.worker" in x]
         told = [x[:300] for x in lines if "Connect to ipv4" not in x and x not in status]
-        parts.append("\n".join([f"--- {name}", *told[-40:], *status[-1:]]))
+        warned = [x for x in told if " INFO " not in x]
+        rest = [x for x in told if " INFO " in x]
+        parts.append("\n".join([f"--- {name}", *warned[-60:], *rest[-15:], *status[-1:]]))
     for node in nodes:
         parts.append(f"--- broker {node.port}\n{broker.exit_reason(node.logs_dir, lines=25)}")
     return "\n".join(parts)
@@ -289,7 +356,11 @@ def kill_mid_stream(
         assert [e.seq for e in log] == list(range(EVENTS)), _logs(tmp, nodes)
         counts = Counter(r["event_id"] for r in recs)
         assert len(recs) == EVENTS and len(counts) == EVENTS, (
-            _missing(log, counts, recs) + "\n" + _logs(tmp, nodes)
+            _missing(log, counts, recs)
+            + "\n"
+            + _inbox_trace(kafka, [e for e in log if e.event.event_id not in counts])
+            + "\n"
+            + _logs(tmp, nodes)
         )
         assert counts.most_common(1)[0][1] == 1
         replay = reference(checkpoint, range(HISTORY, HISTORY + EVENTS))
