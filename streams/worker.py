@@ -145,6 +145,10 @@ class Worker(Application[list[Decoded]]):
                 # and re-read inbox messages are ignored (each row's applied_seq), so offsets
                 # that expired cost a re-read, not a double count.
                 expired_offsets_are_gaps=False,
+                # For the same reason, reading the last batches again after a producer is
+                # replaced costs nothing but the reading, and heals a commit the broker
+                # completed without all of its markers (streams.runtime.transactions).
+                reread_batches=4,
                 recovery_timeout_s=settings.recovery_timeout_s,
             ),
             self,

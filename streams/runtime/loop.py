@@ -35,6 +35,7 @@ import logging
 import threading
 import time
 from abc import ABC, abstractmethod
+from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, NamedTuple, TypeVar
@@ -181,6 +182,13 @@ class LoopConfig:
     #: ignores repeats, and whose rows may change without input from their own partition,
     #: turns it off.
     expired_offsets_are_gaps: bool = True
+    #: After a producer is replaced, read the inputs of this many last committed batches (and
+    #: of the failed one) again, from their first offsets, however far the group's committed
+    #: offsets are. For an application that ignores repeats: it heals a batch whose commit
+    #: the broker completed without all of its markers (streams.runtime.transactions), so that
+    #: its offsets stand committed while its outputs and changelog records end aborted. An
+    #: application that would count a repeat twice leaves it at 0.
+    reread_batches: int = 0
     consumer: Mapping[str, Any] = field(default_factory=dict)  # extra consumer properties
     producer: Mapping[str, Any] = field(default_factory=dict)  # extra producer properties
 
@@ -223,6 +231,8 @@ class TransactionalLoop(Generic[B]):
         # Offsets read past a stray pending commit (see ``_committed``), to commit again in a
         # transaction of this instance's producer before the next batch.
         self._unsettled: list[TopicPartition] = []
+        # The first offsets of the last committed batches (``LoopConfig.reread_batches``).
+        self._recent: deque[dict[tuple[str, int], int]] = deque(maxlen=config.reread_batches)
 
     def stop(self) -> None:
         self._stop.set()
@@ -420,7 +430,7 @@ class TransactionalLoop(Generic[B]):
                     consumer.seek(TopicPartition(topic, p, offset))
             return
         self.stats.replaced += 1
-        self._resume_from_commits(consumer)
+        self._resume_from_commits(consumer, firsts)
 
     def _committed(
         self, consumer: Consumer, partitions: list[TopicPartition]
@@ -502,15 +512,24 @@ class TransactionalLoop(Generic[B]):
         self._unsettled = []
         self.log.warning("%s: the stray offset commit is settled", self.config.name)
 
-    def _resume_from_commits(self, consumer: Consumer) -> None:
+    def _resume_from_commits(
+        self, consumer: Consumer, failed: Mapping[tuple[str, int], int] | None = None
+    ) -> None:
         """After a new producer settled the old one's last transaction (committed or aborted,
         we cannot tell which): the tables catch up with their changelogs and the positions
-        move to the group's committed offsets, as on a restart. Retried while the cluster
-        settles (a partition without a leader yet), for at most the recovery timeout."""
+        move to the group's committed offsets, as on a restart — or, with
+        ``reread_batches``, back to the first offsets of the last committed batches and of
+        the ``failed`` one. Retried while the cluster settles (a partition without a leader
+        yet), for at most the recovery timeout."""
+        back: dict[tuple[str, int], int] = {}
+        if self.config.reread_batches > 0:
+            for firsts in [*self._recent, failed or {}]:
+                for tp, offset in firsts.items():
+                    back[tp] = min(offset, back.get(tp, offset))
         deadline = time.monotonic() + self.config.recovery_timeout_s
         while True:
             try:
-                self._resume_once(consumer)
+                self._resume_once(consumer, back)
                 return
             except (KafkaException, RestoreError) as exc:
                 if time.monotonic() > deadline:
@@ -520,7 +539,7 @@ class TransactionalLoop(Generic[B]):
                     table.reset_reader()
                 time.sleep(1.0)
 
-    def _resume_once(self, consumer: Consumer) -> None:
+    def _resume_once(self, consumer: Consumer, back: Mapping[tuple[str, int], int]) -> None:
         assignment = consumer.assignment()
         tables = self.app.tables
         for each in self._tables():
@@ -533,14 +552,26 @@ class TransactionalLoop(Generic[B]):
                 table.revoke(tp.partition)
                 self.stats.restored += table.assign(tp.partition)
         committed = self._committed(consumer, assignment)
+        again = []
         for tp in committed:
+            start = _start_at(tp)
+            first = back.get((tp.topic, tp.partition))
+            if first is not None and 0 <= first < tp.offset:
+                start = TopicPartition(tp.topic, tp.partition, first)
+                again.append((tp.topic, tp.partition, first, tp.offset))
             with contextlib.suppress(KafkaException):  # revoked meanwhile: not ours to move
-                consumer.seek(_start_at(tp))
+                consumer.seek(start)
         self.log.warning(
             "%s: resumed from the committed offsets %s",
             self.config.name,
             sorted((tp.topic, tp.partition, tp.offset) for tp in committed),
         )
+        if again:
+            self.log.warning(
+                "%s: reading the last batches again (topic, partition, from, committed): %s",
+                self.config.name,
+                sorted(again),
+            )
 
     def _flush(self, consumer: Consumer, tx: Transactions) -> None:
         outputs = list(self.app.flush())
@@ -561,7 +592,7 @@ class TransactionalLoop(Generic[B]):
                 self.stats.replaced += 1
                 for table in self._tables():
                     table.forget()
-                self._resume_from_commits(consumer)
+                self._resume_from_commits(consumer, {})
             else:
                 self.stats.aborted += 1
             return
@@ -592,6 +623,7 @@ class TransactionalLoop(Generic[B]):
     def _transaction(self, consumer: Consumer, tx: Transactions, messages: list[Message]) -> None:
         began = time.monotonic()
         positions: dict[tuple[str, int], int] = {}
+        firsts: dict[tuple[str, int], int] = {}
         records: list[Record] = []
         for msg in messages:
             err = msg.error()
@@ -604,6 +636,7 @@ class TransactionalLoop(Generic[B]):
                 continue
             topic, p, offset = msg.topic() or "", msg.partition() or 0, msg.offset() or 0
             positions[(topic, p)] = offset + 1
+            firsts.setdefault((topic, p), offset)
             kind, stamp = msg.timestamp()
             stamp = stamp if kind != TIMESTAMP_NOT_AVAILABLE else -1
             records.append(Record(topic, p, offset, msg.key(), msg.value(), stamp))
@@ -629,6 +662,8 @@ class TransactionalLoop(Generic[B]):
         self.stats.app_s += processed - began
         self.stats.send_s += sent - processed
         self.stats.commit_s += done - sent
+        if self.config.reread_batches > 0:
+            self._recent.append(firsts)
         self._persist(producer, changed)
         self.app.committed(records, time.monotonic() - began)
 

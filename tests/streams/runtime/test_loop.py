@@ -9,14 +9,15 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from confluent_kafka import KafkaError, Message, TopicPartition
+from confluent_kafka import KafkaError, KafkaException, Message, TopicPartition
 from confluent_kafka.admin import NewTopic
 from rocksdict import Cache, Rdict
 
@@ -29,9 +30,9 @@ from streams.runtime.clients import (
     transactional_producer,
 )
 from streams.runtime.kafka import partition_for
-from streams.runtime.loop import LoopConfig, TransactionalLoop
-from streams.runtime.store import _OFFSET_KEY, rocksdb_options
-from streams.runtime.transactions import SWEEP_KEY
+from streams.runtime.loop import Application, LoopConfig, Output, Record, TransactionalLoop
+from streams.runtime.store import _OFFSET_KEY, Table, rocksdb_options
+from streams.runtime.transactions import SWEEP_KEY, Transactions
 from streams.settings import Settings
 from tests.streams.runtime.counter import Counter, topics
 
@@ -393,3 +394,115 @@ def test_the_last_stable_offsets_are_read_for_partitions_that_carry_positions(
         finally:
             reader.close()
         assert got == ends and sum(ends.values()) == 40
+
+
+class _Latest(Application[list[Record]]):
+    """Ignores repeats, as the JODIE worker does: per key the highest input offset applied
+    (a table row); each new input sends its offset under its key, a repeat sends nothing."""
+
+    def __init__(self, conn: Connection, prefix: str, state: Path) -> None:
+        self.input, self.output, changelog = topics(prefix)
+        self.latest: Table[int] = Table(
+            conn,
+            "latest",
+            changelog,
+            state,
+            decode=lambda _key, raw: int(raw),
+            encode=lambda _key, offset: str(offset).encode(),
+            initial=lambda _key: -1,
+        )
+        self.seen = 0
+        self.repeats = 0
+
+    @property
+    def inputs(self) -> Sequence[str]:
+        return [self.input]
+
+    @property
+    def outputs(self) -> Sequence[str]:
+        return [self.output]
+
+    @property
+    def tables(self) -> Mapping[str, Table[int]]:
+        return {self.input: self.latest}
+
+    def prepare(self, records: list[Record]) -> list[Record]:
+        return records
+
+    def process(self, batch: list[Record]) -> Iterator[Output]:
+        for record in batch:
+            assert record.key is not None
+            self.seen += 1
+            if record.offset <= self.latest.get(record.partition, record.key):
+                self.repeats += 1
+                continue
+            self.latest.put(record.partition, record.key, record.offset)
+            yield self.output, record.key, str(record.offset).encode(), None
+
+
+def test_a_batch_whose_offsets_committed_without_its_outputs_is_read_again(
+    conn: Connection, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What a broker that completes a commit without all of its markers can leave (a single
+    node restarted at the wrong moment, streams.runtime.transactions): the batch's offsets
+    committed, its outputs and changelog records aborted, and the producer replaced. Made
+    here at will on the third batch: its transaction aborted, its offsets committed by
+    another transaction with the member's group metadata, and the commit call failing as a
+    fatal error. An application that ignores repeats, run with ``reread_batches``, reads that
+    batch again after the new producer starts, and every input has exactly one output."""
+    inputs: Inputs = {}
+    failed: list[int] = []
+
+    class HalfCommitting(Transactions):
+        commits = 0
+        sent: tuple[list[TopicPartition], object] | None = None
+
+        def send_offsets(self, offsets: list[TopicPartition], group: object) -> None:
+            self.sent = (offsets, group)
+            super().send_offsets(offsets, group)
+
+        def commit(self) -> None:
+            self.commits += 1
+            if self.commits != 3 or self.sent is None:
+                super().commit()
+                return
+            self.producer.abort_transaction(30)
+            ghost = transactional_producer(conn, f"{prefix}ghost")
+            ghost.init_transactions(30)
+            ghost.begin_transaction()
+            ghost.send_offsets_to_transaction(*self.sent, 30)
+            ghost.commit_transaction(30)
+            failed.extend(tp.offset for tp in self.sent[0])
+            reason = "the broker went away after deciding the commit"
+            raise KafkaException(KafkaError(KafkaError._TIMED_OUT, reason, fatal=True))
+
+    monkeypatch.setattr("streams.runtime.loop.Transactions", HalfCommitting)
+    with _pipeline(conn) as prefix:
+        source, sink, _changelog = topics(prefix)
+        _produce(conn, source, 0, 200, inputs)
+        app = _Latest(conn, prefix, tmp_path / "state")
+        config = LoopConfig(
+            name="latest",
+            group_id=f"{prefix}latest",
+            transactional_id=f"{prefix}latest",
+            batch=25,
+            reread_batches=2,
+        )
+        loop = TransactionalLoop(conn, config, app)
+        runner = threading.Thread(target=loop.run, kwargs={"max_seconds": 120}, daemon=True)
+        runner.start()
+        deadline = time.monotonic() + 120
+        try:
+            while len(_read(conn, sink)) < 200 and time.monotonic() < deadline:
+                time.sleep(0.5)
+            time.sleep(1.0)  # nothing more comes
+        finally:
+            loop.stop()
+            runner.join(timeout=30)
+        assert failed, "the third commit never came"
+        outputs = _read(conn, sink)
+        by_key: dict[bytes, list[int]] = {}
+        for key, value in outputs:
+            by_key.setdefault(key, []).append(int(value or b"-1"))
+        assert by_key == inputs, f"{len(outputs)} outputs of 200 inputs: one lost, or twice"
+        assert loop.stats.replaced == 1 and app.repeats > 0, (loop.stats, app.repeats)
