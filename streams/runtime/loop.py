@@ -16,6 +16,9 @@ from its first offsets; a producer that librdkafka declares unusable is replaced
 with the same transactional id, and the instance rewinds to what is committed — the tables
 restored from their changelogs, the positions from the group's committed offsets — exactly
 as a restarted instance would. Each step is bounded by ``LoopConfig.recovery_timeout_s``.
+An application that ignores repeats also reads its last few batches again then
+(``LoopConfig.reread_batches``): a broker can complete a commit without all of its markers,
+leaving the batch's offsets committed and its outputs aborted (streams.runtime.transactions).
 
 An instance away longer than its inputs' retention would resume past records it never
 processed, and one whose group's committed offsets expired would re-apply retained records on

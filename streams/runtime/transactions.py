@@ -41,8 +41,11 @@ read_committed reader of their partition until the producer id's next marker the
 would commit them or abort them depending on which transaction happens to come next — some
 of a batch's outputs kept, others dropped. The sweep's abort ends them all, and with them any
 offset commit left pending in the group, before anything new commits: the batch is undone
-everywhere, and the instance redoes it from the committed state (streams.runtime.store
-rebuilds a store that took its rows).
+everywhere its markers were skipped, and the instance redoes it from the committed state
+(streams.runtime.store rebuilds a store that took its rows). Where the group's offsets
+partition did get its marker, the batch's offsets stay committed while its outputs end
+aborted: only reading the batch again redoes it, which an application that ignores repeats
+asks for (streams.runtime.loop, ``LoopConfig.reread_batches``).
 """
 
 from __future__ import annotations
