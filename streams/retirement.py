@@ -94,6 +94,13 @@ class Retirement:
             if since > self.routed.get(key, NONE):
                 self.routed[key] = since
 
+    def cleared(self, side: str, partition: int, epoch: Epoch) -> bool:
+        """Whether ``epoch``'s rows were deleted from ``partition`` of ``side``: closed and
+        idle there, it gets no new message, so one of it now is a message read again (after
+        a producer was replaced, streams.runtime.loop), which would find no row and apply
+        its event a second time from the epoch's start."""
+        return epoch != UNSTAMPED and epoch[1] < self.clear.get((side, partition), NONE)
+
     def step(self) -> None:
         """Between batches: look at up to ``chunk`` rows, then retire what is over."""
         if self._sweep is None:

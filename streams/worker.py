@@ -233,10 +233,15 @@ class Worker(Application[list[Decoded]]):
                 # cluster say so); whatever else lands there is set aside, not fatal.
                 self._rejected.append(self._unreadable(topic, p, offset, key, value, exc))
                 continue
-            # Preparing an epoch may wait for its catch-up: the runtime calls this before the
-            # transaction opens, so the wait never counts against the transaction timeout.
+            if self.retirement.cleared(self.sides[topic], p, epoch):
+                # Read again after its epoch's rows here were deleted: preparing the epoch
+                # anew would apply the event a second time, from the epoch's start.
+                self.stats.cleared += 1
+                continue
             if message["event"] is None and stamp >= 0:
                 self._pre_state_stamps.append(stamp)
+            # Preparing an epoch may wait for its catch-up: the runtime calls this before the
+            # transaction opens, so the wait never counts against the transaction timeout.
             if self.versions.serves(epoch):
                 decoded.append((self.sides[topic], p, key, epoch, message))
                 if message["event"] is not None and epoch != UNSTAMPED:  # router's, in order

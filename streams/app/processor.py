@@ -101,6 +101,7 @@ class WorkerStats:
     ranks: RollingRanks = field(default_factory=RollingRanks)
     rate: float = 0.0  # user events/s over the last report interval
     unstamped: int = 0  # inbox messages of events routed before any version was promoted
+    cleared: int = 0  # inbox messages read again for an epoch whose rows were deleted here
     quarantined: dict[str, int] = field(default_factory=dict)  # events, by reason
     served: ServedTally = field(default_factory=ServedTally)  # what users were served
     epochs: list[dict[str, Any]] = field(default_factory=list)  # each epoch served, prepared
@@ -113,6 +114,7 @@ class WorkerStats:
             "model_version": serving.version if serving is not None else None,
             "epochs": self.epochs,
             "unstamped_skipped": self.unstamped,
+            "cleared_skipped": self.cleared,
             "quarantined": dict(self.quarantined),
             "uptime_s": round(time.time() - loop.started, 1),
             "user_events": self.user_events,

@@ -22,11 +22,12 @@ import pytest
 
 from operators.model.checkpoint import load_checkpoint
 from operators.training.run import advance
-from streams.app.epochs import Epoch, split_row_key
+from streams.app.epochs import Epoch, epoch_of, split_row_key
 from streams.models import Registry
 from streams.peek import read_messages
 from streams.replay import Window, replay_log
 from streams.router import read_log
+from streams.runtime.loop import Record
 from streams.runtime.store import Table
 from streams.settings import Settings
 from streams.state_export import collect_epoch
@@ -125,6 +126,21 @@ def test_a_retired_epoch_leaves_memory_rocksdb_and_the_changelogs(
         worker.stop()
         runner.join(timeout=60)
     assert not runner.is_alive()
+
+    # v1's inbox messages read again (as after a producer is replaced, streams.runtime.loop):
+    # each finds its epoch's rows deleted and is skipped, and v1 is not prepared anew (its
+    # events would apply a second time, from v1's start).
+    again = [
+        Record(topic, m.partition, m.offset, m.key, m.value)
+        for topic in (settings.topic("user-inbox"), settings.topic("item-inbox"))
+        for m in read_messages(settings, topic)
+        if m.value is not None and m.key is not None
+    ]
+    v1_messages = [r for r in again if epoch_of(worker.processor.read(r.value or b"")) == V1]
+    assert v1_messages
+    assert worker.prepare(v1_messages) == []
+    assert worker.stats.cleared == len(v1_messages)
+    assert list(worker.processor.servings) == [V2]
 
     # The changelogs: every v1 key ends in a tombstone; a restore brings back v2's rows only.
     for name in ("user-state", "item-state"):
