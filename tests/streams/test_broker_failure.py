@@ -279,6 +279,13 @@ def _logs(tmp: Path, nodes: list[broker.BrokerConfig]) -> str:
         parts.append("\n".join([f"--- {name}", *warned[-60:], *rest[-15:], *status[-1:]]))
     for node in nodes:
         parts.append(f"--- broker {node.port}\n{broker.exit_reason(node.logs_dir, lines=25)}")
+        # The transaction coordinator's skipped markers (logged at INFO): which producer's
+        # commit was completed without them, and on which partitions.
+        log = node.logs_dir / "server.log"
+        lines = log.read_text(errors="replace").splitlines() if log.exists() else []
+        skipped = [x[:600] for x in lines if "likely deleted already" in x]
+        if skipped:
+            parts.append(f"--- broker {node.port}: markers skipped\n" + "\n".join(skipped[-10:]))
     return "\n".join(parts)
 
 
