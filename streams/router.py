@@ -28,12 +28,15 @@ backoff (a coordinator still loading its log after a restart answers "load in pr
 seconds); a transaction that cannot commit makes the router start over in-process exactly as
 a restarted one would — new clients, whose ``init_transactions`` settles the old transaction,
 the sequencer rebuilt from the log, the committed input positions — for as long as
-``JODIE_RECOVERY_TIMEOUT_S`` passes with a commit.
+``JODIE_RECOVERY_TIMEOUT_S`` passes with a commit. Starting over, it also sends the inbox
+messages of the log's latest events again (``Router._resend``): the log writes each event
+once, the inboxes at least once, and the workers ignore what they already had.
 """
 
 from __future__ import annotations
 
 import gc
+import heapq
 import logging
 import time
 import uuid
@@ -119,6 +122,7 @@ class RouterStats:
     duplicates: int = 0  # of the rejected, those re-sending an event id already sequenced
     transactions: int = 0
     restarts: int = 0  # times it started over in-process after a broker failure
+    resent: int = 0  # events whose inbox messages it sent again after starting over
     switches: list[dict[str, Any]] = field(default_factory=list)
     refused: list[str] = field(default_factory=list)  # promoted versions that could not start
     # When the first and the latest transaction committed (time.monotonic), and the events
@@ -173,9 +177,12 @@ def restore_sequencer(
     sequencer: Sequencer,
     codec: Codec | None = None,
     idle_timeout_s: float = 5.0,
+    tail: list[tuple[SequencedEvent, Epoch]] | None = None,
+    keep: int = 0,
 ) -> tuple[int, Epoch]:
     """Rebuild ``sequencer``'s state from interactions.log, one record at a time; returns the
-    events read and the epoch the last one was stamped with.
+    events read and the epoch the last one was stamped with. With ``tail``, it gets the
+    ``keep`` events of the highest seqs with their epochs, in seq order.
 
     All of the log or ``ReadError``: a log that stops arriving for ``idle_timeout_s`` short
     of its end (a broker that just restarted answers fetches late) must not pass for the
@@ -191,6 +198,8 @@ def restore_sequencer(
     last: tuple[int, Epoch] = (-1, UNSTAMPED)
     count = 0
 
+    highest: list[tuple[int, SequencedEvent, Epoch]] = []  # a heap of the ``keep`` latest
+
     def events() -> Iterator[SequencedEvent]:
         nonlocal last, count
         for _k, value, _p, _o in read_all(
@@ -201,9 +210,17 @@ def restore_sequencer(
             count += 1
             if event.seq > last[0]:
                 last = (event.seq, epoch_of(record))
+            if keep > 0:
+                entry = (event.seq, event, epoch_of(record))
+                if len(highest) < keep:
+                    heapq.heappush(highest, entry)
+                elif event.seq > highest[0][0]:
+                    heapq.heapreplace(highest, entry)
             yield event
 
     sequencer.restore(events())
+    if tail is not None:
+        tail.extend((event, epoch) for _seq, event, epoch in sorted(highest, key=lambda x: x[0]))
     return count, last[1]
 
 
@@ -303,6 +320,9 @@ class Router:
         # Feature count of each promoted version seen, None where its checkpoint was refused.
         self._features: dict[str, int | None] = {}
         self.stats = RouterStats()
+        # Set when starting over after a failure: the inbox messages of the log's latest
+        # events go out again (``_resend``).
+        self._resend_tail = False
         self._behind_since: dict[int, float] = {}
         self._maps: list[SpillMap[Last]] = []
 
@@ -369,6 +389,7 @@ class Router:
                     raise TransactionError(f"router: no commit since the failure: {exc}") from exc
                 _log.warning("router: %s; starting over from interactions.log", exc)
                 self.stats.restarts += 1
+                self._resend_tail = True
                 on_ready = None
                 time.sleep(backoff)
                 backoff = min(2 * backoff, 5.0)
@@ -429,7 +450,14 @@ class Router:
             last_item=self._maps[1],
         )
         self._sequencer = sequencer
-        logged, self.epoch = restore_sequencer(self.settings, sequencer, self.out_codec)
+        tail: list[tuple[SequencedEvent, Epoch]] = []
+        keep = 2 * self.batch if self._resend_tail else 0
+        logged, self.epoch = restore_sequencer(
+            self.settings, sequencer, self.out_codec, tail=tail, keep=keep
+        )
+        if tail:
+            self._resend(tx, tail)
+        self._resend_tail = False
         # What exists now (the modules, torch among them, and the restored state) lives as
         # long as the process: out of the cyclic collector's scans, whose full passes over
         # it otherwise cost about a quarter of the router's time while a backlog is buffered.
@@ -672,6 +700,42 @@ class Router:
             return
         sequencer.offer(partition, event, offset)
 
+    def _resend(self, tx: Transactions, tail: list[tuple[SequencedEvent, Epoch]]) -> None:
+        """The inbox messages of ``tail`` (the log's latest events) once more, in a
+        transaction of their own.
+
+        A broker can complete a commit without all of its markers, and the new producer's
+        sweep then aborts the records left open (streams.runtime.transactions): a batch's log
+        records can stand committed while its inbox messages end aborted. The restored
+        sequencer takes those events for routed, and their users' and items' later events
+        would wait for them in the workers for good. Sent again, a message the workers
+        already had is a repeat they ignore (each row's applied seq); one that was lost
+        arrives. Two batches' worth cover the transaction in flight at the failure."""
+        producer = tx.producer
+        producer.begin_transaction()
+        i = 0
+        while i < len(tail):
+            epoch = tail[i][1]
+            j = i
+            while j < len(tail) and tail[j][1] == epoch:
+                j += 1
+            events = [event for event, _epoch in tail[i:j]]
+            if self._wire is not None:
+                self._produce_fast(producer, events, wire.stamp_bytes(*epoch), log=False)
+            else:
+                stamp = {"model_version": epoch[0], "model_since": epoch[1]}
+                self._produce(producer, events, stamp, log=False)
+            i = j
+        tx.commit()
+        self.stats.resent += len(tail)
+        _log.warning(
+            "router: started over: sent the inbox messages of the log's latest %d events "
+            "again (seqs %d to %d); the workers ignore those they had",
+            len(tail),
+            tail[0][0].seq,
+            tail[-1][0].seq,
+        )
+
     def _commit(
         self,
         tx: Transactions,
@@ -735,17 +799,23 @@ class Router:
             _log.debug("router: group offsets not committed: %s", exc)
 
     def _produce(
-        self, producer: Producer, sequenced: list[SequencedEvent], stamp: dict[str, Any]
+        self,
+        producer: Producer,
+        sequenced: list[SequencedEvent],
+        stamp: dict[str, Any],
+        log: bool = True,
     ) -> None:
-        """The log record and both inbox messages of each event, encoded with the codecs."""
+        """The log record (unless not ``log``) and both inbox messages of each event, encoded
+        with the codecs."""
         for e in sequenced:
             ev = e.event
-            _send(
-                producer,
-                self.log_topic,
-                ev.event_id.encode(),
-                self.out_codec.encode({**to_log_record(e), **stamp}),
-            )
+            if log:
+                _send(
+                    producer,
+                    self.log_topic,
+                    ev.event_id.encode(),
+                    self.out_codec.encode({**to_log_record(e), **stamp}),
+                )
             # Each side's owner gets the event with the link to its entity's previous event.
             data = event_data_of(ev)
             for topic, entity, prev, partner_prev in (
@@ -760,20 +830,21 @@ class Router:
                 _send(producer, topic, entity.encode(), self.inbox_codec.encode(body))
 
     def _produce_fast(
-        self, producer: Producer, sequenced: list[SequencedEvent], stamp: bytes
+        self, producer: Producer, sequenced: list[SequencedEvent], stamp: bytes, log: bool = True
     ) -> None:
         """What ``_produce`` sends, written by schemas.wire: the fields the three records
         share are encoded once per event, the epoch once per batch."""
         assert self._wire is not None
-        log, inbox = self._wire
+        writer, inbox = self._wire
         log_topic, user_inbox, item_inbox = self.log_topic, self.user_inbox, self.item_inbox
         core_of, long_of = wire.interaction_core, wire.long_bytes
         for seq, prev_user, prev_item, user_time, item_time, ev in sequenced:
             event_id, user_id, item_id, timestamp, features, label = ev
             core = core_of(event_id, user_id, item_id, timestamp, features)
             s, u, i = long_of(seq), long_of(prev_user), long_of(prev_item)
-            record = log.record(s, u, i, user_time, item_time, core, label, stamp)
-            _send(producer, log_topic, event_id.encode(), record)
+            if log:
+                record = writer.record(s, u, i, user_time, item_time, core, label, stamp)
+                _send(producer, log_topic, event_id.encode(), record)
             # Each side's owner gets the event with the link to its entity's previous event.
             _send(producer, user_inbox, user_id.encode(), inbox.event(s, u, i, core, stamp))
             _send(producer, item_inbox, item_id.encode(), inbox.event(s, i, u, core, stamp))

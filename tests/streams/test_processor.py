@@ -97,9 +97,11 @@ def _run(
     pool: list[tuple[str, bytes, bytes]],
     seed: int,
     owned: tuple[int, ...],
+    twice: float = 0.0,
 ) -> tuple[Rows, list[dict]]:
     """Feed the messages to ``proc`` in random batches and orders until the exchange is done;
-    (rows by (side, row key), recommendations)."""
+    (rows by (side, row key), recommendations). ``twice``: the share of messages (the
+    router's and the exchange's) that arrive a second time, at some later point."""
     sides = {settings.topic("user-inbox"): "user", settings.topic("item-inbox"): "item"}
     rows: Rows = {}
     recs: list[dict] = []
@@ -108,6 +110,7 @@ def _run(
     EVALUATIONS.clear()
     DLQ.clear()
     rng = random.Random(seed)
+    pool = pool + [m for m in pool if rng.random() < twice]
 
     def local(side: str, key: bytes) -> Inbox[EntityState, EntityState] | None:
         if partition_for(split_row_key(key)[0], 4) not in owned:
@@ -133,6 +136,8 @@ def _run(
         for topic, key, value, headers in proc.process(work, local):
             if topic in sides:
                 pool.append((topic, key, value))
+                if rng.random() < twice:
+                    pool.append((topic, key, value))
             elif topic == settings.topic("recommendations"):
                 recs.append(rec_codec.decode(value))
             elif topic == settings.topic("evaluations"):
@@ -203,6 +208,27 @@ def test_batches_in_any_order_reproduce_the_sequential_replay(
     )
     assert served["recall"] == hits / served["events"]
     assert summarise(recs, [])["served"]["recall"] == served["recall"]
+
+
+@pytest.mark.parametrize(("seed", "owned"), [(6, ()), (7, (0, 2))])
+def test_messages_that_arrive_twice_change_nothing(
+    checkpoint: Path, seed: int, owned: tuple[int, ...]
+) -> None:
+    """What a worker reading its last batches again after a producer is replaced
+    (streams.runtime.loop), or a router sending the latest events again after starting over
+    (streams.router), delivers: a third of the router's messages and of the exchanged
+    pre-states arrive twice, in any order. Each repeat is ignored: one recommendation per
+    event, and the rows equal the sequential replay."""
+    settings = Settings(topic_prefix="unit-", evaluate_every=1)
+    stats = WorkerStats()
+    proc = Processor(settings, Serving.load(settings, checkpoint), stats)
+    rows, recs = _run(settings, proc, _router_messages(settings), seed, owned, twice=0.33)
+    assert sorted(r["event_id"] for r in recs) == sorted(
+        f"e{k:06d}" for k in range(HISTORY, HISTORY + STREAM)
+    )
+    assert stats.user_events == stats.item_events == STREAM
+    online = reference(checkpoint, range(HISTORY, HISTORY + STREAM))
+    assert _assert_rows_equal(rows, online, UNSTAMPED) == len(rows)
 
 
 @pytest.mark.parametrize(("seed", "owned"), [(4, ()), (5, (1, 3))])

@@ -9,15 +9,17 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from confluent_kafka import TopicPartition
+from confluent_kafka import KafkaError, KafkaException, TopicPartition
 
 from operators.dataset import iter_rows
 from operators.protocol.sequencer import Sequencer
 from schemas import INTERACTION, Codec, load_schema
+from schemas.codec import INBOX_MESSAGE
 from streams.codecs import make_codec
 from streams.exceptions import ReadError
 from streams.peek import partition_counts, read_all
@@ -391,3 +393,68 @@ def test_group_offsets_past_the_topics_end_are_an_earlier_topics_and_ignored(
     assert [e.event.event_id for e in read_log(kafka)] == [
         event_id(source_tag(path), r.line) for r in list(iter_rows(path))[:50]
     ]
+
+
+class _FailingOnce(Router):
+    """A router whose second transaction fails as a broker failure makes it, once committed."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.commits = 0
+
+    def _commit(self, *args: object, **kwargs: object) -> None:
+        super()._commit(*args, **kwargs)  # type: ignore[arg-type]
+        self.commits += 1
+        if self.commits == 2:
+            raise KafkaException(KafkaError(KafkaError._TIMED_OUT, "the broker went away"))
+
+
+def _inbox_seqs(settings: Settings, side: str) -> list[int]:
+    """The event seqs of every committed message of an inbox, in reading order."""
+    codec = Codec(INBOX_MESSAGE)
+    seqs = []
+    for _key, value, _p, _o in read_all(settings, settings.topic(side)):
+        event = codec.decode(value)["event"]
+        if event is not None:
+            seqs.append(int(event["seq"]))
+    return seqs
+
+
+def test_a_router_starting_over_sends_the_latest_events_inbox_messages_again(
+    kafka: Settings, tmp_path: Path
+) -> None:
+    """A router that starts over after a failure sends the inbox messages of the log's latest
+    events again (two batches' worth): a commit the broker completed without all of its
+    markers can leave a batch's log records committed and its inbox messages aborted, and
+    nothing else would send them. The log stays the canonical sequence, and each inbox holds
+    every event, the re-sent ones twice (the workers ignore repeats)."""
+    path = _csv(tmp_path)
+    _produce_rows(kafka, path, 0, 150)
+    router = _FailingOnce(kafka, grace_s=0.2, batch=50)
+    finished = threading.Event()
+
+    def more() -> None:  # the rest once the failure happened
+        while router.stats.restarts == 0 and not finished.is_set():
+            time.sleep(0.05)
+        _produce_rows(kafka, path, 150, N - 150)
+
+    sender = threading.Thread(target=more)
+    sender.start()
+    try:
+        stats = router.run(until_idle_s=2.0, max_seconds=120)
+    finally:
+        finished.set()
+        sender.join()
+    assert stats.restarts == 1  # (the failed batch committed, uncounted: the log tells)
+    _assert_canonical(kafka, path)
+    logged = len(read_log(kafka))
+    assert logged == N
+    for side in ("user-inbox", "item-inbox"):
+        seqs = _inbox_seqs(kafka, side)
+        counts = Counter(seqs)
+        assert set(counts) == set(range(N)), side
+        again = sorted(s for s, n in counts.items() if n == 2)
+        assert max(counts.values()) == 2 and again, side
+        # The latest events committed before the failure, at most two batches of them.
+        assert again == list(range(again[0], again[-1] + 1)) and len(again) <= 100, again
+        assert stats.resent == len(again)
