@@ -12,7 +12,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -30,8 +30,8 @@ from streams.runtime.clients import (
     transactional_producer,
 )
 from streams.runtime.kafka import partition_for
-from streams.runtime.loop import Application, LoopConfig, Output, Record, TransactionalLoop
-from streams.runtime.store import _OFFSET_KEY, Table, rocksdb_options
+from streams.runtime.loop import LoopConfig, Output, Record, TransactionalLoop
+from streams.runtime.store import _OFFSET_KEY, rocksdb_options
 from streams.runtime.transactions import SWEEP_KEY, Transactions
 from streams.settings import Settings
 from tests.streams.runtime.counter import Counter, topics
@@ -396,47 +396,22 @@ def test_the_last_stable_offsets_are_read_for_partitions_that_carry_positions(
         assert got == ends and sum(ends.values()) == 40
 
 
-class _Latest(Application[list[Record]]):
-    """Ignores repeats, as the JODIE worker does: per key the highest input offset applied
-    (a table row); each new input sends its offset under its key, a repeat sends nothing."""
+class _Latest(Counter):
+    """Ignores repeats, as the JODIE worker does: its table keeps, per key, one past the
+    highest input offset applied; each new input sends its offset under its key, a repeat
+    sends nothing."""
 
     def __init__(self, conn: Connection, prefix: str, state: Path) -> None:
-        self.input, self.output, changelog = topics(prefix)
-        self.latest: Table[int] = Table(
-            conn,
-            "latest",
-            changelog,
-            state,
-            decode=lambda _key, raw: int(raw),
-            encode=lambda _key, offset: str(offset).encode(),
-            initial=lambda _key: -1,
-        )
-        self.seen = 0
+        super().__init__(conn, prefix, state, delay_s=0.0, idle_s=3600.0)
         self.repeats = 0
-
-    @property
-    def inputs(self) -> Sequence[str]:
-        return [self.input]
-
-    @property
-    def outputs(self) -> Sequence[str]:
-        return [self.output]
-
-    @property
-    def tables(self) -> Mapping[str, Table[int]]:
-        return {self.input: self.latest}
-
-    def prepare(self, records: list[Record]) -> list[Record]:
-        return records
 
     def process(self, batch: list[Record]) -> Iterator[Output]:
         for record in batch:
             assert record.key is not None
-            self.seen += 1
-            if record.offset <= self.latest.get(record.partition, record.key):
+            if record.offset < self.counts.get(record.partition, record.key):
                 self.repeats += 1
                 continue
-            self.latest.put(record.partition, record.key, record.offset)
+            self.counts.put(record.partition, record.key, record.offset + 1)
             yield self.output, record.key, str(record.offset).encode(), None
 
 
