@@ -259,18 +259,21 @@ def down(nodes: list[broker.BrokerConfig], purge: bool = False) -> bool:
 
 
 def kill(node: broker.BrokerConfig) -> int:
-    """SIGKILL one node (tests and benchmarks of broker failures); returns its pid."""
-    status = broker.status(node)
-    if status.pid is None:
+    """SIGKILL one node (tests and benchmarks of broker failures); returns its pid. At once:
+    asking the node whether it is ready first (``broker.status``) took a metadata round trip,
+    during which the pipeline went on committing, so that a caller noting the time of the
+    kill before calling counted recommendations made before it as made after it."""
+    pid = broker._read_pid(node)
+    if pid is None:
         raise BrokerStartError(f"{node.bootstrap}: not running, nothing to kill")
-    os.kill(status.pid, signal.SIGKILL)
-    child = broker._children.pop(status.pid, None)
+    os.kill(pid, signal.SIGKILL)
+    child = broker._children.pop(pid, None)
     if child is not None:
         child.wait(timeout=30)
     else:
-        while broker._alive(status.pid):
+        while broker._alive(pid):
             time.sleep(0.05)
-    return status.pid
+    return pid
 
 
 def coordinator(nodes: list[broker.BrokerConfig], conn: KafkaConnection, group: str) -> int:
