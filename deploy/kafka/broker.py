@@ -329,10 +329,30 @@ def exit_reason(logs_dir: Path, lines: int = 12) -> str:
         if (logs_dir / name).exists()
     }
     marks = ("] WARN ", "] ERROR ", "] FATAL ")
-    told = [x for x in read.get("server.log", []) if any(m in x for m in marks)][-lines:]
-    shown = set(told)
+    warned = [x for x in read.get("server.log", []) if any(m in x for m in marks)]
+    told = _collapsed(warned)[-lines:]
+    shown = set(warned)
     own = [x for x in read.get("stdout.log", []) if x not in shown][-lines:]
     return "\n".join(x[:400] for x in [*told, *own])
+
+
+def _collapsed(lines: list[str]) -> list[str]:
+    """Each run of log lines saying the same after their timestamp as its last line, counted:
+    a node retrying a connection to a dead one logs the same warning 20 times a second, and
+    25 of them once filled all the room an error has for the log."""
+    out: list[str] = []
+    runs: list[int] = []
+    last = None
+    for line in lines:
+        text = line.split("] ", 1)[-1]
+        if text == last:
+            out[-1] = line
+            runs[-1] += 1
+            continue
+        out.append(line)
+        runs.append(1)
+        last = text
+    return [x if n == 1 else f"{x} (×{n})" for x, n in zip(out, runs, strict=True)]
 
 
 def _wait_ready(cfg: BrokerConfig, alive: Callable[[], bool]) -> None:

@@ -80,3 +80,15 @@ def test_jar_cache_is_keyed_and_complete(broker: Settings) -> None:
     names = {p.name for p in lib.glob("*.jar")}
     assert f"kafka_2.13-{broker.kafka_version}.jar" in names
     assert any(n.startswith("log4j-slf4j") for n in names)  # the broker logs
+
+
+def test_a_warning_logged_again_and_again_is_counted_once(tmp_path: Path) -> None:
+    """A node retrying a connection to a dead one logs the same warning 20 times a second:
+    counted on one line, it leaves the room of a failure's report to the other lines."""
+    same = "WARN [TransactionCoordinator id=1] Connection to node 1 could not be established."
+    lines = [f"[2026-12-03 16:17:{i:02d},000] {same}" for i in range(30)]
+    lines.append("[2026-12-03 16:18:00,000] ERROR [KafkaServer id=1] the line that matters")
+    (tmp_path / "server.log").write_text("\n".join(lines) + "\n")
+    reason = local.exit_reason(tmp_path, lines=5)
+    assert "the line that matters" in reason
+    assert reason.count("could not be established") == 1 and "(×30)" in reason
