@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import gc
 import heapq
+import itertools
 import logging
 import time
 import uuid
@@ -713,19 +714,13 @@ class Router:
         arrives. Two batches' worth cover the transaction in flight at the failure."""
         producer = tx.producer
         producer.begin_transaction()
-        i = 0
-        while i < len(tail):
-            epoch = tail[i][1]
-            j = i
-            while j < len(tail) and tail[j][1] == epoch:
-                j += 1
-            events = [event for event, _epoch in tail[i:j]]
+        for epoch, run in itertools.groupby(tail, key=lambda pair: pair[1]):
+            events = [event for event, _epoch in run]
             if self._wire is not None:
                 self._produce_fast(producer, events, wire.stamp_bytes(*epoch), log=False)
             else:
                 stamp = {"model_version": epoch[0], "model_since": epoch[1]}
                 self._produce(producer, events, stamp, log=False)
-            i = j
         tx.commit()
         self.stats.resent += len(tail)
         _log.warning(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
 import shutil
 import signal
@@ -340,19 +341,11 @@ def _collapsed(lines: list[str]) -> list[str]:
     """Each run of log lines saying the same after their timestamp as its last line, counted:
     a node retrying a connection to a dead one logs the same warning 20 times a second, and
     25 of them once filled all the room an error has for the log."""
-    out: list[str] = []
-    runs: list[int] = []
-    last = None
-    for line in lines:
-        text = line.split("] ", 1)[-1]
-        if text == last:
-            out[-1] = line
-            runs[-1] += 1
-            continue
-        out.append(line)
-        runs.append(1)
-        last = text
-    return [x if n == 1 else f"{x} (×{n})" for x, n in zip(out, runs, strict=True)]
+    out = []
+    for _text, group in itertools.groupby(lines, key=lambda line: line.split("] ", 1)[-1]):
+        run = list(group)
+        out.append(run[-1] if len(run) == 1 else f"{run[-1]} (×{len(run)})")
+    return out
 
 
 def _wait_ready(cfg: BrokerConfig, alive: Callable[[], bool]) -> None:

@@ -407,7 +407,7 @@ class TransactionalLoop(Generic[B]):
             if msg.error() is None:
                 firsts.setdefault((msg.topic() or "", msg.partition() or 0), msg.offset() or 0)
         try:
-            self._transaction(consumer, tx, messages)
+            self._transaction(consumer, tx, messages, firsts)
         except KafkaException as exc:
             self._rewind(consumer, tx, exc, firsts)
 
@@ -623,10 +623,16 @@ class TransactionalLoop(Generic[B]):
         for table, rows in changes.rows:
             table.persist(rows, changes.offsets(table.changelog))
 
-    def _transaction(self, consumer: Consumer, tx: Transactions, messages: list[Message]) -> None:
+    def _transaction(
+        self,
+        consumer: Consumer,
+        tx: Transactions,
+        messages: list[Message],
+        firsts: dict[tuple[str, int], int],
+    ) -> None:
+        """One batch in one transaction; ``firsts``: its first offset in each partition."""
         began = time.monotonic()
         positions: dict[tuple[str, int], int] = {}
-        firsts: dict[tuple[str, int], int] = {}
         records: list[Record] = []
         for msg in messages:
             err = msg.error()
@@ -639,7 +645,6 @@ class TransactionalLoop(Generic[B]):
                 continue
             topic, p, offset = msg.topic() or "", msg.partition() or 0, msg.offset() or 0
             positions[(topic, p)] = offset + 1
-            firsts.setdefault((topic, p), offset)
             kind, stamp = msg.timestamp()
             stamp = stamp if kind != TIMESTAMP_NOT_AVAILABLE else -1
             records.append(Record(topic, p, offset, msg.key(), msg.value(), stamp))
