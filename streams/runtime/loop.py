@@ -89,6 +89,10 @@ class Changes:
         self.rows = rows
         self._reached: dict[tuple[str, int], int] = {}
 
+    @property
+    def count(self) -> int:
+        return sum(len(rows) for _table, rows in self.rows)
+
     def reached(self, err: KafkaError | None, msg: Message) -> None:
         """The delivery report of one changelog record."""
         if err is not None:
@@ -150,6 +154,11 @@ class Application(ABC, Generic[B]):
     def on_revoke(self, partitions: list[tuple[str, int]]) -> None:
         """After the tables of revoked or lost partitions were closed."""
 
+    def order(self, record: Record) -> int | None:
+        """Where ``record`` stands in the order the application would rather read its inputs
+        in (``LoopConfig.lookahead``); None: nowhere in particular (never held back)."""
+        return None
+
     def committed(self, records: list[Record], seconds: float) -> None:
         """A batch's transaction committed: its records, and the seconds from taking them to
         the commit (for latency metrics)."""
@@ -192,6 +201,15 @@ class LoopConfig:
     #: its offsets stand committed while its outputs and changelog records end aborted. An
     #: application that would count a repeat twice leaves it at 0.
     reread_batches: int = 0
+    #: A consumer behind a backlog hands out one partition's run of records after another,
+    #: in no useful order across partitions. With a lookahead, a full batch (a backlog) is
+    #: processed in the application's ``order`` instead: of the records taken and those held
+    #: from before, the ``lookahead`` latest in that order wait for the next batch. A record
+    #: after a held one in its partition may be processed before it, and the partition's
+    #: committed offset stays at the held one: only an application that ignores repeats may
+    #: set it (a restart reads such a record again). A batch that is not full takes every
+    #: held record: no latency where there is no backlog.
+    lookahead: int = 0
     consumer: Mapping[str, Any] = field(default_factory=dict)  # extra consumer properties
     producer: Mapping[str, Any] = field(default_factory=dict)  # extra producer properties
 
@@ -204,6 +222,9 @@ class LoopStats:
     aborted: int = 0
     replaced: int = 0  # producers replaced after a fatal error (a broker failure)
     restored: int = 0  # changelog records read into the tables
+    #: Changelog records written by committed transactions (a row changed several times in a
+    #: batch is written once): the tables' share of the work, which the input order sways.
+    changelog: int = 0
     lag: int = 0  # records behind the ends of the assigned partitions (-1: unknown)
     #: Seconds of committed batches: in the application (``prepare`` and ``process``), in
     #: handing their outputs and changed rows to the producer, and waiting for the commit
@@ -236,6 +257,8 @@ class TransactionalLoop(Generic[B]):
         self._unsettled: list[TopicPartition] = []
         # The first offsets of the last committed batches (``LoopConfig.reread_batches``).
         self._recent: deque[dict[tuple[str, int], int]] = deque(maxlen=config.reread_batches)
+        # Records taken but held back for the next batch (``LoopConfig.lookahead``).
+        self._held: list[Record] = []
 
     def stop(self) -> None:
         self._stop.set()
@@ -349,6 +372,9 @@ class TransactionalLoop(Generic[B]):
     def _on_revoke(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
         # Called inside poll/consume, never with a transaction open: nothing to flush.
         tables = self.app.tables
+        gone = {(tp.topic, tp.partition) for tp in partitions}
+        # Never committed: the partitions' next owner reads them from the committed offsets.
+        self._held = [r for r in self._held if (r.topic, r.partition) not in gone]
         for tp in partitions:
             table = tables.get(tp.topic)
             if table is not None:
@@ -380,13 +406,20 @@ class TransactionalLoop(Generic[B]):
                 if max_seconds is not None and time.monotonic() - began > max_seconds:
                     break
                 self.app.poll()
-                messages = take(consumer, c.batch, c.poll_timeout_s)
+                # With a lookahead, enough to process a batch and hold the lookahead's.
+                most = c.batch + max(0, c.lookahead - len(self._held))
+                messages = take(consumer, most, c.poll_timeout_s)
                 if self._gap is not None:
                     raise self._gap
                 if self._unsettled:
                     self._settle(consumer, tx)
-                if messages:
-                    self._batch(consumer, tx, messages)
+                if messages or self._held:
+                    # Behind a backlog: a full take, or a short one (what was prefetched
+                    # then) with at least another batch still to read.
+                    backlog = len(messages) >= c.batch or (
+                        c.lookahead > 0 and _lag(consumer) >= c.batch
+                    )
+                    self._batch(consumer, tx, messages, backlog)
                 else:
                     self._flush(consumer, tx)
                 now = time.monotonic()
@@ -401,15 +434,59 @@ class TransactionalLoop(Generic[B]):
                 table.close()
         return self.stats
 
-    def _batch(self, consumer: Consumer, tx: Transactions, messages: list[Message]) -> None:
+    def _batch(
+        self, consumer: Consumer, tx: Transactions, messages: list[Message], backlog: bool
+    ) -> None:
+        records = [*self._held, *self._records(messages)]
+        self._held = []
         firsts: dict[tuple[str, int], int] = {}
-        for msg in messages:
-            if msg.error() is None:
-                firsts.setdefault((msg.topic() or "", msg.partition() or 0), msg.offset() or 0)
+        for r in records:  # held records first: each partition's are in offset order
+            firsts.setdefault((r.topic, r.partition), r.offset)
+        if backlog and self.config.lookahead > 0:
+            records, self._held = self._in_order(records, self.config.lookahead)
         try:
-            self._transaction(consumer, tx, messages, firsts)
+            self._transaction(consumer, tx, records, firsts)
         except KafkaException as exc:
+            self._held = []  # read again: ``firsts`` covers them
             self._rewind(consumer, tx, exc, firsts)
+
+    def _records(self, messages: list[Message]) -> list[Record]:
+        records: list[Record] = []
+        for msg in messages:
+            err = msg.error()
+            if err is not None:
+                if err.fatal():
+                    raise TransactionError(f"{self.config.name}: consumer: {err}")
+                # The broker is away or a partition moves: librdkafka reconnects by itself.
+                if err.code() != KafkaError._PARTITION_EOF:
+                    self.log.warning("%s: consumer: %s", self.config.name, err)
+                continue
+            kind, stamp = msg.timestamp()
+            records.append(
+                Record(
+                    msg.topic() or "",
+                    msg.partition() or 0,
+                    msg.offset() or 0,
+                    msg.key(),
+                    msg.value(),
+                    stamp if kind != TIMESTAMP_NOT_AVAILABLE else -1,
+                )
+            )
+        return records
+
+    def _in_order(self, records: list[Record], hold: int) -> tuple[list[Record], list[Record]]:
+        """(to process now, to hold): the ``hold`` records latest in the application's order
+        wait (those without an order never do), each partition's in offset order."""
+        keys = [self.app.order(r) for r in records]
+        ranked = sorted(k for k in keys if k is not None)
+        if len(ranked) <= hold:
+            return records, []
+        bound = ranked[len(ranked) - hold - 1]  # the latest key processed now
+        now: list[Record] = []
+        later: list[Record] = []
+        for r, k in zip(records, keys, strict=True):
+            (later if k is not None and k > bound else now).append(r)
+        return now, later
 
     def _rewind(
         self,
@@ -433,6 +510,7 @@ class TransactionalLoop(Generic[B]):
                     consumer.seek(TopicPartition(topic, p, offset))
             return
         self.stats.replaced += 1
+        self._held = []  # the positions go back to what is committed, before them
         self._resume_from_commits(consumer, firsts)
 
     def _committed(
@@ -600,6 +678,7 @@ class TransactionalLoop(Generic[B]):
                 self.stats.aborted += 1
             return
         self.stats.transactions += 1
+        self.stats.changelog += changed.count
         self._persist(tx.producer, changed)
 
     def _send_changes(self, producer: Producer, tables: list[Table[Any]]) -> Changes:
@@ -627,29 +706,19 @@ class TransactionalLoop(Generic[B]):
         self,
         consumer: Consumer,
         tx: Transactions,
-        messages: list[Message],
+        records: list[Record],
         firsts: dict[tuple[str, int], int],
     ) -> None:
-        """One batch in one transaction; ``firsts``: its first offset in each partition."""
-        began = time.monotonic()
-        positions: dict[tuple[str, int], int] = {}
-        records: list[Record] = []
-        for msg in messages:
-            err = msg.error()
-            if err is not None:
-                if err.fatal():
-                    raise TransactionError(f"{self.config.name}: consumer: {err}")
-                # The broker is away or a partition moves: librdkafka reconnects by itself.
-                if err.code() != KafkaError._PARTITION_EOF:
-                    self.log.warning("%s: consumer: %s", self.config.name, err)
-                continue
-            topic, p, offset = msg.topic() or "", msg.partition() or 0, msg.offset() or 0
-            positions[(topic, p)] = offset + 1
-            kind, stamp = msg.timestamp()
-            stamp = stamp if kind != TIMESTAMP_NOT_AVAILABLE else -1
-            records.append(Record(topic, p, offset, msg.key(), msg.value(), stamp))
+        """One batch in one transaction; ``firsts``: its first offset in each partition (held
+        records' included: where to read again should it fail)."""
         if not records:
             return
+        began = time.monotonic()
+        positions: dict[tuple[str, int], int] = {}
+        for r in records:
+            positions[(r.topic, r.partition)] = r.offset + 1
+        for r in reversed(self._held):  # a partition's committed offset stops at its first
+            positions[(r.topic, r.partition)] = r.offset  # held record, processed or not after
         self.stats.records += len(records)
         # The application may wait here (e.g. for state it prepares): before the transaction
         # opens, so the wait never counts against the transaction timeout.
@@ -667,6 +736,7 @@ class TransactionalLoop(Generic[B]):
         tx.commit()
         done = time.monotonic()
         self.stats.transactions += 1
+        self.stats.changelog += changed.count
         self.stats.app_s += processed - began
         self.stats.send_s += sent - processed
         self.stats.commit_s += done - sent
