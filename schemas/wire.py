@@ -559,6 +559,19 @@ def _optional_double_at(data: bytes, i: int) -> tuple[float | None, int]:
     return value, i + 8
 
 
+def inbox_event_seq(data: bytes, start: int = 0) -> int | None:
+    """The seq of the event an InboxMessage in ``data[start:]`` carries, read without decoding
+    the rest; None for a pre-state (no event) or for what is not an InboxMessage."""
+    try:
+        branch, i = _long_at(data, start)
+        if branch != 1:
+            return None
+        seq, _i = _long_at(data, i)
+    except (IndexError, ValueError, _Refused):
+        return None
+    return seq
+
+
 def _partner_at(data: bytes, i: int) -> tuple[dict[str, Any], int]:
     seq, i = _long_at(data, i)
     embedding, i = _optional_bytes_at(data, i)

@@ -318,6 +318,16 @@ class Settings(BaseSettings):
             "JODIE_WORKER_BATCH: most inbox messages a worker processes in one transaction."
         ),
     )
+    worker_lookahead: int = Field(
+        8000,
+        ge=0,
+        description=(
+            "JODIE_WORKER_LOOKAHEAD: inbox messages a worker behind a backlog holds back, so "
+            "that it processes the rest in the router's order, each event's two sides "
+            "together, rather than one partition's run after another (0: as they come). "
+            "A worker with no backlog holds nothing back."
+        ),
+    )
     worker_session_timeout_ms: int = Field(
         6000,
         description=(

@@ -81,6 +81,8 @@ class LoopCounters(Protocol):
     @property
     def restored(self) -> int: ...
     @property
+    def changelog(self) -> int: ...
+    @property
     def lag(self) -> int: ...
     @property
     def app_s(self) -> float: ...
@@ -128,6 +130,7 @@ class WorkerStats:
                 "commit": round(loop.commit_s, 3),
             },
             "restored_records": loop.restored,
+            "changelog_records": loop.changelog,
             "events_per_s": round(self.rate, 1),
             "lag": loop.lag,
             "items_indexed": len(serving.index) if serving is not None else 0,
@@ -253,6 +256,15 @@ class Processor:
             if message is not None:
                 return message
         return self.inbox_codec.decode(value)
+
+    def order(self, value: bytes) -> int | None:
+        """The seq of the event an inbox message carries: the order a backlog is best read in,
+        each event's two sides together. None for a pre-state (it completes an event that
+        waits: the sooner the better) and for what is not one of this schema's messages."""
+        header = self._inbox_header
+        if value[: len(header)] != header:
+            return None
+        return wire.inbox_event_seq(value, len(header))
 
     # Row codecs for the tables.
     def decoder(self, side: str) -> Callable[[bytes, bytes], Box]:

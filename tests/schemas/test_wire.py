@@ -227,6 +227,22 @@ def test_reads_inbox_messages_as_the_codec(message: dict[str, Any]) -> None:
     assert repr(fast) == repr(INBOX.decode(data))
 
 
+@settings(max_examples=300, deadline=None)
+@given(inbox_messages)
+def test_peeks_at_an_inbox_messages_event_seq(message: dict[str, Any]) -> None:
+    """What the worker reads a backlog in the order of: the event's seq, without decoding."""
+    data = INBOX.encode(message)
+    seq = wire.inbox_event_seq(data, len(INBOX.header))
+    assert seq == (None if message["event"] is None else message["event"]["seq"])
+
+
+def test_peeks_at_nothing_in_what_is_not_an_inbox_message() -> None:
+    assert wire.inbox_event_seq(b"") is None
+    assert wire.inbox_event_seq(b"\x02") is None  # cut short
+    assert wire.inbox_event_seq(b"\x04\x02") is None  # no such union branch
+    assert wire.inbox_event_seq(b"\x02" + b"\xff" * 11) is None  # past 64 bits
+
+
 def _codec_inbox(data: bytes) -> dict[str, Any] | None:
     try:
         return INBOX.decode(data)
