@@ -476,6 +476,7 @@ class Bench:
                 f"  worker {entry['worker']}: {m.get('user_events', '?')} user events, "
                 f"{m.get('item_events', '?')} item events, {msgs} messages in {txns} "
                 f"transactions ({msgs / txns if txns else 0:.0f} messages/transaction), "
+                f"{m.get('changelog_records', '?')} changelog records, "
                 f"{entry['assignments']} assignment(s), CPU "
                 f"{'?' if cpu is None else f'{cpu:.1f}'} s of {entry['wall_s']} s wall"
             )

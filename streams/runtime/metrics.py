@@ -229,6 +229,11 @@ class LoopMetrics(Collector):
             ("transactions_aborted", "Transactions aborted (their batch re-read).", s.aborted),
             ("producers_replaced", "Producers replaced after a fatal error.", s.replaced),
             ("restored_records", "Changelog records read into the tables.", s.restored),
+            (
+                "changelog_records",
+                "Changelog records written by committed transactions.",
+                s.changelog,
+            ),
         ):
             yield CounterMetricFamily(f"{ns}_{name}", doc, value=value)
         phases = CounterMetricFamily(
