@@ -477,6 +477,7 @@ class Bench:
                 f"{m.get('item_events', '?')} item events, {msgs} messages in {txns} "
                 f"transactions ({msgs / txns if txns else 0:.0f} messages/transaction), "
                 f"{m.get('changelog_records', '?')} changelog records, "
+                f"{m.get('input_records_held', '?')} held back, "
                 f"{entry['assignments']} assignment(s), CPU "
                 f"{'?' if cpu is None else f'{cpu:.1f}'} s of {entry['wall_s']} s wall"
             )

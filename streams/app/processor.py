@@ -83,6 +83,8 @@ class LoopCounters(Protocol):
     @property
     def changelog(self) -> int: ...
     @property
+    def held(self) -> int: ...
+    @property
     def lag(self) -> int: ...
     @property
     def app_s(self) -> float: ...
@@ -131,6 +133,7 @@ class WorkerStats:
             },
             "restored_records": loop.restored,
             "changelog_records": loop.changelog,
+            "input_records_held": loop.held,
             "events_per_s": round(self.rate, 1),
             "lag": loop.lag,
             "items_indexed": len(serving.index) if serving is not None else 0,

@@ -202,13 +202,14 @@ class LoopConfig:
     #: application that would count a repeat twice leaves it at 0.
     reread_batches: int = 0
     #: A consumer behind a backlog hands out one partition's run of records after another,
-    #: in no useful order across partitions. With a lookahead, a full batch (a backlog) is
-    #: processed in the application's ``order`` instead: of the records taken and those held
-    #: from before, the ``lookahead`` latest in that order wait for the next batch. A record
-    #: after a held one in its partition may be processed before it, and the partition's
-    #: committed offset stays at the held one: only an application that ignores repeats may
-    #: set it (a restart reads such a record again). A batch that is not full takes every
-    #: held record: no latency where there is no backlog.
+    #: in no useful order across partitions. With a lookahead, a batch taken behind a backlog
+    #: (a full take, or at least a batch still to read) is processed in the application's
+    #: ``order`` instead: of the records taken and those held from before (up to
+    #: ``lookahead``), the batch's worth earliest in that order are processed, and the rest
+    #: wait for the next batch. A record after a held one in its partition may be processed
+    #: before it, and the partition's committed offset stays at the held one: only an
+    #: application that ignores repeats may set it (a restart reads such a record again).
+    #: Without a backlog every held record is processed: no latency where there is none.
     lookahead: int = 0
     consumer: Mapping[str, Any] = field(default_factory=dict)  # extra consumer properties
     producer: Mapping[str, Any] = field(default_factory=dict)  # extra producer properties
@@ -225,6 +226,7 @@ class LoopStats:
     #: Changelog records written by committed transactions (a row changed several times in a
     #: batch is written once): the tables' share of the work, which the input order sways.
     changelog: int = 0
+    held: int = 0  # input records held back for a later batch (``LoopConfig.lookahead``)
     lag: int = 0  # records behind the ends of the assigned partitions (-1: unknown)
     #: Seconds of committed batches: in the application (``prepare`` and ``process``), in
     #: handing their outputs and changed rows to the producer, and waiting for the commit
@@ -443,7 +445,9 @@ class TransactionalLoop(Generic[B]):
         for r in records:  # held records first: each partition's are in offset order
             firsts.setdefault((r.topic, r.partition), r.offset)
         if backlog and self.config.lookahead > 0:
-            records, self._held = self._in_order(records, self.config.lookahead)
+            c = self.config
+            records, self._held = self._in_order(records, c.lookahead, c.batch)
+            self.stats.held += len(self._held)
         try:
             self._transaction(consumer, tx, records, firsts)
         except KafkaException as exc:
@@ -474,14 +478,18 @@ class TransactionalLoop(Generic[B]):
             )
         return records
 
-    def _in_order(self, records: list[Record], hold: int) -> tuple[list[Record], list[Record]]:
-        """(to process now, to hold): the ``hold`` records latest in the application's order
-        wait (those without an order never do), each partition's in offset order."""
+    def _in_order(
+        self, records: list[Record], hold: int, batch: int
+    ) -> tuple[list[Record], list[Record]]:
+        """(to process now, to hold): a batch's worth of the records earliest in the
+        application's order, and more where that would hold more than ``hold`` (records
+        without an order are never held); each partition's in offset order."""
         keys = [self.app.order(r) for r in records]
         ranked = sorted(k for k in keys if k is not None)
-        if len(ranked) <= hold:
+        now_n = max(min(batch, len(ranked)), len(ranked) - hold)
+        if now_n >= len(ranked):
             return records, []
-        bound = ranked[len(ranked) - hold - 1]  # the latest key processed now
+        bound = ranked[now_n - 1]  # the latest key processed now
         now: list[Record] = []
         later: list[Record] = []
         for r, k in zip(records, keys, strict=True):

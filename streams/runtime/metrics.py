@@ -234,6 +234,11 @@ class LoopMetrics(Collector):
                 "Changelog records written by committed transactions.",
                 s.changelog,
             ),
+            (
+                "input_records_held",
+                "Input records held back for a later batch behind a backlog, each time held.",
+                s.held,
+            ),
         ):
             yield CounterMetricFamily(f"{ns}_{name}", doc, value=value)
         phases = CounterMetricFamily(
