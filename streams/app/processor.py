@@ -265,7 +265,7 @@ class Processor:
         each event's two sides together. None for a pre-state (it completes an event that
         waits: the sooner the better) and for what is not one of this schema's messages."""
         header = self._inbox_header
-        if value[: len(header)] != header:
+        if not value.startswith(header):
             return None
         return wire.inbox_event_seq(value, len(header))
 

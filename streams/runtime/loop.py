@@ -261,6 +261,7 @@ class TransactionalLoop(Generic[B]):
         self._recent: deque[dict[tuple[str, int], int]] = deque(maxlen=config.reread_batches)
         # Records taken but held back for the next batch (``LoopConfig.lookahead``).
         self._held: list[Record] = []
+        self._held_keys: list[int] = []  # their ``order``, asked once per record
 
     def stop(self) -> None:
         self._stop.set()
@@ -376,7 +377,13 @@ class TransactionalLoop(Generic[B]):
         tables = self.app.tables
         gone = {(tp.topic, tp.partition) for tp in partitions}
         # Never committed: the partitions' next owner reads them from the committed offsets.
-        self._held = [r for r in self._held if (r.topic, r.partition) not in gone]
+        kept = [
+            (r, k)
+            for r, k in zip(self._held, self._held_keys, strict=True)
+            if (r.topic, r.partition) not in gone
+        ]
+        self._held = [r for r, _k in kept]
+        self._held_keys = [k for _r, k in kept]
         for tp in partitions:
             table = tables.get(tp.topic)
             if table is not None:
@@ -439,19 +446,24 @@ class TransactionalLoop(Generic[B]):
     def _batch(
         self, consumer: Consumer, tx: Transactions, messages: list[Message], backlog: bool
     ) -> None:
-        records = [*self._held, *self._records(messages)]
-        self._held = []
+        fresh = self._records(messages)
+        records = [*self._held, *fresh]
+        held_keys = self._held_keys
+        self._held, self._held_keys = [], []
         firsts: dict[tuple[str, int], int] = {}
         for r in records:  # held records first: each partition's are in offset order
             firsts.setdefault((r.topic, r.partition), r.offset)
         if backlog and self.config.lookahead > 0:
             c = self.config
-            records, self._held = self._in_order(records, c.lookahead, c.batch)
+            keys = [*held_keys, *(self.app.order(r) for r in fresh)]
+            records, self._held, self._held_keys = self._in_order(
+                records, keys, c.lookahead, c.batch
+            )
             self.stats.held += len(self._held)
         try:
             self._transaction(consumer, tx, records, firsts)
         except KafkaException as exc:
-            self._held = []  # read again: ``firsts`` covers them
+            self._held, self._held_keys = [], []  # read again: ``firsts`` covers them
             self._rewind(consumer, tx, exc, firsts)
 
     def _records(self, messages: list[Message]) -> list[Record]:
@@ -478,23 +490,29 @@ class TransactionalLoop(Generic[B]):
             )
         return records
 
+    @staticmethod
     def _in_order(
-        self, records: list[Record], hold: int, batch: int
-    ) -> tuple[list[Record], list[Record]]:
-        """(to process now, to hold): a batch's worth of the records earliest in the
-        application's order, and more where that would hold more than ``hold`` (records
-        without an order are never held); each partition's in offset order."""
-        keys = [self.app.order(r) for r in records]
+        records: list[Record], keys: list[int | None], hold: int, batch: int
+    ) -> tuple[list[Record], list[Record], list[int]]:
+        """(to process now, to hold, the held ones' keys): a batch's worth of the records
+        earliest by ``keys`` (their ``order``), and more where that would hold more than
+        ``hold`` (records without an order are never held); each partition's in offset
+        order."""
         ranked = sorted(k for k in keys if k is not None)
         now_n = max(min(batch, len(ranked)), len(ranked) - hold)
         if now_n >= len(ranked):
-            return records, []
+            return records, [], []
         bound = ranked[now_n - 1]  # the latest key processed now
         now: list[Record] = []
         later: list[Record] = []
+        later_keys: list[int] = []
         for r, k in zip(records, keys, strict=True):
-            (later if k is not None and k > bound else now).append(r)
-        return now, later
+            if k is not None and k > bound:
+                later.append(r)
+                later_keys.append(k)
+            else:
+                now.append(r)
+        return now, later, later_keys
 
     def _rewind(
         self,
@@ -518,7 +536,7 @@ class TransactionalLoop(Generic[B]):
                     consumer.seek(TopicPartition(topic, p, offset))
             return
         self.stats.replaced += 1
-        self._held = []  # the positions go back to what is committed, before them
+        self._held, self._held_keys = [], []  # the positions go back to what is committed
         self._resume_from_commits(consumer, firsts)
 
     def _committed(
