@@ -424,9 +424,10 @@ class TransactionalLoop(Generic[B]):
                     self._settle(consumer, tx)
                 if messages or self._held:
                     # Behind a backlog: a full take, or a short one (what was prefetched
-                    # then) with at least another batch still to read.
+                    # then) with at least another batch still to read. (A short take with
+                    # nothing held is processed whole either way: no lag asked for it.)
                     backlog = len(messages) >= c.batch or (
-                        c.lookahead > 0 and _lag(consumer) >= c.batch
+                        bool(self._held) and _lag(consumer) >= c.batch
                     )
                     self._batch(consumer, tx, messages, backlog)
                 else:
