@@ -259,9 +259,9 @@ class TransactionalLoop(Generic[B]):
         self._unsettled: list[TopicPartition] = []
         # The first offsets of the last committed batches (``LoopConfig.reread_batches``).
         self._recent: deque[dict[tuple[str, int], int]] = deque(maxlen=config.reread_batches)
-        # Records taken but held back for the next batch (``LoopConfig.lookahead``).
-        self._held: list[Record] = []
-        self._held_keys: list[int] = []  # their ``order``, asked once per record
+        # Records taken but held back for the next batch (``LoopConfig.lookahead``), each
+        # with its ``order`` (asked once per record), in the order they were taken.
+        self._held: list[tuple[int, Record]] = []
 
     def stop(self) -> None:
         self._stop.set()
@@ -377,13 +377,7 @@ class TransactionalLoop(Generic[B]):
         tables = self.app.tables
         gone = {(tp.topic, tp.partition) for tp in partitions}
         # Never committed: the partitions' next owner reads them from the committed offsets.
-        kept = [
-            (r, k)
-            for r, k in zip(self._held, self._held_keys, strict=True)
-            if (r.topic, r.partition) not in gone
-        ]
-        self._held = [r for r, _k in kept]
-        self._held_keys = [k for _r, k in kept]
+        self._held = [(k, r) for k, r in self._held if (r.topic, r.partition) not in gone]
         for tp in partitions:
             table = tables.get(tp.topic)
             if table is not None:
@@ -448,23 +442,20 @@ class TransactionalLoop(Generic[B]):
         self, consumer: Consumer, tx: Transactions, messages: list[Message], backlog: bool
     ) -> None:
         fresh = self._records(messages)
-        records = [*self._held, *fresh]
-        held_keys = self._held_keys
-        self._held, self._held_keys = [], []
+        held, self._held = self._held, []
+        records = [*(r for _k, r in held), *fresh]
         firsts: dict[tuple[str, int], int] = {}
         for r in records:  # held records first: each partition's are in offset order
             firsts.setdefault((r.topic, r.partition), r.offset)
         if backlog and self.config.lookahead > 0:
             c = self.config
-            keys = [*held_keys, *(self.app.order(r) for r in fresh)]
-            records, self._held, self._held_keys = self._in_order(
-                records, keys, c.lookahead, c.batch
-            )
+            keys = [*(k for k, _r in held), *(self.app.order(r) for r in fresh)]
+            records, self._held = self._in_order(records, keys, c.lookahead, c.batch)
             self.stats.held += len(self._held)
         try:
             self._transaction(consumer, tx, records, firsts)
         except KafkaException as exc:
-            self._held, self._held_keys = [], []  # read again: ``firsts`` covers them
+            self._held = []  # read again: ``firsts`` covers them
             self._rewind(consumer, tx, exc, firsts)
 
     def _records(self, messages: list[Message]) -> list[Record]:
@@ -494,26 +485,23 @@ class TransactionalLoop(Generic[B]):
     @staticmethod
     def _in_order(
         records: list[Record], keys: list[int | None], hold: int, batch: int
-    ) -> tuple[list[Record], list[Record], list[int]]:
-        """(to process now, to hold, the held ones' keys): a batch's worth of the records
-        earliest by ``keys`` (their ``order``), and more where that would hold more than
-        ``hold`` (records without an order are never held); each partition's in offset
-        order."""
+    ) -> tuple[list[Record], list[tuple[int, Record]]]:
+        """(to process now, to hold with their keys): a batch's worth of the records earliest
+        by ``keys`` (their ``order``), and more where that would hold more than ``hold``
+        (records without an order are never held); each partition's in offset order."""
         ranked = sorted(k for k in keys if k is not None)
         now_n = max(min(batch, len(ranked)), len(ranked) - hold)
         if now_n >= len(ranked):
-            return records, [], []
+            return records, []
         bound = ranked[now_n - 1]  # the latest key processed now
         now: list[Record] = []
-        later: list[Record] = []
-        later_keys: list[int] = []
+        later: list[tuple[int, Record]] = []
         for r, k in zip(records, keys, strict=True):
             if k is not None and k > bound:
-                later.append(r)
-                later_keys.append(k)
+                later.append((k, r))
             else:
                 now.append(r)
-        return now, later, later_keys
+        return now, later
 
     def _rewind(
         self,
@@ -537,7 +525,7 @@ class TransactionalLoop(Generic[B]):
                     consumer.seek(TopicPartition(topic, p, offset))
             return
         self.stats.replaced += 1
-        self._held, self._held_keys = [], []  # the positions go back to what is committed
+        self._held = []  # the positions go back to what is committed, before them
         self._resume_from_commits(consumer, firsts)
 
     def _committed(
@@ -744,7 +732,7 @@ class TransactionalLoop(Generic[B]):
         positions: dict[tuple[str, int], int] = {}
         for r in records:
             positions[(r.topic, r.partition)] = r.offset + 1
-        for r in reversed(self._held):  # a partition's committed offset stops at its first
+        for _k, r in reversed(self._held):  # a partition's committed offset stops at its first
             positions[(r.topic, r.partition)] = r.offset  # held record, processed or not after
         self.stats.records += len(records)
         # The application may wait here (e.g. for state it prepares): before the transaction

@@ -503,7 +503,7 @@ class _Ordered(_Latest):
 
     def committed(self, records: list[Record], seconds: float) -> None:
         assert self.loop is not None
-        held = list(self.loop._held)
+        held = [r for _order, r in self.loop._held]
         numbers = [int((r.value or b"").rstrip(b"*")) for r in records]
         self.batches.append((numbers, [int(r.value or b"") for r in held]))
         if self.stop_after is not None and len(self.batches) == self.stop_after:
