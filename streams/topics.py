@@ -8,6 +8,7 @@ import uuid
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException
@@ -15,6 +16,7 @@ from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic
 
 from deploy.topics import TopicSpec, load_topic_specs
 from streams.exceptions import BrokerUnavailableError, PipelineRunningError, TopicMissingError
+from streams.runtime.kafka import retry_transient
 from streams.runtime.transactions import error_of
 from streams.settings import Settings, read_settings
 
@@ -168,12 +170,16 @@ def workers_group(settings: Settings) -> str:
 def delete_groups(client: AdminClient, groups: list[str], timeout_s: float = 30.0) -> list[str]:
     """Delete consumer groups with their committed offsets; the ones deleted (a group that
     does not exist is skipped). A group with live members (running workers) is refused by
-    the broker: the error says to stop the pipeline first."""
+    the broker: the error says to stop the pipeline first. A broker just started answers
+    "coordinator load in progress" for a few seconds: asked again until ``timeout_s``."""
+
+    def delete(group: str) -> None:
+        client.delete_consumer_groups([group], request_timeout=timeout_s)[group].result()
+
     deleted = []
-    futures = client.delete_consumer_groups(groups, request_timeout=timeout_s)
-    for group, future in futures.items():
+    for group in groups:
         try:
-            future.result()
+            retry_transient(partial(delete, group), timeout_s)
         except KafkaException as exc:
             error = error_of(exc)
             code = None if error is None else error.code()

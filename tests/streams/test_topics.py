@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import time
 import uuid
+from concurrent.futures import Future
 
 import pytest
-from confluent_kafka import TopicPartition
+from confluent_kafka import KafkaError, KafkaException, TopicPartition
 from confluent_kafka.admin import NewTopic
 
 from streams.exceptions import PipelineRunningError
@@ -84,3 +85,37 @@ def test_deleting_the_pipeline_deletes_its_groups_offsets(kafka: Settings) -> No
             delete_groups(client, [router_group])
     finally:
         reader.close()
+
+
+class _LoadingCoordinator:
+    """An admin client whose broker has just started: the first ``loading`` deletions answer
+    "coordinator load in progress", as a real one does for a few seconds."""
+
+    def __init__(self, loading: int) -> None:
+        self.loading = loading
+        self.asked: list[str] = []
+
+    def delete_consumer_groups(
+        self, groups: list[str], request_timeout: float
+    ) -> dict[str, Future[None]]:
+        futures: dict[str, Future[None]] = {}
+        for group in groups:
+            self.asked.append(group)
+            future: Future[None] = Future()
+            if self.loading > 0:
+                self.loading -= 1
+                error = KafkaError(KafkaError.COORDINATOR_LOAD_IN_PROGRESS)
+                future.set_exception(KafkaException(error))
+            else:
+                future.set_result(None)
+            futures[group] = future
+        return futures
+
+
+def test_deleting_groups_waits_out_a_coordinator_still_loading() -> None:
+    """`topics delete` right after `broker up` (the demo does it) once stopped with a
+    traceback: the group coordinator was still loading."""
+    client = _LoadingCoordinator(loading=3)
+    deleted = delete_groups(client, ["a", "b"], timeout_s=10)  # type: ignore[arg-type]
+    assert deleted == ["a", "b"]
+    assert client.asked == ["a", "a", "a", "a", "b"]
