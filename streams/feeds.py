@@ -129,12 +129,18 @@ class Feeds:
         self._start_log()
         messages = self.consumer.consume(num_messages=5000, timeout=0)
         fresh: dict[Epoch, list[Vector]] = {}
+        mine = self.processor.origin
         for msg in messages:
             key, value = msg.key(), msg.value()
             if msg.error() is not None or value is None:
                 continue
             if msg.topic() == self.vectors_topic and key is not None:
-                epoch, seq, stats = _headers(msg.headers())
+                headers = msg.headers()
+                if isinstance(headers, list) and headers and headers[-1] == mine:
+                    # Written by this process, which gave the vector to its index and its
+                    # live evaluation as it wrote it: reading it back would change nothing.
+                    continue
+                epoch, seq, stats = _headers(headers)
                 vector = np.frombuffer(value, dtype="<f4")
                 fresh.setdefault(epoch, []).append((seq, key.decode(), vector, stats))
             elif msg.topic() == self.log_topic:

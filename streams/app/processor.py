@@ -31,6 +31,7 @@ from __future__ import annotations
 import logging
 import struct
 import time
+import uuid
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -171,6 +172,9 @@ SEQ_HEADER = "jodie-seq"
 #: Headers of item-vectors records: the item's event count, decayed count and time after the
 #: event (the ranker's popularity terms, exact: the decayed count as repr of a float64).
 STATS_HEADERS = ("jodie-count", "jodie-trend", "jodie-time")
+#: Last header of item-vectors records: the process that wrote them (a token of its own), so
+#: that its feed can leave aside its own records, which it applied when it wrote them.
+ORIGIN_HEADER = "jodie-origin"
 
 
 class Processor:
@@ -198,6 +202,7 @@ class Processor:
         self.recommendations = settings.topic("recommendations")
         self.evaluations = settings.topic("evaluations")
         self.item_vectors = settings.topic("item-vectors")
+        self.origin: tuple[str, bytes] = (ORIGIN_HEADER, uuid.uuid4().hex[:16].encode())
         self.dlq = settings.topic("interactions.dlq")
         self.dlq_codec = dlq_codec or Codec(INTERACTION)
         self.inbox_codec = Codec(INBOX_MESSAGE)
@@ -402,6 +407,7 @@ class Processor:
                                             strict=True,
                                         )
                                     ),
+                                    self.origin,
                                 ],
                             )
                         )

@@ -10,7 +10,7 @@ import numpy as np
 from operators.protocol.sequencer import Interaction, SequencedEvent
 from operators.retrieval.cooccurrence import CooccurrenceCandidates
 from schemas.codec import SEQUENCED_INTERACTION
-from streams.app.processor import Processor, WorkerStats
+from streams.app.processor import SEQ_HEADER, STATS_HEADERS, Processor, WorkerStats
 from streams.app.serving import Serving
 from streams.codecs import make_codec
 from streams.feeds import Feeds, _deliver
@@ -116,3 +116,41 @@ def test_a_vector_read_back_never_sets_an_item_back(tmp_path: Path) -> None:
     assert np.array_equal(held, newer) and held_attrs[0] == count + 2
     _deliver(serving, [(-1, item, older, (0.0, 0.0, float("nan")))])  # no count: goes in
     assert np.array_equal(serving.index.get(item)[0], older)  # type: ignore[index]
+
+
+def test_a_worker_leaves_its_own_vectors_aside_and_takes_the_others(
+    kafka: Settings, tmp_path: Path
+) -> None:
+    """What this process wrote to item-vectors it applied as it wrote it; a vector of another
+    process (another worker, or this worker's previous run) goes to the index."""
+    serving = Serving.load(kafka, make_checkpoint(tmp_path / "ck"))
+    processor = Processor(kafka, serving, WorkerStats())
+    other = Processor(kafka, None, WorkerStats())
+    assert processor.origin != other.origin
+    mine, theirs = serving.index.top(0, 2)
+    held = {item: serving.index.get(item) for item in (mine, theirs)}
+    topic = kafka.topic("item-vectors")
+    producer = idempotent_producer(kafka)
+    for item, origin in ((mine, processor.origin), (theirs, other.origin)):
+        vector, attrs = held[item]  # type: ignore[misc]
+        stats = (float(attrs[0]) + 1, 1.0, float(attrs[2]) + 1)
+        headers = [(name, repr(v).encode()) for name, v in zip(STATS_HEADERS, stats, strict=True)]
+        producer.produce(
+            topic,
+            key=item.encode(),
+            value=(vector + 1.0).astype("<f4").tobytes(),
+            headers=[(SEQ_HEADER, b"-1"), *headers, origin],
+        )
+    producer.flush(30)
+    count = {item: float(held[item][1][0]) for item in held}  # type: ignore[index]
+    feeds = Feeds(kafka, processor, None)
+    try:
+        poll_until(feeds, 0, lambda: serving.index.get(theirs)[1][0] > count[theirs])  # type: ignore[index]
+        feeds.poll(0)
+    finally:
+        feeds.close()
+    vector, attrs = serving.index.get(theirs)  # type: ignore[misc]
+    assert attrs[0] == count[theirs] + 1
+    assert np.array_equal(vector, held[theirs][0] + 1.0)  # type: ignore[index]
+    vector, attrs = serving.index.get(mine)  # type: ignore[misc]
+    assert attrs[0] == count[mine] and np.array_equal(vector, held[mine][0])  # type: ignore[index]
