@@ -255,7 +255,7 @@ class Queries:
             **self._envelope(p, serving),
             "log_seq": box.applied_seq if box.applied_seq >= 0 else None,
             "pending_events": len(box.waiting),
-            "count": state.count,
+            "count": state.events,
             "trend": state.trend,
             "last_event_time": state.last_time,
             "stream_time": now,

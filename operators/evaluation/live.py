@@ -32,6 +32,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field, replace
 from operator import attrgetter
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -48,8 +49,7 @@ from operators.model.jodie import Jodie
 from operators.model.state import trend_at
 
 
-@dataclass(frozen=True)
-class Query:
+class Query(NamedTuple):
     """What the user's owner knows of event ``seq`` when it applies it."""
 
     seq: int

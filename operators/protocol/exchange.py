@@ -39,14 +39,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, NamedTuple, TypeVar
 
 S = TypeVar("S")  # this side's entity state
 P = TypeVar("P")  # the partner's pre-state as sent over the exchange
 
 
-@dataclass(frozen=True)
-class Pending:
+class Pending(NamedTuple):
     """An event waiting at one entity.
 
     ``prev_seq`` is this entity's previous event, ``partner_prev_seq`` the partner's (-1: none
@@ -65,16 +64,14 @@ class Pending:
         return self.prev_seq >= 0 and self.prev_seq == self.partner_prev_seq
 
 
-@dataclass(frozen=True)
-class PartnerState(Generic[P]):
+class PartnerState(NamedTuple, Generic[P]):
     """The other side's state just before event ``seq``."""
 
     seq: int
     state: P
 
 
-@dataclass(frozen=True)
-class SendPreState(Generic[S]):
+class SendPreState(NamedTuple, Generic[S]):
     """Send this entity's pre-state for event ``seq`` to ``partner``'s owner."""
 
     seq: int
@@ -82,8 +79,7 @@ class SendPreState(Generic[S]):
     state: S
 
 
-@dataclass(frozen=True)
-class Ready(Generic[S, P]):
+class Ready(NamedTuple, Generic[S, P]):
     """An event this entity can apply now: its state, the partner's pre-state and the
     partner's post-state from the entity's previous event (the ``Apply`` arguments)."""
 
@@ -93,8 +89,7 @@ class Ready(Generic[S, P]):
     previous: P | None
 
 
-@dataclass(frozen=True)
-class Applied:
+class Applied(NamedTuple):
     """Event ``seq`` was applied; ``output`` is whatever ``apply`` returned beside the state."""
 
     seq: int

@@ -25,8 +25,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -42,15 +41,14 @@ from operators.protocol.exchange import Apply, ApplyMany, Pending, Ready
 NAN = float("nan")
 
 
-@dataclass(frozen=True)
-class EntityState:
+class EntityState(NamedTuple):
     """One user's or item's model state, as kept in its table.
 
     ``embedding`` is None until the entity's first event (the model's learned initial state
     applies); ``last_time`` is NaN until then. ``history`` (users only): distinct recent item
     ids, most recent first, at most ``ModelConfig.history_size``, with ``history_counts``, the
     user's events on each while it stayed there, ``history_times``, the user's last event time
-    on each, and ``habits`` (``operators.model.state.HABITS``). ``count``: events so far.
+    on each, and ``habits`` (``operators.model.state.HABITS``). ``events``: events so far.
     ``trend`` (items only): the same decayed with ``TREND_SECONDS`` as of ``last_time``. The
     counts, trend, times and habits are what the rankers read besides the embeddings
     (``operators.evaluation.scorer``, ``operators.evaluation.ranker``), kept exactly as the
@@ -63,7 +61,7 @@ class EntityState:
     last_time: float = NAN
     history: tuple[str, ...] = ()
     history_counts: tuple[int, ...] = ()
-    count: int = 0
+    events: int = 0
     trend: float = 0.0
     history_times: tuple[float, ...] = ()
     habits: tuple[float, ...] = ()
@@ -76,8 +74,7 @@ class EntityState:
 NEW = EntityState(embedding=None)
 
 
-@dataclass(frozen=True)
-class EventData:
+class EventData(NamedTuple):
     """What both sides know of an event (from the canonical log)."""
 
     event_id: str
@@ -87,8 +84,7 @@ class EventData:
     features: tuple[float, ...]
 
 
-@dataclass(frozen=True)
-class UserOutput:
+class UserOutput(NamedTuple):
     """The recommendation material produced when a user applies an event."""
 
     event: EventData
@@ -117,14 +113,13 @@ class UserOutput:
     post_user: EntityState = NEW
 
 
-@dataclass(frozen=True)
-class ItemOutput:
+class ItemOutput(NamedTuple):
     """An item's new retrieval vector [i(t), ī] after it applied an event."""
 
     event: EventData
     vector: np.ndarray  # (d + s_item,)
     quarantined: str | None = None  # as UserOutput.quarantined
-    count: int = 0  # the item's events so far, after this one
+    events: int = 0  # the item's events so far, after this one
     trend: float = 0.0  # its decayed count as of this event
 
 
@@ -212,7 +207,7 @@ class StreamModel:
             history, counts = push_history(user, event.item_id, k)
             times = push_history_times(user, event.item_id, event.timestamp, k)
             out.append(
-                EntityState(emb, event.timestamp, history, counts, user.count + 1, 0.0, times, hab)
+                EntityState(emb, event.timestamp, history, counts, user.events + 1, 0.0, times, hab)
             )
         return out
 
@@ -306,7 +301,11 @@ class StreamModel:
             user_post = EntityState(u_new[b].copy(), event.timestamp)
             post = counted(item, i_new[b].copy(), event.timestamp)
             results.append(
-                (post, ItemOutput(event, vectors[b], reasons[b], post.count, post.trend), user_post)
+                (
+                    post,
+                    ItemOutput(event, vectors[b], reasons[b], post.events, post.trend),
+                    user_post,
+                )
             )
         return results
 
@@ -378,7 +377,7 @@ class StreamModel:
         vector = np.concatenate([kept, static])
         user_post = EntityState(self._kept(user_pre, self._u_init), event.timestamp)
         post = counted(item, kept, event.timestamp)
-        return post, ItemOutput(event, vector, reason, post.count, post.trend), user_post
+        return post, ItemOutput(event, vector, reason, post.events, post.trend), user_post
 
     # -- adapters for operators.protocol.exchange --------------------------------------------
     def user_apply(self) -> Apply[EntityState, EntityState]:
@@ -492,7 +491,7 @@ def _next_habits(users: list[EntityState], events: list[EventData], k: int) -> n
     items[:] = [e.item_id for e in events]
     last = np.array([u.last_time for u in users], dtype=np.float64)
     gaps = np.array([e.timestamp for e in events], dtype=np.float64) - last
-    counts = np.array([u.count for u in users], dtype=np.int64)
+    counts = np.array([u.events for u in users], dtype=np.int64)
     return next_habits(habits, history, items, gaps, counts)
 
 
@@ -508,7 +507,7 @@ def counted(item: EntityState, embedding: np.ndarray, t: float) -> EntityState:
         t,
         item.history,
         item.history_counts,
-        item.count + 1,
+        item.events + 1,
         trend,
         item.history_times,
         item.habits,
@@ -600,7 +599,7 @@ class CheckpointStates:
         return EntityState(
             self.items.emb[row].numpy().copy(),
             float(self.items.last_time[row]),
-            count=int(self.items.count[row]),
+            events=int(self.items.count[row]),
             trend=float(self.items.trend[row]),
         )
 

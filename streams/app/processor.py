@@ -384,7 +384,7 @@ class Processor:
                             )
                         vectors[item_id] = item_out.vector
                         stats = (
-                            float(item_out.count),
+                            float(item_out.events),
                             item_out.trend,
                             item_out.event.timestamp,
                         )
@@ -403,7 +403,7 @@ class Processor:
                                         (name, repr(value).encode())
                                         for name, value in zip(
                                             STATS_HEADERS,
-                                            (item_out.count, item_out.trend, stats[2]),
+                                            (item_out.events, item_out.trend, stats[2]),
                                             strict=True,
                                         )
                                     ),
@@ -570,6 +570,6 @@ def _query(seq: int, out: UserOutput) -> Query:
         out.pre_counts,
         out.pre_user.history_times,
         out.pre_user.habits,
-        out.pre_user.count,
+        out.pre_user.events,
         out.pre_user.last_time,
     )

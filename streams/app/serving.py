@@ -472,7 +472,7 @@ class Serving:
                     counts[n],
                     times[n] if known[n] else None,
                     np.asarray(user.habits, dtype=np.float64) if user.habits else None,
-                    user.count,
+                    user.events,
                     user.last_time,
                 )
             )

@@ -3,7 +3,6 @@ rows in a plain dict, give the sequential replay and one recommendation per even
 
 from __future__ import annotations
 
-import dataclasses
 import random
 from collections.abc import Callable
 from itertools import pairwise
@@ -70,7 +69,7 @@ def _router_messages(
     for e in seq.drain(idle={0}).sequenced:
         data = event_data_of(e.event)
         if features and e.seq in features:
-            data = dataclasses.replace(data, features=features[e.seq])
+            data = data._replace(features=features[e.seq])
         version, since = epochs(e.seq)
         for topic, side_key, prev, partner_prev in (
             (settings.topic("user-inbox"), data.user_id, e.prev_user_seq, e.prev_item_seq),

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import random
-from dataclasses import replace
 
 import numpy as np
 import torch
@@ -195,7 +194,7 @@ def test_bounded_ranks_equal_exact_ranks_with_ties() -> None:
     )
     # With a history (its bonus is added by row, in the exact and the bounded scores alike).
     with_history = [
-        replace(q, history=("i1", "c3", "i2"), history_counts=(3, 1, 2)) for q in queries
+        q._replace(history=("i1", "c3", "i2"), history_counts=(3, 1, 2)) for q in queries
     ]
     for ranker, asked in ((PlainScorer(), queries), (scorer, with_history)):
         exact = LiveRanks(model, 0, all_ids, all_vectors.copy(), scorer=ranker, bounded_from=10**9)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import random
-from dataclasses import fields, replace
 
 import numpy as np
 import pytest
@@ -107,7 +106,7 @@ def test_stream_sides_reproduce_the_sequential_replay(poisoned: bool) -> None:
     online = OnlineJodie(model, States.empty(8, 4, 4, 3))
     events = _events(120, seed=1)
     if poisoned:
-        events = [replace(e, features=POISON.get(k, e.features)) for k, e in enumerate(events)]
+        events = [e._replace(features=POISON.get(k, e.features)) for k, e in enumerate(events)]
     for e in events[:60]:  # history the "checkpoint" already holds
         online.observe(e.user_id, e.item_id, e.timestamp, np.array(e.features, dtype=np.float32))
     users, items = _baseline(online)
@@ -177,7 +176,7 @@ def test_stream_sides_reproduce_the_sequential_replay(poisoned: bool) -> None:
         # The rankers' user terms, bit for bit: history, counts, times, habits, event count.
         history, counts, count, _trend, times, habits = _user_row(online, row)
         state = box.state
-        assert (state.history, state.history_counts, state.count) == (history, counts, count)
+        assert (state.history, state.history_counts, state.events) == (history, counts, count)
         assert (state.history_times, state.habits) == (times, habits)
     for iid, box in boxes["item"].items():
         row = online.states.items.row(iid)
@@ -338,10 +337,10 @@ def test_counting_an_item_event_keeps_every_other_field() -> None:
         np.ones(3, dtype=np.float32), 100.0, ("a",), (2,), 5, 1.5, (90.0,), (0.1, 0.2)
     )
     post = counted(item, np.zeros(3, dtype=np.float32), 100.0 + TREND_SECONDS)
-    moved = {"embedding", "last_time", "count", "trend"}
-    for f in fields(EntityState):
-        if f.name not in moved:
-            assert getattr(post, f.name) == getattr(item, f.name), f.name
-    assert post.last_time == 100.0 + TREND_SECONDS and post.count == 6
+    moved = {"embedding", "last_time", "events", "trend"}
+    for name in EntityState._fields:
+        if name not in moved:
+            assert getattr(post, name) == getattr(item, name), name
+    assert post.last_time == 100.0 + TREND_SECONDS and post.events == 6
     assert post.trend == pytest.approx(1.5 * np.exp(-1.0) + 1.0)
     assert post.embedding is not None and not post.embedding.any()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -199,7 +198,7 @@ def test_the_learned_ranker_ranks_a_user_between_events_as_offline(
     online = OnlineJodie(ckpt.model, ckpt.states)
     for user in _busiest_users(ranker_checkpoint, 3):
         state = baseline.user(user)
-        assert state.history_times and state.habits and state.count  # the ranker's user terms
+        assert state.history_times and state.habits and state.events  # the ranker's user terms
         t = state.last_time + hours * 3600
         ranked = serving.rank_user(user, state, None, t, k=10)
         assert len(ranked) == 10
@@ -240,7 +239,7 @@ def test_the_learned_ranker_serves_after_an_event_the_list_jodie_evaluate_comput
             [(_item, vector, _u)] = serving.stream.apply_items(
                 [baseline.item(item)], [state], [event]
             )
-            serving.upsert([item], vector.vector[None, :], [(vector.count, vector.trend, t)])
+            serving.upsert([item], vector.vector[None, :], [(vector.events, vector.trend, t)])
         [record] = serving.recommendations([out])
         assert post.history[0] == item
         assert_ranked_as_offline(
@@ -268,7 +267,7 @@ def test_the_learned_ranker_keys_each_list_of_a_batch_at_its_event_time(
     # A row written before rows kept the ranker's user state (no times, no habits) is served
     # all the same, with a history bonus from what the row has.
     [(_p, old, _i)] = serving.stream.apply_users(
-        [replace(states[0], history_times=(), habits=())],
+        [states[0]._replace(history_times=(), habits=())],
         [baseline.item(events[0].item_id)],
         [events[0]],
     )
