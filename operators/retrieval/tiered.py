@@ -542,10 +542,7 @@ class TieredIndex:
         if values.size:
             lower[at_b, at_row] -= values
         width = min(PRUNED_WIDTH, high - 1)
-        part = np.argpartition(lower, width, axis=1)
-        # The lowest bound of the items left out: none of them can key below it.
-        floor = np.take_along_axis(lower, part[:, width : width + 1], axis=1)[:, 0]
-        cand = np.sort(part[:, :width], axis=1)  # row order, as the full key breaks ties
+        cand, floor = _lowest(lower, width)
         at = np.arange(nq)[:, None]
         near = dist[at, cand]
         key = scale * near - priors.at(attrs[cand], block)
@@ -681,3 +678,31 @@ class TieredIndex:
             # code + int64 id per vector, ~32 B per hash-table entry, the centroids
             total += ix.ntotal * (ix.code_size + 8 + 32) + ix.nlist * self.dim * 4
         return int(total)
+
+
+def _lowest(lower: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per row of ``lower`` (B, H) float64, ``width`` columns of its lowest values in column
+    order (B, width), and a floor (B,) no column left out is below.
+
+    Rounding to float32 keeps order (a ≤ b gives f32(a) ≤ f32(b)), and a float32 partition
+    costs half a float64 argpartition (measured 8.4 against 12.4 µs a row of 1,000): t, the
+    (width + 1)-th lowest float32 value, leaves exactly ``width`` values strictly below it
+    unless values tie at t; every value left out rounds to t or above, so is at least the
+    float32 just below t — the floor, one float32 step under the exact one at most. Rows with
+    ties take the float64 argpartition, whose floor is exact.
+    """
+    low32 = lower.astype(np.float32)
+    t = np.partition(low32, width, axis=1)[:, width]
+    below = low32 < t[:, None]
+    plain = np.count_nonzero(below, axis=1) == width
+    cand = np.empty((lower.shape[0], width), dtype=np.int64)
+    floor = np.empty(lower.shape[0])
+    if plain.any():
+        cand[plain] = np.nonzero(below[plain])[1].reshape(-1, width)
+        floor[plain] = np.nextafter(t[plain], np.float32(-np.inf))
+    tied = np.flatnonzero(~plain)
+    if tied.size:
+        part = np.argpartition(lower[tied], width, axis=1)
+        floor[tied] = np.take_along_axis(lower[tied], part[:, width : width + 1], axis=1)[:, 0]
+        cand[tied] = np.sort(part[:, :width], axis=1)
+    return cand, floor

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from operators.retrieval.exceptions import RetrievalError
-from operators.retrieval.tiered import TieredIndex
+from operators.retrieval.tiered import TieredIndex, _lowest
 from tests.operators.retrieval.helpers import brute_force
 
 
@@ -282,3 +282,31 @@ def test_lookup_gathers_vectors_and_attributes_of_held_items() -> None:
     assert attrs.tolist() == [[4, 5, 6], [0, 0, 0], [1, 2, 3]]
     vectors[0] = 9.0  # copies: the index is untouched
     assert ix.get("b")[0].tolist() == [3.0, 4.0]  # type: ignore[index]
+
+
+@pytest.mark.parametrize("kind", ["distinct", "ties", "holes", "huge"])
+def test_the_pruned_tiers_candidates_are_the_lowest_bounds_and_the_floor_holds(kind: str) -> None:
+    """``_lowest``: per row, ``width`` columns in column order whose values are the lowest,
+    and a floor that no column left out is below (ties, +inf holes and values past float32's
+    range included) — what lets the pruned exact tier skip the items left out."""
+    rng = np.random.default_rng(["distinct", "ties", "holes", "huge"].index(kind))
+    b, h, width = 60, 400, 48
+    lower = rng.standard_normal((b, h)) * 3
+    if kind == "ties":
+        lower = np.round(lower)  # a handful of values, each shared by many columns
+    elif kind == "holes":
+        lower[:, rng.random(h) < 0.9] = np.inf
+        lower[:5, : h - 10] = np.inf  # rows with fewer finite values than the width
+    elif kind == "huge":
+        lower *= 1e39
+    cand, floor = _lowest(lower, width)
+    assert cand.shape == (b, width)
+    for row in range(b):
+        picked = lower[row, cand[row]]
+        rest = np.delete(lower[row], cand[row])
+        assert np.all(np.diff(cand[row]) > 0)  # distinct, in column order
+        assert picked.max() <= rest.min()
+        assert floor[row] <= rest.min()
+        with np.errstate(over="ignore"):  # past float32's range rounds to ±inf
+            step_below = np.nextafter(np.float32(rest.min()), np.float32(-np.inf))
+        assert floor[row] >= step_below  # one float32 step under the exact floor at most
