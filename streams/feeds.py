@@ -210,9 +210,10 @@ def _deliver(serving: Serving, vectors: list[Vector]) -> None:
 
     A vector whose item the index already holds after as many events (its count) or more is
     left out: the owner of the item put that one, or a later one, in its index when it
-    applied the event, so reading its own vectors back costs no index update and cannot set
-    an item back to an older state. Vectors without a count (written before counts were
-    kept) always go in."""
+    applied the event (this process's own records never get here: ``poll`` leaves them
+    aside), so a vector read late — a previous run's, or one behind the owner's newer state —
+    cannot set an item back to an older state. Vectors without a count (written before
+    counts were kept) always go in."""
     latest: dict[str, tuple[np.ndarray, Stats]] = {}
     for seq, item, vector, stats in vectors:
         latest[item] = (vector, stats)
