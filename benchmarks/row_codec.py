@@ -7,7 +7,12 @@ times, in CPU time, encoding each as the worker does (``inbox_to_record`` and th
 ``inbox_row_bytes``) and decoding it back (the Codec, or ``read_entity_record``). Both ways
 give the same bytes (checked here and in tests/schemas/test_wire.py).
 
-    python benchmarks/row_codec.py --rows 20000
+Then a busy item's row: --waiting events queued in it (its events waiting for pre-states from
+another worker), written again after each change as a worker writes it (the oldest one
+applied, one more arriving), the waiting events' bytes taken per entry from the encodings kept
+by position (``WaitingBytes``) against the row's whole queue kept (``WaitingBytes.queue``).
+
+    python benchmarks/row_codec.py --rows 20000 [--waiting 100]
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from operators.protocol.sides import EntityState, EventData
 from schemas import Codec, wire
 from schemas.codec import ENTITY_RECORD
 from streams.cli.common import script_main
-from streams.records import inbox_row_bytes, inbox_to_record
+from streams.records import WaitingBytes, inbox_row_bytes, inbox_to_record
 
 Box = Inbox[EntityState, EntityState]
 
@@ -39,7 +44,7 @@ def rows(history: int) -> dict[str, Box]:
     event = EventData("ev-901", "user-7", "item-3", 1.4e9 + 60, features)
     user.offer_event(Pending(902, 900, "item-3", event, 850))
     user.partners[902] = EntityState(emb.copy(), 1.4e9 - 5)
-    item: Box = Inbox(EntityState(emb.copy(), 1.4e9, count=4_000, trend=17.25), applied_seq=901)
+    item: Box = Inbox(EntityState(emb.copy(), 1.4e9, events=4_000, trend=17.25), applied_seq=901)
     return {"user": user, "item": item}
 
 
@@ -54,6 +59,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=20_000)
     parser.add_argument("--history", type=int, default=16, help="ModelConfig.history_size")
+    parser.add_argument("--waiting", type=int, default=100, help="events queued in a busy row")
     args = parser.parse_args()
     codec = Codec(ENTITY_RECORD)
     writer = wire.EntityRecordWriter(codec.header)
@@ -71,6 +77,48 @@ def main() -> None:
             f"{kind} row ({len(data)} bytes): encode {enc_codec:.1f} -> {enc_wire:.1f} µs, "
             f"decode {dec_codec:.1f} -> {dec_wire:.1f} µs (CPU per row, fastavro -> direct)"
         )
+    busy_queue(writer, args.waiting, args.rows)
+
+
+def busy_queue(writer: wire.EntityRecordWriter, waiting: int, writes: int) -> None:
+    rng = np.random.default_rng(1)
+    features = tuple(float(x) for x in rng.standard_normal(172).astype(np.float32))
+    emb = rng.standard_normal(128).astype(np.float32)
+
+    def event(seq: int) -> Pending:
+        data = EventData(f"ev-{seq}", f"user-{seq % 97}", "item-3", 1.4e9 + seq, features)
+        return Pending(seq, seq - 1, f"user-{seq % 97}", data, seq - 50)
+
+    timings = {}
+    for way in ("per entry", "queue kept"):
+        box: Box = Inbox(EntityState(emb, 1.4e9, events=4_000, trend=17.25), applied_seq=0)
+        for seq in range(1, waiting + 1):
+            box.offer_event(event(seq))
+        kept = WaitingBytes()
+        written = []  # every 100th write, to check that both ways write the same rows
+        start = time.process_time()
+        for k in range(writes):
+            del box.waiting[k]
+            box.offer_event(event(waiting + k + 1))
+            if way == "per entry":
+                queue = [kept(p) for p in box.waiting.values()]
+            else:
+                queue = kept.queue(box.waiting)
+            row = writer.record(
+                emb.tobytes(), 1.4e9, (), (), 4_000, 17.25, k, -1, queue, [], None, "v1", (), ()
+            )
+            if k % 100 == 0:
+                written.append(row)
+        timings[way] = (time.process_time() - start) / writes * 1e6
+        if way == "per entry":
+            expected = written
+        else:
+            assert written == expected
+    print(
+        f"a row with {waiting} events waiting, written again after each change: "
+        f"{timings['per entry']:.1f} -> {timings['queue kept']:.1f} µs (CPU per write, "
+        "the waiting events' bytes per entry -> the queue kept)"
+    )
 
 
 if __name__ == "__main__":

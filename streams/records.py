@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+from itertools import compress
+from operator import is_not
 from typing import Any
 
 import numpy as np
@@ -122,11 +124,22 @@ class WaitingBytes:
     event's bytes depend only on it: its two links and the event at its log position, which is
     one event for the life of a pipeline. They are kept here by position and links, up to
     ``most`` of them; past that the oldest half is dropped.
+
+    ``queue`` also keeps, for each row's queue (the ``waiting`` dict itself, held here so that
+    its identity stays its own), the bytes of its entries by key: a row written again finds
+    the entries still waiting without a Python step per entry, which mattered for the long
+    queues of items whose events wait for another worker's pre-states (with two workers the
+    per-entry lookups were the larger part of writing the changelog).
     """
 
-    def __init__(self, most: int = 200_000) -> None:
+    def __init__(self, most: int = 200_000, most_queues: int = 10_000) -> None:
         self.most = most
+        self.most_queues = most_queues
         self._bytes: dict[tuple[int, int, int, str], bytes] = {}
+        # id(waiting) → (waiting, its entries as last written, their bytes), both by prev_seq
+        self._queues: dict[
+            int, tuple[dict[int, Pending], dict[int, Pending], dict[int, bytes]]
+        ] = {}
 
     def __call__(self, p: Pending) -> bytes:
         key = (p.seq, p.prev_seq, p.partner_prev_seq, p.payload.event_id)
@@ -137,6 +150,31 @@ class WaitingBytes:
                     del self._bytes[old]
             data = self._bytes[key] = _waiting_bytes(p)
         return data
+
+    def queue(self, waiting: dict[int, Pending]) -> list[bytes]:
+        """The bytes of ``waiting``'s entries, in its order."""
+        if not waiting:
+            self._queues.pop(id(waiting), None)
+            return []
+        known = self._queues.get(id(waiting))
+        if known is None:
+            if len(self._queues) >= self.most_queues:
+                for old in list(self._queues)[: self.most_queues // 2]:
+                    del self._queues[old]
+            known = self._queues[id(waiting)] = (waiting, {}, {})
+        _, entries, encoded = known
+        keys = list(waiting)
+        values = list(waiting.values())
+        # Entries not written before from this very object (new, or replaced under their
+        # key), found by identity in C loops: only those are looked up and encoded.
+        for i in compress(range(len(keys)), map(is_not, map(entries.get, keys), values)):
+            k, p = keys[i], values[i]
+            entries[k] = p
+            encoded[k] = self(p)
+        if len(entries) > 2 * len(keys) + 8:  # applied entries: forget them
+            for k in [k for k in entries if k not in waiting]:
+                del entries[k], encoded[k]
+        return list(map(encoded.__getitem__, keys))
 
     def __len__(self) -> int:
         return len(self._bytes)
@@ -152,8 +190,10 @@ def inbox_row_bytes(
     it (its errors where it does not write what fastavro would: the caller asks the Codec).
     ``waiting_bytes`` keeps the waiting events' encodings from one write to the next."""
     state = box.state
-    encode = _waiting_bytes if waiting_bytes is None else waiting_bytes
-    waiting = [encode(p) for p in box.waiting.values()]
+    if waiting_bytes is None:
+        waiting = [_waiting_bytes(p) for p in box.waiting.values()]
+    else:
+        waiting = waiting_bytes.queue(box.waiting)
     derived = box.derived
     return writer.record(
         embedding_bytes(state.embedding),

@@ -59,3 +59,40 @@ def test_kept_waiting_encodings_write_the_same_rows_as_fresh_ones() -> None:
             del box.waiting[min(box.waiting)]
         assert inbox_row_bytes(WRITER, box, "v1", kept) == ROWS.encode(inbox_to_record(box, "v1"))
         assert len(kept) <= 4
+
+
+def test_a_queue_written_again_reuses_its_entries_and_follows_every_change() -> None:
+    """``WaitingBytes.queue``: entries still waiting keep their bytes; a new, a replaced and
+    an applied entry, a queue replaced by another dict and a queue emptied are each written
+    as the Codec writes them."""
+    kept = WaitingBytes(most_queues=2)
+    box = _box()
+    first = inbox_row_bytes(WRITER, box, "v1", kept)
+    assert first == ROWS.encode(inbox_to_record(box, "v1"))
+    encoded = kept.queue(box.waiting)
+    assert all(a is b for a, b in zip(encoded, kept.queue(box.waiting), strict=True))
+    for seq in range(13, 40):
+        box.offer_event(_event(seq, 0.5))
+        if seq % 4 == 0:
+            del box.waiting[min(box.waiting)]
+        assert inbox_row_bytes(WRITER, box, "v1", kept) == ROWS.encode(inbox_to_record(box, "v1"))
+    # The same key, another event (another id): written as the new one.
+    other = _event(max(box.waiting) + 1, 0.5)._replace(prev_seq=min(box.waiting))
+    box.waiting[min(box.waiting)] = other._replace(payload=other.payload._replace(event_id="x"))
+    assert inbox_row_bytes(WRITER, box, "v1", kept) == ROWS.encode(inbox_to_record(box, "v1"))
+    # Applied entries are forgotten once they outnumber the queue.
+    for prev in sorted(box.waiting)[:-1]:
+        del box.waiting[prev]
+    inbox_row_bytes(WRITER, box, "v1", kept)
+    _, entries, encoded = kept._queues[id(box.waiting)]
+    assert len(entries) == len(encoded) <= 2 * len(box.waiting) + 8
+    # Other rows' queues: at most ``most_queues`` kept, an emptied one dropped at once.
+    rows = [_box() for _ in range(3)]
+    for row in rows:
+        assert inbox_row_bytes(WRITER, row, "v1", kept) == ROWS.encode(inbox_to_record(row, "v1"))
+    assert len(kept._queues) <= 2
+    rows[-1].waiting.clear()
+    assert inbox_row_bytes(WRITER, rows[-1], "v1", kept) == ROWS.encode(
+        inbox_to_record(rows[-1], "v1")
+    )
+    assert id(rows[-1].waiting) not in kept._queues
