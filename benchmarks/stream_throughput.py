@@ -29,7 +29,11 @@ second take at that rate (the stream's very last events wait for the router's gr
 read_committed consumer received its recommendation minus the time the event was handed to
 the producer client. The router's
 grace period and the workers' commit interval add to it directly; both are printed, with the
-produce → interactions.log part (the router's share) apart.
+produce → interactions.log part (the router's share) apart. The timed events follow a two-second
+pause (the idle pipeline's CPU is measured then), so the figures include the pipeline picking up
+load again; where the slowest events fell is printed too (the worst seconds of the run, and the
+figures of the events sent after its first two seconds), to tell a start-up transient from
+slowness throughout.
 
     jodie broker up
     python benchmarks/stream_throughput.py --checkpoint CKPT --events 5000 --workers 1
@@ -326,6 +330,33 @@ def latency_summary(values_s: list[float]) -> dict[str, float]:
         "max_ms": round(ms[-1], 1) if ms else float("nan"),
         "mean_ms": round(sum(ms) / len(ms), 1) if ms else float("nan"),
     }
+
+
+def over_time(pairs: list[tuple[float, float]], skip_s: float = 2.0) -> dict[str, Any]:
+    """Where slow events fell: ``pairs`` are (send time, latency) in seconds. The three
+    seconds of the run (from its first send) with the largest latency, and the summary of the
+    events sent ``skip_s`` or more after the first."""
+    if not pairs:
+        return {"worst_seconds": [], "after_s": skip_s, "after": latency_summary([])}
+    first = min(t for t, _ in pairs)
+    worst: dict[int, float] = {}
+    for t, lat in pairs:
+        second = int(t - first)
+        worst[second] = max(worst.get(second, 0.0), lat)
+    top = sorted(worst.items(), key=lambda kv: -kv[1])[:3]
+    return {
+        "worst_seconds": [{"second": k, "max_ms": round(v * 1000, 1)} for k, v in top],
+        "after_s": skip_s,
+        "after": latency_summary([lat for t, lat in pairs if t - first >= skip_s]),
+    }
+
+
+def fmt_over_time(o: dict[str, Any]) -> str:
+    worst = ", ".join(f"{w['second']} s ({w['max_ms']:.0f} ms)" for w in o["worst_seconds"])
+    return (
+        f"slowest seconds of the run (from its first event): {worst}; events sent from "
+        f"{o['after_s']:g} s on: {fmt_latency(o['after'])}"
+    )
 
 
 def fmt_latency(s: dict[str, float]) -> str:
@@ -809,16 +840,20 @@ class Bench:
 
         codec = make_codec(s, RECOMMENDATION, recs_topic)
         to_rec: list[float] = []
+        timeline: list[tuple[float, float]] = []
         for t, _k, value in collector.received[recs_topic]:
             event = codec.decode(value)["event_id"]
             if event in sent:
                 to_rec.append(t - sent[event])
+                timeline.append((sent[event], t - sent[event]))
         to_log = [
             t - sent[k.decode()] for t, k, _v in collector.received[log_topic] if k.decode() in sent
         ]
         end_to_end, routed = latency_summary(to_rec), latency_summary(to_log)
         self.say(f"produce → recommendation: {fmt_latency(end_to_end)}")
         self.say(f"  of which produce → interactions.log (router): {fmt_latency(routed)}")
+        when = over_time(timeline)
+        self.say(f"  {fmt_over_time(when)}")
         missing = len(sent) - len(to_rec)
         rejected = collector.count(dlq_topic)
         if missing:
@@ -839,6 +874,7 @@ class Bench:
                 "produce_seconds": round(took, 3),
                 "end_to_end": end_to_end,
                 "produce_to_log": routed,
+                "over_time": when,
                 "missing": missing,
                 "rejected": rejected,
                 "per_worker": report,
