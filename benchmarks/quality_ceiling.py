@@ -40,6 +40,7 @@ import numpy as np
 
 from operators.dataset import comparison_logs, load_interactions
 from operators.evaluation.baselines import replay_before
+from streams.cli.common import existing_file
 
 
 @dataclass
@@ -123,7 +124,7 @@ def ceilings(split: Split) -> dict[str, tuple[float, float]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, nargs="*", default=comparison_logs())
+    parser.add_argument("--data", type=existing_file, nargs="*", default=comparison_logs())
     parser.add_argument("--mrr", type=float, help="an MRR goal to check besides the relative one")
     parser.add_argument("--recall", type=float, help="a Recall@10 goal to check")
     parser.add_argument(

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from operators.dataset import comparison_logs, load_interactions
-from streams.cli.common import script_main
+from streams.cli.common import existing_file, script_main
 
 
 def _rank(scores: np.ndarray, true: int) -> int:
@@ -80,7 +80,7 @@ def measure(path: Path, test_fraction: float = 0.1) -> dict[str, list[int]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, nargs="*", default=comparison_logs())
+    parser.add_argument("--data", type=existing_file, nargs="*", default=comparison_logs())
     args = parser.parse_args()
     for path in args.data:
         ranks = measure(path)

@@ -61,6 +61,9 @@ def main() -> None:
     parser.add_argument("--history", type=int, default=16, help="ModelConfig.history_size")
     parser.add_argument("--waiting", type=int, default=100, help="events queued in a busy row")
     args = parser.parse_args()
+    for name in ("rows", "waiting"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} takes a count of at least 1")
     codec = Codec(ENTITY_RECORD)
     writer = wire.EntityRecordWriter(codec.header)
     start = len(codec.header)

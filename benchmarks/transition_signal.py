@@ -27,6 +27,7 @@ import numpy as np
 
 from operators.dataset import comparison_logs, load_interactions
 from operators.evaluation.baselines import replay_before
+from streams.cli.common import existing_file
 
 
 def _rank(scores: np.ndarray, true: int) -> int:
@@ -76,7 +77,7 @@ def measure(path: Path, test_fraction: float = 0.1) -> dict[str, dict[str, list[
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, nargs="*", default=comparison_logs())
+    parser.add_argument("--data", type=existing_file, nargs="*", default=comparison_logs())
     args = parser.parse_args()
     for path in args.data:
         print(f"{path.name}: test split (last 10 %)")

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
 from collections.abc import Callable
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -50,6 +52,15 @@ def _fail(exc: BaseException | str) -> typer.Exit:
     line = " ".join(part.strip() for part in message.splitlines() if part.strip())
     console.print(f"[red]error:[/red] {escape(line)}", highlight=False)
     return typer.Exit(code=2)
+
+
+def existing_file(text: str) -> Path:
+    """An argparse ``type`` for a file a script reads: a missing one is a usage error (one line,
+    exit 2), not a traceback from deep inside the reader."""
+    path = Path(text)
+    if not path.is_file():
+        raise argparse.ArgumentTypeError(f"{text}: no such file")
+    return path
 
 
 def script_main(main: Callable[[], Any]) -> Any:

@@ -172,3 +172,24 @@ def test_a_benchmark_run_by_mistake_says_so_in_one_line(
     lines = run.stderr.splitlines()
     assert len(lines) == 1, run.stderr[-2000:]
     assert lines[0].startswith(says.format(port=port, tmp=tmp_path)), lines[0]
+
+
+@pytest.mark.parametrize(
+    "script", ["repeat_signal.py", "transition_signal.py", "quality_ceiling.py"]
+)
+def test_a_signal_benchmark_given_a_missing_file_names_it(script: str, tmp_path: Path) -> None:
+    """The scripts that read interaction logs refuse a path that is no file before reading
+    anything: argparse's usage error (exit 2) names it, no traceback."""
+    root = Path(__file__).resolve().parents[3]
+    missing = tmp_path / "nosuch.csv"
+    run = subprocess.run(
+        [sys.executable, str(root / "benchmarks" / script), "--data", str(missing)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(root)},
+        cwd=root,
+    )
+    assert run.returncode == 2, run.stderr[-2000:]
+    assert "Traceback" not in run.stderr
+    assert run.stderr.splitlines()[-1].endswith(f"argument --data: {missing}: no such file")
