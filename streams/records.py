@@ -55,7 +55,10 @@ def event_data(record: dict[str, Any]) -> EventData:
         user_id=record["user_id"],
         item_id=record["item_id"],
         timestamp=float(record["timestamp"]),
-        features=tuple(map(float, record["features"])),
+        # Both readers (schemas.wire and the Codec) give Avro floats as Python floats, so
+        # the tuple is all the conversion needed; a float() per feature was 2.5 µs of the
+        # worker's time per inbox message with Wikipedia's 172 features.
+        features=tuple(record["features"]),
     )
 
 
