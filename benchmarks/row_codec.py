@@ -24,7 +24,7 @@ from collections.abc import Callable
 import numpy as np
 
 from operators.protocol.exchange import Inbox, Pending
-from operators.protocol.sides import EntityState, EventData
+from operators.protocol.sides import EntityState, EventData, pack_features
 from schemas import Codec, wire
 from schemas.codec import ENTITY_RECORD
 from streams.cli.common import script_main
@@ -40,7 +40,7 @@ def rows(history: int) -> dict[str, Box]:
     user: Box = Inbox(
         EntityState(emb, 1.4e9, items, tuple(range(1, history + 1))), applied_seq=900, sent_seq=-1
     )
-    features = tuple(float(x) for x in rng.standard_normal(172).astype(np.float32))
+    features = pack_features(rng.standard_normal(172).tolist())
     event = EventData("ev-901", "user-7", "item-3", 1.4e9 + 60, features)
     user.offer_event(Pending(902, 900, "item-3", event, 850))
     user.partners[902] = EntityState(emb.copy(), 1.4e9 - 5)
@@ -75,7 +75,7 @@ def main() -> None:
         enc_codec = cpu_us(n, lambda b: codec.encode(inbox_to_record(b, "v1")), box)
         enc_wire = cpu_us(n, inbox_row_bytes, writer, box, "v1")
         dec_codec = cpu_us(n, codec.decode, data)
-        dec_wire = cpu_us(n, wire.read_entity_record, data, start)
+        dec_wire = cpu_us(n, wire.read_entity_record, data, start, True)  # as the worker
         print(
             f"{kind} row ({len(data)} bytes): encode {enc_codec:.1f} -> {enc_wire:.1f} µs, "
             f"decode {dec_codec:.1f} -> {dec_wire:.1f} µs (CPU per row, fastavro -> direct)"
@@ -85,7 +85,7 @@ def main() -> None:
 
 def busy_queue(writer: wire.EntityRecordWriter, waiting: int, writes: int) -> None:
     rng = np.random.default_rng(1)
-    features = tuple(float(x) for x in rng.standard_normal(172).astype(np.float32))
+    features = pack_features(rng.standard_normal(172).tolist())
     emb = rng.standard_normal(128).astype(np.float32)
 
     def event(seq: int) -> Pending:

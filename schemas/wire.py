@@ -95,16 +95,24 @@ def optional_int(x: int | None) -> bytes:
     return _NULL if x is None else _BRANCH_1 + long_bytes(x)
 
 
-def float_array(values: Sequence[float]) -> bytes:
-    """``{"type": "array", "items": "float"}`` as fastavro writes it: one block, then 0."""
-    n = len(values)
+def float_array(values: Sequence[float] | bytes) -> bytes:
+    """``{"type": "array", "items": "float"}`` as fastavro writes it: one block, then 0.
+    ``values`` may be packed already (little-endian floats, as ``_packed_core_at`` reads
+    them): they are then written as they are."""
+    if isinstance(values, bytes):
+        if len(values) % 4:
+            raise ValueError(f"packed floats take 4 bytes each, not {len(values)} in all")
+        n, body = len(values) // 4, values
+    else:
+        n = len(values)
+        body = struct.pack(f"<{n}f", *values) if n else b""
     if n == 0:
         return _NULL
-    return long_bytes(n) + struct.pack(f"<{n}f", *values) + _NULL
+    return long_bytes(n) + body + _NULL
 
 
 def interaction_core(
-    event_id: str, user_id: str, item_id: str, timestamp: float, features: Sequence[float]
+    event_id: str, user_id: str, item_id: str, timestamp: float, features: Sequence[float] | bytes
 ) -> bytes:
     """The fields an Interaction and an InboxEvent share, in the order both declare them
     (``event_id, user_id, item_id, timestamp, features``): written once per event, it is a
@@ -212,20 +220,46 @@ def _string_at(data: bytes, i: int) -> tuple[str, int]:
 
 def _core_at(data: bytes, i: int) -> tuple[str, str, str, float, tuple[float, ...], int]:
     """``interaction_core``'s fields at ``data[i:]`` and the index after them."""
+    event_id, user_id, item_id, timestamp, packed, i = _packed_core_at(data, i)
+    return event_id, user_id, item_id, timestamp, _FLOATS.unpack_all(packed), i
+
+
+def _packed_core_at(data: bytes, i: int) -> tuple[str, str, str, float, bytes, int]:
+    """``_core_at`` with the features as they are on the wire: packed little-endian floats
+    (``operators.protocol.sides.EventData.features``), the array's blocks joined."""
     event_id, i = _string_at(data, i)
     user_id, i = _string_at(data, i)
     item_id, i = _string_at(data, i)
     (timestamp,) = _DOUBLE.unpack_from(data, i)
     i += 8
-    features: tuple[float, ...] = ()
+    features = b""
     count, i = _long_at(data, i)
     while count != 0:
         if count < 0 or i + 4 * count > len(data):
             raise _Refused  # a block with its byte size, or a truncated one: the Codec's
-        features += struct.unpack_from(f"<{count}f", data, i)
+        features += data[i : i + 4 * count]
         i += 4 * count
         count, i = _long_at(data, i)
     return event_id, user_id, item_id, timestamp, features, i
+
+
+class _Floats:
+    """Packed little-endian floats to a tuple, with one cached ``struct.Struct`` per count."""
+
+    def __init__(self) -> None:
+        self._of: dict[int, struct.Struct] = {}
+
+    def unpack_all(self, packed: bytes) -> tuple[float, ...]:
+        n = len(packed) // 4
+        if not n:
+            return ()
+        layout = self._of.get(n)
+        if layout is None:
+            layout = self._of[n] = struct.Struct(f"<{n}f")
+        return layout.unpack(packed)
+
+
+_FLOATS = _Floats()
 
 
 def read_interaction(data: bytes, start: int = 0) -> Fields | None:
@@ -280,15 +314,19 @@ def read_sequenced_ids(data: bytes, start: int = 0) -> tuple[int, str, str] | No
     return seq, user_id, item_id
 
 
-def read_inbox_message(data: bytes, start: int = 0) -> dict[str, Any] | None:
+def read_inbox_message(
+    data: bytes, start: int = 0, packed_features: bool = False
+) -> dict[str, Any] | None:
     """The InboxMessage written (with this package's schema) in ``data[start:]``, as the
-    Codec decodes it; None for anything it does not take, as ``read_interaction``."""
+    Codec decodes it; None for anything it does not take, as ``read_interaction``. With
+    ``packed_features`` the event's features are its packed bytes instead of a list (all the
+    worker needs: ``operators.protocol.sides.EventData``)."""
     size = len(data)
     try:
         branch, i = _long_at(data, start)
         event: dict[str, Any] | None = None
         if branch == 1:
-            event, i = _inbox_event_at(data, i)
+            event, i = _inbox_event_at(data, i, packed_features)
         elif branch != 0:
             return None
         branch, i = _long_at(data, i)
@@ -579,12 +617,12 @@ def _partner_at(data: bytes, i: int) -> tuple[dict[str, Any], int]:
     return {"seq": seq, "embedding": embedding, "last_time": last_time}, i
 
 
-def _inbox_event_at(data: bytes, i: int) -> tuple[dict[str, Any], int]:
-    """An InboxEvent record, as the Codec decodes it."""
+def _inbox_event_at(data: bytes, i: int, packed: bool = False) -> tuple[dict[str, Any], int]:
+    """An InboxEvent record, as the Codec decodes it (``packed``: see read_inbox_message)."""
     seq, i = _long_at(data, i)
     prev_seq, i = _long_at(data, i)
     partner_prev_seq, i = _long_at(data, i)
-    event_id, user_id, item_id, timestamp, features, i = _core_at(data, i)
+    event_id, user_id, item_id, timestamp, features, i = _packed_core_at(data, i)
     return {
         "seq": seq,
         "prev_seq": prev_seq,
@@ -593,7 +631,7 @@ def _inbox_event_at(data: bytes, i: int) -> tuple[dict[str, Any], int]:
         "user_id": user_id,
         "item_id": item_id,
         "timestamp": timestamp,
-        "features": list(features),
+        "features": features if packed else list(_FLOATS.unpack_all(features)),
     }, i
 
 
@@ -605,9 +643,12 @@ def _count_at(data: bytes, i: int) -> tuple[int, int]:
     return count, i
 
 
-def read_entity_record(data: bytes, start: int = 0) -> dict[str, Any] | None:
+def read_entity_record(
+    data: bytes, start: int = 0, packed_features: bool = False
+) -> dict[str, Any] | None:
     """The EntityRecord written (with this package's schema) in ``data[start:]``, as the
-    Codec decodes it; None for anything it does not take, as ``read_interaction``."""
+    Codec decodes it; None for anything it does not take, as ``read_interaction``.
+    ``packed_features``: the waiting events' features as ``read_inbox_message`` gives them."""
     size = len(data)
     try:
         embedding, i = _optional_bytes_at(data, start)
@@ -634,7 +675,7 @@ def read_entity_record(data: bytes, start: int = 0) -> dict[str, Any] | None:
         count, i = _count_at(data, i)
         while count:
             for _ in range(count):
-                event, i = _inbox_event_at(data, i)
+                event, i = _inbox_event_at(data, i, packed_features)
                 waiting.append(event)
             count, i = _count_at(data, i)
         partners: list[dict[str, Any]] = []

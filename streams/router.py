@@ -64,7 +64,7 @@ from operators.protocol.sequencer import (
     SequencedEvent,
     Sequencer,
 )
-from operators.protocol.sides import EventData
+from operators.protocol.sides import EventData, pack_features
 from schemas import INTERACTION, SEQUENCED_INTERACTION, DecodeError, SchemaError, wire
 from schemas.codec import INBOX_MESSAGE, Codec
 from streams.app.epochs import UNSTAMPED, Epoch, epoch_of
@@ -153,7 +153,7 @@ def to_log_record(e: SequencedEvent) -> dict[str, Any]:
 
 
 def event_data_of(ev: Interaction) -> EventData:
-    return EventData(ev.event_id, ev.user_id, ev.item_id, ev.timestamp, ev.features)
+    return EventData(ev.event_id, ev.user_id, ev.item_id, ev.timestamp, pack_features(ev.features))
 
 
 def from_log_record(record: dict[str, Any]) -> SequencedEvent:

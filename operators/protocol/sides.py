@@ -24,7 +24,7 @@ input never stops a worker.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -75,13 +75,32 @@ NEW = EntityState(embedding=None)
 
 
 class EventData(NamedTuple):
-    """What both sides know of an event (from the canonical log)."""
+    """What both sides know of an event (from the canonical log).
+
+    ``features``: the event's features packed as the wire carries them, little-endian float32
+    (``pack_features``; b"" for none). They are only ever read as a batch's array, so they
+    stay bytes from the inbox message to the model: no Python float per feature on the way.
+    """
 
     event_id: str
     user_id: str
     item_id: str
     timestamp: float
-    features: tuple[float, ...]
+    features: bytes
+
+
+#: One feature on the wire and in ``EventData.features``: an Avro float, little-endian.
+FEATURE = np.dtype("<f4")
+
+
+def pack_features(values: Sequence[float]) -> bytes:
+    """``EventData.features`` of the values (each rounded to float32, as the wire rounds it)."""
+    return np.asarray(values, dtype=FEATURE).tobytes()
+
+
+def unpack_features(packed: bytes) -> list[float]:
+    """The values of ``pack_features`` (an Avro record's ``features``)."""
+    return np.frombuffer(packed, dtype=FEATURE).tolist()
 
 
 class UserOutput(NamedTuple):
@@ -169,10 +188,20 @@ class StreamModel:
 
     def _features_of(self, events: list[EventData]) -> tuple[np.ndarray, np.ndarray | None]:
         """(B, F) features and the ``admitted`` mask of ``step`` (see feature_rows)."""
-        if not any(e.features for e in events):
-            return np.zeros((len(events), self.config.n_features), dtype=np.float32), None
-        rows, admitted = feature_rows([e.features for e in events], self.config.n_features)
-        return rows.numpy(), admitted
+        width = self.config.n_features
+        packed = [e.features for e in events]
+        if not any(packed):
+            return np.zeros((len(events), width), dtype=np.float32), None
+        row_bytes = width * FEATURE.itemsize
+        if all(len(p) == row_bytes for p in packed):  # the common case: one copy for all
+            rows = np.frombuffer(b"".join(packed), dtype=FEATURE).reshape(len(events), width)
+            return rows.astype(np.float32, copy=False), None
+        # A row of another length: zeros, and its event quarantined (feature_rows). Bytes
+        # that are no whole number of features are a row of the wrong length too.
+        wrong = np.zeros(width + 1, dtype=np.float32)
+        whole = [np.frombuffer(p, dtype=FEATURE) if len(p) % 4 == 0 else wrong for p in packed]
+        array, admitted = feature_rows(whole, width)
+        return array.numpy(), admitted
 
     @staticmethod
     def _reasons(n: int, quarantined: np.ndarray | None, admitted: np.ndarray | None) -> list:

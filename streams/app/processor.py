@@ -51,7 +51,13 @@ from operators.protocol.exchange import (
     SendPreState,
     drive,
 )
-from operators.protocol.sides import EntityState, EventData, ItemOutput, UserOutput
+from operators.protocol.sides import (
+    EntityState,
+    EventData,
+    ItemOutput,
+    UserOutput,
+    unpack_features,
+)
 from schemas import Codec, wire
 from schemas.codec import ENTITY_RECORD, EVALUATION, INBOX_MESSAGE, INTERACTION, RECOMMENDATION
 from streams.app.epochs import UNSTAMPED, Epoch, label, row_key, split_row_key
@@ -260,7 +266,7 @@ class Processor:
         """An inbox message as ``inbox_codec`` decodes it (its DecodeError for a bad one)."""
         header = self._inbox_header
         if value[: len(header)] == header:
-            message = wire.read_inbox_message(value, len(header))
+            message = wire.read_inbox_message(value, len(header), packed_features=True)
             if message is not None:
                 return message
         return self.inbox_codec.decode(value)
@@ -280,7 +286,7 @@ class Processor:
             record = None
             header = self._row_header
             if self._row_writer is not None and raw[: len(header)] == header:
-                record = wire.read_entity_record(raw, len(header))
+                record = wire.read_entity_record(raw, len(header), packed_features=True)
             if record is None:  # rows of older schemas, or what only the Codec reads
                 record = self.record_codec.decode(raw)
             _entity, epoch = split_row_key(key)
@@ -506,7 +512,7 @@ class Processor:
                 "user_id": event.user_id,
                 "item_id": event.item_id,
                 "timestamp": event.timestamp,
-                "features": list(event.features),
+                "features": unpack_features(event.features),
                 "state_label": None,
             }
         )

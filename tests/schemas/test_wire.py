@@ -225,6 +225,27 @@ def test_reads_inbox_messages_as_the_codec(message: dict[str, Any]) -> None:
     fast = wire.read_inbox_message(data, len(INBOX.header))
     assert fast is not None
     assert repr(fast) == repr(INBOX.decode(data))
+    # The worker's form: the same, with the event's features as their packed floats.
+    packed = wire.read_inbox_message(data, len(INBOX.header), packed_features=True)
+    assert packed is not None and (packed["event"] is None) == (fast["event"] is None)
+    if fast["event"] is not None:
+        features = packed["event"].pop("features")
+        assert isinstance(features, bytes)
+        assert features == struct.pack(
+            f"<{len(fast['event']['features'])}f", *message["event"]["features"]
+        )
+        fast["event"].pop("features")
+    assert repr(packed) == repr(fast)
+
+
+def test_packed_features_are_written_as_the_floats_they_pack() -> None:
+    values = [0.5, -0.0, 3e38, -1.25]
+    packed = struct.pack("<4f", *values)
+    # Avro: a block of 4 (zig-zag 8), the floats, then the empty block.
+    assert wire.float_array(packed) == wire.float_array(values) == b"\x08" + packed + b"\x00"
+    assert wire.float_array(b"") == wire.float_array([]) == b"\x00"
+    with pytest.raises(ValueError, match="4 bytes each"):
+        wire.float_array(packed[:-1])
 
 
 @settings(max_examples=300, deadline=None)
@@ -420,6 +441,16 @@ def test_writes_and_reads_rows_as_fastavro(row: dict[str, Any]) -> None:
     assert _written_row(row) == data
     # repr: NaN equals itself there, and -0.0 is not 0.0.
     assert repr(wire.read_entity_record(data, len(ROW_HEADER))) == repr(ROWS.decode(data))
+    packed = wire.read_entity_record(data, len(ROW_HEADER), packed_features=True)
+    assert packed is not None
+    for event, original in zip(packed["waiting"], row["waiting"], strict=True):
+        assert event.pop("features") == struct.pack(
+            f"<{len(original['features'])}f", *original["features"]
+        )
+    plain = ROWS.decode(data)
+    for event in plain["waiting"]:
+        event.pop("features")
+    assert repr(packed) == repr(plain)
 
 
 def _codec_row(data: bytes) -> dict[str, Any] | None:

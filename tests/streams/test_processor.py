@@ -19,7 +19,7 @@ from operators.model.online import OnlineJodie
 from operators.protocol.catchup import CatchUp, LogEvent
 from operators.protocol.exchange import Inbox
 from operators.protocol.sequencer import Interaction, Sequencer
-from operators.protocol.sides import EntityState
+from operators.protocol.sides import EntityState, pack_features
 from schemas import Codec
 from schemas.codec import EVALUATION, INBOX_MESSAGE, RECOMMENDATION
 from streams.app.epochs import UNSTAMPED, Epoch, epoch_of, row_key, split_row_key
@@ -69,7 +69,7 @@ def _router_messages(
     for e in seq.drain(idle={0}).sequenced:
         data = event_data_of(e.event)
         if features and e.seq in features:
-            data = data._replace(features=features[e.seq])
+            data = data._replace(features=pack_features(features[e.seq]))
         version, since = epochs(e.seq)
         for topic, side_key, prev, partner_prev in (
             (settings.topic("user-inbox"), data.user_id, e.prev_user_seq, e.prev_item_seq),

@@ -70,7 +70,7 @@ def _setup(seed: int, n_events: int) -> tuple[Jodie, States, list[EventData]]:
         model,
         states,
         [
-            EventData(f"e{k}", users[k], items[k], float(times[k]), ())
+            EventData(f"e{k}", users[k], items[k], float(times[k]), b"")
             for k in range(n_events // 3, n_events)
         ],
     )
@@ -123,7 +123,7 @@ def test_queries_older_than_the_undo_window_are_counted_not_ranked() -> None:
 def test_a_new_user_and_an_unseen_item_rank_as_offline() -> None:
     torch.manual_seed(3)
     model = Jodie(tiny_config(n_features=0)).eval()
-    events = [EventData("a", "u1", "i1", 1.0, ()), EventData("b", "u2", "i1", 2.0, ())]
+    events = [EventData("a", "u1", "i1", 1.0, b""), EventData("b", "u2", "i1", 2.0, b"")]
     queries, vectors = _stream_outputs(model, States.empty(8, 8, 8, 4), events)
     live = LiveRanks(model, 0, [], np.zeros((0, 16), np.float32))
     live.add(queries[1])

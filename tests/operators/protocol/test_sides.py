@@ -28,7 +28,9 @@ from operators.protocol.sides import (
     EventData,
     StreamModel,
     counted,
+    pack_features,
     push_history,
+    unpack_features,
 )
 
 CFG = ModelConfig(
@@ -50,9 +52,17 @@ def _events(n: int, seed: int) -> list[EventData]:
     out = []
     for k in range(n):
         t += float(rng.exponential(3.0))
-        f = tuple(float(x) for x in rng.normal(size=2).astype(np.float32))
+        f = pack_features(rng.normal(size=2).tolist())
         out.append(EventData(f"e{k:05d}", f"u{rng.integers(6)}", f"i{rng.integers(5)}", t, f))
     return out
+
+
+def _floats(e: EventData) -> np.ndarray:
+    """The event's features as the sequential replay takes them; bytes that are no whole
+    number of floats as a row of the wrong length."""
+    if len(e.features) % 4:
+        return np.zeros(len(e.features), dtype=np.float32)
+    return np.array(unpack_features(e.features), dtype=np.float32)
 
 
 def _baseline(online: OnlineJodie) -> tuple[dict[str, EntityState], dict[str, EntityState]]:
@@ -89,11 +99,12 @@ def _user_row(online: OnlineJodie, row: int) -> tuple:
 #: Features by event index: another length and not finite are quarantined
 #: (operators.model.kernel); none, and finite but huge (the update saturates), are applied.
 POISON = {
-    70: (1.0, 2.0, 3.0),
-    75: (float("inf"), 0.0),
-    80: (float("nan"), 1.0),
-    90: (),  # no features: zeros, applied like any event
-    95: (3e38, -3e38),
+    70: pack_features((1.0, 2.0, 3.0)),
+    75: pack_features((float("inf"), 0.0)),
+    80: pack_features((float("nan"), 1.0)),
+    85: b"\x00\x00\x80\x3f\x00\x00\x80",  # 7 bytes: no whole number of floats
+    90: b"",  # no features: zeros, applied like any event
+    95: pack_features((3e38, -3e38)),
 }
 
 
@@ -108,10 +119,10 @@ def test_stream_sides_reproduce_the_sequential_replay(poisoned: bool) -> None:
     if poisoned:
         events = [e._replace(features=POISON.get(k, e.features)) for k, e in enumerate(events)]
     for e in events[:60]:  # history the "checkpoint" already holds
-        online.observe(e.user_id, e.item_id, e.timestamp, np.array(e.features, dtype=np.float32))
+        online.observe(e.user_id, e.item_id, e.timestamp, _floats(e))
     users, items = _baseline(online)
     for e in events[60:]:
-        online.observe(e.user_id, e.item_id, e.timestamp, np.array(e.features, dtype=np.float32))
+        online.observe(e.user_id, e.item_id, e.timestamp, _floats(e))
 
     stream = StreamModel(model)
     seq = Sequencer(partitions=[0], n_features=2)
@@ -163,7 +174,7 @@ def test_stream_sides_reproduce_the_sequential_replay(poisoned: bool) -> None:
                     quarantined[side].add(o.output.event.event_id)
 
     # Both sides quarantine the same events: the non-finite ones and the wrong lengths.
-    expected = {f"e{k:05d}" for k in (70, 75, 80)} if poisoned else set()
+    expected = {f"e{k:05d}" for k in (70, 75, 80, 85)} if poisoned else set()
     assert quarantined["user"] == quarantined["item"] == expected
     assert sent < 2 * 60  # repeating pairs were resolved locally
     for uid, box in boxes["user"].items():
@@ -191,8 +202,8 @@ def test_recommendation_matches_an_online_query_right_after_the_event() -> None:
     model = Jodie(CFG)
     online = OnlineJodie(model, States.empty(8, 4, 4, 3))
     stream = StreamModel(model, horizon_s=4.0)
-    e = EventData("e0", "u1", "i2", 10.0, (0.5, -1.0))
-    online.observe("u1", "i2", 10.0, np.array(e.features, dtype=np.float32))
+    e = EventData("e0", "u1", "i2", 10.0, pack_features((0.5, -1.0)))
+    online.observe("u1", "i2", 10.0, _floats(e))
     _user, out, _item = stream.apply_user(NEW, NEW, e)
     q = online.query("u1", 14.0)  # 4 s later, nothing else happened
     np.testing.assert_allclose(out.projected, q.u_proj.reshape(-1).numpy(), atol=1e-6)
@@ -210,7 +221,7 @@ def test_the_user_side_hands_over_what_completes_the_frozen_query() -> None:
     stream = StreamModel(model)
     events = _events(40, seed=5)
     for e in events[:-1]:
-        online.observe(e.user_id, e.item_id, e.timestamp, np.array(e.features, dtype=np.float32))
+        online.observe(e.user_id, e.item_id, e.timestamp, _floats(e))
     users, items = _baseline(online)
     last = events[-1]
     user = users.get(last.user_id, NEW)
@@ -238,7 +249,7 @@ def test_a_batch_of_users_and_items_equals_one_at_a_time() -> None:
     stream = StreamModel(model)
     events = _events(80, seed=7)
     for e in events[:60]:
-        online.observe(e.user_id, e.item_id, e.timestamp, np.array(e.features, dtype=np.float32))
+        online.observe(e.user_id, e.item_id, e.timestamp, _floats(e))
     users, items = _baseline(online)
     batch = list({e.user_id: e for e in events[60:]}.values())  # distinct users
     u_in = [users.get(e.user_id, NEW) for e in batch]

@@ -103,7 +103,7 @@ def test_an_item_new_to_the_index_is_in_the_list_of_the_user_who_touched_it(
     # An item no one has touched yet, owned by another worker: its vector has not come
     # through item-vectors, so this index has never held it.
     assert "brand-new" not in serving.index
-    event = EventData("e1", user, "brand-new", t, ())
+    event = EventData("e1", user, "brand-new", t, b"")
     [(_u, out, _i)] = serving.stream.apply_users(
         [state], [EntityState(None, float("nan"))], [event]
     )
@@ -233,7 +233,7 @@ def test_the_learned_ranker_serves_after_an_event_the_list_jodie_evaluate_comput
         state = baseline.user(user)
         item = state.history[position]  # the last item again, or an older one
         t = state.last_time + 900.0
-        event = EventData(f"e-{user}-{item}", user, item, t, ())
+        event = EventData(f"e-{user}-{item}", user, item, t, b"")
         [(post, out, _i)] = serving.stream.apply_users([state], [baseline.item(item)], [event])
         if owner_arrived:  # its vector and counts after the event, through item-vectors
             [(_item, vector, _u)] = serving.stream.apply_items(
@@ -259,7 +259,7 @@ def test_the_learned_ranker_keys_each_list_of_a_batch_at_its_event_time(
     states = [baseline.user(u) for u in users]
     t0 = max(s.last_time for s in states)
     events = [
-        EventData(f"e{j}", u, s.history[0], t0 + 3600.0 * 5 * j, ())
+        EventData(f"e{j}", u, s.history[0], t0 + 3600.0 * 5 * j, b"")
         for j, (u, s) in enumerate(zip(users, states, strict=True))
     ]
     applied = serving.stream.apply_users(states, [baseline.item(e.item_id) for e in events], events)
