@@ -105,7 +105,7 @@ def float_array(values: Sequence[float] | bytes) -> bytes:
         n, body = len(values) // 4, values
     else:
         n = len(values)
-        body = struct.pack(f"<{n}f", *values) if n else b""
+        body = struct.pack(f"<{n}f", *values)
     if n == 0:
         return _NULL
     return long_bytes(n) + body + _NULL
@@ -221,7 +221,7 @@ def _string_at(data: bytes, i: int) -> tuple[str, int]:
 def _core_at(data: bytes, i: int) -> tuple[str, str, str, float, tuple[float, ...], int]:
     """``interaction_core``'s fields at ``data[i:]`` and the index after them."""
     event_id, user_id, item_id, timestamp, packed, i = _packed_core_at(data, i)
-    return event_id, user_id, item_id, timestamp, _FLOATS.unpack_all(packed), i
+    return event_id, user_id, item_id, timestamp, _floats(packed), i
 
 
 def _packed_core_at(data: bytes, i: int) -> tuple[str, str, str, float, bytes, int]:
@@ -243,23 +243,9 @@ def _packed_core_at(data: bytes, i: int) -> tuple[str, str, str, float, bytes, i
     return event_id, user_id, item_id, timestamp, features, i
 
 
-class _Floats:
-    """Packed little-endian floats to a tuple, with one cached ``struct.Struct`` per count."""
-
-    def __init__(self) -> None:
-        self._of: dict[int, struct.Struct] = {}
-
-    def unpack_all(self, packed: bytes) -> tuple[float, ...]:
-        n = len(packed) // 4
-        if not n:
-            return ()
-        layout = self._of.get(n)
-        if layout is None:
-            layout = self._of[n] = struct.Struct(f"<{n}f")
-        return layout.unpack(packed)
-
-
-_FLOATS = _Floats()
+def _floats(packed: bytes) -> tuple[float, ...]:
+    """Packed little-endian floats as a tuple (``struct`` caches the compiled format)."""
+    return struct.unpack(f"<{len(packed) // 4}f", packed)
 
 
 def read_interaction(data: bytes, start: int = 0) -> Fields | None:
@@ -631,7 +617,7 @@ def _inbox_event_at(data: bytes, i: int, packed: bool = False) -> tuple[dict[str
         "user_id": user_id,
         "item_id": item_id,
         "timestamp": timestamp,
-        "features": features if packed else list(_FLOATS.unpack_all(features)),
+        "features": features if packed else list(_floats(features)),
     }, i
 
 

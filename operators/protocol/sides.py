@@ -199,7 +199,10 @@ class StreamModel:
         # A row of another length: zeros, and its event quarantined (feature_rows). Bytes
         # that are no whole number of features are a row of the wrong length too.
         wrong = np.zeros(width + 1, dtype=np.float32)
-        whole = [np.frombuffer(p, dtype=FEATURE) if len(p) % 4 == 0 else wrong for p in packed]
+        whole = [
+            np.frombuffer(p, dtype=FEATURE) if len(p) % FEATURE.itemsize == 0 else wrong
+            for p in packed
+        ]
         array, admitted = feature_rows(whole, width)
         return array.numpy(), admitted
 
