@@ -318,6 +318,14 @@ class Settings(BaseSettings):
             "JODIE_WORKER_BATCH: most inbox messages a worker processes in one transaction."
         ),
     )
+    worker_overlap: bool = Field(
+        True,
+        description=(
+            "JODIE_WORKER_OVERLAP: a worker processes its next batch while the last one's "
+            "transaction commits (false: it waits for each commit, as before). Exactly once "
+            "either way: a failed commit undoes both batches."
+        ),
+    )
     worker_lookahead: int = Field(
         8000,
         ge=0,

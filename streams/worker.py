@@ -25,6 +25,7 @@ import logging
 import signal
 import sys
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -56,7 +57,22 @@ _log = logging.getLogger("jodie.worker")
 Decoded = tuple[str, int, bytes, Epoch, dict[str, Any]]
 
 
-class Worker(Application[list[Decoded]]):
+@dataclass
+class Prepared:
+    """A batch as ``Worker.prepare`` makes it: what ``process`` applies and what ``committed``
+    notes once its transaction committed, which may be after the next batch was prepared
+    (``JODIE_WORKER_OVERLAP``)."""
+
+    messages: list[Decoded] = field(default_factory=list)
+    #: DLQ records of the inbox messages that could not be read.
+    rejected: list[Output] = field(default_factory=list)
+    #: (side, partition) → the latest epoch start of a router event in the batch.
+    routed: dict[tuple[str, int], int] = field(default_factory=dict)
+    #: Kafka timestamps (ms) of the batch's pre-states.
+    pre_state_stamps: list[int] = field(default_factory=list)
+
+
+class Worker(Application[Prepared]):
     """One worker process: the processor, its two tables, its feeds and model versions."""
 
     def __init__(
@@ -123,11 +139,7 @@ class Worker(Application[list[Decoded]]):
             settings.retire_chunk,
             settings.retire_interval_s,
         )
-        # (side, partition) → latest epoch start of a router event in the batch in progress.
-        self._routed: dict[tuple[str, int], int] = {}
         self._partitions: dict[str, int] = {}
-        self._rejected: list[Output] = []  # DLQ records of the batch being prepared
-        self._pre_state_stamps: list[int] = []  # Kafka timestamps (ms) of the batch's pre-states
         self._reported_events = 0
         self.loop = TransactionalLoop(
             settings,
@@ -159,6 +171,10 @@ class Worker(Application[list[Decoded]]):
                     {"max.partition.fetch.bytes": 32 << 10} if settings.worker_lookahead else {}
                 ),
                 recovery_timeout_s=settings.recovery_timeout_s,
+                # Each batch's commit runs while the next one is processed. The idle duties
+                # (``poll``: model versions, feeds, retirement) wait for it, up to this long.
+                overlap=settings.worker_overlap,
+                poll_interval_s=max(settings.commit_interval_s, 0.5),
             ),
             self,
             _log,
@@ -227,10 +243,9 @@ class Worker(Application[list[Decoded]]):
     def flush(self) -> Iterable[Output]:
         return self.processor.flush()
 
-    def prepare(self, records: list[Record]) -> list[Decoded]:
-        decoded: list[Decoded] = []
-        self._routed = {}
-        self._pre_state_stamps = []
+    def prepare(self, records: list[Record]) -> Prepared:
+        batch = Prepared()
+        decoded, routed = batch.messages, batch.routed
         for topic, p, offset, key, value, stamp in records:
             try:
                 if key is None or value is None:
@@ -240,7 +255,7 @@ class Worker(Application[list[Decoded]]):
             except (DecodeError, SchemaError, KeyError, TypeError, ValueError) as exc:
                 # Only the router and workers write the inboxes (the ACLs of a secure
                 # cluster say so); whatever else lands there is set aside, not fatal.
-                self._rejected.append(self._unreadable(topic, p, offset, key, value, exc))
+                batch.rejected.append(self._unreadable(topic, p, offset, key, value, exc))
                 continue
             if self.retirement.cleared(self.sides[topic], p, epoch):
                 # Read again after its epoch's rows here were deleted: preparing the epoch
@@ -248,21 +263,20 @@ class Worker(Application[list[Decoded]]):
                 self.stats.cleared += 1
                 continue
             if message["event"] is None and stamp >= 0:
-                self._pre_state_stamps.append(stamp)
+                batch.pre_state_stamps.append(stamp)
             # Preparing an epoch may wait for its catch-up: the runtime calls this before the
             # transaction opens, so the wait never counts against the transaction timeout.
             if self.versions.serves(epoch):
                 decoded.append((self.sides[topic], p, key, epoch, message))
                 if message["event"] is not None and epoch != UNSTAMPED:  # router's, in order
                     at = (self.sides[topic], p)
-                    self._routed[at] = max(epoch[1], self._routed.get(at, epoch[1]))
-        return decoded
+                    routed[at] = max(epoch[1], routed.get(at, epoch[1]))
+        return batch
 
-    def process(self, batch: list[Decoded]) -> Iterable[Output]:
-        sent: list[Output] = self._rejected
-        self._rejected = []
+    def process(self, batch: Prepared) -> Iterable[Output]:
+        sent: list[Output] = list(batch.rejected)
         work: list[Message_] = []
-        for side, p, key, epoch, message in batch:
+        for side, p, key, epoch, message in batch.messages:
             table, rkey = self.tables_by_side[side], row_key(key, epoch)
             work.append((side, epoch, table.get(p, rkey), message))
             table.touch(p, rkey)
@@ -293,15 +307,14 @@ class Worker(Application[list[Decoded]]):
     def order(self, record: Record) -> int | None:
         return None if record.value is None else self.processor.order(record.value)
 
-    def committed(self, records: list[Record], seconds: float) -> None:
+    def committed(self, batch: Prepared, records: list[Record], seconds: float) -> None:
         self.loop_metrics.observe(records, seconds)
-        if self._pre_state_stamps:
-            ages = ages_s(self._pre_state_stamps)
+        if batch.pre_state_stamps:
+            ages = ages_s(batch.pre_state_stamps)
             self.pre_state_age.observe(ages)
             self.stats.pre_states += len(ages)
             self.stats.pre_state_ages.extend(ages)
-            self._pre_state_stamps = []
-        self.retirement.routed_in(self._routed)
+        self.retirement.routed_in(batch.routed)
 
     def report(self, interval_s: float) -> None:
         self.stats.rate = (self.stats.user_events - self._reported_events) / interval_s

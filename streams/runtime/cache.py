@@ -19,12 +19,21 @@ class RowCache(Generic[K, V]):
     again from RocksDB). When every row over the bound is pinned the cache holds them all:
     the bound is exceeded by at most the rows of one batch.
 
+    A batch whose transaction is committing while the next one is processed has its pins
+    ``seal``-ed: they stay out of reach of eviction until ``release`` (its rows reached
+    RocksDB), while ``pinned`` starts afresh for the next batch. The bound is then exceeded by
+    at most the rows of two batches.
+
     >>> c: RowCache[str, int] = RowCache(capacity=2)
     >>> c.put("a", 1); c.pin("a"); c.put("b", 2); c.put("c", 3)
     >>> sorted(c)  # "b" was the least recently used unpinned row
     ['a', 'c']
     >>> c.unpin_all(); c.put("d", 4); sorted(c)  # "a", in use while "c" came, was newer
     ['a', 'd']
+    >>> c.pin("d"); c.seal(); c.put("e", 5); c.put("f", 6); sorted(c)  # "d" sealed, kept
+    ['d', 'f']
+    >>> c.release(); c.put("g", 7); sorted(c)  # "d", kept while "f" came, was newer
+    ['d', 'g']
     """
 
     def __init__(self, capacity: int) -> None:
@@ -34,6 +43,7 @@ class RowCache(Generic[K, V]):
         self.evictions = 0  # rows dropped for room since the cache was made (for metrics)
         self._rows: OrderedDict[K, V] = OrderedDict()
         self.pinned: set[K] = set()
+        self.sealed: set[K] = set()  # pins of the batch committing (see above)
 
     def __len__(self) -> int:
         return len(self._rows)
@@ -67,6 +77,19 @@ class RowCache(Generic[K, V]):
     def unpin_all(self) -> None:
         """The open batch committed (or was dropped): every row may be evicted again."""
         self.pinned.clear()
+        self.sealed.clear()
+        self._trim()
+
+    def seal(self) -> None:
+        """The open batch's rows were handed to its transaction: keep them until ``release``,
+        and pin the next batch's rows apart."""
+        self.sealed |= self.pinned
+        self.pinned = set()
+
+    def release(self) -> None:
+        """The sealed batch's rows reached RocksDB: they may be evicted (unless pinned again
+        by the batch processed meanwhile)."""
+        self.sealed.clear()
         self._trim()
 
     def drop(self, which: Callable[[K], bool]) -> None:
@@ -74,21 +97,23 @@ class RowCache(Generic[K, V]):
         for key in [k for k in self._rows if which(k)]:
             del self._rows[key]
         self.pinned = {k for k in self.pinned if not which(k)}
+        self.sealed = {k for k in self.sealed if not which(k)}
 
     def clear(self) -> None:
         self._rows.clear()
         self.pinned.clear()
+        self.sealed.clear()
 
     def _trim(self, keep: K | None = None) -> None:
         # Pinned rows met at the old end move to the new end (they are in use, so recent):
         # at most one pass over them, and the loop stops when only pinned rows are left.
         # ``keep``, the row just put, is never dropped: its caller is about to use it.
-        moves = len(self.pinned)
+        moves = len(self.pinned) + len(self.sealed)
         while len(self._rows) > self.capacity:
             key = next(iter(self._rows))
             if key == keep:
                 return
-            if key in self.pinned:
+            if key in self.pinned or key in self.sealed:
                 if moves == 0:
                     return
                 moves -= 1

@@ -26,6 +26,13 @@ top of its restored tables: either way the tables would silently diverge. On eve
 the loop compares the committed offsets with the partitions' first offsets (and, where none
 is committed, the table's changelog with emptiness) and stops with ``InputGapError`` instead.
 
+A batch's commit (its offsets sent, the coordinator's answer) is a wait, not work: with
+``LoopConfig.overlap`` the next batch is taken and processed meanwhile, its outputs kept until
+that commit returned (one transaction per producer at a time). Its rows pin apart from the
+committing batch's (streams.runtime.cache), and should the commit fail, both batches are
+undone and read again. The application's idle duties (``poll``) and the rebalance callbacks
+wait for the commit in flight first: they see only committed state, as without overlap.
+
 The application (``Application``) knows nothing of Kafka beyond topic names: it reads
 ``Record``s and returns ``Output``s, and keeps its state in the ``Table``s it declares, each
 co-partitioned with one input topic (table partition p goes with input partition p).
@@ -40,6 +47,7 @@ import time
 from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Generic, NamedTuple, TypeVar
 
@@ -134,13 +142,17 @@ class Application(ABC, Generic[B]):
     @abstractmethod
     def process(self, batch: B) -> Iterable[Output]:
         """Apply a batch to the tables' rows (``get``, then ``touch`` what changed); the
-        messages to send, committed with the rows and the input offsets."""
+        messages to send, committed with the rows and the input offsets. With
+        ``LoopConfig.overlap`` the previous batch may still be committing: whatever this
+        keeps for ``committed`` goes in the batch, not in the application."""
 
     def start(self, partitions: Mapping[str, int]) -> None:
         """The clients are up; ``partitions``: how many each input topic has."""
 
     def poll(self) -> None:
-        """Each turn of the loop, before it takes the next batch (idle duties)."""
+        """Before the loop takes a batch (idle duties), with every batch processed so far
+        committed: each turn, or with ``LoopConfig.overlap`` and a batch committing, at most
+        every ``LoopConfig.poll_interval_s`` (it waits for that commit first)."""
 
     def flush(self) -> Iterable[Output]:
         """When a turn brought no input: outputs the application derived from what it read
@@ -159,9 +171,9 @@ class Application(ABC, Generic[B]):
         in (``LoopConfig.lookahead``); None: nowhere in particular (never held back)."""
         return None
 
-    def committed(self, records: list[Record], seconds: float) -> None:
-        """A batch's transaction committed: its records, and the seconds from taking them to
-        the commit (for latency metrics)."""
+    def committed(self, batch: B, records: list[Record], seconds: float) -> None:
+        """A batch's transaction committed: the batch (as ``prepare`` made it), its records,
+        and the seconds from taking them to the commit (for latency metrics)."""
 
     def report(self, interval_s: float) -> None:
         """Every ``LoopConfig.report_interval_s`` (the loop's stats were just refreshed)."""
@@ -211,6 +223,12 @@ class LoopConfig:
     #: application that ignores repeats may set it (a restart reads such a record again).
     #: Without a backlog every held record is processed: no latency where there is none.
     lookahead: int = 0
+    #: Take and process the next batch while the last one commits (see above): the commit's
+    #: round trips to the broker stop costing the instance its time.
+    overlap: bool = False
+    #: With ``overlap``, the longest the application's ``poll`` waits while batches keep
+    #: coming (each call first waits for the commit in flight, a turn without overlap).
+    poll_interval_s: float = 0.5
     consumer: Mapping[str, Any] = field(default_factory=dict)  # extra consumer properties
     producer: Mapping[str, Any] = field(default_factory=dict)  # extra producer properties
 
@@ -231,10 +249,26 @@ class LoopStats:
     #: Seconds of committed batches: in the application (``prepare`` and ``process``), in
     #: handing their outputs and changed rows to the producer, and waiting for the commit
     #: (the offsets sent, every message acknowledged, the coordinator's answer). The last is
-    #: time the instance neither reads nor computes: where a hop's latency is not its work.
+    #: a hop's latency that is not its work; without ``LoopConfig.overlap`` the instance
+    #: neither reads nor computes meanwhile. ``wait_s``: of ``commit_s``, the time it did
+    #: wait (all of it without overlap).
     app_s: float = 0.0
     send_s: float = 0.0
     commit_s: float = 0.0
+    wait_s: float = 0.0
+
+
+@dataclass
+class _Pending(Generic[B]):
+    """A batch whose transaction commits in the background (``LoopConfig.overlap``)."""
+
+    batch: B
+    records: list[Record]
+    firsts: dict[tuple[str, int], int]  # where to read again should the commit fail
+    changed: Changes
+    producer: Producer  # whose delivery reports the rows' changelog offsets come with
+    began: float  # when its records were taken (monotonic)
+    commit: Future[float]  # when the commit returned (monotonic)
 
 
 class TransactionalLoop(Generic[B]):
@@ -262,6 +296,11 @@ class TransactionalLoop(Generic[B]):
         # Records taken but held back for the next batch (``LoopConfig.lookahead``), each
         # with its ``order`` (asked once per record), in the order they were taken.
         self._held: list[tuple[int, Record]] = []
+        # The batch committing in the background, and the failure of the last one waited for
+        # in a rebalance callback (undone once the consumer call that ran it returned).
+        self._pending: _Pending[B] | None = None
+        self._failed: tuple[KafkaException, dict[tuple[str, int], int]] | None = None
+        self._committer: ThreadPoolExecutor | None = None
 
     def stop(self) -> None:
         self._stop.set()
@@ -311,6 +350,7 @@ class TransactionalLoop(Generic[B]):
         return consumer, Transactions(producer, c.name, self.log, c.recovery_timeout_s)
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self._wait()  # what the restore and the application see is committed state
         began = time.monotonic()
         tables = self.app.tables
         fresh: set[tuple[str, int]] = set()  # partitions without a committed offset
@@ -373,7 +413,9 @@ class TransactionalLoop(Generic[B]):
         return None
 
     def _on_revoke(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        # Called inside poll/consume, never with a transaction open: nothing to flush.
+        # Called inside poll/consume, never with a transaction open: nothing to flush. A batch
+        # still committing is waited for, so that its rows reach the stores being closed.
+        self._wait()
         tables = self.app.tables
         gone = {(tp.topic, tp.partition) for tp in partitions}
         # Never committed: the partitions' next owner reads them from the committed offsets.
@@ -402,19 +444,32 @@ class TransactionalLoop(Generic[B]):
         consumer.subscribe(
             inputs, on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_revoke
         )
-        began = last_report = time.monotonic()
+        began = last_report = last_poll = time.monotonic()
         c = self.config
+        if c.overlap:
+            self._committer = ThreadPoolExecutor(1, thread_name_prefix=f"{c.name}: commit")
         try:
             while not self._stop.is_set():
                 if max_seconds is not None and time.monotonic() - began > max_seconds:
                     break
-                self.app.poll()
+                if self._pending is None or time.monotonic() - last_poll >= c.poll_interval_s:
+                    if not self._drain(consumer, tx):
+                        continue
+                    self.app.poll()
+                    last_poll = time.monotonic()
                 # With a lookahead, enough to process a batch and hold the lookahead's.
                 most = c.batch + max(0, c.lookahead - len(self._held))
                 messages = take(consumer, most, c.poll_timeout_s)
+                if self._failed is not None:
+                    # A rebalance callback waited for a commit that failed: the records just
+                    # taken come after its batch, and are read again with it.
+                    self._recover(consumer, tx, _firsts(self._records(messages)))
+                    continue
                 if self._gap is not None:
                     raise self._gap
                 if self._unsettled:
+                    if not self._drain(consumer, tx):
+                        continue
                     self._settle(consumer, tx)
                 if messages or self._held:
                     # Behind a backlog: a full take, or a short one (what was prefetched
@@ -424,7 +479,7 @@ class TransactionalLoop(Generic[B]):
                         bool(self._held) and _lag(consumer) >= c.batch
                     )
                     self._batch(consumer, tx, messages, backlog)
-                else:
+                elif self._drain(consumer, tx):
                     self._flush(consumer, tx)
                 now = time.monotonic()
                 if now - last_report >= c.report_interval_s:
@@ -432,11 +487,24 @@ class TransactionalLoop(Generic[B]):
                     self.app.report(now - last_report)
                     last_report = now
         finally:
+            self._close_pending()
             self.app.close()
             consumer.close()
             for table in self._tables():
                 table.close()
         return self.stats
+
+    def _close_pending(self) -> None:
+        """On the way out: let the batch committing finish (its rows reach the stores); a
+        failure is left to the next start, which resumes from what is committed."""
+        try:
+            self._wait()
+        except Exception as exc:  # stopping either way: the cause is logged
+            self.log.warning("%s: the last commit failed on the way out: %s", self.config.name, exc)
+        self._failed = None
+        if self._committer is not None:
+            self._committer.shutdown(wait=True)
+            self._committer = None
 
     def _batch(
         self, consumer: Consumer, tx: Transactions, messages: list[Message], backlog: bool
@@ -444,9 +512,7 @@ class TransactionalLoop(Generic[B]):
         fresh = self._records(messages)
         held, self._held = self._held, []
         records = [*(r for _k, r in held), *fresh]
-        firsts: dict[tuple[str, int], int] = {}
-        for r in records:  # held records first: each partition's are in offset order
-            firsts.setdefault((r.topic, r.partition), r.offset)
+        firsts = _firsts(records)  # held records first: each partition's are in offset order
         if backlog and self.config.lookahead > 0:
             c = self.config
             keys = [*(k for k, _r in held), *(self.app.order(r) for r in fresh)]
@@ -738,33 +804,106 @@ class TransactionalLoop(Generic[B]):
         # The application may wait here (e.g. for state it prepares): before the transaction
         # opens, so the wait never counts against the transaction timeout.
         batch = self.app.prepare(records)
-        producer = tx.producer
-        producer.begin_transaction()
-        outputs = list(self.app.process(batch))
-        processed = time.monotonic()
+        if self._committer is not None:
+            outputs = list(self.app.process(batch))
+            processed = time.monotonic()
+            # One transaction at a time: the last batch's commit returns before this opens.
+            if not self._drain(consumer, tx, firsts):
+                return  # it failed: both batches are undone and read again
+            producer = tx.producer
+            producer.begin_transaction()
+        else:
+            producer = tx.producer
+            producer.begin_transaction()
+            outputs = list(self.app.process(batch))
+            processed = time.monotonic()
+        opened = time.monotonic()
         for topic, key, value, headers in outputs:
             producer.produce(topic, key=key, value=value, headers=headers)
         changed = self._send_changes(producer, self._tables())
         sent = time.monotonic()
+        self.stats.app_s += processed - began
+        self.stats.send_s += sent - opened
         offsets = [TopicPartition(t, p, o) for (t, p), o in positions.items()]
-        tx.send_offsets(offsets, consumer.consumer_group_metadata())
+        group = consumer.consumer_group_metadata()
+        commit: Future[float] = Future()
+        if self._committer is not None:
+            commit = self._committer.submit(self._commit, tx, offsets, group)
+        else:
+            commit.set_result(self._commit(tx, offsets, group))  # a failure: ``_batch`` rewinds
+        self._pending = _Pending(batch, records, firsts, changed, producer, began, commit)
+        if self._committer is None:
+            self._drain(consumer, tx)
+
+    def _commit(self, tx: Transactions, offsets: list[TopicPartition], group: object) -> float:
+        """The open transaction's offsets and commit; when it returned (monotonic)."""
+        began = time.monotonic()
+        tx.send_offsets(offsets, group)
         tx.commit()
         done = time.monotonic()
+        self.stats.commit_s += done - began
+        return done
+
+    def _wait(self) -> None:
+        """Wait for the batch committing, then persist it; a failure is kept in ``_failed``."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return
+        waited = time.monotonic()
+        try:
+            done = pending.commit.result()
+        except KafkaException as exc:
+            self._failed = (exc, pending.firsts)
+            return
+        finally:
+            self.stats.wait_s += time.monotonic() - waited
         self.stats.transactions += 1
-        self.stats.changelog += changed.count
-        self.stats.app_s += processed - began
-        self.stats.send_s += sent - processed
-        self.stats.commit_s += done - sent
+        self.stats.changelog += pending.changed.count
         if self.config.reread_batches > 0:
-            self._recent.append(firsts)
-        self._persist(producer, changed)
-        self.app.committed(records, time.monotonic() - began)
+            self._recent.append(pending.firsts)
+        self._persist(pending.producer, pending.changed)
+        self.app.committed(pending.batch, pending.records, done - pending.began)
+
+    def _drain(
+        self,
+        consumer: Consumer,
+        tx: Transactions,
+        since: Mapping[tuple[str, int], int] | None = None,
+    ) -> bool:
+        """Wait for the batch committing (``_wait``); False when its commit failed, and it
+        and what was taken since (``since``: first offsets) were undone, to be read again."""
+        self._wait()
+        if self._failed is None:
+            return True
+        self._recover(consumer, tx, since or {})
+        return False
+
+    def _recover(
+        self, consumer: Consumer, tx: Transactions, since: Mapping[tuple[str, int], int]
+    ) -> None:
+        """Undo the batch whose commit failed (``_failed``) and everything after it."""
+        assert self._failed is not None
+        exc, firsts = self._failed
+        self._failed = None
+        back = dict(firsts)
+        for tp, offset in since.items():
+            back[tp] = min(offset, back.get(tp, offset))
+        self._held = []  # taken after the failed batch's first offsets: read again
+        self._rewind(consumer, tx, exc, back)
 
 
 _GAP_ADVICE = (
     "Resuming would make the tables diverge silently, so this instance stops: rebuild the "
     "state from the source of truth, or keep the inputs longer than any outage"
 )
+
+
+def _firsts(records: Iterable[Record]) -> dict[tuple[str, int], int]:
+    """(topic, partition) → the offset of its first record in ``records``."""
+    firsts: dict[tuple[str, int], int] = {}
+    for r in records:
+        firsts.setdefault((r.topic, r.partition), r.offset)
+    return firsts
 
 
 def _start_at(committed: TopicPartition) -> TopicPartition:

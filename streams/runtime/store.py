@@ -18,7 +18,8 @@ So an instance killed at any moment, or a partition moving to another instance, 
 exactly the committed state; an aborted transaction's rows are never in any store.
 
 Decoded rows are kept in a size-bounded LRU per table (``cache_rows``, streams.runtime.cache):
-a row changed in the open batch is pinned until its batch is persisted, and any other row is
+a row changed in the open batch is pinned until its batch is persisted (sealed, while its
+transaction commits and the next batch is processed), and any other row is
 a copy of what RocksDB holds, so an evicted row read again on its next use is the committed
 row — memory stays bounded however many keys the table has, and nothing changes in what it
 computes.
@@ -345,6 +346,8 @@ class Table(Generic[R]):
         ]
         gone = [pk for pk in self._deleted if pk[0] not in self.partitions or pk in self.rows]
         self._deleted.difference_update(gone)
+        # The next batch may be processed while this one commits: its rows pin apart.
+        self.rows.seal()
         return rows + [(p, key, None) for p, key in self._deleted]
 
     def delete(self, partition: int, key: bytes) -> None:
@@ -399,7 +402,7 @@ class Table(Generic[R]):
             if p in offsets:
                 batch.put(_OFFSET_KEY, str(offsets[p]).encode())
             part.db.write(batch)
-        self.rows.unpin_all()
+        self.rows.release()
 
 
 class TableMemory(Collector):

@@ -9,7 +9,9 @@ can kill it with SIGKILL mid-transaction:
 
 It stops by itself once it has held partitions and seen no input for ``--idle`` seconds.
 With ``--hold PATH``, once ``PATH.ask`` exists the next transaction, its outputs produced,
-creates PATH and waits (a test kills the process then).
+creates PATH and waits (a test kills the process then). With ``--overlap`` (the loop's
+``LoopConfig.overlap``) that wait is the next batch's processing, the last one's commit in
+flight meanwhile: the kill lands once it returned, before its rows reach the local store.
 """
 
 from __future__ import annotations
@@ -108,6 +110,7 @@ def main() -> None:
     parser.add_argument("--hold", type=Path, help="see the module's docstring")
     parser.add_argument("--idle", type=float, default=4.0)
     parser.add_argument("--max-seconds", type=float, default=120.0)
+    parser.add_argument("--overlap", action="store_true", help="LoopConfig.overlap")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     conn = Connection(args.bootstrap)
@@ -119,6 +122,7 @@ def main() -> None:
             group_id=f"{args.prefix}counter",
             transactional_id=f"{args.prefix}counter-{args.id}",
             batch=args.batch,
+            overlap=args.overlap,
         ),
         app,
     )

@@ -84,6 +84,29 @@ def test_an_evicted_row_reads_back_as_committed(tmp_path: Path) -> None:
     reference.close()
 
 
+def test_the_next_batch_changes_rows_while_the_last_one_commits(tmp_path: Path) -> None:
+    """Overlap (streams.runtime.loop): batch two is processed between batch one's
+    ``changed`` and its ``persist``. Each batch's changelog carries its own rows, RocksDB
+    gets batch one's values, and no changed row is evicted before it is persisted."""
+    t = table(tmp_path, cache_rows=2)
+    for k in (b"a", b"b"):
+        bump(t, 0, k)
+    first = t.changed()  # batch one: its transaction commits from here
+    bump(t, 0, b"b")  # batch two, meanwhile: b again, and c
+    bump(t, 0, b"c")
+    for k in range(10):  # reads that push the cache over its bound
+        t.get(1, f"r{k}".encode())
+    assert {(0, b"a"), (0, b"b"), (0, b"c")} <= set(t.rows)
+    t.persist(first, {})
+    assert sorted((k, json.loads(v or b"")["n"]) for _p, k, v in first) == [(b"a", 1), (b"b", 1)]
+    assert t.committed(0, b"b") == {"key": "b", "n": 1}
+    second = t.changed()
+    assert sorted((k, json.loads(v or b"")["n"]) for _p, k, v in second) == [(b"b", 2), (b"c", 1)]
+    t.persist(second, {})
+    assert t.committed(0, b"b") == {"key": "b", "n": 2} and t.get(0, b"a")["n"] == 1
+    t.close()
+
+
 def test_an_aborted_batch_is_forgotten(tmp_path: Path) -> None:
     t = table(tmp_path, cache_rows=2)
     bump(t, 0, b"a")
