@@ -99,6 +99,8 @@ class LoopCounters(Protocol):
     def send_s(self) -> float: ...
     @property
     def commit_s(self) -> float: ...
+    @property
+    def wait_s(self) -> float: ...
 
 
 @dataclass
@@ -137,6 +139,7 @@ class WorkerStats:
                 "app": round(loop.app_s, 3),
                 "send": round(loop.send_s, 3),
                 "commit": round(loop.commit_s, 3),
+                "wait": round(loop.wait_s, 3),
             },
             "restored_records": loop.restored,
             "changelog_records": loop.changelog,

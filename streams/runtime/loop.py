@@ -830,7 +830,9 @@ class TransactionalLoop(Generic[B]):
         if self._committer is not None:
             commit = self._committer.submit(self._commit, tx, offsets, group)
         else:
+            before = self.stats.commit_s
             commit.set_result(self._commit(tx, offsets, group))  # a failure: ``_batch`` rewinds
+            self.stats.wait_s += self.stats.commit_s - before  # all of it was waited for
         self._pending = _Pending(batch, records, firsts, changed, producer, began, commit)
         if self._committer is None:
             self._drain(consumer, tx)

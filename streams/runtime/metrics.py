@@ -245,10 +245,17 @@ class LoopMetrics(Collector):
             f"{ns}_batch_phase_seconds",
             "Seconds of committed batches by phase: app (the application's prepare and "
             "process), send (outputs and changed rows handed to the producer), commit (the "
-            "offsets sent and the wait for every acknowledgement and the coordinator).",
+            "offsets sent and the wait for every acknowledgement and the coordinator), wait "
+            "(of commit, the time the loop waited: all of it unless the next batch is "
+            "processed meanwhile, JODIE_WORKER_OVERLAP).",
             labels=["phase"],
         )
-        for phase, seconds in (("app", s.app_s), ("send", s.send_s), ("commit", s.commit_s)):
+        for phase, seconds in (
+            ("app", s.app_s),
+            ("send", s.send_s),
+            ("commit", s.commit_s),
+            ("wait", s.wait_s),
+        ):
             phases.add_metric([phase], seconds)
         yield phases
         yield GaugeMetricFamily(
