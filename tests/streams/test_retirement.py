@@ -138,7 +138,7 @@ def test_a_retired_epoch_leaves_memory_rocksdb_and_the_changelogs(
     ]
     v1_messages = [r for r in again if epoch_of(worker.processor.read(r.value or b"")) == V1]
     assert v1_messages
-    assert worker.prepare(v1_messages) == []
+    assert worker.prepare(v1_messages).messages == []
     assert worker.stats.cleared == len(v1_messages)
     assert list(worker.processor.servings) == [V2]
 
