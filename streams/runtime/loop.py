@@ -890,6 +890,12 @@ class TransactionalLoop(Generic[B]):
         back = dict(firsts)
         for tp, offset in since.items():
             back[tp] = min(offset, back.get(tp, offset))
+        if since:
+            self.log.warning(
+                "%s: a batch's commit failed (%s) after the next was taken: both read again",
+                self.config.name,
+                exc,
+            )
         self._held = []  # taken after the failed batch's first offsets: read again
         self._rewind(consumer, tx, exc, back)
 

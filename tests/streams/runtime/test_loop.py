@@ -426,8 +426,9 @@ class _Latest(Counter):
             yield self.output, record.key, str(record.offset).encode(), None
 
 
+@pytest.mark.parametrize("overlap", [False, True], ids=["serial", "overlap"])
 def test_a_batch_whose_offsets_committed_without_its_outputs_is_read_again(
-    conn: Connection, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    conn: Connection, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, overlap: bool
 ) -> None:
     """What a broker that completes a commit without all of its markers can leave (a single
     node restarted at the wrong moment, streams.runtime.transactions): the batch's offsets
@@ -435,7 +436,9 @@ def test_a_batch_whose_offsets_committed_without_its_outputs_is_read_again(
     here at will on the third batch: its transaction aborted, its offsets committed by
     another transaction with the member's group metadata, and the commit call failing as a
     fatal error. An application that ignores repeats, run with ``reread_batches``, reads that
-    batch again after the new producer starts, and every input has exactly one output."""
+    batch again after the new producer starts, and every input has exactly one output. With
+    ``overlap`` the failure surfaces once the next batch was processed in memory: that one is
+    dropped and read again too."""
     inputs: Inputs = {}
     failed: list[int] = []
 
@@ -473,6 +476,7 @@ def test_a_batch_whose_offsets_committed_without_its_outputs_is_read_again(
             transactional_id=f"{prefix}latest",
             batch=25,
             reread_batches=2,
+            overlap=overlap,
         )
         loop = TransactionalLoop(conn, config, app)
         runner = threading.Thread(target=loop.run, kwargs={"max_seconds": 120}, daemon=True)
