@@ -28,7 +28,7 @@ class RowCache(Generic[K, V]):
     >>> c.put("a", 1); c.pin("a"); c.put("b", 2); c.put("c", 3)
     >>> sorted(c)  # "b" was the least recently used unpinned row
     ['a', 'c']
-    >>> c.unpin_all(); c.put("d", 4); sorted(c)  # "a", in use while "c" came, was newer
+    >>> c.seal(); c.release(); c.put("d", 4); sorted(c)  # "a", in use while "c" came, was newer
     ['a', 'd']
     >>> c.pin("d"); c.seal(); c.put("e", 5); c.put("f", 6); sorted(c)  # "d" sealed, kept
     ['d', 'f']
@@ -71,14 +71,9 @@ class RowCache(Generic[K, V]):
         self._trim(keep=key)
 
     def pin(self, key: K) -> None:
-        """Keep ``key`` whatever the bound until ``unpin_all`` (it may be cached later)."""
+        """Keep ``key`` whatever the bound until its batch is sealed and released (it may be
+        cached later)."""
         self.pinned.add(key)
-
-    def unpin_all(self) -> None:
-        """The open batch committed (or was dropped): every row may be evicted again."""
-        self.pinned.clear()
-        self.sealed.clear()
-        self._trim()
 
     def seal(self) -> None:
         """The open batch's rows were handed to its transaction: keep them until ``release``,

@@ -835,7 +835,7 @@ class TransactionalLoop(Generic[B]):
             self.stats.wait_s += self.stats.commit_s - before  # all of it was waited for
         self._pending = _Pending(batch, records, firsts, changed, producer, began, commit)
         if self._committer is None:
-            self._drain(consumer, tx)
+            self._wait()  # committed already: persist it now
 
     def _commit(self, tx: Transactions, offsets: list[TopicPartition], group: object) -> float:
         """The open transaction's offsets and commit; when it returned (monotonic)."""

@@ -24,7 +24,8 @@ def test_pinned_rows_survive_any_number_of_puts() -> None:
     for k in range(1, 100):
         c.put(k, k)
     assert 0 in c and len(c) == 2
-    c.unpin_all()
+    c.seal()
+    c.release()
     c.put(100, 100)
     assert 0 not in c and len(c) == 2
 
@@ -37,7 +38,8 @@ def test_over_the_bound_only_by_pinned_rows() -> None:
     assert sorted(c) == [0, 1, 2, 3, 4]  # a batch larger than the bound keeps all its rows
     c.put(9, 9)  # the row just put is kept for its caller, even with nothing else to drop
     assert 9 in c
-    c.unpin_all()
+    c.seal()
+    c.release()
     assert len(c) == 2
 
 
@@ -56,7 +58,8 @@ def test_sealed_rows_stay_while_the_next_batch_pins_its_own() -> None:
     assert {0, 1, 2} <= set(c)
     c.release()  # batch one reached RocksDB: row 0 may go, rows 1 and 2 are batch two's
     assert c.pinned == {1, 2} and 0 not in c and {1, 2} <= set(c)
-    c.unpin_all()
+    c.seal()
+    c.release()
     assert len(c) == 2
 
 
