@@ -385,10 +385,20 @@ def next_habits(
     histories (B, K) and event counts (B,) before it and the gaps to it (B,, NaN for a first
     event). One function for the batched and the single-event update, so both round alike;
     items and history entries may be rows or ids (a stream's user table keeps ids)."""
-    out = habits.copy()
     same = history[:, 0] == items
+    return habits_after(habits, same, ~(history == items[:, None]).any(axis=1), gaps, n)
+
+
+def habits_after(
+    habits: np.ndarray, same: np.ndarray, new: np.ndarray, gaps: np.ndarray, n: np.ndarray
+) -> np.ndarray:
+    """``next_habits``'s arithmetic, given for each user whether the event's item is its
+    last one (``same``) and whether it is absent from its history (``new``), both (B,) bool:
+    a stream's side tells them from its rows' tuples in Python, where comparing arrays of ids
+    cost more than the rest of the update."""
+    out = habits.copy()
     out[:, 0] += same
-    out[:, 1] += ~(history == items[:, None]).any(axis=1)
+    out[:, 1] += new
     out[:, 2] = np.where(same, out[:, 2] + 1.0, 1.0)
     seen = (n > 0) & ~np.isnan(gaps)
     if seen.any():

@@ -34,7 +34,7 @@ from operators.model.checkpoint import Checkpoint
 from operators.model.inference import NumpyJodie, static_row
 from operators.model.jodie import Jodie, standardise_delta
 from operators.model.kernel import feature_rows
-from operators.model.state import HABITS, TREND_SECONDS, next_habits
+from operators.model.state import HABITS, TREND_SECONDS, habits_after
 from operators.model.static import Kind
 from operators.protocol.exchange import Apply, ApplyMany, Pending, Ready
 
@@ -236,8 +236,7 @@ class StreamModel:
             habits = [tuple(h) for h in _next_habits(users, events, k).tolist()]
         out = []
         for user, event, emb, hab in zip(users, events, embeddings, habits, strict=True):
-            history, counts = push_history(user, event.item_id, k)
-            times = push_history_times(user, event.item_id, event.timestamp, k)
+            history, counts, times = _pushed(user, event.item_id, event.timestamp, k)
             out.append(
                 EntityState(emb, event.timestamp, history, counts, user.events + 1, 0.0, times, hab)
             )
@@ -509,22 +508,45 @@ def push_history_times(user: EntityState, item: str, t: float, k: int) -> tuple[
     return (float(t), *kept[: k - 1])
 
 
+def _pushed(
+    user: EntityState, item: str, t: float, k: int
+) -> tuple[tuple[str, ...], tuple[int, ...], tuple[float, ...]]:
+    """``push_history`` and ``push_history_times`` in one pass over the history, for the rows
+    the stream writes (distinct items, counts and times beside them); any other row takes the
+    two functions, which say what is wrong with it."""
+    history, counts, times = user.history, user.history_counts, user.history_times
+    if not k or len(counts) != len(history) or len(times) != len(history):
+        history, counts = push_history(user, item, k)
+        return history, counts, push_history_times(user, item, t, k)
+    if item not in history:
+        return (item, *history[: k - 1]), (1, *counts[: k - 1]), (float(t), *times[: k - 1])
+    at = history.index(item)
+    if item in history[at + 1 :]:  # never written so: the rule's general case
+        pushed, pushed_counts = push_history(user, item, k)
+        return pushed, pushed_counts, push_history_times(user, item, t, k)
+    rest = slice(None, k - 1)
+    return (
+        (item, *(history[:at] + history[at + 1 :])[rest]),
+        (counts[at] + 1, *(counts[:at] + counts[at + 1 :])[rest]),
+        (float(t), *(times[:at] + times[at + 1 :])[rest]),
+    )
+
+
 def _next_habits(users: list[EntityState], events: list[EventData], k: int) -> np.ndarray:
-    """(B, 4) the users' habits after their events, by ``next_habits`` on their ids."""
-    b = len(users)
-    history = np.full((b, k), None, dtype=object)  # None never equals an item id
-    for row, user in enumerate(users):
-        history[row, : len(user.history)] = user.history[:k]
-    habits = np.zeros((b, len(HABITS)), dtype=np.float64)
-    for row, user in enumerate(users):
+    """(B, 4) the users' habits after their events, as ``next_habits`` gives them on their
+    histories of ids (the item compared with the tuples here: no object arrays)."""
+    habits = np.zeros((len(users), len(HABITS)), dtype=np.float64)
+    same, new = [], []
+    for row, (user, event) in enumerate(zip(users, events, strict=True)):
+        history, item = user.history[:k], event.item_id
+        same.append(bool(history) and history[0] == item)
+        new.append(item not in history)
         if user.habits:
             habits[row] = user.habits
-    items = np.empty(b, dtype=object)
-    items[:] = [e.item_id for e in events]
     last = np.array([u.last_time for u in users], dtype=np.float64)
     gaps = np.array([e.timestamp for e in events], dtype=np.float64) - last
     counts = np.array([u.events for u in users], dtype=np.int64)
-    return next_habits(habits, history, items, gaps, counts)
+    return habits_after(habits, np.array(same, dtype=bool), np.array(new, dtype=bool), gaps, counts)
 
 
 def counted(item: EntityState, embedding: np.ndarray, t: float) -> EntityState:

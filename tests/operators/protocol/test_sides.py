@@ -12,7 +12,7 @@ from operators.model.config import ModelConfig
 from operators.model.jodie import Jodie
 from operators.model.kernel import query
 from operators.model.online import OnlineJodie
-from operators.model.state import TREND_SECONDS, States
+from operators.model.state import TREND_SECONDS, States, next_habits
 from operators.protocol.exchange import (
     Applied,
     Inbox,
@@ -27,9 +27,12 @@ from operators.protocol.sides import (
     EntityState,
     EventData,
     StreamModel,
+    _next_habits,
+    _pushed,
     counted,
     pack_features,
     push_history,
+    push_history_times,
     unpack_features,
 )
 
@@ -339,6 +342,64 @@ def test_push_history_follows_the_rule_on_random_histories() -> None:
     old = EntityState(np.zeros(2, dtype=np.float32), 1.0, ("a", "b"), ())
     assert push_history(old, "b", 3) == (("b", "a"), (1, 0))
     assert push_history(old, "a", 0) == ((), ())
+
+
+def test_one_pass_push_equals_the_two_rules_on_random_rows() -> None:
+    """The user side pushes history, counts and times in one pass; rows it never writes
+    (duplicates, lengths that disagree, no times) take the two functions."""
+    rng = random.Random(7)
+    for _ in range(3000):
+        k = rng.randint(0, 6)
+        history = tuple(rng.sample("abcdefgh", rng.randint(0, 6)))
+        if history and rng.random() < 0.1:
+            history = (*history, history[0])  # a duplicate, which no row is written with
+        counts = tuple(rng.randint(1, 9) for _ in history)
+        if rng.random() < 0.1:
+            counts = ()
+        times = tuple(float(rng.randint(0, 99)) for _ in history)
+        if rng.random() < 0.1:
+            times = times[1:]
+        item, t = rng.choice("abcdefghij"), float(rng.randint(100, 200))
+        user = EntityState(np.zeros(2, dtype=np.float32), 1.0, history, counts, 3, 0.0, times)
+        want = (*push_history(user, item, k), push_history_times(user, item, t, k))
+        assert _pushed(user, item, t, k) == want
+
+
+def test_habits_from_tuples_equal_next_habits_on_id_arrays() -> None:
+    rng = np.random.default_rng(3)
+    k = 4
+    users, events = [], []
+    for b in range(200):
+        history = tuple(str(i) for i in rng.choice(8, size=rng.integers(0, 7), replace=False))
+        habits = tuple(rng.random(4).tolist()) if b % 5 else ()
+        last = float("nan") if b % 7 == 0 else float(rng.integers(0, 100))
+        users.append(
+            EntityState(
+                np.zeros(2, np.float32),
+                last,
+                history,
+                (),
+                int(rng.integers(0, 30)),
+                0.0,
+                (),
+                habits,
+            )
+        )
+        events.append(EventData(f"e{b}", f"u{b}", str(rng.integers(0, 9)), 150.0, b""))
+    ids = np.full((len(users), k), None, dtype=object)
+    for row, user in enumerate(users):
+        ids[row, : len(user.history)] = user.history[:k]
+    items = np.empty(len(events), dtype=object)
+    items[:] = [e.item_id for e in events]
+    before = np.array([u.habits or (0.0,) * 4 for u in users])
+    want = next_habits(
+        before,
+        ids,
+        items,
+        np.array([e.timestamp - u.last_time for u, e in zip(users, events, strict=True)]),
+        np.array([u.events for u in users]),
+    )
+    np.testing.assert_array_equal(_next_habits(users, events, k), want)
 
 
 def test_counting_an_item_event_keeps_every_other_field() -> None:
