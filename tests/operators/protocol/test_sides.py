@@ -30,6 +30,7 @@ from operators.protocol.sides import (
     _next_habits,
     _pushed,
     counted,
+    decayed_counts,
     pack_features,
     push_history,
     push_history_times,
@@ -416,3 +417,24 @@ def test_counting_an_item_event_keeps_every_other_field() -> None:
     assert post.last_time == 100.0 + TREND_SECONDS and post.events == 6
     assert post.trend == pytest.approx(1.5 * np.exp(-1.0) + 1.0)
     assert post.embedding is not None and not post.embedding.any()
+
+
+def test_a_batch_of_decayed_counts_equals_the_stores_rule_on_its_rows() -> None:
+    """The item side decays a wave's counts on one array; the offline store decays its rows'
+    (``EntityStore.update``): the same values, bit for bit, first events included."""
+    rng = np.random.default_rng(11)
+    n = 500
+    last = rng.uniform(0, 1e6, n)
+    last[rng.random(n) < 0.2] = np.nan
+    trend = rng.uniform(0, 50, n)
+    t = last + rng.uniform(0, 5 * TREND_SECONDS, n)
+    t[np.isnan(t)] = 2e6
+    items = [
+        EntityState(None, float(a), events=3, trend=float(b))
+        for a, b in zip(last, trend, strict=True)
+    ]
+    age = np.nan_to_num(t - last, nan=np.inf)
+    store = trend * np.exp(-age / TREND_SECONDS) + 1.0
+    assert decayed_counts(items, t.tolist()) == store.tolist()
+    for b in range(0, n, 50):  # and one at a time, as counted takes them
+        assert counted(items[b], np.zeros(1, np.float32), float(t[b])).trend == store[b]
