@@ -368,7 +368,8 @@ class LiveRanks:
         n = self._n
         dyn, static, stat = self._dyn[:n], self._static[:n], self._stat[:n]
         d = dyn.shape[1]
-        preds = np.stack([pred for _, pred in todo])  # (B, D)
+        # (B, D); one query (a small catalogue scores each at its seq) as a view of its row.
+        preds = todo[0][1][None, :] if len(todo) == 1 else np.stack([pred for _, pred in todo])
         sq_rows = self._sq[:n]
         dots = (preds[:, :d] @ dyn.T) + (preds[:, d:] @ static.T)  # (B, n)
         sq_preds = np.einsum("ij,ij->i", preds, preds)
@@ -469,9 +470,11 @@ class LiveRanks:
         k = self.model.config.history_size
         rows = np.full(k, -1, dtype=np.int64)
         counts = np.zeros(k, dtype=np.int64)
-        for j, (item, c) in enumerate(zip(q.history[:k], q.history_counts[:k], strict=False)):
-            rows[j] = self._row.get(item, -1)
-            counts[j] = c
+        n = min(len(q.history), len(q.history_counts), k)  # zip's length, as it was read
+        if n:
+            get = self._row.get
+            rows[:n] = [get(item, -1) for item in q.history[:n]]
+            counts[:n] = q.history_counts[:n]
         times = habits = None
         if q.history_times:
             times = np.full(k, np.nan)
@@ -497,6 +500,9 @@ _SCORE_FLOATS = 4_000_000
 
 def _sub_context(context: UserContext, rows: np.ndarray) -> UserContext:
     """``context`` for scoring only ``rows``: its history as positions among them."""
+    if rows.size == 1:  # the true item's exact score, once per query: no dictionary
+        history = np.where(context.history == rows[0], 0, -1).astype(np.int64)
+        return replace(context, history=history)
     local = {int(r): j for j, r in enumerate(rows.tolist())}
     return replace(
         context, history=np.array([local.get(int(r), -1) for r in context.history], dtype=np.int64)

@@ -7,7 +7,8 @@ import random
 import numpy as np
 import torch
 
-from operators.evaluation.live import LiveRanks, Query
+from operators.evaluation.context import UserContext
+from operators.evaluation.live import LiveRanks, Query, _sub_context
 from operators.evaluation.protocols import frozen_replay
 from operators.evaluation.scorer import HistoryScorer, PlainScorer
 from operators.model.jodie import Jodie
@@ -211,3 +212,15 @@ def test_bounded_ranks_equal_exact_ranks_with_ties() -> None:
             )
             assert _ranks(bounded, asked, vectors) == want
         assert len(set(want)) > 10  # ranks that vary: the comparison means something
+
+
+def test_a_context_for_one_row_places_its_history_as_for_several() -> None:
+    """The true item is scored alone once per query; its context takes a shortcut."""
+    context = UserContext(np.array([5, 2, 9, 2, -1, -1]), np.array([3, 1, 1, 1, 0, 0]))
+    for row in (2, 5, 7):
+        one = _sub_context(context, np.array([row]))
+        # The general rule, with a second row that is nowhere in the history.
+        two = _sub_context(context, np.array([row, 1000]))
+        np.testing.assert_array_equal(one.history, two.history)
+        assert one.history.dtype == np.int64
+        np.testing.assert_array_equal(one.counts, context.counts)
