@@ -171,9 +171,13 @@ class LiveRanks:
         if seq >= self.watermark:
             self._arrived.setdefault(seq, (item_id, np.asarray(vector, dtype=np.float32), stats))
 
+    def samples(self, seq: int) -> bool:
+        """Whether the event at ``seq`` is one of the ranked sample (``add`` ignores others)."""
+        return seq % self.every == 0
+
     def add(self, q: Query) -> None:
         """A user event applied here; ranked once the watermark passes it (when sampled)."""
-        if q.seq % self.every:
+        if not self.samples(q.seq):
             return
         oldest = self._undo[0].seq if self._undo else self.watermark
         if q.seq < oldest or q.seq < self.start:

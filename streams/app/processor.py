@@ -431,7 +431,8 @@ class Processor:
                             )
                             continue
                         user_outs.append((out.seq, user_out))
-                        serving.live.add(_query(out.seq, user_out))
+                        if serving.live.samples(out.seq):  # a query only for what is ranked
+                            serving.live.add(_query(out.seq, user_out))
                 if side == "item" and vectors:
                     # This worker's index sees its own items at once (before its users' next
                     # ranks); the others' come from item-vectors.
