@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from functools import partial
+from functools import lru_cache, partial
 from typing import TypeVar
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
@@ -83,8 +83,10 @@ def murmur2(data: bytes) -> int:
     return h
 
 
+@lru_cache(maxsize=1 << 17)
 def partition_for(key: bytes, partitions: int) -> int:
-    """The partition the Java partitioner (and ``murmur2_random``) gives a non-empty key."""
+    """The partition the Java partitioner (and ``murmur2_random``) gives a non-empty key.
+    Cached: a worker asks again for the same users and items (each hash is a Python loop)."""
     return (murmur2(key) & 0x7FFFFFFF) % partitions
 
 
