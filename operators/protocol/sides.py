@@ -525,15 +525,12 @@ def _pushed(
     the stream writes (distinct items, counts and times beside them); any other row takes the
     two functions, which say what is wrong with it."""
     history, counts, times = user.history, user.history_counts, user.history_times
-    if not k or len(counts) != len(history) or len(times) != len(history):
-        history, counts = push_history(user, item, k)
-        return history, counts, push_history_times(user, item, t, k)
+    if not k or not len(counts) == len(times) == len(history) or history.count(item) > 1:
+        pushed, pushed_counts = push_history(user, item, k)
+        return pushed, pushed_counts, push_history_times(user, item, t, k)
     if item not in history:
         return (item, *history[: k - 1]), (1, *counts[: k - 1]), (float(t), *times[: k - 1])
     at = history.index(item)
-    if item in history[at + 1 :]:  # never written so: the rule's general case
-        pushed, pushed_counts = push_history(user, item, k)
-        return pushed, pushed_counts, push_history_times(user, item, t, k)
     rest = slice(None, k - 1)
     return (
         (item, *(history[:at] + history[at + 1 :])[rest]),
