@@ -131,7 +131,9 @@ class Versions:
             self.preparations.append(prep)
         ckpt = prep.wait()
         self.preparations.remove(prep)
-        serving = Serving.of(self.settings, ckpt, version, self.cooccurrence, epoch)
+        serving = Serving.of(
+            self.settings, ckpt, version, self.cooccurrence, epoch, self.settings.evaluate_apart
+        )
         if self.feeds is not None:
             self.feeds.adopt(serving)
         self.processor.add(serving)

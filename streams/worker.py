@@ -107,7 +107,13 @@ class Worker(Application[Prepared]):
         serving = None
         if checkpoint_dir is not None:
             ckpt = load_checkpoint(checkpoint_dir)
-            serving = Serving.of(settings, ckpt, version or model_version(ckpt), self.cooccurrence)
+            serving = Serving.of(
+                settings,
+                ckpt,
+                version or model_version(ckpt),
+                self.cooccurrence,
+                apart=settings.evaluate_apart,
+            )
         self.stats = WorkerStats()
         # Quarantined events go to the DLQ framed as clients send them, ready to re-send.
         dlq_codec = make_codec(settings, INTERACTION, settings.topic("interactions"))
@@ -326,6 +332,7 @@ class Worker(Application[Prepared]):
         if self._feeds is not None:
             self._feeds.close()
         self.versions.close()
+        self.processor.close()
 
     def partition_of(self, side: str, entity: str) -> int | None:
         """The inbox (and table) partition of a user or item; None before the start."""

@@ -32,7 +32,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field, replace
 from operator import attrgetter
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 import numpy as np
 import torch
@@ -77,6 +77,33 @@ class Ranked:
     query: Query
     rank: int
     n_items: int  # items known at the event
+
+
+class Ranks(Protocol):
+    """What a worker hands the live evaluation and reads of it: ``LiveRanks``, or the same
+    run in a process of its own (``streams.app.evaluation``)."""
+
+    @property
+    def watermark(self) -> int: ...
+
+    @property
+    def unranked(self) -> int: ...
+
+    def item_vector(
+        self,
+        seq: int,
+        item_id: str,
+        vector: np.ndarray,
+        stats: tuple[float, float, float] = ...,
+    ) -> None: ...
+
+    def samples(self, seq: int) -> bool: ...
+
+    def add(self, q: Query) -> None: ...
+
+    def pending(self) -> int: ...
+
+    def ready(self) -> list[Ranked]: ...
 
 
 #: An item row's state: its dynamic embedding (d,), event count, decayed count, last time.
@@ -188,6 +215,11 @@ class LiveRanks:
     def pending(self) -> int:
         """Queries waiting for item vectors."""
         return len(self._queries)
+
+    def drop_pending(self) -> None:
+        """Count the queries waiting as unranked (after a failure left them in doubt)."""
+        self.unranked += len(self._queries)
+        self._queries = []
 
     # -- output ----------------------------------------------------------------------------
     def ready(self) -> list[Ranked]:

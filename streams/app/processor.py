@@ -256,7 +256,9 @@ class Processor:
 
     def retire(self, epoch: Epoch) -> None:
         """Stop serving ``epoch``: no message of it can come any more (streams.retirement)."""
-        self.servings.pop(epoch, None)
+        serving = self.servings.pop(epoch, None)
+        if serving is not None:
+            serving.close()
         self._many.pop(epoch, None)
         self._derived.pop(epoch, None)
 
@@ -552,6 +554,11 @@ class Processor:
         for epoch in sorted(self.servings, key=lambda e: e[1]):
             sent += self._evaluate(self.servings[epoch])
         return sent
+
+    def close(self) -> None:
+        """Stop what the servings run beside the processing (streams.app.evaluation)."""
+        for serving in self.servings.values():
+            serving.close()
 
 
 def _not_quarantined(output: UserOutput | ItemOutput) -> bool:

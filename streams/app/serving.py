@@ -29,7 +29,7 @@ import torch
 from threadpoolctl import threadpool_limits
 
 from operators.evaluation.context import UserContext
-from operators.evaluation.live import LiveRanks
+from operators.evaluation.live import LiveRanks, Ranks
 from operators.evaluation.ranker import LearnedRanker, item_features
 from operators.evaluation.scorer import HistoryScorer, Scorer, log1p_count, make_scorer
 from operators.model.checkpoint import Checkpoint, load_checkpoint
@@ -38,7 +38,8 @@ from operators.model.static import static_embeddings
 from operators.protocol.sides import CheckpointStates, EntityState, StreamModel, UserOutput
 from operators.retrieval.cooccurrence import CooccurrenceCandidates
 from operators.retrieval.tiered import TieredIndex
-from streams.app.epochs import UNSTAMPED, Epoch
+from streams.app.epochs import UNSTAMPED, Epoch, label
+from streams.app.evaluation import RanksApart
 from streams.settings import Settings
 
 
@@ -261,7 +262,7 @@ class Serving:
     baseline: CheckpointStates
     index: TieredIndex
     candidates: int
-    live: LiveRanks
+    live: Ranks
     ranker: Scorer
     cooccurrence: CooccurrenceCandidates | None = None
     epoch: Epoch = UNSTAMPED
@@ -287,9 +288,12 @@ class Serving:
         version: str,
         cooccurrence: CooccurrenceCandidates | None,
         epoch: Epoch = UNSTAMPED,
+        apart: bool = False,
     ) -> Serving:
         """Serve ``ckpt``'s weights from its states; the co-occurrence model is shared by
-        every epoch a worker serves (it is made of the log, not of weights)."""
+        every epoch a worker serves (it is made of the log, not of weights). ``apart``: the
+        live evaluation ranks in a process of its own (``streams.app.evaluation``; a
+        worker's way, ``JODIE_EVALUATE_APART``), which ``close`` stops."""
         # Small batches, one at a time: BLAS and torch threads only add synchronisation (and
         # spin against the broker and the other workers for the same cores).
         torch.set_num_threads(1)
@@ -318,6 +322,9 @@ class Serving:
         start = (
             epoch[1] if epoch != UNSTAMPED else int(ckpt.meta.get("log_offsets", {}).get("seq", 0))
         )
+        live = LiveRanks(
+            ckpt.model, start, ids, vectors, stats, ranker, every=settings.evaluate_every
+        )
         return cls(
             settings=settings,
             checkpoint=ckpt,
@@ -326,14 +333,17 @@ class Serving:
             baseline=baseline,
             index=index,
             candidates=settings.candidates,
-            live=LiveRanks(
-                ckpt.model, start, ids, vectors, stats, ranker, every=settings.evaluate_every
-            ),
+            live=RanksApart(live, f"live evaluation of {label(epoch)}") if apart else live,
             ranker=ranker,
             cooccurrence=cooccurrence,
             epoch=epoch,
             clock=float(np.nanmax(stats[:, 2], initial=-np.inf)),
         )
+
+    def close(self) -> None:
+        """Stop what runs beside the serving (the live evaluation's process, if apart)."""
+        if isinstance(self.live, RanksApart):
+            self.live.close()
 
     def upsert(
         self, ids: list[str], vectors: np.ndarray, stats: list[tuple[float, float, float]]

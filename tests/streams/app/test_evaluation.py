@@ -1,0 +1,171 @@
+"""streams.app.evaluation: the live evaluation in a process of its own ranks as inline."""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import signal
+import time
+
+import numpy as np
+import pytest
+
+from operators.evaluation.live import LiveRanks, Query
+from operators.evaluation.protocols import frozen_replay
+from operators.evaluation.scorer import PlainScorer
+from operators.protocol.sides import CheckpointStates
+from streams.app.evaluation import RanksApart
+from tests.operators.conftest import build_log
+from tests.operators.evaluation.test_live import _AsCheckpoint, _setup, _stream_outputs
+
+#: Seconds a test waits for the child's ranks (its start imports torch).
+WAIT_S = 60.0
+
+
+def _collect(apart: RanksApart, want: int) -> dict[int, tuple[int, int]]:
+    """Call ``ready`` until ``want`` ranks came back (or the wait runs out)."""
+    got: dict[int, tuple[int, int]] = {}
+    deadline = time.monotonic() + WAIT_S
+    while len(got) < want and time.monotonic() < deadline:
+        for r in apart.ready():
+            assert r.query.seq not in got, "a rank came back twice"
+            got[r.query.seq] = (r.rank, r.n_items)
+        time.sleep(0.01)
+    return got
+
+
+def _fixture(seed: int = 1, n_events: int = 300) -> tuple[LiveRanks, list[Query], list, list[int]]:
+    model, states, events = _setup(seed=seed, n_events=n_events)
+    checkpoint = states.copy()
+    log = build_log(
+        [e.user_id for e in events], [e.item_id for e in events], [e.timestamp for e in events]
+    )
+    offline, _ = frozen_replay(model, states.copy(), log, PlainScorer())
+    queries, vectors = _stream_outputs(model, checkpoint.copy(), events)
+    ids, start_vectors = CheckpointStates(_AsCheckpoint(checkpoint)).item_vectors()  # type: ignore[arg-type]
+    live = LiveRanks(model, 0, list(ids), start_vectors.copy())
+    return live, queries, vectors, offline.tolist()
+
+
+def test_ranks_apart_equal_the_frozen_replay_whatever_the_arrival_order() -> None:
+    live, queries, vectors, offline = _fixture()
+    apart = RanksApart(live)
+    try:
+        inputs: list[tuple[str, object]] = [("q", q) for q in queries]
+        inputs += [("v", v) for v in vectors]
+        random.Random(0).shuffle(inputs)
+        got: dict[int, tuple[int, int]] = {}
+        for k, (kind, body) in enumerate(inputs):
+            if kind == "q":
+                apart.add(body)  # type: ignore[arg-type]
+            else:
+                apart.item_vector(*body)  # type: ignore[misc]
+            if k % 37 == 0:  # batches of the processing's kind: ready() once in a while
+                got.update((r.query.seq, (r.rank, r.n_items)) for r in apart.ready())
+        got.update(_collect(apart, len(queries) - len(got)))
+        assert [got[k][0] for k in range(len(queries))] == offline
+        assert apart.pending() == 0 and apart.unranked == 0
+        assert apart.watermark == len(queries)
+    finally:
+        apart.close()
+    assert apart._proc.returncode == 0
+
+
+def test_ranks_apart_carry_each_querys_ids() -> None:
+    live, queries, vectors, _ = _fixture(seed=3, n_events=90)
+    apart = RanksApart(live)
+    try:
+        for v in vectors:
+            apart.item_vector(*v)
+        for q in queries:
+            apart.add(q)
+        got = []
+        deadline = time.monotonic() + WAIT_S
+        while len(got) < len(queries) and time.monotonic() < deadline:
+            got += apart.ready()
+            time.sleep(0.01)
+        assert sorted(
+            (r.query.seq, r.query.event_id, r.query.user_id, r.query.item_id) for r in got
+        ) == [(q.seq, q.event_id, q.user_id, q.item_id) for q in queries]
+    finally:
+        apart.close()
+
+
+def test_only_the_sample_is_sent_and_counted() -> None:
+    live, queries, vectors, offline = _fixture(seed=4, n_events=120)
+    live.every = 3
+    apart = RanksApart(live)
+    try:
+        assert [apart.samples(q.seq) for q in queries[:4]] == [True, False, False, True]
+        for v in vectors:
+            apart.item_vector(*v)
+        for q in queries:
+            apart.add(q)
+        sampled = [q.seq for q in queries if q.seq % 3 == 0]
+        got = _collect(apart, len(sampled))
+        assert sorted(got) == sampled
+        assert [got[s][0] for s in sampled] == [offline[s] for s in sampled]
+    finally:
+        apart.close()
+
+
+def test_a_batch_that_fails_is_logged_and_the_next_ones_are_ranked(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    live, queries, vectors, offline = _fixture(seed=5, n_events=90)
+    apart = RanksApart(live)
+    try:
+        for v in vectors:
+            apart.item_vector(*v)
+        bad = queries[0]._replace(pre_state=np.zeros(3, np.float32))  # not the model's size
+        apart.add(bad)
+        with caplog.at_level(logging.WARNING, logger="streams.app.evaluation"):
+            deadline = time.monotonic() + WAIT_S
+            while apart.pending() and time.monotonic() < deadline:
+                assert apart.ready() == []
+                time.sleep(0.01)
+        assert any("was not ranked" in r.getMessage() for r in caplog.records)
+        assert apart.unranked == 1
+        for q in queries[1:]:
+            apart.add(q)
+        got = _collect(apart, len(queries) - 1)
+        assert [got[q.seq][0] for q in queries[1:]] == offline[1:]
+    finally:
+        apart.close()
+
+
+def test_a_killed_ranking_process_counts_what_it_would_rank_as_unranked(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    live, queries, vectors, _ = _fixture(seed=6, n_events=90)
+    apart = RanksApart(live)
+    try:
+        for v in vectors:
+            apart.item_vector(*v)
+        half = len(queries) // 2
+        for q in queries[:half]:
+            apart.add(q)
+        assert len(_collect(apart, half)) == half
+        os.kill(apart._proc.pid, signal.SIGKILL)
+        apart._proc.wait(WAIT_S)
+        with caplog.at_level(logging.ERROR, logger="streams.app.evaluation"):
+            deadline = time.monotonic() + WAIT_S
+            rest = queries[half:]
+            for q in rest:
+                apart.add(q)
+                assert apart.ready() == []  # no exception: the worker keeps serving
+            while apart.unranked < len(rest) and time.monotonic() < deadline:
+                assert apart.ready() == []
+                time.sleep(0.01)
+        assert apart.unranked == len(rest) and apart.pending() == 0
+        assert sum("ranking process stopped" in r.getMessage() for r in caplog.records) == 1
+    finally:
+        apart.close()
+
+
+def test_starts_only_from_a_fresh_live_evaluation() -> None:
+    live, queries, _, _ = _fixture(seed=7, n_events=30)
+    live.add(queries[0])
+    with pytest.raises(ValueError, match="no input"):
+        RanksApart(live)
