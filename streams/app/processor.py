@@ -61,7 +61,7 @@ from operators.protocol.sides import (
 from schemas import Codec, wire
 from schemas.codec import ENTITY_RECORD, EVALUATION, INBOX_MESSAGE, INTERACTION, RECOMMENDATION
 from streams.app.epochs import UNSTAMPED, Epoch, label, row_key, split_row_key
-from streams.app.serving import Recommendation, Serving
+from streams.app.serving import Recommendation, Serving, f4_bytes
 from streams.exceptions import ModelMismatchError
 from streams.records import (
     WaitingBytes,
@@ -370,6 +370,7 @@ class Processor:
         many = {"user": user_many, "item": item_many}
         derived = self._derived[epoch]
         inbox = {"user": self.user_inbox, "item": self.item_inbox}
+        count_h, trend_h, time_h = STATS_HEADERS
         while touched["user"] or touched["item"]:
             for side, other in (("item", "user"), ("user", "item")):
                 boxes, touched[side] = touched[side], []
@@ -406,18 +407,13 @@ class Processor:
                             (
                                 self.item_vectors,
                                 item_id.encode(),
-                                item_out.vector.astype("<f4").tobytes(),
+                                f4_bytes(item_out.vector),
                                 [
                                     *headers,
-                                    (SEQ_HEADER, str(out.seq).encode()),
-                                    *(
-                                        (name, repr(value).encode())
-                                        for name, value in zip(
-                                            STATS_HEADERS,
-                                            (item_out.events, item_out.trend, stats[2]),
-                                            strict=True,
-                                        )
-                                    ),
+                                    (SEQ_HEADER, b"%d" % out.seq),
+                                    (count_h, repr(item_out.events).encode()),
+                                    (trend_h, repr(item_out.trend).encode()),
+                                    (time_h, repr(stats[2]).encode()),
                                     self.origin,
                                 ],
                             )

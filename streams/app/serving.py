@@ -520,8 +520,8 @@ class Serving:
                 out.event.item_id,
                 out.event.timestamp,
                 self.version,
-                out.projected.astype("<f4").tobytes(),
-                pred.astype("<f4").tobytes(),
+                f4_bytes(out.projected),
+                f4_bytes(pred),
                 ids,
                 (-dist).tolist(),
                 out.state_change_probability,
@@ -719,3 +719,12 @@ class Serving:
             Ranked(item, value, {"popularity": p, "trend": r})
             for (item, value), (p, r) in zip(top, terms, strict=True)
         ]
+
+
+_F4 = np.dtype("<f4")
+
+
+def f4_bytes(vector: np.ndarray) -> bytes:
+    """A vector as little-endian float32 bytes, copied once (``astype`` copies even when the
+    vector is float32 already, as it is on the hot path)."""
+    return vector.tobytes() if vector.dtype == _F4 else vector.astype(_F4).tobytes()
