@@ -5,10 +5,13 @@ the live evaluation ranks events whose lists were already served (``operators.ev
 and cost about a sixth of a worker's CPU inline (README, *The live evaluation, apart*). Its
 inputs are what the processing hands it anyway, the item vectors it applies or reads and
 the sampled events' queries. ``RanksApart`` keeps ``LiveRanks``' interface, buffers those
-inputs, and at each ``ready`` sends them to a child process that holds the ``LiveRanks`` and
-feeds them to it in the same order; the ranks that come back are returned by a later
-``ready``. The worker sends them in the transaction of that later batch, or of its own when
-idle, as the inline evaluation sends a rank that waits for another worker's vectors.
+inputs, and at each ``ready`` hands them to a thread that sends them to a child process,
+which holds the ``LiveRanks`` and feeds them to it in the same order; the ranks that come back
+are returned by a later ``ready``. The processing never waits for the child: one kept from
+its core (it runs at a lower priority) falls behind, and past ``MAX_BACKLOG_BYTES`` the
+queries it would rank are counted as unranked. The worker sends the ranks in the
+transaction of a later batch, or of its own when idle, as the inline evaluation sends a rank
+that waits for another worker's vectors.
 
 The ranks are those of the inline evaluation: a rank is a function of the log and the
 weights, not of when the inputs arrive (``operators.evaluation.live``). What changes is when
@@ -28,6 +31,7 @@ import dataclasses
 import logging
 import os
 import pickle
+import queue
 import signal
 import socket
 import subprocess
@@ -35,7 +39,6 @@ import sys
 import threading
 from collections import deque
 from multiprocessing.connection import Connection
-from typing import Any
 
 import numpy as np
 
@@ -45,6 +48,13 @@ _log = logging.getLogger(__name__)
 
 #: Seconds ``close`` waits for the child to finish what it was sent.
 CLOSE_TIMEOUT_S = 10.0
+#: Bytes of batches waiting for the child beyond which the next batches' queries are
+#: counted as unranked instead of sent (their item vectors still go): a child kept from its
+#: core costs ranks, never the processing's memory or time. About 15 s of a fast worker.
+MAX_BACKLOG_BYTES = 64 << 20
+#: The child's niceness: under contention for the cores, the processing and the broker come
+#: first; the ranking takes what is left (its ranks only come later).
+NICE = 10
 
 # One batch's inputs: the item vectors (seqs, ids, (n, d + s) vectors, stats) and queries.
 _Batch = tuple[
@@ -94,13 +104,18 @@ class RanksApart:
         )
         theirs.close()
         self._conn = Connection(ours.detach())
-        self._send_lock = threading.Lock()
-        # The child's start (its imports) and the weights' transfer are not waited for: the
-        # spec goes first from the receiving thread, and batches queue behind it.
-        self._started = threading.Event()
+        # Batches go out from a thread of their own: a child that is slow, or still starting
+        # (its imports, the weights' transfer), never holds up the processing. What waits
+        # for it is bounded (``MAX_BACKLOG_BYTES``).
+        self._outbox: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
+        self._queued_bytes = 0  # written by the processing thread only
+        self._sent_bytes = 0  # written by the sending thread only
+        self._outbox.put(pickle.dumps(spec, _PROTOCOL))
+        self._sender = threading.Thread(target=self._send_all, name=f"{name}: send", daemon=True)
         self._receiver = threading.Thread(
-            target=self._receive, args=(spec,), name=f"{name}: receive", daemon=True
+            target=self._receive, name=f"{name}: receive", daemon=True
         )
+        self._sender.start()
         self._receiver.start()
 
     # -- LiveRanks' interface --------------------------------------------------------------
@@ -156,12 +171,8 @@ class RanksApart:
         """Stop the child once it has taken what was sent (the ranks still coming are
         dropped: nothing sends them any more)."""
         self._closing = True
-        if not self._dead.is_set():
-            try:
-                with self._send_lock:
-                    self._conn.send_bytes(_NONE)
-            except OSError:
-                pass
+        self._outbox.put(None)
+        self._sender.join(CLOSE_TIMEOUT_S)
         try:
             self._proc.wait(CLOSE_TIMEOUT_S)
         except subprocess.TimeoutExpired:
@@ -173,42 +184,49 @@ class RanksApart:
     def _send(self) -> None:
         if self._dead.is_set():
             self._lose()
-        if not self._started.is_set() or not (self._seqs or self._queries):
-            return  # kept until the child has its spec: the next call sends it all
-        if self._dead.is_set():
-            self._lost += len(self._queries)
-            self._clear()
+        if not (self._seqs or self._queries):
             return
+        queries = self._queries
+        if self._dead.is_set() or self._queued_bytes - self._sent_bytes > MAX_BACKLOG_BYTES:
+            # Stopped, or too far behind: its queries are counted, never ranked. The item
+            # vectors still go (a gap in them would hold every later rank back).
+            self._lost += len(queries)
+            queries = []
         batch: _Batch = (
             self._seqs,
             self._items,
             np.stack(self._vectors) if self._vectors else None,
             self._stats,
-            self._queries,
+            queries,
         )
-        self._in_flight.append(len(self._queries))
         self._clear()
-        try:
-            with self._send_lock:
-                self._conn.send_bytes(pickle.dumps(batch, _PROTOCOL))
-        except OSError:
-            self._dead.set()
-            self._lose()
+        if self._dead.is_set():
+            return
+        payload = pickle.dumps(batch, _PROTOCOL)
+        self._in_flight.append(len(queries))
+        self._queued_bytes += len(payload)
+        self._outbox.put(payload)
 
     def _clear(self) -> None:
         self._seqs, self._items, self._vectors, self._stats, self._queries = [], [], [], [], []
 
-    def _receive(self, spec: dict[str, Any]) -> None:
-        """The receiving thread: the spec first, then the replies, until the child stops."""
+    def _send_all(self) -> None:
+        """The sending thread: the spec, then each batch, until None (then the child's end)."""
         try:
-            with self._send_lock:
-                self._conn.send_bytes(pickle.dumps(spec, _PROTOCOL))
-            self._started.set()
+            while (payload := self._outbox.get()) is not None:
+                self._conn.send_bytes(payload)
+                self._sent_bytes += len(payload)
+            self._conn.send_bytes(_NONE)
+        except OSError:
+            self._dead.set()
+
+    def _receive(self) -> None:
+        """The receiving thread: the replies, until the child stops."""
+        try:
             while True:
                 self._replies.append(pickle.loads(self._conn.recv_bytes()))
         except (EOFError, OSError):
             self._dead.set()
-            self._started.set()  # what waits for the start is counted as lost from now on
 
     def _lose(self) -> None:
         """The child stopped: the batches on their way were not ranked (once it has no
@@ -267,6 +285,7 @@ def _serve(conn: Connection) -> None:
 def main(argv: list[str]) -> None:
     # The worker's process group gets its Ctrl-C; the worker closes this child itself.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    os.nice(NICE)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
     # One core's worth, like the worker: BLAS or torch threads only contend for the cores.
     os.environ.setdefault("OMP_NUM_THREADS", "1")

@@ -169,3 +169,43 @@ def test_starts_only_from_a_fresh_live_evaluation() -> None:
     live.add(queries[0])
     with pytest.raises(ValueError, match="no input"):
         RanksApart(live)
+
+
+def test_a_child_kept_from_running_never_holds_the_processing_up(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Stopped (SIGSTOP), the child takes nothing: past the backlog bound the queries are
+    counted as unranked at once, the item vectors still queued; resumed, it ranks the
+    queries sent after."""
+    import streams.app.evaluation as evaluation
+
+    live, queries, vectors, offline = _fixture(seed=8, n_events=300)
+    apart = RanksApart(live)
+    try:
+        # Started: a first batch ranked proves the child has its spec.
+        for v in vectors:
+            apart.item_vector(*v)
+        apart.add(queries[0])
+        assert _collect(apart, 1)[0][0] == offline[0]
+        monkeypatch.setattr(evaluation, "MAX_BACKLOG_BYTES", 1 << 20)
+        os.kill(apart._proc.pid, signal.SIGSTOP)
+        stopped = time.monotonic()
+        padding = np.zeros((2000, vectors[0][2].shape[0]), np.float32)
+        for k in range(20):  # ~1.5 MB each: far more than the socket holds, and the bound
+            for row in padding:
+                apart.item_vector(10**6 + k, "i0", row)
+            apart.add(queries[1 + k])
+            assert apart.ready() == []
+        assert time.monotonic() - stopped < 10  # never blocked on the stopped child
+        assert apart.unranked > 0  # the queries past the bound
+        dropped = apart.unranked
+        os.kill(apart._proc.pid, signal.SIGCONT)
+        assert len(_collect(apart, 20 - dropped)) == 20 - dropped  # those sent before the bound
+        for q in queries[21:]:
+            apart.add(q)
+        got = _collect(apart, len(queries) - 21)
+        assert [got[q.seq][0] for q in queries[21:]] == offline[21:]
+        assert apart.unranked == dropped
+    finally:
+        os.kill(apart._proc.pid, signal.SIGCONT)
+        apart.close()
