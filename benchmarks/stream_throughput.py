@@ -110,6 +110,21 @@ def cpu_seconds(pid: int) -> float | None:
         return None
 
 
+def child_pids(pid: int) -> list[int]:
+    """The live children of a process (Linux /proc; a worker's: its live evaluation's
+    process, ``JODIE_EVALUATE_APART``), empty when unreadable."""
+    pids: list[int] = []
+    try:
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            try:
+                pids += [int(p) for p in (task / "children").read_text().split()]
+            except (OSError, ValueError):
+                continue
+    except OSError:
+        return []
+    return sorted(set(pids))
+
+
 def _task_cpu(stat: str) -> tuple[str, float]:
     """A thread's name and user + system CPU seconds, from its /proc stat line."""
     name, rest = stat.split("(", 1)[1].rsplit(")", 1)
@@ -471,6 +486,10 @@ class Bench:
     def cpu_snapshot(self) -> dict[str, float | None]:
         """CPU seconds so far of every process started here, and of the local broker."""
         snap = {c.name: cpu_seconds(c.proc.pid) for c in self.children}
+        for c in self.workers:
+            # A worker's ranking process is counted apart: its CPU is the worker's too.
+            for n, pid in enumerate(child_pids(c.proc.pid)):
+                snap[f"{c.name} evaluation{'' if n == 0 else f' {n}'}"] = cpu_seconds(pid)
         broker = broker_pid(self.settings)
         if broker is not None:
             snap["broker"] = cpu_seconds(broker)
