@@ -110,8 +110,14 @@ class RanksApart:
         self._outbox: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
         self._queued_bytes = 0  # written by the processing thread only
         self._sent_bytes = 0  # written by the sending thread only
-        self._outbox.put(pickle.dumps(spec, _PROTOCOL))
-        self._sender = threading.Thread(target=self._send_all, name=f"{name}: send", daemon=True)
+        # The spec (the weights and every item's state) goes first and is not counted against
+        # the bound: a large catalogue's is larger than it, and the child needs it whole.
+        self._sender = threading.Thread(
+            target=self._send_all,
+            args=(pickle.dumps(spec, _PROTOCOL),),
+            name=f"{name}: send",
+            daemon=True,
+        )
         self._receiver = threading.Thread(
             target=self._receive, name=f"{name}: receive", daemon=True
         )
@@ -210,9 +216,10 @@ class RanksApart:
     def _clear(self) -> None:
         self._seqs, self._items, self._vectors, self._stats, self._queries = [], [], [], [], []
 
-    def _send_all(self) -> None:
+    def _send_all(self, spec: bytes) -> None:
         """The sending thread: the spec, then each batch, until None (then the child's end)."""
         try:
+            self._conn.send_bytes(spec)
             while (payload := self._outbox.get()) is not None:
                 self._conn.send_bytes(payload)
                 self._sent_bytes += len(payload)

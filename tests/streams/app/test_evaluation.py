@@ -187,6 +187,8 @@ def test_a_child_kept_from_running_never_holds_the_processing_up(
             apart.item_vector(*v)
         apart.add(queries[0])
         assert _collect(apart, 1)[0][0] == offline[0]
+        # Everything was taken; the spec (the weights, every item) is not in the backlog.
+        assert apart._queued_bytes - apart._sent_bytes == 0
         monkeypatch.setattr(evaluation, "MAX_BACKLOG_BYTES", 1 << 20)
         os.kill(apart._proc.pid, signal.SIGSTOP)
         stopped = time.monotonic()
