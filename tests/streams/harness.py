@@ -14,6 +14,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
@@ -101,12 +102,18 @@ def start_worker(
     return spawn(f"worker-{worker_id}", args, tmp, env, append=True).proc
 
 
-def wait_for(settings: Settings, n: int, timeout_s: float) -> list[dict]:
-    """Committed recommendations, polled until there are ``n`` (or the time is up)."""
+def wait_for(
+    settings: Settings,
+    n: int,
+    timeout_s: float,
+    topic: Literal["recommendations", "evaluations"] = "recommendations",
+) -> list[dict]:
+    """Committed recommendations (or evaluations), polled until there are ``n`` (or the time
+    is up)."""
     deadline = time.monotonic() + timeout_s
     recs: list[dict] = []
     while time.monotonic() < deadline:
-        recs = list(tail(settings, "recommendations", idle_timeout_s=2.0))
+        recs = list(tail(settings, topic, idle_timeout_s=2.0))
         if len(recs) >= n:
             return recs
         time.sleep(1.0)

@@ -84,6 +84,9 @@ def pipeline(broker: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iter
         proc = start_worker(settings, None, 0, tmp, model="jodie", env={**env, **web})
         try:
             recs = wait_for(settings, STREAMED, timeout_s=300)
+            # Ranks come from the worker's ranking process, a transaction after their
+            # recommendations (streams.app.evaluation): wait for them too.
+            wait_for(settings, 1, timeout_s=60, topic="evaluations")
         finally:
             stop(proc)
         assert len(recs) == STREAMED, (tmp / "worker-0.log").read_text()[-3000:]
