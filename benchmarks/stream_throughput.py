@@ -80,7 +80,7 @@ from confluent_kafka import (
 from deploy.kafka.broker import BrokerConfig
 from operators.dataset import Row, bundled_wikipedia, iter_rows
 from schemas import INTERACTION, RECOMMENDATION
-from streams.children import Child, spawn, stop_children_on_sigterm
+from streams.children import Child, child_pids, spawn, stop_children_on_sigterm
 from streams.cli.common import script_main
 from streams.codecs import make_codec
 from streams.produce import produce_file, source_tag, to_record
@@ -108,21 +108,6 @@ def cpu_seconds(pid: int) -> float | None:
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
     except (OSError, IndexError, ValueError):
         return None
-
-
-def child_pids(pid: int) -> list[int]:
-    """The live children of a process (Linux /proc; a worker's: its live evaluation's
-    process, ``JODIE_EVALUATE_APART``), empty when unreadable."""
-    pids: list[int] = []
-    try:
-        for task in Path(f"/proc/{pid}/task").iterdir():
-            try:
-                pids += [int(p) for p in (task / "children").read_text().split()]
-            except (OSError, ValueError):
-                continue
-    except OSError:
-        return []
-    return sorted(set(pids))
 
 
 def _task_cpu(stat: str) -> tuple[str, float]:

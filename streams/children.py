@@ -96,6 +96,21 @@ def stop(proc: subprocess.Popen[bytes], timeout_s: float = STOP_TIMEOUT_S) -> No
             proc.wait(timeout=timeout_s)
 
 
+def child_pids(pid: int) -> list[int]:
+    """The live children of a process (Linux /proc; a worker's: its live evaluation's
+    process, ``JODIE_EVALUATE_APART``), empty when unreadable."""
+    pids: list[int] = []
+    try:
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            try:
+                pids += [int(p) for p in (task / "children").read_text().split()]
+            except (OSError, ValueError):
+                continue
+    except OSError:
+        return []
+    return sorted(set(pids))
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port free on ``host`` right now."""
     with socket.socket() as s:
