@@ -105,6 +105,8 @@ class Ranks(Protocol):
 
     def ready(self) -> list[Ranked]: ...
 
+    def finish(self, timeout_s: float) -> list[Ranked]: ...
+
 
 #: An item row's state: its dynamic embedding (d,), event count, decayed count, last time.
 ItemState = tuple[np.ndarray, float, float, float]
@@ -222,6 +224,11 @@ class LiveRanks:
         self._queries = []
 
     # -- output ----------------------------------------------------------------------------
+    def finish(self, timeout_s: float) -> list[Ranked]:
+        """The last ``ready`` before the worker stops. Ranked here, nothing is on its way:
+        ``timeout_s`` (how long one ranked elsewhere may wait for its ranks) is not needed."""
+        return self.ready()
+
     def ready(self) -> list[Ranked]:
         """Rank every query whose item states are complete, folding vectors in seq order.
 

@@ -15,9 +15,11 @@ that waits for another worker's vectors.
 
 The ranks are those of the inline evaluation: a rank is a function of the log and the
 weights, not of when the inputs arrive (``operators.evaluation.live``). What changes is when
-each evaluation record is written, a batch or so later. A worker that stops loses the ranks
-still in flight as it loses the queries waiting for vectors inline: the records committed
-are never repeated, and what was lost shows in no count (it was never ranked).
+each evaluation record is written, a batch or so later. A worker that is stopped waits for
+the ranks still in flight, for a bounded time, and commits them in a last transaction
+(``finish``). One that is killed loses them as it loses the queries waiting for vectors
+inline: the records committed are never repeated, and what was lost shows in no count (it
+was never ranked).
 
 The child is ``python -m streams.app.evaluation FD``: one end of a socket pair, framed by
 ``multiprocessing.connection``, carrying plain pickles. It ends when its end is closed (the
@@ -37,6 +39,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections import deque
 from multiprocessing.connection import Connection
 
@@ -48,6 +51,8 @@ _log = logging.getLogger(__name__)
 
 #: Seconds ``close`` waits for the child to finish what it was sent.
 CLOSE_TIMEOUT_S = 10.0
+#: How often ``finish`` looks for the replies it waits for.
+FINISH_POLL_S = 0.01
 #: Bytes of batches waiting for the child beyond which the next batches' queries are
 #: counted as unranked instead of sent (their item vectors still go): a child kept from its
 #: core costs ranks, never the processing's memory or time. About 15 s of a fast worker.
@@ -173,9 +178,25 @@ class RanksApart:
         self._send()
         return out
 
+    def finish(self, timeout_s: float) -> list[Ranked]:
+        """The last ``ready`` before the worker stops: what was handed in is sent, and the
+        ranks of every batch sent are waited for, up to ``timeout_s`` (a child kept from its
+        core, or stopped, may never answer). Queries still waiting there for another
+        worker's item vectors stay unranked, as they would inline."""
+        self._send()
+        deadline = time.monotonic() + timeout_s
+        # Polled: this runs once, on the way out, and a reply takes milliseconds to rank.
+        while (
+            len(self._replies) < len(self._in_flight)
+            and not self._dead.is_set()
+            and time.monotonic() < deadline
+        ):
+            time.sleep(FINISH_POLL_S)
+        return self.ready()
+
     def close(self) -> None:
         """Stop the child once it has taken what was sent (the ranks still coming are
-        dropped: nothing sends them any more)."""
+        dropped: nothing sends them any more; ``finish`` first waits for them)."""
         self._closing = True
         self._outbox.put(None)
         self._sender.join(CLOSE_TIMEOUT_S)
@@ -193,9 +214,13 @@ class RanksApart:
         if not (self._seqs or self._queries):
             return
         queries = self._queries
-        if self._dead.is_set() or self._queued_bytes - self._sent_bytes > MAX_BACKLOG_BYTES:
-            # Stopped, or too far behind: its queries are counted, never ranked. The item
-            # vectors still go (a gap in them would hold every later rank back).
+        if self._dead.is_set():  # nothing ranks them any more
+            self._lost += len(queries)
+            self._clear()
+            return
+        if self._queued_bytes - self._sent_bytes > MAX_BACKLOG_BYTES:
+            # Too far behind: its queries are counted, never ranked. The item vectors still
+            # go (a gap in them would hold every later rank back).
             self._lost += len(queries)
             queries = []
         batch: _Batch = (
@@ -206,8 +231,6 @@ class RanksApart:
             queries,
         )
         self._clear()
-        if self._dead.is_set():
-            return
         payload = pickle.dumps(batch, _PROTOCOL)
         self._in_flight.append(len(queries))
         self._queued_bytes += len(payload)
@@ -266,9 +289,10 @@ def _serve(conn: Connection) -> None:
         error = None
         ranked: list[Ranked] = []
         try:
-            for i, (seq, item, st) in enumerate(zip(seqs, items, stats, strict=True)):
+            if seqs:
                 assert vectors is not None
-                live.item_vector(seq, item, vectors[i], st)
+                for seq, item, vector, st in zip(seqs, items, vectors, stats, strict=True):
+                    live.item_vector(seq, item, vector, st)
             for q in queries:
                 live.add(q)
             ranked = live.ready()

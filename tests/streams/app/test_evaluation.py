@@ -211,3 +211,42 @@ def test_a_child_kept_from_running_never_holds_the_processing_up(
     finally:
         os.kill(apart._proc.pid, signal.SIGCONT)
         apart.close()
+
+
+def test_finish_returns_every_rank_on_its_way() -> None:
+    """One call, no ``ready`` before it: what was handed in is sent, and the ranks of all of
+    it (the child's start included) are waited for."""
+    live, queries, vectors, offline = _fixture(seed=9)
+    apart = RanksApart(live)
+    try:
+        for v in vectors:
+            apart.item_vector(*v)
+        for q in queries:
+            apart.add(q)
+        got = {r.query.seq: r.rank for r in apart.finish(WAIT_S)}
+        assert [got[q.seq] for q in queries] == offline
+        assert apart.pending() == 0 and apart.unranked == 0
+    finally:
+        apart.close()
+
+
+def test_finish_waits_no_longer_than_its_timeout() -> None:
+    """A stopped child (SIGSTOP) never answers: ``finish`` returns what came back, and what
+    did not stays pending (the worker reports it, then stops)."""
+    live, queries, vectors, offline = _fixture(seed=10, n_events=60)
+    apart = RanksApart(live)
+    try:
+        for v in vectors:
+            apart.item_vector(*v)
+        apart.add(queries[0])
+        assert _collect(apart, 1)[0][0] == offline[0]
+        os.kill(apart._proc.pid, signal.SIGSTOP)
+        for q in queries[1:]:
+            apart.add(q)
+        began = time.monotonic()
+        assert apart.finish(0.5) == []
+        assert 0.5 <= time.monotonic() - began < 5
+        assert apart.pending() == len(queries) - 1
+    finally:
+        os.kill(apart._proc.pid, signal.SIGCONT)
+        apart.close()
