@@ -249,6 +249,9 @@ class Worker(Application[Prepared]):
     def flush(self) -> Iterable[Output]:
         return self.processor.flush()
 
+    def finish(self) -> Iterable[Output]:
+        return self.processor.flush(last=True)
+
     def prepare(self, records: list[Record]) -> Prepared:
         batch = Prepared()
         decoded, routed = batch.messages, batch.routed

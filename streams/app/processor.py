@@ -174,6 +174,9 @@ Headers = list[tuple[str, str | bytes | None]]
 Output = tuple[str, bytes, bytes, Headers | None]  # topic, key, value, headers (the runtime's)
 Local = Callable[[str, bytes], "Box | None"]  # (side, row key) → the row, if owned here
 Message_ = tuple[str, Epoch, Box, dict[str, Any]]  # side, epoch, its row, the decoded message
+#: Seconds a graceful stop waits for the ranks of one serving's live evaluation still on
+#: their way (within the 30 s a supervisor gives a worker to stop, ``streams.children``).
+FINISH_TIMEOUT_S = 10.0
 #: Header of item-vectors records: the epoch whose weights computed the vector.
 EPOCH_HEADER = "jodie-epoch"
 #: Header of item-vectors records: the seq of the event after which the item has the vector.
@@ -525,9 +528,10 @@ class Processor:
         ]
         return (self.dlq, event.user_id.encode(), value, headers)
 
-    def _evaluate(self, serving: Serving) -> list[Output]:
+    def _evaluate(self, serving: Serving, last: bool = False) -> list[Output]:
         sent: list[Output] = []
-        for ranked in serving.live.ready():
+        ranks = serving.live.finish(FINISH_TIMEOUT_S) if last else serving.live.ready()
+        for ranked in ranks:
             q = ranked.query
             self.stats.ranks.add(ranked.rank)
             record = {
@@ -544,11 +548,13 @@ class Processor:
             )
         return sent
 
-    def flush(self) -> list[Output]:
-        """Evaluations that item vectors read since the last batch made possible."""
+    def flush(self, last: bool = False) -> list[Output]:
+        """Evaluations that item vectors read since the last batch made possible; ``last``
+        (a graceful stop): also those still on their way (streams.app.evaluation), waited
+        for up to ``FINISH_TIMEOUT_S`` per serving."""
         sent: list[Output] = []
         for epoch in sorted(self.servings, key=lambda e: e[1]):
-            sent += self._evaluate(self.servings[epoch])
+            sent += self._evaluate(self.servings[epoch], last)
         return sent
 
     def close(self) -> None:

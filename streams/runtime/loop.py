@@ -160,6 +160,11 @@ class Application(ABC, Generic[B]):
         them, so a crash before that commit loses them rather than repeating them."""
         return ()
 
+    def finish(self) -> Iterable[Output]:
+        """The loop was stopped (not failed), with every batch committed: last outputs, like
+        ``flush``'s, committed in a transaction of their own before the clients close."""
+        return ()
+
     def on_assign(self, partitions: list[tuple[str, int]]) -> None:
         """After the tables of newly assigned (topic, partition)s were restored."""
 
@@ -486,6 +491,8 @@ class TransactionalLoop(Generic[B]):
                     self.stats.lag = _lag(consumer)
                     self.app.report(now - last_report)
                     last_report = now
+            if self._drain(consumer, tx):
+                self._flush(consumer, tx, self.app.finish())
         finally:
             self._close_pending()
             self.app.close()
@@ -735,8 +742,11 @@ class TransactionalLoop(Generic[B]):
                 sorted(again),
             )
 
-    def _flush(self, consumer: Consumer, tx: Transactions) -> None:
-        outputs = list(self.app.flush())
+    def _flush(
+        self, consumer: Consumer, tx: Transactions, last: Iterable[Output] | None = None
+    ) -> None:
+        """Commit the application's idle outputs, or ``last``: its ``finish``'s."""
+        outputs = list(self.app.flush() if last is None else last)
         tables = self._tables()
         if not outputs and not any(table.deleting() for table in tables):
             return

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import signal
 import threading
 import time
@@ -13,6 +15,7 @@ import pytest
 
 from operators.dataset import bundled_wikipedia
 from schemas import INTERACTION
+from streams.children import child_pids
 from streams.codecs import make_codec
 from streams.peek import read_all
 from streams.produce import produce_file
@@ -62,6 +65,41 @@ def test_one_worker_computes_the_sequential_replay(
     assert_equal_to_reference(
         kafka, checkpoint, reference(checkpoint, range(HISTORY, HISTORY + STREAM))
     )
+
+
+def test_a_stopped_worker_commits_the_ranks_still_on_their_way(
+    kafka: Settings, checkpoint: Path, tmp_path: Path
+) -> None:
+    """Ranks come from the worker's ranking process a transaction after their
+    recommendations (streams.app.evaluation). That process is held (SIGSTOP) while the
+    stream is served, so every rank is still on its way when the worker is told to stop; it
+    resumes while the worker waits: every event's evaluation is committed all the same."""
+    env = {"JODIE_EVALUATE_EVERY": "1", "JODIE_EVALUATE_APART": "true"}
+    worker = start_worker(kafka, checkpoint, 0, tmp_path, env=env)
+    ranking: list[int] = []
+    try:
+        wait_until_assigned(tmp_path, (0,), timeout_s=120)
+        ranking = child_pids(worker.pid)
+        assert len(ranking) == 1, ranking
+        os.kill(ranking[0], signal.SIGSTOP)
+        route(kafka)
+        recs = wait_for(kafka, STREAM, timeout_s=240)
+        assert len(recs) == STREAM, (tmp_path / "worker-0.log").read_text()[-3000:]
+        assert wait_for(kafka, 1, timeout_s=2, topic="evaluations") == []
+        worker.send_signal(signal.SIGTERM)
+        time.sleep(1.0)  # the worker is waiting for the ranks now
+        assert worker.poll() is None
+        os.kill(ranking[0], signal.SIGCONT)
+        worker.wait(60)
+    finally:
+        for pid in ranking:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+        stop(worker)
+    evaluations = wait_for(kafka, STREAM, timeout_s=30, topic="evaluations")
+    assert len(evaluations) == STREAM, _stopped(tmp_path / "worker-0.log")
+    assert {e["event_id"] for e in evaluations} == {r["event_id"] for r in recs}
+    assert _stopped(tmp_path / "worker-0.log")["evaluation"]["pending"] == 0
 
 
 def _stopped(log: Path) -> dict:
