@@ -57,6 +57,12 @@ FINISH_POLL_S = 0.01
 #: counted as unranked instead of sent (their item vectors still go): a child kept from its
 #: core costs ranks, never the processing's memory or time. About 15 s of a fast worker.
 MAX_BACKLOG_BYTES = 64 << 20
+#: Bytes of batches waiting for the child beyond which it is taken for stopped for good
+#: (SIGSTOP, a debugger, a host out of memory): killed, and counted from then on as a child
+#: that died. Past ``MAX_BACKLOG_BYTES`` its queries are dropped, but the item vectors keep
+#: coming, and without this bound they would grow the worker's memory without end. About a
+#: minute of a fast worker.
+GIVE_UP_BYTES = 4 * MAX_BACKLOG_BYTES
 #: The child's niceness: under contention for the cores, the processing and the broker come
 #: first; the ranking takes what is left (its ranks only come later).
 NICE = 10
@@ -209,6 +215,8 @@ class RanksApart:
 
     # -- the connection ----------------------------------------------------------------------
     def _send(self) -> None:
+        if not self._dead.is_set() and self._queued_bytes - self._sent_bytes > GIVE_UP_BYTES:
+            self._give_up()
         if self._dead.is_set():
             self._lose()
         if not (self._seqs or self._queries):
@@ -258,14 +266,30 @@ class RanksApart:
         except (EOFError, OSError):
             self._dead.set()
 
+    def _give_up(self) -> None:
+        """The child has taken nothing for ``GIVE_UP_BYTES`` of batches: it is killed, and
+        ``_lose`` counts it as one that died."""
+        _log.warning(
+            "%s: the ranking process has taken nothing for %d MiB of batches; stopping it",
+            self.name,
+            GIVE_UP_BYTES >> 20,
+        )
+        self._proc.kill()
+        self._proc.wait()
+        self._dead.set()
+
     def _lose(self) -> None:
-        """The child stopped: the batches on their way were not ranked (once it has no
-        reply left to read)."""
-        if self._replies or self._reported:
+        """The child stopped: the batches on their way were not ranked (once every reply it
+        wrote has been read), and those still waiting to go are let go."""
+        if self._replies or self._reported or self._receiver.is_alive():
             return
         self._reported = True
         self._lost += sum(self._in_flight)
         self._in_flight.clear()
+        # The sending thread ends at its first write to the closed socket; what it had not
+        # taken would otherwise be held for as long as the worker runs.
+        while not self._outbox.empty():
+            self._outbox.get_nowait()
         if not self._closing:
             _log.error(
                 "%s: the ranking process stopped (exit code %s); the events it would have "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import random
@@ -171,6 +172,32 @@ def test_starts_only_from_a_fresh_live_evaluation() -> None:
         RanksApart(live)
 
 
+def _started(seed: int, n_events: int) -> tuple[RanksApart, list[Query], list, list[int]]:
+    """A ranking child with its first rank back: proof that it has its spec."""
+    live, queries, vectors, offline = _fixture(seed=seed, n_events=n_events)
+    apart = RanksApart(live)
+    try:
+        for v in vectors:
+            apart.item_vector(*v)
+        apart.add(queries[0])
+        assert _collect(apart, 1)[0][0] == offline[0]
+    except BaseException:
+        apart.close()
+        raise
+    return apart, queries, vectors, offline
+
+
+def _flood(apart: RanksApart, queries: list[Query], rows: int, dim: int) -> None:
+    """20 batches of ``rows`` item vectors and a query (``queries[1:21]``) each, to a child
+    that takes nothing: nothing comes back, and nothing waits for it."""
+    padding = np.zeros((rows, dim), np.float32)
+    for k in range(20):
+        for row in padding:
+            apart.item_vector(10**6 + k, "i0", row)
+        apart.add(queries[1 + k])
+        assert apart.ready() == []
+
+
 def test_a_child_kept_from_running_never_holds_the_processing_up(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -179,25 +206,15 @@ def test_a_child_kept_from_running_never_holds_the_processing_up(
     queries sent after."""
     import streams.app.evaluation as evaluation
 
-    live, queries, vectors, offline = _fixture(seed=8, n_events=300)
-    apart = RanksApart(live)
+    apart, queries, vectors, offline = _started(seed=8, n_events=300)
     try:
-        # Started: a first batch ranked proves the child has its spec.
-        for v in vectors:
-            apart.item_vector(*v)
-        apart.add(queries[0])
-        assert _collect(apart, 1)[0][0] == offline[0]
         # Everything was taken; the spec (the weights, every item) is not in the backlog.
         assert apart._queued_bytes - apart._sent_bytes == 0
         monkeypatch.setattr(evaluation, "MAX_BACKLOG_BYTES", 1 << 20)
         os.kill(apart._proc.pid, signal.SIGSTOP)
         stopped = time.monotonic()
-        padding = np.zeros((2000, vectors[0][2].shape[0]), np.float32)
-        for k in range(20):  # ~1.5 MB each: far more than the socket holds, and the bound
-            for row in padding:
-                apart.item_vector(10**6 + k, "i0", row)
-            apart.add(queries[1 + k])
-            assert apart.ready() == []
+        # ~190 KB a batch (16 floats a row): past the socket's buffers and the bound.
+        _flood(apart, queries, 2000, vectors[0][2].shape[0])
         assert time.monotonic() - stopped < 10  # never blocked on the stopped child
         assert apart.unranked > 0  # the queries past the bound
         dropped = apart.unranked
@@ -210,6 +227,38 @@ def test_a_child_kept_from_running_never_holds_the_processing_up(
         assert apart.unranked == dropped
     finally:
         os.kill(apart._proc.pid, signal.SIGCONT)
+        apart.close()
+
+
+def test_a_child_stopped_for_good_is_given_up_and_its_backlog_let_go(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Stopped (SIGSTOP) and never resumed, the child would let the item vectors queued for
+    it grow without end: past the second bound it is killed, counted as a child that died,
+    and what waited for it is dropped."""
+    import streams.app.evaluation as evaluation
+
+    apart, queries, vectors, _ = _started(seed=11, n_events=60)
+    try:
+        monkeypatch.setattr(evaluation, "MAX_BACKLOG_BYTES", 1 << 20)
+        monkeypatch.setattr(evaluation, "GIVE_UP_BYTES", 8 << 20)
+        os.kill(apart._proc.pid, signal.SIGSTOP)
+        with caplog.at_level(logging.WARNING, logger="streams.app.evaluation"):
+            # ~1.9 MB a batch: 38 MB, past both bounds.
+            _flood(apart, queries, 20000, vectors[0][2].shape[0])
+            deadline = time.monotonic() + WAIT_S
+            while apart.pending() and time.monotonic() < deadline:
+                assert apart.ready() == []
+                time.sleep(0.01)
+        assert apart._proc.poll() == -signal.SIGKILL
+        assert apart.pending() == 0 and apart.unranked == 20
+        assert apart._outbox.empty()
+        messages = [r.getMessage() for r in caplog.records]
+        assert sum("has taken nothing" in m for m in messages) == 1
+        assert sum("ranking process stopped" in m for m in messages) == 1
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(apart._proc.pid, signal.SIGCONT)
         apart.close()
 
 
@@ -233,13 +282,8 @@ def test_finish_returns_every_rank_on_its_way() -> None:
 def test_finish_waits_no_longer_than_its_timeout() -> None:
     """A stopped child (SIGSTOP) never answers: ``finish`` returns what came back, and what
     did not stays pending (the worker reports it, then stops)."""
-    live, queries, vectors, offline = _fixture(seed=10, n_events=60)
-    apart = RanksApart(live)
+    apart, queries, _, _ = _started(seed=10, n_events=60)
     try:
-        for v in vectors:
-            apart.item_vector(*v)
-        apart.add(queries[0])
-        assert _collect(apart, 1)[0][0] == offline[0]
         os.kill(apart._proc.pid, signal.SIGSTOP)
         for q in queries[1:]:
             apart.add(q)
