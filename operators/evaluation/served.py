@@ -329,17 +329,12 @@ class ServedTally:
             pos = _position_in(last_served[: self.k], item)
             self.model_hits += pos > 0
             self.model_rr += 1.0 / pos if pos else 0.0
-            heuristic = list(recent[: self.k])
             fill = popular if popular is not None else self._popular()
-            for other in fill:
-                if len(heuristic) >= self.k:
-                    break
-                if other not in heuristic:
-                    heuristic.append(other)
-            pos = _position_in(heuristic, item)
+            pos = self._heuristic_position(recent, item, fill)
             self.heuristic_hits += pos > 0
             self.heuristic_rr += 1.0 / pos if pos else 0.0
-            recent = (item, *(r for r in recent if r != item))[: self.k]
+            if recent[0] != item:  # (a user's repeat of their latest item leaves it as is)
+                recent = (item, *(r for r in recent if r != item))[: self.k]
         else:
             recent = (item,)
         self._counts[item] = self._counts.get(item, 0) + 1
@@ -347,6 +342,27 @@ class ServedTally:
         self._users[user] = (tuple(served[: self.k]), recent)  # re-inserted: most recent last
         if len(self._users) > self.max_users:
             self._users.popitem(last=False)
+
+    def _heuristic_position(self, recent: tuple[str, ...], item: str, fill: list[str]) -> int:
+        """Where ``item`` stands (0: absent) in the heuristic's list: ``recent`` (distinct,
+        latest first), then the items of ``fill`` not in it until there are k. Walked only as
+        far as the item: this runs for every event a worker serves."""
+        head = recent[: self.k]
+        pos = _position_in(head, item)
+        if pos or len(head) >= self.k:
+            return pos
+        taken = set(head)
+        at = len(head)
+        for other in fill:
+            if other in taken:
+                continue
+            taken.add(other)
+            at += 1
+            if other == item:
+                return at
+            if at >= self.k:
+                break
+        return 0
 
     def _popular(self) -> list[str]:
         if self._since >= self.REFRESH:
