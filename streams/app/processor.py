@@ -174,8 +174,9 @@ Headers = list[tuple[str, str | bytes | None]]
 Output = tuple[str, bytes, bytes, Headers | None]  # topic, key, value, headers (the runtime's)
 Local = Callable[[str, bytes], "Box | None"]  # (side, row key) → the row, if owned here
 Message_ = tuple[str, Epoch, Box, dict[str, Any]]  # side, epoch, its row, the decoded message
-#: Seconds a graceful stop waits for the ranks of one serving's live evaluation still on
-#: their way (within the 30 s a supervisor gives a worker to stop, ``streams.children``).
+#: Seconds a graceful stop waits, in all, for the ranks of its servings' live evaluations
+#: still on their way (within the 30 s a supervisor gives a worker to stop,
+#: ``streams.children``, however many epochs it serves).
 FINISH_TIMEOUT_S = 10.0
 #: Header of item-vectors records: the epoch whose weights computed the vector.
 EPOCH_HEADER = "jodie-epoch"
@@ -528,9 +529,11 @@ class Processor:
         ]
         return (self.dlq, event.user_id.encode(), value, headers)
 
-    def _evaluate(self, serving: Serving, last: bool = False) -> list[Output]:
+    def _evaluate(self, serving: Serving, wait_s: float | None = None) -> list[Output]:
+        """The evaluations ranked so far; with ``wait_s`` (a stop), those still on their way
+        are waited for up to that long first."""
         sent: list[Output] = []
-        ranks = serving.live.finish(FINISH_TIMEOUT_S) if last else serving.live.ready()
+        ranks = serving.live.ready() if wait_s is None else serving.live.finish(wait_s)
         for ranked in ranks:
             q = ranked.query
             self.stats.ranks.add(ranked.rank)
@@ -551,10 +554,13 @@ class Processor:
     def flush(self, last: bool = False) -> list[Output]:
         """Evaluations that item vectors read since the last batch made possible; ``last``
         (a graceful stop): also those still on their way (streams.app.evaluation), waited
-        for up to ``FINISH_TIMEOUT_S`` per serving."""
+        for up to ``FINISH_TIMEOUT_S`` in all: one deadline for every serving, so that a stop
+        with several epochs served does not wait that long for each."""
         sent: list[Output] = []
+        deadline = time.monotonic() + FINISH_TIMEOUT_S
         for epoch in sorted(self.servings, key=lambda e: e[1]):
-            sent += self._evaluate(self.servings[epoch], last)
+            wait_s = max(0.0, deadline - time.monotonic()) if last else None
+            sent += self._evaluate(self.servings[epoch], wait_s)
         return sent
 
     def close(self) -> None:

@@ -4,6 +4,7 @@ rows in a plain dict, give the sequential replay and one recommendation per even
 from __future__ import annotations
 
 import random
+import time
 from collections.abc import Callable
 from itertools import pairwise
 from pathlib import Path
@@ -11,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import streams.app.processor as processor_module
 from operators.dataset import bundled_wikipedia, load_interactions
 from operators.evaluation.protocols import frozen_replay
 from operators.evaluation.scorer import make_scorer
@@ -318,3 +320,33 @@ def test_poisoned_events_are_quarantined_and_the_rest_stays_exact(checkpoint: Pa
         feats = np.asarray(bad[s], dtype=np.float32) if s in bad else None
         online.observe(str(log.user_ids[k]), str(log.item_ids[k]), float(log.timestamps[k]), feats)
     assert _assert_rows_equal(rows, online, UNSTAMPED) == len(rows)
+
+
+def test_a_stop_waits_for_the_ranks_of_all_its_servings_within_one_deadline(
+    checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A graceful stop waits ``FINISH_TIMEOUT_S`` in all for ranks still on their way, not that
+    long for each epoch served: a worker in the middle of a switch serves several, and must
+    still stop within the time its supervisor gives it."""
+    monkeypatch.setattr(processor_module, "FINISH_TIMEOUT_S", 0.2)
+    waits: list[float] = []
+
+    class Silent:
+        """A ranking process that never answers: each wait lasts all it is given."""
+
+        def finish(self, timeout_s: float) -> list:
+            waits.append(timeout_s)
+            time.sleep(timeout_s)
+            return []
+
+    settings = Settings(topic_prefix="unit-", evaluate_every=1)
+    proc = Processor(settings, None, WorkerStats())
+    ckpt = load_checkpoint(checkpoint)
+    for epoch in [("v1", 0), ("v2", 10), ("v3", 20)]:
+        serving = Serving.of(settings, ckpt, epoch[0], None, epoch)
+        serving.live = Silent()  # type: ignore[assignment]
+        proc.add(serving)
+    assert proc.flush(last=True) == []
+    # The first took the whole budget (less the moment since the stop began); none was left.
+    assert 0.0 < waits[0] <= 0.2
+    assert waits[1:] == [0.0, 0.0]
