@@ -557,9 +557,9 @@ class Processor:
         for up to ``FINISH_TIMEOUT_S`` in all: one deadline for every serving, so that a stop
         with several epochs served does not wait that long for each."""
         sent: list[Output] = []
-        deadline = time.monotonic() + FINISH_TIMEOUT_S
+        deadline = time.monotonic() + FINISH_TIMEOUT_S if last else None
         for epoch in sorted(self.servings, key=lambda e: e[1]):
-            wait_s = max(0.0, deadline - time.monotonic()) if last else None
+            wait_s = None if deadline is None else max(0.0, deadline - time.monotonic())
             sent += self._evaluate(self.servings[epoch], wait_s)
         return sent
 
