@@ -77,10 +77,7 @@ def test_ranks_apart_carry_each_querys_ids() -> None:
     live, queries, vectors, _ = _fixture(seed=3, n_events=90)
     apart = RanksApart(live)
     try:
-        for v in vectors:
-            apart.item_vector(*v)
-        for q in queries:
-            apart.add(q)
+        _hand_in(apart, vectors, queries)
         got = []
         deadline = time.monotonic() + WAIT_S
         while len(got) < len(queries) and time.monotonic() < deadline:
@@ -99,10 +96,7 @@ def test_only_the_sample_is_sent_and_counted() -> None:
     apart = RanksApart(live)
     try:
         assert [apart.samples(q.seq) for q in queries[:4]] == [True, False, False, True]
-        for v in vectors:
-            apart.item_vector(*v)
-        for q in queries:
-            apart.add(q)
+        _hand_in(apart, vectors, queries)
         sampled = [q.seq for q in queries if q.seq % 3 == 0]
         got = _collect(apart, len(sampled))
         assert sorted(got) == sampled
@@ -170,6 +164,14 @@ def test_starts_only_from_a_fresh_live_evaluation() -> None:
     live.add(queries[0])
     with pytest.raises(ValueError, match="no input"):
         RanksApart(live)
+
+
+def _hand_in(apart: RanksApart, vectors: list, queries: list[Query]) -> None:
+    """Every item vector, then every query, as a worker's batches hand them over."""
+    for v in vectors:
+        apart.item_vector(*v)
+    for q in queries:
+        apart.add(q)
 
 
 def _started(seed: int, n_events: int) -> tuple[RanksApart, list[Query], list, list[int]]:
@@ -268,10 +270,7 @@ def test_finish_returns_every_rank_on_its_way() -> None:
     live, queries, vectors, offline = _fixture(seed=9)
     apart = RanksApart(live)
     try:
-        for v in vectors:
-            apart.item_vector(*v)
-        for q in queries:
-            apart.add(q)
+        _hand_in(apart, vectors, queries)
         got = {r.query.seq: r.rank for r in apart.finish(WAIT_S)}
         assert [got[q.seq] for q in queries] == offline
         assert apart.pending() == 0 and apart.unranked == 0
