@@ -134,10 +134,11 @@ TIMED: list[tuple[str, str, str]] = [
     ),
     ("    the item side: model steps, rows", "operators.protocol.sides", "StreamModel.apply_items"),
     (
-        "    retrieval and ranking of the served lists",
-        "streams.app.serving",
-        "Serving.recommendations",
+        "    the served lists: ranked, tallied, their records encoded",
+        "streams.app.processor",
+        "Processor._recommendations",
     ),
+    ("      retrieval and ranking", "streams.app.serving", "Serving.recommendations"),
     ("    live evaluation", "operators.evaluation.live", "LiveRanks.ready"),
     (
         "  table rows encoded for the changelogs",
