@@ -19,6 +19,8 @@ as a restarted instance would. Each step is bounded by ``LoopConfig.recovery_tim
 An application that ignores repeats also reads its last few batches again then
 (``LoopConfig.reread_batches``): a broker can complete a commit without all of its markers,
 leaving the batch's offsets committed and its outputs aborted (streams.runtime.transactions).
+A rebalance before they were read again assigns those partitions where the reading again
+starts, not at their committed offsets.
 
 An instance away longer than its inputs' retention would resume past records it never
 processed, and one whose group's committed offsets expired would re-apply retained records on
@@ -270,6 +272,7 @@ class _Pending(Generic[B]):
     batch: B
     records: list[Record]
     firsts: dict[tuple[str, int], int]  # where to read again should the commit fail
+    positions: dict[tuple[str, int], int]  # the offsets it commits
     changed: Changes
     producer: Producer  # whose delivery reports the rows' changelog offsets come with
     began: float  # when its records were taken (monotonic)
@@ -298,6 +301,10 @@ class TransactionalLoop(Generic[B]):
         self._unsettled: list[TopicPartition] = []
         # The first offsets of the last committed batches (``LoopConfig.reread_batches``).
         self._recent: deque[dict[tuple[str, int], int]] = deque(maxlen=config.reread_batches)
+        # Partitions being read again after a resume: (from, the committed offset then), until
+        # a batch commits past it. A rebalance in between would otherwise start them at the
+        # committed offset and skip what the resume meant to read again.
+        self._rereading: dict[tuple[str, int], tuple[int, int]] = {}
         # Records taken but held back for the next batch (``LoopConfig.lookahead``), each
         # with its ``order`` (asked once per record), in the order they were taken.
         self._held: list[tuple[int, Record]] = []
@@ -359,7 +366,8 @@ class TransactionalLoop(Generic[B]):
         began = time.monotonic()
         tables = self.app.tables
         fresh: set[tuple[str, int]] = set()  # partitions without a committed offset
-        self._gap = self._gap or self._input_gap(consumer, partitions, fresh)
+        committed: list[TopicPartition] = []
+        self._gap = self._gap or self._input_gap(consumer, partitions, fresh, committed)
         if self._gap is not None:
             return  # nothing restored or processed: the loop stops with the error
         for tp in partitions:
@@ -376,10 +384,19 @@ class TransactionalLoop(Generic[B]):
                         f"expired (offsets.retention.minutes) while it was away. {_GAP_ADVICE}"
                     )
                     return
-        if self._unsettled:
+        starts, again = self._starts(self._unsettled or committed)
+        if self._unsettled or again:
             # librdkafka would fetch the committed offsets itself, as stable ones, and wait
-            # for the stray commit without end: the positions are given instead.
-            consumer.assign([_start_at(tp) for tp in self._unsettled])
+            # for the stray commit without end: the positions are given instead (and so
+            # are those of partitions being read again, which start before them).
+            consumer.assign(starts)
+        if again:
+            self.log.warning(
+                "%s: still reading the last batches again after the rebalance "
+                "(topic, partition, from, committed): %s",
+                self.config.name,
+                sorted(again),
+            )
         self.log.info(
             "%s assigned %s (restored in %.2f s)",
             self.config.name,
@@ -388,12 +405,36 @@ class TransactionalLoop(Generic[B]):
         )
         self.app.on_assign([(tp.topic, tp.partition) for tp in partitions])
 
+    def _starts(
+        self, committed: list[TopicPartition]
+    ) -> tuple[list[TopicPartition], list[tuple[str, int, int, int]]]:
+        """Where each partition's reading starts: its committed offset, or where a resume
+        meant to read it again from, if that is before; and those (topic, partition, from,
+        committed). A partition read again no further than its committed offset is done."""
+        starts, again = [], []
+        for tp in committed:
+            at = (tp.topic, tp.partition)
+            first, then = self._rereading.get(at, (-1, -1))
+            if 0 <= first < tp.offset:
+                self._rereading[at] = (first, max(then, tp.offset))
+                starts.append(TopicPartition(tp.topic, tp.partition, first))
+                again.append((tp.topic, tp.partition, first, tp.offset))
+            else:
+                self._rereading.pop(at, None)
+                starts.append(_start_at(tp))
+        return starts, again
+
     def _input_gap(
-        self, consumer: Consumer, partitions: list[TopicPartition], fresh: set[tuple[str, int]]
+        self,
+        consumer: Consumer,
+        partitions: list[TopicPartition],
+        fresh: set[tuple[str, int]],
+        committed: list[TopicPartition],
     ) -> InputGapError | None:
         """What of ``partitions``' input was lost unprocessed, if anything (see above); adds
-        to ``fresh`` the partitions without a committed offset (checked once restored)."""
-        committed = self._committed(consumer, partitions)
+        to ``fresh`` the partitions without a committed offset (checked once restored), and
+        to ``committed`` their committed offsets."""
+        committed += self._committed(consumer, partitions)
         tables = self.app.tables
         for tp in committed:
             # As long as a resume may take: a worker assigned partitions while a cluster node
@@ -692,7 +733,9 @@ class TransactionalLoop(Generic[B]):
         yet), for at most the recovery timeout."""
         back: dict[tuple[str, int], int] = {}
         if self.config.reread_batches > 0:
-            for firsts in [*self._recent, failed or {}]:
+            # A resume before the last one's reading again was done goes back as far.
+            rereading = {at: first for at, (first, _then) in self._rereading.items()}
+            for firsts in [*self._recent, failed or {}, rereading]:
                 for tp, offset in firsts.items():
                     back[tp] = min(offset, back.get(tp, offset))
         deadline = time.monotonic() + self.config.recovery_timeout_s
@@ -721,13 +764,13 @@ class TransactionalLoop(Generic[B]):
                 table.revoke(tp.partition)
                 self.stats.restored += table.assign(tp.partition)
         committed = self._committed(consumer, assignment)
-        again = []
+        self._rereading = {}
         for tp in committed:
-            start = _start_at(tp)
             first = back.get((tp.topic, tp.partition))
-            if first is not None and 0 <= first < tp.offset:
-                start = TopicPartition(tp.topic, tp.partition, first)
-                again.append((tp.topic, tp.partition, first, tp.offset))
+            if first is not None:
+                self._rereading[(tp.topic, tp.partition)] = (first, tp.offset)
+        starts, again = self._starts(committed)
+        for start in starts:
             with contextlib.suppress(KafkaException):  # revoked meanwhile: not ours to move
                 consumer.seek(start)
         self.log.warning(
@@ -843,7 +886,9 @@ class TransactionalLoop(Generic[B]):
             before = self.stats.commit_s
             commit.set_result(self._commit(tx, offsets, group))  # a failure: ``_batch`` rewinds
             self.stats.wait_s += self.stats.commit_s - before  # all of it was waited for
-        self._pending = _Pending(batch, records, firsts, changed, producer, began, commit)
+        self._pending = _Pending(
+            batch, records, firsts, positions, changed, producer, began, commit
+        )
         if self._committer is None:
             self._wait()  # committed already: persist it now
 
@@ -873,6 +918,9 @@ class TransactionalLoop(Generic[B]):
         self.stats.changelog += pending.changed.count
         if self.config.reread_batches > 0:
             self._recent.append(pending.firsts)
+        for at, (_first, then) in list(self._rereading.items()):
+            if pending.positions.get(at, -1) >= then:
+                del self._rereading[at]  # read again up to where it had been committed
         self._persist(pending.producer, pending.changed)
         self.app.committed(pending.batch, pending.records, done - pending.began)
 

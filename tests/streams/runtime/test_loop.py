@@ -15,9 +15,10 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
-from confluent_kafka import KafkaError, KafkaException, Message, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 from confluent_kafka.admin import NewTopic
 from rocksdict import Cache, Rdict
 
@@ -426,9 +427,14 @@ class _Latest(Counter):
             yield self.output, record.key, str(record.offset).encode(), None
 
 
+@pytest.mark.parametrize("rebalanced", [False, True], ids=["", "rebalanced"])
 @pytest.mark.parametrize("overlap", [False, True], ids=["serial", "overlap"])
 def test_a_batch_whose_offsets_committed_without_its_outputs_is_read_again(
-    conn: Connection, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, overlap: bool
+    conn: Connection,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    overlap: bool,
+    rebalanced: bool,
 ) -> None:
     """What a broker that completes a commit without all of its markers can leave (a single
     node restarted at the wrong moment, streams.runtime.transactions): the batch's offsets
@@ -438,9 +444,32 @@ def test_a_batch_whose_offsets_committed_without_its_outputs_is_read_again(
     fatal error. An application that ignores repeats, run with ``reread_batches``, reads that
     batch again after the new producer starts, and every input has exactly one output. With
     ``overlap`` the failure surfaces once the next batch was processed in memory: that one is
-    dropped and read again too."""
+    dropped and read again too. ``rebalanced``: the member's partitions are revoked and
+    assigned again right after the resume, before anything is read again (a group session
+    that timed out while the broker was away ends so; seen in a full run, five events lost):
+    the assignment starts them where the resume meant to read again, not at the committed
+    offsets."""
     inputs: Inputs = {}
     failed: list[int] = []
+    resume = TransactionalLoop._resume_once
+    rebalances: list[list[TopicPartition]] = []
+
+    def resume_then_rebalance(
+        self: TransactionalLoop[list[Record]], consumer: Consumer, back: dict[Any, int]
+    ) -> None:
+        resume(self, consumer, back)
+        # What librdkafka does in a rebalance: the revoke callback, the assign callback (which
+        # may give the positions), and otherwise the committed offsets.
+        parts = [TopicPartition(tp.topic, tp.partition) for tp in consumer.assignment()]
+        self._on_revoke(consumer, parts)
+        consumer.unassign()
+        self._on_assign(consumer, parts)
+        if not consumer.assignment():
+            consumer.assign(parts)
+        rebalances.append(parts)
+
+    if rebalanced:
+        monkeypatch.setattr(TransactionalLoop, "_resume_once", resume_then_rebalance)
 
     class HalfCommitting(Transactions):
         commits = 0
@@ -496,6 +525,7 @@ def test_a_batch_whose_offsets_committed_without_its_outputs_is_read_again(
             by_key.setdefault(key, []).append(int(value or b"-1"))
         assert by_key == inputs, f"{len(outputs)} outputs of 200 inputs: one lost, or twice"
         assert loop.stats.replaced == 1 and app.repeats > 0, (loop.stats, app.repeats)
+        assert len(rebalances) == int(rebalanced) and all(rebalances), rebalances
 
 
 class _Ordered(_Latest):
