@@ -367,7 +367,9 @@ class TransactionalLoop(Generic[B]):
         tables = self.app.tables
         fresh: set[tuple[str, int]] = set()  # partitions without a committed offset
         committed: list[TopicPartition] = []
-        self._gap = self._gap or self._input_gap(consumer, partitions, fresh, committed)
+        if self._gap is None:
+            committed = self._committed(consumer, partitions)
+            self._gap = self._input_gap(consumer, committed, fresh)
         if self._gap is not None:
             return  # nothing restored or processed: the loop stops with the error
         for tp in partitions:
@@ -425,16 +427,11 @@ class TransactionalLoop(Generic[B]):
         return starts, again
 
     def _input_gap(
-        self,
-        consumer: Consumer,
-        partitions: list[TopicPartition],
-        fresh: set[tuple[str, int]],
-        committed: list[TopicPartition],
+        self, consumer: Consumer, committed: list[TopicPartition], fresh: set[tuple[str, int]]
     ) -> InputGapError | None:
-        """What of ``partitions``' input was lost unprocessed, if anything (see above); adds
-        to ``fresh`` the partitions without a committed offset (checked once restored), and
-        to ``committed`` their committed offsets."""
-        committed += self._committed(consumer, partitions)
+        """What of the input of partitions with these ``committed`` offsets was lost
+        unprocessed, if anything (see above); adds to ``fresh`` the partitions without a
+        committed offset (checked once restored)."""
         tables = self.app.tables
         for tp in committed:
             # As long as a resume may take: a worker assigned partitions while a cluster node

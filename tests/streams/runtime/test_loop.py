@@ -427,7 +427,7 @@ class _Latest(Counter):
             yield self.output, record.key, str(record.offset).encode(), None
 
 
-@pytest.mark.parametrize("rebalanced", [False, True], ids=["", "rebalanced"])
+@pytest.mark.parametrize("rebalanced", [False, True], ids=["kept", "rebalanced"])
 @pytest.mark.parametrize("overlap", [False, True], ids=["serial", "overlap"])
 def test_a_batch_whose_offsets_committed_without_its_outputs_is_read_again(
     conn: Connection,
