@@ -39,6 +39,7 @@ def _cases(checkpoint: Path) -> dict[str, list[str]]:
         "repeat_signal.py": ["--data", wikipedia],
         "transition_signal.py": ["--data", wikipedia],
         "quality_ceiling.py": ["--data", wikipedia],
+        "cores.py": ["--seconds", "0.3", "--most", "2"],
     }
 
 
@@ -51,6 +52,7 @@ def _cases(checkpoint: Path) -> dict[str, list[str]]:
         "repeat_signal.py",
         "transition_signal.py",
         "quality_ceiling.py",
+        "cores.py",
     ],
 )
 def test_a_benchmark_without_a_broker_runs(script: str, checkpoint: Path, tmp_path: Path) -> None:
