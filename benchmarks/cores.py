@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import multiprocessing as mp
 import os
-import sys
 import time
 from multiprocessing.synchronize import Barrier
 
@@ -83,7 +82,6 @@ def main() -> None:
             f"(together {sum(shares):.2f} CPUs); work per CPU second "
             f"{min(speeds):,.0f}–{max(speeds):,.0f}; all together {total / alone:.2f}x one alone"
         )
-    sys.stdout.flush()
 
 
 if __name__ == "__main__":
