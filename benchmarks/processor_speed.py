@@ -25,6 +25,7 @@ import os
 import pstats
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -64,16 +65,18 @@ def add_items(serving: Any, ckpt: Any, n: int, t: float) -> None:
     )
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def workload_arguments(parser: argparse.ArgumentParser) -> None:
+    """What chooses the workload: the model, the stretch of Wikipedia, the catalogue."""
     parser.add_argument("--checkpoint", type=Path, required=True)
     parser.add_argument("--start", type=int, default=125_979)
     parser.add_argument("--events", type=int, default=10_000)
     parser.add_argument("--batch", type=int, default=2000, help="inbox messages per batch")
-    parser.add_argument("--profile", action="store_true", help="print the top functions")
-    parser.add_argument("--top", type=int, default=40)
     parser.add_argument("--items", type=int, default=0, help="synthetic items to add")
-    args = parser.parse_args()
+
+
+def workload(args: argparse.Namespace) -> tuple[Any, list[tuple[str, bytes, bytes]]]:
+    """A Processor that owns every partition, and the inbox messages (side, key, value) the
+    router writes for the events, interleaved as a worker reads them."""
     os.environ.setdefault("JODIE_STATE_DIR", "/nonexistent")
 
     from operators.dataset import bundled_wikipedia, load_interactions
@@ -81,8 +84,8 @@ def main() -> None:
     from operators.protocol.sequencer import Interaction, Sequencer
     from schemas import Codec
     from schemas.codec import INBOX_MESSAGE
-    from streams.app.epochs import UNSTAMPED, epoch_of, row_key
-    from streams.app.processor import Box, Processor, WorkerStats
+    from streams.app.epochs import UNSTAMPED
+    from streams.app.processor import Processor, WorkerStats
     from streams.app.serving import Serving, model_version
     from streams.records import inbox_event
     from streams.router import event_data_of
@@ -126,9 +129,20 @@ def main() -> None:
     # The router writes each event to both inboxes; a worker reads them interleaved.
     users = [m for m in messages if m[0] == "user"]
     items = [m for m in messages if m[0] == "item"]
-    stream = [m for pair in zip(users, items, strict=True) for m in pair]
+    return proc, [m for pair in zip(users, items, strict=True) for m in pair]
+
+
+def apply(
+    proc: Any, stream: list[tuple[str, bytes, bytes]], batch: int, between: Callable[[], Any]
+) -> int:
+    """Feed ``stream`` to ``proc`` ``batch`` messages at a time, rows kept in a dict and
+    encoded after each batch as the table does, ``between`` called after each; the number
+    of outputs."""
+    from streams.app.epochs import epoch_of, row_key
+    from streams.app.processor import Box
 
     rows: dict[tuple[str, bytes], Box] = {}
+    changed: set[tuple[str, bytes]] = set()
 
     def local(side: str, key: bytes) -> Box | None:
         row = rows.get((side, key))
@@ -137,19 +151,10 @@ def main() -> None:
         changed.add((side, key))
         return row
 
-    changed: set[tuple[str, bytes]] = set()
-    # The cycle collector on a worker process's schedule (young passes rarer, the full one
-    # between batches): with CPython's default one, a fifth of this loop's CPU was collection.
-    collector = CycleCollector(settings.gc_full_every_s)
-    collector.freeze()
-    profile = cProfile.Profile(time.process_time) if args.profile else None
-    cpu0, wall0 = time.process_time(), time.monotonic()
-    if profile is not None:
-        profile.enable()
     sent = 0
-    for b in range(0, len(stream), args.batch):
+    for b in range(0, len(stream), batch):
         work = []
-        for side, key, value in stream[b : b + args.batch]:
+        for side, key, value in stream[b : b + batch]:
             message = proc.read(value)
             rkey = row_key(key, epoch_of(message))
             work.append((side, epoch_of(message), local(side, rkey), message))
@@ -158,8 +163,28 @@ def main() -> None:
         for side, rkey in changed:  # what the table writes to its changelog
             proc.encode(rkey, rows[(side, rkey)])
         changed.clear()
-        collector.poll()
-    sent += len(proc.flush())
+        between()
+    return sent + len(proc.flush())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    workload_arguments(parser)
+    parser.add_argument("--profile", action="store_true", help="print the top functions")
+    parser.add_argument("--top", type=int, default=40)
+    args = parser.parse_args()
+    proc, stream = workload(args)
+
+    settings = read_settings()
+    # The cycle collector on a worker process's schedule (young passes rarer, the full one
+    # between batches): with CPython's default one, a fifth of this loop's CPU was collection.
+    collector = CycleCollector(settings.gc_full_every_s)
+    collector.freeze()
+    profile = cProfile.Profile(time.process_time) if args.profile else None
+    cpu0, wall0 = time.process_time(), time.monotonic()
+    if profile is not None:
+        profile.enable()
+    sent = apply(proc, stream, args.batch, collector.poll)
     if profile is not None:
         profile.disable()
     cpu, wall = time.process_time() - cpu0, time.monotonic() - wall0

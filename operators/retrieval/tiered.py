@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from typing import Literal
+from typing import Literal, cast
 
 import numpy as np
 
@@ -17,6 +17,12 @@ from operators.retrieval.store import BLOCK_ELEMS, VectorStore
 #: rows on, and exactly only for each query's ``PRUNED_WIDTH`` lowest bounds.
 PRUNE_FROM = 256
 PRUNED_WIDTH = 48
+#: Most (queries × items) floats of one block of the exact tier's ranking. Its keys pass over
+#: such arrays about ten times (distances, bounds, partition), so a block that stays in a
+#: core's cache costs less than one batch-wide: 0.71–0.86 of the CPU per query on 20,000
+#: Wikipedia events, 1,000 per call over 844–892 items, with the same lists
+#: (``benchmarks/ranking_blocks.py``).
+CACHE_BLOCK_ELEMS = 1 << 18
 #: The approximate tier. "keyed": fast-scan IVF-PQ codes of the vectors with the ranker's item
 #: term folded in (``KeyedOverlay``), a long shortlist re-ranked exactly; "ivf": the plain IVF
 #: overlay of the distance alone (``IVFOverlay``), the 2k best items by prior added.
@@ -243,12 +249,19 @@ class TieredIndex:
         """Exact top-k whatever the tier: the reference for measuring recall on live data."""
         return self._store.scan(self._queries(queries, k), k)
 
-    def _blocks(self, nq: int, width: int) -> Iterator[slice]:
+    def _blocks(self, nq: int, width: int, most: int | None = None) -> Iterator[slice]:
         """Slices of a batch of ``nq`` queries, each needing at most ``block_elems`` floats
-        of ``width`` per query (at least one query per block)."""
-        step = max(1, self.block_elems // max(1, width))
-        for start in range(0, nq, step):
-            yield slice(start, min(nq, start + step))
+        (and ``most``) of ``width`` per query, at least one query per block. Blocks are of
+        even sizes, and of two queries at least where two fit (a block may then hold one
+        more than fits): a lone query would take the distances' mat-vec path, whose rounding
+        differs from the batched product's (``VectorStore.sqdist``)."""
+        most = self.block_elems if most is None else min(self.block_elems, most)
+        step = max(1, most // max(1, width))
+        blocks = -(-nq // step)
+        if step > 1:
+            blocks = min(blocks, max(1, nq // 2))
+        for n in range(blocks):
+            yield slice(n * nq // blocks, (n + 1) * nq // blocks)
 
     def ranks(
         self, queries: np.ndarray, true_ids: Sequence[str], true_vectors: np.ndarray
@@ -392,7 +405,10 @@ class TieredIndex:
             longest = max((len(e) for e in extra), default=0)
             width = (self._shortlist_width(min(k, len(self))) + longest) * self.dim
         out: list[tuple[list[str], np.ndarray]] = []
-        for block in self._blocks(nq, width):
+        most = self.block_elems
+        if self._ivf is None:  # two queries at least: see ``_blocks``
+            most = min(most, max(CACHE_BLOCK_ELEMS, 2 * width))
+        for block in self._blocks(nq, width, most):
             if self._ivf is None:
                 if (
                     isinstance(priors, BoundedPriors)
@@ -653,17 +669,18 @@ class TieredIndex:
         order = np.argsort(key, axis=1, kind="stable")[:, :k]
         top = np.take_along_axis(key, order, axis=1)
         picked = np.take_along_axis(rows, order, axis=1)
-        row_ids = self._store.row_ids
+        # A finite key is a held row's: its id is a str, not a hole's None.
+        row_ids = cast(list[str], self._store.row_ids)
         finite = np.isfinite(top)
         if finite.all():  # the usual case: every query has k items
             return [
-                ([str(row_ids[r]) for r in rows], keys)
+                ([row_ids[r] for r in rows], keys)
                 for rows, keys in zip(picked.tolist(), top, strict=True)
             ]
         out = []
         for b in range(key.shape[0]):
             ok = finite[b]
-            out.append(([str(row_ids[r]) for r in picked[b][ok].tolist()], top[b][ok]))
+            out.append(([row_ids[r] for r in picked[b][ok].tolist()], top[b][ok]))
         return out
 
     def memory_bytes(self) -> int:
