@@ -501,21 +501,41 @@ class TieredIndex:
         store = self._store
         dist = store.sqdist(q).astype(np.float64)
         dist[:, ~np.isfinite(store.sqnorm[: store.high])] = np.inf
-        rows_of = store.rows
-        for b, override in enumerate(fresh or ()):
-            row = None if override is None else rows_of.get(override[0])
-            if override is not None and row is not None:
-                diff = np.asarray(override[1], dtype=np.float32) - q[b]
-                dist[b, row] = float(np.dot(diff, diff))
+        at, rows, fresh_dist = self._fresh_distances(q, fresh)
+        dist[at, rows] = fresh_dist
         return dist
+
+    def _fresh_distances(
+        self, q: np.ndarray, fresh: Sequence[tuple[str, np.ndarray] | None] | None
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``fresh``'s squared distances, for the queries whose item the index holds: those
+        queries, their item's rows, the distances (float32). Each is the dot product of the
+        difference with itself as ``np.dot`` takes it: numpy's stacked matmul of (1, D) by
+        (D, 1) runs the same dot per pair, bit for bit (``tests/operators/retrieval``), and
+        costs one call for the batch instead of two per query."""
+        rows_of = self._store.rows
+        held = [
+            (b, row, override[1])
+            for b, override in enumerate(fresh or ())
+            if override is not None and (row := rows_of.get(override[0])) is not None
+        ]
+        if not held:
+            return np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0, np.float32)
+        at = np.fromiter((b for b, _row, _v in held), dtype=np.int64, count=len(held))
+        rows = np.fromiter((row for _b, row, _v in held), dtype=np.int64, count=len(held))
+        diff = np.stack([np.asarray(v, dtype=np.float32) for _b, _row, v in held])
+        diff -= q[at]
+        return at, rows, np.matmul(diff[:, None, :], diff[:, :, None])[:, 0, 0]
 
     def _bonus_entries(
         self, bonus: Sequence[Mapping[str, float]] | None
-    ) -> tuple[list[int], list[int], np.ndarray]:
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``bonus`` as (query, row, value) entries, for one subtraction per entry; items the
-        index does not hold are left out."""
+        index does not hold are left out. Queries and rows as int arrays: numpy indexes by
+        them directly, where lists would be converted again at each use (13x slower to index
+        a (1,000, 900) array by 16,000 entries)."""
         if not bonus:
-            return [], [], np.empty(0)
+            return np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0)
         get = self._store.rows.get
         sizes = [len(terms) for terms in bonus]
         rows = np.fromiter(
@@ -526,7 +546,7 @@ class TieredIndex:
         )
         held = rows >= 0
         at_b = np.repeat(np.arange(len(bonus)), sizes)[held]
-        return at_b.tolist(), rows[held].tolist(), values[held]
+        return at_b, rows[held], values[held]
 
     def _recommend_exact_pruned(
         self,
@@ -566,7 +586,7 @@ class TieredIndex:
             # Each bonus entry's place among its query's candidates, if it is one of them
             # (the candidates of query b, offset by b · H, are one sorted array).
             flat = (cand + at * high).ravel()
-            wanted = np.asarray(at_b) * high + np.asarray(at_row)
+            wanted = at_b * high + at_row
             where = np.minimum(np.searchsorted(flat, wanted), flat.size - 1)
             hit = flat[where] == wanted
             key.ravel()[where[hit]] -= values[hit]
@@ -635,11 +655,9 @@ class TieredIndex:
             diff = store.data[safe[b]] - q[b]  # (W, D)
             dist[b] = np.einsum("wd,wd->w", diff, diff)
         dist[(rows < 0) | ~np.isfinite(store.sqnorm[safe])] = np.inf
-        for b, override in enumerate(fresh or ()):
-            row = None if override is None else rows_of.get(override[0])
-            if override is not None and row is not None:
-                diff = np.asarray(override[1], dtype=np.float32) - q[b]
-                dist[b, rows[b] == row] = float(np.dot(diff, diff))
+        fresh_at, fresh_rows, fresh_dist = self._fresh_distances(q, fresh)
+        for b, row, value in zip(fresh_at.tolist(), fresh_rows.tolist(), fresh_dist, strict=True):
+            dist[b, rows[b] == row] = value
         key: np.ndarray = dist
         if keyed or bonus is not None:
             finite = np.isfinite(dist)

@@ -137,6 +137,39 @@ def test_a_fresh_vector_ranks_its_item_for_that_query_only() -> None:
     assert got[1][0] == ["b", "c"]  # "a" at its indexed vector is far
 
 
+@pytest.mark.parametrize("dim", [2, 16, 33, 256])
+def test_fresh_distances_are_np_dot_bit_for_bit(dim: int) -> None:
+    """The fresh items' distances, one stacked matmul for the batch, equal ``np.dot`` of each
+    difference with itself, as the served and offline keys were computed one by one (a numpy
+    whose matmul summed otherwise would fail here, not move near-ties in served lists)."""
+    rng = np.random.default_rng(dim)
+    n = 200
+    ids = [f"i{j}" for j in range(n)]
+    ix = TieredIndex(dim)
+    ix.upsert(ids, rng.standard_normal((n, dim)).astype(np.float32))
+    queries = (rng.standard_normal((50, dim)) * rng.uniform(0.01, 100, (50, 1))).astype(np.float32)
+    fresh: list[tuple[str, np.ndarray] | None] = [
+        None if b % 7 == 3 else (ids[b] if b % 11 else "unheld", rng.standard_normal(dim))
+        for b in range(50)
+    ]
+    at, rows, dist = ix._fresh_distances(queries, fresh)
+    want = [
+        (
+            b,
+            ids.index(f[0]),
+            float(
+                np.dot(
+                    np.asarray(f[1], np.float32) - queries[b],
+                    np.asarray(f[1], np.float32) - queries[b],
+                )
+            ),
+        )
+        for b, f in enumerate(fresh)
+        if f is not None and f[0] != "unheld"
+    ]
+    assert list(zip(at.tolist(), rows.tolist(), dist.tolist(), strict=True)) == want
+
+
 def _exact_index(
     rng: np.random.Generator, n: int, dim: int
 ) -> tuple[TieredIndex, list[str], np.ndarray, np.ndarray]:
