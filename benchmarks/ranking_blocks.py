@@ -6,7 +6,9 @@ the ranker's terms). Then replays the recorded calls with blocks of at most each
 (queries × items) floats, in alternated rounds, on one thread as a worker ranks. Prints CPU µs
 per query (minimum and median over the rounds) and the median of each round's ratio to the
 first size, and how far each size's lists are from the first's: the batched distance product
-rounds differently for blocks of a few queries (``VectorStore.sqdist``).
+rounds differently for blocks of a few queries (``VectorStore.sqdist``). The first size's
+lists are also held against those the run served, which they equal unless the replay ranks
+another index than the one each call saw.
 
     python benchmarks/ranking_blocks.py --checkpoint CKPT --start 62989 --events 20000
 """
@@ -29,15 +31,20 @@ SIZES = [1 << 24, 1 << 20, 1 << 18, 1 << 16]
 
 
 def record(proc: Any, stream: list[tuple[str, bytes, bytes]], batch: int) -> list[Any]:
-    """Each ranking call of the processor over ``stream``: (index copy, args, kwargs)."""
+    """Each ranking call of the processor over ``stream``: (index copy, args, kwargs, the
+    lists it returned)."""
     index = proc.serving.index
     recommend = index.recommend
     calls: list[Any] = []
 
     def recorded(*args: Any, **kwargs: Any) -> Any:
-        # The index as this call sees it: later batches upsert into the original.
-        calls.append((copy.deepcopy(index), args, kwargs))
-        return recommend(*args, **kwargs)
+        # The index as this call sees it: later batches upsert into the original. The copy
+        # would carry this wrapper too, and rank with the original: it gets the class's.
+        snapshot = copy.deepcopy(index)
+        del snapshot.recommend
+        served = recommend(*args, **kwargs)
+        calls.append((snapshot, args, kwargs, served))
+        return served
 
     index.recommend = recorded
     try:
@@ -54,7 +61,7 @@ def replay(calls: list[Any], size: int) -> tuple[float, list[Any]]:
     tiered.CACHE_BLOCK_ELEMS = size
     lists = []
     began = time.process_time()
-    for index, args, kwargs in calls:
+    for index, args, kwargs, _served in calls:
         lists.append(index.recommend(*args, **kwargs))
     return time.process_time() - began, lists
 
@@ -84,6 +91,7 @@ def main() -> None:
     if not queries:
         raise SystemExit("no ranking call in the exact tier: more --events?")
     items = len(calls[-1][0])
+    served = [c[3] for c in calls]
     print(f"{len(calls)} ranking calls, {queries} queries, {items} items at the last")
     threadpool_limits(1)  # as a worker ranks (streams.app.serving)
     seconds: dict[int, list[float]] = {size: [] for size in args.sizes}
@@ -96,7 +104,13 @@ def main() -> None:
             first = lists if first is None else first
             apart[size] = differences(lists, first)
     base = seconds[args.sizes[0]]
-    base = seconds[args.sizes[0]]
+    assert first is not None
+    other, keys = differences(first, served)
+    # The replay ranks what the run ranked: each copy is the index as its call saw it.
+    print(
+        f"the first size against the lists the run served: {other} with other ids, "
+        f"keys within {keys:.1e}"
+    )
     for size, rounds in seconds.items():
         ratio = statistics.median(s / b for s, b in zip(rounds, base, strict=True))
         other, keys = apart[size]

@@ -19,7 +19,7 @@ PRUNE_FROM = 256
 PRUNED_WIDTH = 48
 #: Most (queries × items) floats of one block of the exact tier's ranking. Its keys pass over
 #: such arrays about ten times (distances, bounds, partition), so a block that stays in the
-#: processor's cache costs less than one batch-wide: 0.71–0.86 of the CPU per query on 20,000
+#: processor's cache costs less than one batch-wide: 0.81–0.87 of the CPU per query on 20,000
 #: Wikipedia events, 1,000 per call over 844–892 items, with the same lists
 #: (``benchmarks/ranking_blocks.py``).
 CACHE_BLOCK_ELEMS = 1 << 18
