@@ -405,9 +405,8 @@ class TieredIndex:
             longest = max((len(e) for e in extra), default=0)
             width = (self._shortlist_width(min(k, len(self))) + longest) * self.dim
         out: list[tuple[list[str], np.ndarray]] = []
-        most = self.block_elems
-        if self._ivf is None:  # two queries at least: see ``_blocks``
-            most = min(most, max(CACHE_BLOCK_ELEMS, 2 * width))
+        # The exact tier's blocks fit the cache, two queries at least (see ``_blocks``).
+        most = max(CACHE_BLOCK_ELEMS, 2 * width) if self._ivf is None else None
         for block in self._blocks(nq, width, most):
             if self._ivf is None:
                 if (
