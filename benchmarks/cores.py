@@ -66,6 +66,8 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=5.0, help="wall seconds per step")
     parser.add_argument("--numpy", action="store_true", help="matrix products, not a loop")
     args = parser.parse_args()
+    if args.most < 1 or args.seconds <= 0:
+        parser.error("--most must be 1 or more and --seconds positive")
     kind = "float32 matrix products" if args.numpy else "a pure-Python loop"
     load = os.getloadavg()[0]
     print(f"{os.cpu_count()} CPUs; {kind}, {args.seconds:g} s per step; load {load:.1f}")
