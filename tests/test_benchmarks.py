@@ -39,6 +39,10 @@ def _cases(checkpoint: Path) -> dict[str, list[str]]:
             *("--checkpoint", str(checkpoint), "--start", str(HISTORY)),
             *("--events", "300", "--batch", "200", "--rounds", "2", "--sizes", "4096", "64"),
         ],
+        "model_calls.py": [
+            *("--checkpoint", str(checkpoint), "--start", str(HISTORY)),
+            *("--events", "300", "--batch", "200", "--largest", "4", "--seconds", "0.002"),
+        ],
         "catchup_speed.py": ["--history", "2000", "--events", "300"],
         "repeat_signal.py": ["--data", wikipedia],
         "transition_signal.py": ["--data", wikipedia],
@@ -53,6 +57,7 @@ def _cases(checkpoint: Path) -> dict[str, list[str]]:
         "row_codec.py",
         "processor_speed.py",
         "ranking_blocks.py",
+        "model_calls.py",
         "catchup_speed.py",
         "repeat_signal.py",
         "transition_signal.py",
