@@ -314,6 +314,7 @@ class Settings(BaseSettings):
     )
     worker_batch: int = Field(
         8000,
+        ge=1,
         description=(
             "JODIE_WORKER_BATCH: most inbox messages a worker processes in one transaction. "
             "A worker takes what has arrived, so this bounds only a batch behind a backlog, "
