@@ -27,8 +27,7 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-from processor_speed import apply, workload, workload_arguments
-from threadpoolctl import threadpool_limits
+from processor_speed import apply, count, workload, workload_arguments
 
 from streams.cli.common import script_main
 
@@ -58,10 +57,9 @@ class Recorded:
 
         return recorded
 
-    def inputs(self, size: int, at: int) -> tuple[list[Any], list[Any], list[Any]]:
-        """``size`` recorded rows from row ``at`` on (wrapping round)."""
-        n = len(self.events)
-        rows = [(at + k) % n for k in range(size)]
+    def inputs(self, size: int) -> tuple[list[Any], list[Any], list[Any]]:
+        """The first ``size`` recorded rows (wrapping round when fewer were recorded)."""
+        rows = [k % len(self.events) for k in range(size)]
         return (
             [self.states[r] for r in rows],
             [self.partners[r] for r in rows],
@@ -96,13 +94,11 @@ def sizes_up_to(largest: int) -> list[int]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     workload_arguments(parser)
-    parser.add_argument("--largest", type=int, default=256, help="largest call size timed")
+    parser.add_argument("--largest", type=count, default=256, help="largest call size timed")
     parser.add_argument(
         "--seconds", type=float, default=0.1, help="CPU seconds per timing round and size"
     )
     args = parser.parse_args()
-    if args.largest < 1:
-        parser.error("--largest must be at least 1")
     if args.seconds <= 0:
         parser.error("--seconds must be positive")
     proc, stream = workload(args)
@@ -112,34 +108,33 @@ def main() -> None:
         # The processor's batched apply functions look the method up on the instance at
         # each call, so an instance attribute takes their place.
         setattr(model, name, recorded[side].wrap(getattr(model, name)))
-    # One thread, as a worker computes (its BLAS limited: streams.worker).
-    with threadpool_limits(1):
-        apply(proc, stream, args.batch, lambda: None)
-        for _side, name in SIDES:
-            delattr(model, name)
-        events = proc.stats.user_events
-        print(f"{events} events, batch {args.batch} inbox messages, the model's calls by side:")
-        for side, _name in SIDES:
-            sizes = np.asarray(recorded[side].sizes)
-            small = sizes[sizes <= 4].sum() / max(1, sizes.sum())
-            spent = sum(recorded[side].seconds)
-            print(
-                f"  {side} side: {sizes.size:,} calls, {sizes.mean():.1f} events per call "
-                f"(median {np.median(sizes):.0f}, largest {sizes.max()}), {100 * small:.0f} % "
-                f"of its events in calls of 4 or fewer; {1e6 * spent / events:.1f} µs/event "
-                f"of thread CPU in the run"
-            )
-        grid = sizes_up_to(args.largest)
-        per_call: dict[str, list[float]] = {}
-        gc.disable()  # a collection inside one size's rounds would weigh on it alone
-        try:
-            for side, name in SIDES:
-                method = getattr(model, name)
-                per_call[side] = [
-                    timed(method, recorded[side].inputs(size, 0), args.seconds) for size in grid
-                ]
-        finally:
-            gc.enable()
+    # One BLAS thread, as a worker computes: Serving.of (in workload) set that limit.
+    apply(proc, stream, args.batch, lambda: None)
+    for _side, name in SIDES:
+        delattr(model, name)
+    events = proc.stats.user_events
+    print(f"{events} events, batch {args.batch} inbox messages, the model's calls by side:")
+    for side, _name in SIDES:
+        sizes = np.asarray(recorded[side].sizes)
+        small = sizes[sizes <= 4].sum() / max(1, sizes.sum())
+        spent = sum(recorded[side].seconds)
+        print(
+            f"  {side} side: {sizes.size:,} calls, {sizes.mean():.1f} events per call "
+            f"(median {np.median(sizes):.0f}, largest {sizes.max()}), {100 * small:.0f} % "
+            f"of its events in calls of 4 or fewer; {1e6 * spent / events:.1f} µs/event "
+            f"of thread CPU in the run"
+        )
+    grid = sizes_up_to(args.largest)
+    per_call: dict[str, list[float]] = {}
+    gc.disable()  # a collection inside one size's rounds would weigh on it alone
+    try:
+        for side, name in SIDES:
+            method = getattr(model, name)
+            per_call[side] = [
+                timed(method, recorded[side].inputs(size), args.seconds) for size in grid
+            ]
+    finally:
+        gc.enable()
     print("CPU per call timed alone, median of 5 rounds (µs per call, µs per event):")
     print(f"  {'size':>5}  {'user side':>20}  {'item side':>20}")
     for k, size in enumerate(grid):

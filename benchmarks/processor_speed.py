@@ -65,12 +65,20 @@ def add_items(serving: Any, ckpt: Any, n: int, t: float) -> None:
     )
 
 
+def count(text: str) -> int:
+    """An argparse type: a whole number of at least 1 (a one-line error otherwise)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a count of at least 1")
+    return value
+
+
 def workload_arguments(parser: argparse.ArgumentParser) -> None:
     """What chooses the workload: the model, the stretch of Wikipedia, the catalogue."""
     parser.add_argument("--checkpoint", type=Path, required=True)
     parser.add_argument("--start", type=int, default=125_979)
-    parser.add_argument("--events", type=int, default=10_000)
-    parser.add_argument("--batch", type=int, default=2000, help="inbox messages per batch")
+    parser.add_argument("--events", type=count, default=10_000)
+    parser.add_argument("--batch", type=count, default=2000, help="inbox messages per batch")
     parser.add_argument("--items", type=int, default=0, help="synthetic items to add")
 
 
