@@ -395,6 +395,7 @@ class Bench:
             "router_grace_s": args.grace,
             "worker_commit_interval_s": self.settings.commit_interval_s,
             "worker_batch": self.settings.worker_batch,
+            "worker_first_batch": self.settings.worker_first_batch,
             "cpus": os.cpu_count(),
         }
 
@@ -412,7 +413,8 @@ class Bench:
             f"topics {s.topic_prefix}* ({s.partitions} partitions), "
             f"router grace {self.args.grace} s, router commit interval "
             f"{s.router_commit_interval_s} s, worker commit interval {s.commit_interval_s} s, "
-            f"worker batch {s.worker_batch}, {os.cpu_count()} CPUs"
+            f"worker batch {s.worker_first_batch} rising to {s.worker_batch}, "
+            f"{os.cpu_count()} CPUs"
         )
 
     def warn_if_compiling(self, cpu: dict[str, float]) -> None:

@@ -322,6 +322,17 @@ class Settings(BaseSettings):
             "transactions (README, *Larger batches behind a backlog*)."
         ),
     )
+    worker_first_batch: int = Field(
+        1000,
+        ge=1,
+        description=(
+            "JODIE_WORKER_FIRST_BATCH: most inbox messages in a worker's first batch behind a "
+            "backlog; each batch taken behind it doubles the next one's cap, up to "
+            "JODIE_WORKER_BATCH, and a batch without a backlog starts again from this. The "
+            "first recommendations of a backlog leave after a small batch, the rest in "
+            "large ones (README, *Larger batches behind a backlog*)."
+        ),
+    )
     worker_overlap: bool = Field(
         True,
         description=(

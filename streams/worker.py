@@ -155,6 +155,7 @@ class Worker(Application[Prepared]):
                 transactional_id=f"{app_id(settings)}-worker-{worker_id}",
                 client_id=advertise(self.name, *(endpoint or (None, None))),
                 batch=settings.worker_batch,
+                first_batch=settings.worker_first_batch,
                 poll_timeout_s=settings.commit_interval_s,
                 session_timeout_ms=settings.worker_session_timeout_ms,
                 transaction_timeout_ms=settings.worker_transaction_timeout_ms,

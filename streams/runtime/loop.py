@@ -200,6 +200,12 @@ class LoopConfig:
     transactional_id: str
     client_id: str | None = None
     batch: int = 2000  # most records per transaction
+    #: Most records in the first batch behind a backlog (None: ``batch``). Each batch taken
+    #: behind the backlog doubles the next one's cap, up to ``batch``; a batch without one
+    #: starts the ramp again. A large batch costs less per record but holds its outputs
+    #: until all of it is processed: the ramp sends the first ones out while the backlog is
+    #: young, and reaches the large batches within a few commits.
+    first_batch: int | None = None
     poll_timeout_s: float = 0.1  # longest an idle instance waits before its other duties
     session_timeout_ms: int = 6000
     #: How long a dead instance's open transaction can hold back read_committed readers.
@@ -308,6 +314,8 @@ class TransactionalLoop(Generic[B]):
         # Records taken but held back for the next batch (``LoopConfig.lookahead``), each
         # with its ``order`` (asked once per record), in the order they were taken.
         self._held: list[tuple[int, Record]] = []
+        # The cap of the next batch (``LoopConfig.first_batch``).
+        self._cap = self._first_cap()
         # The batch committing in the background, and the failure of the last one waited for
         # in a rebalance callback (undone once the consumer call that ran it returned).
         self._pending: _Pending[B] | None = None
@@ -316,6 +324,10 @@ class TransactionalLoop(Generic[B]):
 
     def stop(self) -> None:
         self._stop.set()
+
+    def _first_cap(self) -> int:
+        c = self.config
+        return c.batch if c.first_batch is None else max(1, min(c.first_batch, c.batch))
 
     def _tables(self) -> list[Table[Any]]:
         return list({id(t): t for t in self.app.tables.values()}.values())
@@ -501,7 +513,8 @@ class TransactionalLoop(Generic[B]):
                     self.app.poll()
                     last_poll = time.monotonic()
                 # With a lookahead, enough to process a batch and hold the lookahead's.
-                most = c.batch + max(0, c.lookahead - len(self._held))
+                cap = self._cap
+                most = cap + max(0, c.lookahead - len(self._held))
                 messages = take(consumer, most, c.poll_timeout_s)
                 if self._failed is not None:
                     # A rebalance callback waited for a commit that failed: the records just
@@ -518,12 +531,14 @@ class TransactionalLoop(Generic[B]):
                     # Behind a backlog: a full take, or a short one (what was prefetched
                     # then) with at least another batch still to read. (A short take with
                     # nothing held is processed whole either way: no lag asked for it.)
-                    backlog = len(messages) >= c.batch or (
-                        bool(self._held) and _lag(consumer) >= c.batch
-                    )
-                    self._batch(consumer, tx, messages, backlog)
-                elif self._drain(consumer, tx):
-                    self._flush(consumer, tx)
+                    backlog = len(messages) >= cap or (bool(self._held) and _lag(consumer) >= cap)
+                    # The next cap: doubled while the backlog lasts, the first again after it.
+                    self._cap = min(2 * cap, c.batch) if backlog else self._first_cap()
+                    self._batch(consumer, tx, messages, backlog, cap)
+                else:
+                    self._cap = self._first_cap()
+                    if self._drain(consumer, tx):
+                        self._flush(consumer, tx)
                 now = time.monotonic()
                 if now - last_report >= c.report_interval_s:
                     self.stats.lag = _lag(consumer)
@@ -552,7 +567,12 @@ class TransactionalLoop(Generic[B]):
             self._committer = None
 
     def _batch(
-        self, consumer: Consumer, tx: Transactions, messages: list[Message], backlog: bool
+        self,
+        consumer: Consumer,
+        tx: Transactions,
+        messages: list[Message],
+        backlog: bool,
+        cap: int,
     ) -> None:
         fresh = self._records(messages)
         held, self._held = self._held, []
@@ -561,7 +581,7 @@ class TransactionalLoop(Generic[B]):
         if backlog and self.config.lookahead > 0:
             c = self.config
             keys = [*(k for k, _r in held), *(self.app.order(r) for r in fresh)]
-            records, self._held = self._in_order(records, keys, c.lookahead, c.batch)
+            records, self._held = self._in_order(records, keys, c.lookahead, cap)
             self.stats.held += len(self._held)
         try:
             self._transaction(consumer, tx, records, firsts)

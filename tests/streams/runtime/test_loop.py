@@ -580,7 +580,13 @@ def _produce_runs(conn: Connection, topic: str, per_partition: int, inputs: Inpu
 
 
 def _run_ordered(
-    conn: Connection, prefix: str, state: Path, lookahead: int, stop_after: int | None = None
+    conn: Connection,
+    prefix: str,
+    state: Path,
+    lookahead: int,
+    stop_after: int | None = None,
+    batch: int = 20,
+    first_batch: int | None = None,
 ) -> _Ordered:
     """Runs ``_Ordered`` on the backlog until it has answered every input, or stopped."""
     _source, sink, _changelog = topics(prefix)
@@ -590,7 +596,8 @@ def _run_ordered(
         name="ordered",
         group_id=f"{prefix}ordered",
         transactional_id=f"{prefix}ordered",
-        batch=20,
+        batch=batch,
+        first_batch=first_batch,
         lookahead=lookahead,
         # Short runs of each partition, as the JODIE worker reads (a few record batches).
         consumer={"max.partition.fetch.bytes": 512},
@@ -685,3 +692,28 @@ def test_held_records_are_not_committed(conn: Connection, tmp_path: Path) -> Non
         by_key.setdefault(key, []).append(int(value or b"-1"))
     assert by_key == inputs, f"{len(outputs)} outputs of 400 inputs: one lost, or twice"
     assert second.batches, "the second instance processed nothing"
+
+
+def test_batches_behind_a_backlog_grow_from_the_first_batch_to_the_cap(
+    conn: Connection, tmp_path: Path
+) -> None:
+    """Behind a backlog the first batch holds at most ``first_batch`` records and each full
+    one doubles the next one's cap up to ``batch`` (a short one starts again from
+    ``first_batch``): no batch is larger than that rule allows, the cap is reached, and each
+    input is answered once."""
+    inputs: Inputs = {}
+    with _pipeline(conn) as prefix:
+        source, sink, _changelog = topics(prefix)
+        _produce_runs(conn, source, 100, inputs)
+        app = _run_ordered(conn, prefix, tmp_path / "state", 0, batch=64, first_batch=8)
+        outputs = _read(conn, sink)
+    by_key: dict[bytes, list[int]] = {}
+    for key, value in outputs:
+        by_key.setdefault(key, []).append(int(value or b"-1"))
+    assert by_key == inputs, f"{len(outputs)} outputs of 400 inputs: one lost, or twice"
+    sizes = [len(numbers) for numbers, _held in app.batches]
+    cap = 8
+    for n, size in enumerate(sizes):
+        assert size <= cap, (n, sizes)
+        cap = min(2 * cap, 64) if size == cap else 8
+    assert sizes[0] <= 8 and max(sizes) > 32, sizes
