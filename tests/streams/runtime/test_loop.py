@@ -427,6 +427,14 @@ class _Latest(Counter):
             yield self.output, record.key, str(record.offset).encode(), None
 
 
+def _answered(outputs: list[tuple[bytes, bytes | None]]) -> dict[bytes, list[int]]:
+    """The input offsets ``_Latest`` answered, by key, in the order of its outputs."""
+    by_key: dict[bytes, list[int]] = {}
+    for key, value in outputs:
+        by_key.setdefault(key, []).append(int(value or b"-1"))
+    return by_key
+
+
 @pytest.mark.parametrize("rebalanced", [False, True], ids=["kept", "rebalanced"])
 @pytest.mark.parametrize("overlap", [False, True], ids=["serial", "overlap"])
 def test_a_batch_whose_offsets_committed_without_its_outputs_is_read_again(
@@ -520,10 +528,9 @@ def test_a_batch_whose_offsets_committed_without_its_outputs_is_read_again(
             runner.join(timeout=30)
         assert failed, "the third commit never came"
         outputs = _read(conn, sink)
-        by_key: dict[bytes, list[int]] = {}
-        for key, value in outputs:
-            by_key.setdefault(key, []).append(int(value or b"-1"))
-        assert by_key == inputs, f"{len(outputs)} outputs of 200 inputs: one lost, or twice"
+        assert _answered(outputs) == inputs, (
+            f"{len(outputs)} outputs of 200 inputs: one lost, or twice"
+        )
         assert loop.stats.replaced == 1 and app.repeats > 0, (loop.stats, app.repeats)
         assert len(rebalances) == int(rebalanced) and all(rebalances), rebalances
 
@@ -643,10 +650,9 @@ def test_a_backlog_is_processed_in_the_applications_order(conn: Connection, tmp_
             _produce_runs(conn, source, 100, inputs)
             app = _run_ordered(conn, prefix, tmp_path / f"state-{lookahead}", lookahead)
             outputs = _read(conn, sink)
-        by_key: dict[bytes, list[int]] = {}
-        for key, value in outputs:
-            by_key.setdefault(key, []).append(int(value or b"-1"))
-        assert by_key == inputs, f"{len(outputs)} outputs of 400 inputs: one lost, or twice"
+        assert _answered(outputs) == inputs, (
+            f"{len(outputs)} outputs of 400 inputs: one lost, or twice"
+        )
         processed = [k for keys, _held in app.batches for k in keys]
         assert sorted(processed) == list(range(400))
         # From the second batch: the first is taken before the loop knows of a backlog.
@@ -687,10 +693,7 @@ def test_held_records_are_not_committed(conn: Connection, tmp_path: Path) -> Non
                 assert tp.offset <= held_from[tp.partition], (tp, held_from)
         second = _run_ordered(conn, prefix, tmp_path / "state-2", 60)
         outputs = _read(conn, sink)
-    by_key: dict[bytes, list[int]] = {}
-    for key, value in outputs:
-        by_key.setdefault(key, []).append(int(value or b"-1"))
-    assert by_key == inputs, f"{len(outputs)} outputs of 400 inputs: one lost, or twice"
+    assert _answered(outputs) == inputs, f"{len(outputs)} outputs of 400 inputs: one lost, or twice"
     assert second.batches, "the second instance processed nothing"
 
 
@@ -707,10 +710,7 @@ def test_batches_behind_a_backlog_grow_from_the_first_batch_to_the_cap(
         _produce_runs(conn, source, 100, inputs)
         app = _run_ordered(conn, prefix, tmp_path / "state", 0, batch=64, first_batch=8)
         outputs = _read(conn, sink)
-    by_key: dict[bytes, list[int]] = {}
-    for key, value in outputs:
-        by_key.setdefault(key, []).append(int(value or b"-1"))
-    assert by_key == inputs, f"{len(outputs)} outputs of 400 inputs: one lost, or twice"
+    assert _answered(outputs) == inputs, f"{len(outputs)} outputs of 400 inputs: one lost, or twice"
     sizes = [len(numbers) for numbers, _held in app.batches]
     cap = 8
     for n, size in enumerate(sizes):
