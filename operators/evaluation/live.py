@@ -47,6 +47,7 @@ from operators.evaluation.scorer import (
 from operators.model.inference import NumpyJodie, static_row
 from operators.model.jodie import Jodie
 from operators.model.state import trend_at
+from operators.retrieval.store import row_dots
 
 
 class Query(NamedTuple):
@@ -414,7 +415,7 @@ class LiveRanks:
         # (B, D); one query (a small catalogue scores each at its seq) as a view of its row.
         preds = todo[0][1][None, :] if len(todo) == 1 else np.stack([pred for _, pred in todo])
         sq_rows = self._sq[:n]
-        dots = (preds[:, :d] @ dyn.T) + (preds[:, d:] @ static.T)  # (B, n)
+        dots = row_dots(preds[:, :d], dyn) + row_dots(preds[:, d:], static)  # (B, n)
         sq_preds = np.einsum("ij,ij->i", preds, preds)
         approx = (sq_rows[None, :] + sq_preds[:, None]) - 2 * dots  # (B, n)
         norms = np.sqrt(sq_rows.astype(np.float64))

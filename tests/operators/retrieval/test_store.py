@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from operators.retrieval.exceptions import RetrievalError
-from operators.retrieval.store import VectorStore
+from operators.retrieval.store import FEW_QUERIES, VectorStore, row_dots
 from tests.operators.retrieval.helpers import brute_force, merge_and_rerank, vector
 
 
@@ -98,6 +98,27 @@ def test_sqdist_is_the_squared_distance_one_query_or_many() -> None:
     one = np.concatenate([store.sqdist(q[b : b + 1]) for b in range(5)])
     np.testing.assert_allclose(many, want, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(one, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(("rows", "dim"), [(1000, 256), (1001, 128), (3000, 257)])
+def test_row_dots_are_the_product_bit_for_bit_whatever_the_batch(rows: int, dim: int) -> None:
+    # A row's distances must not depend on how many queries came with it, on either side of
+    # FEW_QUERIES: the stream batches queries otherwise than the offline replay.
+    rng = np.random.default_rng(rows)
+    x = rng.standard_normal((rows, dim)).astype(np.float32)
+    wide = rng.standard_normal((2 * FEW_QUERIES + 3, dim + 5)).astype(np.float32)
+    q = wide[:, 3 : 3 + dim]  # a strided view, as the live evaluation slices its predictions
+    whole = q @ x.T
+    for size in (2, 3, 5, 17, FEW_QUERIES, FEW_QUERIES + 1, q.shape[0]):
+        got = row_dots(q[:size], x)
+        assert got.flags.c_contiguous
+        np.testing.assert_array_equal(got, q[:size] @ x.T)
+    pieces = [row_dots(q[a:b], x) for a, b in ((0, 2), (2, 7), (7, 71), (71, q.shape[0]))]
+    np.testing.assert_array_equal(np.concatenate(pieces), whole)
+    store = VectorStore(dim=dim)
+    store.upsert([f"i{n}" for n in range(rows)], x)
+    many = store.sqdist(q)
+    np.testing.assert_array_equal(np.concatenate([store.sqdist(q[:9]), store.sqdist(q[9:])]), many)
 
 
 def test_merge_and_rerank_is_exact_and_dedups() -> None:
