@@ -56,6 +56,34 @@ def watermarks(
     return int(low), int(high)
 
 
+def committed_at(
+    reader: Consumer, tp: TopicPartition, offset: int, timeout_s: float = 120.0
+) -> bool | None:
+    """Whether the record at ``offset`` of ``tp`` is committed; None while still undecided
+    after ``timeout_s``. ``reader``: a read_committed consumer with partition EOFs on. It gets
+    that very record only if its transaction committed, and reads past it without getting it
+    only if it aborted; while an open transaction holds the partition's stable end before
+    it, that is not known yet, and the reader waits."""
+    reader.assign([TopicPartition(tp.topic, tp.partition, offset)])
+    deadline = time.monotonic() + timeout_s
+    try:
+        while time.monotonic() < deadline:
+            msg = reader.poll(1.0)
+            if msg is None:
+                continue
+            err = msg.error()
+            if err is not None:
+                if err.code() != KafkaError._PARTITION_EOF:
+                    raise KafkaException(err)
+                if (msg.offset() or 0) > offset:
+                    return False  # passed without being returned: aborted
+                continue  # the stable end is not past it yet
+            return msg.offset() == offset
+    finally:
+        reader.unassign()
+    return None
+
+
 def murmur2(data: bytes) -> int:
     """Kafka's murmur2 hash (the Java client's ``Utils.murmur2``; librdkafka's
     ``murmur2_random``), as an unsigned 32-bit integer."""

@@ -40,7 +40,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
-from confluent_kafka import Consumer, KafkaError, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from rocksdict import BlockBasedOptions, Cache, Options, Rdict, WriteBatch
@@ -48,7 +48,7 @@ from rocksdict import BlockBasedOptions, Cache, Options, Rdict, WriteBatch
 from streams.runtime.cache import RowCache
 from streams.runtime.clients import KafkaConnection, committed_reader
 from streams.runtime.exceptions import RestoreError
-from streams.runtime.kafka import watermarks
+from streams.runtime.kafka import committed_at, watermarks
 
 _log = logging.getLogger("jodie.tables")
 
@@ -228,35 +228,21 @@ class Table(Generic[R]):
         leaderless partitions for deleted ones and completes the commit without writing its
         markers there (kafka.coordinator.transaction.TransactionMarkerChannelManager). The
         producer's next abort then aborts those records: the store holds rows whose records,
-        and whose batch's outputs, nobody will ever read. A read_committed reader started at
-        the store's offset gets that very record only if it is committed, and reads past it
-        without getting it only if it is not; while an open transaction holds the partition's
-        stable end before it, that is not known yet, and the reader waits.
+        and whose batch's outputs, nobody will ever read (``committed_at`` tells which).
         """
         if part.offset < 0:
             return True
-        reader = self._reader_client()
-        reader.assign([TopicPartition(self.changelog, partition, part.offset)])
-        deadline = time.monotonic() + timeout_s
+        tp = TopicPartition(self.changelog, partition)
         try:
-            while time.monotonic() < deadline:
-                msg = reader.poll(1.0)
-                if msg is None:
-                    continue
-                err = msg.error()
-                if err is not None:
-                    if err.code() != KafkaError._PARTITION_EOF:
-                        raise RestoreError(f"{self.changelog}[{partition}]: {err}")
-                    if (msg.offset() or 0) > part.offset:
-                        return False  # passed without being returned: aborted
-                    continue  # the stable end is not past it yet
-                return msg.offset() == part.offset
-        finally:
-            reader.unassign()
-        raise RestoreError(
-            f"{self.changelog}[{partition}]: the record of the store's last row (offset "
-            f"{part.offset}) is still in an open transaction after {timeout_s} s"
-        )
+            committed = committed_at(self._reader_client(), tp, part.offset, timeout_s)
+        except KafkaException as exc:
+            raise RestoreError(f"{self.changelog}[{partition}]: {exc.args[0]}") from exc
+        if committed is None:
+            raise RestoreError(
+                f"{self.changelog}[{partition}]: the record of the store's last row (offset "
+                f"{part.offset}) is still in an open transaction after {timeout_s} s"
+            )
+        return committed
 
     def _restore(
         self, part: _Partition, partition: int, high: int, timeout_s: float = 120.0
