@@ -16,11 +16,13 @@ from its first offsets; a producer that librdkafka declares unusable is replaced
 with the same transactional id, and the instance rewinds to what is committed — the tables
 restored from their changelogs, the positions from the group's committed offsets — exactly
 as a restarted instance would. Each step is bounded by ``LoopConfig.recovery_timeout_s``.
-An application that ignores repeats also reads its last few batches again then
-(``LoopConfig.reread_batches``): a broker can complete a commit without all of its markers,
-leaving the batch's offsets committed and its outputs aborted (streams.runtime.transactions).
-A rebalance before they were read again assigns those partitions where the reading again
-starts, not at their committed offsets.
+An application that ignores repeats also completes its last few batches and reads them again
+then (``LoopConfig.reread_batches``): a broker can complete a commit without all of its
+markers, leaving some of the batch's records committed (its offsets, or its changelog records)
+and the others aborted (streams.runtime.transactions). What of those batches a read_committed
+reader does not find is sent again, so that each stands whole, and their inputs, read again,
+are repeats. A rebalance before they were read again assigns those partitions where the
+reading again starts, not at their committed offsets.
 
 An instance away longer than its inputs' retention would resume past records it never
 processed, and one whose group's committed offsets expired would re-apply retained records on
@@ -46,7 +48,9 @@ import contextlib
 import logging
 import threading
 import time
+import uuid
 from abc import ABC, abstractmethod
+from collections import Counter as CounterOf
 from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -67,7 +71,7 @@ from confluent_kafka import (
 
 from streams.runtime import clients
 from streams.runtime.exceptions import InputGapError, RestoreError, TransactionError
-from streams.runtime.kafka import retry_transient, take, watermarks
+from streams.runtime.kafka import committed_at, retry_transient, take, watermarks
 from streams.runtime.store import Table
 from streams.runtime.transactions import Sweep, Transactions
 
@@ -98,6 +102,7 @@ class Changes:
     def __init__(self, rows: list[tuple[Table[Any], list[tuple[int, bytes, bytes | None]]]]):
         self.rows = rows
         self._reached: dict[tuple[str, int], int] = {}
+        self._first: dict[tuple[str, int], int] = {}
 
     @property
     def count(self) -> int:
@@ -111,10 +116,30 @@ class Changes:
         offset = msg.offset() or 0
         if offset > self._reached.get(key, -1):
             self._reached[key] = offset
+        if offset < self._first.get(key, offset + 1):
+            self._first[key] = offset
 
     def offsets(self, changelog: str) -> dict[int, int]:
         """Partition → the last offset this transaction's rows reached in ``changelog``."""
         return {p: o for (topic, p), o in self._reached.items() if topic == changelog}
+
+    def span(self, changelog: str, partition: int) -> tuple[int, int] | None:
+        """The first and last offsets this transaction's rows reached in a changelog
+        partition (None: no delivery report says where)."""
+        key = (changelog, partition)
+        if key not in self._reached:
+            return None
+        return self._first[key], self._reached[key]
+
+
+class _Written(NamedTuple):
+    """What one transaction sent, kept for ``LoopConfig.reread_batches`` batches: should the
+    broker have left it committed on some partitions and aborted on others, what is missing
+    is sent again (``TransactionalLoop._complete_window``)."""
+
+    outputs: list[Output]
+    changed: Changes
+    sent_ms: int  # wall clock before its first message: their timestamps are no earlier
 
 
 class Application(ABC, Generic[B]):
@@ -219,12 +244,15 @@ class LoopConfig:
     #: ignores repeats, and whose rows may change without input from their own partition,
     #: turns it off.
     expired_offsets_are_gaps: bool = True
-    #: After a producer is replaced, read the inputs of this many last committed batches (and
-    #: of the failed one) again, from their first offsets, however far the group's committed
-    #: offsets are. For an application that ignores repeats: it heals a batch whose commit
-    #: the broker completed without all of its markers (streams.runtime.transactions), so that
-    #: its offsets stand committed while its outputs and changelog records end aborted. An
-    #: application that would count a repeat twice leaves it at 0.
+    #: After a producer is replaced, complete this many last committed batches (and the
+    #: failed one) where the broker left them committed in part, then read their inputs
+    #: again, from their first offsets, however far the group's committed offsets are. For an
+    #: application that ignores repeats: it heals a batch whose commit the broker completed
+    #: without all of its markers (streams.runtime.transactions), so that some of its records
+    #: (outputs, changelog records, offsets) stand committed and the others end aborted. The
+    #: loop keeps the outputs of that many batches to send them again
+    #: (``TransactionalLoop._complete_window``). An application that would count a repeat
+    #: twice leaves it at 0.
     reread_batches: int = 0
     #: A consumer behind a backlog hands out one partition's run of records after another,
     #: in no useful order across partitions. With a lookahead, a batch taken behind a backlog
@@ -253,6 +281,9 @@ class LoopStats:
     transactions: int = 0  # committed
     aborted: int = 0
     replaced: int = 0  # producers replaced after a fatal error (a broker failure)
+    #: Records sent again to complete batches a broker failure left committed in part
+    #: (``TransactionalLoop._complete_window``).
+    completed: int = 0
     restored: int = 0  # changelog records read into the tables
     #: Changelog records written by committed transactions (a row changed several times in a
     #: batch is written once): the tables' share of the work, which the input order sways.
@@ -280,6 +311,7 @@ class _Pending(Generic[B]):
     firsts: dict[tuple[str, int], int]  # where to read again should the commit fail
     positions: dict[tuple[str, int], int]  # the offsets it commits
     changed: Changes
+    written: _Written  # what it sent (its outputs, and ``changed``)
     producer: Producer  # whose delivery reports the rows' changelog offsets come with
     began: float  # when its records were taken (monotonic)
     commit: Future[float]  # when the commit returned (monotonic)
@@ -307,6 +339,9 @@ class TransactionalLoop(Generic[B]):
         self._unsettled: list[TopicPartition] = []
         # The first offsets of the last committed batches (``LoopConfig.reread_batches``).
         self._recent: deque[dict[tuple[str, int], int]] = deque(maxlen=config.reread_batches)
+        # What they sent, and what the transaction in hand sent (until it is pending or done).
+        self._written: deque[_Written] = deque(maxlen=config.reread_batches)
+        self._sending: _Written | None = None
         # Partitions being read again after a resume: (from, the committed offset then), until
         # a batch commits past it. A rebalance in between would otherwise start them at the
         # committed offset and skip what the resume meant to read again.
@@ -319,7 +354,7 @@ class TransactionalLoop(Generic[B]):
         # The batch committing in the background, and the failure of the last one waited for
         # in a rebalance callback (undone once the consumer call that ran it returned).
         self._pending: _Pending[B] | None = None
-        self._failed: tuple[KafkaException, dict[tuple[str, int], int]] | None = None
+        self._failed: tuple[KafkaException, dict[tuple[str, int], int], _Written] | None = None
         self._committer: ThreadPoolExecutor | None = None
 
     def stop(self) -> None:
@@ -587,7 +622,9 @@ class TransactionalLoop(Generic[B]):
             self._transaction(consumer, tx, records, firsts)
         except KafkaException as exc:
             self._held = []  # read again: ``firsts`` covers them
-            self._rewind(consumer, tx, exc, firsts)
+            self._rewind(consumer, tx, exc, firsts, self._sending)
+        finally:
+            self._sending = None
 
     def _records(self, messages: list[Message]) -> list[Record]:
         records: list[Record] = []
@@ -640,8 +677,10 @@ class TransactionalLoop(Generic[B]):
         tx: Transactions,
         exc: KafkaException,
         firsts: dict[tuple[str, int], int],
+        written: _Written | None = None,
     ) -> None:
-        """The batch's transaction failed: undo it, and read again from what is committed."""
+        """The batch's transaction failed: undo it, and read again from what is committed.
+        ``written``: what it sent, if it got that far."""
         how = tx.recover(exc)
         # Rows were changed in memory by the failed batch: forget them (RocksDB holds only
         # committed rows).
@@ -657,7 +696,7 @@ class TransactionalLoop(Generic[B]):
             return
         self.stats.replaced += 1
         self._held = []  # the positions go back to what is committed, before them
-        self._resume_from_commits(consumer, firsts)
+        self._resume_from_commits(consumer, tx, firsts, written)
 
     def _committed(
         self, consumer: Consumer, partitions: list[TopicPartition]
@@ -740,33 +779,182 @@ class TransactionalLoop(Generic[B]):
         self.log.warning("%s: the stray offset commit is settled", self.config.name)
 
     def _resume_from_commits(
-        self, consumer: Consumer, failed: Mapping[tuple[str, int], int] | None = None
+        self,
+        consumer: Consumer,
+        tx: Transactions,
+        failed: Mapping[tuple[str, int], int] | None = None,
+        written: _Written | None = None,
     ) -> None:
         """After a new producer settled the old one's last transaction (committed or aborted,
         we cannot tell which): the tables catch up with their changelogs and the positions
         move to the group's committed offsets, as on a restart — or, with
         ``reread_batches``, back to the first offsets of the last committed batches and of
-        the ``failed`` one. Retried while the cluster settles (a partition without a leader
-        yet), for at most the recovery timeout."""
+        the ``failed`` one, once those batches and that one (``written``: what it sent) are
+        completed (``_complete_window``). Retried while the cluster settles (a partition
+        without a leader yet), for at most the recovery timeout."""
         back: dict[tuple[str, int], int] = {}
+        window: list[_Written] = []
         if self.config.reread_batches > 0:
             # A resume before the last one's reading again was done goes back as far.
             rereading = {at: first for at, (first, _then) in self._rereading.items()}
             for firsts in [*self._recent, failed or {}, rereading]:
                 for tp, offset in firsts.items():
                     back[tp] = min(offset, back.get(tp, offset))
+            window = [*self._written, *([written] if written is not None else [])]
         deadline = time.monotonic() + self.config.recovery_timeout_s
         while True:
             try:
+                if window:
+                    self._complete_window(tx, window)
+                    window = []
+                    self._written.clear()  # each stands whole now
                 self._resume_once(consumer, back)
                 return
             except (KafkaException, RestoreError) as exc:
                 if time.monotonic() > deadline:
                     raise TransactionError(f"{self.config.name}: cannot resume: {exc}") from exc
                 self.log.warning("%s: resuming: %s; retrying", self.config.name, exc)
+                # The completing transaction failed: abort it (or replace the producer).
+                if window and isinstance(exc, KafkaException) and tx.recover(exc) == "replaced":
+                    self.stats.replaced += 1
                 for table in self._tables():
                     table.reset_reader()
                 time.sleep(1.0)
+
+    def _complete_window(self, tx: Transactions, window: list[_Written]) -> int:
+        """Send again what the batches of ``window`` sent and is not committed; returns how
+        many records. Called once a new producer swept (nothing of the old one is open).
+
+        A broker that completes a commit without writing all of its markers (see
+        ``Table._committed_row``) leaves the batch's records open on those partitions; the
+        same producer's later commits commit them where they write, and a new producer's
+        sweep aborts the rest. The batch then stands committed in part: its changelog records
+        and rows, say, without its outputs. Read again, it is all repeats for an application
+        that ignores them, and what was aborted would never be sent. Each batch here was
+        taken for committed (its rows in the stores) or is the failed one, and all were
+        computed in order from committed state, so each is made to stand whole: the outputs
+        a read_committed reader does not find (read back from the window's first send time,
+        matched by topic, key and value) are sent again, and each row whose latest record in
+        the window is not committed is written again with that latest value. The batches,
+        read again, are then repeats, as after any commit that returned. (The failed batch
+        is completed even where nothing of it committed: sending what it computed from the
+        committed state equals applying its inputs again.)"""
+        reader = clients.committed_reader(
+            self.conn,
+            group_id=f"{self.config.group_id}-complete-{uuid.uuid4().hex[:8]}",
+            **{"fetch.wait.max.ms": 10},
+        )
+        try:
+            present = self._committed_outputs(reader, window)
+            rows = self._rows_to_complete(reader, window)
+        finally:
+            reader.close()
+        missing: list[Output] = []
+        short = {i for _cl, _p, _k, _v, i in rows}  # batches with something to send again
+        for i, w in enumerate(window):
+            for out in w.outputs:
+                ident = (out[0], out[1], out[2])
+                if present[ident] > 0:
+                    present[ident] -= 1
+                else:
+                    missing.append(out)
+                    short.add(i)
+        if not short:
+            return 0
+        producer = tx.producer
+        producer.begin_transaction()
+        for topic, key, value, headers in missing:
+            producer.produce(topic, key=key, value=value, headers=headers)
+        for changelog, p, key, value, _i in rows:
+            producer.produce(changelog, key=key, value=value, partition=p)
+        tx.commit()
+        self.stats.completed += len(missing) + len(rows)
+        self.log.warning(
+            "%s: %d of the last %d batches stood committed in part or not at all; sent again: "
+            "%d output(s), %d row(s)",
+            self.config.name,
+            len(short),
+            len(window),
+            len(missing),
+            len(rows),
+        )
+        return len(missing) + len(rows)
+
+    def _committed_outputs(
+        self, reader: Consumer, window: list[_Written], timeout_s: float = 60.0
+    ) -> CounterOf[tuple[str, bytes | None, bytes | None]]:
+        """(topic, key, value) of every committed record in the topics ``window`` wrote to,
+        from its first send time to the ends those partitions have now."""
+        topics = sorted({out[0] for w in window for out in w.outputs})
+        found: CounterOf[tuple[str, bytes | None, bytes | None]] = CounterOf()
+        if not topics:
+            return found
+        since = min(w.sent_ms for w in window) - 1000  # clocks: the same host, ms rounding
+        asked = []
+        for topic in topics:
+            meta = reader.list_topics(topic, timeout=10).topics[topic]
+            asked += [TopicPartition(topic, p, since) for p in meta.partitions]
+        starts = reader.offsets_for_times(asked, timeout=10)
+        ends = {(tp.topic, tp.partition): watermarks(reader, tp)[1] for tp in starts}
+        todo = [tp for tp in starts if 0 <= tp.offset < ends[(tp.topic, tp.partition)]]
+        if not todo:
+            return found
+        pending = {(tp.topic, tp.partition) for tp in todo}
+        reader.assign(todo)
+        deadline = time.monotonic() + timeout_s
+        try:
+            while pending:
+                if time.monotonic() > deadline:
+                    raise RestoreError(f"outputs not read back in {timeout_s} s: {pending}")
+                msg = reader.poll(1.0)
+                if msg is None:
+                    continue
+                at = (msg.topic() or "", msg.partition() or 0)
+                err = msg.error()
+                if err is not None:
+                    if err.code() != KafkaError._PARTITION_EOF:
+                        raise KafkaException(err)
+                    if (msg.offset() or 0) >= ends[at]:
+                        pending.discard(at)  # else an open transaction holds the end back
+                    continue
+                found[(at[0], msg.key(), msg.value())] += 1
+        finally:
+            reader.unassign()
+        return found
+
+    def _rows_to_complete(
+        self, reader: Consumer, window: list[_Written], timeout_s: float = 60.0
+    ) -> list[tuple[str, int, bytes, bytes | None, int]]:
+        """(changelog, partition, key, value, batch) to write again: each row's latest value in
+        ``window`` where that batch's records in its partition are not committed (the first
+        and the last are asked; a batch whose delivery reports never came counts as not)."""
+        latest: dict[tuple[str, int, bytes], tuple[int, bytes | None]] = {}
+        for i, w in enumerate(window):
+            for table, rows in w.changed.rows:
+                for p, key, value in rows:
+                    latest[(table.changelog, p, key)] = (i, value)
+        verdict: dict[tuple[int, str, int], bool] = {}
+
+        def committed(i: int, changelog: str, p: int) -> bool:
+            if (i, changelog, p) not in verdict:
+                span = window[i].changed.span(changelog, p)
+                ok = span is not None
+                for offset in sorted(set(span or ())):
+                    answer = committed_at(reader, TopicPartition(changelog, p), offset, timeout_s)
+                    if answer is None:
+                        raise RestoreError(
+                            f"{changelog}[{p}]@{offset}: still in an open transaction after "
+                            f"{timeout_s} s"
+                        )
+                    ok = ok and answer
+                verdict[(i, changelog, p)] = ok
+            return verdict[(i, changelog, p)]
+
+        return [
+            (changelog, p, key, value, i)
+            for (changelog, p, key), (i, value) in latest.items()
+            if not committed(i, changelog, p)
+        ]
 
     def _resume_once(self, consumer: Consumer, back: Mapping[tuple[str, int], int]) -> None:
         assignment = consumer.assignment()
@@ -824,7 +1012,7 @@ class TransactionalLoop(Generic[B]):
                 self.stats.replaced += 1
                 for table in self._tables():
                     table.forget()
-                self._resume_from_commits(consumer, {})
+                self._resume_from_commits(consumer, tx, {})
             else:
                 self.stats.aborted += 1
             return
@@ -888,10 +1076,12 @@ class TransactionalLoop(Generic[B]):
             outputs = list(self.app.process(batch))
             processed = time.monotonic()
         opened = time.monotonic()
+        sent_ms = int(time.time() * 1000)
         for topic, key, value, headers in outputs:
             producer.produce(topic, key=key, value=value, headers=headers)
         changed = self._send_changes(producer, self._tables())
         sent = time.monotonic()
+        written = self._sending = _Written(outputs, changed, sent_ms)
         self.stats.app_s += processed - began
         self.stats.send_s += sent - opened
         offsets = [TopicPartition(t, p, o) for (t, p), o in positions.items()]
@@ -904,8 +1094,9 @@ class TransactionalLoop(Generic[B]):
             commit.set_result(self._commit(tx, offsets, group))  # a failure: ``_batch`` rewinds
             self.stats.wait_s += self.stats.commit_s - before  # all of it was waited for
         self._pending = _Pending(
-            batch, records, firsts, positions, changed, producer, began, commit
+            batch, records, firsts, positions, changed, written, producer, began, commit
         )
+        self._sending = None  # a failure of the commit comes with ``_pending``
         if self._committer is None:
             self._wait()  # committed already: persist it now
 
@@ -927,7 +1118,7 @@ class TransactionalLoop(Generic[B]):
         try:
             done = pending.commit.result()
         except KafkaException as exc:
-            self._failed = (exc, pending.firsts)
+            self._failed = (exc, pending.firsts, pending.written)
             return
         finally:
             self.stats.wait_s += time.monotonic() - waited
@@ -935,6 +1126,7 @@ class TransactionalLoop(Generic[B]):
         self.stats.changelog += pending.changed.count
         if self.config.reread_batches > 0:
             self._recent.append(pending.firsts)
+            self._written.append(pending.written)
         for at, (_first, then) in list(self._rereading.items()):
             if pending.positions.get(at, -1) >= then:
                 del self._rereading[at]  # read again up to where it had been committed
@@ -960,7 +1152,7 @@ class TransactionalLoop(Generic[B]):
     ) -> None:
         """Undo the batch whose commit failed (``_failed``) and everything after it."""
         assert self._failed is not None
-        exc, firsts = self._failed
+        exc, firsts, written = self._failed
         self._failed = None
         back = dict(firsts)
         for tp, offset in since.items():
@@ -972,7 +1164,7 @@ class TransactionalLoop(Generic[B]):
                 exc,
             )
         self._held = []  # taken after the failed batch's first offsets: read again
-        self._rewind(consumer, tx, exc, back)
+        self._rewind(consumer, tx, exc, back, written)
 
 
 _GAP_ADVICE = (

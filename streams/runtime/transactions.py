@@ -42,10 +42,12 @@ would commit them or abort them depending on which transaction happens to come n
 of a batch's outputs kept, others dropped. The sweep's abort ends them all, and with them any
 offset commit left pending in the group, before anything new commits: the batch is undone
 everywhere its markers were skipped, and the instance redoes it from the committed state
-(streams.runtime.store rebuilds a store that took its rows). Where the group's offsets
-partition did get its marker, the batch's offsets stay committed while its outputs end
-aborted: only reading the batch again redoes it, which an application that ignores repeats
-asks for (streams.runtime.loop, ``LoopConfig.reread_batches``).
+(streams.runtime.store rebuilds a store that took its rows). Where some partitions did get
+their markers (the group's offsets partition, or a changelog's, or a later commit of the old
+producer committed its open records there before it was replaced), the batch stands committed
+in part: the loop then sends again what of it is missing and reads it again, which an
+application that ignores repeats asks for (streams.runtime.loop,
+``LoopConfig.reread_batches``).
 """
 
 from __future__ import annotations

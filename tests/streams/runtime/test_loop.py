@@ -435,6 +435,36 @@ def _answered(outputs: list[tuple[bytes, bytes | None]]) -> dict[bytes, list[int
     return by_key
 
 
+def _run_latest(
+    conn: Connection, prefix: str, state: Path, overlap: bool, inputs: Inputs
+) -> tuple[TransactionalLoop[list[Record]], _Latest]:
+    """``_Latest`` with ``reread_batches`` on 200 new inputs, in batches of 25, until each
+    has an output (or two minutes passed, or a second went by with nothing more)."""
+    source, sink, _changelog = topics(prefix)
+    _produce(conn, source, 0, 200, inputs)
+    app = _Latest(conn, prefix, state)
+    config = LoopConfig(
+        name="latest",
+        group_id=f"{prefix}latest",
+        transactional_id=f"{prefix}latest",
+        batch=25,
+        reread_batches=2,
+        overlap=overlap,
+    )
+    loop = TransactionalLoop(conn, config, app)
+    runner = threading.Thread(target=loop.run, kwargs={"max_seconds": 120}, daemon=True)
+    runner.start()
+    deadline = time.monotonic() + 120
+    try:
+        while len(_read(conn, sink)) < 200 and time.monotonic() < deadline:
+            time.sleep(0.5)
+        time.sleep(1.0)  # nothing more comes
+    finally:
+        loop.stop()
+        runner.join(timeout=30)
+    return loop, app
+
+
 @pytest.mark.parametrize("rebalanced", [False, True], ids=["kept", "rebalanced"])
 @pytest.mark.parametrize("overlap", [False, True], ids=["serial", "overlap"])
 def test_a_batch_whose_offsets_committed_without_its_outputs_is_read_again(
@@ -504,35 +534,80 @@ def test_a_batch_whose_offsets_committed_without_its_outputs_is_read_again(
 
     monkeypatch.setattr("streams.runtime.loop.Transactions", HalfCommitting)
     with _pipeline(conn) as prefix:
-        source, sink, _changelog = topics(prefix)
-        _produce(conn, source, 0, 200, inputs)
-        app = _Latest(conn, prefix, tmp_path / "state")
-        config = LoopConfig(
-            name="latest",
-            group_id=f"{prefix}latest",
-            transactional_id=f"{prefix}latest",
-            batch=25,
-            reread_batches=2,
-            overlap=overlap,
-        )
-        loop = TransactionalLoop(conn, config, app)
-        runner = threading.Thread(target=loop.run, kwargs={"max_seconds": 120}, daemon=True)
-        runner.start()
-        deadline = time.monotonic() + 120
-        try:
-            while len(_read(conn, sink)) < 200 and time.monotonic() < deadline:
-                time.sleep(0.5)
-            time.sleep(1.0)  # nothing more comes
-        finally:
-            loop.stop()
-            runner.join(timeout=30)
+        loop, app = _run_latest(conn, prefix, tmp_path / "state", overlap, inputs)
         assert failed, "the third commit never came"
-        outputs = _read(conn, sink)
+        outputs = _read(conn, topics(prefix)[1])
         assert _answered(outputs) == inputs, (
             f"{len(outputs)} outputs of 200 inputs: one lost, or twice"
         )
         assert loop.stats.replaced == 1 and app.repeats > 0, (loop.stats, app.repeats)
         assert len(rebalances) == int(rebalanced) and all(rebalances), rebalances
+
+
+@pytest.mark.parametrize("overlap", [False, True], ids=["serial", "overlap"])
+def test_a_batch_whose_rows_committed_without_its_outputs_is_completed(
+    conn: Connection, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, overlap: bool
+) -> None:
+    """The other half of a commit completed without all of its markers (a single node
+    restarted at the wrong moment; seen in a full run, two events without a recommendation):
+    the batch's changelog records committed, its outputs and offsets aborted (the next
+    producer's sweep ends them), its commit call returned, and the next batch's commit
+    fails for good. Read again, that batch is all repeats (its rows stand committed), so
+    nothing would ever send its outputs. Made here at will on the third batch: its changelog
+    records sent and committed by another producer, its own transaction aborted while the
+    call returns, the fourth commit failing as a fatal error. After the new producer starts,
+    the loop completes the batches it may have left half-committed (the last
+    ``reread_batches`` and the failed one): what of theirs is not committed is sent again,
+    and every input has exactly one output."""
+    inputs: Inputs = {}
+    completed: list[int] = []
+    send_changes = TransactionalLoop._send_changes
+    sent = [0]
+
+    def rows_apart(self: TransactionalLoop[list[Record]], producer: Any, tables: list[Any]) -> Any:
+        sent[0] += 1
+        if sent[0] != 3:
+            return send_changes(self, producer, tables)
+        ghost = transactional_producer(conn, f"{prefix}ghost")
+        ghost.init_transactions(30)
+        ghost.begin_transaction()
+        changes = send_changes(self, ghost, tables)
+        ghost.commit_transaction(30)  # serves the delivery reports: the rows' real offsets
+        return changes
+
+    class OutputsAborted(Transactions):
+        commits = 0
+
+        def commit(self) -> None:
+            self.commits += 1
+            if self.commits == 3:
+                self.producer.abort_transaction(30)
+                return  # "returned": the loop takes the batch for committed
+            if self.commits == 4:
+                reason = "the broker went away after deciding the commit"
+                raise KafkaException(KafkaError(KafkaError._TIMED_OUT, reason, fatal=True))
+            super().commit()
+
+    complete = TransactionalLoop._complete_window
+
+    def counted(self: TransactionalLoop[list[Record]], *args: Any) -> int:
+        n = complete(self, *args)
+        completed.append(n)
+        return n
+
+    monkeypatch.setattr(TransactionalLoop, "_send_changes", rows_apart)
+    monkeypatch.setattr(TransactionalLoop, "_complete_window", counted)
+    monkeypatch.setattr("streams.runtime.loop.Transactions", OutputsAborted)
+    with _pipeline(conn) as prefix:
+        loop, app = _run_latest(conn, prefix, tmp_path / "state", overlap, inputs)
+        assert sent[0] >= 4, "the fourth batch never came"
+        outputs = _read(conn, topics(prefix)[1])
+        assert _answered(outputs) == inputs, (
+            f"{len(outputs)} outputs of 200 inputs: one lost, or twice"
+        )
+        assert loop.stats.replaced == 1 and app.repeats > 0, (loop.stats, app.repeats)
+        # The third batch's outputs, and all of the failed fourth's records, sent again.
+        assert completed and completed[0] > 0, completed
 
 
 class _Ordered(_Latest):
