@@ -140,6 +140,7 @@ class _Written(NamedTuple):
     outputs: list[Output]
     changed: Changes
     sent_ms: int  # wall clock before its first message: their timestamps are no earlier
+    inputs: frozenset[tuple[str, int]]  # the input partitions it read
 
 
 class Application(ABC, Generic[B]):
@@ -805,7 +806,7 @@ class TransactionalLoop(Generic[B]):
         while True:
             try:
                 if window:
-                    self._complete_window(tx, window)
+                    self._complete_window(consumer, tx, window)
                     window = []
                     self._written.clear()  # each stands whole now
                 self._resume_once(consumer, back)
@@ -821,24 +822,25 @@ class TransactionalLoop(Generic[B]):
                     table.reset_reader()
                 time.sleep(1.0)
 
-    def _complete_window(self, tx: Transactions, window: list[_Written]) -> int:
-        """Send again what the batches of ``window`` sent and is not committed; returns how
-        many records. Called once a new producer swept (nothing of the old one is open).
+    def _complete_window(self, consumer: Consumer, tx: Transactions, window: list[_Written]) -> int:
+        """Send again what the batches of ``window`` that stand committed in part sent and is
+        not committed; returns how many records. Called once a new producer swept (nothing of
+        the old one is open).
 
         A broker that completes a commit without writing all of its markers (see
         ``Table._committed_row``) leaves the batch's records open on those partitions; the
         same producer's later commits commit them where they write, and a new producer's
         sweep aborts the rest. The batch then stands committed in part: its changelog records
         and rows, say, without its outputs. Read again, it is all repeats for an application
-        that ignores them, and what was aborted would never be sent. Each batch here was
-        taken for committed (its rows in the stores) or is the failed one, and all were
-        computed in order from committed state, so each is made to stand whole: the outputs
-        a read_committed reader does not find (read back from the window's first send time,
-        matched by topic, key and value) are sent again, and each row whose latest record in
-        the window is not committed is written again with that latest value. The batches,
-        read again, are then repeats, as after any commit that returned. (The failed batch
-        is completed even where nothing of it committed: sending what it computed from the
-        committed state equals applying its inputs again.)"""
+        that ignores them, and what was aborted would never be sent. Such a batch was
+        computed in order from committed state, and part of it stands, so it is made to stand
+        whole: its outputs a read_committed reader does not find (read back from the window's
+        first send time, matched by topic, key and value) are sent again, and each row whose
+        latest record among the standing batches is not committed is written again with that
+        value. Read again, it is then all repeats, as after any commit that returned. A batch
+        of which nothing stands (the failed one, as a rule) is left undone: read again, it is
+        applied again, here or by the partitions' new owner. So is a window whose inputs are
+        no longer all this instance's: their new owner reads what it did not commit."""
         reader = clients.committed_reader(
             self.conn,
             group_id=f"{self.config.group_id}-complete-{uuid.uuid4().hex[:8]}",
@@ -846,39 +848,73 @@ class TransactionalLoop(Generic[B]):
         )
         try:
             present = self._committed_outputs(reader, window)
-            rows = self._rows_to_complete(reader, window)
+            parts = self._changelog_parts(reader, window)
         finally:
             reader.close()
-        missing: list[Output] = []
-        short = {i for _cl, _p, _k, _v, i in rows}  # batches with something to send again
+        missing: list[list[Output]] = [[] for _w in window]
+        found = [False] * len(window)
         for i, w in enumerate(window):
             for out in w.outputs:
                 ident = (out[0], out[1], out[2])
                 if present[ident] > 0:
                     present[ident] -= 1
+                    found[i] = True
                 else:
-                    missing.append(out)
-                    short.add(i)
-        if not short:
+                    missing[i].append(out)
+        standing = [
+            found[i] or any(ok for (j, _cl, _p), ok in parts.items() if j == i)
+            for i in range(len(window))
+        ]
+        split = [
+            standing[i]
+            and (bool(missing[i]) or any(not ok for (j, _cl, _p), ok in parts.items() if j == i))
+            for i in range(len(window))
+        ]
+        if not any(split):
+            self.log.info(
+                "%s: the last %d batches stand whole or not at all", self.config.name, len(window)
+            )
             return 0
+        owned = {(tp.topic, tp.partition) for tp in consumer.assignment()}
+        if any(split[i] and not w.inputs <= owned for i, w in enumerate(window)):
+            self.log.warning(
+                "%s: a batch stood committed in part, but some of its inputs are no longer "
+                "this instance's: not completed",
+                self.config.name,
+            )
+            return 0
+        # Each row's latest value among the standing batches, where that record is aborted.
+        latest: dict[tuple[str, int, bytes], tuple[int, bytes | None]] = {}
+        for i, w in enumerate(window):
+            if standing[i]:
+                for table, rows in w.changed.rows:
+                    for p, row, state in rows:
+                        latest[(table.changelog, p, row)] = (i, state)
+        rows_again = [
+            (changelog, p, row, state)
+            for (changelog, p, row), (i, state) in latest.items()
+            if not parts[(i, changelog, p)]
+        ]
+        outputs_again = [out for i in range(len(window)) if split[i] for out in missing[i]]
         producer = tx.producer
         producer.begin_transaction()
-        for topic, key, value, headers in missing:
+        for topic, key, value, headers in outputs_again:
             producer.produce(topic, key=key, value=value, headers=headers)
-        for changelog, p, key, value, _i in rows:
-            producer.produce(changelog, key=key, value=value, partition=p)
+        for changelog, p, row, state in rows_again:
+            producer.produce(changelog, key=row, value=state, partition=p)
         tx.commit()
-        self.stats.completed += len(missing) + len(rows)
+        sent = len(outputs_again) + len(rows_again)
+        self.stats.completed += sent
         self.log.warning(
-            "%s: %d of the last %d batches stood committed in part or not at all; sent again: "
-            "%d output(s), %d row(s)",
+            "%s: %d of the last %d batches stood committed in part; sent again: %d output(s), "
+            "%d row(s)",
             self.config.name,
-            len(short),
+            sum(split),
             len(window),
-            len(missing),
-            len(rows),
+            len(outputs_again),
+            len(rows_again),
         )
-        return len(missing) + len(rows)
+        return sent
 
     def _committed_outputs(
         self, reader: Consumer, window: list[_Written], timeout_s: float = 60.0
@@ -922,39 +958,29 @@ class TransactionalLoop(Generic[B]):
             reader.unassign()
         return found
 
-    def _rows_to_complete(
+    def _changelog_parts(
         self, reader: Consumer, window: list[_Written], timeout_s: float = 60.0
-    ) -> list[tuple[str, int, bytes, bytes | None, int]]:
-        """(changelog, partition, key, value, batch) to write again: each row's latest value in
-        ``window`` where that batch's records in its partition are not committed (the first
-        and the last are asked; a batch whose delivery reports never came counts as not)."""
-        latest: dict[tuple[str, int, bytes], tuple[int, bytes | None]] = {}
+    ) -> dict[tuple[int, str, int], bool]:
+        """(batch, changelog, partition) → whether that batch's records there are committed
+        (its first and last are asked; records whose delivery reports never came count as
+        not committed)."""
+        verdict: dict[tuple[int, str, int], bool] = {}
         for i, w in enumerate(window):
             for table, rows in w.changed.rows:
-                for p, key, value in rows:
-                    latest[(table.changelog, p, key)] = (i, value)
-        verdict: dict[tuple[int, str, int], bool] = {}
-
-        def committed(i: int, changelog: str, p: int) -> bool:
-            if (i, changelog, p) not in verdict:
-                span = window[i].changed.span(changelog, p)
-                ok = span is not None
-                for offset in sorted(set(span or ())):
-                    answer = committed_at(reader, TopicPartition(changelog, p), offset, timeout_s)
-                    if answer is None:
-                        raise RestoreError(
-                            f"{changelog}[{p}]@{offset}: still in an open transaction after "
-                            f"{timeout_s} s"
-                        )
-                    ok = ok and answer
-                verdict[(i, changelog, p)] = ok
-            return verdict[(i, changelog, p)]
-
-        return [
-            (changelog, p, key, value, i)
-            for (changelog, p, key), (i, value) in latest.items()
-            if not committed(i, changelog, p)
-        ]
+                for p in sorted({p for p, _key, _value in rows}):
+                    span = w.changed.span(table.changelog, p)
+                    ok = span is not None
+                    for offset in sorted(set(span or ())):
+                        tp = TopicPartition(table.changelog, p)
+                        answer = committed_at(reader, tp, offset, timeout_s)
+                        if answer is None:
+                            raise RestoreError(
+                                f"{table.changelog}[{p}]@{offset}: still in an open "
+                                f"transaction after {timeout_s} s"
+                            )
+                        ok = ok and answer
+                    verdict[(i, table.changelog, p)] = ok
+        return verdict
 
     def _resume_once(self, consumer: Consumer, back: Mapping[tuple[str, int], int]) -> None:
         assignment = consumer.assignment()
@@ -1081,7 +1107,7 @@ class TransactionalLoop(Generic[B]):
             producer.produce(topic, key=key, value=value, headers=headers)
         changed = self._send_changes(producer, self._tables())
         sent = time.monotonic()
-        written = self._sending = _Written(outputs, changed, sent_ms)
+        written = self._sending = _Written(outputs, changed, sent_ms, frozenset(firsts))
         self.stats.app_s += processed - began
         self.stats.send_s += sent - opened
         offsets = [TopicPartition(t, p, o) for (t, p), o in positions.items()]

@@ -556,9 +556,10 @@ def test_a_batch_whose_rows_committed_without_its_outputs_is_completed(
     nothing would ever send its outputs. Made here at will on the third batch: its changelog
     records sent and committed by another producer, its own transaction aborted while the
     call returns, the fourth commit failing as a fatal error. After the new producer starts,
-    the loop completes the batches it may have left half-committed (the last
-    ``reread_batches`` and the failed one): what of theirs is not committed is sent again,
-    and every input has exactly one output."""
+    the loop completes the last ``reread_batches`` batches (and the failed one) where part
+    of them stands: what of the third is not committed, its outputs, is sent again (of the
+    fourth nothing stands: it is read again and applied), and every input has exactly one
+    output."""
     inputs: Inputs = {}
     completed: list[int] = []
     send_changes = TransactionalLoop._send_changes
@@ -606,8 +607,8 @@ def test_a_batch_whose_rows_committed_without_its_outputs_is_completed(
             f"{len(outputs)} outputs of 200 inputs: one lost, or twice"
         )
         assert loop.stats.replaced == 1 and app.repeats > 0, (loop.stats, app.repeats)
-        # The third batch's outputs, and all of the failed fourth's records, sent again.
-        assert completed and completed[0] > 0, completed
+        # The third batch's outputs (up to one per input: none for a repeat) sent again.
+        assert completed and 0 < completed[0] <= 25, completed
 
 
 class _Ordered(_Latest):
