@@ -815,9 +815,6 @@ class TransactionalLoop(Generic[B]):
                 if time.monotonic() > deadline:
                     raise TransactionError(f"{self.config.name}: cannot resume: {exc}") from exc
                 self.log.warning("%s: resuming: %s; retrying", self.config.name, exc)
-                # The completing transaction failed: abort it (or replace the producer).
-                if window and isinstance(exc, KafkaException) and tx.recover(exc) == "replaced":
-                    self.stats.replaced += 1
                 for table in self._tables():
                     table.reset_reader()
                 time.sleep(1.0)
@@ -896,13 +893,19 @@ class TransactionalLoop(Generic[B]):
             if not parts[(i, changelog, p)]
         ]
         outputs_again = [out for i in range(len(window)) if split[i] for out in missing[i]]
-        producer = tx.producer
-        producer.begin_transaction()
-        for topic, key, value, headers in outputs_again:
-            producer.produce(topic, key=key, value=value, headers=headers)
-        for changelog, p, row, state in rows_again:
-            producer.produce(changelog, key=row, value=state, partition=p)
-        tx.commit()
+        try:
+            producer = tx.producer
+            producer.begin_transaction()
+            for topic, key, value, headers in outputs_again:
+                producer.produce(topic, key=key, value=value, headers=headers)
+            for changelog, p, row, state in rows_again:
+                producer.produce(changelog, key=row, value=state, partition=p)
+            tx.commit()
+        except KafkaException as exc:
+            # Aborted (or the producer replaced): the retry reads back what stands again.
+            if tx.recover(exc) == "replaced":
+                self.stats.replaced += 1
+            raise
         sent = len(outputs_again) + len(rows_again)
         self.stats.completed += sent
         self.log.warning(
