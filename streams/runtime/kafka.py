@@ -9,6 +9,8 @@ from typing import TypeVar
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
+from streams.runtime.exceptions import RestoreError
+
 # Answers that clear by themselves right after a broker starts or a topic is created
 # (KRaft names a leader or coordinator a moment before it serves), though librdkafka does
 # not flag all of them as retriable.
@@ -58,12 +60,12 @@ def watermarks(
 
 def committed_at(
     reader: Consumer, tp: TopicPartition, offset: int, timeout_s: float = 120.0
-) -> bool | None:
-    """Whether the record at ``offset`` of ``tp`` is committed; None while still undecided
-    after ``timeout_s``. ``reader``: a read_committed consumer with partition EOFs on. It gets
-    that very record only if its transaction committed, and reads past it without getting it
-    only if it aborted; while an open transaction holds the partition's stable end before
-    it, that is not known yet, and the reader waits."""
+) -> bool:
+    """Whether the record at ``offset`` of ``tp`` is committed (``RestoreError`` while still
+    undecided after ``timeout_s``). ``reader``: a read_committed consumer with partition EOFs
+    on. It gets that very record only if its transaction committed, and reads past it without
+    getting it only if it aborted; while an open transaction holds the partition's stable end
+    before it, that is not known yet, and the reader waits."""
     reader.assign([TopicPartition(tp.topic, tp.partition, offset)])
     deadline = time.monotonic() + timeout_s
     try:
@@ -81,7 +83,9 @@ def committed_at(
             return msg.offset() == offset
     finally:
         reader.unassign()
-    return None
+    raise RestoreError(
+        f"{tp.topic}[{tp.partition}]@{offset}: still in an open transaction after {timeout_s} s"
+    )
 
 
 def murmur2(data: bytes) -> int:

@@ -140,7 +140,7 @@ class _Written(NamedTuple):
     outputs: list[Output]
     changed: Changes
     sent_ms: int  # wall clock before its first message: their timestamps are no earlier
-    inputs: frozenset[tuple[str, int]]  # the input partitions it read
+    firsts: dict[tuple[str, int], int]  # its first offset in each input partition it read
 
 
 class Application(ABC, Generic[B]):
@@ -338,9 +338,8 @@ class TransactionalLoop(Generic[B]):
         # Offsets read past a stray pending commit (see ``_committed``), to commit again in a
         # transaction of this instance's producer before the next batch.
         self._unsettled: list[TopicPartition] = []
-        # The first offsets of the last committed batches (``LoopConfig.reread_batches``).
-        self._recent: deque[dict[tuple[str, int], int]] = deque(maxlen=config.reread_batches)
-        # What they sent, and what the transaction in hand sent (until it is pending or done).
+        # What the last committed batches read and sent (``LoopConfig.reread_batches``), and
+        # what the transaction in hand sent (until it is pending or done).
         self._written: deque[_Written] = deque(maxlen=config.reread_batches)
         self._sending: _Written | None = None
         # Partitions being read again after a resume: (from, the committed offset then), until
@@ -798,7 +797,7 @@ class TransactionalLoop(Generic[B]):
         if self.config.reread_batches > 0:
             # A resume before the last one's reading again was done goes back as far.
             rereading = {at: first for at, (first, _then) in self._rereading.items()}
-            for firsts in [*self._recent, failed or {}, rereading]:
+            for firsts in [*(w.firsts for w in self._written), failed or {}, rereading]:
                 for tp, offset in firsts.items():
                     back[tp] = min(offset, back.get(tp, offset))
             window = [*self._written, *([written] if written is not None else [])]
@@ -807,8 +806,7 @@ class TransactionalLoop(Generic[B]):
             try:
                 if window:
                     self._complete_window(consumer, tx, window)
-                    window = []
-                    self._written.clear()  # each stands whole now
+                    window = []  # a retry of the resume does not ask again
                 self._resume_once(consumer, back)
                 return
             except (KafkaException, RestoreError) as exc:
@@ -858,22 +856,18 @@ class TransactionalLoop(Generic[B]):
                     found[i] = True
                 else:
                     missing[i].append(out)
-        standing = [
-            found[i] or any(ok for (j, _cl, _p), ok in parts.items() if j == i)
-            for i in range(len(window))
-        ]
-        split = [
-            standing[i]
-            and (bool(missing[i]) or any(not ok for (j, _cl, _p), ok in parts.items() if j == i))
-            for i in range(len(window))
-        ]
+        oks: list[list[bool]] = [[] for _w in window]  # its changelog partitions' verdicts
+        for (i, _changelog, _p), ok in parts.items():
+            oks[i].append(ok)
+        standing = [found[i] or any(oks[i]) for i in range(len(window))]
+        split = [standing[i] and (bool(missing[i]) or not all(oks[i])) for i in range(len(window))]
         if not any(split):
             self.log.info(
                 "%s: the last %d batches stand whole or not at all", self.config.name, len(window)
             )
             return 0
         owned = {(tp.topic, tp.partition) for tp in consumer.assignment()}
-        if any(split[i] and not w.inputs <= owned for i, w in enumerate(window)):
+        if any(split[i] and not w.firsts.keys() <= owned for i, w in enumerate(window)):
             self.log.warning(
                 "%s: a batch stood committed in part, but some of its inputs are no longer "
                 "this instance's: not completed",
@@ -975,13 +969,7 @@ class TransactionalLoop(Generic[B]):
                     ok = span is not None
                     for offset in sorted(set(span or ())):
                         tp = TopicPartition(table.changelog, p)
-                        answer = committed_at(reader, tp, offset, timeout_s)
-                        if answer is None:
-                            raise RestoreError(
-                                f"{table.changelog}[{p}]@{offset}: still in an open "
-                                f"transaction after {timeout_s} s"
-                            )
-                        ok = ok and answer
+                        ok = committed_at(reader, tp, offset, timeout_s) and ok
                     verdict[(i, table.changelog, p)] = ok
         return verdict
 
@@ -1110,7 +1098,7 @@ class TransactionalLoop(Generic[B]):
             producer.produce(topic, key=key, value=value, headers=headers)
         changed = self._send_changes(producer, self._tables())
         sent = time.monotonic()
-        written = self._sending = _Written(outputs, changed, sent_ms, frozenset(firsts))
+        written = self._sending = _Written(outputs, changed, sent_ms, firsts)
         self.stats.app_s += processed - began
         self.stats.send_s += sent - opened
         offsets = [TopicPartition(t, p, o) for (t, p), o in positions.items()]
@@ -1154,7 +1142,6 @@ class TransactionalLoop(Generic[B]):
         self.stats.transactions += 1
         self.stats.changelog += pending.changed.count
         if self.config.reread_batches > 0:
-            self._recent.append(pending.firsts)
             self._written.append(pending.written)
         for at, (_first, then) in list(self._rereading.items()):
             if pending.positions.get(at, -1) >= then:

@@ -234,15 +234,9 @@ class Table(Generic[R]):
             return True
         tp = TopicPartition(self.changelog, partition)
         try:
-            committed = committed_at(self._reader_client(), tp, part.offset, timeout_s)
+            return committed_at(self._reader_client(), tp, part.offset, timeout_s)
         except KafkaException as exc:
             raise RestoreError(f"{self.changelog}[{partition}]: {exc.args[0]}") from exc
-        if committed is None:
-            raise RestoreError(
-                f"{self.changelog}[{partition}]: the record of the store's last row (offset "
-                f"{part.offset}) is still in an open transaction after {timeout_s} s"
-            )
-        return committed
 
     def _restore(
         self, part: _Partition, partition: int, high: int, timeout_s: float = 120.0
