@@ -24,10 +24,15 @@ class TopicSpec:
     doc: str = ""
     # The setting that gives ``partitions`` ("" when topics.toml fixes the number).
     partitions_setting: str = ""
+    # The largest record batch the topic takes (None: the brokers' default, about 1 MB).
+    max_message_bytes: int | None = None
 
     def configs(self) -> dict[str, str]:
         """The topic-level configs this spec pins (compared for drift)."""
-        return {"cleanup.policy": self.cleanup_policy, "retention.ms": str(self.retention_ms)}
+        pinned = {"cleanup.policy": self.cleanup_policy, "retention.ms": str(self.retention_ms)}
+        if self.max_message_bytes is not None:
+            pinned["max.message.bytes"] = str(self.max_message_bytes)
+        return pinned
 
 
 #: Which setting gives a topic's partitions, by what topics.toml says (absent: None).
@@ -76,6 +81,11 @@ def load_topic_specs(
         partitions = declared
         if partitions < 1:
             raise TopicSpecError(f"{name}: partitions must be >= 1")
+        largest = entry.get("max_message_bytes")
+        if largest is not None and (
+            not isinstance(largest, int) or isinstance(largest, bool) or largest < 1024
+        ):
+            raise TopicSpecError(f"{name}: max_message_bytes must be a number of bytes >= 1024")
         specs.append(
             TopicSpec(
                 name=prefix + name,
@@ -84,6 +94,7 @@ def load_topic_specs(
                 retention_ms=int(entry.get("retention_ms", -1)),
                 doc=entry.get("doc", ""),
                 partitions_setting=setting,
+                max_message_bytes=largest,
             )
         )
     return specs

@@ -12,7 +12,13 @@ from functools import partial
 from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException
-from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic
+from confluent_kafka.admin import (
+    AdminClient,
+    AlterConfigOpType,
+    ConfigEntry,
+    ConfigResource,
+    NewTopic,
+)
 
 from deploy.topics import TopicSpec, load_topic_specs
 from streams.exceptions import BrokerUnavailableError, PipelineRunningError, TopicMissingError
@@ -26,7 +32,7 @@ class TopicReport:
     """What `apply` did or found for one topic."""
 
     name: str
-    action: str  # created | ok | drift
+    action: str  # created | ok | updated (a limit raised in place) | drift
     drift: list[str] = field(default_factory=list)
 
 
@@ -50,7 +56,9 @@ def apply_topics(
     ``min_insync`` of them); compare existing ones (partitions, replicas, configs) with the spec.
 
     Drift is reported, never "fixed" silently: changing the partition count of a keyed topic
-    moves keys to other partitions and breaks the co-partitioning the workers rely on.
+    moves keys to other partitions and breaks the co-partitioning the workers rely on. The one
+    exception is a record limit (``max.message.bytes``) below the spec's, which is raised in
+    place and reported as "updated": it only lets more through.
     """
     existing = client.list_topics(timeout=timeout_s).topics
     missing = [s for s in specs if s.name not in existing]
@@ -98,12 +106,41 @@ def apply_topics(
             if replicas != {replication}:
                 drift.append(f"replicas {','.join(map(str, sorted(replicas)))} != {replication}")
             configs = by_name[spec.name]
+            raised: list[str] = []
             for key, want in spec.configs().items():
                 have = configs[key].value if key in configs else None
-                if have != want:
+                if have == want:
+                    continue
+                if key in _RAISED_IN_PLACE and have is not None and int(have) < int(want):
+                    raised.append(key)
+                else:
                     drift.append(f"{key} {have} != {want}")
-            reports[spec.name] = TopicReport(spec.name, "drift" if drift else "ok", drift)
+            if raised:
+                # A larger record limit only lets more through: set where a pipeline created
+                # before the spec raised it (what it holds stays readable as it is).
+                wanted = spec.configs()
+                _alter(client, spec.name, {k: wanted[k] for k in raised}, timeout_s)
+                changed = [f"{k} {configs[k].value} -> {wanted[k]}" for k in raised]
+            else:
+                changed = []
+            action = "drift" if drift else "updated" if changed else "ok"
+            reports[spec.name] = TopicReport(spec.name, action, drift + changed)
     return [reports[s.name] for s in specs]
+
+
+#: Topic configs ``apply_topics`` raises on an existing topic instead of reporting drift.
+_RAISED_IN_PLACE = frozenset({"max.message.bytes"})
+
+
+def _alter(client: AdminClient, name: str, configs: dict[str, str], timeout_s: float) -> None:
+    """Set ``configs`` on topic ``name``, leaving its other configs as they are."""
+    entries = [
+        ConfigEntry(key, value, incremental_operation=AlterConfigOpType.SET)
+        for key, value in configs.items()
+    ]
+    resource = ConfigResource(ConfigResource.Type.TOPIC, name, incremental_configs=entries)
+    for future in client.incremental_alter_configs([resource], request_timeout=timeout_s).values():
+        future.result()
 
 
 def _wait_for_leaders(client: AdminClient, names: list[str], timeout_s: float) -> None:
@@ -261,3 +298,20 @@ def app_id(settings: Settings) -> str:
 def changelog_topic(settings: Settings, table: str) -> str:
     """A table's changelog topic (declared in deploy/topics.toml)."""
     return f"{app_id(settings)}-{table}-changelog"
+
+
+#: What a record leaves of its topic's ``max.message.bytes`` for the framing of the batch
+#: that carries it (the batch header, 61 bytes, and the record's own lengths and key).
+FRAMING_BYTES = 4096
+
+
+def largest_record(settings: Settings, topics: Iterable[str]) -> int:
+    """The largest record (key and value) that every one of ``topics`` (full names, declared
+    with a ``max_message_bytes``) takes, less its framing: a producer set to refuse larger
+    ones itself (``message.max.bytes``) never sends the brokers a batch they refuse."""
+    limits = {s.name: s.max_message_bytes for s in declared_topics(settings)}
+    wanted = list(topics)
+    missing = [t for t in wanted if limits.get(t) is None]
+    if missing or not wanted:
+        raise ValueError(f"no record limit is declared for {missing or 'no topic'}")
+    return min(limits[t] or 0 for t in wanted) - FRAMING_BYTES

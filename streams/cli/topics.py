@@ -20,7 +20,8 @@ topics_app = typer.Typer(no_args_is_help=True, help="The topics declared in depl
 
 @topics_app.command("apply")
 def topics_apply() -> None:
-    """Create missing topics; report drift of existing ones (exit 1 on drift)."""
+    """Create missing topics; raise a record limit below the declared one; report any other
+    drift of existing ones (exit 1 on drift)."""
     from streams.runtime.clients import admin
     from streams.topics import apply_topics, declared_topics
 
@@ -31,7 +32,7 @@ def topics_apply() -> None:
         settings.replication,
         min_insync=settings.min_insync_replicas,
     )
-    table = Table("topic", "status", "drift")
+    table = Table("topic", "status", "what differed")
     for r in reports:
         table.add_row(r.name, r.action, "; ".join(r.drift))
     out.print(table)

@@ -48,6 +48,15 @@ def test_bundled_spec() -> None:
         "cleanup.policy": "compact",
         "retention.ms": "-1",
     }
+    # The changelogs take rows far above the brokers' default record limit (about 1 MB):
+    # a row carries the events waiting in it.
+    for table in ("user-state", "item-state"):
+        assert specs[f"p-jodie-{table}-changelog"].configs() == {
+            "cleanup.policy": "compact",
+            "retention.ms": "-1",
+            "max.message.bytes": str(32 << 20),
+        }
+    assert specs["p-recommendations"].max_message_bytes is None
 
 
 @pytest.mark.parametrize(
@@ -59,6 +68,8 @@ def test_bundled_spec() -> None:
         ('[[topic]]\nname = "a"\npartitions = "many"\n', "partitions"),
         ('[[topic]]\nname = "a"\npartitions = [4]\n', "partitions"),
         ("[[topic]\n", "does not parse"),
+        ('[[topic]]\nname = "a"\nmax_message_bytes = 10\n', "max_message_bytes"),
+        ('[[topic]]\nname = "a"\nmax_message_bytes = "32 MiB"\n', "max_message_bytes"),
     ],
 )
 def test_invalid_specs(text: str, message: str) -> None:

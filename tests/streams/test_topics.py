@@ -8,16 +8,19 @@ from concurrent.futures import Future
 
 import pytest
 from confluent_kafka import KafkaError, KafkaException, TopicPartition
-from confluent_kafka.admin import NewTopic
+from confluent_kafka.admin import ConfigResource, NewTopic
 
 from streams.exceptions import PipelineRunningError
 from streams.runtime.clients import admin, committed_reader
 from streams.settings import Settings
 from streams.topics import (
+    FRAMING_BYTES,
     apply_topics,
+    changelog_topic,
     declared_topics,
     delete_groups,
     delete_topics,
+    largest_record,
     pipeline_groups,
 )
 
@@ -56,6 +59,52 @@ def test_drift_is_reported(broker: Settings, monkeypatch: pytest.MonkeyPatch) ->
         assert reports[f"{prefix}interactions"].action == "created"
     finally:
         delete_topics(client, [s.name for s in specs])
+
+
+def test_a_changelog_created_before_its_record_limit_gets_it_in_place(
+    broker: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pipeline whose changelogs were created with the brokers' record limit (about 1 MB)
+    has it raised to the spec's by `apply`, reported as "updated" and not as drift (which
+    would stop `jodie topics apply`); applied again, it is "ok"."""
+    prefix = f"limit{uuid.uuid4().hex[:8]}-"
+    monkeypatch.setenv("JODIE_TOPIC_PREFIX", prefix)
+    settings = Settings()
+    client = admin(settings)
+    specs = declared_topics(settings)
+    changelog = changelog_topic(settings, "user-state")
+    try:
+        old = NewTopic(
+            changelog,
+            num_partitions=settings.partitions,
+            replication_factor=1,
+            config={"cleanup.policy": "compact", "retention.ms": "-1"},
+        )
+        client.create_topics([old])[changelog].result()
+        reports = {r.name: r for r in apply_topics(client, specs, 1)}
+        assert reports[changelog].action == "updated", reports[changelog]
+        assert reports[changelog].drift == [f"max.message.bytes 1048588 -> {32 << 20}"]
+        resource = ConfigResource(ConfigResource.Type.TOPIC, changelog)
+        deadline = time.monotonic() + 20  # the broker applies the change a moment later
+        while True:
+            configs = client.describe_configs([resource])[resource].result()
+            if configs["max.message.bytes"].value != "1048588" or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        assert configs["max.message.bytes"].value == str(32 << 20)
+        assert configs["cleanup.policy"].value == "compact"  # the others left as they were
+        again = {r.name: r for r in apply_topics(client, specs, 1)}
+        assert {r.action for r in again.values()} == {"ok"}
+    finally:
+        delete_topics(client, [s.name for s in specs])
+
+
+def test_the_largest_record_a_workers_producer_sends_to_its_changelogs() -> None:
+    settings = Settings(topic_prefix="p-")
+    changelogs = [changelog_topic(settings, f"{side}-state") for side in ("user", "item")]
+    assert largest_record(settings, changelogs) == (32 << 20) - FRAMING_BYTES
+    with pytest.raises(ValueError, match="no record limit"):
+        largest_record(settings, [*changelogs, settings.topic("recommendations")])
 
 
 def test_deleting_the_pipeline_deletes_its_groups_offsets(kafka: Settings) -> None:
