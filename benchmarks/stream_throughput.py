@@ -3,8 +3,8 @@
 Runs on the real local broker (`jodie broker up` first), on fresh topics (a unique
 JODIE_TOPIC_PREFIX, deleted at the end), a temporary JODIE_STATE_DIR and free JODIE_WEB_PORTs.
 --checkpoint is the model the workers serve; its states must cover the bundled Wikipedia file
-up to row --start, where the benchmark's stream begins (125979: a checkpoint trained on the
-first 80 %).
+(or --data, a JODIE CSV of the same shape) up to row --start, where the benchmark's stream
+begins (125979: a checkpoint trained on the first 80 %).
 
 Throughput (--mode throughput): --events events are produced to `interactions` and routed to
 completion first (router events/s); then --workers workers start, and the worker side's
@@ -92,6 +92,13 @@ from streams.topics import app_id, apply_topics, declared_topics, delete_topics,
 
 # Checkpoint of the first 80 % of the bundled Wikipedia file: its states end at this row.
 DEFAULT_START = 125_979
+
+
+def _mb(n: int | None) -> str:
+    """Bytes in kB or MB (powers of ten); "?" when unknown."""
+    if n is None:
+        return "?"
+    return f"{n / 1e3:.0f} kB" if n < 1e6 else f"{n / 1e6:,.1f} MB"
 
 
 def say(text: str, to_stderr: bool) -> None:
@@ -513,7 +520,9 @@ class Bench:
                 f"  worker {entry['worker']}: {m.get('user_events', '?')} user events, "
                 f"{m.get('item_events', '?')} item events, {msgs} messages in {txns} "
                 f"transactions ({msgs / txns if txns else 0:.0f} messages/transaction), "
-                f"{m.get('changelog_records', '?')} changelog records, "
+                f"{m.get('changelog_records', '?')} changelog records "
+                f"({_mb(m.get('changelog_bytes'))}, the largest "
+                f"{_mb(m.get('largest_row_bytes'))}), "
                 f"{m.get('input_records_held', '?')} held back, "
                 f"{entry['assignments']} assignment(s), CPU "
                 f"{'?' if cpu is None else f'{cpu:.1f}'} s of {entry['wall_s']} s wall"
@@ -551,7 +560,7 @@ class Bench:
         self.say(f"  {self.setting_line()}")
         topic = s.topic("interactions")
         produced = produce_file(
-            bundled_wikipedia(),
+            a.data,
             idempotent_producer(s),
             make_codec(s, INTERACTION, topic),
             topic,
@@ -787,7 +796,7 @@ class Bench:
         self.children.append(router)
         self.start_workers()
         self.wait_group_stable()  # no rebalance inside the measurement
-        path = bundled_wikipedia()
+        path = a.data
         tag = source_tag(path)
         # After the measured events, as many more as the router's grace and a second take at
         # the rate, unmeasured: an event is sequenced once every partition has a later one or
@@ -931,7 +940,13 @@ def main() -> None:
     )
     parser.add_argument("--checkpoint", type=Path, required=True, help="checkpoint to serve")
     parser.add_argument(
-        "--start", type=int, default=DEFAULT_START, help="row of the bundled file to start at"
+        "--start", type=int, default=DEFAULT_START, help="row of the --data file to start at"
+    )
+    parser.add_argument(
+        "--data",
+        type=Path,
+        default=bundled_wikipedia(),
+        help="a JODIE CSV (the checkpoint's states must cover it up to --start)",
     )
     parser.add_argument("--events", type=int, default=5000, help="events to measure")
     parser.add_argument("--workers", type=int, default=1, help="worker processes")

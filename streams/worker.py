@@ -48,7 +48,7 @@ from streams.runtime.loop import Application, LoopConfig, Record, TransactionalL
 from streams.runtime.metrics import AGE_BUCKETS, BatchHistogram, LoopMetrics, Metrics, ages_s
 from streams.runtime.store import Table, TableMemory
 from streams.settings import Settings
-from streams.topics import app_id, changelog_topic, workers_group
+from streams.topics import app_id, changelog_topic, largest_record, workers_group
 from streams.versions import Versions
 
 _log = logging.getLogger("jodie.worker")
@@ -177,6 +177,14 @@ class Worker(Application[Prepared]):
                 consumer=(
                     {"max.partition.fetch.bytes": 32 << 10} if settings.worker_lookahead else {}
                 ),
+                # A row holds the events waiting in it, so it can outgrow librdkafka's default
+                # limit of 1,000,000 bytes: refused, its batch would fail at every attempt.
+                # The changelogs take up to their declared limit (deploy/topics.toml).
+                producer={
+                    "message.max.bytes": largest_record(
+                        settings, [t.changelog for t in self._tables.values()]
+                    )
+                },
                 recovery_timeout_s=settings.recovery_timeout_s,
                 # Each batch's commit runs while the next one is processed. The idle duties
                 # (``poll``: model versions, feeds, retirement) wait for it, up to this long.

@@ -90,6 +90,10 @@ class LoopCounters(Protocol):
     @property
     def changelog(self) -> int: ...
     @property
+    def changelog_bytes(self) -> int: ...
+    @property
+    def largest_row(self) -> int: ...
+    @property
     def held(self) -> int: ...
     @property
     def lag(self) -> int: ...
@@ -143,6 +147,8 @@ class WorkerStats:
             },
             "restored_records": loop.restored,
             "changelog_records": loop.changelog,
+            "changelog_bytes": loop.changelog_bytes,
+            "largest_row_bytes": loop.largest_row,
             "input_records_held": loop.held,
             "events_per_s": round(self.rate, 1),
             "lag": loop.lag,

@@ -29,3 +29,12 @@ class InputGapError(StreamRuntimeError):
     offsets expired while its tables kept state), so its state cannot be made exact by
     resuming; rebuild it from the source of truth (for JODIE: a version replayed from
     interactions.log, see the README), or raise the input topics' retention."""
+
+
+class RowTooLargeError(StreamRuntimeError):
+    """A table row encodes to more bytes than its changelog takes, so no transaction that
+    writes it can commit, and reading its batch again would fail the same way for ever: the
+    instance stops instead, naming the row. A JODIE row grows with the events waiting in it
+    for another worker's pre-states; its partitions move to the other workers once this one
+    has left, where those events can apply. Look for a worker far behind the others, or raise
+    the changelogs' ``max_message_bytes`` in deploy/topics.toml and run `jodie topics apply`."""

@@ -70,15 +70,22 @@ from confluent_kafka import (
 )
 
 from streams.runtime import clients
-from streams.runtime.exceptions import InputGapError, RestoreError, TransactionError
+from streams.runtime.exceptions import (
+    InputGapError,
+    RestoreError,
+    RowTooLargeError,
+    TransactionError,
+)
 from streams.runtime.kafka import committed_at, retry_transient, take, watermarks
 from streams.runtime.store import Table
-from streams.runtime.transactions import Sweep, Transactions
+from streams.runtime.transactions import Sweep, Transactions, error_of
 
 Headers = list[tuple[str, str | bytes | None]]
 #: What an application sends: (topic, key, value, headers); the key picks the partition.
 Output = tuple[str, bytes | None, bytes | None, Headers | None]
 B = TypeVar("B")  # an application's batch, as its ``prepare`` makes it
+#: Seconds to abort the open transaction on the way out after a ``RowTooLargeError``.
+ABORT_TIMEOUT_S = 10.0
 
 
 class Record(NamedTuple):
@@ -103,6 +110,10 @@ class Changes:
         self.rows = rows
         self._reached: dict[tuple[str, int], int] = {}
         self._first: dict[tuple[str, int], int] = {}
+        sizes = [len(value) for _table, changed in rows for _p, _k, value in changed if value]
+        #: The rows' encoded bytes, and the largest row's (what its changelog must take).
+        self.bytes = sum(sizes)
+        self.largest = max(sizes, default=0)
 
     @property
     def count(self) -> int:
@@ -289,6 +300,10 @@ class LoopStats:
     #: Changelog records written by committed transactions (a row changed several times in a
     #: batch is written once): the tables' share of the work, which the input order sways.
     changelog: int = 0
+    changelog_bytes: int = 0  # their encoded rows' bytes
+    #: The largest row a committed transaction wrote: what the changelogs must take (a JODIE
+    #: row grows with the events waiting in it; deploy/topics.toml, ``max_message_bytes``).
+    largest_row: int = 0
     held: int = 0  # input records held back for a later batch (``LoopConfig.lookahead``)
     lag: int = 0  # records behind the ends of the assigned partitions (-1: unknown)
     #: Seconds of committed batches: in the application (``prepare`` and ``process``), in
@@ -623,6 +638,12 @@ class TransactionalLoop(Generic[B]):
         except KafkaException as exc:
             self._held = []  # read again: ``firsts`` covers them
             self._rewind(consumer, tx, exc, firsts, self._sending)
+        except RowTooLargeError:
+            # Stopping: nothing of the batch may stand, nor keep its outputs' partitions
+            # behind an open transaction until the coordinator's timeout.
+            with contextlib.suppress(KafkaException):
+                tx.producer.abort_transaction(ABORT_TIMEOUT_S)
+            raise
         finally:
             self._sending = None
 
@@ -1033,9 +1054,16 @@ class TransactionalLoop(Generic[B]):
             else:
                 self.stats.aborted += 1
             return
-        self.stats.transactions += 1
-        self.stats.changelog += changed.count
+        self._count(changed)
         self._persist(tx.producer, changed)
+
+    def _count(self, committed: Changes) -> None:
+        """A transaction committed, with these rows."""
+        stats = self.stats
+        stats.transactions += 1
+        stats.changelog += committed.count
+        stats.changelog_bytes += committed.bytes
+        stats.largest_row = max(stats.largest_row, committed.largest)
 
     def _send_changes(self, producer: Producer, tables: list[Table[Any]]) -> Changes:
         """Produce the tables' changed rows (a deleted row's tombstone: no value) to their
@@ -1046,9 +1074,24 @@ class TransactionalLoop(Generic[B]):
         changes = Changes([(table, table.changed()) for table in tables])
         for table, rows in changes.rows:
             for p, key, value in rows:
-                producer.produce(
-                    table.changelog, key=key, value=value, partition=p, on_delivery=changes.reached
-                )
+                try:
+                    producer.produce(
+                        table.changelog,
+                        key=key,
+                        value=value,
+                        partition=p,
+                        on_delivery=changes.reached,
+                    )
+                except KafkaException as exc:
+                    error = error_of(exc)
+                    if error is None or error.code() != KafkaError.MSG_SIZE_TOO_LARGE:
+                        raise
+                    raise RowTooLargeError(
+                        f"{self.config.name}: row {key[:200]!r} of table {table.name} "
+                        f"(partition {p}) encodes to {len(value or b''):,} bytes, more than "
+                        f"its changelog {table.changelog} takes; stopping, since its batch "
+                        f"would fail again at every attempt"
+                    ) from exc
         return changes
 
     @staticmethod
@@ -1139,8 +1182,7 @@ class TransactionalLoop(Generic[B]):
             return
         finally:
             self.stats.wait_s += time.monotonic() - waited
-        self.stats.transactions += 1
-        self.stats.changelog += pending.changed.count
+        self._count(pending.changed)
         if self.config.reread_batches > 0:
             self._written.append(pending.written)
         for at, (_first, then) in list(self._rereading.items()):

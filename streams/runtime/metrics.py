@@ -235,6 +235,11 @@ class LoopMetrics(Collector):
                 s.changelog,
             ),
             (
+                "changelog_bytes",
+                "Bytes of the rows written to changelogs by committed transactions.",
+                s.changelog_bytes,
+            ),
+            (
                 "input_records_held",
                 "Input records held back for a later batch behind a backlog, each time held.",
                 s.held,
@@ -258,6 +263,12 @@ class LoopMetrics(Collector):
         ):
             phases.add_metric([phase], seconds)
         yield phases
+        yield GaugeMetricFamily(
+            f"{ns}_largest_row_bytes",
+            "The largest row a committed transaction wrote to a changelog (the changelogs "
+            "take up to their declared max_message_bytes, deploy/topics.toml).",
+            value=s.largest_row,
+        )
         yield GaugeMetricFamily(
             f"{ns}_input_lag_records",
             "Input records behind the ends of the assigned partitions (NaN: unknown).",

@@ -21,10 +21,13 @@ import logging
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import Generic, TypeVar
 
 from streams.runtime.clients import Connection
 from streams.runtime.loop import Application, LoopConfig, Output, Record, TransactionalLoop
 from streams.runtime.store import Table
+
+R = TypeVar("R")
 
 
 def topics(prefix: str) -> tuple[str, str, str]:
@@ -32,31 +35,12 @@ def topics(prefix: str) -> tuple[str, str, str]:
     return f"{prefix}in", f"{prefix}out", f"{prefix}counts-changelog"
 
 
-class Counter(Application[list[Record]]):
-    def __init__(
-        self,
-        conn: Connection,
-        prefix: str,
-        state: Path,
-        delay_s: float,
-        idle_s: float,
-        hold: Path | None = None,
-    ) -> None:
-        self.input, self.output, changelog = topics(prefix)
-        self.counts: Table[int] = Table(
-            conn,
-            "counts",
-            changelog,
-            state,
-            decode=lambda _key, raw: int(raw),
-            encode=lambda _key, count: str(count).encode(),
-            initial=lambda _key: 0,
-        )
-        self.delay_s = delay_s
-        self.idle_s = idle_s
-        self.hold = hold
-        self.idle_since: float | None = None  # None: no partitions held
-        self.stop: Callable[[], None] = lambda: None
+class OneTable(Application[list[Record]], Generic[R]):
+    """An application of one input, one output and one table co-partitioned with the input,
+    its batches the records as they come."""
+
+    def __init__(self, source: str, sink: str, table: Table[R]) -> None:
+        self.input, self.output, self.table = source, sink, table
 
     @property
     def inputs(self) -> Sequence[str]:
@@ -67,15 +51,43 @@ class Counter(Application[list[Record]]):
         return [self.output]
 
     @property
-    def tables(self) -> Mapping[str, Table[int]]:
-        return {self.input: self.counts}
+    def tables(self) -> Mapping[str, Table[R]]:
+        return {self.input: self.table}
+
+    def prepare(self, records: list[Record]) -> list[Record]:
+        return records
+
+
+class Counter(OneTable[int]):
+    def __init__(
+        self,
+        conn: Connection,
+        prefix: str,
+        state: Path,
+        delay_s: float,
+        idle_s: float,
+        hold: Path | None = None,
+    ) -> None:
+        source, sink, changelog = topics(prefix)
+        self.counts: Table[int] = Table(
+            conn,
+            "counts",
+            changelog,
+            state,
+            decode=lambda _key, raw: int(raw),
+            encode=lambda _key, count: str(count).encode(),
+            initial=lambda _key: 0,
+        )
+        super().__init__(source, sink, self.counts)
+        self.delay_s = delay_s
+        self.idle_s = idle_s
+        self.hold = hold
+        self.idle_since: float | None = None  # None: no partitions held
+        self.stop: Callable[[], None] = lambda: None
 
     def poll(self) -> None:
         if self.idle_since is not None and time.monotonic() - self.idle_since > self.idle_s:
             self.stop()
-
-    def prepare(self, records: list[Record]) -> list[Record]:
-        return records
 
     def process(self, batch: list[Record]) -> Iterator[Output]:
         for record in batch:

@@ -6,13 +6,14 @@ finds every input counted once and, per key, exactly the outputs of a run withou
 from __future__ import annotations
 
 import os
+import random
 import signal
 import subprocess
 import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -25,17 +26,26 @@ from rocksdict import Cache, Rdict
 from streams.peek import partition_counts
 from streams.runtime.clients import (
     Connection,
+    KafkaConnection,
     admin,
     committed_reader,
     idempotent_producer,
     transactional_producer,
 )
+from streams.runtime.exceptions import RowTooLargeError
 from streams.runtime.kafka import partition_for
-from streams.runtime.loop import LoopConfig, Output, Record, TransactionalLoop
-from streams.runtime.store import _OFFSET_KEY, rocksdb_options
+from streams.runtime.loop import (
+    LoopConfig,
+    LoopStats,
+    Output,
+    Record,
+    TransactionalLoop,
+)
+from streams.runtime.store import _OFFSET_KEY, Table, rocksdb_options
 from streams.runtime.transactions import SWEEP_KEY, Transactions
 from streams.settings import Settings
-from tests.streams.runtime.counter import Counter, topics
+from streams.topics import changelog_topic, largest_record
+from tests.streams.runtime.counter import Counter, OneTable, topics
 
 pytestmark = pytest.mark.kafka
 
@@ -83,18 +93,20 @@ def _produce(conn: Connection, topic: str, start: int, n: int, inputs: Inputs) -
     assert producer.flush(30) == 0
 
 
-def _read(conn: Connection, topic: str, committed: bool = True) -> list[tuple[bytes, bytes | None]]:
+def _read(
+    conn: KafkaConnection, topic: str, committed: bool = True, partitions: int = PARTITIONS
+) -> list[tuple[bytes, bytes | None]]:
     """(key, value) of every record, per partition in offset order (read to the end)."""
     isolation = "read_committed" if committed else "read_uncommitted"
     reader = committed_reader(
         conn, f"verify-{uuid.uuid4().hex[:8]}", **{"isolation.level": isolation}
     )
-    reader.assign([TopicPartition(topic, p, 0) for p in range(PARTITIONS)])
+    reader.assign([TopicPartition(topic, p, 0) for p in range(partitions)])
     out: list[tuple[bytes, bytes | None]] = []
     ended: set[int] = set()
     deadline = time.monotonic() + 60
     try:
-        while len(ended) < PARTITIONS and time.monotonic() < deadline:
+        while len(ended) < partitions and time.monotonic() < deadline:
             msg = reader.poll(0.5)
             if msg is None:
                 continue
@@ -106,7 +118,7 @@ def _read(conn: Connection, topic: str, committed: bool = True) -> list[tuple[by
             out.append((msg.key() or b"", msg.value()))
     finally:
         reader.close()
-    assert len(ended) == PARTITIONS, f"{topic} not read to its end"
+    assert len(ended) == partitions, f"{topic} not read to its end"
     return out
 
 
@@ -793,3 +805,124 @@ def test_batches_behind_a_backlog_grow_from_the_first_batch_to_the_cap(
         assert size <= cap, (n, sizes)
         cap = min(2 * cap, 64) if size == cap else 8
     assert sizes[0] <= 8 and max(sizes) > 32, sizes
+
+
+class _Growing(OneTable[bytes]):
+    """Rows that grow with their inputs, as a JODIE row grows with the events waiting in it:
+    each input (its value a number of bytes) appends that many random bytes, which no
+    compression shrinks, to its key's row, and answers with the row's length. On the
+    pipeline's own declared topics: the item inbox, the recommendations, the item-state
+    changelog."""
+
+    def __init__(self, settings: Settings, state: Path) -> None:
+        rows: Table[bytes] = Table(
+            settings,
+            "item-state",
+            changelog_topic(settings, "item-state"),
+            state,
+            decode=lambda _key, raw: raw,
+            encode=lambda _key, row: row,
+            initial=lambda _key: b"",
+        )
+        super().__init__(settings.topic("item-inbox"), settings.topic("recommendations"), rows)
+        self.random = random.Random(7)
+
+    def process(self, batch: list[Record]) -> Iterator[Output]:
+        for record in batch:
+            assert record.key is not None
+            row = self.table.get(record.partition, record.key)
+            row += self.random.randbytes(int(record.value or b"0"))
+            self.table.put(record.partition, record.key, row)
+            yield self.output, record.key, str(len(row)).encode(), None
+
+
+def _grow(
+    settings: Settings, state: Path, sizes: list[int], producer: Mapping[str, Any]
+) -> tuple[list[bytes], BaseException | None, LoopStats]:
+    """Runs ``_Growing`` (one input per batch) on inputs of ``sizes`` bytes for one key until
+    each is answered, it fails, or 90 s pass; its committed answers, what it raised, and its
+    loop's counters."""
+    source, sink = settings.topic("item-inbox"), settings.topic("recommendations")
+    n = settings.partitions
+    sender = idempotent_producer(settings)
+    for size in sizes:
+        sender.produce(source, key=b"grows", value=str(size).encode(), partition=0)
+    assert sender.flush(30) == 0
+    app = _Growing(settings, state)
+    config = LoopConfig(
+        name="growing",
+        group_id=f"{settings.topic_prefix}growing",
+        transactional_id=f"{settings.topic_prefix}growing",
+        batch=1,
+        producer=producer,
+    )
+    loop = TransactionalLoop(settings, config, app)
+    failed: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            loop.run(max_seconds=90)
+        except BaseException as exc:  # what the test asserts on
+            failed.append(exc)
+
+    runner = threading.Thread(target=run, daemon=True)
+    runner.start()
+    deadline = time.monotonic() + 90
+    answers: list[bytes] = []
+    try:
+        while runner.is_alive() and time.monotonic() < deadline:
+            answers = [v or b"" for k, v in _read(settings, sink, partitions=n) if k == b"grows"]
+            if len(answers) == len(sizes):
+                break
+            time.sleep(0.5)
+    finally:
+        loop.stop()
+        runner.join(timeout=30)
+    assert not runner.is_alive(), "the loop did not stop"
+    answers = [v or b"" for k, v in _read(settings, sink, partitions=n) if k == b"grows"]
+    return answers, (failed[0] if failed else None), loop.stats
+
+
+def test_rows_larger_than_a_default_message_commit_and_restore(
+    kafka: Settings, tmp_path: Path
+) -> None:
+    """A row of 2.1 MB, twice the brokers' default record limit, written in three batches
+    through the changelog declared in deploy/topics.toml by a producer set as the workers
+    set theirs (``largest_record``): every batch commits, and a store restored from the
+    changelog holds the row as it was written."""
+    changelog = changelog_topic(kafka, "item-state")
+    limit = {"message.max.bytes": largest_record(kafka, [changelog])}
+    answers, failed, stats = _grow(kafka, tmp_path / "state", [700_000] * 3, limit)
+    assert failed is None, failed
+    assert answers == [b"700000", b"1400000", b"2100000"]
+    assert (stats.changelog, stats.changelog_bytes, stats.largest_row) == (3, 4_200_000, 2_100_000)
+    restored: Table[bytes] = Table(
+        kafka,
+        "item-state",
+        changelog,
+        tmp_path / "restored",
+        decode=lambda _key, raw: raw,
+        encode=lambda _key, row: row,
+        initial=lambda _key: b"",
+    )
+    try:
+        restored.assign(0)
+        row = restored.committed(0, b"grows")
+    finally:
+        restored.close()
+    assert row is not None and len(row) == 2_100_000
+    expected = random.Random(7)
+    assert row == b"".join(expected.randbytes(700_000) for _ in range(3))
+
+
+def test_a_row_larger_than_its_changelog_takes_stops_the_instance(
+    kafka: Settings, tmp_path: Path
+) -> None:
+    """A row the producer refuses as too large would fail its batch again at every attempt,
+    the batch read again for ever: the loop stops at once instead, naming the row. (Here the
+    producer keeps librdkafka's default limit, 1,000,000 bytes, and the row reaches 1.4 MB in
+    its second batch; the first commits.)"""
+    answers, failed, _stats = _grow(kafka, tmp_path / "state", [700_000, 700_000], {})
+    assert isinstance(failed, RowTooLargeError), failed
+    assert "b'grows' of table item-state" in str(failed) and "1,400,000 bytes" in str(failed)
+    assert answers == [b"700000"]
