@@ -305,13 +305,14 @@ def changelog_topic(settings: Settings, table: str) -> str:
 FRAMING_BYTES = 4096
 
 
-def largest_record(settings: Settings, topics: Iterable[str]) -> int:
-    """The largest record (key and value) that every one of ``topics`` (full names, declared
-    with a ``max_message_bytes``) takes, less its framing: a producer set to refuse larger
-    ones itself (``message.max.bytes``) never sends the brokers a batch they refuse."""
+def largest_record(settings: Settings, topics: Iterable[str]) -> int | None:
+    """The largest record (key and value) that every one of ``topics`` (full names) takes,
+    less its framing, where each declares a ``max_message_bytes``: a producer set to refuse
+    larger ones itself (``message.max.bytes``) never sends the brokers a batch they refuse.
+    None where one declares none (the brokers' default applies, and the client's default
+    limit, 1,000,000 bytes, is below it)."""
     limits = {s.name: s.max_message_bytes for s in declared_topics(settings)}
-    wanted = list(topics)
-    missing = [t for t in wanted if limits.get(t) is None]
-    if missing or not wanted:
-        raise ValueError(f"no record limit is declared for {missing or 'no topic'}")
-    return min(limits[t] or 0 for t in wanted) - FRAMING_BYTES
+    declared = [limits.get(t) for t in topics]
+    if not declared or None in declared:
+        return None
+    return min(n for n in declared if n is not None) - FRAMING_BYTES

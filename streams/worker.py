@@ -147,6 +147,7 @@ class Worker(Application[Prepared]):
         )
         self._partitions: dict[str, int] = {}
         self._reported_events = 0
+        row_limit = largest_record(settings, [t.changelog for t in self._tables.values()])
         self.loop = TransactionalLoop(
             settings,
             LoopConfig(
@@ -180,11 +181,7 @@ class Worker(Application[Prepared]):
                 # A row holds the events waiting in it, so it can outgrow librdkafka's default
                 # limit of 1,000,000 bytes: refused, its batch would fail at every attempt.
                 # The changelogs take up to their declared limit (deploy/topics.toml).
-                producer={
-                    "message.max.bytes": largest_record(
-                        settings, [t.changelog for t in self._tables.values()]
-                    )
-                },
+                producer={} if row_limit is None else {"message.max.bytes": row_limit},
                 recovery_timeout_s=settings.recovery_timeout_s,
                 # Each batch's commit runs while the next one is processed. The idle duties
                 # (``poll``: model versions, feeds, retirement) wait for it, up to this long.

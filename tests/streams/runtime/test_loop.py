@@ -891,7 +891,9 @@ def test_rows_larger_than_a_default_message_commit_and_restore(
     set theirs (``largest_record``): every batch commits, and a store restored from the
     changelog holds the row as it was written."""
     changelog = changelog_topic(kafka, "item-state")
-    limit = {"message.max.bytes": largest_record(kafka, [changelog])}
+    largest = largest_record(kafka, [changelog])
+    assert largest is not None
+    limit = {"message.max.bytes": largest}
     answers, failed, stats = _grow(kafka, tmp_path / "state", [700_000] * 3, limit)
     assert failed is None, failed
     assert answers == [b"700000", b"1400000", b"2100000"]
