@@ -84,8 +84,6 @@ Headers = list[tuple[str, str | bytes | None]]
 #: What an application sends: (topic, key, value, headers); the key picks the partition.
 Output = tuple[str, bytes | None, bytes | None, Headers | None]
 B = TypeVar("B")  # an application's batch, as its ``prepare`` makes it
-#: Seconds to abort the open transaction on the way out after a ``RowTooLargeError``.
-ABORT_TIMEOUT_S = 10.0
 
 
 class Record(NamedTuple):
@@ -642,7 +640,7 @@ class TransactionalLoop(Generic[B]):
             # Stopping: nothing of the batch may stand, nor keep its outputs' partitions
             # behind an open transaction until the coordinator's timeout.
             with contextlib.suppress(KafkaException):
-                tx.producer.abort_transaction(ABORT_TIMEOUT_S)
+                tx.abort()
             raise
         finally:
             self._sending = None

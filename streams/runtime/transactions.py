@@ -261,6 +261,9 @@ class Transactions:
     def commit(self) -> None:
         self.call(lambda: self.producer.commit_transaction(CALL_TIMEOUT_S), "commit")
 
+    def abort(self) -> None:
+        self.call(lambda: self.producer.abort_transaction(CALL_TIMEOUT_S), "abort")
+
     def recover(self, exc: KafkaException) -> Literal["aborted", "replaced"]:
         """After ``exc`` ended a transaction: abort it when that is what the error asks (the
         work is undone, nothing of it committed), else replace the producer (the last
@@ -268,7 +271,7 @@ class Transactions:
         error = error_of(exc)
         if error is not None and error.txn_requires_abort():
             try:
-                self.call(lambda: self.producer.abort_transaction(CALL_TIMEOUT_S), "abort")
+                self.abort()
                 self.aborted += 1
                 self.log.warning("%s: transaction aborted (%s)", self.name, error)
                 return "aborted"
