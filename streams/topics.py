@@ -106,23 +106,21 @@ def apply_topics(
             if replicas != {replication}:
                 drift.append(f"replicas {','.join(map(str, sorted(replicas)))} != {replication}")
             configs = by_name[spec.name]
-            raised: list[str] = []
+            raised: dict[str, str] = {}
+            changed: list[str] = []
             for key, want in spec.configs().items():
                 have = configs[key].value if key in configs else None
                 if have == want:
                     continue
                 if key in _RAISED_IN_PLACE and have is not None and int(have) < int(want):
-                    raised.append(key)
+                    raised[key] = want
+                    changed.append(f"{key} {have} -> {want}")
                 else:
                     drift.append(f"{key} {have} != {want}")
             if raised:
                 # A larger record limit only lets more through: set where a pipeline created
                 # before the spec raised it (what it holds stays readable as it is).
-                wanted = spec.configs()
-                _alter(client, spec.name, {k: wanted[k] for k in raised}, timeout_s)
-                changed = [f"{k} {configs[k].value} -> {wanted[k]}" for k in raised]
-            else:
-                changed = []
+                _alter(client, spec.name, raised, timeout_s)
             action = "drift" if drift else "updated" if changed else "ok"
             reports[spec.name] = TopicReport(spec.name, action, drift + changed)
     return [reports[s.name] for s in specs]
