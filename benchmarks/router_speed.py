@@ -1,7 +1,8 @@
 """Router throughput alone: events/s from a pre-produced backlog to the last committed batch.
 
 Each run takes fresh topics (a unique JODIE_TOPIC_PREFIX, deleted at the end) on the local
-broker (`jodie broker up` first), produces --events rows of the bundled Wikipedia file to
+broker (`jodie broker up` first), produces --events rows of the bundled Wikipedia file (or
+--data, a JODIE CSV of the same shape, e.g. one whose events carry features) to
 `interactions`, then runs the router in this process until it is idle. Printed per run:
 
 - events/s from the router being ready (clients up, state restored, partitions assigned) to
@@ -18,6 +19,7 @@ time are printed, grouped into decode / sequence / encode / Kafka / other shares
     jodie broker up
     python benchmarks/router_speed.py --events 50000 --runs 3
     python benchmarks/router_speed.py --events 50000 --runs 1 --profile router.prof
+    python benchmarks/router_speed.py --events 50000 --runs 3 --data featured.csv
     jodie broker down
 """
 
@@ -64,11 +66,11 @@ def broker_cpu(settings: Settings) -> float | None:
         return None
 
 
-def one_run(events: int, grace: float, profile: str | None) -> dict[str, Any]:
+def one_run(data: Path, events: int, grace: float, profile: str | None) -> dict[str, Any]:
     with scratch_topics("rs") as settings:
         topic = settings.topic("interactions")
         produced = produce_file(
-            bundled_wikipedia(),
+            data,
             idempotent_producer(settings),
             make_codec(settings, INTERACTION, topic),
             topic,
@@ -127,6 +129,9 @@ def print_profile(path: str, top: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--events", type=int, default=50_000)
+    parser.add_argument(
+        "--data", type=Path, default=bundled_wikipedia(), help="a JODIE CSV to produce from"
+    )
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--grace", type=float, default=0.05, help="router grace period (s)")
     parser.add_argument("--profile", help="cProfile the last run into this file")
@@ -136,7 +141,7 @@ def main() -> None:
     results = []
     for i in range(args.runs):
         profile = args.profile if i == args.runs - 1 else None
-        r = one_run(args.events, args.grace, profile)
+        r = one_run(args.data, args.events, args.grace, profile)
         results.append(r)
         steady = r["steady_events_per_s"]
         broker = "?" if r["broker_cpu_s"] is None else f"{r['broker_cpu_s']:.1f}"

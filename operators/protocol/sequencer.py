@@ -178,6 +178,20 @@ def _id_problem(field_name: str, value: str, limits: Limits) -> tuple[RejectReas
     return None
 
 
+def _features_within(features: tuple[float, ...], bound: float) -> bool:
+    """True when every feature lies in [-bound, bound]; False may also mean "look closer".
+
+    The check per feature in a generator cost the router about 30 µs per event of 172
+    features; these three passes run in C. Their sum is NaN when a feature is NaN, and NaN or
+    infinite when one is infinite (or when large finite ones overflow: the exact pass then
+    decides), and without NaN among them ``min`` and ``max`` are the true extremes.
+    """
+    total = sum(features)
+    if total - total != 0.0:  # NaN or ±inf
+        return False
+    return -bound <= min(features) and max(features) <= bound
+
+
 def validate(
     event: Interaction, n_features: int | None, limits: Limits = Limits()
 ) -> tuple[RejectReason, str] | None:
@@ -210,8 +224,13 @@ def validate(
             return "feature_length", f"expected {n_features} features, got {count}"
         return "feature_length", f"{count} features, more than {limits.max_features}"
     bound = limits.max_feature_abs
-    # NaN fails every comparison, so this one pass also finds NaN and ±inf.
-    if count and not all(-bound <= x <= bound for x in event.features):
+    # NaN fails every comparison, so this one pass also finds NaN and ±inf; it runs only
+    # where the quick test below (nearly every valid event passes it) did not clear them.
+    if (
+        count
+        and not _features_within(event.features, bound)
+        and not all(-bound <= x <= bound for x in event.features)
+    ):
         if not all(math.isfinite(x) for x in event.features):
             return "bad_features", "a feature is NaN or infinite"
         return "bad_features", f"a feature is beyond ±{bound:g}"

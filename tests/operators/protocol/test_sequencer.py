@@ -410,6 +410,48 @@ def test_a_non_finite_or_huge_feature_is_rejected(features: tuple[float, ...], d
     assert validate(ev("x", "u", "i", 1.0, (1e6, -1e6)), n_features=2) is None
 
 
+def _exact_feature_verdict(features: tuple[float, ...], bound: float) -> tuple[str, str] | None:
+    """The feature check one value at a time, as the quick one must answer."""
+    if all(-bound <= x <= bound for x in features):
+        return None
+    if not all(math.isfinite(x) for x in features):
+        return "bad_features", "a feature is NaN or infinite"
+    return "bad_features", f"a feature is beyond ±{bound:g}"
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(
+        st.one_of(
+            st.floats(allow_nan=True, allow_infinity=True),
+            st.floats(min_value=-1e6, max_value=1e6),
+            st.sampled_from([1e6, -1e6, 0.0, -0.0, math.nan, math.inf, 1.7e308]),
+        ),
+        min_size=1,
+        max_size=8,
+    ),
+    st.sampled_from([1e6, 1e300, math.inf]),
+)
+def test_the_quick_feature_check_agrees_with_the_exact_one(
+    features: list[float], bound: float
+) -> None:
+    event = ev("x", "u", "i", 1.0, tuple(features))
+    limits = Limits(max_feature_abs=bound)
+    assert validate(event, n_features=len(features), limits=limits) == _exact_feature_verdict(
+        tuple(features), bound
+    )
+
+
+def test_finite_features_whose_sum_overflows_are_judged_one_by_one() -> None:
+    # Their sum is infinite, so the quick check cannot clear them; each is within the bound.
+    features = (1.7e308, 1.7e308, -1.0)
+    assert validate(ev("x", "u", "i", 1.0, features), 3, Limits(max_feature_abs=math.inf)) is None
+    assert validate(ev("x", "u", "i", 1.0, features), 3, Limits(max_feature_abs=1e308)) == (
+        "bad_features",
+        "a feature is beyond ±1e+308",
+    )
+
+
 class _Uniterable(tuple):  # type: ignore[type-arg]
     """Features whose values must not be looked at (a huge array is refused by its length)."""
 
