@@ -7,9 +7,11 @@ import time
 from pathlib import Path
 
 import pytest
+from confluent_kafka import Consumer
 from pydantic import SecretStr
 
 from streams.runtime.clients import (
+    FETCH_BACKOFF_MS,
     PREFETCH_KB,
     Connection,
     check_login,
@@ -85,6 +87,17 @@ def test_consumers_fetch_a_bounded_amount_ahead() -> None:
     assert config["group.id"] == "g"
     own = consumer_config(Connection("b:1"), "g", {"queued.max.messages.kbytes": 1024})
     assert own["queued.max.messages.kbytes"] == 1024
+
+
+def test_a_full_prefetch_is_refilled_well_within_a_second() -> None:
+    """librdkafka waits ``fetch.queue.backoff.ms`` (1,000 by default) before fetching again
+    for a consumer whose prefetch is full, and a consumer that drains 8 MiB faster than that
+    then starves on a backlog the broker holds; every consumer of the project asks sooner."""
+    config = consumer_config(Connection("b:1"), "g")
+    assert config["fetch.queue.backoff.ms"] == FETCH_BACKOFF_MS <= 100
+    Consumer(config).close()  # a property this librdkafka knows, in its range
+    own = consumer_config(Connection("b:1"), "g", {"fetch.queue.backoff.ms": 5})
+    assert own["fetch.queue.backoff.ms"] == 5
 
 
 def test_an_unreachable_secured_cluster_is_not_a_refused_login() -> None:
