@@ -138,6 +138,8 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=25, help="profile rows to print")
     parser.add_argument("--json", action="store_true", help="one JSON object on stdout")
     args = parser.parse_args()
+    if not args.data.is_file():
+        parser.error(f"no data file at {args.data}")
     results = []
     for i in range(args.runs):
         profile = args.profile if i == args.runs - 1 else None

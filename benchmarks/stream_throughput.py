@@ -976,6 +976,8 @@ def main() -> None:
         parser.error("--events, --workers and --rate must be positive, --warmup not negative")
     if not args.checkpoint.is_dir():
         parser.error(f"no checkpoint directory at {args.checkpoint}")
+    if not args.data.is_file():
+        parser.error(f"no data file at {args.data}")
     stop_children_on_sigterm()
     Bench(args).run()
 
