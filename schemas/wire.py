@@ -252,9 +252,33 @@ def read_interaction(data: bytes, start: int = 0) -> Fields | None:
     """The Interaction written (with this package's schema) in ``data[start:]``, as
     ``(event_id, user_id, item_id, timestamp, features, state_label)``; None for anything
     it does not take (module doc), which the Codec then decodes or refuses."""
+    read = read_interaction_core(data, start)
+    return None if read is None else read[0]
+
+
+def _core_size(event_id: str, user_id: str, item_id: str, n_features: int) -> int:
+    """The length of what ``interaction_core`` writes for these fields."""
+    size = 8 + (len(long_bytes(n_features)) + 4 * n_features + 1 if n_features else 1)
+    for text in (event_id, user_id, item_id):
+        n = len(text) if text.isascii() else len(text.encode())
+        size += n + (1 if n < 64 else len(long_bytes(n)))
+    return size
+
+
+def read_interaction_core(data: bytes, start: int = 0) -> tuple[Fields, bytes | None] | None:
+    """``read_interaction``, and the bytes of the record's ``interaction_core`` part as they
+    are in ``data`` when they are byte for byte what ``interaction_core`` writes for its
+    fields, else None (the same values written otherwise: an array in several blocks, a
+    varint longer than it needs). The router then passes an event's own bytes on to its
+    three records instead of encoding the fields again: 1.1 µs of an event's ~20 µs without
+    features, 2.9 µs with 172, where checking the length costs 0.3 and 0.5. An encoding
+    differs from the shortest only by taking more bytes, so comparing the lengths tells
+    which. (A NaN keeps its own bits here, where decoding and encoding
+    again may quiet it; the router refuses events with one.)"""
     size = len(data)
     try:
-        event_id, user_id, item_id, timestamp, features, i = _core_at(data, start)
+        event_id, user_id, item_id, timestamp, packed, i = _packed_core_at(data, start)
+        core_end = i
         branch, i = _long_at(data, i)
         label: int | None = None
         if branch == 1:
@@ -265,7 +289,10 @@ def read_interaction(data: bytes, start: int = 0) -> Fields | None:
         return None
     if i != size:
         return None
-    return event_id, user_id, item_id, timestamp, features, label
+    fields = event_id, user_id, item_id, timestamp, _floats(packed), label
+    n = len(packed) // 4
+    core = data[start:core_end] if core_end - start == _core_size(*fields[:3], n) else None
+    return fields, core
 
 
 def read_sequenced_ids(data: bytes, start: int = 0) -> tuple[int, str, str] | None:

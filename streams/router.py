@@ -684,9 +684,9 @@ class Router:
 
     def _offer(self, sequencer: Sequencer, partition: int, offset: int, value: bytes) -> None:
         if self._wire is not None and value.startswith(self._in_header):
-            fields = wire.read_interaction(value, len(self._in_header))
-            if fields is not None:
-                sequencer.offer(partition, Interaction(*fields), offset)
+            read = wire.read_interaction_core(value, len(self._in_header))
+            if read is not None:
+                sequencer.offer(partition, Interaction(*read[0], core=read[1]), offset)
                 return
         # Another writer schema, or bytes the fast reader does not take: the Codec decodes
         # them (resolving the schema) or names what is wrong.
@@ -834,8 +834,9 @@ class Router:
         log_topic, user_inbox, item_inbox = self.log_topic, self.user_inbox, self.item_inbox
         core_of, long_of = wire.interaction_core, wire.long_bytes
         for seq, prev_user, prev_item, user_time, item_time, ev in sequenced:
-            event_id, user_id, item_id, timestamp, features, label = ev
-            core = core_of(event_id, user_id, item_id, timestamp, features)
+            event_id, user_id, item_id, timestamp, features, label, core = ev
+            if core is None:
+                core = core_of(event_id, user_id, item_id, timestamp, features)
             s, u, i = long_of(seq), long_of(prev_user), long_of(prev_item)
             if log:
                 record = writer.record(s, u, i, user_time, item_time, core, label, stamp)

@@ -88,6 +88,10 @@ class Interaction(NamedTuple):
     timestamp: float
     features: tuple[float, ...]
     state_label: int | None
+    # The event's fields as the router writes them into its records (schemas.wire's
+    # ``interaction_core``), when the message it came in held exactly those bytes: passed on
+    # instead of encoded again. None: encode them.
+    core: bytes | None = None
 
     @staticmethod
     def from_record(record: Mapping[str, Any]) -> Interaction:

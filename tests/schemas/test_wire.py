@@ -71,6 +71,38 @@ def test_reads_what_fastavro_writes(record: dict[str, Any]) -> None:
     assert repr(fast) == repr(_fields(INTERACTIONS.decode(data)))
 
 
+@settings(max_examples=300, deadline=None)
+@given(events)
+def test_passes_on_an_events_own_bytes_as_the_writers_would_write_them(
+    record: dict[str, Any],
+) -> None:
+    """The core the router passes on is what it would have encoded from the fields."""
+    data = INTERACTIONS.encode(record)
+    read = wire.read_interaction_core(data, len(HEADER))
+    assert read is not None
+    fields, core = read
+    assert core == wire.interaction_core(*fields[:5])
+
+
+def test_an_event_written_otherwise_is_encoded_again() -> None:
+    """Valid Avro in more bytes than the writers use: the same fields, and no core to pass on
+    (the router encodes them, so its records stay byte for byte what fastavro writes)."""
+    fields = ("e", "u", "i", 1.0, (1.0, 2.0))
+    canonical = wire.interaction_core(*fields) + wire.optional_int(None)
+    at = canonical.index(b"\x04")  # the features' block count (2)
+    floats = struct.pack("<2f", 1.0, 2.0)
+    two_blocks = canonical[:at] + b"\x02" + floats[:4] + b"\x02" + floats[4:] + b"\x00\x00"
+    longer_count = canonical[:at] + b"\x84\x00" + canonical[at + 1 :]  # 2 in two varint bytes
+    longer_id = b"\x82\x00" + canonical[1:]  # the event id's length, 1, in two bytes
+    for body in (two_blocks, longer_count, longer_id):
+        read = wire.read_interaction_core(body)
+        assert read is not None
+        assert read[0] == (*fields, None)
+        assert read[1] is None
+        assert _codec_fields(HEADER + body) == (*fields, None)
+    assert wire.read_interaction_core(canonical) == ((*fields, None), canonical[:-1])
+
+
 def _codec_fields(data: bytes) -> wire.Fields | None:
     try:
         return _fields(INTERACTIONS.decode(data))
