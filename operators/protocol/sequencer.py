@@ -185,7 +185,7 @@ def _id_problem(field_name: str, value: str, limits: Limits) -> tuple[RejectReas
 def _features_within(features: tuple[float, ...], bound: float) -> bool:
     """True when every feature lies in [-bound, bound]; False may also mean "look closer".
 
-    The check per feature in a generator cost the router about 30 µs per event of 172
+    A Python step per feature took about a tenth of the router's CPU on events of 172
     features; these three passes run in C. Their sum is NaN when a feature is NaN, and NaN or
     infinite when one is infinite (or when large finite ones overflow: the exact pass then
     decides), and without NaN among them ``min`` and ``max`` are the true extremes.
@@ -228,8 +228,8 @@ def validate(
             return "feature_length", f"expected {n_features} features, got {count}"
         return "feature_length", f"{count} features, more than {limits.max_features}"
     bound = limits.max_feature_abs
-    # NaN fails every comparison, so this one pass also finds NaN and ±inf; it runs only
-    # where the quick test below (nearly every valid event passes it) did not clear them.
+    # NaN fails every comparison, so the exact pass also finds NaN and ±inf; it runs only
+    # where the quick test (which nearly every valid event passes) did not clear them.
     if (
         count
         and not _features_within(event.features, bound)
