@@ -807,6 +807,20 @@ def test_batches_behind_a_backlog_grow_from_the_first_batch_to_the_cap(
     assert sizes[0] <= 8 and max(sizes) > 32, sizes
 
 
+def _byte_rows(settings: Settings, state: Path) -> Table[bytes]:
+    """The item-state table, its rows raw bytes (``_Growing``'s, and a store restored from
+    its changelog)."""
+    return Table(
+        settings,
+        "item-state",
+        changelog_topic(settings, "item-state"),
+        state,
+        decode=lambda _key, raw: raw,
+        encode=lambda _key, row: row,
+        initial=lambda _key: b"",
+    )
+
+
 class _Growing(OneTable[bytes]):
     """Rows that grow with their inputs, as a JODIE row grows with the events waiting in it:
     each input (its value a number of bytes) appends that many random bytes, which no
@@ -815,15 +829,7 @@ class _Growing(OneTable[bytes]):
     changelog."""
 
     def __init__(self, settings: Settings, state: Path) -> None:
-        rows: Table[bytes] = Table(
-            settings,
-            "item-state",
-            changelog_topic(settings, "item-state"),
-            state,
-            decode=lambda _key, raw: raw,
-            encode=lambda _key, row: row,
-            initial=lambda _key: b"",
-        )
+        rows = _byte_rows(settings, state)
         super().__init__(settings.topic("item-inbox"), settings.topic("recommendations"), rows)
         self.random = random.Random(7)
 
@@ -898,15 +904,7 @@ def test_rows_larger_than_a_default_message_commit_and_restore(
     assert failed is None, failed
     assert answers == [b"700000", b"1400000", b"2100000"]
     assert (stats.changelog, stats.changelog_bytes, stats.largest_row) == (3, 4_200_000, 2_100_000)
-    restored: Table[bytes] = Table(
-        kafka,
-        "item-state",
-        changelog,
-        tmp_path / "restored",
-        decode=lambda _key, raw: raw,
-        encode=lambda _key, row: row,
-        initial=lambda _key: b"",
-    )
+    restored = _byte_rows(kafka, tmp_path / "restored")
     try:
         restored.assign(0)
         row = restored.committed(0, b"grows")
